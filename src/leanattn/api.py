@@ -1,0 +1,248 @@
+"""Public entry point: input checks, workspace, dispatch to the Triton kernel."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .kernels.config import KernelConfig, choose_config, interpreting, next_pow2
+from .kernels.lean_decode import LOG2E, lean_decode_kernel
+
+__all__ = ["decode", "default_num_programs", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
+MAX_PAGE_SIZE = 256
+# Sequences the kernel's share-locating loop reads per step.
+_BLOCK_B = 128
+
+
+def _fail(kind: type[Exception], msg: str) -> None:
+    raise kind(msg)
+
+
+def _check_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        _fail(TypeError, f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t  # type: ignore[return-value]
+
+
+def _validate(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor | None,
+    block_table: torch.Tensor | None,
+    out: torch.Tensor | None,
+) -> None:
+    """Raise ValueError/TypeError naming the argument for every input the kernel can't take."""
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_tensor(name, t)
+        if t.dim() != 4:
+            _fail(ValueError, f"{name} must be 4-D, got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            _fail(TypeError, f"{name} must be float16 or bfloat16, got {t.dtype}")
+        if t.numel() and t.stride(-1) != 1:
+            _fail(ValueError, f"{name} must have unit stride on its last dim, got strides {t.stride()}")
+    batch, q_len, q_heads, head_dim = q.shape
+    paged = block_table is not None
+    layout = "(num_pages, page_size, kv_heads, head_dim)" if paged else "(batch, cache_len, kv_heads, head_dim)"
+    if q_len != 1:
+        _fail(ValueError, f"q must be (batch, 1, q_heads, head_dim) with one query token, got shape {tuple(q.shape)}")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        _fail(TypeError, f"q, k_cache, v_cache must share one dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        _fail(ValueError, f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim} (q shape {tuple(q.shape)})")
+    if k_cache.shape != v_cache.shape:
+        _fail(ValueError, f"k_cache and v_cache must have the same shape {layout}, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if k_cache.shape[3] != head_dim:
+        _fail(ValueError, f"k_cache must be {layout} with head_dim {head_dim} like q, got {tuple(k_cache.shape)}")
+    kv_heads = k_cache.shape[2]
+    if kv_heads == 0 or q_heads % kv_heads != 0:
+        _fail(ValueError, f"q_heads ({q_heads}) must be a positive multiple of kv_heads ({kv_heads})")
+    if not paged and k_cache.shape[0] != batch:
+        _fail(ValueError, f"k_cache must be {layout} with batch {batch} like q, got {tuple(k_cache.shape)}")
+    devices = {("q", q.device), ("k_cache", k_cache.device), ("v_cache", v_cache.device)}
+    if cache_seqlens is not None:
+        _check_tensor("cache_seqlens", cache_seqlens)
+        if cache_seqlens.dtype != torch.int32:
+            _fail(TypeError, f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
+        if cache_seqlens.shape != (batch,):
+            _fail(ValueError, f"cache_seqlens must have shape ({batch},), got {tuple(cache_seqlens.shape)}")
+        devices.add(("cache_seqlens", cache_seqlens.device))
+    if paged:
+        _check_tensor("block_table", block_table)
+        if block_table.dtype != torch.int32:
+            _fail(TypeError, f"block_table must be int32, got {block_table.dtype}")
+        if block_table.dim() != 2 or block_table.shape[0] != batch:
+            _fail(ValueError, f"block_table must be (batch={batch}, max_pages_per_seq), got {tuple(block_table.shape)}")
+        if block_table.stride(-1) != 1 and block_table.shape[1] > 1:
+            _fail(ValueError, f"block_table must have unit stride on its last dim, got strides {block_table.stride()}")
+        page_size = k_cache.shape[1]
+        if page_size < 1 or page_size > MAX_PAGE_SIZE or page_size & (page_size - 1):
+            _fail(ValueError, f"page_size (k_cache.shape[1]) must be a power of two up to {MAX_PAGE_SIZE}, got {page_size}")
+        devices.add(("block_table", block_table.device))
+    if out is not None:
+        _check_tensor("out", out)
+        if out.shape != q.shape or out.dtype != q.dtype:
+            _fail(ValueError, f"out must be {tuple(q.shape)} {q.dtype} like q, got {tuple(out.shape)} {out.dtype}")
+        if out.stride(-1) != 1:
+            _fail(ValueError, f"out must have unit stride on its last dim, got strides {out.stride()}")
+        devices.add(("out", out.device))
+    if len({d for _, d in devices}) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in sorted(devices, key=lambda x: x[0]))
+        _fail(ValueError, f"all tensors must be on one device, got {listing}")
+
+
+def default_num_programs(device: torch.device, config: KernelConfig) -> int:
+    """Persistent grid size: SMs times programs per SM (a small fixed grid on the CPU)."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * config.programs_per_sm
+    return 16
+
+
+_SM_COUNTS: dict[int, int] = {}
+
+
+def _sm_count(index: int) -> int:
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
+class _Workspace:
+    """fp32 partials and tickets for split heads, one per device, grown on demand.
+
+    Size depends only on the grid and (group, head_dim) padding, never on batch or context
+    length. Tickets are zero between calls: the merging program puts its ticket back.
+    """
+
+    def __init__(self) -> None:
+        self.acc: torch.Tensor | None = None
+        self.stats: torch.Tensor | None = None
+        self.tickets: torch.Tensor | None = None
+
+    def get(self, device: torch.device, programs: int, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
+        need_acc = 2 * programs * rows * cols
+        need_stats = 2 * programs * 2 * rows
+        if (
+            self.acc is None
+            or self.acc.numel() < need_acc
+            or self.stats.numel() < need_stats
+            or self.tickets.numel() < programs
+        ):
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    "leanattn.decode needs a larger workspace while a CUDA graph is being captured; "
+                    "call leanattn.decode once with the same heads, head_dim and num_programs before capturing"
+                )
+            old = (0, 0, 0) if self.acc is None else (self.acc.numel(), self.stats.numel(), self.tickets.numel())
+            self.acc = torch.empty(max(need_acc, old[0]), dtype=torch.float32, device=device)
+            self.stats = torch.empty(max(need_stats, old[1]), dtype=torch.float32, device=device)
+            self.tickets = torch.zeros(max(programs, old[2]), dtype=torch.int32, device=device)
+        return self.acc, self.stats, self.tickets
+
+
+_WORKSPACES: dict[torch.device, _Workspace] = {}
+
+
+def _workspace(device: torch.device) -> _Workspace:
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _WORKSPACES:
+        _WORKSPACES[device] = _Workspace()
+    return _WORKSPACES[device]
+
+
+def launch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor | None,
+    cache_seqlens: torch.Tensor | None,
+    block_table: torch.Tensor | None,
+    softmax_scale: float,
+    num_programs: int | None,
+) -> None:
+    """Run the kernel on validated inputs, writing ``out`` (and ``lse`` when given)."""
+    batch, _, q_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    group = q_heads // kv_heads
+    if batch == 0:
+        return
+    config = choose_config(head_dim, q.dtype, group)
+    programs = num_programs or default_num_programs(q.device, config)
+    group_pad = max(16, next_pow2(group))
+    head_dim_pad = next_pow2(head_dim)
+    acc, stats, tickets = _workspace(q.device).get(q.device, programs, group_pad, head_dim_pad)
+    if block_table is None:
+        page_size, capacity, bt, stride_btb = 0, k_cache.shape[1], tickets, 0
+    else:
+        page_size, bt, stride_btb = k_cache.shape[1], block_table, block_table.stride(0)
+        capacity = block_table.shape[1] * page_size
+    lse_arg = lse if lse is not None else acc
+    lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
+    lean_decode_kernel[(programs,)](
+        q, k_cache, v_cache, out, lse_arg,
+        cache_seqlens if cache_seqlens is not None else tickets, bt, acc, stats, tickets,
+        q.stride(0), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(2),
+        *lse_strides,
+        stride_btb,
+        batch, kv_heads, capacity, softmax_scale * LOG2E,
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+        TILE=config.tile, PAGE_SIZE=page_size,
+        HAS_SEQLENS=cache_seqlens is not None, RETURN_LSE=lse is not None,
+        UPCAST_DOT=interpreting(), BLOCK_B=_BLOCK_B,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+
+def decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor | None = None,
+    *,
+    block_table: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+    out: torch.Tensor | None = None,
+    num_programs: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Exact decode attention with LeanAttention's stream-K partition.
+
+    Args:
+        q: (batch, 1, q_heads, head_dim), fp16 or bf16.
+        k_cache, v_cache: (batch, cache_len, kv_heads, head_dim) with any strides but a unit last
+            stride; or, with ``block_table``, pages (num_pages, page_size, kv_heads, head_dim).
+        cache_seqlens: int32 (batch,), live length of each sequence; ``None`` means ``cache_len``
+            (or the block table's capacity). Lengths are clamped to [0, capacity].
+        block_table: int32 (batch, max_pages_per_seq) page indices for a paged cache.
+        softmax_scale: defaults to ``head_dim ** -0.5``.
+        return_lse: also return the natural-log log-sum-exp, float32 (batch, q_heads).
+        out: optional (batch, 1, q_heads, head_dim) tensor to write into.
+        num_programs: persistent grid size; defaults to SMs x programs per SM.
+
+    Returns:
+        (batch, 1, q_heads, head_dim) in q's dtype, and the LSE when ``return_lse``.
+    """
+    _validate(q, k_cache, v_cache, cache_seqlens, block_table, out)
+    if num_programs is not None and (not isinstance(num_programs, int) or num_programs < 1):
+        raise ValueError(f"num_programs must be a positive int, got {num_programs!r}")
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    result = torch.empty_like(q) if out is None else out
+    lse = torch.empty(q.shape[0], q.shape[2], dtype=torch.float32, device=q.device) if return_lse else None
+    if torch.compiler.is_compiling():
+        torch.ops.leanattn.decode_into(
+            q, k_cache, v_cache, result, lse, cache_seqlens, block_table, scale, num_programs or 0
+        )
+    else:
+        launch(q, k_cache, v_cache, result, lse, cache_seqlens, block_table, scale, num_programs)
+    return (result, lse) if return_lse else result

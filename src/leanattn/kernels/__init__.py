@@ -1,0 +1,1 @@
+"""Triton kernels. ``lean_decode`` holds the decode kernel, ``config`` its launch heuristics."""

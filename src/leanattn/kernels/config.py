@@ -1,0 +1,45 @@
+"""Launch configuration: tile size, warps, pipeline depth and programs per SM.
+
+Chosen per (head_dim, dtype, group size) by the heuristic below, never per context length or
+batch, so one compile serves every length. The numbers come from sweeps recorded in
+``benchmarks/NOTES.md``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["KernelConfig", "choose_config", "interpreting", "next_pow2"]
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    tile: int  # cache tokens per LeanTile (and per inner-loop step)
+    num_warps: int
+    num_stages: int
+    programs_per_sm: int
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def choose_config(head_dim: int, dtype: torch.dtype, group: int) -> KernelConfig:
+    """Heuristic launch configuration for one (head_dim, dtype, group size)."""
+    del dtype  # fp16 and bf16 move the same bytes; the sweeps showed no difference
+    if interpreting():
+        # The interpreter runs programs one by one: few, wide tiles keep the tests fast.
+        return KernelConfig(tile=32, num_warps=4, num_stages=1, programs_per_sm=1)
+    if head_dim > 128:
+        return KernelConfig(tile=32, num_warps=4, num_stages=2, programs_per_sm=2)
+    if group > 8:
+        return KernelConfig(tile=64, num_warps=4, num_stages=2, programs_per_sm=2)
+    return KernelConfig(tile=64, num_warps=4, num_stages=2, programs_per_sm=2)

@@ -1,0 +1,250 @@
+"""LeanAttention decode kernel: one persistent launch, stream-K shares, last-arriver merge.
+
+Each program takes the contiguous tile range that ``leanattn.schedule`` assigns it and walks it
+head by head. For every head it touches it runs flash-decoding's online softmax over its tiles,
+loading each K/V tile once for the whole GQA group (the group's query rows are the M dimension of
+the two ``tl.dot``s). A head whose tiles all lie in the share is normalised and written at once.
+A head cut by a share boundary leaves an fp32 partial in the workspace; the program that draws the
+head's last ticket merges all partials in program order and writes the result. No program ever
+waits for another.
+
+Scores are kept in the log2 domain (``qk_scale`` includes log2(e)) so the kernel uses ``exp2``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E: float = 1.4426950408889634
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _num_tiles(length, capacity, TILE: tl.constexpr):
+    """Tiles of one head: ``max(1, ceil(clamp(length, 0, capacity) / TILE))``."""
+    length = tl.minimum(tl.maximum(length, 0), capacity)
+    return tl.maximum((length + TILE - 1) // TILE, 1)
+
+
+@triton.jit
+def _locate_share(
+    SeqLens, batch, kv_heads, capacity, pid, num_programs,
+    HAS_SEQLENS: tl.constexpr, TILE: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """Total tile count, effective program count, this program's share and where it starts.
+
+    Returns (total, programs, start, end, batch index, tiles of the batches before it).
+    """
+    if HAS_SEQLENS:
+        offs = tl.arange(0, BLOCK_B)
+        total_per_head = tl.zeros((), dtype=tl.int64)
+        for b0 in range(0, batch, BLOCK_B):
+            mask = b0 + offs < batch
+            n = _num_tiles(tl.load(SeqLens + b0 + offs, mask=mask, other=0), capacity, TILE)
+            total_per_head += tl.sum(tl.where(mask, n, 0).to(tl.int64), axis=0)
+    else:
+        total_per_head = batch.to(tl.int64) * _num_tiles(capacity, capacity, TILE)
+    total = total_per_head * kv_heads
+    programs = tl.minimum(total, num_programs)
+    start = pid * total // programs
+    end = (pid + 1) * total // programs
+
+    # The sequence holding tile `start`: count the sequences whose tiles all lie before it.
+    if HAS_SEQLENS:
+        seq = tl.zeros((), dtype=tl.int32)
+        before = tl.zeros((), dtype=tl.int64)
+        running = tl.zeros((), dtype=tl.int64)
+        for b0 in range(0, batch, BLOCK_B):
+            mask = b0 + offs < batch
+            n = _num_tiles(tl.load(SeqLens + b0 + offs, mask=mask, other=0), capacity, TILE)
+            n = tl.where(mask, n, 0).to(tl.int64)
+            done = mask & ((tl.cumsum(n, axis=0) + running) * kv_heads <= start)
+            seq += tl.sum(done.to(tl.int32), axis=0)
+            before += tl.sum(tl.where(done, n, 0), axis=0)
+            running += tl.sum(n, axis=0)
+    else:
+        per_seq = _num_tiles(capacity, capacity, TILE).to(tl.int64) * kv_heads
+        seq = (start // per_seq).to(tl.int32)
+        before = seq.to(tl.int64) * (per_seq // kv_heads)
+    return total, programs, start, end, seq, before
+
+
+@triton.jit
+def _attend_tiles(
+    q, K, V, BlockTable, b, h, length, tile_start, tile_end, qk_scale,
+    stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
+    GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """Online softmax of the group's queries ``q`` (GROUP_PAD, HEAD_DIM_PAD) over tiles
+    ``[tile_start, tile_end)`` of head (b, h). Returns unnormalised (acc, m, l), m in log2 units."""
+    offs_n = tl.arange(0, TILE)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask_d = offs_d < HEAD_DIM
+    m_i = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((GROUP_PAD,), dtype=tl.float32)
+    acc = tl.zeros((GROUP_PAD, HEAD_DIM_PAD), dtype=tl.float32)
+    b64 = b.to(tl.int64)
+    for tile in range(tile_start, tile_end):
+        tok = tile * TILE + offs_n
+        mask_n = tok < length
+        if PAGE_SIZE == 0:
+            k_rows = b64 * stride_kb + tok.to(tl.int64) * stride_kn
+            v_rows = b64 * stride_vb + tok.to(tl.int64) * stride_vn
+        else:
+            page = tl.load(BlockTable + b64 * stride_btb + tok // PAGE_SIZE, mask=mask_n, other=0)
+            slot = tok % PAGE_SIZE
+            k_rows = page.to(tl.int64) * stride_kb + slot * stride_kn
+            v_rows = page.to(tl.int64) * stride_vb + slot * stride_vn
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + (k_rows + h * stride_kh)[:, None] + offs_d[None, :], mask=mask_nd, other=0.0)
+        v = tl.load(V + (v_rows + h * stride_vh)[:, None] + offs_d[None, :], mask=mask_nd, other=0.0)
+        if UPCAST_DOT:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row that has seen no valid token keeps m = -inf; shift by 0 there to avoid inf - inf.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _write_output(
+    Out, Lse, b, h, acc, m_i, l_i,
+    stride_ob, stride_oh, stride_lb, stride_lh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr, RETURN_LSE: tl.constexpr,
+):
+    """Normalise and store the group's rows; an empty head gives zeros and LSE -inf."""
+    rows = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    qh = h * GROUP + rows
+    has_mass = l_i > 0.0
+    o = acc / tl.where(has_mass, l_i, 1.0)[:, None]
+    mask = (rows < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    ptrs = Out + b.to(tl.int64) * stride_ob + qh[:, None] * stride_oh + offs_d[None, :]
+    tl.store(ptrs, o.to(Out.dtype.element_ty), mask=mask)
+    if RETURN_LSE:
+        lse = tl.where(has_mass, (m_i + tl.log2(tl.where(has_mass, l_i, 1.0))) * LN2, float("-inf"))
+        tl.store(Lse + b.to(tl.int64) * stride_lb + qh * stride_lh, lse, mask=rows < GROUP)
+
+
+@triton.jit
+def lean_decode_kernel(
+    Q, K, V, Out, Lse, SeqLens, BlockTable, WsAcc, WsStats, Tickets,
+    stride_qb, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_oh,
+    stride_lb, stride_lh,
+    stride_btb,
+    batch, kv_heads, capacity, qk_scale,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    TILE: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    HAS_SEQLENS: tl.constexpr, RETURN_LSE: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """Decode attention over a persistent grid.
+
+    Q (batch, q_heads, head_dim) by strides; K, V (batch, capacity, kv_heads, head_dim) by strides,
+    or pages (num_pages, PAGE_SIZE, kv_heads, head_dim) with BlockTable (batch, max_pages) when
+    PAGE_SIZE > 0; Out like Q; Lse (batch, q_heads) float32; SeqLens (batch,) int32.
+    Workspace: WsAcc (2 * grid, GROUP_PAD, HEAD_DIM_PAD) fp32, WsStats (2 * grid, 2, GROUP_PAD) fp32,
+    Tickets (grid,) int32, zero between calls (the merging program resets its ticket).
+    """
+    pid = tl.program_id(0)
+    total, programs, start, end, b, before = _locate_share(
+        SeqLens, batch, kv_heads, capacity, pid, tl.num_programs(0),
+        HAS_SEQLENS, TILE, BLOCK_B,
+    )
+    if pid >= programs:
+        return
+
+    rows = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask_q = (rows < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    acc_offs = rows[:, None] * HEAD_DIM_PAD + offs_d[None, :]
+
+    # Position of `start` inside sequence b: kv head h, tile t.
+    if HAS_SEQLENS:
+        length = tl.load(SeqLens + b)
+    else:
+        length = capacity
+    n_tiles = _num_tiles(length, capacity, TILE)
+    offset = start - before * kv_heads
+    h = (offset // n_tiles).to(tl.int32)
+    t = (offset % n_tiles).to(tl.int32)
+
+    g = start
+    while g < end:
+        if HAS_SEQLENS:
+            length = tl.minimum(tl.maximum(tl.load(SeqLens + b), 0), capacity)
+        else:
+            length = capacity
+        n_tiles = _num_tiles(length, capacity, TILE)
+        t_end = tl.minimum(n_tiles.to(tl.int64), t + (end - g)).to(tl.int32)
+
+        q_ptrs = Q + b.to(tl.int64) * stride_qb + (h * GROUP + rows)[:, None] * stride_qh + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=mask_q, other=0.0)
+        if UPCAST_DOT:
+            q = q.to(tl.float32)
+        acc, m_i, l_i = _attend_tiles(
+            q, K, V, BlockTable, b, h, length, t, t_end, qk_scale,
+            stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
+            GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, UPCAST_DOT,
+        )
+
+        if (t == 0) & (t_end == n_tiles):
+            _write_output(Out, Lse, b, h, acc, m_i, l_i, stride_ob, stride_oh, stride_lb, stride_lh,
+                          GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE)
+        else:
+            # Split head: leave the partial, then take a ticket on the head's first program.
+            slot = 2 * pid + (g != start).to(tl.int32)
+            tl.store(WsAcc + slot * (GROUP_PAD * HEAD_DIM_PAD) + acc_offs, acc)
+            tl.store(WsStats + slot * (2 * GROUP_PAD) + rows, m_i)
+            tl.store(WsStats + slot * (2 * GROUP_PAD) + GROUP_PAD + rows, l_i)
+            head_first = g - t
+            first_prog = (((head_first + 1) * programs - 1) // total).to(tl.int32)
+            last_prog = (((head_first + n_tiles + 0) * programs - 1) // total).to(tl.int32)
+            # Every thread's partial stores must be ordered before the ticket (release).
+            tl.debug_barrier()
+            arrived = tl.atomic_add(Tickets + first_prog, 1, sem="acq_rel", scope="gpu")
+            if arrived == last_prog - first_prog:
+                # Last arriver: merge every contributor's partial in program order.
+                m_i = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
+                l_i = tl.zeros((GROUP_PAD,), dtype=tl.float32)
+                acc = tl.zeros((GROUP_PAD, HEAD_DIM_PAD), dtype=tl.float32)
+                for p in range(first_prog, last_prog + 1):
+                    # The first program met this head after its own first segment unless its
+                    # share starts exactly at the head's tile 0.
+                    p_start = p * total // programs  # int64: total is int64
+                    src = 2 * p + ((p == first_prog) & (p_start < head_first)).to(tl.int32)
+                    m_p = tl.load(WsStats + src * (2 * GROUP_PAD) + rows, cache_modifier=".cg")
+                    l_p = tl.load(WsStats + src * (2 * GROUP_PAD) + GROUP_PAD + rows, cache_modifier=".cg")
+                    acc_p = tl.load(WsAcc + src * (GROUP_PAD * HEAD_DIM_PAD) + acc_offs, cache_modifier=".cg")
+                    m_new = tl.maximum(m_i, m_p)
+                    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = tl.exp2(m_i - m_shift)
+                    beta = tl.exp2(m_p - m_shift)
+                    l_i = l_i * alpha + l_p * beta
+                    acc = acc * alpha[:, None] + acc_p * beta[:, None]
+                    m_i = m_new
+                _write_output(Out, Lse, b, h, acc, m_i, l_i, stride_ob, stride_oh, stride_lb, stride_lh,
+                              GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE)
+                tl.atomic_xchg(Tickets + first_prog, 0, sem="relaxed", scope="gpu")
+
+        g += (t_end - t).to(tl.int64)
+        t = 0
+        h += 1
+        if h == kv_heads:
+            h = 0
+            b += 1

@@ -1,0 +1,165 @@
+"""The stream-K partition of LeanAttention, in plain Python.
+
+This module is the specification the Triton kernel follows: every formula here appears in
+``kernels/lean_decode.py`` with the same meaning, and the tests check its properties on the CPU.
+
+Work items ("LeanTiles") are blocks of ``tile_size`` cache tokens of one (sequence, kv head).
+A head of live length ``L`` has ``max(1, ceil(L / tile_size))`` tiles: an empty sequence still owns
+one (empty) tile, so some program writes its all-zero output and ``-inf`` LSE, and a short head
+carries a small fixed cost in the balance. All tiles are laid end to end in (batch, kv_head, tile)
+order, ``W`` in total, and program ``p`` of ``P = min(num_programs, W)`` takes the contiguous share
+``[p * W // P, (p + 1) * W // P)``. Shares differ by at most one tile and every program that runs
+has at least one. A share may start inside a head and cross head and sequence boundaries.
+
+A head whose tiles lie in one share is finished by that program. A head cut by share boundaries is
+*split*: every program that touches it leaves an fp32 partial (unnormalised O, running max m and
+sum l) in a workspace slot, and the last one to arrive merges all of them in program order.
+
+Workspace bounds (independent of batch and context length):
+- program ``p`` writes at most two partials: slot ``2p`` for the head its share starts in and slot
+  ``2p + 1`` for the head its share ends in, when the two differ;
+- a split head is named by its first program ``p_first`` (the program holding its tile 0): each
+  boundary between programs lies in at most one head, so ``P`` tickets suffice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+__all__ = [
+    "Segment",
+    "Schedule",
+    "tiles_per_head",
+    "share_bounds",
+    "program_of_tile",
+    "plan",
+]
+
+
+def tiles_per_head(seqlen: int, tile_size: int) -> int:
+    """Number of LeanTiles of one head of live length ``seqlen`` (at least one)."""
+    if tile_size <= 0:
+        raise ValueError(f"tile_size must be positive, got {tile_size}")
+    return max(1, -(-max(seqlen, 0) // tile_size))
+
+
+def share_bounds(program: int, total_tiles: int, num_programs: int) -> tuple[int, int]:
+    """Tile range ``[start, end)`` of ``program`` among ``num_programs`` effective programs."""
+    return program * total_tiles // num_programs, (program + 1) * total_tiles // num_programs
+
+
+def program_of_tile(tile: int, total_tiles: int, num_programs: int) -> int:
+    """The program whose share holds global tile ``tile``.
+
+    Inverse of :func:`share_bounds` for ``num_programs <= total_tiles``: the largest ``p`` with
+    ``p * W // P <= tile`` is ``((tile + 1) * P - 1) // W``.
+    """
+    return ((tile + 1) * num_programs - 1) // total_tiles
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The part of one head that one program computes.
+
+    ``tile_start``/``tile_end`` are tile indices inside the head. ``slot`` is the workspace slot
+    of the partial (``None`` when the segment covers the whole head and is written directly),
+    ``ticket`` the split head's ticket (its first program), ``contributors`` how many programs
+    share the head.
+    """
+
+    program: int
+    batch: int
+    kv_head: int
+    tile_start: int
+    tile_end: int
+    slot: int | None
+    ticket: int | None
+    contributors: int
+
+    @property
+    def whole(self) -> bool:
+        return self.slot is None
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The full partition of one call: ``segments`` in program order."""
+
+    tile_size: int
+    kv_heads: int
+    tiles: tuple[int, ...]  # tiles per head, per sequence
+    total_tiles: int
+    num_programs: int  # effective: min(requested, total_tiles)
+    segments: tuple[Segment, ...]
+
+    def shares(self) -> list[int]:
+        """Tiles per effective program."""
+        return [
+            share_bounds(p, self.total_tiles, self.num_programs)[1]
+            - share_bounds(p, self.total_tiles, self.num_programs)[0]
+            for p in range(self.num_programs)
+        ]
+
+    def split_heads(self) -> dict[tuple[int, int], list[Segment]]:
+        """Heads computed by more than one program, with their segments in program order."""
+        heads: dict[tuple[int, int], list[Segment]] = {}
+        for seg in self.segments:
+            if not seg.whole:
+                heads.setdefault((seg.batch, seg.kv_head), []).append(seg)
+        return heads
+
+
+def plan(
+    seqlens: Sequence[int], kv_heads: int, tile_size: int, num_programs: int
+) -> Schedule:
+    """Partition the tiles of a (ragged) batch over ``num_programs`` programs.
+
+    Args:
+        seqlens: live length of each sequence (batch,). Negative lengths count as 0.
+        kv_heads: number of KV heads per sequence.
+        tile_size: cache tokens per LeanTile.
+        num_programs: programs in the persistent grid; the partition uses ``min(num_programs, W)``.
+    """
+    if kv_heads <= 0:
+        raise ValueError(f"kv_heads must be positive, got {kv_heads}")
+    if num_programs <= 0:
+        raise ValueError(f"num_programs must be positive, got {num_programs}")
+    tiles = tuple(tiles_per_head(int(n), tile_size) for n in seqlens)
+    total = kv_heads * sum(tiles)
+    if total == 0:
+        return Schedule(tile_size, kv_heads, tiles, 0, 0, ())
+    programs = min(num_programs, total)
+
+    # Global index of each head's first tile, in (batch, kv_head) order.
+    head_first: list[tuple[int, int, int, int]] = []  # (first tile, batch, kv_head, n_tiles)
+    first = 0
+    for b, n in enumerate(tiles):
+        for h in range(kv_heads):
+            head_first.append((first, b, h, n))
+            first += n
+
+    segments: list[Segment] = []
+    head = 0
+    for p in range(programs):
+        start, end = share_bounds(p, total, programs)
+        while head_first[head][0] + head_first[head][3] <= start:
+            head += 1
+        g = start
+        h = head
+        while g < end:
+            first, b, kvh, n = head_first[h]
+            t0 = g - first
+            t1 = min(n, t0 + (end - g))
+            whole = t0 == 0 and t1 == n
+            if whole:
+                slot = ticket = None
+                contributors = 1
+            else:
+                slot = 2 * p + (0 if g == start else 1)
+                ticket = program_of_tile(first, total, programs)
+                contributors = program_of_tile(first + n - 1, total, programs) - ticket + 1
+            segments.append(Segment(p, b, kvh, t0, t1, slot, ticket, contributors))
+            g += t1 - t0
+            h += 1
+    return Schedule(tile_size, kv_heads, tiles, total, programs, tuple(segments))

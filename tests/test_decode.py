@@ -1,0 +1,144 @@
+"""leanattn.decode against the float64 reference (interpreter on CPU, the real kernel on GPU)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import leanattn
+from leanattn.schedule import plan
+
+from _util import ON_GPU, assert_close, make_inputs, poisoned_like, reference, tile_size
+
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+def run(q, k, v, seqlens, **kw):
+    out = poisoned_like(q)
+    res, lse = leanattn.decode(q, k, v, seqlens, return_lse=True, out=out, **kw)
+    assert res is out
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("programs", [1, 3, 13, 400])
+def test_ragged_edges(dtype, programs):
+    """Lengths 0, 1, tile-1, tile, tile+1 and a multi-tile one, across grids that keep heads
+    whole (1 program), split them (3, 13; see test_schedule_cases_are_exercised) and leave programs idle (400)."""
+    t = tile_size(64, dtype, 4)
+    lens = [0, 1, t - 1, t, t + 1, 3 * t + 7]
+    q, k, v, sl = make_inputs(lens, 8, 2, 64, dtype, cache_len=4 * t)
+    out, lse = run(q, k, v, sl, num_programs=programs)
+    ref, ref_lse = reference(q, k, v, sl)
+    assert_close(out, lse, ref, ref_lse)
+    assert (out[0] == 0).all() and torch.isneginf(lse[0]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+def test_head_dims(dtype, head_dim):
+    t = tile_size(head_dim, dtype, 4)
+    lens = [2 * t + 3, t // 2] if not ON_GPU else [5000, 77, 1]
+    q, k, v, sl = make_inputs(lens, 4, 1, head_dim, dtype)
+    out, lse = run(q, k, v, sl, num_programs=3)
+    assert_close(out, lse, *reference(q, k, v, sl))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (8, 2), (10, 2), (16, 2), (7, 1), (8, 1)])
+def test_gqa_groups(dtype, q_heads, kv_heads):
+    """Groups 1, 4, 5, 8, 7 (MQA) and 8 (MQA); each K/V tile serves the whole group."""
+    t = tile_size(64, dtype, q_heads // kv_heads)
+    lens = [t + 5, 2 * t, 9] if not ON_GPU else [3000, 20000, 9]
+    q, k, v, sl = make_inputs(lens, q_heads, kv_heads, 64, dtype)
+    out, lse = run(q, k, v, sl, num_programs=4)
+    assert_close(out, lse, *reference(q, k, v, sl))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_hf_layout_cache(dtype):
+    """A (B, Hkv, N, D) cache passed as its transpose, without a copy."""
+    t = tile_size(128, dtype, 2)
+    q, k, v, sl = make_inputs([3 * t + 1, t], 4, 2, 128, dtype, hf_layout=True)
+    assert not k.is_contiguous()
+    out, lse = run(q, k, v, sl, num_programs=5)
+    assert_close(out, lse, *reference(q, k, v, sl))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_full_cache_without_seqlens(dtype):
+    t = tile_size(64, dtype, 2)
+    q, k, v, _ = make_inputs([2 * t + 9] * 3, 4, 2, 64, dtype)
+    out = leanattn.decode(q, k, v, num_programs=7)
+    ref, _ = reference(q, k, v)
+    assert_close(out, None, ref, None)
+    out2, lse = leanattn.decode(q, k, v, return_lse=True, num_programs=7)
+    assert torch.equal(out, out2) and lse.dtype == torch.float32 and lse.shape == (3, 4)
+
+
+def test_schedule_cases_are_exercised():
+    """The grids used above really split heads and span heads and sequences."""
+    t = tile_size(64, torch.float16, 4)
+    lens = [0, 1, t - 1, t, t + 1, 3 * t + 7]
+    assert plan(lens, 2, t, 3).split_heads()
+    split = plan(lens, 2, t, 13)
+    assert any(len(v) > 2 for v in split.split_heads().values()), "no head shared by 3+ programs"
+    spans = {}
+    for seg in plan(lens, 2, t, 3).segments:
+        spans.setdefault(seg.program, set()).add(seg.batch)
+    assert any(len(b) > 1 for b in spans.values()), "no share spans two sequences"
+    assert plan(lens, 2, t, 400).num_programs < 400
+
+
+def test_lengths_clamped_to_capacity():
+    q, k, v, _ = make_inputs([40, 40], 2, 1, 64, torch.float16)
+    sl = torch.tensor([1000, -3], dtype=torch.int32, device=q.device)
+    out, lse = run(q, k, v, sl, num_programs=3)
+    ref, ref_lse = reference(q, k, v, sl)
+    assert_close(out, lse, ref, ref_lse)
+    assert (out[1] == 0).all()
+
+
+def test_softmax_scale_and_default_out():
+    q, k, v, sl = make_inputs([50, 20], 4, 2, 64, torch.float16)
+    out, lse = leanattn.decode(q, k, v, sl, softmax_scale=0.3, return_lse=True, num_programs=3)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert_close(out, lse, *reference(q, k, v, sl, softmax_scale=0.3))
+
+
+def test_lse_merges_two_halves_of_a_cache():
+    """Attention over [0, n) equals the LSE-weighted merge of attention over two halves."""
+    n, half = 90, 37
+    q, k, v, _ = make_inputs([n], 4, 2, 64, torch.float16)
+    o1, l1 = leanattn.decode(q, k[:, :half], v[:, :half], return_lse=True, num_programs=2)
+    o2, l2 = leanattn.decode(q, k[:, half:], v[:, half:], return_lse=True, num_programs=2)
+    lse = torch.logaddexp(l1, l2)
+    merged = (torch.exp(l1 - lse)[..., None] * o1[:, 0].float() + torch.exp(l2 - lse)[..., None] * o2[:, 0].float())
+    ref, ref_lse = reference(q, k, v)
+    assert_close(merged.unsqueeze(1).to(q.dtype), lse, ref, ref_lse)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bitwise_deterministic(dtype):
+    rng = random.Random(7)
+    lens = [rng.randint(0, 300) for _ in range(5)]
+    q, k, v, sl = make_inputs(lens, 8, 2, 64, dtype)
+    first, first_lse = leanattn.decode(q, k, v, sl, return_lse=True, num_programs=11)
+    for _ in range(3):
+        again, lse = leanattn.decode(q, k, v, sl, return_lse=True, num_programs=11)
+        assert torch.equal(again, first) and torch.equal(lse, first_lse)
+
+
+def test_random_ragged_batches():
+    """Fresh random shapes and lengths; the workspace is reused across calls with no reset."""
+    rng = random.Random()
+    for _ in range(6 if not ON_GPU else 40):
+        kv_heads = rng.choice([1, 2, 4])
+        group = rng.choice([1, 3, 4, 8])
+        lens = [rng.choice([0, 1, rng.randint(0, 200 if not ON_GPU else 20000)]) for _ in range(rng.randint(1, 5))]
+        dtype = rng.choice(DTYPES)
+        q, k, v, sl = make_inputs(lens, kv_heads * group, kv_heads, 64, dtype)
+        out, lse = run(q, k, v, sl, num_programs=rng.randint(1, 40))
+        assert_close(out, lse, *reference(q, k, v, sl))

@@ -1,0 +1,79 @@
+"""Every rejected input raises a clear error naming the argument, and leaves ``out`` untouched."""
+
+import pytest
+import torch
+
+import leanattn
+
+from _util import DEVICE, make_inputs
+
+
+def good(**over):
+    q, k, v, sl = make_inputs([20, 7], 4, 2, 64, torch.float16)
+    args = dict(q=q, k_cache=k, v_cache=v, cache_seqlens=sl)
+    args.update(over)
+    return args
+
+
+def call(args, **kw):
+    a = dict(args)
+    return leanattn.decode(a.pop("q"), a.pop("k_cache"), a.pop("v_cache"), a.pop("cache_seqlens"), **a, **kw)
+
+
+BASE = good()
+q, k, v, sl = BASE["q"], BASE["k_cache"], BASE["v_cache"], BASE["cache_seqlens"]
+
+CASES = [
+    ("rank", dict(q=q[:, 0]), ValueError, "q must be 4-D"),
+    ("k rank", dict(k_cache=k[0]), ValueError, "k_cache must be 4-D"),
+    ("two query tokens", dict(q=torch.cat([q, q], 1)), ValueError, "one query token"),
+    ("batch", dict(k_cache=k[:1], v_cache=v[:1]), ValueError, "batch 2"),
+    ("k/v shapes", dict(v_cache=v[:, :10]), ValueError, "same shape"),
+    ("head_dim mismatch", dict(k_cache=k[..., :32], v_cache=v[..., :32]), ValueError, "head_dim 64"),
+    ("heads not multiple", dict(q=torch.randn(2, 1, 5, 64, dtype=torch.float16, device=DEVICE)), ValueError, "multiple of kv_heads"),
+    ("head_dim unsupported", dict(q=q[..., :48], k_cache=k[..., :48], v_cache=v[..., :48]), ValueError, "head_dim must be one of"),
+    ("dtype fp32", dict(q=q.float()), TypeError, "float16 or bfloat16"),
+    ("dtype mix", dict(k_cache=k.bfloat16(), v_cache=v.bfloat16()), TypeError, "share one dtype"),
+    ("last stride", dict(k_cache=k.transpose(-1, -2).contiguous().transpose(-1, -2)), ValueError, "unit stride"),
+    ("seqlens dtype", dict(cache_seqlens=sl.long()), TypeError, "cache_seqlens must be int32"),
+    ("seqlens shape", dict(cache_seqlens=sl[:1]), ValueError, "cache_seqlens must have shape (2,)"),
+    ("not a tensor", dict(q=q.tolist()), TypeError, "q must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("name,over,exc,msg", CASES, ids=[c[0] for c in CASES])
+def test_bad_inputs(name, over, exc, msg):
+    out = torch.full_like(q, 7.0)
+    with pytest.raises(exc, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        call(good(**over), out=out)
+    assert (out == 7.0).all(), "out written although the input was rejected"
+
+
+def test_bad_out():
+    for bad, msg in ((torch.empty(2, 1, 4, 32, dtype=torch.float16, device=DEVICE), "out must be"),
+                     (torch.empty_like(q, dtype=torch.bfloat16), "out must be"),
+                     (torch.empty(2, 1, 64, 4, dtype=torch.float16, device=DEVICE).transpose(-1, -2), "unit stride")):
+        with pytest.raises(ValueError, match=msg):
+            call(BASE, out=bad)
+
+
+def test_bad_num_programs_and_scale():
+    with pytest.raises(ValueError, match="num_programs"):
+        call(BASE, num_programs=0)
+    with pytest.raises(ValueError, match="softmax_scale"):
+        call(BASE, softmax_scale=float("nan"))
+
+
+def test_mixed_devices():
+    if DEVICE.type != "cuda":
+        other = torch.device("meta")
+    else:
+        other = torch.device("cpu")
+    with pytest.raises(ValueError, match="one device"):
+        call(good(cache_seqlens=sl.to(other)))
+
+
+def test_empty_batch():
+    q0, k0, v0, sl0 = q[:0], k[:0], v[:0], sl[:0]
+    out, lse = leanattn.decode(q0, k0, v0, sl0, return_lse=True)
+    assert out.shape == q0.shape and lse.shape == (0, 4)

@@ -1,0 +1,96 @@
+"""Properties of the stream-K partition (pure Python, no kernel)."""
+
+import random
+
+import pytest
+
+from leanattn.schedule import plan, program_of_tile, share_bounds, tiles_per_head
+
+
+def random_case(rng: random.Random):
+    lens = [rng.choice([0, 1, rng.randint(0, 40), rng.randint(0, 400)]) for _ in range(rng.randint(1, 9))]
+    return lens, rng.randint(1, 5), rng.choice([1, 4, 16]), rng.randint(1, 60)
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_every_tile_exactly_once_and_balanced(seed):
+    lens, kv_heads, tile, programs = random_case(random.Random(seed))
+    s = plan(lens, kv_heads, tile, programs)
+    covered = {}
+    for seg in s.segments:
+        for t in range(seg.tile_start, seg.tile_end):
+            key = (seg.batch, seg.kv_head, t)
+            assert key not in covered, f"tile {key} given twice"
+            covered[key] = seg.program
+    expected = {(b, h, t) for b, n in enumerate(lens) for h in range(kv_heads) for t in range(tiles_per_head(n, tile))}
+    assert set(covered) == expected
+    shares = s.shares()
+    assert s.num_programs == min(programs, len(expected))
+    assert max(shares) - min(shares) <= 1 and min(shares) >= 1
+    assert sum(shares) == s.total_tiles == len(expected)
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_split_heads_slots_and_tickets(seed):
+    lens, kv_heads, tile, programs = random_case(random.Random(seed))
+    s = plan(lens, kv_heads, tile, programs)
+    split = s.split_heads()
+    # At most P - 1 split heads, each named by a distinct ticket (its first program).
+    assert len(split) <= max(s.num_programs - 1, 0)
+    tickets = [segs[0].ticket for segs in split.values()]
+    assert len(set(tickets)) == len(tickets)
+    slots = [seg.slot for seg in s.segments if not seg.whole]
+    assert len(set(slots)) == len(slots) and all(0 <= x < 2 * s.num_programs for x in slots)
+    for (b, h), segs in split.items():
+        programs_of_head = [seg.program for seg in segs]
+        assert programs_of_head == list(range(segs[0].ticket, segs[0].ticket + segs[0].contributors))
+        assert segs[0].tile_start == 0 and segs[-1].tile_end == tiles_per_head(lens[b], tile)
+        assert all(x.tile_end == y.tile_start for x, y in zip(segs, segs[1:]))
+        # The merging program finds each partial by the kernel's formula: slot 2p, or 2p + 1 for
+        # the first program when its share started before the head.
+        head_first = sum(s.tiles[:b]) * kv_heads + h * s.tiles[b]
+        for seg in segs:
+            p_start = share_bounds(seg.program, s.total_tiles, s.num_programs)[0]
+            assert seg.slot == 2 * seg.program + int(seg.program == seg.ticket and p_start < head_first)
+
+
+def test_program_of_tile_inverts_share_bounds():
+    for total in range(1, 80):
+        for programs in range(1, total + 1):
+            for p in range(programs):
+                start, end = share_bounds(p, total, programs)
+                for t in range(start, end):
+                    assert program_of_tile(t, total, programs) == p
+
+
+def test_share_spans_heads_and_sequences():
+    # One program over everything: one share crossing every head and sequence, nothing split.
+    s = plan([5, 0, 70, 33], kv_heads=3, tile_size=16, num_programs=1)
+    assert {seg.program for seg in s.segments} == {0}
+    assert len(s.segments) == 12 and all(seg.whole for seg in s.segments)
+
+
+def test_long_head_shared_by_many_programs():
+    s = plan([1000], kv_heads=1, tile_size=10, num_programs=7)
+    (segs,) = s.split_heads().values()
+    assert [seg.program for seg in segs] == list(range(7))
+    assert [seg.slot for seg in segs] == [0] + [2 * p for p in range(1, 7)]
+
+
+def test_more_programs_than_tiles():
+    s = plan([3, 0], kv_heads=2, tile_size=16, num_programs=100)
+    assert s.total_tiles == 4 and s.num_programs == 4 and s.shares() == [1, 1, 1, 1]
+
+
+def test_empty_sequence_owns_one_tile():
+    assert tiles_per_head(0, 64) == 1 and tiles_per_head(-5, 64) == 1
+    assert [tiles_per_head(n, 64) for n in (1, 63, 64, 65, 128, 129)] == [1, 1, 1, 2, 2, 3]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        plan([1], kv_heads=0, tile_size=16, num_programs=1)
+    with pytest.raises(ValueError):
+        plan([1], kv_heads=1, tile_size=16, num_programs=0)
+    with pytest.raises(ValueError):
+        tiles_per_head(3, 0)
