@@ -78,3 +78,30 @@ def assert_close(out: torch.Tensor, lse: torch.Tensor | None, ref: torch.Tensor,
         assert torch.equal(torch.isinf(lse), empty) and (lse[empty] < 0).all(), "LSE -inf pattern differs"
         diff = (lse[~empty] - ref_lse[~empty]).abs()
         assert diff.numel() == 0 or diff.max().item() < LSE_TOL, f"LSE off by {diff.max().item():.3e}"
+
+
+def to_paged(
+    k: torch.Tensor, v: torch.Tensor, lens: list[int], page_size: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Copy a contiguous (B,N,Hkv,D) cache into shuffled pages (P,page,Hkv,D) with a block table
+    (B, max_pages) whose unused entries hold garbage (out-of-range page numbers)."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed)
+    batch, n = k.shape[:2]
+    max_pages = -(-n // page_size)
+    need = [-(-max(x, 0) // page_size) for x in lens]
+    total = sum(need) + 3  # a few pages nobody owns
+    perm = torch.randperm(total, generator=gen)
+    table = torch.randint(10**6, 2 * 10**6, (batch, max_pages), generator=gen, dtype=torch.int32)
+    kp = torch.randn(total, page_size, *k.shape[2:], generator=gen).to(k.dtype).to(k.device)
+    vp = torch.randn_like(kp)
+    at = 0
+    for b, pages in enumerate(need):
+        for i in range(pages):
+            page = int(perm[at])
+            at += 1
+            table[b, i] = page
+            lo, hi = i * page_size, min((i + 1) * page_size, n)
+            kp[page, : hi - lo] = k[b, lo:hi]
+            vp[page, : hi - lo] = v[b, lo:hi]
+    return kp, vp, table.to(k.device)

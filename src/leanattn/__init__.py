@@ -1,5 +1,14 @@
 """LeanAttention: exact decode attention with a stream-K partition, in Triton."""
 
+import os as _os
+
+import torch as _torch
+
+# Without a GPU the same kernel runs under Triton's interpreter; this must be decided before
+# Triton decorates the kernels.
+if not _torch.cuda.is_available():
+    _os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from . import ops as _ops  # noqa: F401  (registers torch.ops.leanattn.decode_into)
 from . import reference, schedule
 from .api import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, decode

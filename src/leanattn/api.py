@@ -90,6 +90,8 @@ def _validate(
         if out.stride(-1) != 1:
             _fail(ValueError, f"out must have unit stride on its last dim, got strides {out.stride()}")
         devices.add(("out", out.device))
+    if q.device.type != "cuda" and not interpreting():
+        _fail(ValueError, f"q is on {q.device}: tensors must be on a CUDA device (or set TRITON_INTERPRET=1 before importing leanattn to run on the CPU)")
     if len({d for _, d in devices}) > 1:
         listing = ", ".join(f"{n} on {d}" for n, d in sorted(devices, key=lambda x: x[0]))
         _fail(ValueError, f"all tensors must be on one device, got {listing}")
@@ -165,14 +167,18 @@ def launch(
     block_table: torch.Tensor | None,
     softmax_scale: float,
     num_programs: int | None,
+    config: KernelConfig | None = None,
 ) -> None:
-    """Run the kernel on validated inputs, writing ``out`` (and ``lse`` when given)."""
+    """Run the kernel on validated inputs, writing ``out`` (and ``lse`` when given).
+
+    ``config`` overrides the heuristic launch configuration (used by the tuning sweeps).
+    """
     batch, _, q_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     group = q_heads // kv_heads
     if batch == 0:
         return
-    config = choose_config(head_dim, q.dtype, group)
+    config = config or choose_config(head_dim, q.dtype, group)
     programs = num_programs or default_num_programs(q.device, config)
     group_pad = max(16, next_pow2(group))
     head_dim_pad = next_pow2(head_dim)

@@ -1,0 +1,114 @@
+"""Benchmark shapes and their text form.
+
+A shape is written ``LENS@HQ/HKV[:opt...]``: ``LENS`` is ``BATCHxCTX`` (every sequence ``CTX``
+long) or an explicit ``+``-joined list of lengths for a ragged batch; lengths take ``k`` (x1024).
+Options: ``d=N`` (head dim, default 128), ``fp16``/``bf16`` (default bf16), ``page=N`` (paged
+cache with that page size). Examples: ``1x32k@32/8``, ``4x16k@16/16:d=64``,
+``1k+2k+4k@32/8:page=16``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Shape", "parse_shape", "default_suite"]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Shape:
+    lens: tuple[int, ...]
+    q_heads: int
+    kv_heads: int
+    head_dim: int = 128
+    dtype: torch.dtype = torch.bfloat16
+    page_size: int = 0  # 0: contiguous cache
+
+    @property
+    def batch(self) -> int:
+        return len(self.lens)
+
+    @property
+    def ragged(self) -> bool:
+        return len(set(self.lens)) > 1
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of K and V read once: the floor every method must move."""
+        return 2 * sum(self.lens) * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+    @property
+    def name(self) -> str:
+        if self.ragged:
+            lens = "+".join(_fmt_len(n) for n in self.lens)
+        else:
+            lens = f"{self.batch}x{_fmt_len(self.lens[0])}"
+        opts = "" if self.head_dim == 128 else f":d={self.head_dim}"
+        opts += ":fp16" if self.dtype == torch.float16 else ""
+        opts += f":page={self.page_size}" if self.page_size else ""
+        return f"{lens}@{self.q_heads}/{self.kv_heads}{opts}"
+
+    @property
+    def family(self) -> str:
+        """Everything but the context length: one plot line per method per family."""
+        if self.ragged:
+            return self.name
+        return self.name.replace(f"x{_fmt_len(self.lens[0])}@", "xN@", 1)
+
+
+def _fmt_len(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 and n >= 1024 else str(n)
+
+
+def _parse_len(text: str) -> int:
+    text = text.strip().lower()
+    return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+
+
+def parse_shape(text: str) -> Shape:
+    """Parse ``LENS@HQ/HKV[:opt...]`` (see the module docstring)."""
+    try:
+        main, *opts = text.strip().split(":")
+        lens_text, heads = main.split("@")
+        hq, hkv = (int(x) for x in heads.split("/"))
+        if "+" in lens_text:
+            lens = tuple(_parse_len(x) for x in lens_text.split("+"))
+        else:
+            batch, ctx = lens_text.lower().split("x")
+            lens = (_parse_len(ctx),) * int(batch)
+        kw: dict = {}
+        for opt in opts:
+            if opt in _DTYPES:
+                kw["dtype"] = _DTYPES[opt]
+            elif opt.startswith("d="):
+                kw["head_dim"] = int(opt[2:])
+            elif opt.startswith("page="):
+                kw["page_size"] = int(opt[5:])
+            else:
+                raise ValueError(f"unknown option {opt!r}")
+    except ValueError as e:
+        raise ValueError(f"bad shape {text!r}: {e}; expected e.g. 1x32k@32/8:d=128:bf16:page=16") from e
+    return Shape(lens, hq, hkv, **kw)
+
+
+_SUITE = """
+1x4k@32/32 1x16k@32/32 1x64k@32/32 1x256k@32/32 1x512k@32/32
+1x4k@32/8 1x32k@32/8 1x128k@32/8 1x512k@32/8
+8x8k@32/8 8x32k@32/8 32x4k@32/8 64x2k@32/8 16x8k@64/8
+1x32k@8/1 1x128k@8/1 1x512k@8/1
+4x16k@16/16:d=64 4x16k@32/8:d=256
+3x8k@40/40 3x64k@40/40
+1x32k@32/8:fp16 8x8k@32/8:fp16
+1k+2k+4k+8k+16k+32k+64k+128k@32/8
+8x32k@32/8:page=1 8x32k@32/8:page=16 8x32k@32/8:page=64
+1k+2k+4k+8k+16k+32k+64k+128k@32/8:page=16
+"""
+
+
+def default_suite() -> list[Shape]:
+    """Every shape of the baseline table, plus large-batch, 70B-style GQA, head dims 64/256,
+    fp16, and paged rows."""
+    return [parse_shape(s) for s in _SUITE.split()]

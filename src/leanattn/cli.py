@@ -1,0 +1,79 @@
+"""``leanattn demo`` and ``leanattn bench`` (also ``python -m leanattn ...``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import leanattn
+
+DEMO_SHAPES = "1x32k@8/1 1x128k@32/8 8x8k@32/8 1k+2k+4k+8k+16k+32k+64k+128k@32/8"
+
+
+def _demo_cpu() -> int:
+    """Under the Triton interpreter: one small ragged case against the float64 reference."""
+    torch.manual_seed(0)
+    lens = [0, 1, 31, 32, 33, 100]
+    q = torch.randn(len(lens), 1, 8, 64, dtype=torch.bfloat16)
+    k = torch.randn(len(lens), 128, 2, 64, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    programs = 5
+    out, lse = leanattn.decode(q, k, v, seqlens, return_lse=True, num_programs=programs)
+    ref, ref_lse = leanattn.reference.decode(q.double(), k.double(), v.double(), seqlens, return_lse=True)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    tile = leanattn.api.choose_config(64, q.dtype, 4).tile
+    sched = leanattn.schedule.plan(lens, 2, tile, programs)
+    print("no GPU: running the Triton kernel under the interpreter")
+    print(f"ragged batch {lens}, 8 q heads / 2 kv heads, head_dim 64, bf16, {programs} programs, tile {tile}")
+    for seg in sched.segments:
+        kind = "whole" if seg.whole else f"partial -> slot {seg.slot}, merged via ticket {seg.ticket}"
+        print(f"  program {seg.program}: seq {seg.batch} kv head {seg.kv_head} tiles [{seg.tile_start},{seg.tile_end}) {kind}")
+    ok = err < 1.5e-2 and torch.isfinite(out).all().item()
+    print(f"relative error vs float64 reference: {err:.2e} ({'ok' if ok else 'FAILED'})")
+    return 0 if ok else 1
+
+
+def _bench(shapes: list[str] | None, methods: list[str] | None, out_dir: Path | None) -> int:
+    from leanattn.bench import default_suite, parse_shape
+    from leanattn.bench.peers import METHODS
+    from leanattn.bench.run import run_suite, terminal_table, write
+
+    suite = [parse_shape(s) for s in shapes] if shapes else default_suite()
+    unknown = set(methods or ()) - set(METHODS)
+    if unknown:
+        print(f"unknown methods {sorted(unknown)}; choose from {sorted(METHODS)}", file=sys.stderr)
+        return 2
+    record = run_suite(suite, methods or list(METHODS), torch.device("cuda"))
+    print(f"{record['gpu']}: copy {record['copy_gbs']:.0f} GB/s, datasheet {record['datasheet_gbs'] or 'unknown'} GB/s")
+    print(terminal_table(record))
+    if out_dir:
+        write(record, out_dir)
+        print(f"wrote {out_dir}/results.json, results.md, results.png")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="leanattn", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("demo", help="a quick comparison on a GPU; a checked interpreter run without one")
+    b = sub.add_parser("bench", help="time leanattn and the peers on the benchmark suite")
+    b.add_argument("--shapes", nargs="+", help="shapes like 1x32k@32/8:d=128:bf16:page=16 (default: the suite)")
+    b.add_argument("--methods", nargs="+", help="subset of methods (default: all)")
+    b.add_argument("--out", type=Path, help="folder for results.json, results.md and results.png")
+    args = parser.parse_args(argv)
+    if args.cmd == "demo":
+        if not torch.cuda.is_available():
+            return _demo_cpu()
+        return _bench(DEMO_SHAPES.split(), ["leanattn", "sdpa_flash", "sdpa_cudnn", "flashinfer", "flashinfer_tc", "fa2_varlen"], None)
+    if not torch.cuda.is_available():
+        print("leanattn bench needs a CUDA GPU", file=sys.stderr)
+        return 2
+    return _bench(args.shapes, args.methods, args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
