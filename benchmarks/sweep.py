@@ -25,10 +25,11 @@ SHAPES = "1x32k@8/1 1x4k@32/8 1x128k@32/8 1x512k@32/8 8x32k@32/8 32x4k@32/8 1x16
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=SHAPES.split())
-    ap.add_argument("--tiles", type=int, nargs="+", default=[32, 64, 128])
+    ap.add_argument("--tiles", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
-    ap.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4])
-    ap.add_argument("--pps", type=int, nargs="+", default=[1, 2, 3, 4])
+    ap.add_argument("--stages", type=int, nargs="+", default=[3, 4])
+    ap.add_argument("--pps", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--shares", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--out", default="sweep.jsonl")
     args = ap.parse_args()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -39,10 +40,10 @@ def main() -> None:
             ref = leanattn.reference.decode(x.q.float(), x.k, x.v, x.seqlens, block_table=x.block_table, compute_dtype=torch.float32)
             out = torch.empty_like(x.q)
             best = None
-            for tile, warps, stages, pps in itertools.product(args.tiles, args.warps, args.stages, args.pps):
+            for tile, warps, stages, pps, share in itertools.product(args.tiles, args.warps, args.stages, args.pps, args.shares):
                 if shape.head_dim > 128 and tile * stages > 256:
                     continue
-                cfg = KernelConfig(tile, warps, stages, pps)
+                cfg = KernelConfig(tile, warps, stages, pps, share)
 
                 def fn():
                     launch(x.q, x.k, x.v, out, None, x.seqlens, x.block_table, x.scale, sms * pps, cfg)
@@ -55,11 +56,11 @@ def main() -> None:
                     print(f"{text} {cfg}: {type(e).__name__}")
                     continue
                 gbs = shape.kv_bytes / ms / 1e6
-                row = dict(shape=text, tile=tile, warps=warps, stages=stages, pps=pps, us=ms * 1e3, gbs=gbs, err=err)
+                row = dict(shape=text, tile=tile, warps=warps, stages=stages, pps=pps, share=share, us=ms * 1e3, gbs=gbs, err=err)
                 f.write(json.dumps(row) + "\n")
                 if best is None or gbs > best["gbs"]:
                     best = row
-            print(f"BEST {text:<40} tile {best['tile']:>3} warps {best['warps']} stages {best['stages']} pps {best['pps']}: {best['us']:8.1f} us {best['gbs']:6.0f} GB/s err {best['err']:.1e}", flush=True)
+            print(f"BEST {text:<40} tile {best['tile']:>3} warps {best['warps']} stages {best['stages']} pps {best['pps']} share {best['share']}: {best['us']:8.1f} us {best['gbs']:6.0f} GB/s err {best['err']:.1e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -142,3 +142,20 @@ def test_random_ragged_batches():
         q, k, v, sl = make_inputs(lens, kv_heads * group, kv_heads, 64, dtype)
         out, lse = run(q, k, v, sl, num_programs=rng.randint(1, 40))
         assert_close(out, lse, *reference(q, k, v, sl))
+
+
+@pytest.mark.parametrize("target_share", [2, 3, 50])
+def test_target_share_shrinks_grid_correctly(target_share):
+    """With a target share the kernel uses fewer programs, chosen on the device from live lengths."""
+    from leanattn.api import launch
+    from leanattn.kernels.config import KernelConfig
+
+    t = tile_size(64, torch.float16, 4)
+    lens = [0, 1, 2 * t + 1, 7 * t + 3]
+    q, k, v, sl = make_inputs(lens, 8, 2, 64, torch.bfloat16)
+    out = poisoned_like(q)
+    lse = torch.empty(4, 8, dtype=torch.float32, device=q.device)
+    cfg = KernelConfig(tile=t, num_warps=4, num_stages=1, programs_per_sm=1, target_share=target_share)
+    launch(q, k, v, out, lse, sl, None, 64**-0.5, 16, cfg)
+    assert_close(out, lse, *reference(q, k, v, sl))
+    assert plan(lens, 2, t, 16, target_share).num_programs < 16

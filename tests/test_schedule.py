@@ -9,13 +9,13 @@ from leanattn.schedule import plan, program_of_tile, share_bounds, tiles_per_hea
 
 def random_case(rng: random.Random):
     lens = [rng.choice([0, 1, rng.randint(0, 40), rng.randint(0, 400)]) for _ in range(rng.randint(1, 9))]
-    return lens, rng.randint(1, 5), rng.choice([1, 4, 16]), rng.randint(1, 60)
+    return lens, rng.randint(1, 5), rng.choice([1, 4, 16]), rng.randint(1, 60), rng.choice([1, 1, 2, 5])
 
 
 @pytest.mark.parametrize("seed", range(300))
 def test_every_tile_exactly_once_and_balanced(seed):
-    lens, kv_heads, tile, programs = random_case(random.Random(seed))
-    s = plan(lens, kv_heads, tile, programs)
+    lens, kv_heads, tile, programs, target_share = random_case(random.Random(seed))
+    s = plan(lens, kv_heads, tile, programs, target_share)
     covered = {}
     for seg in s.segments:
         for t in range(seg.tile_start, seg.tile_end):
@@ -25,15 +25,18 @@ def test_every_tile_exactly_once_and_balanced(seed):
     expected = {(b, h, t) for b, n in enumerate(lens) for h in range(kv_heads) for t in range(tiles_per_head(n, tile))}
     assert set(covered) == expected
     shares = s.shares()
-    assert s.num_programs == min(programs, len(expected))
+    assert s.num_programs == min(programs, -(-len(expected) // target_share))
     assert max(shares) - min(shares) <= 1 and min(shares) >= 1
+    if s.num_programs < programs:  # grid not full: the fewest programs with shares <= target_share
+        assert max(shares) <= target_share
+        assert s.num_programs == 1 or len(expected) > (s.num_programs - 1) * target_share
     assert sum(shares) == s.total_tiles == len(expected)
 
 
 @pytest.mark.parametrize("seed", range(300))
 def test_split_heads_slots_and_tickets(seed):
-    lens, kv_heads, tile, programs = random_case(random.Random(seed))
-    s = plan(lens, kv_heads, tile, programs)
+    lens, kv_heads, tile, programs, target_share = random_case(random.Random(seed))
+    s = plan(lens, kv_heads, tile, programs, target_share)
     split = s.split_heads()
     # At most P - 1 split heads, each named by a distinct ticket (its first program).
     assert len(split) <= max(s.num_programs - 1, 0)
@@ -94,3 +97,5 @@ def test_bad_arguments():
         plan([1], kv_heads=1, tile_size=16, num_programs=0)
     with pytest.raises(ValueError):
         tiles_per_head(3, 0)
+    with pytest.raises(ValueError):
+        plan([1], kv_heads=1, tile_size=16, num_programs=4, target_share=0)

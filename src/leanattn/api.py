@@ -180,9 +180,12 @@ def launch(
         return
     config = config or choose_config(head_dim, q.dtype, group)
     programs = num_programs or default_num_programs(q.device, config)
-    group_pad = max(16, next_pow2(group))
+    group_pad = max(16, next_pow2(group))  # tl.dot needs M >= 16
+    merge_rows = next_pow2(group)  # partials keep only the real rows
     head_dim_pad = next_pow2(head_dim)
-    acc, stats, tickets = _workspace(q.device).get(q.device, programs, group_pad, head_dim_pad)
+    # Contributors merged per step: as many as fit ~8K fp32 values in registers.
+    merge_block = max(1, min(32, 8192 // (merge_rows * head_dim_pad)))
+    acc, stats, tickets = _workspace(q.device).get(q.device, programs, merge_rows, head_dim_pad)
     if block_table is None:
         page_size, capacity, bt, stride_btb = 0, k_cache.shape[1], tickets, 0
     else:
@@ -201,7 +204,8 @@ def launch(
         stride_btb,
         batch, kv_heads, capacity, softmax_scale * LOG2E,
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        TILE=config.tile, PAGE_SIZE=page_size,
+        TILE=config.tile, PAGE_SIZE=page_size, TARGET_SHARE=config.target_share,
+        MERGE_ROWS=merge_rows, MERGE_BLOCK=merge_block,
         HAS_SEQLENS=cache_seqlens is not None, RETURN_LSE=lse is not None,
         UPCAST_DOT=interpreting(), BLOCK_B=_BLOCK_B,
         num_warps=config.num_warps, num_stages=config.num_stages,

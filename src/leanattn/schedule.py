@@ -7,9 +7,12 @@ Work items ("LeanTiles") are blocks of ``tile_size`` cache tokens of one (sequen
 A head of live length ``L`` has ``max(1, ceil(L / tile_size))`` tiles: an empty sequence still owns
 one (empty) tile, so some program writes its all-zero output and ``-inf`` LSE, and a short head
 carries a small fixed cost in the balance. All tiles are laid end to end in (batch, kv_head, tile)
-order, ``W`` in total, and program ``p`` of ``P = min(num_programs, W)`` takes the contiguous share
-``[p * W // P, (p + 1) * W // P)``. Shares differ by at most one tile and every program that runs
-has at least one. A share may start inside a head and cross head and sequence boundaries.
+order, ``W`` in total, and program ``p`` of ``P = min(num_programs, ceil(W / target_share))`` takes
+the contiguous share ``[p * W // P, (p + 1) * W // P)``. Shares differ by at most one tile and every
+program that runs has at least one; when the grid is not full, ``P`` is the fewest programs whose
+shares stay within ``target_share`` tiles (small problems use fewer programs, so fewer partials
+meet in a merge). ``P`` is computed on the device
+from the live lengths; the rest of the grid exits at once. A share may start inside a head and cross head and sequence boundaries.
 
 A head whose tiles lie in one share is finished by that program. A head cut by share boundaries is
 *split*: every program that touches it leaves an fp32 partial (unnormalised O, running max m and
@@ -90,7 +93,7 @@ class Schedule:
     kv_heads: int
     tiles: tuple[int, ...]  # tiles per head, per sequence
     total_tiles: int
-    num_programs: int  # effective: min(requested, total_tiles)
+    num_programs: int  # effective: min(requested, ceil(total_tiles / target_share))
     segments: tuple[Segment, ...]
 
     def shares(self) -> list[int]:
@@ -111,7 +114,7 @@ class Schedule:
 
 
 def plan(
-    seqlens: Sequence[int], kv_heads: int, tile_size: int, num_programs: int
+    seqlens: Sequence[int], kv_heads: int, tile_size: int, num_programs: int, target_share: int = 1
 ) -> Schedule:
     """Partition the tiles of a (ragged) batch over ``num_programs`` programs.
 
@@ -119,17 +122,20 @@ def plan(
         seqlens: live length of each sequence (batch,). Negative lengths count as 0.
         kv_heads: number of KV heads per sequence.
         tile_size: cache tokens per LeanTile.
-        num_programs: programs in the persistent grid; the partition uses ``min(num_programs, W)``.
+        num_programs: programs in the persistent grid.
+        target_share: the partition uses ``min(num_programs, ceil(W / target_share))`` programs.
     """
     if kv_heads <= 0:
         raise ValueError(f"kv_heads must be positive, got {kv_heads}")
     if num_programs <= 0:
         raise ValueError(f"num_programs must be positive, got {num_programs}")
+    if target_share <= 0:
+        raise ValueError(f"target_share must be positive, got {target_share}")
     tiles = tuple(tiles_per_head(int(n), tile_size) for n in seqlens)
     total = kv_heads * sum(tiles)
     if total == 0:
         return Schedule(tile_size, kv_heads, tiles, 0, 0, ())
-    programs = min(num_programs, total)
+    programs = min(num_programs, -(-total // target_share))
 
     # Global index of each head's first tile, in (batch, kv_head) order.
     head_first: list[tuple[int, int, int, int]] = []  # (first tile, batch, kv_head, n_tiles)

@@ -21,6 +21,7 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     programs_per_sm: int
+    target_share: int = 1  # small problems: the fewest programs whose shares stay within this
 
 
 def interpreting() -> bool:

@@ -30,7 +30,7 @@ def _num_tiles(length, capacity, TILE: tl.constexpr):
 @triton.jit
 def _locate_share(
     SeqLens, batch, kv_heads, capacity, pid, num_programs,
-    HAS_SEQLENS: tl.constexpr, TILE: tl.constexpr, BLOCK_B: tl.constexpr,
+    HAS_SEQLENS: tl.constexpr, TILE: tl.constexpr, TARGET_SHARE: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """Total tile count, effective program count, this program's share and where it starts.
 
@@ -46,7 +46,8 @@ def _locate_share(
     else:
         total_per_head = batch.to(tl.int64) * _num_tiles(capacity, capacity, TILE)
     total = total_per_head * kv_heads
-    programs = tl.minimum(total, num_programs)
+    # Small problems use fewer programs: the fewest whose shares stay within TARGET_SHARE tiles.
+    programs = tl.minimum((total + TARGET_SHARE - 1) // TARGET_SHARE, num_programs)
     start = pid * total // programs
     end = (pid + 1) * total // programs
 
@@ -120,11 +121,12 @@ def _attend_tiles(
 def _write_output(
     Out, Lse, b, h, acc, m_i, l_i,
     stride_ob, stride_oh, stride_lb, stride_lh,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, RETURN_LSE: tl.constexpr,
 ):
-    """Normalise and store the group's rows; an empty head gives zeros and LSE -inf."""
-    rows = tl.arange(0, GROUP_PAD)
+    """Normalise and store the group's rows (the first GROUP of ROWS); an empty head gives zeros
+    and LSE -inf."""
+    rows = tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     qh = h * GROUP + rows
     has_mass = l_i > 0.0
@@ -136,8 +138,42 @@ def _write_output(
         lse = tl.where(has_mass, (m_i + tl.log2(tl.where(has_mass, l_i, 1.0))) * LN2, float("-inf"))
         tl.store(Lse + b.to(tl.int64) * stride_lb + qh * stride_lh, lse, mask=rows < GROUP)
 
-
 @triton.jit
+def _merge_partials(
+    WsAcc, WsStats, first_prog, last_prog, head_first, total, programs,
+    ROWS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Merge the partials of programs first_prog..last_prog in program order, BLOCK at a time
+    (loads of a block are independent, so they are in flight together)."""
+    rows = tl.arange(0, ROWS)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    blk = tl.arange(0, BLOCK)
+    m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((ROWS,), dtype=tl.float32)
+    acc = tl.zeros((ROWS, HEAD_DIM_PAD), dtype=tl.float32)
+    for p0 in range(first_prog, last_prog + 1, BLOCK):
+        p = p0 + blk
+        valid = p <= last_prog
+        # The first program met this head after its own first segment (slot 2p + 1) unless its
+        # share starts exactly at the head's tile 0.
+        p_start = p.to(tl.int64) * total // programs
+        src = 2 * p + ((p == first_prog) & (p_start < head_first)).to(tl.int32)
+        stats = WsStats + src[:, None] * (2 * ROWS) + rows[None, :]
+        m_p = tl.load(stats, mask=valid[:, None], other=float("-inf"), cache_modifier=".cg")
+        l_p = tl.load(stats + ROWS, mask=valid[:, None], other=0.0, cache_modifier=".cg")
+        acc_ptrs = WsAcc + src[:, None, None] * (ROWS * HEAD_DIM_PAD) + rows[None, :, None] * HEAD_DIM_PAD + offs_d[None, None, :]
+        acc_p = tl.load(acc_ptrs, mask=valid[:, None, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m_i, tl.max(m_p, axis=0))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_shift)
+        w = tl.exp2(m_p - m_shift[None, :])
+        l_i = l_i * alpha + tl.sum(l_p * w, axis=0)
+        acc = acc * alpha[:, None] + tl.sum(acc_p * w[:, :, None], axis=0)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=["batch", "kv_heads", "capacity"])
 def lean_decode_kernel(
     Q, K, V, Out, Lse, SeqLens, BlockTable, WsAcc, WsStats, Tickets,
     stride_qb, stride_qh,
@@ -149,7 +185,8 @@ def lean_decode_kernel(
     batch, kv_heads, capacity, qk_scale,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    TILE: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, TARGET_SHARE: tl.constexpr,
+    MERGE_ROWS: tl.constexpr, MERGE_BLOCK: tl.constexpr,
     HAS_SEQLENS: tl.constexpr, RETURN_LSE: tl.constexpr,
     UPCAST_DOT: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
@@ -158,13 +195,13 @@ def lean_decode_kernel(
     Q (batch, q_heads, head_dim) by strides; K, V (batch, capacity, kv_heads, head_dim) by strides,
     or pages (num_pages, PAGE_SIZE, kv_heads, head_dim) with BlockTable (batch, max_pages) when
     PAGE_SIZE > 0; Out like Q; Lse (batch, q_heads) float32; SeqLens (batch,) int32.
-    Workspace: WsAcc (2 * grid, GROUP_PAD, HEAD_DIM_PAD) fp32, WsStats (2 * grid, 2, GROUP_PAD) fp32,
+    Workspace: WsAcc (2 * grid, MERGE_ROWS, HEAD_DIM_PAD) fp32, WsStats (2 * grid, 2, MERGE_ROWS) fp32,
     Tickets (grid,) int32, zero between calls (the merging program resets its ticket).
     """
     pid = tl.program_id(0)
     total, programs, start, end, b, before = _locate_share(
         SeqLens, batch, kv_heads, capacity, pid, tl.num_programs(0),
-        HAS_SEQLENS, TILE, BLOCK_B,
+        HAS_SEQLENS, TILE, TARGET_SHARE, BLOCK_B,
     )
     if pid >= programs:
         return
@@ -172,7 +209,7 @@ def lean_decode_kernel(
     rows = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask_q = (rows < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    acc_offs = rows[:, None] * HEAD_DIM_PAD + offs_d[None, :]
+    acc_offs = rows[:, None] * HEAD_DIM_PAD + offs_d[None, :]  # partial layout (MERGE_ROWS, HEAD_DIM_PAD)
 
     # Position of `start` inside sequence b: kv head h, tile t.
     if HAS_SEQLENS:
@@ -207,39 +244,26 @@ def lean_decode_kernel(
             _write_output(Out, Lse, b, h, acc, m_i, l_i, stride_ob, stride_oh, stride_lb, stride_lh,
                           GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE)
         else:
-            # Split head: leave the partial, then take a ticket on the head's first program.
+            # Split head: leave the partial (its first MERGE_ROWS rows), then take a ticket on
+            # the head's first program.
             slot = 2 * pid + (g != start).to(tl.int32)
-            tl.store(WsAcc + slot * (GROUP_PAD * HEAD_DIM_PAD) + acc_offs, acc)
-            tl.store(WsStats + slot * (2 * GROUP_PAD) + rows, m_i)
-            tl.store(WsStats + slot * (2 * GROUP_PAD) + GROUP_PAD + rows, l_i)
+            keep = rows < MERGE_ROWS
+            tl.store(WsAcc + slot * (MERGE_ROWS * HEAD_DIM_PAD) + acc_offs, acc, mask=keep[:, None])
+            tl.store(WsStats + slot * (2 * MERGE_ROWS) + rows, m_i, mask=keep)
+            tl.store(WsStats + slot * (2 * MERGE_ROWS) + MERGE_ROWS + rows, l_i, mask=keep)
             head_first = g - t
             first_prog = (((head_first + 1) * programs - 1) // total).to(tl.int32)
-            last_prog = (((head_first + n_tiles + 0) * programs - 1) // total).to(tl.int32)
+            last_prog = (((head_first + n_tiles) * programs - 1) // total).to(tl.int32)
             # Every thread's partial stores must be ordered before the ticket (release).
             tl.debug_barrier()
             arrived = tl.atomic_add(Tickets + first_prog, 1, sem="acq_rel", scope="gpu")
             if arrived == last_prog - first_prog:
-                # Last arriver: merge every contributor's partial in program order.
-                m_i = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
-                l_i = tl.zeros((GROUP_PAD,), dtype=tl.float32)
-                acc = tl.zeros((GROUP_PAD, HEAD_DIM_PAD), dtype=tl.float32)
-                for p in range(first_prog, last_prog + 1):
-                    # The first program met this head after its own first segment unless its
-                    # share starts exactly at the head's tile 0.
-                    p_start = p * total // programs  # int64: total is int64
-                    src = 2 * p + ((p == first_prog) & (p_start < head_first)).to(tl.int32)
-                    m_p = tl.load(WsStats + src * (2 * GROUP_PAD) + rows, cache_modifier=".cg")
-                    l_p = tl.load(WsStats + src * (2 * GROUP_PAD) + GROUP_PAD + rows, cache_modifier=".cg")
-                    acc_p = tl.load(WsAcc + src * (GROUP_PAD * HEAD_DIM_PAD) + acc_offs, cache_modifier=".cg")
-                    m_new = tl.maximum(m_i, m_p)
-                    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    alpha = tl.exp2(m_i - m_shift)
-                    beta = tl.exp2(m_p - m_shift)
-                    l_i = l_i * alpha + l_p * beta
-                    acc = acc * alpha[:, None] + acc_p * beta[:, None]
-                    m_i = m_new
-                _write_output(Out, Lse, b, h, acc, m_i, l_i, stride_ob, stride_oh, stride_lb, stride_lh,
-                              GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE)
+                acc_m, m_m, l_m = _merge_partials(
+                    WsAcc, WsStats, first_prog, last_prog, head_first, total, programs,
+                    MERGE_ROWS, HEAD_DIM_PAD, MERGE_BLOCK,
+                )
+                _write_output(Out, Lse, b, h, acc_m, m_m, l_m, stride_ob, stride_oh, stride_lb, stride_lh,
+                              GROUP, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE)
                 tl.atomic_xchg(Tickets + first_prog, 0, sem="relaxed", scope="gpu")
 
         g += (t_end - t).to(tl.int64)
