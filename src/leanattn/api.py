@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -16,6 +17,8 @@ SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
 MAX_PAGE_SIZE = 256
 # Sequences the kernel's share-locating loop reads per step.
 _BLOCK_B = 128
+# Most programs that count their arrival on one ticket (contention on one address grows fast).
+_ARRIVE_CHUNK = 16
 
 
 def _fail(kind: type[Exception], msg: str) -> None:
@@ -43,9 +46,10 @@ def _validate(
             _fail(ValueError, f"{name} must be 4-D, got shape {tuple(t.shape)}")
         if t.dtype not in SUPPORTED_DTYPES:
             _fail(TypeError, f"{name} must be float16 or bfloat16, got {t.dtype}")
-        if t.numel() and t.stride(-1) != 1:
+        if t.stride(-1) != 1 and t.numel():
             _fail(ValueError, f"{name} must have unit stride on its last dim, got strides {t.stride()}")
     batch, q_len, q_heads, head_dim = q.shape
+    k_shape = k_cache.shape
     paged = block_table is not None
     layout = "(num_pages, page_size, kv_heads, head_dim)" if paged else "(batch, cache_len, kv_heads, head_dim)"
     if q_len != 1:
@@ -54,23 +58,24 @@ def _validate(
         _fail(TypeError, f"q, k_cache, v_cache must share one dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     if head_dim not in SUPPORTED_HEAD_DIMS:
         _fail(ValueError, f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim} (q shape {tuple(q.shape)})")
-    if k_cache.shape != v_cache.shape:
-        _fail(ValueError, f"k_cache and v_cache must have the same shape {layout}, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    if k_cache.shape[3] != head_dim:
-        _fail(ValueError, f"k_cache must be {layout} with head_dim {head_dim} like q, got {tuple(k_cache.shape)}")
-    kv_heads = k_cache.shape[2]
+    if k_shape != v_cache.shape:
+        _fail(ValueError, f"k_cache and v_cache must have the same shape {layout}, got {tuple(k_shape)} and {tuple(v_cache.shape)}")
+    if k_shape[3] != head_dim:
+        _fail(ValueError, f"k_cache must be {layout} with head_dim {head_dim} like q, got {tuple(k_shape)}")
+    kv_heads = k_shape[2]
     if kv_heads == 0 or q_heads % kv_heads != 0:
         _fail(ValueError, f"q_heads ({q_heads}) must be a positive multiple of kv_heads ({kv_heads})")
-    if not paged and k_cache.shape[0] != batch:
-        _fail(ValueError, f"k_cache must be {layout} with batch {batch} like q, got {tuple(k_cache.shape)}")
-    devices = {("q", q.device), ("k_cache", k_cache.device), ("v_cache", v_cache.device)}
+    if not paged and k_shape[0] != batch:
+        _fail(ValueError, f"k_cache must be {layout} with batch {batch} like q, got {tuple(k_shape)}")
+    device = q.device
+    others = [("k_cache", k_cache), ("v_cache", v_cache)]
     if cache_seqlens is not None:
         _check_tensor("cache_seqlens", cache_seqlens)
         if cache_seqlens.dtype != torch.int32:
             _fail(TypeError, f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
         if cache_seqlens.shape != (batch,):
             _fail(ValueError, f"cache_seqlens must have shape ({batch},), got {tuple(cache_seqlens.shape)}")
-        devices.add(("cache_seqlens", cache_seqlens.device))
+        others.append(("cache_seqlens", cache_seqlens))
     if paged:
         _check_tensor("block_table", block_table)
         if block_table.dtype != torch.int32:
@@ -79,21 +84,21 @@ def _validate(
             _fail(ValueError, f"block_table must be (batch={batch}, max_pages_per_seq), got {tuple(block_table.shape)}")
         if block_table.stride(-1) != 1 and block_table.shape[1] > 1:
             _fail(ValueError, f"block_table must have unit stride on its last dim, got strides {block_table.stride()}")
-        page_size = k_cache.shape[1]
+        page_size = k_shape[1]
         if page_size < 1 or page_size > MAX_PAGE_SIZE or page_size & (page_size - 1):
             _fail(ValueError, f"page_size (k_cache.shape[1]) must be a power of two up to {MAX_PAGE_SIZE}, got {page_size}")
-        devices.add(("block_table", block_table.device))
+        others.append(("block_table", block_table))
     if out is not None:
         _check_tensor("out", out)
         if out.shape != q.shape or out.dtype != q.dtype:
             _fail(ValueError, f"out must be {tuple(q.shape)} {q.dtype} like q, got {tuple(out.shape)} {out.dtype}")
         if out.stride(-1) != 1:
             _fail(ValueError, f"out must have unit stride on its last dim, got strides {out.stride()}")
-        devices.add(("out", out.device))
-    if q.device.type != "cuda" and not interpreting():
-        _fail(ValueError, f"q is on {q.device}: tensors must be on a CUDA device (or set TRITON_INTERPRET=1 before importing leanattn to run on the CPU)")
-    if len({d for _, d in devices}) > 1:
-        listing = ", ".join(f"{n} on {d}" for n, d in sorted(devices, key=lambda x: x[0]))
+        others.append(("out", out))
+    if device.type != "cuda" and not interpreting():
+        _fail(ValueError, f"q is on {device}: tensors must be on a CUDA device (or set TRITON_INTERPRET=1 before importing leanattn to run on the CPU)")
+    if any(t.device != device for _, t in others):
+        listing = ", ".join(f"{n} on {t.device}" for n, t in [("q", q), *others])
         _fail(ValueError, f"all tensors must be on one device, got {listing}")
 
 
@@ -116,6 +121,9 @@ def _sm_count(index: int) -> int:
 class _Workspace:
     """fp32 partials and tickets for split heads, one per device, grown on demand.
 
+    For a grid of P programs: 2P partial slots (rows x head_dim fp32 plus m and l), P head
+    tickets and 2P chunk tickets.
+
     Size depends only on the grid and (group, head_dim) padding, never on batch or context
     length. Tickets are zero between calls: the merging program puts its ticket back.
     """
@@ -132,7 +140,7 @@ class _Workspace:
             self.acc is None
             or self.acc.numel() < need_acc
             or self.stats.numel() < need_stats
-            or self.tickets.numel() < programs
+            or self.tickets.numel() < 3 * programs
         ):
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError(
@@ -142,8 +150,9 @@ class _Workspace:
             old = (0, 0, 0) if self.acc is None else (self.acc.numel(), self.stats.numel(), self.tickets.numel())
             self.acc = torch.empty(max(need_acc, old[0]), dtype=torch.float32, device=device)
             self.stats = torch.empty(max(need_stats, old[1]), dtype=torch.float32, device=device)
-            self.tickets = torch.zeros(max(programs, old[2]), dtype=torch.int32, device=device)
-        return self.acc, self.stats, self.tickets
+            self.tickets = torch.zeros(max(3 * programs, old[2]), dtype=torch.int32, device=device)
+        # Head tickets first, then the chunk tickets (see the kernel's two-level arrival count).
+        return self.acc, self.stats, self.tickets[:programs], self.tickets[programs : 3 * programs]
 
 
 _WORKSPACES: dict[torch.device, _Workspace] = {}
@@ -155,6 +164,33 @@ def _workspace(device: torch.device) -> _Workspace:
     if device not in _WORKSPACES:
         _WORKSPACES[device] = _Workspace()
     return _WORKSPACES[device]
+
+
+@functools.lru_cache(maxsize=None)
+def _static_config(head_dim: int, dtype: torch.dtype, group: int, interpret: bool) -> KernelConfig:
+    return choose_config(head_dim, dtype, group)
+
+
+# Compiled kernels by Triton's specialisation of the arguments (see _spec_key); reusing them skips
+# Triton's per-call argument binding, which costs more than a short decode step on the GPU.
+_COMPILED: dict[tuple, object] = {}
+_UNSPECIALIZED = frozenset(("batch", "kv_heads", "capacity"))
+
+
+def _spec_key(args: tuple, names: tuple[str, ...]) -> tuple:
+    """What Triton specialises a launch on: dtypes and 16-byte alignment of pointers; for ints,
+    == 1, divisibility by 16 and the 32-bit range (only the range for unspecialised ones)."""
+    key = []
+    for name, a in zip(names, args):
+        if isinstance(a, torch.Tensor):
+            key.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif not isinstance(a, int):  # the float scale
+            key.append(None)
+        elif name in _UNSPECIALIZED:
+            key.append(-(2**31) <= a < 2**31)
+        else:
+            key.append((a == 1, a % 16 == 0, -(2**31) <= a < 2**31))
+    return tuple(key)
 
 
 def launch(
@@ -178,38 +214,53 @@ def launch(
     group = q_heads // kv_heads
     if batch == 0:
         return
-    config = config or choose_config(head_dim, q.dtype, group)
+    interpret = interpreting()
+    config = config or _static_config(head_dim, q.dtype, group, interpret)
     programs = num_programs or default_num_programs(q.device, config)
     group_pad = max(16, next_pow2(group))  # tl.dot needs M >= 16
     merge_rows = next_pow2(group)  # partials keep only the real rows
     head_dim_pad = next_pow2(head_dim)
-    # Contributors merged per step: as many as fit ~8K fp32 values in registers.
-    merge_block = max(1, min(32, 8192 // (merge_rows * head_dim_pad)))
-    acc, stats, tickets = _workspace(q.device).get(q.device, programs, merge_rows, head_dim_pad)
+    acc, stats, tickets, chunk_tickets = _workspace(q.device).get(q.device, programs, merge_rows, head_dim_pad)
     if block_table is None:
         page_size, capacity, bt, stride_btb = 0, k_cache.shape[1], tickets, 0
     else:
         page_size, bt, stride_btb = k_cache.shape[1], block_table, block_table.stride(0)
         capacity = block_table.shape[1] * page_size
-    lse_arg = lse if lse is not None else acc
-    lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
-    lean_decode_kernel[(programs,)](
-        q, k_cache, v_cache, out, lse_arg,
-        cache_seqlens if cache_seqlens is not None else tickets, bt, acc, stats, tickets,
+    args = (
+        q, k_cache, v_cache, out, lse if lse is not None else acc,
+        cache_seqlens if cache_seqlens is not None else tickets, bt, acc, stats, tickets, chunk_tickets,
         q.stride(0), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(2),
-        *lse_strides,
+        *((lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)),
         stride_btb,
         batch, kv_heads, capacity, softmax_scale * LOG2E,
+    )
+    constexprs = dict(
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         TILE=config.tile, PAGE_SIZE=page_size, TARGET_SHARE=config.target_share,
-        MERGE_ROWS=merge_rows, MERGE_BLOCK=merge_block,
+        MERGE_ROWS=merge_rows, ARRIVE_CHUNK=_ARRIVE_CHUNK,
         HAS_SEQLENS=cache_seqlens is not None, RETURN_LSE=lse is not None,
-        UPCAST_DOT=interpreting(), BLOCK_B=_BLOCK_B,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        UPCAST_DOT=interpret, BLOCK_B=_BLOCK_B,
     )
+    if interpret:
+        lean_decode_kernel[(programs,)](*args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
+        return
+    names = lean_decode_kernel.arg_names
+    key = (q.device.index, config, tuple(constexprs.values()), _spec_key(args, names))
+    compiled = _COMPILED.get(key)
+    if compiled is not None:
+        try:
+            # The launcher takes every parameter in order; it ignores the constexpr ones.
+            compiled[(programs, 1, 1)](*args, *(constexprs[n] for n in names[len(args):]))
+            return
+        except TypeError:  # a Triton whose launcher differs: bind through the JIT every time
+            _COMPILED.clear()
+            _COMPILED[None] = None
+    result = lean_decode_kernel[(programs,)](*args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
+    if None not in _COMPILED:
+        _COMPILED[key] = result
 
 
 def decode(

@@ -40,7 +40,6 @@ def choose_config(head_dim: int, dtype: torch.dtype, group: int) -> KernelConfig
         # The interpreter runs programs one by one: few, wide tiles keep the tests fast.
         return KernelConfig(tile=32, num_warps=4, num_stages=1, programs_per_sm=1)
     if head_dim > 128:
-        return KernelConfig(tile=32, num_warps=4, num_stages=2, programs_per_sm=2)
-    if group > 8:
-        return KernelConfig(tile=64, num_warps=4, num_stages=2, programs_per_sm=2)
-    return KernelConfig(tile=64, num_warps=4, num_stages=2, programs_per_sm=2)
+        # K+V tiles of 64 x 256 take 64 KiB a stage: one program per SM, more warps to issue.
+        return KernelConfig(tile=64, num_warps=8, num_stages=3, programs_per_sm=1, target_share=4)
+    return KernelConfig(tile=64, num_warps=4, num_stages=3, programs_per_sm=2, target_share=4)

@@ -139,43 +139,57 @@ def _write_output(
         tl.store(Lse + b.to(tl.int64) * stride_lb + qh * stride_lh, lse, mask=rows < GROUP)
 
 @triton.jit
-def _merge_partials(
-    WsAcc, WsStats, first_prog, last_prog, head_first, total, programs,
-    ROWS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK: tl.constexpr,
+def _load_partial(
+    WsAcc, WsStats, p, first_prog, last_prog, head_first, total, programs,
+    ROWS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
 ):
-    """Merge the partials of programs first_prog..last_prog in program order, BLOCK at a time
-    (loads of a block are independent, so they are in flight together)."""
+    """Partial (acc, m, l) of program p for the head starting at tile head_first; an empty
+    partial when p is past last_prog. The first program met the head after its own first segment
+    (slot 2p + 1) unless its share starts exactly at the head's tile 0."""
     rows = tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    blk = tl.arange(0, BLOCK)
+    valid = (tl.zeros((ROWS,), dtype=tl.int32) + p) <= last_prog  # a block mask, not a scalar
+    p_start = p * total // programs  # int64: total is int64
+    src = 2 * p + ((p == first_prog) & (p_start < head_first)).to(tl.int32)
+    stats = WsStats + src * (2 * ROWS) + rows
+    m = tl.load(stats, mask=valid, other=float("-inf"), cache_modifier=".cg")
+    l = tl.load(stats + ROWS, mask=valid, other=0.0, cache_modifier=".cg")
+    acc_ptrs = WsAcc + src * (ROWS * HEAD_DIM_PAD) + rows[:, None] * HEAD_DIM_PAD + offs_d[None, :]
+    acc = tl.load(acc_ptrs, mask=valid[:, None], other=0.0, cache_modifier=".cg")
+    return acc, m, l
+
+
+@triton.jit
+def _merge_partials(
+    WsAcc, WsStats, first_prog, last_prog, head_first, total, programs,
+    ROWS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+):
+    """Merge the partials of programs first_prog..last_prog in program order, four per step:
+    the four loads are independent, so they are in flight together."""
     m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((ROWS,), dtype=tl.float32)
     acc = tl.zeros((ROWS, HEAD_DIM_PAD), dtype=tl.float32)
-    for p0 in range(first_prog, last_prog + 1, BLOCK):
-        p = p0 + blk
-        valid = p <= last_prog
-        # The first program met this head after its own first segment (slot 2p + 1) unless its
-        # share starts exactly at the head's tile 0.
-        p_start = p.to(tl.int64) * total // programs
-        src = 2 * p + ((p == first_prog) & (p_start < head_first)).to(tl.int32)
-        stats = WsStats + src[:, None] * (2 * ROWS) + rows[None, :]
-        m_p = tl.load(stats, mask=valid[:, None], other=float("-inf"), cache_modifier=".cg")
-        l_p = tl.load(stats + ROWS, mask=valid[:, None], other=0.0, cache_modifier=".cg")
-        acc_ptrs = WsAcc + src[:, None, None] * (ROWS * HEAD_DIM_PAD) + rows[None, :, None] * HEAD_DIM_PAD + offs_d[None, None, :]
-        acc_p = tl.load(acc_ptrs, mask=valid[:, None, None], other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m_i, tl.max(m_p, axis=0))
+    for p in range(first_prog, last_prog + 1, 4):
+        a0, m0, l0 = _load_partial(WsAcc, WsStats, p, first_prog, last_prog, head_first, total, programs, ROWS, HEAD_DIM_PAD)
+        a1, m1, l1 = _load_partial(WsAcc, WsStats, p + 1, first_prog, last_prog, head_first, total, programs, ROWS, HEAD_DIM_PAD)
+        a2, m2, l2 = _load_partial(WsAcc, WsStats, p + 2, first_prog, last_prog, head_first, total, programs, ROWS, HEAD_DIM_PAD)
+        a3, m3, l3 = _load_partial(WsAcc, WsStats, p + 3, first_prog, last_prog, head_first, total, programs, ROWS, HEAD_DIM_PAD)
+        m_new = tl.maximum(tl.maximum(m_i, tl.maximum(m0, m1)), tl.maximum(m2, m3))
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_shift)
-        w = tl.exp2(m_p - m_shift[None, :])
-        l_i = l_i * alpha + tl.sum(l_p * w, axis=0)
-        acc = acc * alpha[:, None] + tl.sum(acc_p * w[:, :, None], axis=0)
+        w0 = tl.exp2(m0 - m_shift)
+        w1 = tl.exp2(m1 - m_shift)
+        w2 = tl.exp2(m2 - m_shift)
+        w3 = tl.exp2(m3 - m_shift)
+        l_i = l_i * alpha + l0 * w0 + l1 * w1 + l2 * w2 + l3 * w3
+        acc = acc * alpha[:, None] + a0 * w0[:, None] + a1 * w1[:, None] + a2 * w2[:, None] + a3 * w3[:, None]
         m_i = m_new
     return acc, m_i, l_i
 
 
 @triton.jit(do_not_specialize=["batch", "kv_heads", "capacity"])
 def lean_decode_kernel(
-    Q, K, V, Out, Lse, SeqLens, BlockTable, WsAcc, WsStats, Tickets,
+    Q, K, V, Out, Lse, SeqLens, BlockTable, WsAcc, WsStats, Tickets, ChunkTickets,
     stride_qb, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -186,7 +200,7 @@ def lean_decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, TARGET_SHARE: tl.constexpr,
-    MERGE_ROWS: tl.constexpr, MERGE_BLOCK: tl.constexpr,
+    MERGE_ROWS: tl.constexpr, ARRIVE_CHUNK: tl.constexpr,
     HAS_SEQLENS: tl.constexpr, RETURN_LSE: tl.constexpr,
     UPCAST_DOT: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
@@ -196,7 +210,8 @@ def lean_decode_kernel(
     or pages (num_pages, PAGE_SIZE, kv_heads, head_dim) with BlockTable (batch, max_pages) when
     PAGE_SIZE > 0; Out like Q; Lse (batch, q_heads) float32; SeqLens (batch,) int32.
     Workspace: WsAcc (2 * grid, MERGE_ROWS, HEAD_DIM_PAD) fp32, WsStats (2 * grid, 2, MERGE_ROWS) fp32,
-    Tickets (grid,) int32, zero between calls (the merging program resets its ticket).
+    Tickets (grid,) and ChunkTickets (2 * grid,) int32, zero between calls (the last arriver on
+    each ticket puts it back).
     """
     pid = tl.program_id(0)
     total, programs, start, end, b, before = _locate_share(
@@ -254,17 +269,30 @@ def lean_decode_kernel(
             head_first = g - t
             first_prog = (((head_first + 1) * programs - 1) // total).to(tl.int32)
             last_prog = (((head_first + n_tiles) * programs - 1) // total).to(tl.int32)
+            # Arrivals are counted in two levels so no ticket has more than ARRIVE_CHUNK
+            # contenders: chunks of consecutive contributors, then the chunks' last arrivers.
+            chunk_first = first_prog + (pid - first_prog) // ARRIVE_CHUNK * ARRIVE_CHUNK
+            chunk_last = tl.minimum(chunk_first + ARRIVE_CHUNK - 1, last_prog)
+            # A chunk is named by its first member's slot for this head (unique per head and chunk).
+            chunk_start = chunk_first.to(tl.int64) * total // programs
+            chunk_ticket = 2 * chunk_first + ((chunk_first == first_prog) & (chunk_start < head_first)).to(tl.int32)
             # Every thread's partial stores must be ordered before the ticket (release).
             tl.debug_barrier()
-            arrived = tl.atomic_add(Tickets + first_prog, 1, sem="acq_rel", scope="gpu")
-            if arrived == last_prog - first_prog:
-                acc_m, m_m, l_m = _merge_partials(
-                    WsAcc, WsStats, first_prog, last_prog, head_first, total, programs,
-                    MERGE_ROWS, HEAD_DIM_PAD, MERGE_BLOCK,
-                )
-                _write_output(Out, Lse, b, h, acc_m, m_m, l_m, stride_ob, stride_oh, stride_lb, stride_lh,
-                              GROUP, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE)
-                tl.atomic_xchg(Tickets + first_prog, 0, sem="relaxed", scope="gpu")
+            arrived = tl.atomic_add(ChunkTickets + chunk_ticket, 1, sem="acq_rel", scope="gpu")
+            if arrived == chunk_last - chunk_first:
+                tl.atomic_xchg(ChunkTickets + chunk_ticket, 0, sem="relaxed", scope="gpu")
+                n_chunks = (last_prog - first_prog) // ARRIVE_CHUNK + 1
+                # Release is cumulative: what this program acquired from its chunk is released on.
+                arrived = tl.atomic_add(Tickets + first_prog, 1, sem="acq_rel", scope="gpu")
+                if arrived == n_chunks - 1:
+                    # Last arriver of the head: merge every contributor in program order.
+                    acc_m, m_m, l_m = _merge_partials(
+                        WsAcc, WsStats, first_prog, last_prog, head_first, total, programs,
+                        MERGE_ROWS, HEAD_DIM_PAD,
+                    )
+                    _write_output(Out, Lse, b, h, acc_m, m_m, l_m, stride_ob, stride_oh, stride_lb, stride_lh,
+                                  GROUP, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE)
+                    tl.atomic_xchg(Tickets + first_prog, 0, sem="relaxed", scope="gpu")
 
         g += (t_end - t).to(tl.int64)
         t = 0
