@@ -167,8 +167,12 @@ def _workspace(device: torch.device) -> _Workspace:
 
 
 @functools.lru_cache(maxsize=None)
-def _static_config(head_dim: int, dtype: torch.dtype, group: int, interpret: bool) -> KernelConfig:
-    return choose_config(head_dim, dtype, group)
+def _static_config(head_dim: int, dtype: torch.dtype, group: int) -> tuple:
+    """Launch config and the padded sizes derived from it, computed once per combination."""
+    config = choose_config(head_dim, dtype, group)
+    group_pad = max(16, next_pow2(group))  # tl.dot needs M >= 16
+    merge_rows = next_pow2(group)  # partials keep only the real rows
+    return config, group_pad, merge_rows, next_pow2(head_dim)
 
 
 # Compiled kernels by Triton's specialisation of the arguments (see _spec_key); reusing them skips
@@ -215,11 +219,9 @@ def launch(
     if batch == 0:
         return
     interpret = interpreting()
-    config = config or _static_config(head_dim, q.dtype, group, interpret)
+    default, group_pad, merge_rows, head_dim_pad = _static_config(head_dim, q.dtype, group)
+    config = config or default
     programs = num_programs or default_num_programs(q.device, config)
-    group_pad = max(16, next_pow2(group))  # tl.dot needs M >= 16
-    merge_rows = next_pow2(group)  # partials keep only the real rows
-    head_dim_pad = next_pow2(head_dim)
     acc, stats, tickets, chunk_tickets = _workspace(q.device).get(q.device, programs, merge_rows, head_dim_pad)
     if block_table is None:
         page_size, capacity, bt, stride_btb = 0, k_cache.shape[1], tickets, 0

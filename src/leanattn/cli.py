@@ -21,7 +21,7 @@ def _demo_cpu() -> int:
     k = torch.randn(len(lens), 128, 2, 64, dtype=torch.bfloat16)
     v = torch.randn_like(k)
     seqlens = torch.tensor(lens, dtype=torch.int32)
-    programs = 5
+    programs = 7
     out, lse = leanattn.decode(q, k, v, seqlens, return_lse=True, num_programs=programs)
     ref, ref_lse = leanattn.reference.decode(q.double(), k.double(), v.double(), seqlens, return_lse=True)
     err = ((out.double() - ref).norm() / ref.norm()).item()
@@ -47,7 +47,8 @@ def _bench(shapes: list[str] | None, methods: list[str] | None, out_dir: Path | 
     if unknown:
         print(f"unknown methods {sorted(unknown)}; choose from {sorted(METHODS)}", file=sys.stderr)
         return 2
-    record = run_suite(suite, methods or list(METHODS), torch.device("cuda"))
+    record = run_suite(suite, methods or list(METHODS), torch.device("cuda"),
+                       checkpoint=out_dir / "results.json" if out_dir else None)
     print(f"{record['gpu']}: copy {record['copy_gbs']:.0f} GB/s, datasheet {record['datasheet_gbs'] or 'unknown'} GB/s")
     print(terminal_table(record))
     if out_dir:

@@ -85,8 +85,11 @@ def _progress(total: int):
         return _P()
 
 
-def run_suite(shapes: Iterable[Shape], methods: Iterable[str], device: torch.device) -> dict:
-    """Time every method on every shape. Returns the full record (also what the JSON holds)."""
+def run_suite(
+    shapes: Iterable[Shape], methods: Iterable[str], device: torch.device, checkpoint: Path | None = None
+) -> dict:
+    """Time every method on every shape. Returns the full record (also what the JSON holds);
+    with ``checkpoint``, the record so far is written there after every shape."""
     shapes, methods = list(shapes), list(methods)
     props = torch.cuda.get_device_properties(device)
     copy = copy_bandwidth(device)
@@ -128,6 +131,9 @@ def run_suite(shapes: Iterable[Shape], methods: Iterable[str], device: torch.dev
             bar.update(1)
         del x, ref
         torch.cuda.empty_cache()
+        if checkpoint is not None:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_text(json.dumps(record, indent=1))
     bar.close()
     return record
 

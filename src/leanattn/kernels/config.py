@@ -25,8 +25,14 @@ class KernelConfig:
 
 
 def interpreting() -> bool:
-    """True when Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``).
+
+    Read once: Triton decides at import, when it decorates the kernels, so later changes to the
+    variable don't apply to them either."""
+    return _INTERPRET
+
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def next_pow2(n: int) -> int:
@@ -35,11 +41,13 @@ def next_pow2(n: int) -> int:
 
 def choose_config(head_dim: int, dtype: torch.dtype, group: int) -> KernelConfig:
     """Heuristic launch configuration for one (head_dim, dtype, group size)."""
-    del dtype  # fp16 and bf16 move the same bytes; the sweeps showed no difference
+    del dtype, group  # fp16 and bf16 move the same bytes; the sweeps showed no clear group effect
     if interpreting():
         # The interpreter runs programs one by one: few, wide tiles keep the tests fast.
         return KernelConfig(tile=32, num_warps=4, num_stages=1, programs_per_sm=1)
     if head_dim > 128:
         # K+V tiles of 64 x 256 take 64 KiB a stage: one program per SM, more warps to issue.
         return KernelConfig(tile=64, num_warps=8, num_stages=3, programs_per_sm=1, target_share=4)
+    # 64 x 128 tiles, 3 stages: 70 KiB of shared memory, so both programs of an SM are resident.
+    # Paged caches add a dependent page-number load per tile; two programs per SM hide it.
     return KernelConfig(tile=64, num_warps=4, num_stages=3, programs_per_sm=2, target_share=4)
