@@ -87,6 +87,12 @@ def _attend_tiles(
     l_i = tl.zeros((GROUP_PAD,), dtype=tl.float32)
     acc = tl.zeros((GROUP_PAD, HEAD_DIM_PAD), dtype=tl.float32)
     b64 = b.to(tl.int64)
+    table = BlockTable + b64 * stride_btb
+    if PAGE_SIZE > 0:
+        # Page numbers are read one tile ahead, so a tile's K/V addresses never wait on a load
+        # issued in the same iteration.
+        tok = tile_start * TILE + offs_n
+        page = tl.load(table + tok // PAGE_SIZE, mask=tok < length, other=0)
     for tile in range(tile_start, tile_end):
         tok = tile * TILE + offs_n
         mask_n = tok < length
@@ -94,10 +100,11 @@ def _attend_tiles(
             k_rows = b64 * stride_kb + tok.to(tl.int64) * stride_kn
             v_rows = b64 * stride_vb + tok.to(tl.int64) * stride_vn
         else:
-            page = tl.load(BlockTable + b64 * stride_btb + tok // PAGE_SIZE, mask=mask_n, other=0)
             slot = tok % PAGE_SIZE
             k_rows = page.to(tl.int64) * stride_kb + slot * stride_kn
             v_rows = page.to(tl.int64) * stride_vb + slot * stride_vn
+            next_tok = tok + TILE
+            page = tl.load(table + next_tok // PAGE_SIZE, mask=(next_tok < length) & (next_tok < tile_end * TILE), other=0)
         mask_nd = mask_n[:, None] & mask_d[None, :]
         k = tl.load(K + (k_rows + h * stride_kh)[:, None] + offs_d[None, :], mask=mask_nd, other=0.0)
         v = tl.load(V + (v_rows + h * stride_vh)[:, None] + offs_d[None, :], mask=mask_nd, other=0.0)
