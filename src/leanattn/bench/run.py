@@ -176,6 +176,9 @@ def markdown(record: dict) -> str:
             f"{record['versions']['triton']}, flashinfer {record['versions']['flashinfer'] or 'absent'}. "
             f"Copy bandwidth {record['copy_gbs']:.0f} GB/s (read + write), datasheet "
             f"{_fmt(record['datasheet_gbs'], '.0f', 'unknown')} GB/s. GB/s = K+V bytes read once / median time.\n\n")
+    for run in record.get("runs", []):
+        head += f"- run {run['date']}: {run['shapes']} (copy {run['copy_gbs']:.0f} GB/s)\n"
+    head += "\n" if record.get("runs") else ""
     cols = ["shape", "KV MiB", "leanattn µs", "GB/s", "% peak", "graph µs", "best peer", "speedup"] + [f"{p} GB/s" for p in peers] + ["rel err"]
     out = [head, "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     speedups = []
@@ -222,13 +225,16 @@ def plot(record: dict, path: Path) -> None:
     fams = {f: m for f, m in fams.items() if len({c for pts in m.values() for c, _ in pts}) > 1}
     if not fams:
         return
+    palette = plt.get_cmap("tab10")
+    color = {m: palette(i % 10) for i, m in enumerate(METHODS)}  # one colour per method everywhere
     cols = min(3, len(fams))
     rows = -(-len(fams) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
     for ax, (fam, methods) in zip(axes.flat, fams.items()):
         for m, pts in methods.items():
             pts.sort()
-            ax.plot([c for c, _ in pts], [g for _, g in pts], marker="o", label=m, lw=2.5 if m == "leanattn" else 1.2)
+            ax.plot([c for c, _ in pts], [g for _, g in pts], marker="o", label=m, color=color.get(m),
+                    lw=2.5 if m == "leanattn" else 1.2)
         ax.set_xscale("log", base=2)
         ax.set_title(fam)
         ax.set_xlabel("context length")
