@@ -174,3 +174,20 @@ def test_head_shared_by_several_arrival_chunks(dtype):
     for _ in range(2):  # the second call finds every ticket back at zero
         out, lse = run(q, k, v, sl, num_programs=100)
         assert_close(out, lse, *reference(q, k, v, sl))
+
+
+def test_workspace_tickets_back_at_zero_and_old_buffers_kept():
+    """After any call every ticket is zero again (no memset needed), and growing the workspace
+    keeps the old buffers alive for CUDA graphs captured with them."""
+    from leanattn.api import _workspace
+
+    q, k, v, sl = make_inputs([300, 0, 77], 8, 2, 64, torch.bfloat16)
+    leanattn.decode(q, k, v, sl, num_programs=9)
+    ws = _workspace(q.device)
+    first = (ws.acc, ws.stats, ws.tickets)
+    leanattn.decode(q, k, v, sl, num_programs=9 + first[2].numel())  # needs a larger workspace
+    assert ws.tickets.numel() > first[2].numel()
+    assert any(all(a is b for a, b in zip(old, first)) for old in ws.retired)
+    for programs in (1, 4, 13, 60):
+        leanattn.decode(q, k, v, sl, num_programs=programs)
+        assert (ws.tickets == 0).all()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import leanattn
+from leanattn.bench.peers import capture_cuda_graph
 
 from _util import ON_GPU, assert_close, make_inputs, poisoned_like, reference, to_paged
 
@@ -60,20 +61,9 @@ def test_cuda_graph_replay_with_new_lengths(paged):
         kc, vc = k, v
     seqlens = torch.full((batch,), cap, dtype=torch.int32, device=q.device)
     out = torch.empty_like(q)
-    lse = None
-
-    def step():
-        return leanattn.decode(q, kc, vc, seqlens, out=out, return_lse=True, **kw)
-
-    step()  # warm-up outside the capture: compile, workspace
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        _, lse = step()
+    graph, (_, lse) = capture_cuda_graph(
+        lambda: leanattn.decode(q, kc, vc, seqlens, out=out, return_lse=True, **kw)
+    )
     rng = random.Random(3)
     for trial in range(8):
         new = [0, cap, 1] + [rng.randint(0, cap) for _ in range(batch - 3)]

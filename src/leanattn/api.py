@@ -132,6 +132,9 @@ class _Workspace:
         self.acc: torch.Tensor | None = None
         self.stats: torch.Tensor | None = None
         self.tickets: torch.Tensor | None = None
+        # Buffers replaced by larger ones stay alive: a CUDA graph captured earlier still
+        # reads and writes them on every replay.
+        self.retired: list[tuple[torch.Tensor, ...]] = []
 
     def get(self, device: torch.device, programs: int, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
         need_acc = 2 * programs * rows * cols
@@ -148,6 +151,8 @@ class _Workspace:
                     "call leanattn.decode once with the same heads, head_dim and num_programs before capturing"
                 )
             old = (0, 0, 0) if self.acc is None else (self.acc.numel(), self.stats.numel(), self.tickets.numel())
+            if self.acc is not None:
+                self.retired.append((self.acc, self.stats, self.tickets))
             self.acc = torch.empty(max(need_acc, old[0]), dtype=torch.float32, device=device)
             self.stats = torch.empty(max(need_stats, old[1]), dtype=torch.float32, device=device)
             self.tickets = torch.zeros(max(3 * programs, old[2]), dtype=torch.int32, device=device)
@@ -178,6 +183,7 @@ def _static_config(head_dim: int, dtype: torch.dtype, group: int) -> tuple:
 # Compiled kernels by Triton's specialisation of the arguments (see _spec_key); reusing them skips
 # Triton's per-call argument binding, which costs more than a short decode step on the GPU.
 _COMPILED: dict[tuple, object] = {}
+_FAST_LAUNCH = True  # off if this Triton's launcher refuses the call below
 _UNSPECIALIZED = frozenset(("batch", "kv_heads", "capacity"))
 
 
@@ -246,22 +252,22 @@ def launch(
         HAS_SEQLENS=cache_seqlens is not None, RETURN_LSE=lse is not None,
         UPCAST_DOT=interpret, BLOCK_B=_BLOCK_B,
     )
-    if interpret:
-        lean_decode_kernel[(programs,)](*args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
-        return
-    names = lean_decode_kernel.arg_names
-    key = (q.device.index, config, tuple(constexprs.values()), _spec_key(args, names))
-    compiled = _COMPILED.get(key)
-    if compiled is not None:
-        try:
-            # The launcher takes every parameter in order; it ignores the constexpr ones.
-            compiled[(programs, 1, 1)](*args, *(constexprs[n] for n in names[len(args):]))
-            return
-        except TypeError:  # a Triton whose launcher differs: bind through the JIT every time
-            _COMPILED.clear()
-            _COMPILED[None] = None
+    global _FAST_LAUNCH
+    fast = _FAST_LAUNCH and not interpret
+    if fast:
+        names = lean_decode_kernel.arg_names
+        key = (q.device.index, config, tuple(constexprs.values()), _spec_key(args, names))
+        compiled = _COMPILED.get(key)
+        if compiled is not None:
+            try:
+                # The launcher takes every parameter in order; it ignores the constexpr ones.
+                compiled[(programs, 1, 1)](*args, *(constexprs[n] for n in names[len(args):]))
+                return
+            except TypeError:  # a Triton whose launcher differs: bind through the JIT every time
+                _FAST_LAUNCH = fast = False
+                _COMPILED.clear()
     result = lean_decode_kernel[(programs,)](*args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
-    if None not in _COMPILED:
+    if fast:
         _COMPILED[key] = result
 
 

@@ -17,7 +17,7 @@ import leanattn
 
 from .shapes import Shape
 
-__all__ = ["Inputs", "Unsupported", "METHODS", "make_inputs"]
+__all__ = ["Inputs", "Unsupported", "METHODS", "capture_cuda_graph", "make_inputs"]
 
 
 class Unsupported(Exception):
@@ -75,20 +75,27 @@ def prepare_leanattn(shape: Shape, x: Inputs) -> Callable[[], torch.Tensor]:
     return run
 
 
+def capture_cuda_graph(step: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Warm ``step`` up (compile, workspace) on the current and a side stream, then capture it.
+    Returns the graph and what the captured call returned (its output tensors, refreshed by
+    every replay)."""
+    step()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = step()
+    return graph, result
+
+
 def prepare_leanattn_graph(shape: Shape, x: Inputs) -> Callable[[], torch.Tensor]:
     """leanattn captured in a CUDA graph; timing the replay leaves out host launch overhead."""
     if shape.kv_bytes > 256 * 2**20:
         raise Unsupported("graph rows only for KV <= 256 MiB")
-    run = prepare_leanattn(shape, x)
-    run()  # warm up: compile and allocate the workspace outside the capture
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        res = run()
+    graph, res = capture_cuda_graph(prepare_leanattn(shape, x))
 
     def replay() -> torch.Tensor:
         graph.replay()
