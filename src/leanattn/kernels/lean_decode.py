@@ -146,18 +146,25 @@ def _write_output(
         tl.store(Lse + b.to(tl.int64) * stride_lb + qh * stride_lh, lse, mask=rows < GROUP)
 
 @triton.jit
+def _partial_slot(p, first_prog, head_first, total, programs):
+    """Workspace slot of program p's partial for the head whose tile 0 is global tile head_first:
+    2p, or 2p + 1 when the head is not the first of p's share (only possible for the head's first
+    program, whose share then started before the head)."""
+    p_start = p * total // programs  # int64: total is int64
+    return 2 * p + ((p == first_prog) & (p_start < head_first)).to(tl.int32)
+
+
+@triton.jit
 def _load_partial(
     WsAcc, WsStats, p, first_prog, last_prog, head_first, total, programs,
     ROWS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
 ):
     """Partial (acc, m, l) of program p for the head starting at tile head_first; an empty
-    partial when p is past last_prog. The first program met the head after its own first segment
-    (slot 2p + 1) unless its share starts exactly at the head's tile 0."""
+    partial when p is past last_prog."""
     rows = tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     valid = (tl.zeros((ROWS,), dtype=tl.int32) + p) <= last_prog  # a block mask, not a scalar
-    p_start = p * total // programs  # int64: total is int64
-    src = 2 * p + ((p == first_prog) & (p_start < head_first)).to(tl.int32)
+    src = _partial_slot(p, first_prog, head_first, total, programs)
     stats = WsStats + src * (2 * ROWS) + rows
     m = tl.load(stats, mask=valid, other=float("-inf"), cache_modifier=".cg")
     l = tl.load(stats + ROWS, mask=valid, other=0.0, cache_modifier=".cg")
@@ -266,8 +273,7 @@ def lean_decode_kernel(
             _write_output(Out, Lse, b, h, acc, m_i, l_i, stride_ob, stride_oh, stride_lb, stride_lh,
                           GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE)
         else:
-            # Split head: leave the partial (its first MERGE_ROWS rows), then take a ticket on
-            # the head's first program.
+            # Split head: leave the partial (its first MERGE_ROWS rows), then count the arrival.
             slot = 2 * pid + (g != start).to(tl.int32)
             keep = rows < MERGE_ROWS
             tl.store(WsAcc + slot * (MERGE_ROWS * HEAD_DIM_PAD) + acc_offs, acc, mask=keep[:, None])
@@ -281,8 +287,7 @@ def lean_decode_kernel(
             chunk_first = first_prog + (pid - first_prog) // ARRIVE_CHUNK * ARRIVE_CHUNK
             chunk_last = tl.minimum(chunk_first + ARRIVE_CHUNK - 1, last_prog)
             # A chunk is named by its first member's slot for this head (unique per head and chunk).
-            chunk_start = chunk_first.to(tl.int64) * total // programs
-            chunk_ticket = 2 * chunk_first + ((chunk_first == first_prog) & (chunk_start < head_first)).to(tl.int32)
+            chunk_ticket = _partial_slot(chunk_first, first_prog, head_first, total, programs)
             # Every thread's partial stores must be ordered before the ticket (release).
             tl.debug_barrier()
             arrived = tl.atomic_add(ChunkTickets + chunk_ticket, 1, sem="acq_rel", scope="gpu")
