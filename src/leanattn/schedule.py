@@ -11,8 +11,8 @@ order, ``W`` in total, and program ``p`` of ``P = min(num_programs, ceil(W / tar
 the contiguous share ``[p * W // P, (p + 1) * W // P)``. Shares differ by at most one tile and every
 program that runs has at least one; when the grid is not full, ``P`` is the fewest programs whose
 shares stay within ``target_share`` tiles (small problems use fewer programs, so fewer partials
-meet in a merge). ``P`` is computed on the device
-from the live lengths; the rest of the grid exits at once. A share may start inside a head and cross head and sequence boundaries.
+meet in a merge). The kernel computes ``P`` on the device from the live lengths; the rest of the
+grid exits at once. A share may start inside a head and cross head and sequence boundaries.
 
 A head whose tiles lie in one share is finished by that program. A head cut by share boundaries is
 *split*: every program that touches it leaves an fp32 partial (unnormalised O, running max m and
@@ -98,11 +98,8 @@ class Schedule:
 
     def shares(self) -> list[int]:
         """Tiles per effective program."""
-        return [
-            share_bounds(p, self.total_tiles, self.num_programs)[1]
-            - share_bounds(p, self.total_tiles, self.num_programs)[0]
-            for p in range(self.num_programs)
-        ]
+        bounds = (share_bounds(p, self.total_tiles, self.num_programs) for p in range(self.num_programs))
+        return [end - start for start, end in bounds]
 
     def split_heads(self) -> dict[tuple[int, int], list[Segment]]:
         """Heads computed by more than one program, with their segments in program order."""
