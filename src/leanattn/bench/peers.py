@@ -24,6 +24,11 @@ class Unsupported(Exception):
     """The method is missing or refuses this shape; the message says which."""
 
 
+def _reason(prefix: str, e: Exception, width: int) -> str:
+    """A one-line reason from an exception: its first line, cut to ``width`` characters."""
+    return f"{prefix}: {str(e).splitlines()[0][:width] if str(e) else ''}"
+
+
 @dataclass
 class Inputs:
     """q (B,1,Hq,D); k, v (B,N,Hkv,D) contiguous, or pages (P,page,Hkv,D) with block_table (B,maxp);
@@ -128,7 +133,7 @@ def _sdpa(backend_name: str):
         try:
             run()
         except RuntimeError as e:
-            raise Unsupported(f"refused: {str(e).splitlines()[0][:80]}") from e
+            raise Unsupported(_reason("refused", e, 80)) from e
         return run
 
     return prepare
@@ -160,7 +165,7 @@ def prepare_flex(shape: Shape, x: Inputs) -> Callable[[], torch.Tensor]:
     try:
         run()
     except Exception as e:  # compile and lowering errors come in many types
-        raise Unsupported(f"error: {type(e).__name__}: {str(e).splitlines()[0][:60] if str(e) else ''}") from e
+        raise Unsupported(_reason(f"error: {type(e).__name__}", e, 60)) from e
     return run
 
 
@@ -198,7 +203,7 @@ def _flashinfer(tensor_cores: bool):
 
             run()
         except Exception as e:  # JIT or shape errors
-            raise Unsupported(f"error: {type(e).__name__}: {str(e).splitlines()[0][:60] if str(e) else ''}") from e
+            raise Unsupported(_reason(f"error: {type(e).__name__}", e, 60)) from e
         run.keep = (workspace, k, v, indices, indptr, last)  # type: ignore[attr-defined]
         return run
 
@@ -225,7 +230,7 @@ def prepare_fa2_varlen(shape: Shape, x: Inputs) -> Callable[[], torch.Tensor]:
     try:
         run()
     except RuntimeError as e:
-        raise Unsupported(f"refused: {str(e).splitlines()[0][:80]}") from e
+        raise Unsupported(_reason("refused", e, 80)) from e
     return run
 
 
