@@ -163,7 +163,7 @@ def test_target_share_shrinks_grid_correctly(target_share):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_head_shared_by_several_arrival_chunks(dtype):
-    """Heads over ~50 programs each: arrivals are counted in chunks of 16, then per head."""
+    """Heads over ~50 programs each: chunks of 16 merge first, then the chunks' sums per head."""
     from leanattn.api import _ARRIVE_CHUNK
 
     t = tile_size(64, dtype, 1)
@@ -174,6 +174,24 @@ def test_head_shared_by_several_arrival_chunks(dtype):
     for _ in range(2):  # the second call finds every ticket back at zero
         out, lse = run(q, k, v, sl, num_programs=100)
         assert_close(out, lse, *reference(q, k, v, sl))
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_one_head_over_chunk_boundaries(chunks, extra):
+    """One head shared by exactly 16, 17, 32 or 33 programs: a whole head in one chunk, and a
+    last chunk of one member."""
+    from leanattn.api import _ARRIVE_CHUNK, _workspace
+
+    programs = chunks * _ARRIVE_CHUNK + extra
+    t = tile_size(64, torch.float16, 4)
+    lens = [2 * programs * t - 7]
+    q, k, v, sl = make_inputs(lens, 4, 1, 64, torch.float16)
+    (segs,) = plan(lens, 1, t, programs).split_heads().values()
+    assert len(segs) == programs
+    out, lse = run(q, k, v, sl, num_programs=programs)
+    assert_close(out, lse, *reference(q, k, v, sl))
+    assert (_workspace(q.device).tickets == 0).all()
 
 
 def test_workspace_tickets_back_at_zero_and_old_buffers_kept():

@@ -175,19 +175,19 @@ def _load_partial(
 
 @triton.jit
 def _merge_partials(
-    WsAcc, WsStats, first_prog, last_prog, head_first, total, programs,
-    ROWS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    WsAcc, WsStats, p_first, p_last, first_prog, head_first, total, programs,
+    STEP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
 ):
-    """Merge the partials of programs first_prog..last_prog in program order, four per step:
-    the four loads are independent, so they are in flight together."""
+    """Merge the partials of programs p_first, p_first + STEP, ... up to p_last, in that order,
+    four per step: the four loads are independent, so they are in flight together."""
     m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((ROWS,), dtype=tl.float32)
     acc = tl.zeros((ROWS, HEAD_DIM_PAD), dtype=tl.float32)
-    for p in range(first_prog, last_prog + 1, 4):
-        a0, m0, l0 = _load_partial(WsAcc, WsStats, p, first_prog, last_prog, head_first, total, programs, ROWS, HEAD_DIM_PAD)
-        a1, m1, l1 = _load_partial(WsAcc, WsStats, p + 1, first_prog, last_prog, head_first, total, programs, ROWS, HEAD_DIM_PAD)
-        a2, m2, l2 = _load_partial(WsAcc, WsStats, p + 2, first_prog, last_prog, head_first, total, programs, ROWS, HEAD_DIM_PAD)
-        a3, m3, l3 = _load_partial(WsAcc, WsStats, p + 3, first_prog, last_prog, head_first, total, programs, ROWS, HEAD_DIM_PAD)
+    for p in range(p_first, p_last + 1, 4 * STEP):
+        a0, m0, l0 = _load_partial(WsAcc, WsStats, p, first_prog, p_last, head_first, total, programs, ROWS, HEAD_DIM_PAD)
+        a1, m1, l1 = _load_partial(WsAcc, WsStats, p + STEP, first_prog, p_last, head_first, total, programs, ROWS, HEAD_DIM_PAD)
+        a2, m2, l2 = _load_partial(WsAcc, WsStats, p + 2 * STEP, first_prog, p_last, head_first, total, programs, ROWS, HEAD_DIM_PAD)
+        a3, m3, l3 = _load_partial(WsAcc, WsStats, p + 3 * STEP, first_prog, p_last, head_first, total, programs, ROWS, HEAD_DIM_PAD)
         m_new = tl.maximum(tl.maximum(m_i, tl.maximum(m0, m1)), tl.maximum(m2, m3))
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_shift)
@@ -199,6 +199,21 @@ def _merge_partials(
         acc = acc * alpha[:, None] + a0 * w0[:, None] + a1 * w1[:, None] + a2 * w2[:, None] + a3 * w3[:, None]
         m_i = m_new
     return acc, m_i, l_i
+
+
+@triton.jit
+def _store_partial(
+    WsAcc, WsStats, slot, acc, m_i, l_i,
+    ROWS_IN: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+):
+    """Write (acc, m, l), ROWS_IN rows, to workspace slot ``slot``: the first ROWS rows (the rest
+    are padding)."""
+    rows = tl.arange(0, ROWS_IN)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    keep = rows < ROWS
+    tl.store(WsAcc + slot * (ROWS * HEAD_DIM_PAD) + rows[:, None] * HEAD_DIM_PAD + offs_d[None, :], acc, mask=keep[:, None])
+    tl.store(WsStats + slot * (2 * ROWS) + rows, m_i, mask=keep)
+    tl.store(WsStats + slot * (2 * ROWS) + ROWS + rows, l_i, mask=keep)
 
 
 @triton.jit(do_not_specialize=["batch", "kv_heads", "capacity"])
@@ -238,7 +253,6 @@ def lean_decode_kernel(
     rows = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask_q = (rows < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    acc_offs = rows[:, None] * HEAD_DIM_PAD + offs_d[None, :]  # partial layout (MERGE_ROWS, HEAD_DIM_PAD)
 
     # Position of `start` inside sequence b: kv head h, tile t.
     if HAS_SEQLENS:
@@ -273,38 +287,46 @@ def lean_decode_kernel(
             _write_output(Out, Lse, b, h, acc, m_i, l_i, stride_ob, stride_oh, stride_lb, stride_lh,
                           GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE)
         else:
-            # Split head: leave the partial (its first MERGE_ROWS rows), then count the arrival.
-            slot = 2 * pid + (g != start).to(tl.int32)
-            keep = rows < MERGE_ROWS
-            tl.store(WsAcc + slot * (MERGE_ROWS * HEAD_DIM_PAD) + acc_offs, acc, mask=keep[:, None])
-            tl.store(WsStats + slot * (2 * MERGE_ROWS) + rows, m_i, mask=keep)
-            tl.store(WsStats + slot * (2 * MERGE_ROWS) + MERGE_ROWS + rows, l_i, mask=keep)
+            # Split head: leave the partial, then count the arrival.
+            _store_partial(WsAcc, WsStats, 2 * pid + (g != start).to(tl.int32), acc, m_i, l_i,
+                           GROUP_PAD, MERGE_ROWS, HEAD_DIM_PAD)
             head_first = g - t
             first_prog = (((head_first + 1) * programs - 1) // total).to(tl.int32)
             last_prog = (((head_first + n_tiles) * programs - 1) // total).to(tl.int32)
-            # Arrivals are counted in two levels so no ticket has more than ARRIVE_CHUNK
-            # contenders: chunks of consecutive contributors, then the chunks' last arrivers.
+            # The merge is a two-level tree, so no ticket has more than ARRIVE_CHUNK contenders
+            # and no program reads more than ARRIVE_CHUNK partials: the last arriver of each
+            # chunk of consecutive contributors merges the chunk into its first member's slot,
+            # then the last chunk to finish merges the chunks.
             chunk_first = first_prog + (pid - first_prog) // ARRIVE_CHUNK * ARRIVE_CHUNK
             chunk_last = tl.minimum(chunk_first + ARRIVE_CHUNK - 1, last_prog)
             # A chunk is named by its first member's slot for this head (unique per head and chunk).
-            chunk_ticket = _partial_slot(chunk_first, first_prog, head_first, total, programs)
+            chunk_slot = _partial_slot(chunk_first, first_prog, head_first, total, programs)
             # Every thread's partial stores must be ordered before the ticket (release).
             tl.debug_barrier()
-            arrived = tl.atomic_add(ChunkTickets + chunk_ticket, 1, sem="acq_rel", scope="gpu")
+            arrived = tl.atomic_add(ChunkTickets + chunk_slot, 1, sem="acq_rel", scope="gpu")
             if arrived == chunk_last - chunk_first:
-                tl.atomic_xchg(ChunkTickets + chunk_ticket, 0, sem="relaxed", scope="gpu")
-                n_chunks = (last_prog - first_prog) // ARRIVE_CHUNK + 1
-                # Release is cumulative: what this program acquired from its chunk is released on.
-                arrived = tl.atomic_add(Tickets + first_prog, 1, sem="acq_rel", scope="gpu")
-                if arrived == n_chunks - 1:
-                    # Last arriver of the head: merge every contributor in program order.
-                    acc_m, m_m, l_m = _merge_partials(
-                        WsAcc, WsStats, first_prog, last_prog, head_first, total, programs,
-                        MERGE_ROWS, HEAD_DIM_PAD,
-                    )
-                    _write_output(Out, Lse, b, h, acc_m, m_m, l_m, stride_ob, stride_oh, stride_lb, stride_lh,
+                tl.atomic_xchg(ChunkTickets + chunk_slot, 0, sem="relaxed", scope="gpu")
+                acc_c, m_c, l_c = _merge_partials(
+                    WsAcc, WsStats, chunk_first, chunk_last, first_prog, head_first, total, programs,
+                    1, MERGE_ROWS, HEAD_DIM_PAD,
+                )
+                if last_prog - first_prog < ARRIVE_CHUNK:  # one chunk: it is the whole head
+                    _write_output(Out, Lse, b, h, acc_c, m_c, l_c, stride_ob, stride_oh, stride_lb, stride_lh,
                                   GROUP, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE)
-                    tl.atomic_xchg(Tickets + first_prog, 0, sem="relaxed", scope="gpu")
+                else:
+                    # The chunk's members have all been read: its first slot takes the chunk's sum.
+                    _store_partial(WsAcc, WsStats, chunk_slot, acc_c, m_c, l_c, MERGE_ROWS, MERGE_ROWS, HEAD_DIM_PAD)
+                    tl.debug_barrier()
+                    arrived = tl.atomic_add(Tickets + first_prog, 1, sem="acq_rel", scope="gpu")
+                    if arrived == (last_prog - first_prog) // ARRIVE_CHUNK:
+                        # Last chunk of the head: merge the chunks' sums in program order.
+                        tl.atomic_xchg(Tickets + first_prog, 0, sem="relaxed", scope="gpu")
+                        acc_m, m_m, l_m = _merge_partials(
+                            WsAcc, WsStats, first_prog, last_prog, first_prog, head_first, total, programs,
+                            ARRIVE_CHUNK, MERGE_ROWS, HEAD_DIM_PAD,
+                        )
+                        _write_output(Out, Lse, b, h, acc_m, m_m, l_m, stride_ob, stride_oh, stride_lb, stride_lh,
+                                      GROUP, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE)
 
         g += (t_end - t).to(tl.int64)
         t = 0
