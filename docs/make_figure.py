@@ -29,13 +29,13 @@ def main() -> None:
     for seg in s.segments:
         row = heads.index((seg.batch, seg.kv_head))
         for t in range(seg.tile_start, seg.tile_end):
-            ax.add_patch(Rectangle((t, row), 0.95, 0.9, fc=cmap(seg.share % 10),
+            ax.add_patch(Rectangle((t, row), 0.95, 0.9, fc=cmap(seg.program % 10),
                                    ec="black" if not seg.whole else "none", lw=1.5))
-            ax.text(t + 0.47, row + 0.45, str(seg.share), ha="center", va="center", fontsize=7, color="white")
+            ax.text(t + 0.47, row + 0.45, str(seg.program), ha="center", va="center", fontsize=7, color="white")
     for (b, h), segs in split.items():
         row = heads.index((b, h))
         ax.text(s.tiles[b] + 0.2, row + 0.45, f"split: merged by the last of programs "
-                f"{segs[0].share}..{segs[-1].share} (ticket {segs[0].ticket})", va="center", fontsize=7)
+                f"{segs[0].program}..{segs[-1].program} (ticket {segs[0].ticket})", va="center", fontsize=7)
     ax.set_xlim(0, width + 9)
     ax.set_ylim(len(heads), 0)
     ax.set_yticks([i + 0.45 for i in range(len(heads))])
@@ -47,7 +47,7 @@ def main() -> None:
     g = 0
     for seg in s.segments:
         n = seg.tile_end - seg.tile_start
-        bx.add_patch(Rectangle((g, 0), n, 1, fc=cmap(seg.share % 10), ec="none"))
+        bx.add_patch(Rectangle((g, 0), n, 1, fc=cmap(seg.program % 10), ec="none"))
         g += n
     first = 0
     for b, n in enumerate(s.tiles):

@@ -119,10 +119,10 @@ def _sm_count(index: int) -> int:
 
 
 class _Workspace:
-    """fp32 partials and counters for split heads, one per device, grown on demand.
+    """fp32 partials and tickets for split heads, one per device, grown on demand.
 
-    For up to N shares: 2N partial slots (rows x head_dim fp32 plus m and l), N head tickets,
-    2N chunk tickets and the dynamic-share counter.
+    For a grid of P programs: 2P partial slots (rows x head_dim fp32 plus m and l), P head
+    tickets and 2P chunk tickets.
 
     Size depends only on the grid and (group, head_dim) padding, never on batch or context
     length. Tickets are zero between calls: the merging program puts its ticket back.
@@ -136,15 +136,14 @@ class _Workspace:
         # reads and writes them on every replay.
         self.retired: list[tuple[torch.Tensor, ...]] = []
 
-    def get(self, device: torch.device, shares: int, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
-        need_acc = 2 * shares * rows * cols
-        need_stats = 2 * shares * 2 * rows
-        need_tickets = 3 * shares + 1
+    def get(self, device: torch.device, programs: int, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
+        need_acc = 2 * programs * rows * cols
+        need_stats = 2 * programs * 2 * rows
         if (
             self.acc is None
             or self.acc.numel() < need_acc
             or self.stats.numel() < need_stats
-            or self.tickets.numel() < need_tickets
+            or self.tickets.numel() < 3 * programs
         ):
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError(
@@ -156,10 +155,9 @@ class _Workspace:
                 self.retired.append((self.acc, self.stats, self.tickets))
             self.acc = torch.empty(max(need_acc, old[0]), dtype=torch.float32, device=device)
             self.stats = torch.empty(max(need_stats, old[1]), dtype=torch.float32, device=device)
-            self.tickets = torch.zeros(max(need_tickets, old[2]), dtype=torch.int32, device=device)
-        # Head tickets, chunk tickets (see the kernel's two-level merge), the dynamic-share counter.
-        t = self.tickets
-        return self.acc, self.stats, t[:shares], t[shares : 3 * shares], t[3 * shares : 3 * shares + 1]
+            self.tickets = torch.zeros(max(3 * programs, old[2]), dtype=torch.int32, device=device)
+        # Head tickets first, then the chunk tickets (see the kernel's two-level arrival count).
+        return self.acc, self.stats, self.tickets[:programs], self.tickets[programs : 3 * programs]
 
 
 _WORKSPACES: dict[torch.device, _Workspace] = {}
@@ -230,8 +228,7 @@ def launch(
     default, group_pad, merge_rows, head_dim_pad = _static_config(head_dim, q.dtype, group)
     config = config or default
     programs = num_programs or default_num_programs(q.device, config)
-    shares = programs * (1 + config.dynamic_units) if config.dynamic_split else programs
-    acc, stats, tickets, chunk_tickets, next_share = _workspace(q.device).get(q.device, shares, merge_rows, head_dim_pad)
+    acc, stats, tickets, chunk_tickets = _workspace(q.device).get(q.device, programs, merge_rows, head_dim_pad)
     if block_table is None:
         page_size, capacity, bt, stride_btb = 0, k_cache.shape[1], tickets, 0
     else:
@@ -239,7 +236,7 @@ def launch(
         capacity = block_table.shape[1] * page_size
     args = (
         q, k_cache, v_cache, out, lse if lse is not None else acc,
-        cache_seqlens if cache_seqlens is not None else tickets, bt, acc, stats, tickets, chunk_tickets, next_share,
+        cache_seqlens if cache_seqlens is not None else tickets, bt, acc, stats, tickets, chunk_tickets,
         q.stride(0), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -251,7 +248,6 @@ def launch(
     constexprs = dict(
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         TILE=config.tile, PAGE_SIZE=page_size, TARGET_SHARE=config.target_share,
-        DYN_SPLIT=config.dynamic_split, DYN_MIN_SHARE=config.dynamic_min_share, DYN_UNITS=config.dynamic_units,
         MERGE_ROWS=merge_rows, ARRIVE_CHUNK=_ARRIVE_CHUNK,
         HAS_SEQLENS=cache_seqlens is not None, RETURN_LSE=lse is not None,
         UPCAST_DOT=interpret, BLOCK_B=_BLOCK_B,

@@ -32,7 +32,7 @@ def _demo_cpu() -> int:
     print(f"ragged batch {lens}, 8 q heads / 2 kv heads, head_dim 64, bf16, {programs} programs, tile {tile}")
     for seg in sched.segments:
         kind = "whole" if seg.whole else f"partial -> slot {seg.slot}, merged via ticket {seg.ticket}"
-        print(f"  share {seg.share}: seq {seg.batch} kv head {seg.kv_head} tiles [{seg.tile_start},{seg.tile_end}) {kind}")
+        print(f"  program {seg.program}: seq {seg.batch} kv head {seg.kv_head} tiles [{seg.tile_start},{seg.tile_end}) {kind}")
     ok = err < 1.5e-2 and torch.isfinite(out).all().item()
     print(f"relative error vs float64 reference: {err:.2e} ({'ok' if ok else 'FAILED'})")
     return 0 if ok else 1

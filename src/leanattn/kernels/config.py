@@ -22,12 +22,6 @@ class KernelConfig:
     num_stages: int
     programs_per_sm: int
     target_share: int = 1  # small problems: the fewest programs whose shares stay within this
-    # Dynamic tail (see leanattn.schedule.partition): the last 1/dynamic_split of the tiles are
-    # dealt at run time in up to dynamic_units shares per program, once there are at least
-    # dynamic_min_share tiles per program. 0 turns it off.
-    dynamic_split: int = 0
-    dynamic_min_share: int = 8
-    dynamic_units: int = 4
 
 
 def interpreting() -> bool:
@@ -50,10 +44,10 @@ def choose_config(head_dim: int, dtype: torch.dtype, group: int) -> KernelConfig
     del dtype, group  # fp16 and bf16 move the same bytes; the sweeps showed no clear group effect
     if interpreting():
         # The interpreter runs programs one by one: few, wide tiles keep the tests fast.
-        return KernelConfig(tile=32, num_warps=4, num_stages=1, programs_per_sm=1, dynamic_split=4)
+        return KernelConfig(tile=32, num_warps=4, num_stages=1, programs_per_sm=1)
     if head_dim > 128:
         # K+V tiles of 64 x 256 take 64 KiB a stage: one program per SM, more warps to issue.
-        return KernelConfig(tile=64, num_warps=8, num_stages=3, programs_per_sm=1, target_share=4, dynamic_split=4)
+        return KernelConfig(tile=64, num_warps=8, num_stages=3, programs_per_sm=1, target_share=4)
     # 64 x 128 tiles, 3 stages: 70 KiB of shared memory, so both programs of an SM are resident.
     # Paged caches add a dependent page-number load per tile; two programs per SM hide it.
-    return KernelConfig(tile=64, num_warps=4, num_stages=3, programs_per_sm=2, target_share=4, dynamic_split=4)
+    return KernelConfig(tile=64, num_warps=4, num_stages=3, programs_per_sm=2, target_share=4)

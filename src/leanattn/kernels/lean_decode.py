@@ -28,13 +28,14 @@ def _num_tiles(length, capacity, TILE: tl.constexpr):
 
 
 @triton.jit
-def _partition(
-    SeqLens, batch, kv_heads, capacity, num_programs,
-    HAS_SEQLENS: tl.constexpr, TILE: tl.constexpr, TARGET_SHARE: tl.constexpr,
-    DYN_SPLIT: tl.constexpr, DYN_MIN_SHARE: tl.constexpr, DYN_UNITS: tl.constexpr, BLOCK_B: tl.constexpr,
+def _locate_share(
+    SeqLens, batch, kv_heads, capacity, pid, num_programs,
+    HAS_SEQLENS: tl.constexpr, TILE: tl.constexpr, TARGET_SHARE: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    """``leanattn.schedule.partition`` on the device: (total tiles W, programs P, static tiles S,
-    tiles per dynamic share, dynamic shares C)."""
+    """Total tile count, effective program count, this program's share and where it starts.
+
+    Returns (total, programs, start, end, batch index, tiles of the batches before it).
+    """
     if HAS_SEQLENS:
         offs = tl.arange(0, BLOCK_B)
         total_per_head = tl.zeros((), dtype=tl.int64)
@@ -46,39 +47,12 @@ def _partition(
         total_per_head = batch.to(tl.int64) * _num_tiles(capacity, capacity, TILE)
     total = total_per_head * kv_heads
     # Small problems use fewer programs: the fewest whose shares stay within TARGET_SHARE tiles.
-    programs = tl.minimum((total + TARGET_SHARE - 1) // TARGET_SHARE, num_programs).to(tl.int32)
-    dynamic = tl.zeros((), dtype=tl.int64)
-    if DYN_SPLIT > 0:
-        dynamic = tl.where(total >= DYN_MIN_SHARE * programs, total // DYN_SPLIT, 0)
-    units = DYN_UNITS * tl.maximum(programs, 1)
-    dyn_size = tl.maximum((dynamic + units - 1) // units, 2)
-    return total, programs, total - dynamic, dyn_size, ((dynamic + dyn_size - 1) // dyn_size).to(tl.int32)
+    programs = tl.minimum((total + TARGET_SHARE - 1) // TARGET_SHARE, num_programs)
+    start = pid * total // programs
+    end = (pid + 1) * total // programs
 
-
-@triton.jit
-def _share_start(share, programs, static, dyn_size, total):
-    """First tile of ``share`` (int64: static, dyn_size and total are); ``total`` for share P + C.
-    ``share`` may be a plain int (a merge loop's index)."""
-    dyn_start = tl.minimum(static + (share - programs) * dyn_size, total)
-    return tl.where(share < programs, share * static // programs, dyn_start)
-
-
-@triton.jit
-def _share_of_tile(tile, programs, static, dyn_size):
-    """The share holding global tile ``tile`` (inverse of _share_start)."""
-    static_share = (tile + 1) * programs - 1
-    return tl.where(tile < static, static_share // tl.maximum(static, 1), programs + (tile - static) // dyn_size).to(tl.int32)
-
-
-@triton.jit
-def _locate(
-    SeqLens, batch, kv_heads, capacity, start,
-    HAS_SEQLENS: tl.constexpr, TILE: tl.constexpr, BLOCK_B: tl.constexpr,
-):
-    """The sequence holding global tile ``start`` and the tiles per head of the sequences before it."""
+    # The sequence holding tile `start`: count the sequences whose tiles all lie before it.
     if HAS_SEQLENS:
-        # Count the sequences whose tiles all lie before `start`.
-        offs = tl.arange(0, BLOCK_B)
         seq = tl.zeros((), dtype=tl.int32)
         before = tl.zeros((), dtype=tl.int64)
         running = tl.zeros((), dtype=tl.int64)
@@ -94,7 +68,7 @@ def _locate(
         per_seq = _num_tiles(capacity, capacity, TILE).to(tl.int64) * kv_heads
         seq = (start // per_seq).to(tl.int32)
         before = seq.to(tl.int64) * (per_seq // kv_heads)
-    return seq, before
+    return total, programs, start, end, seq, before
 
 
 @triton.jit
@@ -172,25 +146,25 @@ def _write_output(
         tl.store(Lse + b.to(tl.int64) * stride_lb + qh * stride_lh, lse, mask=rows < GROUP)
 
 @triton.jit
-def _partial_slot(p, first_share, head_first, programs, static, dyn_size, total):
-    """Workspace slot of share p's partial for the head whose tile 0 is global tile head_first:
+def _partial_slot(p, first_prog, head_first, total, programs):
+    """Workspace slot of program p's partial for the head whose tile 0 is global tile head_first:
     2p, or 2p + 1 when the head is not the first of p's share (only possible for the head's first
-    share, which then started before the head)."""
-    p_start = _share_start(p, programs, static, dyn_size, total)
-    return 2 * p + ((p == first_share) & (p_start < head_first)).to(tl.int32)
+    program, whose share then started before the head)."""
+    p_start = p * total // programs  # int64: total is int64
+    return 2 * p + ((p == first_prog) & (p_start < head_first)).to(tl.int32)
 
 
 @triton.jit
 def _load_partial(
-    WsAcc, WsStats, p, first_share, last_share, head_first, programs, static, dyn_size, total,
+    WsAcc, WsStats, p, first_prog, last_prog, head_first, total, programs,
     ROWS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
 ):
-    """Partial (acc, m, l) of share p for the head starting at tile head_first; an empty
-    partial when p is past last_share."""
+    """Partial (acc, m, l) of program p for the head starting at tile head_first; an empty
+    partial when p is past last_prog."""
     rows = tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    valid = (tl.zeros((ROWS,), dtype=tl.int32) + p) <= last_share  # a block mask, not a scalar
-    src = _partial_slot(p, first_share, head_first, programs, static, dyn_size, total)
+    valid = (tl.zeros((ROWS,), dtype=tl.int32) + p) <= last_prog  # a block mask, not a scalar
+    src = _partial_slot(p, first_prog, head_first, total, programs)
     stats = WsStats + src * (2 * ROWS) + rows
     m = tl.load(stats, mask=valid, other=float("-inf"), cache_modifier=".cg")
     l = tl.load(stats + ROWS, mask=valid, other=0.0, cache_modifier=".cg")
@@ -201,19 +175,19 @@ def _load_partial(
 
 @triton.jit
 def _merge_partials(
-    WsAcc, WsStats, p_first, p_last, first_share, head_first, programs, static, dyn_size, total,
+    WsAcc, WsStats, p_first, p_last, first_prog, head_first, total, programs,
     STEP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
 ):
-    """Merge the partials of shares p_first, p_first + STEP, ... up to p_last, in that order,
+    """Merge the partials of programs p_first, p_first + STEP, ... up to p_last, in that order,
     four per step: the four loads are independent, so they are in flight together."""
     m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((ROWS,), dtype=tl.float32)
     acc = tl.zeros((ROWS, HEAD_DIM_PAD), dtype=tl.float32)
     for p in range(p_first, p_last + 1, 4 * STEP):
-        a0, m0, l0 = _load_partial(WsAcc, WsStats, p, first_share, p_last, head_first, programs, static, dyn_size, total, ROWS, HEAD_DIM_PAD)
-        a1, m1, l1 = _load_partial(WsAcc, WsStats, p + STEP, first_share, p_last, head_first, programs, static, dyn_size, total, ROWS, HEAD_DIM_PAD)
-        a2, m2, l2 = _load_partial(WsAcc, WsStats, p + 2 * STEP, first_share, p_last, head_first, programs, static, dyn_size, total, ROWS, HEAD_DIM_PAD)
-        a3, m3, l3 = _load_partial(WsAcc, WsStats, p + 3 * STEP, first_share, p_last, head_first, programs, static, dyn_size, total, ROWS, HEAD_DIM_PAD)
+        a0, m0, l0 = _load_partial(WsAcc, WsStats, p, first_prog, p_last, head_first, total, programs, ROWS, HEAD_DIM_PAD)
+        a1, m1, l1 = _load_partial(WsAcc, WsStats, p + STEP, first_prog, p_last, head_first, total, programs, ROWS, HEAD_DIM_PAD)
+        a2, m2, l2 = _load_partial(WsAcc, WsStats, p + 2 * STEP, first_prog, p_last, head_first, total, programs, ROWS, HEAD_DIM_PAD)
+        a3, m3, l3 = _load_partial(WsAcc, WsStats, p + 3 * STEP, first_prog, p_last, head_first, total, programs, ROWS, HEAD_DIM_PAD)
         m_new = tl.maximum(tl.maximum(m_i, tl.maximum(m0, m1)), tl.maximum(m2, m3))
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_shift)
@@ -244,7 +218,7 @@ def _store_partial(
 
 @triton.jit(do_not_specialize=["batch", "kv_heads", "capacity"])
 def lean_decode_kernel(
-    Q, K, V, Out, Lse, SeqLens, BlockTable, WsAcc, WsStats, Tickets, ChunkTickets, NextShare,
+    Q, K, V, Out, Lse, SeqLens, BlockTable, WsAcc, WsStats, Tickets, ChunkTickets,
     stride_qb, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -255,7 +229,6 @@ def lean_decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, TARGET_SHARE: tl.constexpr,
-    DYN_SPLIT: tl.constexpr, DYN_MIN_SHARE: tl.constexpr, DYN_UNITS: tl.constexpr,
     MERGE_ROWS: tl.constexpr, ARRIVE_CHUNK: tl.constexpr,
     HAS_SEQLENS: tl.constexpr, RETURN_LSE: tl.constexpr,
     UPCAST_DOT: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -265,14 +238,14 @@ def lean_decode_kernel(
     Q (batch, q_heads, head_dim) by strides; K, V (batch, capacity, kv_heads, head_dim) by strides,
     or pages (num_pages, PAGE_SIZE, kv_heads, head_dim) with BlockTable (batch, max_pages) when
     PAGE_SIZE > 0; Out like Q; Lse (batch, q_heads) float32; SeqLens (batch,) int32.
-    Workspace, for up to N = grid * (1 + DYN_UNITS) shares: WsAcc (2N, MERGE_ROWS, HEAD_DIM_PAD)
-    fp32, WsStats (2N, 2, MERGE_ROWS) fp32, Tickets (N,), ChunkTickets (2N,) and NextShare (1,)
-    int32, zero between calls (the last user of each counter puts it back).
+    Workspace: WsAcc (2 * grid, MERGE_ROWS, HEAD_DIM_PAD) fp32, WsStats (2 * grid, 2, MERGE_ROWS) fp32,
+    Tickets (grid,) and ChunkTickets (2 * grid,) int32, zero between calls (the last arriver on
+    each ticket puts it back).
     """
     pid = tl.program_id(0)
-    total, programs, static, dyn_size, n_dynamic = _partition(
-        SeqLens, batch, kv_heads, capacity, tl.num_programs(0),
-        HAS_SEQLENS, TILE, TARGET_SHARE, DYN_SPLIT, DYN_MIN_SHARE, DYN_UNITS, BLOCK_B,
+    total, programs, start, end, b, before = _locate_share(
+        SeqLens, batch, kv_heads, capacity, pid, tl.num_programs(0),
+        HAS_SEQLENS, TILE, TARGET_SHARE, BLOCK_B,
     )
     if pid >= programs:
         return
@@ -281,99 +254,83 @@ def lean_decode_kernel(
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask_q = (rows < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :]
 
-    # Each program runs its static share, then dynamic shares for as long as there are any.
-    share = pid
-    while share < programs + n_dynamic:
-        start = _share_start(share, programs, static, dyn_size, total)
-        end = _share_start(share + 1, programs, static, dyn_size, total)
-        b, before = _locate(SeqLens, batch, kv_heads, capacity, start, HAS_SEQLENS, TILE, BLOCK_B)
-        # Position of `start` inside sequence b: kv head h, tile t.
+    # Position of `start` inside sequence b: kv head h, tile t.
+    if HAS_SEQLENS:
+        length = tl.load(SeqLens + b)
+    else:
+        length = capacity
+    n_tiles = _num_tiles(length, capacity, TILE)
+    offset = start - before * kv_heads
+    h = (offset // n_tiles).to(tl.int32)
+    t = (offset % n_tiles).to(tl.int32)
+
+    g = start
+    while g < end:
         if HAS_SEQLENS:
-            length = tl.load(SeqLens + b)
+            length = tl.minimum(tl.maximum(tl.load(SeqLens + b), 0), capacity)
         else:
             length = capacity
         n_tiles = _num_tiles(length, capacity, TILE)
-        offset = start - before * kv_heads
-        h = (offset // n_tiles).to(tl.int32)
-        t = (offset % n_tiles).to(tl.int32)
+        t_end = tl.minimum(n_tiles.to(tl.int64), t + (end - g)).to(tl.int32)
 
-        g = start
-        while g < end:
-            if HAS_SEQLENS:
-                length = tl.minimum(tl.maximum(tl.load(SeqLens + b), 0), capacity)
-            else:
-                length = capacity
-            n_tiles = _num_tiles(length, capacity, TILE)
-            t_end = tl.minimum(n_tiles.to(tl.int64), t + (end - g)).to(tl.int32)
+        q_ptrs = Q + b.to(tl.int64) * stride_qb + (h * GROUP + rows)[:, None] * stride_qh + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=mask_q, other=0.0)
+        if UPCAST_DOT:
+            q = q.to(tl.float32)
+        acc, m_i, l_i = _attend_tiles(
+            q, K, V, BlockTable, b, h, length, t, t_end, qk_scale,
+            stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
+            GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, UPCAST_DOT,
+        )
 
-            q_ptrs = Q + b.to(tl.int64) * stride_qb + (h * GROUP + rows)[:, None] * stride_qh + offs_d[None, :]
-            q = tl.load(q_ptrs, mask=mask_q, other=0.0)
-            if UPCAST_DOT:
-                q = q.to(tl.float32)
-            acc, m_i, l_i = _attend_tiles(
-                q, K, V, BlockTable, b, h, length, t, t_end, qk_scale,
-                stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
-                GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, UPCAST_DOT,
-            )
-
-            if (t == 0) & (t_end == n_tiles):
-                _write_output(Out, Lse, b, h, acc, m_i, l_i, stride_ob, stride_oh, stride_lb, stride_lh,
-                              GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE)
-            else:
-                # Split head: leave the partial, then count the arrival.
-                _store_partial(WsAcc, WsStats, 2 * share + (g != start).to(tl.int32), acc, m_i, l_i,
-                               GROUP_PAD, MERGE_ROWS, HEAD_DIM_PAD)
-                head_first = g - t
-                first = _share_of_tile(head_first, programs, static, dyn_size)
-                last = _share_of_tile(head_first + n_tiles - 1, programs, static, dyn_size)
-                # The merge is a two-level tree, so no ticket has more than ARRIVE_CHUNK contenders
-                # and no program reads more than ARRIVE_CHUNK partials: the last arriver of each
-                # chunk of consecutive shares merges the chunk into its first member's slot, then
-                # the last chunk to finish merges the chunks.
-                chunk_first = first + (share - first) // ARRIVE_CHUNK * ARRIVE_CHUNK
-                chunk_last = tl.minimum(chunk_first + ARRIVE_CHUNK - 1, last)
-                # A chunk is named by its first member's slot for this head (unique per head and chunk).
-                chunk_slot = _partial_slot(chunk_first, first, head_first, programs, static, dyn_size, total)
-                # Every thread's partial stores must be ordered before the ticket (release).
-                tl.debug_barrier()
-                arrived = tl.atomic_add(ChunkTickets + chunk_slot, 1, sem="acq_rel", scope="gpu")
-                if arrived == chunk_last - chunk_first:
-                    tl.atomic_xchg(ChunkTickets + chunk_slot, 0, sem="relaxed", scope="gpu")
-                    acc_c, m_c, l_c = _merge_partials(
-                        WsAcc, WsStats, chunk_first, chunk_last, first, head_first, programs, static, dyn_size,
-                        total, 1, MERGE_ROWS, HEAD_DIM_PAD,
-                    )
-                    if last - first < ARRIVE_CHUNK:  # one chunk: it is the whole head
-                        _write_output(Out, Lse, b, h, acc_c, m_c, l_c, stride_ob, stride_oh, stride_lb, stride_lh,
-                                      GROUP, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE)
-                    else:
-                        # The chunk's members have all been read: its first slot takes the chunk's sum.
-                        _store_partial(WsAcc, WsStats, chunk_slot, acc_c, m_c, l_c, MERGE_ROWS, MERGE_ROWS, HEAD_DIM_PAD)
-                        tl.debug_barrier()
-                        arrived = tl.atomic_add(Tickets + first, 1, sem="acq_rel", scope="gpu")
-                        if arrived == (last - first) // ARRIVE_CHUNK:
-                            # Last chunk of the head: merge the chunks' sums in share order.
-                            tl.atomic_xchg(Tickets + first, 0, sem="relaxed", scope="gpu")
-                            acc_m, m_m, l_m = _merge_partials(
-                                WsAcc, WsStats, first, last, first, head_first, programs, static, dyn_size,
-                                total, ARRIVE_CHUNK, MERGE_ROWS, HEAD_DIM_PAD,
-                            )
-                            _write_output(Out, Lse, b, h, acc_m, m_m, l_m, stride_ob, stride_oh, stride_lb, stride_lh,
-                                          GROUP, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE)
-
-            g += (t_end - t).to(tl.int64)
-            t = 0
-            h += 1
-            if h == kv_heads:
-                h = 0
-                b += 1
-
-        if n_dynamic > 0:
-            # Take the next dynamic share. Every program draws exactly once past the last one, so
-            # the draw numbered n_dynamic + programs - 1 is the final one: it resets the counter.
-            drawn = tl.atomic_add(NextShare, 1, sem="relaxed", scope="gpu")
-            if drawn == n_dynamic + programs - 1:
-                tl.atomic_xchg(NextShare, 0, sem="relaxed", scope="gpu")
-            share = programs + drawn
+        if (t == 0) & (t_end == n_tiles):
+            _write_output(Out, Lse, b, h, acc, m_i, l_i, stride_ob, stride_oh, stride_lb, stride_lh,
+                          GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE)
         else:
-            share = programs
+            # Split head: leave the partial, then count the arrival.
+            _store_partial(WsAcc, WsStats, 2 * pid + (g != start).to(tl.int32), acc, m_i, l_i,
+                           GROUP_PAD, MERGE_ROWS, HEAD_DIM_PAD)
+            head_first = g - t
+            first_prog = (((head_first + 1) * programs - 1) // total).to(tl.int32)
+            last_prog = (((head_first + n_tiles) * programs - 1) // total).to(tl.int32)
+            # The merge is a two-level tree, so no ticket has more than ARRIVE_CHUNK contenders
+            # and no program reads more than ARRIVE_CHUNK partials: the last arriver of each
+            # chunk of consecutive contributors merges the chunk into its first member's slot,
+            # then the last chunk to finish merges the chunks.
+            chunk_first = first_prog + (pid - first_prog) // ARRIVE_CHUNK * ARRIVE_CHUNK
+            chunk_last = tl.minimum(chunk_first + ARRIVE_CHUNK - 1, last_prog)
+            # A chunk is named by its first member's slot for this head (unique per head and chunk).
+            chunk_slot = _partial_slot(chunk_first, first_prog, head_first, total, programs)
+            # Every thread's partial stores must be ordered before the ticket (release).
+            tl.debug_barrier()
+            arrived = tl.atomic_add(ChunkTickets + chunk_slot, 1, sem="acq_rel", scope="gpu")
+            if arrived == chunk_last - chunk_first:
+                tl.atomic_xchg(ChunkTickets + chunk_slot, 0, sem="relaxed", scope="gpu")
+                acc_c, m_c, l_c = _merge_partials(
+                    WsAcc, WsStats, chunk_first, chunk_last, first_prog, head_first, total, programs,
+                    1, MERGE_ROWS, HEAD_DIM_PAD,
+                )
+                if last_prog - first_prog < ARRIVE_CHUNK:  # one chunk: it is the whole head
+                    _write_output(Out, Lse, b, h, acc_c, m_c, l_c, stride_ob, stride_oh, stride_lb, stride_lh,
+                                  GROUP, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE)
+                else:
+                    # The chunk's members have all been read: its first slot takes the chunk's sum.
+                    _store_partial(WsAcc, WsStats, chunk_slot, acc_c, m_c, l_c, MERGE_ROWS, MERGE_ROWS, HEAD_DIM_PAD)
+                    tl.debug_barrier()
+                    arrived = tl.atomic_add(Tickets + first_prog, 1, sem="acq_rel", scope="gpu")
+                    if arrived == (last_prog - first_prog) // ARRIVE_CHUNK:
+                        # Last chunk of the head: merge the chunks' sums in program order.
+                        tl.atomic_xchg(Tickets + first_prog, 0, sem="relaxed", scope="gpu")
+                        acc_m, m_m, l_m = _merge_partials(
+                            WsAcc, WsStats, first_prog, last_prog, first_prog, head_first, total, programs,
+                            ARRIVE_CHUNK, MERGE_ROWS, HEAD_DIM_PAD,
+                        )
+                        _write_output(Out, Lse, b, h, acc_m, m_m, l_m, stride_ob, stride_oh, stride_lb, stride_lh,
+                                      GROUP, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE)
+
+        g += (t_end - t).to(tl.int64)
+        t = 0
+        h += 1
+        if h == kv_heads:
+            h = 0
+            b += 1
