@@ -177,7 +177,11 @@ def _static_config(head_dim: int, dtype: torch.dtype, group: int) -> tuple:
     config = choose_config(head_dim, dtype, group)
     group_pad = max(16, next_pow2(group))  # tl.dot needs M >= 16
     merge_rows = next_pow2(group)  # partials keep only the real rows
-    return config, group_pad, merge_rows, next_pow2(head_dim)
+    head_dim_pad = next_pow2(head_dim)
+    # A merge step loads 8 partials at once when they fit in 64 fp32 registers a thread, else 4
+    # (the merge's latency is its number of steps).
+    merge_wide = 8 * merge_rows * head_dim_pad <= 64 * 128
+    return config, group_pad, merge_rows, head_dim_pad, merge_wide
 
 
 # Compiled kernels by Triton's specialisation of the arguments (see _spec_key); reusing them skips
@@ -225,7 +229,7 @@ def launch(
     if batch == 0:
         return
     interpret = interpreting()
-    default, group_pad, merge_rows, head_dim_pad = _static_config(head_dim, q.dtype, group)
+    default, group_pad, merge_rows, head_dim_pad, merge_wide = _static_config(head_dim, q.dtype, group)
     config = config or default
     programs = num_programs or default_num_programs(q.device, config)
     acc, stats, tickets, chunk_tickets = _workspace(q.device).get(q.device, programs, merge_rows, head_dim_pad)
@@ -248,7 +252,7 @@ def launch(
     constexprs = dict(
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         TILE=config.tile, PAGE_SIZE=page_size, TARGET_SHARE=config.target_share,
-        MERGE_ROWS=merge_rows, ARRIVE_CHUNK=_ARRIVE_CHUNK,
+        MERGE_ROWS=merge_rows, MERGE_WIDE=merge_wide, ARRIVE_CHUNK=_ARRIVE_CHUNK,
         HAS_SEQLENS=cache_seqlens is not None, RETURN_LSE=lse is not None,
         UPCAST_DOT=interpret, BLOCK_B=_BLOCK_B,
     )

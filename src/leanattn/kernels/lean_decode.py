@@ -174,30 +174,57 @@ def _load_partial(
 
 
 @triton.jit
-def _merge_partials(
-    WsAcc, WsStats, p_first, p_last, first_prog, head_first, total, programs,
+def _load4(
+    WsAcc, WsStats, p, first_prog, p_last, head_first, total, programs,
     STEP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
 ):
+    """Partials of programs p, p + STEP, p + 2 STEP, p + 3 STEP: (acc, m, l) four times."""
+    a0, m0, l0 = _load_partial(WsAcc, WsStats, p, first_prog, p_last, head_first, total, programs, ROWS, HEAD_DIM_PAD)
+    a1, m1, l1 = _load_partial(WsAcc, WsStats, p + STEP, first_prog, p_last, head_first, total, programs, ROWS, HEAD_DIM_PAD)
+    a2, m2, l2 = _load_partial(WsAcc, WsStats, p + 2 * STEP, first_prog, p_last, head_first, total, programs, ROWS, HEAD_DIM_PAD)
+    a3, m3, l3 = _load_partial(WsAcc, WsStats, p + 3 * STEP, first_prog, p_last, head_first, total, programs, ROWS, HEAD_DIM_PAD)
+    return a0, m0, l0, a1, m1, l1, a2, m2, l2, a3, m3, l3
+
+
+@triton.jit
+def _combine4(acc, m_i, l_i, a0, m0, l0, a1, m1, l1, a2, m2, l2, a3, m3, l3):
+    """Online-softmax merge of four partials into the running (acc, m, l)."""
+    m_new = tl.maximum(tl.maximum(m_i, tl.maximum(m0, m1)), tl.maximum(m2, m3))
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_shift)
+    w0 = tl.exp2(m0 - m_shift)
+    w1 = tl.exp2(m1 - m_shift)
+    w2 = tl.exp2(m2 - m_shift)
+    w3 = tl.exp2(m3 - m_shift)
+    l_i = l_i * alpha + l0 * w0 + l1 * w1 + l2 * w2 + l3 * w3
+    acc = acc * alpha[:, None] + a0 * w0[:, None] + a1 * w1[:, None] + a2 * w2[:, None] + a3 * w3[:, None]
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _merge_partials(
+    WsAcc, WsStats, p_first, p_last, first_prog, head_first, total, programs,
+    STEP: tl.constexpr, WIDE: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+):
     """Merge the partials of programs p_first, p_first + STEP, ... up to p_last, in that order,
-    four per step: the four loads are independent, so they are in flight together."""
+    four per step, or eight when WIDE. Each step issues all its loads before any of its math, so
+    they are in flight together: the merge's latency is its number of steps."""
     m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((ROWS,), dtype=tl.float32)
     acc = tl.zeros((ROWS, HEAD_DIM_PAD), dtype=tl.float32)
-    for p in range(p_first, p_last + 1, 4 * STEP):
-        a0, m0, l0 = _load_partial(WsAcc, WsStats, p, first_prog, p_last, head_first, total, programs, ROWS, HEAD_DIM_PAD)
-        a1, m1, l1 = _load_partial(WsAcc, WsStats, p + STEP, first_prog, p_last, head_first, total, programs, ROWS, HEAD_DIM_PAD)
-        a2, m2, l2 = _load_partial(WsAcc, WsStats, p + 2 * STEP, first_prog, p_last, head_first, total, programs, ROWS, HEAD_DIM_PAD)
-        a3, m3, l3 = _load_partial(WsAcc, WsStats, p + 3 * STEP, first_prog, p_last, head_first, total, programs, ROWS, HEAD_DIM_PAD)
-        m_new = tl.maximum(tl.maximum(m_i, tl.maximum(m0, m1)), tl.maximum(m2, m3))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_shift)
-        w0 = tl.exp2(m0 - m_shift)
-        w1 = tl.exp2(m1 - m_shift)
-        w2 = tl.exp2(m2 - m_shift)
-        w3 = tl.exp2(m3 - m_shift)
-        l_i = l_i * alpha + l0 * w0 + l1 * w1 + l2 * w2 + l3 * w3
-        acc = acc * alpha[:, None] + a0 * w0[:, None] + a1 * w1[:, None] + a2 * w2[:, None] + a3 * w3[:, None]
-        m_i = m_new
+    if WIDE:
+        for p in range(p_first, p_last + 1, 8 * STEP):
+            a0, m0, l0, a1, m1, l1, a2, m2, l2, a3, m3, l3 = _load4(
+                WsAcc, WsStats, p, first_prog, p_last, head_first, total, programs, STEP, ROWS, HEAD_DIM_PAD)
+            a4, m4, l4, a5, m5, l5, a6, m6, l6, a7, m7, l7 = _load4(
+                WsAcc, WsStats, p + 4 * STEP, first_prog, p_last, head_first, total, programs, STEP, ROWS, HEAD_DIM_PAD)
+            acc, m_i, l_i = _combine4(acc, m_i, l_i, a0, m0, l0, a1, m1, l1, a2, m2, l2, a3, m3, l3)
+            acc, m_i, l_i = _combine4(acc, m_i, l_i, a4, m4, l4, a5, m5, l5, a6, m6, l6, a7, m7, l7)
+    else:
+        for p in range(p_first, p_last + 1, 4 * STEP):
+            a0, m0, l0, a1, m1, l1, a2, m2, l2, a3, m3, l3 = _load4(
+                WsAcc, WsStats, p, first_prog, p_last, head_first, total, programs, STEP, ROWS, HEAD_DIM_PAD)
+            acc, m_i, l_i = _combine4(acc, m_i, l_i, a0, m0, l0, a1, m1, l1, a2, m2, l2, a3, m3, l3)
     return acc, m_i, l_i
 
 
@@ -229,7 +256,7 @@ def lean_decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, TARGET_SHARE: tl.constexpr,
-    MERGE_ROWS: tl.constexpr, ARRIVE_CHUNK: tl.constexpr,
+    MERGE_ROWS: tl.constexpr, MERGE_WIDE: tl.constexpr, ARRIVE_CHUNK: tl.constexpr,
     HAS_SEQLENS: tl.constexpr, RETURN_LSE: tl.constexpr,
     UPCAST_DOT: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
@@ -308,7 +335,7 @@ def lean_decode_kernel(
                 tl.atomic_xchg(ChunkTickets + chunk_slot, 0, sem="relaxed", scope="gpu")
                 acc_c, m_c, l_c = _merge_partials(
                     WsAcc, WsStats, chunk_first, chunk_last, first_prog, head_first, total, programs,
-                    1, MERGE_ROWS, HEAD_DIM_PAD,
+                    1, MERGE_WIDE, MERGE_ROWS, HEAD_DIM_PAD,
                 )
                 if last_prog - first_prog < ARRIVE_CHUNK:  # one chunk: it is the whole head
                     _write_output(Out, Lse, b, h, acc_c, m_c, l_c, stride_ob, stride_oh, stride_lb, stride_lh,
@@ -323,7 +350,7 @@ def lean_decode_kernel(
                         tl.atomic_xchg(Tickets + first_prog, 0, sem="relaxed", scope="gpu")
                         acc_m, m_m, l_m = _merge_partials(
                             WsAcc, WsStats, first_prog, last_prog, first_prog, head_first, total, programs,
-                            ARRIVE_CHUNK, MERGE_ROWS, HEAD_DIM_PAD,
+                            ARRIVE_CHUNK, MERGE_WIDE, MERGE_ROWS, HEAD_DIM_PAD,
                         )
                         _write_output(Out, Lse, b, h, acc_m, m_m, l_m, stride_ob, stride_oh, stride_lb, stride_lh,
                                       GROUP, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE)
