@@ -194,6 +194,19 @@ def test_one_head_over_chunk_boundaries(chunks, extra):
     assert (_workspace(q.device).tickets == 0).all()
 
 
+@pytest.mark.parametrize("with_seqlens", [True, False])
+@pytest.mark.parametrize("batch,kv_heads,programs", [(2, 4, 17), (4, 4, 9)])
+def test_equal_heads_aligned_grid(batch, kv_heads, programs, with_seqlens):
+    """Equal lengths: the kernel runs k * heads (16 of 17) or heads / m (8 of 9) programs, as
+    the schedule says, and the result is exact either way."""
+    t = tile_size(64, torch.float16, 2)
+    lens = [5 * t - 3] * batch
+    q, k, v, sl = make_inputs(lens, 2 * kv_heads, kv_heads, 64, torch.float16, cache_len=lens[0])
+    assert plan(lens, kv_heads, t, programs).num_programs in (16, 8)
+    out, lse = run(q, k, v, sl if with_seqlens else None, num_programs=programs)
+    assert_close(out, lse, *reference(q, k, v, sl))
+
+
 def test_workspace_tickets_back_at_zero_and_old_buffers_kept():
     """After any call every ticket is zero again (no memset needed), and growing the workspace
     keeps the old buffers alive for CUDA graphs captured with them."""

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from leanattn.schedule import plan, program_of_tile, share_bounds, tiles_per_head
+from leanattn.schedule import effective_programs, plan, program_of_tile, share_bounds, tiles_per_head
 
 
 def random_case(rng: random.Random):
@@ -25,9 +25,12 @@ def test_every_tile_exactly_once_and_balanced(seed):
     expected = {(b, h, t) for b, n in enumerate(lens) for h in range(kv_heads) for t in range(tiles_per_head(n, tile))}
     assert set(covered) == expected
     shares = s.shares()
-    assert s.num_programs == min(programs, -(-len(expected) // target_share))
+    unaligned = min(programs, -(-len(expected) // target_share))
+    heads = len(lens) * kv_heads
+    assert s.num_programs == effective_programs(len(expected), heads, len(set(s.tiles)) == 1, programs, target_share)
+    assert 8 * s.num_programs >= 7 * unaligned
     assert max(shares) - min(shares) <= 1 and min(shares) >= 1
-    if s.num_programs < programs:  # grid not full: the fewest programs with shares <= target_share
+    if s.num_programs < programs and s.num_programs == unaligned:  # grid not full: the fewest programs with shares <= target_share
         assert max(shares) <= target_share
         assert s.num_programs == 1 or len(expected) > (s.num_programs - 1) * target_share
     assert sum(shares) == s.total_tiles == len(expected)
@@ -55,6 +58,23 @@ def test_split_heads_slots_and_tickets(seed):
         for seg in segs:
             p_start = share_bounds(seg.program, s.total_tiles, s.num_programs)[0]
             assert seg.slot == 2 * seg.program + int(seg.program == seg.ticket and p_start < head_first)
+
+
+@pytest.mark.parametrize("heads,grid", [(64, 264), (32, 264), (8, 264), (128, 264), (256, 264), (512, 264), (120, 264), (32, 132), (133, 264), (7, 100)])
+def test_equal_heads_put_head_boundaries_on_share_boundaries(heads, grid):
+    n = 37  # tiles per head
+    programs = effective_programs(heads * n, heads, True, grid)
+    assert programs <= grid and 8 * programs >= 7 * grid
+    starts = {share_bounds(p, heads * n, programs)[0] for p in range(programs)}
+    head_starts = {h * n for h in range(heads)}
+    if programs % heads == 0:  # each head cut into equal shares
+        assert head_starts <= starts
+    elif heads % programs == 0:  # whole heads per share
+        assert starts <= head_starts
+    else:  # no aligned grid keeps 7/8 of it (133 heads on 264 would leave 133 programs)
+        assert programs == grid
+    # Unequal heads keep the whole grid.
+    assert effective_programs(heads * n, heads, False, grid) == grid
 
 
 def test_program_of_tile_inverts_share_bounds():
