@@ -4,9 +4,9 @@ Each program takes the contiguous tile range that ``leanattn.schedule`` assigns 
 head by head. For every head it touches it runs flash-decoding's online softmax over its tiles,
 loading each K/V tile once for the whole GQA group (the group's query rows are the M dimension of
 the two ``tl.dot``s). A head whose tiles all lie in the share is normalised and written at once.
-A head cut by a share boundary leaves an fp32 partial in the workspace; the program that draws the
-head's last ticket merges all partials in program order and writes the result. No program ever
-waits for another.
+A head cut by a share boundary leaves an fp32 partial in the workspace; the partials are merged in
+program order by a two-level tree of last arrivers (chunks of ARRIVE_CHUNK consecutive programs,
+then the chunks), and the last one writes the result. No program ever waits for another.
 
 Scores are kept in the log2 domain (``qk_scale`` includes log2(e)) so the kernel uses ``exp2``.
 """
