@@ -63,3 +63,22 @@ def test_datasheet_peaks():
     assert datasheet_peak("NVIDIA H200") == 4.8e12
     assert datasheet_peak("NVIDIA H100 80GB HBM3") == 3.35e12
     assert datasheet_peak("Some Future GPU") is None
+
+
+def test_timeline_tool_instruments_the_current_kernel():
+    """benchmarks/timeline.py finds its anchors in the kernel source: four timestamps per program,
+    and the copy keeps the kernel's signature (so api.launch can run it)."""
+    import importlib.util
+    import inspect
+    from pathlib import Path
+
+    from leanattn.kernels.lean_decode import lean_decode_kernel
+
+    path = Path(__file__).parents[1] / "benchmarks" / "timeline.py"
+    spec = importlib.util.spec_from_file_location("timeline_tool", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    timed = tool.instrumented_kernel()
+    assert timed.arg_names == lean_decode_kernel.arg_names
+    src = inspect.getsource(timed.fn)
+    assert [f"_stamp(Lse, batch, stride_lb, pid, {k})" in src for k in range(4)] == [True] * 4
