@@ -178,8 +178,8 @@ def _static_config(head_dim: int, dtype: torch.dtype, group: int) -> tuple:
     group_pad = max(16, next_pow2(group))  # tl.dot needs M >= 16
     merge_rows = next_pow2(group)  # partials keep only the real rows
     head_dim_pad = next_pow2(head_dim)
-    # A merge step loads 8 partials at once when they fit in 64 fp32 registers a thread, else 4
-    # (the merge's latency is its number of steps).
+    # A merge step loads 8 partials at once when they fit in 64 fp32 registers a thread of four
+    # warps, else 4 (the merge's latency is its number of steps).
     merge_wide = 8 * merge_rows * head_dim_pad <= 64 * 128
     return config, group_pad, merge_rows, head_dim_pad, merge_wide
 

@@ -117,7 +117,7 @@ class Schedule:
     kv_heads: int
     tiles: tuple[int, ...]  # tiles per head, per sequence
     total_tiles: int
-    num_programs: int  # effective: min(requested, ceil(total_tiles / target_share))
+    num_programs: int  # programs that run (see effective_programs)
     segments: tuple[Segment, ...]
 
     def shares(self) -> list[int]:
