@@ -43,6 +43,58 @@ def _check_lengths(name: str, t: object, batch: int) -> None:
         _fail(ValueError, f"{name} must have shape ({batch},), got {tuple(t.shape)}")
 
 
+def refuse_grad(*tensors: torch.Tensor) -> None:
+    """leanattn computes no gradients: refuse inputs that would silently detach a graph."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        names = [n for n, t in zip(("q", "k_cache", "v_cache"), tensors) if t.requires_grad]
+        raise RuntimeError(
+            f"leanattn has no backward pass, and {', '.join(names)} require grad: call it under "
+            "torch.no_grad() or torch.inference_mode(), or detach the inputs"
+        )
+
+
+def _first_bad(bad: torch.Tensor) -> tuple[int, ...] | None:
+    """Index of the first True of ``bad`` (row-major), or None."""
+    hits = bad.nonzero()
+    return None if hits.numel() == 0 else tuple(int(i) for i in hits[0])
+
+
+def check_lengths(cache_seqlens: torch.Tensor | None, cache_leftpad: torch.Tensor | None, capacity: int) -> None:
+    """Host-side value checks (a sync): 0 <= cache_leftpad <= cache_seqlens <= capacity."""
+    ends = cache_seqlens
+    if ends is not None:
+        at = _first_bad((ends < 0) | (ends > capacity))
+        if at is not None:
+            _fail(ValueError, f"cache_seqlens[{at[0]}] = {int(ends[at])} is outside [0, capacity={capacity}] "
+                              f"(sequence {at[0]})")
+    if cache_leftpad is not None:
+        limit = ends if ends is not None else torch.full_like(cache_leftpad, capacity)
+        at = _first_bad((cache_leftpad < 0) | (cache_leftpad > limit))
+        if at is not None:
+            _fail(ValueError, f"cache_leftpad[{at[0]}] = {int(cache_leftpad[at])} is outside [0, cache_seqlens="
+                              f"{int(limit[at])}] (sequence {at[0]})")
+
+
+def check_pages(
+    block_table: torch.Tensor, num_pages: int, page_size: int, cache_seqlens: torch.Tensor | None,
+    cache_leftpad: torch.Tensor | None,
+) -> None:
+    """Host-side check (a sync) that every live slot of ``block_table`` names a page in
+    [0, num_pages): the slots holding positions [cache_leftpad, cache_seqlens) of each sequence."""
+    batch, slots = block_table.shape
+    capacity = slots * page_size
+    ends = torch.full((batch,), capacity, device=block_table.device) if cache_seqlens is None else cache_seqlens
+    firsts = torch.zeros_like(ends) if cache_leftpad is None else cache_leftpad
+    firsts = firsts.clamp(0, capacity)
+    ends = torch.maximum(ends.clamp(max=capacity), firsts)
+    start = torch.arange(slots, device=block_table.device) * page_size
+    live = (start[None, :] < ends[:, None]) & (start[None, :] + page_size > firsts[:, None])
+    at = _first_bad(live & ((block_table < 0) | (block_table >= num_pages)))
+    if at is not None:
+        _fail(ValueError, f"block_table[{at[0]}, {at[1]}] = {int(block_table[at])} is not a page in "
+                          f"[0, num_pages={num_pages}) (sequence {at[0]}, slot {at[1]}, a live slot)")
+
+
 def _validate(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -129,7 +181,7 @@ def _sm_count(index: int) -> int:
 
 
 class _Workspace:
-    """fp32 partials and tickets for split heads, one per device, grown on demand.
+    """fp32 partials and tickets for split heads, grown on demand.
 
     For a grid of P programs: 2P partial slots (rows x head_dim fp32 plus m and l), P head
     tickets and 2P chunk tickets.
@@ -145,40 +197,49 @@ class _Workspace:
         # Buffers replaced by larger ones stay alive: a CUDA graph captured earlier still
         # reads and writes them on every replay.
         self.retired: list[tuple[torch.Tensor, ...]] = []
+        # Set when the tickets were allocated inside a CUDA-graph capture, where their zeroing
+        # is recorded, not run: the first call outside the capture zeroes them.
+        self.unzeroed = False
 
     def get(self, device: torch.device, programs: int, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
         need_acc = 2 * programs * rows * cols
         need_stats = 2 * programs * 2 * rows
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if (
             self.acc is None
             or self.acc.numel() < need_acc
             or self.stats.numel() < need_stats
             or self.tickets.numel() < 3 * programs
         ):
-            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError(
-                    "leanattn.decode needs a larger workspace while a CUDA graph is being captured; "
-                    "call leanattn.decode once with the same heads, head_dim and num_programs before capturing"
-                )
             old = (0, 0, 0) if self.acc is None else (self.acc.numel(), self.stats.numel(), self.tickets.numel())
             if self.acc is not None:
                 self.retired.append((self.acc, self.stats, self.tickets))
             self.acc = torch.empty(max(need_acc, old[0]), dtype=torch.float32, device=device)
             self.stats = torch.empty(max(need_stats, old[1]), dtype=torch.float32, device=device)
             self.tickets = torch.zeros(max(3 * programs, old[2]), dtype=torch.int32, device=device)
+            self.unzeroed = capturing
+        elif self.unzeroed and not capturing:
+            self.tickets.zero_()
+            self.unzeroed = False
         # Head tickets first, then the chunk tickets (see the kernel's two-level arrival count).
         return self.acc, self.stats, self.tickets[:programs], self.tickets[programs : 3 * programs]
 
 
-_WORKSPACES: dict[torch.device, _Workspace] = {}
+# One workspace per (device, stream): calls on different streams may overlap.
+_WORKSPACES: dict[tuple[torch.device, int], _Workspace] = {}
 
 
 def _workspace(device: torch.device) -> _Workspace:
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if device not in _WORKSPACES:
-        _WORKSPACES[device] = _Workspace()
-    return _WORKSPACES[device]
+    """The workspace of the current stream of ``device``."""
+    stream = 0
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        stream = torch._C._cuda_getCurrentRawStream(device.index)
+    ws = _WORKSPACES.get((device, stream))
+    if ws is None:
+        ws = _WORKSPACES[(device, stream)] = _Workspace()
+    return ws
 
 
 @functools.lru_cache(maxsize=None)
@@ -287,31 +348,6 @@ def current_stream_handle(device: torch.device) -> int:
     return torch._C._cuda_getCurrentRawStream(index)
 
 
-def run_compiled(kernel, grid: int, key: tuple, args: tuple, constexprs: dict, config: KernelConfig, pdl: bool):
-    """Launch ``kernel`` on ``grid`` programs, through the compiled kernel cached under ``key``
-    when there is one (``key`` must hold everything Triton specialises on; see _spec_key).
-
-    Returns the compiled kernel, for callers that keep it themselves."""
-    global _FAST_LAUNCH
-    fast = _FAST_LAUNCH and not interpreting()
-    if fast:
-        compiled = _COMPILED.get(key)
-        if compiled is not None:
-            try:
-                # The launcher takes every parameter in order; it ignores the constexpr ones.
-                compiled[(grid, 1, 1)](*args, *(constexprs[n] for n in kernel.arg_names[len(args):]))
-                return compiled
-            except TypeError as e:  # a Triton whose launcher differs: bind through the JIT every time
-                _FAST_LAUNCH = fast = False
-                _COMPILED.clear()
-                FAST_LAUNCH_ERROR.append(repr(e))
-    extra = {"launch_pdl": True} if pdl else {}
-    compiled = kernel[(grid,)](*args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages, **extra)
-    if fast:
-        _COMPILED[key] = compiled
-    return compiled
-
-
 def kernel_constexprs(
     q: torch.Tensor, kv_heads: int, page_size: int, config: KernelConfig, *, has_seqlens: bool,
     has_leftpad: bool, planned: bool, return_lse: bool, pdl: bool,
@@ -371,7 +407,7 @@ def launch(
         out.stride(0), out.stride(2),
         *((lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)),
         stride_btb,
-        batch, kv_heads, capacity, softmax_scale * LOG2E,
+        batch, kv_heads, capacity, k_cache.shape[0] if block_table is not None else 0, softmax_scale * LOG2E,
     )
     pdl = use_pdl(q.device)
     layout = (layout_of(q, k_cache, v_cache, out, lse, cache_seqlens, cache_leftpad, block_table),
@@ -398,6 +434,7 @@ def decode(
     return_lse: bool = False,
     out: torch.Tensor | None = None,
     num_programs: int | None = None,
+    check: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact decode attention with LeanAttention's stream-K partition.
 
@@ -415,11 +452,21 @@ def decode(
         return_lse: also return the natural-log log-sum-exp, float32 (batch, q_heads).
         out: optional (batch, 1, q_heads, head_dim) tensor to write into.
         num_programs: persistent grid size; defaults to SMs x programs per SM.
+        check: also validate the values of ``cache_seqlens``, ``cache_leftpad`` and the live
+            slots of ``block_table`` on the host (a device sync: not for CUDA graphs or fast
+            paths), raising ValueError naming the sequence, slot and value. Without it, lengths
+            are clamped and an out-of-range page gives that sequence NaN rows (see README).
 
     Returns:
         (batch, 1, q_heads, head_dim) in q's dtype, and the LSE when ``return_lse``.
     """
     _validate(q, k_cache, v_cache, cache_seqlens, block_table, out, cache_leftpad)
+    refuse_grad(q, k_cache, v_cache)
+    if check:
+        capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
+        check_lengths(cache_seqlens, cache_leftpad, capacity)
+        if block_table is not None:
+            check_pages(block_table, k_cache.shape[0], k_cache.shape[1], cache_seqlens, cache_leftpad)
     if num_programs is not None and (not isinstance(num_programs, int) or num_programs < 1):
         raise ValueError(f"num_programs must be a positive int, got {num_programs!r}")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)

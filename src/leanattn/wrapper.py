@@ -26,10 +26,13 @@ from .api import (
     _static_config,
     _validate,
     _Workspace,
+    check_lengths,
+    check_pages,
     default_num_programs,
     kernel_constexprs,
     launch_cached,
     layout_of,
+    refuse_grad,
     run_direct,
     use_pdl,
 )
@@ -68,6 +71,8 @@ class DecodeWrapper:
         softmax_scale: float | None = None,
     ) -> None:
         device = torch.device(device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            _fail(RuntimeError, "create the DecodeWrapper before capturing a CUDA graph: it allocates its buffers")
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         # Check the shape once here with a probe of the layers' own shape (batch 1, capacity 1).
@@ -100,7 +105,7 @@ class DecodeWrapper:
 
     def plan(
         self, cache_seqlens: torch.Tensor | None, capacity: int, *, batch: int | None = None,
-        cache_leftpad: torch.Tensor | None = None,
+        cache_leftpad: torch.Tensor | None = None, check: bool = False,
     ) -> None:
         """Compute every program's share for this step's lengths, on the device (no host sync).
 
@@ -112,6 +117,8 @@ class DecodeWrapper:
                 ``max_pages_per_seq * page_size`` of a paged one. ``run`` checks it.
             batch: number of sequences, when ``cache_seqlens`` is ``None``.
             cache_leftpad: int32 (batch,), where each sequence's live tokens start; ``None``: 0.
+            check: validate the lengths' values on the host (a device sync: leave it off in
+                CUDA graphs and fast paths); ValueError names the sequence and the value.
 
         ``run`` reads the lengths from the same tensors again: change them only between steps,
         and plan again after changing them.
@@ -127,6 +134,8 @@ class DecodeWrapper:
                     _fail(ValueError, f"{name} is on {t.device}, the wrapper on {self.device}")
         if not isinstance(capacity, int) or capacity < 0:
             _fail(ValueError, f"capacity must be a non-negative int, got {capacity!r}")
+        if check:
+            check_lengths(cache_seqlens, cache_leftpad, capacity)
         tile = self._config.tile
         if batch * self.kv_heads * max(1, -(-capacity // tile)) >= 2**31:
             _fail(ValueError, f"batch {batch} x kv_heads {self.kv_heads} x capacity {capacity} is over 2^31 tiles of {tile}")
@@ -154,6 +163,7 @@ class DecodeWrapper:
         block_table: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
         return_lse: bool = False,
+        check: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Attention of one layer over the planned lengths.
 
@@ -164,12 +174,15 @@ class DecodeWrapper:
                 int32 (batch, capacity / page_size).
             out: optional (batch, 1, q_heads, head_dim) to write into.
             return_lse: also return the natural-log LSE, float32 (batch, q_heads).
+            check: validate the live slots of ``block_table`` on the host (a device sync);
+                without it an out-of-range page gives its sequence NaN rows.
 
         Returns:
             (batch, 1, q_heads, head_dim), and the LSE when ``return_lse``.
         """
         if self._batch < 0:
             _fail(RuntimeError, "DecodeWrapper.run before plan: call plan(cache_seqlens, capacity) once per step")
+        refuse_grad(q, k_cache, v_cache)
         if out is None:
             out = torch.empty_like(q)
         lse = torch.empty(q.shape[0], self.q_heads, dtype=torch.float32, device=q.device) if return_lse else None
@@ -185,12 +198,14 @@ class DecodeWrapper:
         hit = self._direct.get(layout)
         if hit is None:  # a layout not seen yet (or the interpreter): the full checks
             self._check(q, k_cache, v_cache, block_table, out)
+        if check and block_table is not None:
+            check_pages(block_table, k_cache.shape[0], k_cache.shape[1], self._seqlens, self._leftpad)
         if self._batch == 0:
             return (out, lse) if return_lse else out
         if block_table is None:
-            page_size, bt, stride_btb = 0, self._tickets, 0
+            page_size, bt, stride_btb, num_pages = 0, self._tickets, 0, 0
         else:
-            page_size, bt, stride_btb = k_cache.shape[1], block_table, block_table.stride(0)
+            page_size, bt, stride_btb, num_pages = k_cache.shape[1], block_table, block_table.stride(0), k_cache.shape[0]
         dummy = self._tickets
         args = (
             q, k_cache, v_cache, out, lse if lse is not None else dummy,
@@ -200,7 +215,7 @@ class DecodeWrapper:
             qs[0], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], os_[0], os_[2],
             *((self.q_heads, 1) if lse is not None else (0, 0)),
             stride_btb,
-            self._batch, self.kv_heads, self._capacity, self._qk_scale,
+            self._batch, self.kv_heads, self._capacity, num_pages, self._qk_scale,
         )
         if hit is not None:
             try:

@@ -25,14 +25,17 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def _attend_tiles(
-    q, K, V, BlockTable, b, h, first, length, tile_start, tile_end, qk_scale,
+    q, K, V, BlockTable, b, h, first, length, tile_start, tile_end, qk_scale, num_pages,
     stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
     GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """Online softmax of the group's queries ``q`` (GROUP_PAD, HEAD_DIM_PAD) over tiles
     ``[tile_start, tile_end)`` of head (b, h), whose live tokens are cache positions
-    ``[first, first + length)``. Returns unnormalised (acc, m, l), m in log2 units."""
+    ``[first, first + length)``. Returns unnormalised (acc, m, l), m in log2 units.
+
+    Paged: a live token whose page number is outside [0, num_pages) is never read; its score is
+    NaN, so the head's (acc, l) and everything merged from them are NaN."""
     offs_n = tl.arange(0, TILE)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask_d = offs_d < HEAD_DIM
@@ -50,17 +53,20 @@ def _attend_tiles(
         tok = tile * TILE + offs_n
         mask_n = tok < length
         pos = first + tok  # cache position
+        read = mask_n
         if PAGE_SIZE == 0:
             k_rows = b64 * stride_kb + pos.to(tl.int64) * stride_kn
             v_rows = b64 * stride_vb + pos.to(tl.int64) * stride_vn
         else:
+            bad = mask_n & ((page < 0) | (page >= num_pages))
+            read = mask_n & ~bad
             slot = pos % PAGE_SIZE
             k_rows = page.to(tl.int64) * stride_kb + slot * stride_kn
             v_rows = page.to(tl.int64) * stride_vb + slot * stride_vn
             next_tok = tok + TILE
             page = tl.load(table + (first + next_tok) // PAGE_SIZE,
                            mask=(next_tok < length) & (next_tok < tile_end * TILE), other=0)
-        mask_nd = mask_n[:, None] & mask_d[None, :]
+        mask_nd = read[:, None] & mask_d[None, :]
         k = tl.load(K + (k_rows + h * stride_kh)[:, None] + offs_d[None, :], mask=mask_nd, other=0.0)
         v = tl.load(V + (v_rows + h * stride_vh)[:, None] + offs_d[None, :], mask=mask_nd, other=0.0)
         if UPCAST_DOT:
@@ -68,6 +74,8 @@ def _attend_tiles(
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
+        if PAGE_SIZE > 0:
+            s = tl.where(bad[None, :], float("nan"), s)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row that has seen no valid token keeps m = -inf; shift by 0 there to avoid inf - inf.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -87,7 +95,7 @@ def _write_output(
     HEAD_DIM_PAD: tl.constexpr, RETURN_LSE: tl.constexpr,
 ):
     """Normalise and store the group's rows (the first GROUP of ROWS); an empty head gives zeros
-    and LSE -inf."""
+    and LSE -inf, a NaN head (an out-of-range page) NaN for both."""
     rows = tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     qh = h * GROUP + rows
@@ -98,6 +106,7 @@ def _write_output(
     tl.store(ptrs, o.to(Out.dtype.element_ty), mask=mask)
     if RETURN_LSE:
         lse = tl.where(has_mass, (m_i + tl.log2(tl.where(has_mass, l_i, 1.0))) * LN2, float("-inf"))
+        lse = tl.where(l_i != l_i, float("nan"), lse)
         tl.store(Lse + b.to(tl.int64) * stride_lb + qh * stride_lh, lse, mask=rows < GROUP)
 
 @triton.jit
@@ -198,7 +207,7 @@ def _store_partial(
     tl.store(WsStats + slot * (2 * ROWS) + ROWS + rows, l_i, mask=keep)
 
 
-@triton.jit(do_not_specialize=["batch", "kv_heads", "capacity"])
+@triton.jit(do_not_specialize=["batch", "kv_heads", "capacity", "num_pages"])
 def lean_decode_kernel(
     Q, K, V, Out, Lse, SeqLens, LeftPad, BlockTable, Plan, WsAcc, WsStats, Tickets, ChunkTickets,
     stride_qb, stride_qh,
@@ -207,7 +216,7 @@ def lean_decode_kernel(
     stride_ob, stride_oh,
     stride_lb, stride_lh,
     stride_btb,
-    batch, kv_heads, capacity, qk_scale,
+    batch, kv_heads, capacity, num_pages, qk_scale,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, TARGET_SHARE: tl.constexpr,
@@ -263,7 +272,7 @@ def lean_decode_kernel(
         if UPCAST_DOT:
             q = q.to(tl.float32)
         acc, m_i, l_i = _attend_tiles(
-            q, K, V, BlockTable, b, h, first, length, t, t_end, qk_scale,
+            q, K, V, BlockTable, b, h, first, length, t, t_end, qk_scale, num_pages,
             stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
             GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, UPCAST_DOT,
         )

@@ -1,0 +1,141 @@
+"""Serving safety: bounded page reads, check mode, autograd refusal, concurrent streams."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import leanattn
+
+from _util import DEVICE, ON_GPU, assert_close, make_inputs, poisoned_like, reference, tile_size, to_paged
+
+BAD_IDS = ["num_pages", -1, 10**6, -2 * 10**9]
+
+
+def _paged_case(seed: int = 0):
+    t = tile_size(64, torch.bfloat16, 4)
+    lens = [3 * t + 5, 2 * t, 17, 0]
+    q, k, v, sl = make_inputs(lens, 8, 2, 64, torch.bfloat16, cache_len=4 * t, seed=seed)
+    kp, vp, table = to_paged(k, v, lens, 16, seed=seed)
+    return q, k, v, sl, kp, vp, table
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+@pytest.mark.parametrize("api", ["decode", "wrapper"])
+def test_out_of_range_page_gives_nan_rows_for_its_sequence_only(bad, api):
+    """A bad id in a live slot of sequence 1: its rows and LSE are NaN; every other sequence is
+    bitwise what it is with a valid table; nothing outside the cache is read (the interpreter
+    and the GPU would fault or return garbage otherwise)."""
+    q, k, v, sl, kp, vp, table = _paged_case()
+    bad_table = table.clone()
+    bad_table[1, 1] = kp.shape[0] if bad == "num_pages" else bad
+
+    def call(tab):
+        out = poisoned_like(q)
+        if api == "decode":
+            _, lse = leanattn.decode(q, kp, vp, sl, block_table=tab, out=out, return_lse=True, num_programs=7)
+        else:
+            w = leanattn.DecodeWrapper(8, 2, 64, torch.bfloat16, DEVICE, num_programs=7)
+            w.plan(sl, tab.shape[1] * 16)
+            _, lse = w.run(q, kp, vp, block_table=tab, out=out, return_lse=True)
+        return out, lse
+
+    good_out, good_lse = call(table)
+    assert_close(good_out, good_lse, *reference(q, k, v, sl))
+    out, lse = call(bad_table)
+    assert torch.isnan(out[1]).all() and torch.isnan(lse[1]).all()
+    others = [0, 2, 3]
+    assert torch.equal(out[others], good_out[others]) and torch.equal(lse[others], good_lse[others])
+
+
+def test_check_mode_names_sequence_slot_and_value():
+    q, k, v, sl, kp, vp, table = _paged_case()
+    num_pages = kp.shape[0]
+    leanattn.decode(q, kp, vp, sl, block_table=table, check=True)  # valid: no error
+    bad_table = table.clone()
+    bad_table[0, 2] = num_pages + 3
+    with pytest.raises(ValueError, match=rf"block_table\[0, 2\] = {num_pages + 3} .*sequence 0, slot 2"):
+        leanattn.decode(q, kp, vp, sl, block_table=bad_table, check=True)
+    # Garbage in unused slots (past the live length) is fine: to_paged fills them with huge ids.
+    assert (table[2, 2:] >= num_pages).all()
+    cap = table.shape[1] * 16
+    for lens, msg in (([1, -1, 0, 0], r"cache_seqlens\[1\] = -1"), ([cap + 1, 0, 0, 0], rf"cache_seqlens\[0\] = {cap + 1}")):
+        with pytest.raises(ValueError, match=msg):
+            leanattn.decode(q, kp, vp, torch.tensor(lens, dtype=torch.int32, device=DEVICE), block_table=table, check=True)
+    pad = torch.tensor([0, 0, 18, 0], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"cache_leftpad\[2\] = 18 .*cache_seqlens=17"):
+        leanattn.decode(q, kp, vp, sl, block_table=table, cache_leftpad=pad, check=True)
+
+
+def test_wrapper_check_mode():
+    q, k, v, sl, kp, vp, table = _paged_case()
+    w = leanattn.DecodeWrapper(8, 2, 64, torch.bfloat16, DEVICE, num_programs=5)
+    cap = table.shape[1] * 16
+    with pytest.raises(ValueError, match=r"cache_seqlens\[3\] = -2"):
+        w.plan(torch.tensor([1, 1, 1, -2], dtype=torch.int32, device=DEVICE), cap, check=True)
+    w.plan(sl, cap, check=True)
+    w.run(q, kp, vp, block_table=table, check=True)
+    bad_table = table.clone()
+    bad_table[1, 0] = -5
+    with pytest.raises(ValueError, match=r"block_table\[1, 0\] = -5 .*sequence 1, slot 0"):
+        w.run(q, kp, vp, block_table=bad_table, check=True)
+
+
+@pytest.mark.parametrize("which", ["q", "k_cache", "v_cache"])
+def test_inputs_that_require_grad_are_refused(which):
+    q, k, v, sl = make_inputs([20, 7], 4, 2, 64, torch.float16)
+    args = {"q": q, "k_cache": k, "v_cache": v}
+    args[which] = args[which].clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match=rf"no backward pass.*{which} require"):
+        leanattn.decode(args["q"], args["k_cache"], args["v_cache"], sl, num_programs=3)
+    w = leanattn.DecodeWrapper(4, 2, 64, torch.float16, DEVICE, num_programs=3)
+    w.plan(sl, k.shape[1])
+    with pytest.raises(RuntimeError, match="no backward pass"):
+        w.run(args["q"], args["k_cache"], args["v_cache"])
+    with torch.no_grad():  # fine without grad mode
+        out = leanattn.decode(args["q"], args["k_cache"], args["v_cache"], sl, num_programs=3)
+    assert_close(out, None, reference(q, k, v, sl)[0], None)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+def test_two_streams_overlapping_calls_with_split_heads():
+    """decode on two streams at once (each stream has its own workspace), many iterations, heads
+    split over many programs; every result checked against the reference."""
+    cases = [make_inputs([60000, 3, 20000], 32, 8, 128, torch.bfloat16, seed=s) for s in range(2)]
+    refs = [reference(*c) for c in cases]
+    streams = [torch.cuda.Stream() for _ in cases]
+    outs = [torch.empty_like(c[0]) for c in cases]
+    lses = [None, None]
+    torch.cuda.synchronize()
+    for _ in range(50):
+        for i, (c, s) in enumerate(zip(cases, streams)):
+            with torch.cuda.stream(s):
+                outs[i].fill_(math.nan)
+                lses[i] = leanattn.decode(*c, out=outs[i], return_lse=True)[1]
+        torch.cuda.synchronize()
+        for out, lse, ref in zip(outs, lses, refs):
+            assert_close(out, lse, *ref)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+def test_graph_captured_on_a_side_stream():
+    """Capture on a stream that never ran leanattn: its workspace is made inside the capture and
+    zeroed by the replay; eager calls on that stream afterwards still work."""
+    q, k, v, sl = make_inputs([9000, 1, 0, 4000], 32, 8, 128, torch.bfloat16)
+    side = torch.cuda.Stream()
+    out = torch.empty_like(q)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        _, lse = leanattn.decode(q, k, v, sl, out=out, return_lse=True)
+    with torch.cuda.stream(side):
+        eager, eager_lse = leanattn.decode(q, k, v, sl, return_lse=True)
+    torch.cuda.synchronize()
+    assert_close(eager, eager_lse, *reference(q, k, v, sl))
+    for lens in ([1, 9000, 3, 0], [9000, 9000, 9000, 9000]):
+        sl.copy_(torch.tensor(lens, dtype=torch.int32))
+        out.fill_(math.nan)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, lse, *reference(q, k, v, sl))
