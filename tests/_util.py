@@ -94,7 +94,7 @@ def to_paged(
     perm = torch.randperm(total, generator=gen)
     table = torch.randint(10**6, 2 * 10**6, (batch, max_pages), generator=gen, dtype=torch.int32)
     kp = torch.randn(total, page_size, *k.shape[2:], generator=gen).to(k.dtype).to(k.device)
-    vp = torch.randn_like(kp)
+    vp = torch.randn(kp.shape, generator=gen).to(k.dtype).to(k.device)
     at = 0
     for b, pages in enumerate(need):
         for i in range(pages):

@@ -32,7 +32,7 @@ def test_compile_fullgraph_matches_eager():
 def test_custom_op_opcheck():
     q, k, v, sl = make_inputs([40, 9], 4, 2, 64, torch.float16)
     out = torch.empty_like(q)
-    lse = torch.empty(2, 4, dtype=torch.float32, device=q.device)
+    lse = torch.empty(2, 4, 1, dtype=torch.float32, device=q.device)
     torch.library.opcheck(
         torch.ops.leanattn.decode_into.default, (q, k, v, out, lse, sl, None, 0.125, 3),
         test_utils=("test_schema", "test_faketensor"),

@@ -75,7 +75,7 @@ def test_full_cache_without_seqlens(dtype):
     ref, _ = reference(q, k, v)
     assert_close(out, None, ref, None)
     out2, lse = leanattn.decode(q, k, v, return_lse=True, num_programs=7)
-    assert torch.equal(out, out2) and lse.dtype == torch.float32 and lse.shape == (3, 4)
+    assert torch.equal(out, out2) and lse.dtype == torch.float32 and lse.shape == (3, 4, 1)
 
 
 def test_schedule_cases_are_exercised():
@@ -114,8 +114,8 @@ def test_lse_merges_two_halves_of_a_cache():
     q, k, v, _ = make_inputs([n], 4, 2, 64, torch.float16)
     o1, l1 = leanattn.decode(q, k[:, :half], v[:, :half], return_lse=True, num_programs=2)
     o2, l2 = leanattn.decode(q, k[:, half:], v[:, half:], return_lse=True, num_programs=2)
-    lse = torch.logaddexp(l1, l2)
-    merged = (torch.exp(l1 - lse)[..., None] * o1[:, 0].float() + torch.exp(l2 - lse)[..., None] * o2[:, 0].float())
+    lse = torch.logaddexp(l1, l2)  # (batch, q_heads, 1)
+    merged = (torch.exp(l1 - lse)[..., 0, None] * o1[:, 0].float() + torch.exp(l2 - lse)[..., 0, None] * o2[:, 0].float())
     ref, ref_lse = reference(q, k, v)
     assert_close(merged.unsqueeze(1).to(q.dtype), lse, ref, ref_lse)
 
@@ -154,7 +154,7 @@ def test_target_share_shrinks_grid_correctly(target_share):
     lens = [0, 1, 2 * t + 1, 7 * t + 3]
     q, k, v, sl = make_inputs(lens, 8, 2, 64, torch.bfloat16)
     out = poisoned_like(q)
-    lse = torch.empty(4, 8, dtype=torch.float32, device=q.device)
+    lse = torch.empty(4, 8, 1, dtype=torch.float32, device=q.device)
     cfg = KernelConfig(tile=t, num_warps=4, num_stages=1, programs_per_sm=1, target_share=target_share)
     launch(q, k, v, out, lse, sl, None, 64**-0.5, 16, cfg)
     assert_close(out, lse, *reference(q, k, v, sl))

@@ -26,7 +26,10 @@ q, k, v, sl = BASE["q"], BASE["k_cache"], BASE["v_cache"], BASE["cache_seqlens"]
 CASES = [
     ("rank", dict(q=q[:, 0]), ValueError, "q must be 4-D"),
     ("k rank", dict(k_cache=k[0]), ValueError, "k_cache must be 4-D"),
-    ("two query tokens", dict(q=torch.cat([q, q], 1)), ValueError, "one query token"),
+    ("q_len 0", dict(q=q[:, :0]), ValueError, "q_len 0 with a group of 2 gives 0"),
+    ("q_len over the maximum", dict(q=q.expand(2, 65, 4, 64)), ValueError, "q_len 65 with a group of 2 gives 130"),
+    ("fp8 q", dict(q=q.to(torch.float8_e4m3fn)), TypeError, "q must be float16 or bfloat16"),
+    ("fp8 k, fp16 v", dict(k_cache=k.to(torch.float8_e4m3fn)), TypeError, "k_cache and v_cache must share one dtype"),
     ("batch", dict(k_cache=k[:1], v_cache=v[:1]), ValueError, "batch 2"),
     ("k/v shapes", dict(v_cache=v[:, :10]), ValueError, "same shape"),
     ("head_dim mismatch", dict(k_cache=k[..., :32], v_cache=v[..., :32]), ValueError, "head_dim 64"),
@@ -76,4 +79,4 @@ def test_mixed_devices():
 def test_empty_batch():
     q0, k0, v0, sl0 = q[:0], k[:0], v[:0], sl[:0]
     out, lse = leanattn.decode(q0, k0, v0, sl0, return_lse=True)
-    assert out.shape == q0.shape and lse.shape == (0, 4)
+    assert out.shape == q0.shape and lse.shape == (0, 4, 1)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
-
+import triton.language as tl
 from triton import knobs
 
 from .kernels.config import KernelConfig, choose_config, interpreting, next_pow2
@@ -16,6 +17,11 @@ from .kernels.lean_decode import LOG2E, lean_decode_kernel
 __all__ = ["decode", "default_num_programs", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# Query rows of one kv head (q_len x group) the kernel packs into one block.
+MAX_QUERY_ROWS = 128
+# An unbounded window side, as an int the kernel compares with.
+_UNBOUNDED = 2**30
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
 MAX_PAGE_SIZE = 256
 # Sequences the kernel's share-locating loop reads per step.
@@ -51,6 +57,14 @@ def refuse_grad(*tensors: torch.Tensor) -> None:
             f"leanattn has no backward pass, and {', '.join(names)} require grad: call it under "
             "torch.no_grad() or torch.inference_mode(), or detach the inputs"
         )
+
+
+def check_sinks(sinks: torch.Tensor | None) -> None:
+    """Host-side check (a sync) that every sink logit is finite."""
+    if sinks is not None:
+        at = _first_bad(~torch.isfinite(sinks))
+        if at is not None:
+            _fail(ValueError, f"sinks[{at[0]}] = {float(sinks[at])} is not finite (query head {at[0]})")
 
 
 def _first_bad(bad: torch.Tensor) -> tuple[int, ...] | None:
@@ -109,18 +123,20 @@ def _validate(
         _check_tensor(name, t)
         if t.dim() != 4:
             _fail(ValueError, f"{name} must be 4-D, got shape {tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            _fail(TypeError, f"{name} must be float16 or bfloat16, got {t.dtype}")
+        allowed = SUPPORTED_DTYPES if name == "q" else SUPPORTED_DTYPES + FP8_DTYPES
+        if t.dtype not in allowed:
+            kinds = "float16 or bfloat16" + ("" if name == "q" else ", or float8_e4m3fn / float8_e5m2")
+            _fail(TypeError, f"{name} must be {kinds}, got {t.dtype}")
         if t.stride(-1) != 1 and t.numel():
             _fail(ValueError, f"{name} must have unit stride on its last dim, got strides {t.stride()}")
     batch, q_len, q_heads, head_dim = q.shape
     k_shape = k_cache.shape
     paged = block_table is not None
     layout = "(num_pages, page_size, kv_heads, head_dim)" if paged else "(batch, cache_len, kv_heads, head_dim)"
-    if q_len != 1:
-        _fail(ValueError, f"q must be (batch, 1, q_heads, head_dim) with one query token, got shape {tuple(q.shape)}")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        _fail(TypeError, f"q, k_cache, v_cache must share one dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if k_cache.dtype != v_cache.dtype:
+        _fail(TypeError, f"k_cache and v_cache must share one dtype, got {k_cache.dtype} and {v_cache.dtype}")
+    if k_cache.dtype not in FP8_DTYPES and k_cache.dtype != q.dtype:
+        _fail(TypeError, f"q and a float16/bfloat16 cache must share one dtype, got {q.dtype} and {k_cache.dtype}")
     if head_dim not in SUPPORTED_HEAD_DIMS:
         _fail(ValueError, f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim} (q shape {tuple(q.shape)})")
     if k_shape != v_cache.shape:
@@ -130,6 +146,9 @@ def _validate(
     kv_heads = k_shape[2]
     if kv_heads == 0 or q_heads % kv_heads != 0:
         _fail(ValueError, f"q_heads ({q_heads}) must be a positive multiple of kv_heads ({kv_heads})")
+    if q_len < 1 or q_len * (q_heads // kv_heads) > MAX_QUERY_ROWS:
+        _fail(ValueError, f"q_len x (q_heads / kv_heads) must be in [1, {MAX_QUERY_ROWS}]: q_len {q_len} with a group of "
+                          f"{q_heads // kv_heads} gives {q_len * (q_heads // kv_heads)} (q shape {tuple(q.shape)})")
     if not paged and k_shape[0] != batch:
         _fail(ValueError, f"k_cache must be {layout} with batch {batch} like q, got {tuple(k_shape)}")
     device = q.device
@@ -243,11 +262,12 @@ def _workspace(device: torch.device) -> _Workspace:
 
 
 @functools.lru_cache(maxsize=None)
-def _static_config(head_dim: int, dtype: torch.dtype, group: int) -> tuple:
-    """Launch config and the padded sizes derived from it, computed once per combination."""
-    config = choose_config(head_dim, dtype, group)
-    group_pad = max(16, next_pow2(group))  # tl.dot needs M >= 16
-    merge_rows = next_pow2(group)  # partials keep only the real rows
+def _static_config(head_dim: int, dtype: torch.dtype, rows: int) -> tuple:
+    """Launch config and the padded sizes derived from it, computed once per combination.
+    ``rows``: query rows of one kv head, q_len x group."""
+    config = choose_config(head_dim, dtype, rows)
+    group_pad = max(16, next_pow2(rows))  # tl.dot needs M >= 16
+    merge_rows = next_pow2(rows)  # partials keep only the real rows
     head_dim_pad = next_pow2(head_dim)
     # A merge step loads 8 partials at once when they fit in 64 fp32 registers a thread of four
     # warps, else 4 (the merge's latency is its number of steps).
@@ -348,21 +368,106 @@ def current_stream_handle(device: torch.device) -> int:
     return torch._C._cuda_getCurrentRawStream(index)
 
 
+@dataclass(frozen=True)
+class Features:
+    """A call's model features, normalised for the kernel (see :func:`resolve_features`)."""
+
+    q_len: int
+    window_left: int  # keys before the query a row sees; _UNBOUNDED when unbounded
+    window_right: int  # keys after it; 0 when causal
+    has_window: bool  # window_left bounded: tiles before every row's window are skipped
+    has_mask: bool  # some row sees fewer than all live keys
+    softcap: float  # 0: off
+    has_sinks: bool
+    fp8: bool
+
+
+def resolve_features(
+    q: torch.Tensor, k_cache: torch.Tensor, causal: bool, window_size: tuple[int, int], softcap: float,
+    sinks: torch.Tensor | None, k_scale: float | torch.Tensor | None, v_scale: float | torch.Tensor | None,
+) -> tuple[Features, torch.Tensor | None, torch.Tensor | None]:
+    """Check the model-feature arguments; return the features and the fp8 cache's
+    dequantisation scales as given, a float (default 1.0) or a float32 (kv_heads,) tensor (None
+    for fp16/bf16 caches; ``launch`` makes tensors of floats)."""
+    q_len, q_heads = q.shape[1], q.shape[2]
+    kv_heads = k_cache.shape[2]
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and w >= -1 for w in window_size)):
+        _fail(ValueError, f"window_size must be (left, right), ints >= -1 (-1: unbounded), got {window_size!r}")
+    left, right = window_size
+    left = _UNBOUNDED if left < 0 else left
+    right = 0 if causal else (_UNBOUNDED if right < 0 else right)  # causal: flash-attn's right = 0
+    if not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
+        _fail(ValueError, f"softcap must be a finite float >= 0 (0: off), got {softcap!r}")
+    if sinks is not None:
+        _check_tensor("sinks", sinks)
+        if sinks.dtype != torch.float32 or sinks.shape != (q_heads,) or sinks.device != q.device:
+            _fail(ValueError, f"sinks must be float32 ({q_heads},) on {q.device}, one logit per query head, "
+                              f"got {sinks.dtype} {tuple(sinks.shape)} on {sinks.device}")
+    fp8 = k_cache.dtype in FP8_DTYPES
+    scales = []
+    for name, x in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if not fp8:
+            if x is not None:
+                _fail(ValueError, f"{name} dequantises an fp8 cache; this cache is {k_cache.dtype}")
+            continue
+        x = 1.0 if x is None else x
+        _check_scale(name, x, kv_heads, q.device)
+        scales.append(x)
+    features = Features(
+        q_len, left, right, left < _UNBOUNDED, left < _UNBOUNDED or q_len - 1 > right, float(softcap),
+        sinks is not None, fp8,
+    )
+    return features, *(scales or (None, None))
+
+
+_SCALES: dict[tuple, torch.Tensor] = {}
+
+
+def _check_scale(name: str, x: object, kv_heads: int, device: torch.device) -> None:
+    if isinstance(x, torch.Tensor):
+        if x.dtype != torch.float32 or x.shape != (kv_heads,) or x.device != device:
+            _fail(ValueError, f"{name} must be a float or a float32 ({kv_heads},) tensor on {device}, one per kv "
+                              f"head, got {x.dtype} {tuple(x.shape)} on {x.device}")
+    elif isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        _fail(ValueError, f"{name} must be a finite float or a float32 ({kv_heads},) tensor, got {x!r}")
+
+
+def scale_tensor(x: float | torch.Tensor, kv_heads: int, device: torch.device) -> torch.Tensor:
+    """A (kv_heads,) float32 tensor of dequantisation multipliers from a float or a tensor."""
+    if isinstance(x, torch.Tensor):
+        return x
+    key = (float(x), kv_heads, device)
+    if key not in _SCALES:  # kept: a CUDA graph may hold it
+        _SCALES[key] = torch.full((kv_heads,), float(x), dtype=torch.float32, device=device)
+    return _SCALES[key]
+
+
 def kernel_constexprs(
-    q: torch.Tensor, kv_heads: int, page_size: int, config: KernelConfig, *, has_seqlens: bool,
-    has_leftpad: bool, planned: bool, return_lse: bool, pdl: bool,
+    q: torch.Tensor, k_cache: torch.Tensor, page_size: int, config: KernelConfig, features: Features, *,
+    has_seqlens: bool, has_leftpad: bool, planned: bool, return_lse: bool, pdl: bool,
 ) -> dict:
     """The compile-time parameters of ``lean_decode_kernel`` for one call."""
-    _, _, q_heads, head_dim = q.shape
-    group = q_heads // kv_heads
-    _, group_pad, merge_rows, head_dim_pad, merge_wide = _static_config(head_dim, q.dtype, group)
+    _, q_len, q_heads, head_dim = q.shape
+    group = q_heads // k_cache.shape[2]
+    _, rows, merge_rows, head_dim_pad, merge_wide = _static_config(head_dim, q.dtype, q_len * group)
+    # The interpreter's bf16 dot is wrong: it computes in fp32. On the GPU the dots take q's
+    # dtype (an fp8 cache is converted in registers).
+    dot_dtype = tl.float32 if interpreting() else (tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16)
     return dict(
-        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+        GROUP=group, Q_LEN=q_len, ROWS=rows, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         TILE=config.tile, PAGE_SIZE=page_size, TARGET_SHARE=config.target_share,
         MERGE_ROWS=merge_rows, MERGE_WIDE=merge_wide, ARRIVE_CHUNK=_ARRIVE_CHUNK,
-        HAS_SEQLENS=has_seqlens, HAS_LEFTPAD=has_leftpad, PLANNED=planned, RETURN_LSE=return_lse,
-        UPCAST_DOT=interpreting(), BLOCK_B=_BLOCK_B, USE_PDL=pdl,
+        HAS_SEQLENS=has_seqlens, HAS_LEFTPAD=has_leftpad, HAS_WINDOW=features.has_window,
+        HAS_MASK=features.has_mask, HAS_SOFTCAP=features.softcap > 0, HAS_SINKS=features.has_sinks,
+        HAS_KV_SCALE=features.fp8, PLANNED=planned, RETURN_LSE=return_lse, DOT_DTYPE=dot_dtype,
+        BLOCK_B=_BLOCK_B, USE_PDL=pdl,
     )
+
+
+def kernel_scale(softmax_scale: float, features: Features) -> float:
+    """The kernel's ``scale``: natural units under softcap (it applies tanh first), else log2."""
+    return softmax_scale if features.softcap > 0 else softmax_scale * LOG2E
 
 
 def launch(
@@ -377,17 +482,24 @@ def launch(
     num_programs: int | None,
     config: KernelConfig | None = None,
     cache_leftpad: torch.Tensor | None = None,
+    features: Features | None = None,
+    sinks: torch.Tensor | None = None,
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
 ) -> None:
-    """Run the kernel on validated inputs, writing ``out`` (and ``lse`` when given); each program
-    locates its own share.
+    """Run the kernel on validated inputs, writing ``out`` (and ``lse`` (batch, q_heads, q_len)
+    when given); each program locates its own share. ``features`` defaults to plain causal
+    attention of q's q_len; ``k_scale``/``v_scale`` as from :func:`resolve_features`.
 
     ``config`` overrides the heuristic launch configuration (used by the tuning sweeps).
     """
-    batch, _, q_heads, head_dim = q.shape
+    batch, q_len, q_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     if batch == 0:
         return
-    default, _, merge_rows, head_dim_pad, _ = _static_config(head_dim, q.dtype, q_heads // kv_heads)
+    if features is None:
+        features, k_scale, v_scale = resolve_features(q, k_cache, True, (-1, -1), 0.0, None, None, None)
+    default, _, merge_rows, head_dim_pad, _ = _static_config(head_dim, q.dtype, q_len * (q_heads // kv_heads))
     config = config or default
     programs = num_programs or default_num_programs(q.device, config)
     acc, stats, tickets, chunk_tickets = _workspace(q.device).get(q.device, programs, merge_rows, head_dim_pad)
@@ -396,26 +508,33 @@ def launch(
     else:
         page_size, bt, stride_btb = k_cache.shape[1], block_table, block_table.stride(0)
         capacity = block_table.shape[1] * page_size
+    if features.fp8:
+        k_scale, v_scale = (scale_tensor(x, kv_heads, q.device) for x in (k_scale, v_scale))
+    dummy = acc
     args = (
-        q, k_cache, v_cache, out, lse if lse is not None else acc,
+        q, k_cache, v_cache, out, lse if lse is not None else dummy,
         cache_seqlens if cache_seqlens is not None else tickets,
-        cache_leftpad if cache_leftpad is not None else tickets, bt, tickets,
+        cache_leftpad if cache_leftpad is not None else tickets, bt,
+        sinks if sinks is not None else dummy, k_scale if k_scale is not None else dummy,
+        v_scale if v_scale is not None else dummy, tickets,
         acc, stats, tickets, chunk_tickets,
-        q.stride(0), q.stride(2),
+        q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(2),
-        *((lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)),
+        out.stride(0), out.stride(1), out.stride(2),
+        *((lse.stride(0), lse.stride(1), lse.stride(2)) if lse is not None else (0, 0, 0)),
         stride_btb,
-        batch, kv_heads, capacity, k_cache.shape[0] if block_table is not None else 0, softmax_scale * LOG2E,
+        batch, kv_heads, capacity, k_cache.shape[0] if block_table is not None else 0,
+        features.window_left, features.window_right, kernel_scale(softmax_scale, features), features.softcap,
     )
     pdl = use_pdl(q.device)
-    layout = (layout_of(q, k_cache, v_cache, out, lse, cache_seqlens, cache_leftpad, block_table),
-              batch, capacity, programs, config, pdl)
+    layout = (layout_of(q, k_cache, v_cache, out, lse, cache_seqlens, cache_leftpad, block_table, sinks,
+                        k_scale, v_scale),
+              batch, capacity, programs, config, pdl, features)
     launch_cached(
         lean_decode_kernel, programs, layout, args,
         lambda: kernel_constexprs(
-            q, kv_heads, page_size, config, has_seqlens=cache_seqlens is not None,
+            q, k_cache, page_size, config, features, has_seqlens=cache_seqlens is not None,
             has_leftpad=cache_leftpad is not None, planned=False, return_lse=lse is not None, pdl=pdl,
         ),
         config, pdl, q.device,
@@ -431,6 +550,12 @@ def decode(
     block_table: torch.Tensor | None = None,
     cache_leftpad: torch.Tensor | None = None,
     softmax_scale: float | None = None,
+    causal: bool = True,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
     return_lse: bool = False,
     out: torch.Tensor | None = None,
     num_programs: int | None = None,
@@ -439,9 +564,12 @@ def decode(
     """Exact decode attention with LeanAttention's stream-K partition.
 
     Args:
-        q: (batch, 1, q_heads, head_dim), fp16 or bf16.
+        q: (batch, q_len, q_heads, head_dim), fp16 or bf16: the q_len newest tokens of each
+            sequence (the last q_len of its live keys, as after flash-attn's KV append);
+            q_len x (q_heads / kv_heads) <= 128.
         k_cache, v_cache: (batch, cache_len, kv_heads, head_dim) with any strides but a unit last
             stride; or, with ``block_table``, pages (num_pages, page_size, kv_heads, head_dim).
+            fp16/bf16 like q, or both fp8 (float8_e4m3fn / float8_e5m2) with k_scale/v_scale.
         cache_seqlens: int32 (batch,), where each sequence's live tokens end; ``None`` means
             ``cache_len`` (or the block table's capacity). Clamped to [cache_leftpad, capacity].
         block_table: int32 (batch, max_pages_per_seq) page indices for a paged cache.
@@ -449,36 +577,51 @@ def decode(
             in ``flash_attn_with_kvcache``); ``None`` means 0. Clamped to [0, capacity]. The
             keys are cache positions ``[cache_leftpad[b], cache_seqlens[b])``.
         softmax_scale: defaults to ``head_dim ** -0.5``.
-        return_lse: also return the natural-log log-sum-exp, float32 (batch, q_heads).
-        out: optional (batch, 1, q_heads, head_dim) tensor to write into.
+        causal: query i of a sequence of L live keys sees keys [0, L - q_len + i] (flash-attn's
+            bottom-right alignment); False: every key (within the window).
+        window_size: (left, right): a query at key position p sees keys [p - left, p + right]
+            (right is 0 when causal); -1: unbounded. Keys before every query's window are not
+            read.
+        softcap: > 0: scaled scores s become softcap * tanh(s / softcap) before the softmax.
+        sinks: float32 (q_heads,), one sink logit per query head (in scaled-score units): the
+            softmax runs over [scores, sink], the sink carrying no value.
+        k_scale, v_scale: dequantisation multipliers of an fp8 cache (real K = stored K x
+            k_scale): a float or float32 (kv_heads,); default 1; refused for fp16/bf16 caches.
+        return_lse: also return the natural-log log-sum-exp, float32 (batch, q_heads, q_len).
+        out: optional tensor like q to write into.
         num_programs: persistent grid size; defaults to SMs x programs per SM.
-        check: also validate the values of ``cache_seqlens``, ``cache_leftpad`` and the live
-            slots of ``block_table`` on the host (a device sync: not for CUDA graphs or fast
-            paths), raising ValueError naming the sequence, slot and value. Without it, lengths
-            are clamped and an out-of-range page gives that sequence NaN rows (see README).
+        check: also validate the values of ``cache_seqlens``, ``cache_leftpad``, the live slots
+            of ``block_table`` and ``sinks`` on the host (a device sync: not for CUDA graphs or
+            fast paths), raising ValueError naming the sequence, slot and value. Without it,
+            lengths are clamped and an out-of-range page gives that sequence NaN rows.
 
     Returns:
-        (batch, 1, q_heads, head_dim) in q's dtype, and the LSE when ``return_lse``.
+        Like q, in q's dtype, and the LSE when ``return_lse``.
     """
     _validate(q, k_cache, v_cache, cache_seqlens, block_table, out, cache_leftpad)
     refuse_grad(q, k_cache, v_cache)
+    features, ks, vs = resolve_features(q, k_cache, causal, window_size, softcap, sinks, k_scale, v_scale)
     if check:
         capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
         check_lengths(cache_seqlens, cache_leftpad, capacity)
         if block_table is not None:
             check_pages(block_table, k_cache.shape[0], k_cache.shape[1], cache_seqlens, cache_leftpad)
+        check_sinks(sinks)
     if num_programs is not None and (not isinstance(num_programs, int) or num_programs < 1):
         raise ValueError(f"num_programs must be a positive int, got {num_programs!r}")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if not math.isfinite(scale):
         raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
     result = torch.empty_like(q) if out is None else out
-    lse = torch.empty(q.shape[0], q.shape[2], dtype=torch.float32, device=q.device) if return_lse else None
+    lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device) if return_lse else None
     if torch.compiler.is_compiling():
+        tensors = [x if isinstance(x, torch.Tensor) else None for x in (ks, vs)]
+        floats = [x if isinstance(x, (int, float)) else 1.0 for x in (ks, vs)]
         torch.ops.leanattn.decode_into(
-            q, k_cache, v_cache, result, lse, cache_seqlens, block_table, scale, num_programs or 0, cache_leftpad
+            q, k_cache, v_cache, result, lse, cache_seqlens, block_table, scale, num_programs or 0, cache_leftpad,
+            causal, list(window_size), float(softcap), sinks, *tensors, *floats,
         )
     else:
         launch(q, k_cache, v_cache, result, lse, cache_seqlens, block_table, scale, num_programs,
-               cache_leftpad=cache_leftpad)
+               cache_leftpad=cache_leftpad, features=features, sinks=sinks, k_scale=ks, v_scale=vs)
     return (result, lse) if return_lse else result

@@ -21,6 +21,7 @@ import torch
 
 from . import api
 from .api import (
+    Features,
     _check_lengths,
     _fail,
     _static_config,
@@ -28,15 +29,20 @@ from .api import (
     _Workspace,
     check_lengths,
     check_pages,
+    check_sinks,
     default_num_programs,
     kernel_constexprs,
+    kernel_scale,
     launch_cached,
     layout_of,
     refuse_grad,
+    resolve_features,
     run_direct,
+    scale_tensor,
     use_pdl,
 )
-from .kernels.lean_decode import LOG2E, lean_decode_kernel
+from .kernels.config import interpreting
+from .kernels.lean_decode import lean_decode_kernel
 from .kernels.plan import PLAN_FIELDS, lean_plan_kernel
 
 __all__ = ["DecodeWrapper"]
@@ -49,8 +55,11 @@ class DecodeWrapper:
 
     Args:
         q_heads, kv_heads, head_dim: the attention layers' shape (q_heads a multiple of kv_heads).
-        dtype: q, cache and output dtype (float16 or bfloat16).
+        dtype: q and output dtype (float16 or bfloat16).
         device: where everything lives.
+        kv_dtype: the caches' dtype: ``dtype`` (default), or float8_e4m3fn / float8_e5m2.
+        max_q_len: the most query tokens per sequence a step will have (the workspace is sized
+            for it); q_len x (q_heads / kv_heads) <= 128.
         num_programs: persistent grid size; default SMs x programs per SM.
         softmax_scale: default ``head_dim ** -0.5``.
 
@@ -67,6 +76,8 @@ class DecodeWrapper:
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cuda",
         *,
+        kv_dtype: torch.dtype | None = None,
+        max_q_len: int = 1,
         num_programs: int | None = None,
         softmax_scale: float | None = None,
     ) -> None:
@@ -75,37 +86,44 @@ class DecodeWrapper:
             _fail(RuntimeError, "create the DecodeWrapper before capturing a CUDA graph: it allocates its buffers")
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
+        kv_dtype = dtype if kv_dtype is None else kv_dtype
         # Check the shape once here with a probe of the layers' own shape (batch 1, capacity 1).
-        probe_q = torch.empty(1, 1, q_heads, head_dim, dtype=dtype, device=device)
-        probe_kv = torch.empty(1, 1, kv_heads, head_dim, dtype=dtype, device=device)
+        probe_q = torch.empty(1, max_q_len, q_heads, head_dim, dtype=dtype, device=device)
+        probe_kv = torch.empty(1, 1, kv_heads, head_dim, dtype=kv_dtype, device=device)
         _validate(probe_q, probe_kv, probe_kv, None, None, None)
         if num_programs is not None and (not isinstance(num_programs, int) or num_programs < 1):
             _fail(ValueError, f"num_programs must be a positive int, got {num_programs!r}")
         scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
         if not math.isfinite(scale):
             _fail(ValueError, f"softmax_scale must be finite, got {softmax_scale}")
-        self.q_heads, self.kv_heads, self.head_dim, self.dtype, self.device = q_heads, kv_heads, head_dim, dtype, device
+        self.q_heads, self.kv_heads, self.head_dim = q_heads, kv_heads, head_dim
+        self.dtype, self.kv_dtype, self.device, self.max_q_len = dtype, kv_dtype, device, max_q_len
         self.softmax_scale = scale
-        self._qk_scale = scale * LOG2E
-        self._config, _, merge_rows, head_dim_pad, _ = _static_config(head_dim, dtype, q_heads // kv_heads)
+        group = q_heads // kv_heads
+        self._config, _, merge_rows, head_dim_pad, _ = _static_config(head_dim, dtype, group)
         self.num_programs = num_programs or default_num_programs(device, self._config)
+        rows = _static_config(head_dim, dtype, max_q_len * group)[2]
         ws = _Workspace()
-        self._acc, self._stats, self._tickets, self._chunk_tickets = ws.get(
-            device, self.num_programs, merge_rows, head_dim_pad)
+        self._acc, self._stats, self._tickets, self._chunk_tickets = ws.get(device, self.num_programs, rows, head_dim_pad)
         self._plan = torch.zeros(self.num_programs, PLAN_FIELDS.value, dtype=torch.int32, device=device)
         self._pdl = use_pdl(device)
         self._seqlens: torch.Tensor | None = None
         self._leftpad: torch.Tensor | None = None
         self._capacity = 0
         self._batch = -1
+        self._q_len = 1
+        self._causal, self._window_size = True, (-1, -1)
         self._plan_layout: tuple = ()
-        # Compiled runs by layout (see api.launch_cached); the buffers above, the grid and the
-        # config are the wrapper's own, so they need no place in the key.
+        # Compiled runs by layout (see api.launch_cached) and the features resolved for them;
+        # the buffers above, the grid and the config are the wrapper's own, so they need no
+        # place in the key.
         self._direct: dict[tuple, tuple] = {}
+        self._features: dict[tuple, Features] = {}
 
     def plan(
         self, cache_seqlens: torch.Tensor | None, capacity: int, *, batch: int | None = None,
-        cache_leftpad: torch.Tensor | None = None, check: bool = False,
+        cache_leftpad: torch.Tensor | None = None, q_len: int = 1, causal: bool = True,
+        window_size: tuple[int, int] = (-1, -1), check: bool = False,
     ) -> None:
         """Compute every program's share for this step's lengths, on the device (no host sync).
 
@@ -117,6 +135,9 @@ class DecodeWrapper:
                 ``max_pages_per_seq * page_size`` of a paged one. ``run`` checks it.
             batch: number of sequences, when ``cache_seqlens`` is ``None``.
             cache_leftpad: int32 (batch,), where each sequence's live tokens start; ``None``: 0.
+            q_len: query tokens per sequence (at most ``max_q_len``).
+            causal, window_size: as in :func:`leanattn.decode`; keys before every query's window
+                are left out of the shares.
             check: validate the lengths' values on the host (a device sync: leave it off in
                 CUDA graphs and fast paths); ValueError names the sequence and the value.
 
@@ -134,14 +155,20 @@ class DecodeWrapper:
                     _fail(ValueError, f"{name} is on {t.device}, the wrapper on {self.device}")
         if not isinstance(capacity, int) or capacity < 0:
             _fail(ValueError, f"capacity must be a non-negative int, got {capacity!r}")
+        if not isinstance(q_len, int) or not 1 <= q_len <= self.max_q_len:
+            _fail(ValueError, f"q_len must be in [1, max_q_len={self.max_q_len}], got {q_len!r}")
+        probe_q = torch.empty(1, q_len, self.q_heads, self.head_dim, dtype=self.dtype, device=self.device)
+        probe_kv = torch.empty(1, 1, self.kv_heads, self.head_dim, dtype=self.kv_dtype, device=self.device)
+        features = resolve_features(probe_q, probe_kv, causal, window_size, 0.0, None, None, None)[0]
         if check:
             check_lengths(cache_seqlens, cache_leftpad, capacity)
         tile = self._config.tile
         if batch * self.kv_heads * max(1, -(-capacity // tile)) >= 2**31:
             _fail(ValueError, f"batch {batch} x kv_heads {self.kv_heads} x capacity {capacity} is over 2^31 tiles of {tile}")
         self._seqlens, self._leftpad, self._capacity, self._batch = cache_seqlens, cache_leftpad, capacity, batch
+        self._q_len, self._causal, self._window_size = q_len, causal, tuple(window_size)
         # What the run's compiled kernel depends on in the plan's inputs.
-        self._plan_layout = (layout_of(cache_seqlens, cache_leftpad), batch, capacity)
+        self._plan_layout = (layout_of(cache_seqlens, cache_leftpad), batch, capacity, q_len, causal, self._window_size)
         if batch == 0:
             return
         dummy = self._tickets
@@ -149,9 +176,10 @@ class DecodeWrapper:
         lean_plan_kernel[(self.num_programs,)](
             cache_seqlens if cache_seqlens is not None else dummy,
             cache_leftpad if cache_leftpad is not None else dummy,
-            self._plan, batch, self.kv_heads, capacity,
-            HAS_SEQLENS=cache_seqlens is not None, HAS_LEFTPAD=cache_leftpad is not None, TILE=tile,
-            TARGET_SHARE=self._config.target_share, BLOCK_B=_BLOCK_B, USE_PDL=self._pdl, num_warps=4, **extra,
+            self._plan, batch, self.kv_heads, capacity, features.window_left,
+            HAS_SEQLENS=cache_seqlens is not None, HAS_LEFTPAD=cache_leftpad is not None, Q_LEN=q_len,
+            HAS_WINDOW=features.has_window, TILE=tile, TARGET_SHARE=self._config.target_share, BLOCK_B=_BLOCK_B,
+            USE_PDL=self._pdl, num_warps=4, **extra,
         )
 
     def run(
@@ -161,6 +189,10 @@ class DecodeWrapper:
         v_cache: torch.Tensor,
         *,
         block_table: torch.Tensor | None = None,
+        softcap: float = 0.0,
+        sinks: torch.Tensor | None = None,
+        k_scale: float | torch.Tensor | None = None,
+        v_scale: float | torch.Tensor | None = None,
         out: torch.Tensor | None = None,
         return_lse: bool = False,
         check: bool = False,
@@ -168,24 +200,25 @@ class DecodeWrapper:
         """Attention of one layer over the planned lengths.
 
         Args:
-            q: (batch, 1, q_heads, head_dim) in the wrapper's dtype.
+            q: (batch, q_len, q_heads, head_dim) in the wrapper's dtype (q_len as planned).
             k_cache, v_cache: (batch, capacity, kv_heads, head_dim), any strides with a unit last
                 stride; or pages (num_pages, page_size, kv_heads, head_dim) with ``block_table``
                 int32 (batch, capacity / page_size).
-            out: optional (batch, 1, q_heads, head_dim) to write into.
-            return_lse: also return the natural-log LSE, float32 (batch, q_heads).
-            check: validate the live slots of ``block_table`` on the host (a device sync);
-                without it an out-of-range page gives its sequence NaN rows.
+            softcap, sinks, k_scale, v_scale: this layer's, as in :func:`leanattn.decode`.
+            out: optional tensor like q to write into.
+            return_lse: also return the natural-log LSE, float32 (batch, q_heads, q_len).
+            check: validate the live slots of ``block_table`` and the sinks on the host (a device
+                sync); without it an out-of-range page gives its sequence NaN rows.
 
         Returns:
-            (batch, 1, q_heads, head_dim), and the LSE when ``return_lse``.
+            Like q, and the LSE when ``return_lse``.
         """
         if self._batch < 0:
             _fail(RuntimeError, "DecodeWrapper.run before plan: call plan(cache_seqlens, capacity) once per step")
         refuse_grad(q, k_cache, v_cache)
         if out is None:
             out = torch.empty_like(q)
-        lse = torch.empty(q.shape[0], self.q_heads, dtype=torch.float32, device=q.device) if return_lse else None
+        lse = torch.empty(q.shape[0], self.q_heads, q.shape[1], dtype=torch.float32, device=q.device) if return_lse else None
         # Everything the compiled kernel depends on (see launch_cached), read once: this is the
         # per-layer host path, so no attribute is read twice.
         qs, ks, vs, os_ = q.stride(), k_cache.stride(), v_cache.stride(), out.stride()
@@ -194,29 +227,44 @@ class DecodeWrapper:
         aligned = (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3]) % 16 == 0 or tuple(p % 16 == 0 for p in ptrs)
         layout = (q.shape, qs, q.dtype, q.device, k_cache.shape, ks, k_cache.dtype, k_cache.device,
                   v_cache.shape, vs, v_cache.dtype, v_cache.device, out.shape, os_, out.dtype, out.device,
-                  aligned, return_lse, layout_of(block_table), self._plan_layout, self._pdl)
-        hit = self._direct.get(layout)
-        if hit is None:  # a layout not seen yet (or the interpreter): the full checks
+                  aligned, return_lse, layout_of(block_table), self._plan_layout, self._pdl, softcap,
+                  None if sinks is None else layout_of(sinks),
+                  k_scale if not isinstance(k_scale, torch.Tensor) else layout_of(k_scale),
+                  v_scale if not isinstance(v_scale, torch.Tensor) else layout_of(v_scale))
+        features = self._features.get(layout)
+        if features is None:  # a layout not seen yet (or the interpreter): the full checks
             self._check(q, k_cache, v_cache, block_table, out)
-        if check and block_table is not None:
-            check_pages(block_table, k_cache.shape[0], k_cache.shape[1], self._seqlens, self._leftpad)
+            features, _, _ = resolve_features(q, k_cache, self._causal, self._window_size, softcap, sinks,
+                                              k_scale, v_scale)
+            if not interpreting():
+                self._features[layout] = features
+        if check:
+            if block_table is not None:
+                check_pages(block_table, k_cache.shape[0], k_cache.shape[1], self._seqlens, self._leftpad)
+            check_sinks(sinks)
         if self._batch == 0:
             return (out, lse) if return_lse else out
         if block_table is None:
             page_size, bt, stride_btb, num_pages = 0, self._tickets, 0, 0
         else:
             page_size, bt, stride_btb, num_pages = k_cache.shape[1], block_table, block_table.stride(0), k_cache.shape[0]
-        dummy = self._tickets
+        if features.fp8:
+            k_scale, v_scale = (scale_tensor(1.0 if x is None else x, self.kv_heads, self.device) for x in (k_scale, v_scale))
+        dummy = self._acc
         args = (
             q, k_cache, v_cache, out, lse if lse is not None else dummy,
-            self._seqlens if self._seqlens is not None else dummy,
-            self._leftpad if self._leftpad is not None else dummy,
-            bt, self._plan, self._acc, self._stats, self._tickets, self._chunk_tickets,
-            qs[0], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], os_[0], os_[2],
-            *((self.q_heads, 1) if lse is not None else (0, 0)),
+            self._seqlens if self._seqlens is not None else self._tickets,
+            self._leftpad if self._leftpad is not None else self._tickets,
+            bt, sinks if sinks is not None else dummy, k_scale if features.fp8 else dummy,
+            v_scale if features.fp8 else dummy,
+            self._plan, self._acc, self._stats, self._tickets, self._chunk_tickets,
+            qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], os_[0], os_[1], os_[2],
+            *((self.q_heads * q.shape[1], q.shape[1], 1) if lse is not None else (0, 0, 0)),
             stride_btb,
-            self._batch, self.kv_heads, self._capacity, num_pages, self._qk_scale,
+            self._batch, self.kv_heads, self._capacity, num_pages, features.window_left, features.window_right,
+            kernel_scale(self.softmax_scale, features), features.softcap,
         )
+        hit = self._direct.get(layout)
         if hit is not None:
             try:
                 run_direct(hit, self.num_programs, self.device, args)
@@ -227,7 +275,7 @@ class DecodeWrapper:
         launch_cached(
             lean_decode_kernel, self.num_programs, layout, args,
             lambda: kernel_constexprs(
-                q, self.kv_heads, page_size, self._config, has_seqlens=self._seqlens is not None,
+                q, k_cache, page_size, self._config, features, has_seqlens=self._seqlens is not None,
                 has_leftpad=self._leftpad is not None, planned=True, return_lse=return_lse, pdl=self._pdl,
             ),
             self._config, self._pdl, self.device, cache=self._direct,
@@ -237,13 +285,15 @@ class DecodeWrapper:
     def _check(self, q, k_cache, v_cache, block_table, out) -> None:
         """Every input check of ``leanattn.decode``, plus agreement with the wrapper and the plan."""
         _validate(q, k_cache, v_cache, None, block_table, out)
-        shape = (q.shape[2], k_cache.shape[2], q.shape[3], q.dtype, q.device)
-        want = (self.q_heads, self.kv_heads, self.head_dim, self.dtype, self.device)
+        shape = (q.shape[2], k_cache.shape[2], q.shape[3], q.dtype, k_cache.dtype, q.device)
+        want = (self.q_heads, self.kv_heads, self.head_dim, self.dtype, self.kv_dtype, self.device)
         if shape != want:
-            _fail(ValueError, "this DecodeWrapper is for (q_heads, kv_heads, head_dim, dtype, device) = "
+            _fail(ValueError, "this DecodeWrapper is for (q_heads, kv_heads, head_dim, dtype, kv_dtype, device) = "
                   f"{want}, got {shape}")
         if q.shape[0] != self._batch:
             _fail(ValueError, f"planned for batch {self._batch}, got q of batch {q.shape[0]}")
+        if q.shape[1] != self._q_len:
+            _fail(ValueError, f"planned for q_len {self._q_len}, got q of q_len {q.shape[1]}")
         capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
         if capacity != self._capacity:
             what = "k_cache.shape[1]" if block_table is None else "block_table.shape[1] * page_size"

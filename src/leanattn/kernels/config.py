@@ -39,15 +39,18 @@ def next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def choose_config(head_dim: int, dtype: torch.dtype, group: int) -> KernelConfig:
-    """Heuristic launch configuration for one (head_dim, dtype, group size)."""
-    del dtype, group  # fp16 and bf16 move the same bytes; the sweeps showed no clear group effect
+def choose_config(head_dim: int, dtype: torch.dtype, rows: int) -> KernelConfig:
+    """Heuristic launch configuration for one (head_dim, dtype, query rows of a kv head:
+    q_len x group size)."""
+    del dtype  # fp16 and bf16 move the same bytes
     if interpreting():
         # The interpreter runs programs one by one: few, wide tiles keep the tests fast.
         return KernelConfig(tile=32, num_warps=4, num_stages=1, programs_per_sm=1)
-    if head_dim > 128:
-        # K+V tiles of 64 x 256 take 64 KiB a stage: one program per SM, more warps to issue.
+    if head_dim > 128 or rows > 32:
+        # K+V tiles of 64 x 256 take 64 KiB a stage, and over 32 query rows the accumulator
+        # takes (rows x head_dim) fp32 registers: one program per SM, more warps to issue.
         return KernelConfig(tile=64, num_warps=8, num_stages=3, programs_per_sm=1, target_share=4)
+    # The sweeps showed no clear effect of the group size up to 8 rows.
     # 64 x 128 tiles, 3 stages: 70 KiB of shared memory, so both programs of an SM are resident.
     # Paged caches add a dependent page-number load per tile; two programs per SM hide it.
     return KernelConfig(tile=64, num_warps=4, num_stages=3, programs_per_sm=2, target_share=4)

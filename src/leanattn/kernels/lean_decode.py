@@ -24,42 +24,83 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _attend_tiles(
-    q, K, V, BlockTable, b, h, first, length, tile_start, tile_end, qk_scale, num_pages,
-    stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
-    GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, UPCAST_DOT: tl.constexpr,
-):
-    """Online softmax of the group's queries ``q`` (GROUP_PAD, HEAD_DIM_PAD) over tiles
-    ``[tile_start, tile_end)`` of head (b, h), whose live tokens are cache positions
-    ``[first, first + length)``. Returns unnormalised (acc, m, l), m in log2 units.
+def _tanh(x):
+    """tanh from exp2, exact to fp32 rounding in absolute terms (what a softmax exponent needs)."""
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
 
-    Paged: a live token whose page number is outside [0, num_pages) is never read; its score is
-    NaN, so the head's (acc, l) and everything merged from them are NaN."""
+
+@triton.jit
+def _score_mod(
+    qk, scale, softcap, key, in_range, bad, query, window_left, window_right,
+    HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, PAGED: tl.constexpr,
+):
+    """Scores in log2 units from the raw products ``qk`` (ROWS, TILE), then every mask.
+
+    ``scale`` is softmax_scale x k_scale in natural units with HAS_SOFTCAP (softcap * tanh(s /
+    softcap), flash-attn's convention, before the softmax), else already times log2(e).
+    ``key`` (TILE,) numbers the keys from the sequence's first live key, ``query`` (ROWS,) is each
+    row's query position in the same numbering: a row sees keys in [query - window_left, query +
+    window_right] (causal: window_right = 0). Keys past the live range give -inf; keys on an
+    out-of-range page (``bad``) NaN, which poisons the row as the API promises."""
+    if HAS_SOFTCAP:
+        s = _tanh(qk * (scale / softcap)) * (softcap * 1.4426950408889634)
+    else:
+        s = qk * scale
+    keep = in_range[None, :]
+    if HAS_MASK:
+        keep = keep & (key[None, :] >= query[:, None] - window_left) & (key[None, :] <= query[:, None] + window_right)
+    s = tl.where(keep, s, float("-inf"))
+    if PAGED:
+        s = tl.where(bad[None, :], float("nan"), s)
+    return s
+
+
+@triton.jit
+def _attend_tiles(
+    q, K, V, BlockTable, b, h, first, length, lo, live, tile_start, tile_end, scale, softcap,
+    window_left, window_right, num_pages,
+    stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
+    GROUP: tl.constexpr, Q_LEN: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr, TILE: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """Online softmax of the packed query rows ``q`` (ROWS, HEAD_DIM_PAD) over tiles
+    ``[tile_start, tile_end)`` of head (b, h). The tiles cover cache positions ``[first, first +
+    length)``, keys ``lo ...`` of the ``live`` live keys (see plan._live_range). Row r is query
+    token r // GROUP of head h * GROUP + r % GROUP. Returns unnormalised (acc, m, l), m in log2
+    units.
+
+    Loading K/V (contiguous or paged, any dtype, converted to DOT_DTYPE in registers) is the first
+    stage of a tile, ``_score_mod`` the second, the online softmax the third. Paged: a live token
+    whose page number is outside [0, num_pages) is never read."""
     offs_n = tl.arange(0, TILE)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask_d = offs_d < HEAD_DIM
-    m_i = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((GROUP_PAD,), dtype=tl.float32)
-    acc = tl.zeros((GROUP_PAD, HEAD_DIM_PAD), dtype=tl.float32)
+    rows = tl.arange(0, ROWS)
+    query = live - Q_LEN + rows // GROUP  # each row's position, in keys
+    m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((ROWS,), dtype=tl.float32)
+    acc = tl.zeros((ROWS, HEAD_DIM_PAD), dtype=tl.float32)
     b64 = b.to(tl.int64)
     table = BlockTable + b64 * stride_btb
+    bad = offs_n < 0
     if PAGE_SIZE > 0:
         # Page numbers are read one tile ahead, so a tile's K/V addresses never wait on a load
         # issued in the same iteration.
         tok = tile_start * TILE + offs_n
         page = tl.load(table + (first + tok) // PAGE_SIZE, mask=tok < length, other=0)
     for tile in range(tile_start, tile_end):
+        # Load the tile's K and V.
         tok = tile * TILE + offs_n
-        mask_n = tok < length
+        in_range = tok < length
         pos = first + tok  # cache position
-        read = mask_n
+        read = in_range
         if PAGE_SIZE == 0:
             k_rows = b64 * stride_kb + pos.to(tl.int64) * stride_kn
             v_rows = b64 * stride_vb + pos.to(tl.int64) * stride_vn
         else:
-            bad = mask_n & ((page < 0) | (page >= num_pages))
-            read = mask_n & ~bad
+            bad = in_range & ((page < 0) | (page >= num_pages))
+            read = in_range & ~bad
             slot = pos % PAGE_SIZE
             k_rows = page.to(tl.int64) * stride_kb + slot * stride_kn
             v_rows = page.to(tl.int64) * stride_vb + slot * stride_vn
@@ -67,47 +108,56 @@ def _attend_tiles(
             page = tl.load(table + (first + next_tok) // PAGE_SIZE,
                            mask=(next_tok < length) & (next_tok < tile_end * TILE), other=0)
         mask_nd = read[:, None] & mask_d[None, :]
-        k = tl.load(K + (k_rows + h * stride_kh)[:, None] + offs_d[None, :], mask=mask_nd, other=0.0)
-        v = tl.load(V + (v_rows + h * stride_vh)[:, None] + offs_d[None, :], mask=mask_nd, other=0.0)
-        if UPCAST_DOT:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        if PAGE_SIZE > 0:
-            s = tl.where(bad[None, :], float("nan"), s)
+        k = tl.load(K + (k_rows + h * stride_kh)[:, None] + offs_d[None, :], mask=mask_nd, other=0.0).to(DOT_DTYPE)
+        v = tl.load(V + (v_rows + h * stride_vh)[:, None] + offs_d[None, :], mask=mask_nd, other=0.0).to(DOT_DTYPE)
+        # Scores, then the online softmax.
+        s = _score_mod(tl.dot(q, tl.trans(k)), scale, softcap, lo + tok, in_range, bad, query,
+                       window_left, window_right, HAS_SOFTCAP, HAS_MASK, PAGE_SIZE > 0)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row that has seen no valid token keeps m = -inf; shift by 0 there to avoid inf - inf.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_shift)
         p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v)
         m_i = m_new
     return acc, m_i, l_i
 
 
 @triton.jit
 def _write_output(
-    Out, Lse, b, h, acc, m_i, l_i,
-    stride_ob, stride_oh, stride_lb, stride_lh,
-    GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr, RETURN_LSE: tl.constexpr,
+    Out, Lse, Sinks, b, h, acc, m_i, l_i, v_scale,
+    stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+    GROUP: tl.constexpr, Q_LEN: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr, RETURN_LSE: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
-    """Normalise and store the group's rows (the first GROUP of ROWS); an empty head gives zeros
-    and LSE -inf, a NaN head (an out-of-range page) NaN for both."""
+    """Normalise and store the real rows (the first Q_LEN * GROUP of ROWS).
+
+    With sinks, each head's sink logit joins the softmax's denominator and carries no value. An
+    empty row gives zeros and LSE -inf (the sink's logit with sinks), a NaN row (an
+    out-of-range page) NaN for both. ``v_scale`` dequantises V (1 for fp16/bf16 caches)."""
     rows = tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    qh = h * GROUP + rows
+    real = rows < Q_LEN * GROUP
+    qh = h * GROUP + rows % GROUP
+    tok = rows // GROUP
+    if HAS_SINKS:
+        sink = tl.load(Sinks + qh, mask=real, other=0.0) * 1.4426950408889634
+        m_new = tl.maximum(m_i, sink)
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.exp2(sink - m_new)
+        acc = acc * alpha[:, None]
+        m_i = m_new
     has_mass = l_i > 0.0
-    o = acc / tl.where(has_mass, l_i, 1.0)[:, None]
-    mask = (rows < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    ptrs = Out + b.to(tl.int64) * stride_ob + qh[:, None] * stride_oh + offs_d[None, :]
+    o = acc * (v_scale / tl.where(has_mass, l_i, 1.0))[:, None]
+    mask = real[:, None] & (offs_d < HEAD_DIM)[None, :]
+    ptrs = Out + b.to(tl.int64) * stride_ob + (tok * stride_ot + qh * stride_oh)[:, None] + offs_d[None, :]
     tl.store(ptrs, o.to(Out.dtype.element_ty), mask=mask)
     if RETURN_LSE:
         lse = tl.where(has_mass, (m_i + tl.log2(tl.where(has_mass, l_i, 1.0))) * LN2, float("-inf"))
         lse = tl.where(l_i != l_i, float("nan"), lse)
-        tl.store(Lse + b.to(tl.int64) * stride_lb + qh * stride_lh, lse, mask=rows < GROUP)
+        tl.store(Lse + b.to(tl.int64) * stride_lb + qh * stride_lh + tok * stride_lt, lse, mask=real)
+
 
 @triton.jit
 def _partial_slot(p, first_prog, head_first, total, programs):
@@ -207,28 +257,36 @@ def _store_partial(
     tl.store(WsStats + slot * (2 * ROWS) + ROWS + rows, l_i, mask=keep)
 
 
-@triton.jit(do_not_specialize=["batch", "kv_heads", "capacity", "num_pages"])
+@triton.jit(do_not_specialize=["batch", "kv_heads", "capacity", "num_pages", "window_left", "window_right"])
 def lean_decode_kernel(
-    Q, K, V, Out, Lse, SeqLens, LeftPad, BlockTable, Plan, WsAcc, WsStats, Tickets, ChunkTickets,
-    stride_qb, stride_qh,
+    Q, K, V, Out, Lse, SeqLens, LeftPad, BlockTable, Sinks, KScale, VScale,
+    Plan, WsAcc, WsStats, Tickets, ChunkTickets,
+    stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
-    stride_ob, stride_oh,
-    stride_lb, stride_lh,
+    stride_ob, stride_ot, stride_oh,
+    stride_lb, stride_lh, stride_lt,
     stride_btb,
-    batch, kv_heads, capacity, num_pages, qk_scale,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    batch, kv_heads, capacity, num_pages, window_left, window_right, scale, softcap,
+    GROUP: tl.constexpr, Q_LEN: tl.constexpr, ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, TARGET_SHARE: tl.constexpr,
     MERGE_ROWS: tl.constexpr, MERGE_WIDE: tl.constexpr, ARRIVE_CHUNK: tl.constexpr,
-    HAS_SEQLENS: tl.constexpr, HAS_LEFTPAD: tl.constexpr, PLANNED: tl.constexpr,
-    RETURN_LSE: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_SEQLENS: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_KV_SCALE: tl.constexpr,
+    PLANNED: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Decode attention over a persistent grid.
 
-    Q (batch, q_heads, head_dim) by strides; K, V (batch, capacity, kv_heads, head_dim) by strides,
-    or pages (num_pages, PAGE_SIZE, kv_heads, head_dim) with BlockTable (batch, max_pages) when
-    PAGE_SIZE > 0; Out like Q; Lse (batch, q_heads) float32; SeqLens and LeftPad (batch,) int32.
+    Q (batch, Q_LEN, q_heads, head_dim) by strides; K, V (batch, capacity, kv_heads, head_dim) by
+    strides, or pages (num_pages, PAGE_SIZE, kv_heads, head_dim) with BlockTable (batch,
+    max_pages) when PAGE_SIZE > 0; Out like Q; Lse (batch, q_heads, Q_LEN) float32; SeqLens and
+    LeftPad (batch,) int32; Sinks (q_heads,) float32; KScale, VScale (kv_heads,) float32.
+    The Q_LEN x GROUP query rows of a kv head share each K/V tile. ``scale`` is the softmax scale
+    (times log2(e) unless HAS_SOFTCAP). A row sees keys in [query - window_left, query +
+    window_right]; HAS_WINDOW: tiles before every row's window are skipped (and not counted);
+    HAS_MASK: the per-row bounds are applied.
     With PLANNED, program p reads its share from Plan[p] (written by ``lean_plan_kernel`` for the
     same lengths); otherwise it locates the share itself. Workspace: WsAcc (2 * grid, MERGE_ROWS,
     HEAD_DIM_PAD) fp32, WsStats (2 * grid, 2, MERGE_ROWS) fp32, Tickets (grid,) and ChunkTickets
@@ -251,30 +309,38 @@ def lean_decode_kernel(
         t = tl.sum(tl.where(fields == 6, row, 0), axis=0)
     else:
         total, programs, start, end, b, h, t = _share_of(
-            SeqLens, LeftPad, batch, kv_heads, capacity, pid, tl.num_programs(0),
-            HAS_SEQLENS, HAS_LEFTPAD, TILE, TARGET_SHARE, BLOCK_B,
+            SeqLens, LeftPad, batch, kv_heads, capacity, window_left, pid, tl.num_programs(0),
+            HAS_SEQLENS, HAS_LEFTPAD, Q_LEN, HAS_WINDOW, TILE, TARGET_SHARE, BLOCK_B,
         )
     if pid >= programs:
         return
 
-    rows = tl.arange(0, GROUP_PAD)
+    rows = tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    mask_q = (rows < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    real = rows < Q_LEN * GROUP
+    mask_q = real[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q_rows = (rows // GROUP) * stride_qt + (rows % GROUP) * stride_qh
 
     g = start
     while g < end:
-        first, length = _live_range(SeqLens, LeftPad, b, b >= 0, capacity, HAS_SEQLENS, HAS_LEFTPAD)
+        first, length, lo, live = _live_range(SeqLens, LeftPad, b, b >= 0, capacity, window_left,
+                                              HAS_SEQLENS, HAS_LEFTPAD, Q_LEN, HAS_WINDOW)
         n_tiles = _num_tiles(length, TILE)
         t_end = tl.minimum(n_tiles.to(tl.int64), t + (end - g)).to(tl.int32)
+        if HAS_KV_SCALE:  # fp8 caches: K's scale folds into the scores, V's into the output
+            head_scale = scale * tl.load(KScale + h)
+            v_scale = tl.load(VScale + h)
+        else:
+            head_scale = scale
+            v_scale = 1.0
 
-        q_ptrs = Q + b.to(tl.int64) * stride_qb + (h * GROUP + rows)[:, None] * stride_qh + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=mask_q, other=0.0)
-        if UPCAST_DOT:
-            q = q.to(tl.float32)
+        q_ptrs = Q + b.to(tl.int64) * stride_qb + h * GROUP * stride_qh + q_rows[:, None] + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=mask_q, other=0.0).to(DOT_DTYPE)
         acc, m_i, l_i = _attend_tiles(
-            q, K, V, BlockTable, b, h, first, length, t, t_end, qk_scale, num_pages,
+            q, K, V, BlockTable, b, h, first, length, lo, live, t, t_end, head_scale, softcap,
+            window_left, window_right, num_pages,
             stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
-            GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, UPCAST_DOT,
+            GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, HAS_SOFTCAP, HAS_MASK, DOT_DTYPE,
         )
         if USE_PDL:
             # Small calls let the next kernel launch once every program has streamed its last
@@ -284,12 +350,13 @@ def lean_decode_kernel(
                 gdc_launch_dependents()
 
         if (t == 0) & (t_end == n_tiles):
-            _write_output(Out, Lse, b, h, acc, m_i, l_i, stride_ob, stride_oh, stride_lb, stride_lh,
-                          GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE)
+            _write_output(Out, Lse, Sinks, b, h, acc, m_i, l_i, v_scale,
+                          stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                          GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE, HAS_SINKS)
         else:
             # Split head: leave the partial, then count the arrival.
             _store_partial(WsAcc, WsStats, 2 * pid + (g != start).to(tl.int32), acc, m_i, l_i,
-                           GROUP_PAD, MERGE_ROWS, HEAD_DIM_PAD)
+                           ROWS, MERGE_ROWS, HEAD_DIM_PAD)
             head_first = g - t
             first_prog = (((head_first + 1) * programs - 1) // total).to(tl.int32)
             last_prog = (((head_first + n_tiles) * programs - 1) // total).to(tl.int32)
@@ -311,8 +378,9 @@ def lean_decode_kernel(
                     1, MERGE_WIDE, MERGE_ROWS, HEAD_DIM_PAD,
                 )
                 if last_prog - first_prog < ARRIVE_CHUNK:  # one chunk: it is the whole head
-                    _write_output(Out, Lse, b, h, acc_c, m_c, l_c, stride_ob, stride_oh, stride_lb, stride_lh,
-                                  GROUP, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE)
+                    _write_output(Out, Lse, Sinks, b, h, acc_c, m_c, l_c, v_scale,
+                                  stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                                  GROUP, Q_LEN, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE, HAS_SINKS)
                 else:
                     # The chunk's members have all been read: its first slot takes the chunk's sum.
                     _store_partial(WsAcc, WsStats, chunk_slot, acc_c, m_c, l_c, MERGE_ROWS, MERGE_ROWS, HEAD_DIM_PAD)
@@ -325,8 +393,9 @@ def lean_decode_kernel(
                             WsAcc, WsStats, first_prog, last_prog, first_prog, head_first, total, programs,
                             ARRIVE_CHUNK, MERGE_WIDE, MERGE_ROWS, HEAD_DIM_PAD,
                         )
-                        _write_output(Out, Lse, b, h, acc_m, m_m, l_m, stride_ob, stride_oh, stride_lb, stride_lh,
-                                      GROUP, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE)
+                        _write_output(Out, Lse, Sinks, b, h, acc_m, m_m, l_m, v_scale,
+                                      stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                                      GROUP, Q_LEN, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE, HAS_SINKS)
 
         g += (t_end - t).to(tl.int64)
         t = 0

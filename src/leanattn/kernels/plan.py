@@ -16,20 +16,32 @@ PLAN_FIELDS = tl.constexpr(8)
 
 
 @triton.jit
-def _live_range(SeqLens, LeftPad, idx, mask, capacity, HAS_SEQLENS: tl.constexpr, HAS_LEFTPAD: tl.constexpr):
-    """(first cache position, live length) of the sequences ``idx`` (masked lanes give (0, 0)).
+def _live_range(
+    SeqLens, LeftPad, idx, mask, capacity, window_left,
+    HAS_SEQLENS: tl.constexpr, HAS_LEFTPAD: tl.constexpr, Q_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr,
+):
+    """The cache range the sequences ``idx`` attend over (masked lanes give empty ranges).
 
-    The live tokens are positions ``[first, end)`` with ``first = clamp(leftpad, 0, capacity)`` and
-    ``end = clamp(seqlen, first, capacity)`` (flash-attn's ``cache_leftpad`` convention)."""
+    Returns (first, length, lo, live): the tiles cover cache positions ``[first, first + length)``;
+    the live keys are ``live`` positions from ``first - lo`` (keys are numbered from there), so
+    the range skips the ``lo`` keys no query's window reaches. The live keys are cache positions
+    ``[start, end)`` with ``start = clamp(leftpad, 0, capacity)`` and ``end = clamp(seqlen, start,
+    capacity)`` (flash-attn's ``cache_leftpad``); the queries are the last Q_LEN of them, and the
+    earliest one, at key ``live - Q_LEN``, sees back to key ``live - Q_LEN - window_left``."""
     if HAS_LEFTPAD:
-        first = tl.minimum(tl.maximum(tl.load(LeftPad + idx, mask=mask, other=0), 0), capacity)
+        start = tl.minimum(tl.maximum(tl.load(LeftPad + idx, mask=mask, other=0), 0), capacity)
     else:
-        first = tl.zeros_like(idx)
+        start = tl.zeros_like(idx)
     if HAS_SEQLENS:
-        end = tl.minimum(tl.maximum(tl.load(SeqLens + idx, mask=mask, other=0), first), capacity)
+        end = tl.minimum(tl.maximum(tl.load(SeqLens + idx, mask=mask, other=0), start), capacity)
     else:
         end = tl.zeros_like(idx) + capacity
-    return first, tl.where(mask, end - first, 0)
+    live = tl.where(mask, end - start, 0)
+    if HAS_WINDOW:
+        lo = tl.minimum(tl.maximum(live - Q_LEN - window_left, 0), live)
+    else:
+        lo = tl.zeros_like(live)
+    return start + lo, live - lo, lo, live
 
 
 @triton.jit
@@ -40,22 +52,23 @@ def _num_tiles(length, TILE: tl.constexpr):
 
 @triton.jit
 def _locate_share(
-    SeqLens, LeftPad, batch, kv_heads, capacity, pid, num_programs,
-    HAS_SEQLENS: tl.constexpr, HAS_LEFTPAD: tl.constexpr, TILE: tl.constexpr,
-    TARGET_SHARE: tl.constexpr, BLOCK_B: tl.constexpr,
+    SeqLens, LeftPad, batch, kv_heads, capacity, window_left, pid, num_programs,
+    HAS_SEQLENS: tl.constexpr, HAS_LEFTPAD: tl.constexpr, Q_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    TILE: tl.constexpr, TARGET_SHARE: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """Total tile count, effective program count, this program's share and where it starts.
 
     Returns (total, programs, start, end, batch index, tiles of the batches before it).
     """
     offs = tl.arange(0, BLOCK_B)
-    if HAS_SEQLENS or HAS_LEFTPAD:
+    if HAS_SEQLENS or HAS_LEFTPAD or HAS_WINDOW:
         total_per_head = tl.zeros((), dtype=tl.int64)
         n_min = tl.full((), 2**31 - 1, dtype=tl.int32)
         n_max = tl.zeros((), dtype=tl.int32)
         for b0 in range(0, batch, BLOCK_B):
             mask = b0 + offs < batch
-            _, length = _live_range(SeqLens, LeftPad, b0 + offs, mask, capacity, HAS_SEQLENS, HAS_LEFTPAD)
+            _, length, _, _ = _live_range(SeqLens, LeftPad, b0 + offs, mask, capacity, window_left,
+                                          HAS_SEQLENS, HAS_LEFTPAD, Q_LEN, HAS_WINDOW)
             n = _num_tiles(length, TILE)
             total_per_head += tl.sum(tl.where(mask, n, 0).to(tl.int64), axis=0)
             n_min = tl.minimum(n_min, tl.min(tl.where(mask, n, 2**31 - 1), axis=0))
@@ -79,13 +92,14 @@ def _locate_share(
     end = (pid + 1) * total // programs
 
     # The sequence holding tile `start`: count the sequences whose tiles all lie before it.
-    if HAS_SEQLENS or HAS_LEFTPAD:
+    if HAS_SEQLENS or HAS_LEFTPAD or HAS_WINDOW:
         seq = tl.zeros((), dtype=tl.int32)
         before = tl.zeros((), dtype=tl.int64)
         running = tl.zeros((), dtype=tl.int64)
         for b0 in range(0, batch, BLOCK_B):
             mask = b0 + offs < batch
-            _, length = _live_range(SeqLens, LeftPad, b0 + offs, mask, capacity, HAS_SEQLENS, HAS_LEFTPAD)
+            _, length, _, _ = _live_range(SeqLens, LeftPad, b0 + offs, mask, capacity, window_left,
+                                          HAS_SEQLENS, HAS_LEFTPAD, Q_LEN, HAS_WINDOW)
             n = tl.where(mask, _num_tiles(length, TILE), 0).to(tl.int64)
             done = mask & ((tl.cumsum(n, axis=0) + running) * kv_heads <= start)
             seq += tl.sum(done.to(tl.int32), axis=0)
@@ -100,18 +114,19 @@ def _locate_share(
 
 @triton.jit
 def _share_of(
-    SeqLens, LeftPad, batch, kv_heads, capacity, pid, num_programs,
-    HAS_SEQLENS: tl.constexpr, HAS_LEFTPAD: tl.constexpr, TILE: tl.constexpr,
-    TARGET_SHARE: tl.constexpr, BLOCK_B: tl.constexpr,
+    SeqLens, LeftPad, batch, kv_heads, capacity, window_left, pid, num_programs,
+    HAS_SEQLENS: tl.constexpr, HAS_LEFTPAD: tl.constexpr, Q_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    TILE: tl.constexpr, TARGET_SHARE: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """Program ``pid``'s share as (total, programs, start, end, b, h, t): tiles ``[start, end)``
     of ``total`` among ``programs``, starting at tile ``t`` of kv head ``h`` of sequence ``b``."""
     total, programs, start, end, b, before = _locate_share(
-        SeqLens, LeftPad, batch, kv_heads, capacity, pid, num_programs,
-        HAS_SEQLENS, HAS_LEFTPAD, TILE, TARGET_SHARE, BLOCK_B,
+        SeqLens, LeftPad, batch, kv_heads, capacity, window_left, pid, num_programs,
+        HAS_SEQLENS, HAS_LEFTPAD, Q_LEN, HAS_WINDOW, TILE, TARGET_SHARE, BLOCK_B,
     )
     b_safe = tl.minimum(b, batch - 1)  # programs past the work (pid >= programs) point past the batch
-    _, length = _live_range(SeqLens, LeftPad, b_safe, b_safe >= 0, capacity, HAS_SEQLENS, HAS_LEFTPAD)
+    _, length, _, _ = _live_range(SeqLens, LeftPad, b_safe, b_safe >= 0, capacity, window_left,
+                                  HAS_SEQLENS, HAS_LEFTPAD, Q_LEN, HAS_WINDOW)
     n_tiles = _num_tiles(length, TILE)
     offset = start - before * kv_heads
     h = (offset // n_tiles).to(tl.int32)
@@ -119,11 +134,11 @@ def _share_of(
     return total, programs, start, end, b, h, t
 
 
-@triton.jit(do_not_specialize=["batch", "kv_heads", "capacity"])
+@triton.jit(do_not_specialize=["batch", "kv_heads", "capacity", "window_left"])
 def lean_plan_kernel(
-    SeqLens, LeftPad, Plan, batch, kv_heads, capacity,
-    HAS_SEQLENS: tl.constexpr, HAS_LEFTPAD: tl.constexpr, TILE: tl.constexpr,
-    TARGET_SHARE: tl.constexpr, BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr,
+    SeqLens, LeftPad, Plan, batch, kv_heads, capacity, window_left,
+    HAS_SEQLENS: tl.constexpr, HAS_LEFTPAD: tl.constexpr, Q_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    TILE: tl.constexpr, TARGET_SHARE: tl.constexpr, BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Write program ``pid``'s share to ``Plan[pid]``: int32 (total, programs, start, end, b, h, t, 0).
 
@@ -132,8 +147,8 @@ def lean_plan_kernel(
         tl.extra.cuda.gdc_wait()  # the lengths may come from the kernel before
     pid = tl.program_id(0)
     total, programs, start, end, b, h, t = _share_of(
-        SeqLens, LeftPad, batch, kv_heads, capacity, pid, tl.num_programs(0),
-        HAS_SEQLENS, HAS_LEFTPAD, TILE, TARGET_SHARE, BLOCK_B,
+        SeqLens, LeftPad, batch, kv_heads, capacity, window_left, pid, tl.num_programs(0),
+        HAS_SEQLENS, HAS_LEFTPAD, Q_LEN, HAS_WINDOW, TILE, TARGET_SHARE, BLOCK_B,
     )
     fields = tl.arange(0, PLAN_FIELDS)
     row = tl.where(fields == 0, total.to(tl.int32), 0)
