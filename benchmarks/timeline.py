@@ -49,7 +49,7 @@ def instrumented_kernel():
         i = text.index(anchor) + len(anchor)
         return text[:i] + line + text[i:]
 
-    src = src.replace("@triton.jit\ndef _num_tiles", _STAMPS.lstrip("\n") + "\n@triton.jit\ndef _num_tiles", 1)
+    src = src.replace("@triton.jit\ndef _attend_tiles", _STAMPS.lstrip("\n") + "\n@triton.jit\ndef _attend_tiles", 1)
     stamp = "_stamp(Lse, batch, stride_lb, pid, {})\n"
     src = insert_after(src, "    pid = tl.program_id(0)\n", "    " + stamp.format(0))
     src = src.replace("    if pid >= programs:\n", "    " + stamp.format(1) + "    if pid >= programs:\n", 1)
@@ -59,7 +59,8 @@ def instrumented_kernel():
     src = src.rstrip("\n") + "\n    " + stamp.format(3)
     path = Path(tempfile.mkdtemp()) / "lean_decode_timed.py"
     path.write_text(src)
-    spec = importlib.util.spec_from_file_location("lean_decode_timed", path)
+    # A module of the kernels package, so the copy's relative imports find the real modules.
+    spec = importlib.util.spec_from_file_location("leanattn.kernels.lean_decode_timed", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)

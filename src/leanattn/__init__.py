@@ -12,6 +12,7 @@ if not _torch.cuda.is_available():
 from . import ops as _ops  # noqa: F401  (registers torch.ops.leanattn.decode_into)
 from . import reference, schedule
 from .api import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, decode
+from .wrapper import DecodeWrapper
 
-__all__ = ["decode", "reference", "schedule", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS"]
+__all__ = ["decode", "DecodeWrapper", "reference", "schedule", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS"]
 __version__ = "0.1.0"

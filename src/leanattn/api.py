@@ -31,6 +31,15 @@ def _check_tensor(name: str, t: object) -> torch.Tensor:
     return t  # type: ignore[return-value]
 
 
+def _check_lengths(name: str, t: object, batch: int) -> None:
+    """An int32 (batch,) tensor of per-sequence positions."""
+    _check_tensor(name, t)
+    if t.dtype != torch.int32:
+        _fail(TypeError, f"{name} must be int32, got {t.dtype}")
+    if t.shape != (batch,):
+        _fail(ValueError, f"{name} must have shape ({batch},), got {tuple(t.shape)}")
+
+
 def _validate(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -38,6 +47,7 @@ def _validate(
     cache_seqlens: torch.Tensor | None,
     block_table: torch.Tensor | None,
     out: torch.Tensor | None,
+    cache_leftpad: torch.Tensor | None = None,
 ) -> None:
     """Raise ValueError/TypeError naming the argument for every input the kernel can't take."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
@@ -69,13 +79,10 @@ def _validate(
         _fail(ValueError, f"k_cache must be {layout} with batch {batch} like q, got {tuple(k_shape)}")
     device = q.device
     others = [("k_cache", k_cache), ("v_cache", v_cache)]
-    if cache_seqlens is not None:
-        _check_tensor("cache_seqlens", cache_seqlens)
-        if cache_seqlens.dtype != torch.int32:
-            _fail(TypeError, f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
-        if cache_seqlens.shape != (batch,):
-            _fail(ValueError, f"cache_seqlens must have shape ({batch},), got {tuple(cache_seqlens.shape)}")
-        others.append(("cache_seqlens", cache_seqlens))
+    for name, t in (("cache_seqlens", cache_seqlens), ("cache_leftpad", cache_leftpad)):
+        if t is not None:
+            _check_lengths(name, t, batch)
+            others.append((name, t))
     if paged:
         _check_tensor("block_table", block_table)
         if block_table.dtype != torch.int32:
@@ -207,6 +214,63 @@ def _spec_key(args: tuple, names: tuple[str, ...]) -> tuple:
     return tuple(key)
 
 
+def use_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch: on Hopper and newer GPUs, not under the interpreter."""
+    return device.type == "cuda" and not interpreting() and _capability(device) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
+
+
+def current_stream_handle(device: torch.device) -> int:
+    """The raw handle of the current CUDA stream of ``device``."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch._C._cuda_getCurrentRawStream(index)
+
+
+def run_compiled(kernel, grid: int, key: tuple, args: tuple, constexprs: dict, config: KernelConfig, pdl: bool):
+    """Launch ``kernel`` on ``grid`` programs, through the compiled kernel cached under ``key``
+    when there is one (``key`` must hold everything Triton specialises on; see _spec_key).
+
+    Returns the compiled kernel, for callers that keep it themselves."""
+    global _FAST_LAUNCH
+    fast = _FAST_LAUNCH and not interpreting()
+    if fast:
+        compiled = _COMPILED.get(key)
+        if compiled is not None:
+            try:
+                # The launcher takes every parameter in order; it ignores the constexpr ones.
+                compiled[(grid, 1, 1)](*args, *(constexprs[n] for n in kernel.arg_names[len(args):]))
+                return compiled
+            except TypeError:  # a Triton whose launcher differs: bind through the JIT every time
+                _FAST_LAUNCH = fast = False
+                _COMPILED.clear()
+    extra = {"launch_pdl": True} if pdl else {}
+    compiled = kernel[(grid,)](*args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages, **extra)
+    if fast:
+        _COMPILED[key] = compiled
+    return compiled
+
+
+def kernel_constexprs(
+    q: torch.Tensor, kv_heads: int, page_size: int, config: KernelConfig, *, has_seqlens: bool,
+    has_leftpad: bool, planned: bool, return_lse: bool, pdl: bool,
+) -> dict:
+    """The compile-time parameters of ``lean_decode_kernel`` for one call."""
+    _, _, q_heads, head_dim = q.shape
+    group = q_heads // kv_heads
+    _, group_pad, merge_rows, head_dim_pad, merge_wide = _static_config(head_dim, q.dtype, group)
+    return dict(
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+        TILE=config.tile, PAGE_SIZE=page_size, TARGET_SHARE=config.target_share,
+        MERGE_ROWS=merge_rows, MERGE_WIDE=merge_wide, ARRIVE_CHUNK=_ARRIVE_CHUNK,
+        HAS_SEQLENS=has_seqlens, HAS_LEFTPAD=has_leftpad, PLANNED=planned, RETURN_LSE=return_lse,
+        UPCAST_DOT=interpreting(), BLOCK_B=_BLOCK_B, USE_PDL=pdl,
+    )
+
+
 def launch(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -218,18 +282,18 @@ def launch(
     softmax_scale: float,
     num_programs: int | None,
     config: KernelConfig | None = None,
+    cache_leftpad: torch.Tensor | None = None,
 ) -> None:
-    """Run the kernel on validated inputs, writing ``out`` (and ``lse`` when given).
+    """Run the kernel on validated inputs, writing ``out`` (and ``lse`` when given); each program
+    locates its own share.
 
     ``config`` overrides the heuristic launch configuration (used by the tuning sweeps).
     """
     batch, _, q_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
-    group = q_heads // kv_heads
     if batch == 0:
         return
-    interpret = interpreting()
-    default, group_pad, merge_rows, head_dim_pad, merge_wide = _static_config(head_dim, q.dtype, group)
+    default, _, merge_rows, head_dim_pad, _ = _static_config(head_dim, q.dtype, q_heads // kv_heads)
     config = config or default
     programs = num_programs or default_num_programs(q.device, config)
     acc, stats, tickets, chunk_tickets = _workspace(q.device).get(q.device, programs, merge_rows, head_dim_pad)
@@ -240,7 +304,9 @@ def launch(
         capacity = block_table.shape[1] * page_size
     args = (
         q, k_cache, v_cache, out, lse if lse is not None else acc,
-        cache_seqlens if cache_seqlens is not None else tickets, bt, acc, stats, tickets, chunk_tickets,
+        cache_seqlens if cache_seqlens is not None else tickets,
+        cache_leftpad if cache_leftpad is not None else tickets, bt, tickets,
+        acc, stats, tickets, chunk_tickets,
         q.stride(0), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -249,30 +315,15 @@ def launch(
         stride_btb,
         batch, kv_heads, capacity, softmax_scale * LOG2E,
     )
-    constexprs = dict(
-        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        TILE=config.tile, PAGE_SIZE=page_size, TARGET_SHARE=config.target_share,
-        MERGE_ROWS=merge_rows, MERGE_WIDE=merge_wide, ARRIVE_CHUNK=_ARRIVE_CHUNK,
-        HAS_SEQLENS=cache_seqlens is not None, RETURN_LSE=lse is not None,
-        UPCAST_DOT=interpret, BLOCK_B=_BLOCK_B,
+    pdl = use_pdl(q.device)
+    constexprs = kernel_constexprs(
+        q, kv_heads, page_size, config, has_seqlens=cache_seqlens is not None,
+        has_leftpad=cache_leftpad is not None, planned=False, return_lse=lse is not None, pdl=pdl,
     )
-    global _FAST_LAUNCH
-    fast = _FAST_LAUNCH and not interpret
-    if fast:
-        names = lean_decode_kernel.arg_names
-        key = (q.device.index, config, tuple(constexprs.values()), _spec_key(args, names))
-        compiled = _COMPILED.get(key)
-        if compiled is not None:
-            try:
-                # The launcher takes every parameter in order; it ignores the constexpr ones.
-                compiled[(programs, 1, 1)](*args, *(constexprs[n] for n in names[len(args):]))
-                return
-            except TypeError:  # a Triton whose launcher differs: bind through the JIT every time
-                _FAST_LAUNCH = fast = False
-                _COMPILED.clear()
-    result = lean_decode_kernel[(programs,)](*args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
-    if fast:
-        _COMPILED[key] = result
+    key = None
+    if _FAST_LAUNCH and not interpreting():
+        key = (q.device.index, config, tuple(constexprs.values()), _spec_key(args, lean_decode_kernel.arg_names))
+    run_compiled(lean_decode_kernel, programs, key, args, constexprs, config, pdl)
 
 
 def decode(
@@ -282,6 +333,7 @@ def decode(
     cache_seqlens: torch.Tensor | None = None,
     *,
     block_table: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     return_lse: bool = False,
     out: torch.Tensor | None = None,
@@ -293,9 +345,12 @@ def decode(
         q: (batch, 1, q_heads, head_dim), fp16 or bf16.
         k_cache, v_cache: (batch, cache_len, kv_heads, head_dim) with any strides but a unit last
             stride; or, with ``block_table``, pages (num_pages, page_size, kv_heads, head_dim).
-        cache_seqlens: int32 (batch,), live length of each sequence; ``None`` means ``cache_len``
-            (or the block table's capacity). Lengths are clamped to [0, capacity].
+        cache_seqlens: int32 (batch,), where each sequence's live tokens end; ``None`` means
+            ``cache_len`` (or the block table's capacity). Clamped to [cache_leftpad, capacity].
         block_table: int32 (batch, max_pages_per_seq) page indices for a paged cache.
+        cache_leftpad: int32 (batch,), where each sequence's live tokens start (left padding, as
+            in ``flash_attn_with_kvcache``); ``None`` means 0. Clamped to [0, capacity]. The
+            keys are cache positions ``[cache_leftpad[b], cache_seqlens[b])``.
         softmax_scale: defaults to ``head_dim ** -0.5``.
         return_lse: also return the natural-log log-sum-exp, float32 (batch, q_heads).
         out: optional (batch, 1, q_heads, head_dim) tensor to write into.
@@ -304,7 +359,7 @@ def decode(
     Returns:
         (batch, 1, q_heads, head_dim) in q's dtype, and the LSE when ``return_lse``.
     """
-    _validate(q, k_cache, v_cache, cache_seqlens, block_table, out)
+    _validate(q, k_cache, v_cache, cache_seqlens, block_table, out, cache_leftpad)
     if num_programs is not None and (not isinstance(num_programs, int) or num_programs < 1):
         raise ValueError(f"num_programs must be a positive int, got {num_programs!r}")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
@@ -314,8 +369,9 @@ def decode(
     lse = torch.empty(q.shape[0], q.shape[2], dtype=torch.float32, device=q.device) if return_lse else None
     if torch.compiler.is_compiling():
         torch.ops.leanattn.decode_into(
-            q, k_cache, v_cache, result, lse, cache_seqlens, block_table, scale, num_programs or 0
+            q, k_cache, v_cache, result, lse, cache_seqlens, block_table, scale, num_programs or 0, cache_leftpad
         )
     else:
-        launch(q, k_cache, v_cache, result, lse, cache_seqlens, block_table, scale, num_programs)
+        launch(q, k_cache, v_cache, result, lse, cache_seqlens, block_table, scale, num_programs,
+               cache_leftpad=cache_leftpad)
     return (result, lse) if return_lse else result

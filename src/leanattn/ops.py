@@ -22,11 +22,14 @@ def decode_into(
     block_table: Optional[torch.Tensor],
     softmax_scale: float,
     num_programs: int,
+    cache_leftpad: Optional[torch.Tensor] = None,
 ) -> None:
     """Write decode attention into ``out`` (and ``lse``); ``num_programs`` 0 means the default."""
-    launch(q, k_cache, v_cache, out, lse, cache_seqlens, block_table, softmax_scale, num_programs or None)
+    launch(q, k_cache, v_cache, out, lse, cache_seqlens, block_table, softmax_scale, num_programs or None,
+           cache_leftpad=cache_leftpad)
 
 
 @decode_into.register_fake
-def _decode_into_fake(q, k_cache, v_cache, out, lse, cache_seqlens, block_table, softmax_scale, num_programs) -> None:
+def _decode_into_fake(q, k_cache, v_cache, out, lse, cache_seqlens, block_table, softmax_scale, num_programs,
+                      cache_leftpad=None) -> None:
     return None

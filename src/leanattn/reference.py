@@ -30,6 +30,7 @@ def decode(
     cache_seqlens: torch.Tensor | None = None,
     *,
     block_table: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     return_lse: bool = False,
     out: torch.Tensor | None = None,
@@ -39,7 +40,8 @@ def decode(
 
     Same shapes and meaning as :func:`leanattn.decode`:
     q (batch, 1, q_heads, head_dim); k_cache, v_cache (batch, cache_len, kv_heads, head_dim), or
-    (num_pages, page_size, kv_heads, head_dim) with ``block_table`` (batch, max_pages);
+    (num_pages, page_size, kv_heads, head_dim) with ``block_table`` (batch, max_pages); the keys
+    of sequence b are cache positions ``[cache_leftpad[b], cache_seqlens[b])``, clamped as there;
     returns (batch, 1, q_heads, head_dim) in q's dtype and, with ``return_lse``, the natural-log
     LSE as float32 (batch, q_heads). A sequence of length 0 gives zeros and LSE ``-inf``.
     """
@@ -51,21 +53,19 @@ def decode(
         capacity = k_cache.shape[1]
     else:
         capacity = block_table.shape[1] * k_cache.shape[1]
-    lengths = (
-        [capacity] * batch
-        if cache_seqlens is None
-        else [min(max(int(n), 0), capacity) for n in cache_seqlens.tolist()]
-    )
+    firsts = [0] * batch if cache_leftpad is None else [min(max(int(n), 0), capacity) for n in cache_leftpad.tolist()]
+    ends = [capacity] * batch if cache_seqlens is None else [int(n) for n in cache_seqlens.tolist()]
+    ends = [min(max(e, f), capacity) for e, f in zip(ends, firsts)]
     o = torch.zeros(batch, q_heads, head_dim, dtype=compute_dtype, device=q.device)
     lse = torch.full((batch, q_heads), -math.inf, dtype=torch.float32, device=q.device)
-    for b, n in enumerate(lengths):
-        if n == 0:
+    for b, (first, end) in enumerate(zip(firsts, ends)):
+        if end == first:
             continue
         if block_table is None:
-            k, v = k_cache[b, :n], v_cache[b, :n]
+            k, v = k_cache[b, first:end], v_cache[b, first:end]
         else:
-            k = gather_paged(k_cache, block_table[b], n)
-            v = gather_paged(v_cache, block_table[b], n)
+            k = gather_paged(k_cache, block_table[b], end)[first:]
+            v = gather_paged(v_cache, block_table[b], end)[first:]
         # (kv_heads, group, head_dim) @ (kv_heads, head_dim, n) -> (kv_heads, group, n)
         qb = q[b, 0].to(compute_dtype).view(kv_heads, group, head_dim)
         kb = k.to(compute_dtype).permute(1, 2, 0)

@@ -15,85 +15,24 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from .plan import PLAN_FIELDS, _live_range, _num_tiles, _share_of
 
 LOG2E: float = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _num_tiles(length, capacity, TILE: tl.constexpr):
-    """Tiles of one head: ``max(1, ceil(clamp(length, 0, capacity) / TILE))``."""
-    length = tl.minimum(tl.maximum(length, 0), capacity)
-    return tl.maximum((length + TILE - 1) // TILE, 1)
-
-
-@triton.jit
-def _locate_share(
-    SeqLens, batch, kv_heads, capacity, pid, num_programs,
-    HAS_SEQLENS: tl.constexpr, TILE: tl.constexpr, TARGET_SHARE: tl.constexpr, BLOCK_B: tl.constexpr,
-):
-    """Total tile count, effective program count, this program's share and where it starts.
-
-    Returns (total, programs, start, end, batch index, tiles of the batches before it).
-    """
-    if HAS_SEQLENS:
-        offs = tl.arange(0, BLOCK_B)
-        total_per_head = tl.zeros((), dtype=tl.int64)
-        n_min = tl.full((), 2**31 - 1, dtype=tl.int32)
-        n_max = tl.zeros((), dtype=tl.int32)
-        for b0 in range(0, batch, BLOCK_B):
-            mask = b0 + offs < batch
-            n = _num_tiles(tl.load(SeqLens + b0 + offs, mask=mask, other=0), capacity, TILE)
-            total_per_head += tl.sum(tl.where(mask, n, 0).to(tl.int64), axis=0)
-            n_min = tl.minimum(n_min, tl.min(tl.where(mask, n, 2**31 - 1), axis=0))
-            n_max = tl.maximum(n_max, tl.max(tl.where(mask, n, 0), axis=0))
-        uniform = n_min == n_max
-    else:
-        total_per_head = batch.to(tl.int64) * _num_tiles(capacity, capacity, TILE)
-        uniform = total_per_head >= 0  # every head has the full capacity
-    total = total_per_head * kv_heads
-    # Small problems use fewer programs: the fewest whose shares stay within TARGET_SHARE tiles.
-    programs = tl.minimum((total + TARGET_SHARE - 1) // TARGET_SHARE, num_programs)
-    # Heads of equal length: a grid of k * heads or heads / m programs puts every head boundary
-    # on a share boundary, so programs stream matching token ranges of neighbouring heads together
-    # (one cache row holds every kv head of a token). Taken when it keeps >= 7/8 of the grid.
-    heads = batch.to(tl.int64) * kv_heads
-    per_program = (heads + programs - 1) // tl.maximum(programs, 1)
-    aligned = tl.where(heads <= programs, programs // heads * heads,
-                       tl.where(heads % per_program == 0, heads // per_program, 0))
-    programs = tl.where(uniform & (8 * aligned >= 7 * programs), aligned, programs)
-    start = pid * total // programs
-    end = (pid + 1) * total // programs
-
-    # The sequence holding tile `start`: count the sequences whose tiles all lie before it.
-    if HAS_SEQLENS:
-        seq = tl.zeros((), dtype=tl.int32)
-        before = tl.zeros((), dtype=tl.int64)
-        running = tl.zeros((), dtype=tl.int64)
-        for b0 in range(0, batch, BLOCK_B):
-            mask = b0 + offs < batch
-            n = _num_tiles(tl.load(SeqLens + b0 + offs, mask=mask, other=0), capacity, TILE)
-            n = tl.where(mask, n, 0).to(tl.int64)
-            done = mask & ((tl.cumsum(n, axis=0) + running) * kv_heads <= start)
-            seq += tl.sum(done.to(tl.int32), axis=0)
-            before += tl.sum(tl.where(done, n, 0), axis=0)
-            running += tl.sum(n, axis=0)
-    else:
-        per_seq = _num_tiles(capacity, capacity, TILE).to(tl.int64) * kv_heads
-        seq = (start // per_seq).to(tl.int32)
-        before = seq.to(tl.int64) * (per_seq // kv_heads)
-    return total, programs, start, end, seq, before
-
-
-@triton.jit
 def _attend_tiles(
-    q, K, V, BlockTable, b, h, length, tile_start, tile_end, qk_scale,
+    q, K, V, BlockTable, b, h, first, length, tile_start, tile_end, qk_scale,
     stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
     GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """Online softmax of the group's queries ``q`` (GROUP_PAD, HEAD_DIM_PAD) over tiles
-    ``[tile_start, tile_end)`` of head (b, h). Returns unnormalised (acc, m, l), m in log2 units."""
+    ``[tile_start, tile_end)`` of head (b, h), whose live tokens are cache positions
+    ``[first, first + length)``. Returns unnormalised (acc, m, l), m in log2 units."""
     offs_n = tl.arange(0, TILE)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask_d = offs_d < HEAD_DIM
@@ -106,19 +45,21 @@ def _attend_tiles(
         # Page numbers are read one tile ahead, so a tile's K/V addresses never wait on a load
         # issued in the same iteration.
         tok = tile_start * TILE + offs_n
-        page = tl.load(table + tok // PAGE_SIZE, mask=tok < length, other=0)
+        page = tl.load(table + (first + tok) // PAGE_SIZE, mask=tok < length, other=0)
     for tile in range(tile_start, tile_end):
         tok = tile * TILE + offs_n
         mask_n = tok < length
+        pos = first + tok  # cache position
         if PAGE_SIZE == 0:
-            k_rows = b64 * stride_kb + tok.to(tl.int64) * stride_kn
-            v_rows = b64 * stride_vb + tok.to(tl.int64) * stride_vn
+            k_rows = b64 * stride_kb + pos.to(tl.int64) * stride_kn
+            v_rows = b64 * stride_vb + pos.to(tl.int64) * stride_vn
         else:
-            slot = tok % PAGE_SIZE
+            slot = pos % PAGE_SIZE
             k_rows = page.to(tl.int64) * stride_kb + slot * stride_kn
             v_rows = page.to(tl.int64) * stride_vb + slot * stride_vn
             next_tok = tok + TILE
-            page = tl.load(table + next_tok // PAGE_SIZE, mask=(next_tok < length) & (next_tok < tile_end * TILE), other=0)
+            page = tl.load(table + (first + next_tok) // PAGE_SIZE,
+                           mask=(next_tok < length) & (next_tok < tile_end * TILE), other=0)
         mask_nd = mask_n[:, None] & mask_d[None, :]
         k = tl.load(K + (k_rows + h * stride_kh)[:, None] + offs_d[None, :], mask=mask_nd, other=0.0)
         v = tl.load(V + (v_rows + h * stride_vh)[:, None] + offs_d[None, :], mask=mask_nd, other=0.0)
@@ -259,7 +200,7 @@ def _store_partial(
 
 @triton.jit(do_not_specialize=["batch", "kv_heads", "capacity"])
 def lean_decode_kernel(
-    Q, K, V, Out, Lse, SeqLens, BlockTable, WsAcc, WsStats, Tickets, ChunkTickets,
+    Q, K, V, Out, Lse, SeqLens, LeftPad, BlockTable, Plan, WsAcc, WsStats, Tickets, ChunkTickets,
     stride_qb, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -271,23 +212,41 @@ def lean_decode_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, TARGET_SHARE: tl.constexpr,
     MERGE_ROWS: tl.constexpr, MERGE_WIDE: tl.constexpr, ARRIVE_CHUNK: tl.constexpr,
-    HAS_SEQLENS: tl.constexpr, RETURN_LSE: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, BLOCK_B: tl.constexpr,
+    HAS_SEQLENS: tl.constexpr, HAS_LEFTPAD: tl.constexpr, PLANNED: tl.constexpr,
+    RETURN_LSE: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Decode attention over a persistent grid.
 
     Q (batch, q_heads, head_dim) by strides; K, V (batch, capacity, kv_heads, head_dim) by strides,
     or pages (num_pages, PAGE_SIZE, kv_heads, head_dim) with BlockTable (batch, max_pages) when
-    PAGE_SIZE > 0; Out like Q; Lse (batch, q_heads) float32; SeqLens (batch,) int32.
-    Workspace: WsAcc (2 * grid, MERGE_ROWS, HEAD_DIM_PAD) fp32, WsStats (2 * grid, 2, MERGE_ROWS) fp32,
-    Tickets (grid,) and ChunkTickets (2 * grid,) int32, zero between calls (the last arriver on
-    each ticket puts it back).
+    PAGE_SIZE > 0; Out like Q; Lse (batch, q_heads) float32; SeqLens and LeftPad (batch,) int32.
+    With PLANNED, program p reads its share from Plan[p] (written by ``lean_plan_kernel`` for the
+    same lengths); otherwise it locates the share itself. Workspace: WsAcc (2 * grid, MERGE_ROWS,
+    HEAD_DIM_PAD) fp32, WsStats (2 * grid, 2, MERGE_ROWS) fp32, Tickets (grid,) and ChunkTickets
+    (2 * grid,) int32, zero between calls (the last arriver on each ticket puts it back).
     """
+    if USE_PDL:
+        # Launched early behind the previous kernel (programmatic dependent launch): wait for it
+        # to finish before reading anything it may have written (q, the cache, the plan), then
+        # let the next kernel start its own launch while this one runs.
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
-    total, programs, start, end, b, before = _locate_share(
-        SeqLens, batch, kv_heads, capacity, pid, tl.num_programs(0),
-        HAS_SEQLENS, TILE, TARGET_SHARE, BLOCK_B,
-    )
+    if PLANNED:
+        row = tl.load(Plan + pid * PLAN_FIELDS + tl.arange(0, PLAN_FIELDS))
+        fields = tl.arange(0, PLAN_FIELDS)
+        total = tl.sum(tl.where(fields == 0, row, 0), axis=0).to(tl.int64)
+        programs = tl.sum(tl.where(fields == 1, row, 0), axis=0)
+        start = tl.sum(tl.where(fields == 2, row, 0), axis=0).to(tl.int64)
+        end = tl.sum(tl.where(fields == 3, row, 0), axis=0).to(tl.int64)
+        b = tl.sum(tl.where(fields == 4, row, 0), axis=0)
+        h = tl.sum(tl.where(fields == 5, row, 0), axis=0)
+        t = tl.sum(tl.where(fields == 6, row, 0), axis=0)
+    else:
+        total, programs, start, end, b, h, t = _share_of(
+            SeqLens, LeftPad, batch, kv_heads, capacity, pid, tl.num_programs(0),
+            HAS_SEQLENS, HAS_LEFTPAD, TILE, TARGET_SHARE, BLOCK_B,
+        )
     if pid >= programs:
         return
 
@@ -295,23 +254,10 @@ def lean_decode_kernel(
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask_q = (rows < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :]
 
-    # Position of `start` inside sequence b: kv head h, tile t.
-    if HAS_SEQLENS:
-        length = tl.load(SeqLens + b)
-    else:
-        length = capacity
-    n_tiles = _num_tiles(length, capacity, TILE)
-    offset = start - before * kv_heads
-    h = (offset // n_tiles).to(tl.int32)
-    t = (offset % n_tiles).to(tl.int32)
-
     g = start
     while g < end:
-        if HAS_SEQLENS:
-            length = tl.minimum(tl.maximum(tl.load(SeqLens + b), 0), capacity)
-        else:
-            length = capacity
-        n_tiles = _num_tiles(length, capacity, TILE)
+        first, length = _live_range(SeqLens, LeftPad, b, b >= 0, capacity, HAS_SEQLENS, HAS_LEFTPAD)
+        n_tiles = _num_tiles(length, TILE)
         t_end = tl.minimum(n_tiles.to(tl.int64), t + (end - g)).to(tl.int32)
 
         q_ptrs = Q + b.to(tl.int64) * stride_qb + (h * GROUP + rows)[:, None] * stride_qh + offs_d[None, :]
@@ -319,7 +265,7 @@ def lean_decode_kernel(
         if UPCAST_DOT:
             q = q.to(tl.float32)
         acc, m_i, l_i = _attend_tiles(
-            q, K, V, BlockTable, b, h, length, t, t_end, qk_scale,
+            q, K, V, BlockTable, b, h, first, length, t, t_end, qk_scale,
             stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
             GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, UPCAST_DOT,
         )

@@ -1,0 +1,246 @@
+"""Plan once per decode step, run once per layer.
+
+A serving engine calls attention once per layer (32 to 80 times a step) with the same lengths
+every time. ``DecodeWrapper.plan`` turns the step's lengths into every program's share once, on
+the device; ``DecodeWrapper.run`` then only attends. Neither syncs with the host, so a CUDA graph
+can capture a plan together with the layers' runs and each replay re-plans for the new lengths::
+
+    w = leanattn.DecodeWrapper(q_heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16, device="cuda")
+    w.plan(cache_seqlens, capacity)            # once per step
+    for layer in range(num_layers):
+        w.run(q[layer], k_cache[layer], v_cache[layer], out=out[layer])
+
+``run`` gives results bitwise equal to :func:`leanattn.decode` on the same inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .api import (
+    _check_lengths,
+    _fail,
+    _spec_key,
+    _static_config,
+    _validate,
+    _Workspace,
+    current_stream_handle,
+    default_num_programs,
+    kernel_constexprs,
+    run_compiled,
+    use_pdl,
+)
+from .kernels.config import interpreting
+from .kernels.lean_decode import LOG2E, lean_decode_kernel
+from .kernels.plan import PLAN_FIELDS, lean_plan_kernel
+
+__all__ = ["DecodeWrapper"]
+
+_BLOCK_B = 128
+
+
+class DecodeWrapper:
+    """Decode attention for one model's shape, planned once per step and run once per layer.
+
+    Args:
+        q_heads, kv_heads, head_dim: the attention layers' shape (q_heads a multiple of kv_heads).
+        dtype: q, cache and output dtype (float16 or bfloat16).
+        device: where everything lives.
+        num_programs: persistent grid size; default SMs x programs per SM.
+        softmax_scale: default ``head_dim ** -0.5``.
+
+    The wrapper owns its workspace and plan buffers (allocated here, never again), so calls of
+    different wrappers may run concurrently on different streams. One wrapper's calls must be
+    ordered on one stream (as the layers of a step are).
+    """
+
+    def __init__(
+        self,
+        q_heads: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cuda",
+        *,
+        num_programs: int | None = None,
+        softmax_scale: float | None = None,
+    ) -> None:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        # Check the shape once here with a probe of the layers' own shape (batch 1, capacity 1).
+        probe_q = torch.empty(1, 1, q_heads, head_dim, dtype=dtype, device=device)
+        probe_kv = torch.empty(1, 1, kv_heads, head_dim, dtype=dtype, device=device)
+        _validate(probe_q, probe_kv, probe_kv, None, None, None)
+        if num_programs is not None and (not isinstance(num_programs, int) or num_programs < 1):
+            _fail(ValueError, f"num_programs must be a positive int, got {num_programs!r}")
+        scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
+        if not math.isfinite(scale):
+            _fail(ValueError, f"softmax_scale must be finite, got {softmax_scale}")
+        self.q_heads, self.kv_heads, self.head_dim, self.dtype, self.device = q_heads, kv_heads, head_dim, dtype, device
+        self.softmax_scale = scale
+        self._config, _, merge_rows, head_dim_pad, _ = _static_config(head_dim, dtype, q_heads // kv_heads)
+        self.num_programs = num_programs or default_num_programs(device, self._config)
+        ws = _Workspace()
+        self._acc, self._stats, self._tickets, self._chunk_tickets = ws.get(
+            device, self.num_programs, merge_rows, head_dim_pad)
+        self._plan = torch.zeros(self.num_programs, PLAN_FIELDS, dtype=torch.int32, device=device)
+        self._pdl = use_pdl(device)
+        self._seqlens: torch.Tensor | None = None
+        self._leftpad: torch.Tensor | None = None
+        self._capacity = 0
+        self._batch = -1
+        self._plan_key: tuple = ()
+        self._kernels: dict[tuple, object] = {}
+
+    def plan(
+        self, cache_seqlens: torch.Tensor | None, capacity: int, *, batch: int | None = None,
+        cache_leftpad: torch.Tensor | None = None,
+    ) -> None:
+        """Compute every program's share for this step's lengths, on the device (no host sync).
+
+        Args:
+            cache_seqlens: int32 (batch,), where each sequence's live tokens end (clamped to
+                [cache_leftpad, capacity]); ``None``: every sequence is ``capacity`` long (then
+                ``batch`` is required).
+            capacity: cache positions per sequence: ``cache_len`` of a contiguous cache, or
+                ``max_pages_per_seq * page_size`` of a paged one. ``run`` checks it.
+            batch: number of sequences, when ``cache_seqlens`` is ``None``.
+            cache_leftpad: int32 (batch,), where each sequence's live tokens start; ``None``: 0.
+
+        ``run`` reads the lengths from the same tensors again: change them only between steps,
+        and plan again after changing them.
+        """
+        if cache_seqlens is not None:
+            batch = cache_seqlens.shape[0] if isinstance(cache_seqlens, torch.Tensor) else -1
+        if not isinstance(batch, int) or batch < 0:
+            _fail(ValueError, "plan needs cache_seqlens, or batch when every sequence is capacity long")
+        for name, t in (("cache_seqlens", cache_seqlens), ("cache_leftpad", cache_leftpad)):
+            if t is not None:
+                _check_lengths(name, t, batch)
+                if t.device != self.device:
+                    _fail(ValueError, f"{name} is on {t.device}, the wrapper on {self.device}")
+        if not isinstance(capacity, int) or capacity < 0:
+            _fail(ValueError, f"capacity must be a non-negative int, got {capacity!r}")
+        tile = self._config.tile
+        if batch * self.kv_heads * max(1, -(-capacity // tile)) >= 2**31:
+            _fail(ValueError, f"batch {batch} x kv_heads {self.kv_heads} x capacity {capacity} is over 2^31 tiles of {tile}")
+        self._seqlens, self._leftpad, self._capacity, self._batch = cache_seqlens, cache_leftpad, capacity, batch
+        # What the run's compiled kernel depends on in the plan's tensors: presence, 16-byte
+        # alignment (Triton specialises pointers on it) and the 32-bit range of the sizes.
+        self._plan_key = tuple(None if t is None else t.data_ptr() % 16 == 0 for t in (cache_seqlens, cache_leftpad))
+        self._plan_key += (batch < 2**31 and capacity < 2**31,)
+        if batch == 0:
+            return
+        dummy = self._tickets
+        extra = {"launch_pdl": True} if self._pdl else {}
+        lean_plan_kernel[(self.num_programs,)](
+            cache_seqlens if cache_seqlens is not None else dummy,
+            cache_leftpad if cache_leftpad is not None else dummy,
+            self._plan, batch, self.kv_heads, capacity,
+            HAS_SEQLENS=cache_seqlens is not None, HAS_LEFTPAD=cache_leftpad is not None, TILE=tile,
+            TARGET_SHARE=self._config.target_share, BLOCK_B=_BLOCK_B, USE_PDL=self._pdl, num_warps=4, **extra,
+        )
+
+    def run(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        *,
+        block_table: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+        return_lse: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Attention of one layer over the planned lengths.
+
+        Args:
+            q: (batch, 1, q_heads, head_dim) in the wrapper's dtype.
+            k_cache, v_cache: (batch, capacity, kv_heads, head_dim), any strides with a unit last
+                stride; or pages (num_pages, page_size, kv_heads, head_dim) with ``block_table``
+                int32 (batch, capacity / page_size).
+            out: optional (batch, 1, q_heads, head_dim) to write into.
+            return_lse: also return the natural-log LSE, float32 (batch, q_heads).
+
+        Returns:
+            (batch, 1, q_heads, head_dim), and the LSE when ``return_lse``.
+        """
+        if self._batch < 0:
+            _fail(RuntimeError, "DecodeWrapper.run before plan: call plan(cache_seqlens, capacity) once per step")
+        if out is None:
+            out = torch.empty_like(q)
+        lse = torch.empty(q.shape[0], self.q_heads, dtype=torch.float32, device=q.device) if return_lse else None
+        # The fast path keys the compiled kernel on the layout; anything new goes through the
+        # full checks first.
+        layout = (q.shape, q.dtype, q.stride(), k_cache.shape, k_cache.dtype, k_cache.stride(), v_cache.stride(),
+                  out.shape, out.dtype, out.stride(), return_lse, q.device, k_cache.device, v_cache.device,
+                  out.device, None if block_table is None else (block_table.shape, block_table.stride(),
+                                                                block_table.dtype, block_table.device,
+                                                                block_table.data_ptr() % 16 == 0),
+                  self._plan_key)
+        ptrs = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr())
+        aligned = not (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3]) % 16
+        compiled, constexpr_values = self._kernels.get((layout, aligned), (None, None))
+        if compiled is None:
+            self._check(q, k_cache, v_cache, block_table, out)
+        if self._batch == 0:
+            return (out, lse) if return_lse else out
+        if block_table is None:
+            page_size, bt, stride_btb = 0, self._tickets, 0
+        else:
+            page_size, bt, stride_btb = k_cache.shape[1], block_table, block_table.stride(0)
+        dummy = self._tickets
+        args = (
+            q, k_cache, v_cache, out, lse if lse is not None else dummy,
+            self._seqlens if self._seqlens is not None else dummy,
+            self._leftpad if self._leftpad is not None else dummy,
+            bt, self._plan, self._acc, self._stats, self._tickets, self._chunk_tickets,
+            q.stride(0), q.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            out.stride(0), out.stride(2),
+            *((lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)),
+            stride_btb,
+            self._batch, self.kv_heads, self._capacity, self.softmax_scale * LOG2E,
+        )
+        if compiled is not None:
+            try:
+                compiled.run(self.num_programs, 1, 1, current_stream_handle(self.device), compiled.function,
+                             compiled.packed_metadata, None, None, None, *args, *constexpr_values)
+                return (out, lse) if return_lse else out
+            except (TypeError, AttributeError):  # a Triton whose launcher differs
+                self._kernels.clear()
+        constexprs = kernel_constexprs(
+            q, self.kv_heads, page_size, self._config, has_seqlens=self._seqlens is not None,
+            has_leftpad=self._leftpad is not None, planned=True, return_lse=return_lse, pdl=self._pdl,
+        )
+        key = (self.device.index, self._config, tuple(constexprs.values()), _spec_key(args, lean_decode_kernel.arg_names))
+        compiled = run_compiled(lean_decode_kernel, self.num_programs, key, args, constexprs, self._config, self._pdl)
+        if not interpreting() and self._launcher_hooks_unset():
+            values = tuple(constexprs[n] for n in lean_decode_kernel.arg_names[len(args):])
+            self._kernels[(layout, aligned)] = (compiled, values)
+        return (out, lse) if return_lse else out
+
+    @staticmethod
+    def _launcher_hooks_unset() -> bool:
+        """The direct launch skips Triton's launch hooks (profilers set them): only without them."""
+        from triton import knobs
+
+        return knobs.runtime.launch_enter_hook is None and knobs.runtime.launch_exit_hook is None
+
+    def _check(self, q, k_cache, v_cache, block_table, out) -> None:
+        """Every input check of ``leanattn.decode``, plus agreement with the wrapper and the plan."""
+        _validate(q, k_cache, v_cache, None, block_table, out)
+        shape = (q.shape[2], k_cache.shape[2], q.shape[3], q.dtype, q.device)
+        want = (self.q_heads, self.kv_heads, self.head_dim, self.dtype, self.device)
+        if shape != want:
+            _fail(ValueError, "this DecodeWrapper is for (q_heads, kv_heads, head_dim, dtype, device) = "
+                  f"{want}, got {shape}")
+        if q.shape[0] != self._batch:
+            _fail(ValueError, f"planned for batch {self._batch}, got q of batch {q.shape[0]}")
+        capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
+        if capacity != self._capacity:
+            what = "k_cache.shape[1]" if block_table is None else "block_table.shape[1] * page_size"
+            _fail(ValueError, f"planned for capacity {self._capacity}, got {what} = {capacity}")
