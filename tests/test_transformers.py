@@ -123,19 +123,23 @@ def test_left_padding(cache):
     ids, mask = prompts([9, 4, 6])
     kw = {"cache_implementation": "static"} if cache == "static" else {}
     run_both(model, ids, mask, torch.bfloat16, **kw)
-    if lt.HAS_LEFTPAD:
-        expect_calls(NEW_TOKENS - 1)
-    else:
-        assert lt.calls["sdpa: leanattn.decode has no cache_leftpad"] == LAYERS * (NEW_TOKENS - 1)
+    expect_calls(NEW_TOKENS - 1)
 
 
-def test_sliding_window_follows_the_mask():
-    # A window shorter than the prompt: each decode step's keys start past position 0.
+@pytest.mark.parametrize("cache", ["full", "static"])
+def test_sliding_window(cache):
+    # A window shorter than the prompt. The static cache keeps a rolling window of keys, all live;
+    # a cache that keeps every key leaves the window to the mask, whose rows then start past 0.
     model = tiny_model("mistral", 2, torch.bfloat16, sliding_window=5)
     ids, mask = prompts([8, 6])
-    run_both(model, ids, mask, torch.bfloat16, cache_implementation="static")
-    if lt.HAS_LEFTPAD:
-        expect_calls(NEW_TOKENS - 1)
+    if cache == "static":
+        run_both(model, ids, mask, torch.bfloat16, cache_implementation="static")
+    else:
+        ref = generate(model, "sdpa", ids, mask, past_key_values=transformers.DynamicCache())
+        lt.calls.clear()
+        got = generate(model, lt.NAME, ids, mask, past_key_values=transformers.DynamicCache())
+        assert_same_greedy(ref, got, LOGIT_ATOL[torch.bfloat16])
+    expect_calls(NEW_TOKENS - 1)
 
 
 def test_fp32_falls_back_to_sdpa():
@@ -200,10 +204,10 @@ def test_compiled_static_cache_has_no_graph_break():
         got = decode_loop(model, ids, mask, compiled, NEW_TOKENS)
     assert_same_greedy(ref, got, LOGIT_ATOL[torch.bfloat16])
     assert recorder.targets, "nothing was compiled"
+    sdpa = torch.nn.functional.scaled_dot_product_attention
     for ops in recorder.targets:
-        if lt.HAS_LEFTPAD:
-            assert torch.ops.leanattn.decode_into.default in ops, "a compiled decode step did not call leanattn"
-            assert torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default not in ops
+        assert ops & {torch.ops.leanattn.decode_into, torch.ops.leanattn.decode_into.default}, "a decode step missed leanattn"
+        assert sdpa not in ops, "a compiled decode step fell back to SDPA"
 
 
 def _mask(rows: list[list[int]]) -> torch.Tensor:
@@ -246,7 +250,6 @@ def test_attention_forward_matches_reference():
     assert dict(lt.calls) == {lt.NAME: 1}
 
 
-@pytest.mark.skipif(not lt.HAS_LEFTPAD, reason="leanattn.decode has no cache_leftpad")
 def test_mask_with_holes_gives_nan_rows():
     out, *_ = _call(_mask([[1, 1, 0, 1, 1, 0], [0, 1, 1, 1, 1, 1]]))
     assert out[0].isnan().all() and out[1].isfinite().all()

@@ -17,7 +17,6 @@ feature the kernel lacks) goes to transformers' own ``sdpa_attention_forward`` u
 from __future__ import annotations
 
 import collections
-import inspect
 import weakref
 
 import torch
@@ -31,10 +30,6 @@ from leanattn.kernels.config import interpreting
 __all__ = ["NAME", "attention_forward", "decode_refusal", "live_range", "calls"]
 
 NAME = "leanattn"
-
-# Whether this leanattn.decode can start a row's keys past position 0 (left padding, sliding
-# windows). Without it, such rows go to SDPA.
-HAS_LEFTPAD = "cache_leftpad" in inspect.signature(leanattn.decode).parameters
 
 # Features that change the scores; the kernel has none of them yet, so a call that asks for one
 # goes to SDPA (which then does what it does with them, as with attn_implementation="sdpa").
@@ -153,20 +148,15 @@ def attention_forward(
     seqlens = leftpad = holes = None
     if reason is None and attention_mask is not None:
         leftpad, seqlens, holes = _live_range_cached(attention_mask, query.shape[0])
-        if not HAS_LEFTPAD:
-            # Rows starting past 0 need cache_leftpad. Finding out whether any does needs a host
-            # sync, which a compiled graph can't have: there, every masked call goes to SDPA.
-            if torch.compiler.is_compiling() or bool((leftpad > 0).any()):
-                reason = "leanattn.decode has no cache_leftpad"
-            leftpad = None
     if reason is not None:
         _count(f"sdpa: {reason}")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     _count(NAME)
-    extra = {} if leftpad is None else {"cache_leftpad": leftpad}
-    # (B, Hq, 1, D) -> (B, 1, Hq, D) and (B, Hkv, N, D) -> (B, N, Hkv, D): views, no copies.
+    # (B, Hq, 1, D) -> (B, 1, Hq, D) and (B, Hkv, N, D) -> (B, N, Hkv, D): views, no copies. Left
+    # padding and sliding windows both show in the mask as a row's first live key.
     out = leanattn.decode(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), seqlens, softmax_scale=scaling, **extra
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), seqlens,
+        cache_leftpad=leftpad, softmax_scale=scaling,
     )
     if holes is not None:
         # A row whose mask has gaps (padding inside the sequence) has no exact answer from the
