@@ -264,3 +264,21 @@ def test_score_features_fall_back(kwargs, reason):
     assert lt.decode_refusal(q.float(), k.float(), k.float(), None, 0.0, {}).startswith("torch.float32")
     assert lt.decode_refusal(torch.zeros(1, 4, 3, 64, dtype=torch.bfloat16), k, k, None, 0.0, {}) == "prefill"
     assert lt.decode_refusal(q, k, k, torch.zeros(1, 1, 1, 6), 0.0, {}) == "attention mask is not a boolean tensor"
+
+
+def test_e2e_benchmark_smoke(tmp_path):
+    """benchmarks/e2e.py --quick runs its eager path end to end and writes its results."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(root, "benchmarks", "e2e.py"), "--quick", "--out", str(tmp_path),
+           "--modes", "eager", "--batches", "2", "--contexts", "40"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {r["impl"] for r in rows} == {"leanattn", "sdpa", "e2e_null"}
+    assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows), rows
+    assert "| tiny | 2 | 40 | eager |" in (tmp_path / "results.md").read_text()
