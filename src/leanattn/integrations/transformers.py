@@ -68,8 +68,8 @@ def decode_refusal(
     kv_heads = key.shape[1]
     if key.shape[0] != batch or value.shape[:3] != key.shape[:3] or kv_heads == 0 or q_heads % kv_heads:
         return "key/value shapes don't match the query"
-    if key.stride(-1) != 1 or value.stride(-1) != 1:
-        return "key/value without a unit last stride"
+    if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
+        return "query, key or value without a unit last stride"
     if query.device.type != "cuda" and not interpreting():
         return f"tensors on {query.device.type}"
     for name in _SCORE_FEATURES:
@@ -161,7 +161,7 @@ def attention_forward(
     if holes is not None:
         # A row whose mask has gaps (padding inside the sequence) has no exact answer from the
         # kernel; it turns to NaN rather than to a plausible wrong value, without a host sync.
-        out = torch.where(holes.view(-1, 1, 1, 1), torch.full_like(out, float("nan")), out)
+        out.masked_fill_(holes.view(-1, 1, 1, 1), float("nan"))
     return out, None
 
 
