@@ -1,4 +1,4 @@
-"""``leanattn demo`` and ``leanattn bench`` (also ``python -m leanattn ...``)."""
+"""leanattn demo and leanattn bench (also python -m leanattn ...)."""
 
 from __future__ import annotations
 
@@ -38,43 +38,65 @@ def _demo_cpu() -> int:
     return 0 if ok else 1
 
 
-def _bench(shapes: list[str] | None, methods: list[str] | None, out_dir: Path | None) -> int:
+def _bench(shapes: list[str] | None, methods: list[str] | None, out_dir: Path | None, mode: str = "eager") -> int:
     from leanattn.bench import default_suite, parse_shape
-    from leanattn.bench.peers import METHODS
     from leanattn.bench.run import run_suite, terminal_table, write
+    from leanattn.bench.serving import serving_markdown, serving_suite
 
-    suite = [parse_shape(s) for s in shapes] if shapes else default_suite()
-    unknown = set(methods or ()) - set(METHODS)
+    known = _methods(mode)
+    if shapes:
+        suite = [parse_shape(s) for s in shapes]
+    else:
+        suite = default_suite() + (serving_suite() if mode == "graph" else [])
+    unknown = set(methods or ()) - set(known)
     if unknown:
-        print(f"unknown methods {sorted(unknown)}; choose from {sorted(METHODS)}", file=sys.stderr)
+        print(f"unknown methods {sorted(unknown)} for --mode {mode}; choose from {', '.join(known)}", file=sys.stderr)
         return 2
-    record = run_suite(suite, methods or list(METHODS), torch.device("cuda"),
-                       checkpoint=out_dir / "results.json" if out_dir else None)
+    record = run_suite(suite, methods or known, torch.device("cuda"),
+                       checkpoint=out_dir / "results.json" if out_dir else None, mode=mode)
     print(f"{record['gpu']}: copy {record['copy_gbs']:.0f} GB/s, datasheet {record['datasheet_gbs'] or 'unknown'} GB/s")
-    print(terminal_table(record))
+    print(serving_markdown(record) if mode == "graph" else terminal_table(record))
     if out_dir:
         write(record, out_dir)
         print(f"wrote {out_dir}/results.json, results.md, results.png")
     return 0
 
 
+def _methods(mode: str) -> list[str]:
+    """Method names of a benchmark mode (importing the bench modules needs no GPU)."""
+    from leanattn.bench.peers import METHODS
+    from leanattn.bench.serving import SERVING_METHODS
+
+    return list(SERVING_METHODS if mode == "graph" else METHODS)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="leanattn", description=__doc__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="{demo,bench}")
     sub.add_parser("demo", help="a quick comparison on a GPU; a checked interpreter run without one")
-    b = sub.add_parser("bench", help="time leanattn and the peers on the benchmark suite")
-    b.add_argument("--shapes", nargs="+", help="shapes like 1x32k@32/8:d=128:bf16:page=16 (default: the suite)")
-    b.add_argument("--methods", nargs="+", help="subset of methods (default: all)")
-    b.add_argument("--out", type=Path, help="folder for results.json, results.md and results.png")
+    b = sub.add_parser(
+        "bench", help="time leanattn and the peers on the benchmark suite (needs a CUDA GPU)",
+        description="Time leanattn and its peers in one process on the same inputs (needs a CUDA GPU).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(f"methods, --mode eager: {', '.join(_methods('eager'))}\n"
+                f"methods, --mode graph: {', '.join(_methods('graph'))}"),
+    )
+    b.add_argument("--mode", choices=("eager", "graph"), default="eager",
+                   help="eager: single calls, L2 flushed (default); graph: serving mode, a CUDA graph replaying "
+                        "a decode step's layers, each on its own KV, plus host time per call")
+    b.add_argument("--shapes", nargs="+", help="shapes like 1x32k@32/8:d=128:bf16:page=16 (default: the suite; "
+                                               "in graph mode also the tensor-parallel serving shapes)")
+    b.add_argument("--methods", nargs="+", metavar="METHOD", help="subset of the methods listed below (default: all)")
+    b.add_argument("--out", type=Path, help="folder for results.json, results.md and (eager) results.png")
     args = parser.parse_args(argv)
-    if args.cmd == "demo":
+    if args.command == "demo":
         if not torch.cuda.is_available():
             return _demo_cpu()
         return _bench(DEMO_SHAPES.split(), ["leanattn", "sdpa_flash", "sdpa_cudnn", "flashinfer", "flashinfer_tc", "fa2_varlen"], None)
     if not torch.cuda.is_available():
         print("leanattn bench needs a CUDA GPU", file=sys.stderr)
         return 2
-    return _bench(args.shapes, args.methods, args.out)
+    return _bench(args.shapes, args.methods, args.out, args.mode)
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ class DecodeWrapper:
         ws = _Workspace()
         self._acc, self._stats, self._tickets, self._chunk_tickets = ws.get(
             device, self.num_programs, merge_rows, head_dim_pad)
-        self._plan = torch.zeros(self.num_programs, PLAN_FIELDS, dtype=torch.int32, device=device)
+        self._plan = torch.zeros(self.num_programs, PLAN_FIELDS.value, dtype=torch.int32, device=device)
         self._pdl = use_pdl(device)
         self._seqlens: torch.Tensor | None = None
         self._leftpad: torch.Tensor | None = None

@@ -89,10 +89,14 @@ def _progress(total: int):
 
 
 def run_suite(
-    shapes: Iterable[Shape], methods: Iterable[str], device: torch.device, checkpoint: Path | None = None
+    shapes: Iterable[Shape], methods: Iterable[str], device: torch.device, checkpoint: Path | None = None,
+    mode: str = "eager",
 ) -> dict:
     """Time every method on every shape. Returns the full record (also what the JSON holds);
-    with ``checkpoint``, the record so far is written there after every shape."""
+    with ``checkpoint``, the record so far is written there after every shape.
+
+    ``mode``: "eager" times single calls with L2 flushed; "graph" times a CUDA graph of a decode
+    step's layers (see ``leanattn.bench.serving``)."""
     shapes, methods = list(shapes), list(methods)
     props = torch.cuda.get_device_properties(device)
     copy = copy_bandwidth(device)
@@ -109,12 +113,23 @@ def run_suite(
             "python": platform.python_version(),
             "flashinfer": _version("flashinfer"),
         },
+        "mode": mode,
         "copy_gbs": copy / 1e9,
         "datasheet_gbs": peak / 1e9 if peak else None,
         "rows": [],
     }
     bar = _progress(len(shapes) * len(methods))
     for shape in shapes:
+        if mode == "graph":
+            from .serving import run_serving_shape
+
+            bar.set_description(f"{shape.name} (graph)")
+            record["rows"] += run_serving_shape(shape, methods, device, _bench)
+            bar.update(len(methods))
+            if checkpoint is not None:
+                checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                checkpoint.write_text(json.dumps(record, indent=1))
+            continue
         x = make_inputs(shape, device)
         kw = {"block_table": x.block_table} if x.block_table is not None else {}
         ref = leanattn.reference.decode(x.q.float(), x.k, x.v, x.seqlens, compute_dtype=torch.float32, **kw)[:, 0]
@@ -172,13 +187,17 @@ def _fmt(v, spec: str, none: str = "–") -> str:
     return none if v is None else format(v, spec)
 
 
+def _header(record: dict) -> str:
+    return (f"{record['gpu']}, {record['date'][:10]}; torch {record['versions']['torch']}, triton "
+            f"{record['versions']['triton']}, flashinfer {record['versions']['flashinfer'] or 'absent'}. "
+            f"Copy bandwidth {record['copy_gbs']:.0f} GB/s (read + write), datasheet "
+            f"{_fmt(record['datasheet_gbs'], '.0f', 'unknown')} GB/s. ")
+
+
 def markdown(record: dict) -> str:
     lines = summarize(record)
     peers = [m for m in dict.fromkeys(r["method"] for r in record["rows"]) if m not in OWN]
-    head = (f"{record['gpu']}, {record['date'][:10]}; torch {record['versions']['torch']}, triton "
-            f"{record['versions']['triton']}, flashinfer {record['versions']['flashinfer'] or 'absent'}. "
-            f"Copy bandwidth {record['copy_gbs']:.0f} GB/s (read + write), datasheet "
-            f"{_fmt(record['datasheet_gbs'], '.0f', 'unknown')} GB/s. GB/s = K+V bytes read once / median time.\n\n")
+    head = _header(record) + "GB/s = K+V bytes read once / median time.\n\n"
     for run in record.get("runs", []):
         head += f"- run {run['date']}: {run['shapes']} (copy {run['copy_gbs']:.0f} GB/s)\n"
     head += "\n" if record.get("runs") else ""
@@ -256,5 +275,10 @@ def plot(record: dict, path: Path) -> None:
 def write(record: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(record, indent=1))
+    if record.get("mode") == "graph":
+        from .serving import serving_markdown
+
+        (out_dir / "results.md").write_text(_header(record) + serving_markdown(record))
+        return
     (out_dir / "results.md").write_text(markdown(record))
     plot(record, out_dir / "results.png")

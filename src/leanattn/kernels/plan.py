@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 # int32 fields of one program's row in the plan buffer (see lean_plan_kernel).
-PLAN_FIELDS = 8
+PLAN_FIELDS = tl.constexpr(8)
 
 
 @triton.jit
@@ -135,7 +135,7 @@ def lean_plan_kernel(
         SeqLens, LeftPad, batch, kv_heads, capacity, pid, tl.num_programs(0),
         HAS_SEQLENS, HAS_LEFTPAD, TILE, TARGET_SHARE, BLOCK_B,
     )
-    fields = tl.arange(0, 8)
+    fields = tl.arange(0, PLAN_FIELDS)
     row = tl.where(fields == 0, total.to(tl.int32), 0)
     row = tl.where(fields == 1, programs.to(tl.int32), row)
     row = tl.where(fields == 2, start.to(tl.int32), row)
@@ -143,6 +143,6 @@ def lean_plan_kernel(
     row = tl.where(fields == 4, b, row)
     row = tl.where(fields == 5, h, row)
     row = tl.where(fields == 6, t, row)
-    tl.store(Plan + pid * 8 + fields, row)
+    tl.store(Plan + pid * PLAN_FIELDS + fields, row)
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()

@@ -1,0 +1,336 @@
+"""Serving mode: every method as an engine runs it, one CUDA graph replaying a decode step.
+
+A decode step calls attention once per layer with the same lengths (and block table), each layer
+on its own KV cache. Here a step is ``layers`` such calls, each layer with its own q, K and V
+(together at least 512 MiB, so the cache cannot stay in L2), captured in one CUDA graph the way
+an engine captures it: leanattn plans inside the graph and runs every layer from the plan;
+FlashInfer plans on the host before capture (its plan is a host function) and runs inside; SDPA
+is called per layer. A plain-read floor (a Triton kernel that only streams each layer's K and V
+bytes) is captured the same way. Times are per call: replay time over ``layers``.
+
+Host cost per call is the wall time of back-to-back eager calls of one layer, no sync, over
+their number: what a call costs the CPU when nothing is captured.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+import leanattn
+
+from .peers import Inputs, Unsupported, _reason, capture_cuda_graph, make_inputs
+from .shapes import Shape, parse_shape
+
+__all__ = ["SERVING_METHODS", "layer_count", "run_serving_shape", "serving_suite"]
+
+# Bytes a replay touches at least (K+V of all its layers), so nothing stays in L2.
+_MIN_STEP_BYTES = 512 * 2**20
+
+# Tensor-parallel shards, as an engine sees them per GPU: 8/1 or 32/8 heads, batch 1-64,
+# contexts 2k-128k, 16-256 MiB of KV per call; each also paged (page 16).
+_SERVING = """
+1x32k@8/1 1x4k@32/8 4x8k@8/1 1x128k@8/1 64x2k@8/1 1x32k@32/8 8x8k@32/8 16x4k@64/8
+"""
+
+
+def serving_suite(paged: bool = True) -> list[Shape]:
+    """The TP-shard shapes, contiguous and (with ``paged``) with pages of 16 tokens."""
+    shapes = [parse_shape(s) for s in _SERVING.split()]
+    return shapes + ([replace(s, page_size=16) for s in shapes] if paged else [])
+
+
+def layer_count(shape: Shape) -> int:
+    """Layers per captured step: enough that a replay reads >= 512 MiB, 4 to 32."""
+    return max(4, min(32, math.ceil(_MIN_STEP_BYTES / shape.kv_bytes)))
+
+
+@dataclass
+class Layers:
+    """Per-layer inputs of one step: layer 0's lengths and block table are every layer's."""
+
+    xs: list[Inputs]
+
+    @property
+    def first(self) -> Inputs:
+        return self.xs[0]
+
+
+def make_layers(shape: Shape, device: torch.device, layers: int) -> Layers:
+    """``layers`` layers of random q, K and V sharing one set of lengths and one block table."""
+    x0 = make_inputs(shape, device, seed=0)
+    xs = [x0]
+    gen = torch.Generator(device=device)
+    for layer in range(1, layers):
+        gen.manual_seed(layer)
+
+        def rnd(t: torch.Tensor) -> torch.Tensor:
+            return torch.randn(t.shape, device=device, dtype=t.dtype, generator=gen)
+
+        xs.append(Inputs(rnd(x0.q), rnd(x0.k), rnd(x0.v), x0.seqlens, x0.block_table, x0.scale))
+    return Layers(xs)
+
+
+# A method builds, from the shape and its layers, (step, one_call): ``step`` runs the whole step
+# (what is captured) and returns the last layer's output (batch, q_heads, head_dim); ``one_call``
+# runs one layer eagerly, for the host cost.
+Prepared = tuple[Callable[[], torch.Tensor], Callable[[], object]]
+
+
+def _leanattn(shape: Shape, ls: Layers) -> Prepared:
+    x0 = ls.first
+    w = leanattn.DecodeWrapper(shape.q_heads, shape.kv_heads, shape.head_dim, shape.dtype, x0.q.device)
+    capacity = x0.k.shape[1] * (x0.block_table.shape[1] if x0.block_table is not None else 1)
+    outs = [torch.empty_like(x.q) for x in ls.xs]
+
+    def step() -> torch.Tensor:
+        w.plan(x0.seqlens, capacity)
+        for x, out in zip(ls.xs, outs):
+            w.run(x.q, x.k, x.v, block_table=x.block_table, out=out)
+        return outs[-1][:, 0]
+
+    def one_call() -> None:
+        w.run(x0.q, x0.k, x0.v, block_table=x0.block_table, out=outs[0])
+
+    step.wrapper = w  # type: ignore[attr-defined]
+    return step, one_call
+
+
+def _leanattn_decode(shape: Shape, ls: Layers) -> Prepared:
+    """The one-shot ``leanattn.decode`` per layer (each call locates its own share)."""
+    outs = [torch.empty_like(x.q) for x in ls.xs]
+
+    def call(x: Inputs, out: torch.Tensor) -> None:
+        leanattn.decode(x.q, x.k, x.v, x.seqlens, block_table=x.block_table, out=out)
+
+    def step() -> torch.Tensor:
+        for x, out in zip(ls.xs, outs):
+            call(x, out)
+        return outs[-1][:, 0]
+
+    return step, lambda: call(ls.first, outs[0])
+
+
+def _sdpa(backend_name: str):
+    def prepare(shape: Shape, ls: Layers) -> Prepared:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        if shape.page_size:
+            raise Unsupported("contiguous cache only")
+        if shape.ragged:
+            raise Unsupported("no per-sequence lengths")
+        backend = getattr(SDPBackend, backend_name)
+        gqa = shape.q_heads != shape.kv_heads
+        views = [(x.q.transpose(1, 2), x.k.transpose(1, 2), x.v.transpose(1, 2)) for x in ls.xs]
+        scale = ls.first.scale
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def step() -> torch.Tensor:
+            with sdpa_kernel(backend):
+                for q, k, v in views:
+                    o = sdpa(q, k, v, scale=scale, enable_gqa=gqa)
+            return o[:, :, 0]
+
+        def one_call() -> None:
+            q, k, v = views[0]
+            sdpa(q, k, v, scale=scale, enable_gqa=gqa)
+
+        try:
+            step()
+        except RuntimeError as e:
+            raise Unsupported(_reason("refused", e, 80)) from e
+        # The backend is chosen once around the timed loop, as an engine would configure it.
+        one_call.context = lambda: sdpa_kernel(backend)  # type: ignore[attr-defined]
+        return step, one_call
+
+    return prepare
+
+
+def _flashinfer(tensor_cores: bool):
+    def prepare(shape: Shape, ls: Layers) -> Prepared:
+        try:
+            import flashinfer
+        except ImportError as e:
+            raise Unsupported("flashinfer not installed") from e
+        x0 = ls.first
+        dev = x0.q.device
+        if shape.page_size:
+            ps, table = shape.page_size, x0.block_table
+            kvs = [(x.k, x.v) for x in ls.xs]
+        else:  # the contiguous cache seen as pages of 16 tokens: a view, no copy
+            ps = 16
+            n = x0.k.shape[1]
+            if n % ps:
+                raise Unsupported("cache_len not a multiple of 16")
+            kvs = [(x.k.view(-1, ps, shape.kv_heads, shape.head_dim), x.v.view(-1, ps, shape.kv_heads, shape.head_dim))
+                   for x in ls.xs]
+            table = torch.arange(shape.batch * n // ps, device=dev, dtype=torch.int32).view(shape.batch, -1)
+        pages = [-(-length // ps) for length in shape.lens]
+        indices = torch.cat([table[i, :p] for i, p in enumerate(pages)])
+        indptr = torch.tensor([0] + pages, device=dev, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        last = torch.tensor([length - (p - 1) * ps for length, p in zip(shape.lens, pages)], dtype=torch.int32, device=dev)
+        workspace = torch.zeros(128 * 2**20, dtype=torch.uint8, device=dev)
+        try:
+            wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                workspace, "NHD", use_cuda_graph=True, use_tensor_cores=tensor_cores,
+                paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=indices, paged_kv_last_page_len_buffer=last)
+            wrapper.plan(indptr, indices, last, shape.q_heads, shape.kv_heads, shape.head_dim, ps,
+                         q_data_type=shape.dtype, kv_data_type=shape.dtype, sm_scale=x0.scale)
+            qs = [x.q[:, 0] for x in ls.xs]
+            outs = [torch.empty_like(q) for q in qs]
+
+            def step() -> torch.Tensor:
+                for q, kv, out in zip(qs, kvs, outs):
+                    wrapper.run(q, kv, out=out)
+                return outs[-1]
+
+            def one_call() -> None:
+                wrapper.run(qs[0], kvs[0], out=outs[0])
+
+            step()
+        except Exception as e:  # JIT or shape errors
+            raise Unsupported(_reason(f"error: {type(e).__name__}", e, 60)) from e
+        step.keep = (workspace, indices, indptr, last, table)  # type: ignore[attr-defined]
+        return step, one_call
+
+    return prepare
+
+
+@triton.jit
+def _read_kernel(X, Y, n_per, n, BLOCK: tl.constexpr):
+    """Program p sums elements [p * n_per, (p + 1) * n_per) of X (bounded by n), BLOCK at a time."""
+    pid = tl.program_id(0)
+    lo = pid.to(tl.int64) * n_per
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, n_per, BLOCK):
+        offs = lo + i + tl.arange(0, BLOCK)
+        acc += tl.load(X + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.store(Y + pid, tl.sum(acc, 0))
+
+
+def _floor(shape: Shape, ls: Layers) -> Prepared:
+    """A plain streaming read of each layer's K and V bytes (kv_bytes per call, nothing else)."""
+    dev = ls.first.q.device
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    programs, block = 4 * sms, 4096
+    half = shape.kv_bytes // 2 // ls.first.k.element_size()  # elements of K (and of V) to read
+    y = torch.empty(2 * programs, dtype=torch.float32, device=dev)
+    flats = [(x.k.reshape(-1)[:half], x.v.reshape(-1)[:half]) for x in ls.xs]
+    n_per = -(-half // programs // block) * block
+
+    def call(k: torch.Tensor, v: torch.Tensor) -> None:
+        _read_kernel[(programs,)](k, y, n_per, half, BLOCK=block, num_warps=8)
+        _read_kernel[(programs,)](v, y[programs:], n_per, half, BLOCK=block, num_warps=8)
+
+    def step() -> torch.Tensor:
+        for k, v in flats:
+            call(k, v)
+        return y
+
+    return step, lambda: call(*flats[0])
+
+
+SERVING_METHODS: dict[str, Callable[[Shape, Layers], Prepared]] = {
+    "leanattn": _leanattn,
+    "leanattn_decode": _leanattn_decode,
+    "sdpa_cudnn": _sdpa("CUDNN_ATTENTION"),
+    "sdpa_flash": _sdpa("FLASH_ATTENTION"),
+    "flashinfer": _flashinfer(False),
+    "flashinfer_tc": _flashinfer(True),
+    "read_floor": _floor,
+}
+# Not peers: leanattn itself and the floor.
+NOT_PEERS = ("leanattn", "leanattn_decode", "read_floor")
+
+
+def host_us(one_call: Callable[[], object], calls: int = 200) -> float:
+    """Wall microseconds per call of ``calls`` back-to-back eager calls, no sync between them."""
+    ctx = getattr(one_call, "context", None)
+    with ctx() if ctx else _nothing():
+        for _ in range(10):
+            one_call()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            one_call()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def run_serving_shape(shape: Shape, methods: list[str], device: torch.device, bench: Callable) -> list[dict]:
+    """Rows for one shape: per-call µs in graph replay, host µs, error of the last layer.
+    ``bench(fn)`` times ``fn`` in milliseconds."""
+    layers = layer_count(shape)
+    ls = make_layers(shape, device, layers)
+    last = ls.xs[-1]
+    kw = {"block_table": last.block_table} if last.block_table is not None else {}
+    ref = leanattn.reference.decode(last.q.float(), last.k, last.v, last.seqlens, compute_dtype=torch.float32, **kw)[:, 0]
+    rows = []
+    for method in methods:
+        row = {"shape": shape.name, "family": shape.family, "ctx": max(shape.lens), "method": method,
+               "kv_bytes": shape.kv_bytes, "layers": layers, "mode": "graph"}
+        try:
+            step, one_call = SERVING_METHODS[method](shape, ls)
+            graph, result = capture_cuda_graph(step)
+            graph.replay()
+            torch.cuda.synchronize()
+            if method != "read_floor":
+                out = result.reshape(ref.shape).float()
+                row["rel_err"] = ((out - ref).norm() / ref.norm()).item() if torch.isfinite(out).all() else math.inf
+            row["ms"] = bench(graph.replay) / layers
+            row["gbs"] = shape.kv_bytes / (row["ms"] * 1e-3) / 1e9
+            row["host_us"] = host_us(one_call)
+            if method == "leanattn":
+                row["direct_launch"] = bool(step.wrapper._kernels)  # type: ignore[attr-defined]
+            del graph, result, step, one_call
+        except Unsupported as e:
+            row["status"] = str(e)
+        rows.append(row)
+    del ls, ref
+    torch.cuda.empty_cache()
+    return rows
+
+
+def serving_markdown(record: dict) -> str:
+    """The serving table: µs per call in graph replay for every method, speedup over the best
+    peer, the floor, and host µs per eager call."""
+    by_shape: dict[str, dict[str, dict]] = {}
+    for row in record["rows"]:
+        by_shape.setdefault(row["shape"], {})[row["method"]] = row
+    methods = list(dict.fromkeys(r["method"] for r in record["rows"]))
+    cols = ["shape", "KV MiB", "layers"] + [f"{m} µs" for m in methods] + ["vs best peer", "host µs: " + ", ".join(methods)]
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    speedups = []
+    for shape, rows in by_shape.items():
+        first = next(iter(rows.values()))
+        cells = [f"`{shape}`", f"{first['kv_bytes'] / 2**20:.0f}", str(first["layers"])]
+        for m in methods:
+            r = rows.get(m, {})
+            cells.append(f"{r['ms'] * 1e3:.1f}" if "ms" in r else f"({r.get('status', 'not run')})")
+        own = rows.get("leanattn", {}).get("ms")
+        peers = [r["ms"] for m, r in rows.items() if m not in NOT_PEERS and "ms" in r]
+        speed = min(peers) / own if own and peers else None
+        if speed:
+            speedups.append(speed)
+        cells.append(f"{speed:.2f}" if speed else "–")
+        cells.append(" / ".join(f"{rows[m]['host_us']:.1f}" if "host_us" in rows.get(m, {}) else "–" for m in methods))
+        out.append("| " + " | ".join(cells) + " |")
+    if speedups:
+        gm = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
+        out.append(f"\nGeometric mean over the best peer: {gm:.2f}x over {len(speedups)} shapes; minimum {min(speedups):.2f}x.")
+    return "\n".join(out) + "\n"

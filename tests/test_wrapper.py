@@ -1,0 +1,149 @@
+"""DecodeWrapper: plan once, run per layer; bitwise equal to leanattn.decode; clear errors."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import leanattn
+
+from _util import DEVICE, ON_GPU, assert_close, make_inputs, poisoned_like, reference, tile_size, to_paged
+
+
+def _wrapper(q, k, programs, **kw):
+    return leanattn.DecodeWrapper(q.shape[2], k.shape[2], q.shape[3], q.dtype, q.device, num_programs=programs, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("leftpad", [False, True])
+def test_run_bitwise_equals_decode(dtype, paged, leftpad):
+    """Several layers planned once: each run equals decode on the same inputs, bit for bit, and
+    the reference within tolerance (lengths 0, 1, tile +- 1, split heads)."""
+    t = tile_size(64, dtype, 4)
+    lens = [0, 1, t - 1, t + 1, 3 * t + 7]
+    cap = 4 * t
+    pad = torch.tensor([0, 0, 3, t, 2 * t + 1], dtype=torch.int32, device=DEVICE) if leftpad else None
+    programs = 6
+    w = None
+    for layer in range(2):
+        q, k, v, sl = make_inputs(lens, 8, 2, 64, dtype, cache_len=cap, seed=layer)
+        kw = {}
+        kc, vc = k, v
+        if paged:
+            kc, vc, table = to_paged(k, v, [cap] * len(lens), 16, seed=layer)
+            kw = {"block_table": table}
+        if w is None:
+            w = _wrapper(q, k, programs)
+            w.plan(sl, cap, cache_leftpad=pad)
+        out = poisoned_like(q)
+        res, lse = w.run(q, kc, vc, out=out, return_lse=True, **kw)
+        assert res is out
+        again, again_lse = leanattn.decode(q, kc, vc, sl, cache_leftpad=pad, return_lse=True, num_programs=programs, **kw)
+        assert torch.equal(out, again) and torch.equal(lse, again_lse)
+        assert_close(out, lse, *reference(q, k, v, sl, cache_leftpad=pad))
+
+
+def test_plan_without_lengths_and_hf_layout():
+    """``plan(None, capacity, batch=...)``: every sequence full; a (B, Hkv, N, D) cache as its transpose."""
+    t = tile_size(128, torch.float16, 2)
+    q, k, v, _ = make_inputs([2 * t + 5] * 3, 4, 2, 128, torch.float16, hf_layout=True)
+    w = _wrapper(q, k, 5)
+    w.plan(None, k.shape[1], batch=3)
+    out = w.run(q, k, v)
+    assert torch.equal(out, leanattn.decode(q, k, v, num_programs=5))
+    assert_close(out, None, reference(q, k, v)[0], None)
+
+
+def test_replanning_follows_new_lengths():
+    q, k, v, sl = make_inputs([100, 40, 7], 4, 1, 64, torch.bfloat16, cache_len=128)
+    w = _wrapper(q, k, 4)
+    for lens in ([100, 40, 7], [0, 128, 1], [5, 5, 5]):
+        sl.copy_(torch.tensor(lens, dtype=torch.int32))
+        w.plan(sl, 128)
+        out, lse = w.run(q, k, v, return_lse=True)
+        assert_close(out, lse, *reference(q, k, v, sl))
+
+
+def test_leftpad_against_reference_with_decode():
+    """cache_leftpad: keys are positions [leftpad, seqlen); leftpad past seqlen gives an empty row."""
+    q, k, v, sl = make_inputs([90, 50, 64, 10], 8, 2, 64, torch.float16, cache_len=96)
+    pad = torch.tensor([7, 0, 63, 20], dtype=torch.int32, device=DEVICE)
+    out = poisoned_like(q)
+    _, lse = leanattn.decode(q, k, v, sl, cache_leftpad=pad, out=out, return_lse=True, num_programs=5)
+    assert_close(out, lse, *reference(q, k, v, sl, cache_leftpad=pad))
+    assert (out[3] == 0).all() and torch.isneginf(lse[3]).all()
+
+
+def test_mismatched_calls_are_refused():
+    q, k, v, sl = make_inputs([20, 7], 4, 2, 64, torch.float16, cache_len=32)
+    w = _wrapper(q, k, 3)
+    with pytest.raises(RuntimeError, match="before plan"):
+        w.run(q, k, v)
+    w.plan(sl, 32)
+    q8 = torch.randn(2, 1, 8, 64, dtype=torch.float16, device=DEVICE)
+    cases = [
+        ((q8, k, v), "q_heads, kv_heads, head_dim"),
+        ((q.bfloat16(), k.bfloat16(), v.bfloat16()), "q_heads, kv_heads, head_dim, dtype"),
+        ((q[:1], k[:1], v[:1]), "planned for batch 2"),
+        ((q, k[:, :16], v[:, :16]), "planned for capacity 32"),
+        ((q[..., :32], k[..., :32], v[..., :32]), "head_dim must be one of"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(ValueError, match=msg.replace("(", r"\(")):
+            w.run(*args)
+    with pytest.raises(ValueError, match="cache_seqlens must have shape"):
+        w.plan(sl.view(2, 1), 32)
+    with pytest.raises(ValueError, match="q_heads .* multiple"):
+        leanattn.DecodeWrapper(5, 2, 64, torch.float16, DEVICE)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("paged", [False, True])
+def test_graph_with_plan_and_layers_replays_new_lengths(paged):
+    """One CUDA graph holds the plan and three layers; each replay re-plans for new lengths and
+    block tables, and each layer matches decode bitwise."""
+    from leanattn.bench.peers import capture_cuda_graph
+
+    cap, batch, layers = 4096, 6, 3
+    xs = [make_inputs([cap] * batch, 32, 8, 128, torch.bfloat16, seed=i) for i in range(layers)]
+    seqlens = torch.full((batch,), cap, dtype=torch.int32, device=DEVICE)
+    caches, kw = [], {}
+    table = None
+    for q, k, v, _ in xs:
+        if paged:
+            kp, vp, table_i = to_paged(k, v, [cap] * batch, 16)
+            caches.append((kp, vp))
+            table = table_i  # to_paged with the default seed gives every layer the same table
+        else:
+            caches.append((k, v))
+    if paged:
+        kw = {"block_table": table}
+    w = leanattn.DecodeWrapper(32, 8, 128, torch.bfloat16, DEVICE)
+    outs = [torch.empty_like(x[0]) for x in xs]
+    lses: list[torch.Tensor] = []
+
+    def step():
+        w.plan(seqlens, cap)
+        lses.clear()
+        for (q, *_), (kc, vc), out in zip(xs, caches, outs):
+            lses.append(w.run(q, kc, vc, out=out, return_lse=True, **kw)[1])
+        return lses
+
+    graph, captured_lses = capture_cuda_graph(step)
+    rng = random.Random(5)
+    for trial in range(6):
+        new = [0, cap, 1] + [rng.randint(0, cap) for _ in range(batch - 3)]
+        rng.shuffle(new)
+        seqlens.copy_(torch.tensor(new, dtype=torch.int32))
+        for out in outs:
+            out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for (q, k, v, _), (kc, vc), out, lse in zip(xs, caches, outs, captured_lses):
+            assert_close(out, lse, *reference(q, k, v, seqlens))
+            again, again_lse = leanattn.decode(q, kc, vc, seqlens, return_lse=True, **kw)
+            assert torch.equal(out, again) and torch.equal(lse, again_lse)
+    assert w._kernels, "the direct launch path was not taken"
