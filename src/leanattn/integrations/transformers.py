@@ -108,7 +108,7 @@ def live_range(attention_mask: torch.Tensor, batch: int) -> tuple[torch.Tensor, 
 
 # The mask is one tensor shared by every layer of a forward pass: in eager mode its live range
 # is computed once per pass (keyed on the tensor object and its version counter).
-_memo: list = [None, -1, None]
+_memo: list = [None, -1, None]  # [weakref to the mask, its version, live_range's result]
 
 
 def _live_range_cached(attention_mask: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -145,13 +145,13 @@ def attention_forward(
     and no attention weights.
     """
     reason = decode_refusal(query, key, value, attention_mask, dropout, kwargs)
-    seqlens = leftpad = holes = None
-    if reason is None and attention_mask is not None:
-        leftpad, seqlens, holes = _live_range_cached(attention_mask, query.shape[0])
     if reason is not None:
         _count(f"sdpa: {reason}")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     _count(NAME)
+    seqlens = leftpad = holes = None
+    if attention_mask is not None:
+        leftpad, seqlens, holes = _live_range_cached(attention_mask, query.shape[0])
     # (B, Hq, 1, D) -> (B, 1, Hq, D) and (B, Hkv, N, D) -> (B, N, Hkv, D): views, no copies. Left
     # padding and sliding windows both show in the mask as a row's first live key.
     out = leanattn.decode(
