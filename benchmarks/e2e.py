@@ -259,7 +259,7 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--budget-s", type=float, default=360.0, help="start no job after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=330.0, help="start no job after this many seconds")
     args = ap.parse_args()
     if args.quick:
         args.models, args.layers, args.impls, args.warmup, args.steps = ["tiny"], 2, ["leanattn", "sdpa"], 1, 2
