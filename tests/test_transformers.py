@@ -150,6 +150,18 @@ def test_fp32_falls_back_to_sdpa():
     assert lt.calls["sdpa: torch.float32: the kernel takes float16 and bfloat16"] == LAYERS * (NEW_TOKENS - 1)
 
 
+def test_softcapping_is_refused():
+    # Gemma2 caps its attention logits; neither leanattn nor SDPA can, so the model must not run.
+    config = transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, pad_token_id=0, attn_logit_softcapping=5.0,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config).to(device=DEVICE, dtype=torch.bfloat16).eval()
+    ids, mask = prompts([7, 5])
+    with pytest.raises(NotImplementedError, match="softcap"):
+        generate(model, lt.NAME, ids, mask)
+
+
 def test_from_pretrained(tmp_path):
     tiny_model("llama", 2, torch.bfloat16).save_pretrained(tmp_path)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=lt.NAME, dtype=torch.bfloat16)
@@ -255,8 +267,14 @@ def test_mask_with_holes_gives_nan_rows():
     assert out[0].isnan().all() and out[1].isfinite().all()
 
 
-@pytest.mark.parametrize("kwargs,reason", [({"softcap": 30.0}, "softcap"), ({"s_aux": torch.zeros(4)}, "s_aux")])
-def test_score_features_fall_back(kwargs, reason):
+def test_sinks_are_refused():
+    with pytest.raises(NotImplementedError, match="s_aux"):
+        _call(None, s_aux=torch.zeros(4, device=DEVICE))
+
+
+@pytest.mark.parametrize("kwargs,reason", [({"position_bias": torch.zeros(1, 4, 1, 6)}, "position_bias"),
+                                           ({"s_aux": torch.zeros(4)}, "s_aux")])
+def test_decode_refusal(kwargs, reason):
     q = torch.zeros(1, 4, 1, 64, dtype=torch.bfloat16)
     k = torch.zeros(1, 2, 6, 64, dtype=torch.bfloat16)
     assert lt.decode_refusal(q, k, k, None, 0.0, kwargs) == reason

@@ -11,7 +11,8 @@ place: transformers keeps K/V as (batch, kv_heads, len, head_dim) and the kernel
 The keys each row may see are read off the attention mask on the device (first and last live
 position), never on the host, so the static-cache path is free of host syncs and compiles
 without graph breaks. Every other call (prefill, several query tokens, fp32, a head size or a
-feature the kernel lacks) goes to transformers' own ``sdpa_attention_forward`` unchanged.
+feature the kernel lacks) goes to transformers' own ``sdpa_attention_forward`` unchanged. A model
+that asks for softcapping or attention sinks, which SDPA lacks as well, gets an error.
 """
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ __all__ = ["NAME", "attention_forward", "decode_refusal", "live_range", "calls"]
 NAME = "leanattn"
 
 # Features that change the scores; the kernel has none of them yet, so a call that asks for one
-# goes to SDPA (which then does what it does with them, as with attn_implementation="sdpa").
+# falls back to SDPA, which takes position biases. Softcapping and sinks SDPA lacks too (some
+# transformers versions would ignore them): a model that asks for them gets an error, not
+# different scores.
 _SCORE_FEATURES = ("softcap", "s_aux", "sinks", "position_bias")
+_SDPA_LACKS = ("softcap", "s_aux", "sinks")
 
 # Eager calls by path: "leanattn", or "sdpa: <reason>". For tests and for a user asking "did my
 # decode steps run on leanattn?". Not counted while torch.compile traces (a trace is not a call).
@@ -144,6 +148,12 @@ def attention_forward(
     (batch, 1, q_len, kv_len) mask from ``sdpa_mask``. Returns (batch, q_len, q_heads, head_dim)
     and no attention weights.
     """
+    lacking = [name for name in _SDPA_LACKS if kwargs.get(name) is not None]
+    if lacking:
+        raise NotImplementedError(
+            f"{type(module).__name__} asks for {', '.join(lacking)}, which neither leanattn nor SDPA computes yet; "
+            "use attn_implementation='eager' for this model"
+        )
     reason = decode_refusal(query, key, value, attention_mask, dropout, kwargs)
     if reason is not None:
         _count(f"sdpa: {reason}")
