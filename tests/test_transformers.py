@@ -60,7 +60,9 @@ def generate(model, impl: str, ids, mask, **kw) -> tuple[torch.Tensor, list[torc
     with torch.no_grad():
         out = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
-            output_logits=True, return_dict_in_generate=True, pad_token_id=0, **kw,
+            output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+            disable_compile=True,  # on a GPU, generate would compile static-cache steps by itself
+            **kw,
         )
     return out.sequences[:, ids.shape[1] :], [x.float() for x in out.logits]
 
