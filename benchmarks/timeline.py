@@ -109,7 +109,7 @@ def main() -> int:
         print("timeline.py needs a CUDA GPU", file=sys.stderr)
         return 2
     api.lean_decode_kernel = instrumented_kernel()
-    api._COMPILED.clear()
+    api._DIRECT.clear()
     print(f"{torch.cuda.get_device_name()}; microseconds from the first program's start, median of {args.reps} calls")
     rows = [(text, timeline(text, args.reps)) for text in args.shapes]
     keys = list(rows[0][1])

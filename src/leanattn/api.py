@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable
 
 import torch
+
+from triton import knobs
 
 from .kernels.config import KernelConfig, choose_config, interpreting, next_pow2
 from .kernels.lean_decode import LOG2E, lean_decode_kernel
@@ -191,27 +194,81 @@ def _static_config(head_dim: int, dtype: torch.dtype, group: int) -> tuple:
     return config, group_pad, merge_rows, head_dim_pad, merge_wide
 
 
-# Compiled kernels by Triton's specialisation of the arguments (see _spec_key); reusing them skips
-# Triton's per-call argument binding, which costs more than a short decode step on the GPU.
-_COMPILED: dict[tuple, object] = {}
-_FAST_LAUNCH = True  # off if this Triton's launcher refuses the call below
-_UNSPECIALIZED = frozenset(("batch", "kv_heads", "capacity"))
+# Compiled kernels by the layout of a call (see launch_cached). A hit launches the compiled kernel
+# directly: Triton's per-call argument binding costs more than a short decode step on the GPU.
+_DIRECT: dict[tuple, tuple] = {}
+DIRECT_LAUNCH_ERROR: list[str] = []  # why direct launches were given up, if they were
 
 
-def _spec_key(args: tuple, names: tuple[str, ...]) -> tuple:
-    """What Triton specialises a launch on: dtypes and 16-byte alignment of pointers; for ints,
-    == 1, divisibility by 16 and the 32-bit range (only the range for unspecialised ones)."""
-    key = []
-    for name, a in zip(names, args):
-        if isinstance(a, torch.Tensor):
-            key.append((a.dtype, a.data_ptr() % 16 == 0))
-        elif not isinstance(a, int):  # the float scale
-            key.append(None)
-        elif name in _UNSPECIALIZED:
-            key.append(-(2**31) <= a < 2**31)
-        else:
-            key.append((a == 1, a % 16 == 0, -(2**31) <= a < 2**31))
-    return tuple(key)
+def _launcher_takes_metadata_in_args() -> bool:
+    """Whether this Triton's CudaLauncher is called as (grid, stream, function, *args), passing
+    the kernel metadata and launch hooks inside args, to its C launcher (Triton 3.6), rather than
+    as named parameters (later versions)."""
+    try:
+        import inspect
+
+        from triton.backends.nvidia.driver import CudaLauncher
+
+        names = list(inspect.signature(CudaLauncher.__call__).parameters)
+        return names[names.index("function") + 1 :] == ["args"]
+    except Exception:
+        return False
+
+
+_C_LAUNCH = _launcher_takes_metadata_in_args()
+
+
+def run_direct(hit: tuple, grid: int, device: torch.device, args: tuple) -> None:
+    """What Triton's launcher does for ``compiled[(grid, 1, 1)](*args, *constexprs)`` with the
+    compiled kernel and constexpr values of ``hit``, without rebinding the arguments."""
+    compiled, values = hit
+    stream = current_stream_handle(device)
+    enter = knobs.runtime.launch_enter_hook
+    meta = compiled.launch_metadata((grid, 1, 1), stream, *args, *values) if enter is not None else None
+    launcher = compiled.run
+    if _C_LAUNCH and not launcher.global_scratch_size and not launcher.profile_scratch_size:
+        # Triton 3.6's CudaLauncher.__call__, minus its scratch allocators (none needed here).
+        launcher.launch(grid, 1, 1, stream, compiled.function, launcher.launch_cooperative_grid,
+                        launcher.launch_pdl, None, None, compiled.packed_metadata, meta, enter,
+                        knobs.runtime.launch_exit_hook, *args, *values)
+    else:
+        launcher(grid, 1, 1, stream, compiled.function, compiled.packed_metadata, meta, enter,
+                 knobs.runtime.launch_exit_hook, *args, *values)
+
+
+def launch_cached(
+    kernel, grid: int, layout: tuple, args: tuple, constexprs: Callable[[], dict], config: KernelConfig,
+    pdl: bool, device: torch.device, cache: dict | None = None,
+) -> None:
+    """Launch ``kernel`` on ``grid`` programs with ``args`` (its non-constexpr parameters, in
+    order) and the compile-time parameters ``constexprs()``.
+
+    ``layout`` must determine everything Triton specialises the compiled kernel on (dtypes,
+    16-byte alignment of every pointer, every int's == 1 / divisibility by 16 / 32-bit range)
+    and every constexpr: calls with the same layout reuse the compiled kernel directly, kept in
+    ``cache`` (default: one for the module).
+    """
+    cache = _DIRECT if cache is None else cache
+    hit = None if interpreting() else cache.get(layout)
+    if hit is not None:
+        try:
+            run_direct(hit, grid, device, args)
+            return
+        except (TypeError, AttributeError) as e:  # a Triton whose launcher differs: bind every time
+            DIRECT_LAUNCH_ERROR.append(repr(e))
+            cache.clear()
+    params = constexprs()
+    extra = {"launch_pdl": True} if pdl else {}
+    compiled = kernel[(grid,)](*args, **params, num_warps=config.num_warps, num_stages=config.num_stages, **extra)
+    if not interpreting() and not DIRECT_LAUNCH_ERROR:
+        cache[layout] = (compiled, tuple(params[n] for n in kernel.arg_names[len(args):]))
+
+
+def layout_of(*tensors: torch.Tensor | None) -> tuple:
+    """Shapes, strides, dtypes, devices and 16-byte alignment of tensors (None stays None)."""
+    return tuple(
+        None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0) for t in tensors
+    )
 
 
 def use_pdl(device: torch.device) -> bool:
@@ -244,9 +301,10 @@ def run_compiled(kernel, grid: int, key: tuple, args: tuple, constexprs: dict, c
                 # The launcher takes every parameter in order; it ignores the constexpr ones.
                 compiled[(grid, 1, 1)](*args, *(constexprs[n] for n in kernel.arg_names[len(args):]))
                 return compiled
-            except TypeError:  # a Triton whose launcher differs: bind through the JIT every time
+            except TypeError as e:  # a Triton whose launcher differs: bind through the JIT every time
                 _FAST_LAUNCH = fast = False
                 _COMPILED.clear()
+                FAST_LAUNCH_ERROR.append(repr(e))
     extra = {"launch_pdl": True} if pdl else {}
     compiled = kernel[(grid,)](*args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages, **extra)
     if fast:
@@ -316,14 +374,16 @@ def launch(
         batch, kv_heads, capacity, softmax_scale * LOG2E,
     )
     pdl = use_pdl(q.device)
-    constexprs = kernel_constexprs(
-        q, kv_heads, page_size, config, has_seqlens=cache_seqlens is not None,
-        has_leftpad=cache_leftpad is not None, planned=False, return_lse=lse is not None, pdl=pdl,
+    layout = (layout_of(q, k_cache, v_cache, out, lse, cache_seqlens, cache_leftpad, block_table),
+              batch, capacity, programs, config, pdl)
+    launch_cached(
+        lean_decode_kernel, programs, layout, args,
+        lambda: kernel_constexprs(
+            q, kv_heads, page_size, config, has_seqlens=cache_seqlens is not None,
+            has_leftpad=cache_leftpad is not None, planned=False, return_lse=lse is not None, pdl=pdl,
+        ),
+        config, pdl, q.device,
     )
-    key = None
-    if _FAST_LAUNCH and not interpreting():
-        key = (q.device.index, config, tuple(constexprs.values()), _spec_key(args, lean_decode_kernel.arg_names))
-    run_compiled(lean_decode_kernel, programs, key, args, constexprs, config, pdl)
 
 
 def decode(

@@ -19,20 +19,20 @@ import math
 
 import torch
 
+from . import api
 from .api import (
     _check_lengths,
     _fail,
-    _spec_key,
     _static_config,
     _validate,
     _Workspace,
-    current_stream_handle,
     default_num_programs,
     kernel_constexprs,
-    run_compiled,
+    launch_cached,
+    layout_of,
+    run_direct,
     use_pdl,
 )
-from .kernels.config import interpreting
 from .kernels.lean_decode import LOG2E, lean_decode_kernel
 from .kernels.plan import PLAN_FIELDS, lean_plan_kernel
 
@@ -81,6 +81,7 @@ class DecodeWrapper:
             _fail(ValueError, f"softmax_scale must be finite, got {softmax_scale}")
         self.q_heads, self.kv_heads, self.head_dim, self.dtype, self.device = q_heads, kv_heads, head_dim, dtype, device
         self.softmax_scale = scale
+        self._qk_scale = scale * LOG2E
         self._config, _, merge_rows, head_dim_pad, _ = _static_config(head_dim, dtype, q_heads // kv_heads)
         self.num_programs = num_programs or default_num_programs(device, self._config)
         ws = _Workspace()
@@ -92,8 +93,10 @@ class DecodeWrapper:
         self._leftpad: torch.Tensor | None = None
         self._capacity = 0
         self._batch = -1
-        self._plan_key: tuple = ()
-        self._kernels: dict[tuple, object] = {}
+        self._plan_layout: tuple = ()
+        # Compiled runs by layout (see api.launch_cached); the buffers above, the grid and the
+        # config are the wrapper's own, so they need no place in the key.
+        self._direct: dict[tuple, tuple] = {}
 
     def plan(
         self, cache_seqlens: torch.Tensor | None, capacity: int, *, batch: int | None = None,
@@ -128,10 +131,8 @@ class DecodeWrapper:
         if batch * self.kv_heads * max(1, -(-capacity // tile)) >= 2**31:
             _fail(ValueError, f"batch {batch} x kv_heads {self.kv_heads} x capacity {capacity} is over 2^31 tiles of {tile}")
         self._seqlens, self._leftpad, self._capacity, self._batch = cache_seqlens, cache_leftpad, capacity, batch
-        # What the run's compiled kernel depends on in the plan's tensors: presence, 16-byte
-        # alignment (Triton specialises pointers on it) and the 32-bit range of the sizes.
-        self._plan_key = tuple(None if t is None else t.data_ptr() % 16 == 0 for t in (cache_seqlens, cache_leftpad))
-        self._plan_key += (batch < 2**31 and capacity < 2**31,)
+        # What the run's compiled kernel depends on in the plan's inputs.
+        self._plan_layout = (layout_of(cache_seqlens, cache_leftpad), batch, capacity)
         if batch == 0:
             return
         dummy = self._tickets
@@ -172,18 +173,17 @@ class DecodeWrapper:
         if out is None:
             out = torch.empty_like(q)
         lse = torch.empty(q.shape[0], self.q_heads, dtype=torch.float32, device=q.device) if return_lse else None
-        # The fast path keys the compiled kernel on the layout; anything new goes through the
-        # full checks first.
-        layout = (q.shape, q.dtype, q.stride(), k_cache.shape, k_cache.dtype, k_cache.stride(), v_cache.stride(),
-                  out.shape, out.dtype, out.stride(), return_lse, q.device, k_cache.device, v_cache.device,
-                  out.device, None if block_table is None else (block_table.shape, block_table.stride(),
-                                                                block_table.dtype, block_table.device,
-                                                                block_table.data_ptr() % 16 == 0),
-                  self._plan_key)
+        # Everything the compiled kernel depends on (see launch_cached), read once: this is the
+        # per-layer host path, so no attribute is read twice.
+        qs, ks, vs, os_ = q.stride(), k_cache.stride(), v_cache.stride(), out.stride()
         ptrs = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr())
-        aligned = not (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3]) % 16
-        compiled, constexpr_values = self._kernels.get((layout, aligned), (None, None))
-        if compiled is None:
+        # Triton specialises each pointer on 16-byte alignment: one bool when all are aligned.
+        aligned = (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3]) % 16 == 0 or tuple(p % 16 == 0 for p in ptrs)
+        layout = (q.shape, qs, q.dtype, q.device, k_cache.shape, ks, k_cache.dtype, k_cache.device,
+                  v_cache.shape, vs, v_cache.dtype, v_cache.device, out.shape, os_, out.dtype, out.device,
+                  aligned, return_lse, layout_of(block_table), self._plan_layout, self._pdl)
+        hit = self._direct.get(layout)
+        if hit is None:  # a layout not seen yet (or the interpreter): the full checks
             self._check(q, k_cache, v_cache, block_table, out)
         if self._batch == 0:
             return (out, lse) if return_lse else out
@@ -197,38 +197,27 @@ class DecodeWrapper:
             self._seqlens if self._seqlens is not None else dummy,
             self._leftpad if self._leftpad is not None else dummy,
             bt, self._plan, self._acc, self._stats, self._tickets, self._chunk_tickets,
-            q.stride(0), q.stride(2),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            out.stride(0), out.stride(2),
-            *((lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)),
+            qs[0], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], os_[0], os_[2],
+            *((self.q_heads, 1) if lse is not None else (0, 0)),
             stride_btb,
-            self._batch, self.kv_heads, self._capacity, self.softmax_scale * LOG2E,
+            self._batch, self.kv_heads, self._capacity, self._qk_scale,
         )
-        if compiled is not None:
+        if hit is not None:
             try:
-                compiled.run(self.num_programs, 1, 1, current_stream_handle(self.device), compiled.function,
-                             compiled.packed_metadata, None, None, None, *args, *constexpr_values)
+                run_direct(hit, self.num_programs, self.device, args)
                 return (out, lse) if return_lse else out
-            except (TypeError, AttributeError):  # a Triton whose launcher differs
-                self._kernels.clear()
-        constexprs = kernel_constexprs(
-            q, self.kv_heads, page_size, self._config, has_seqlens=self._seqlens is not None,
-            has_leftpad=self._leftpad is not None, planned=True, return_lse=return_lse, pdl=self._pdl,
+            except (TypeError, AttributeError) as e:  # a Triton whose launcher differs
+                api.DIRECT_LAUNCH_ERROR.append(repr(e))
+                self._direct.clear()
+        launch_cached(
+            lean_decode_kernel, self.num_programs, layout, args,
+            lambda: kernel_constexprs(
+                q, self.kv_heads, page_size, self._config, has_seqlens=self._seqlens is not None,
+                has_leftpad=self._leftpad is not None, planned=True, return_lse=return_lse, pdl=self._pdl,
+            ),
+            self._config, self._pdl, self.device, cache=self._direct,
         )
-        key = (self.device.index, self._config, tuple(constexprs.values()), _spec_key(args, lean_decode_kernel.arg_names))
-        compiled = run_compiled(lean_decode_kernel, self.num_programs, key, args, constexprs, self._config, self._pdl)
-        if not interpreting() and self._launcher_hooks_unset():
-            values = tuple(constexprs[n] for n in lean_decode_kernel.arg_names[len(args):])
-            self._kernels[(layout, aligned)] = (compiled, values)
         return (out, lse) if return_lse else out
-
-    @staticmethod
-    def _launcher_hooks_unset() -> bool:
-        """The direct launch skips Triton's launch hooks (profilers set them): only without them."""
-        from triton import knobs
-
-        return knobs.runtime.launch_enter_hook is None and knobs.runtime.launch_exit_hook is None
 
     def _check(self, q, k_cache, v_cache, block_table, out) -> None:
         """Every input check of ``leanattn.decode``, plus agreement with the wrapper and the plan."""

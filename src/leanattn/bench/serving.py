@@ -296,7 +296,7 @@ def run_serving_shape(shape: Shape, methods: list[str], device: torch.device, be
             row["gbs"] = shape.kv_bytes / (row["ms"] * 1e-3) / 1e9
             row["host_us"] = host_us(one_call)
             if method == "leanattn":
-                row["direct_launch"] = bool(step.wrapper._kernels)  # type: ignore[attr-defined]
+                row["direct_launch"] = bool(step.wrapper._direct) and not leanattn.api.DIRECT_LAUNCH_ERROR  # type: ignore[attr-defined]
             del graph, result, step, one_call
         except Unsupported as e:
             row["status"] = str(e)

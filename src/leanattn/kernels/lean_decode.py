@@ -227,10 +227,8 @@ def lean_decode_kernel(
     """
     if USE_PDL:
         # Launched early behind the previous kernel (programmatic dependent launch): wait for it
-        # to finish before reading anything it may have written (q, the cache, the plan), then
-        # let the next kernel start its own launch while this one runs.
+        # to finish before reading anything it may have written (q, the cache, the plan).
         gdc_wait()
-        gdc_launch_dependents()
     pid = tl.program_id(0)
     if PLANNED:
         row = tl.load(Plan + pid * PLAN_FIELDS + tl.arange(0, PLAN_FIELDS))
@@ -269,6 +267,12 @@ def lean_decode_kernel(
             stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
             GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, UPCAST_DOT,
         )
+        if USE_PDL:
+            # Small calls let the next kernel launch once every program has streamed its last
+            # tile, so its launch overlaps the merges. Large calls leave it to their exit: there
+            # an early launch measured slower (its programs take SM slots while they wait).
+            if (g + (t_end - t) >= end) & (total <= 8 * tl.num_programs(0)):
+                gdc_launch_dependents()
 
         if (t == 0) & (t_end == n_tiles):
             _write_output(Out, Lse, b, h, acc, m_i, l_i, stride_ob, stride_oh, stride_lb, stride_lh,
