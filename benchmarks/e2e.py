@@ -75,6 +75,7 @@ class Row:
     ms: float | None = None  # per decode step
     tokens_per_s: float | None = None
     status: str = "ok"
+    seconds: float = 0.0  # the job's wall time, compilation included (to plan budgets)
 
 
 def build_model(name: str, layers: int, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -170,6 +171,7 @@ def run(args) -> list[Row]:
         elif device.type == "cuda" and kv_bytes(model, job.batch, job.context + room) > 0.8 * torch.cuda.mem_get_info(device)[0]:
             job.status = "skipped: memory"
         else:
+            begun = time.perf_counter()
             try:
                 model.set_attn_implementation(job.impl)
                 forward = compiled_forward(model, device) if job.mode == "compiled" else model.forward
@@ -182,6 +184,7 @@ def run(args) -> list[Row]:
             except Exception as e:  # out of memory, a backend refusing the shape, ...
                 job.status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
             finally:
+                job.seconds = round(time.perf_counter() - begun, 1)
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
