@@ -21,7 +21,11 @@ import collections
 import weakref
 
 import torch
-from transformers import AttentionInterface
+
+try:
+    from transformers import AttentionInterface
+except ImportError as e:  # say how to get the tested range
+    raise ImportError(f"{e}: leanattn.integrations.transformers needs transformers: pip install 'leanattn[transformers]'") from e
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
