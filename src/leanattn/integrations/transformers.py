@@ -1,0 +1,183 @@
+"""``attn_implementation="leanattn"`` for Hugging Face transformers.
+
+``import leanattn.integrations.transformers`` registers the name with transformers'
+``AttentionInterface`` (and the SDPA mask builder under the same name with
+``AttentionMaskInterface``), so ``from_pretrained(..., attn_implementation="leanattn")`` and
+``model.set_attn_implementation("leanattn")`` work.
+
+Decode steps (one query token per sequence) run on :func:`leanattn.decode`, reading the cache in
+place: transformers keeps K/V as (batch, kv_heads, len, head_dim) and the kernel takes
+(batch, len, kv_heads, head_dim) with any strides, so ``key.transpose(1, 2)`` is passed, no copy.
+The keys each row may see are read off the attention mask on the device (first and last live
+position), never on the host, so the static-cache path is free of host syncs and compiles
+without graph breaks. Every other call (prefill, several query tokens, fp32, a head size or a
+feature the kernel lacks) goes to transformers' own ``sdpa_attention_forward`` unchanged. A model
+that asks for softcapping or attention sinks, which SDPA lacks as well, gets an error.
+"""
+
+from __future__ import annotations
+
+import collections
+import weakref
+
+import torch
+
+try:
+    from transformers import AttentionInterface
+except ImportError as e:  # say how to get the tested range
+    raise ImportError(f"{e}: leanattn.integrations.transformers needs transformers: pip install 'leanattn[transformers]'") from e
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+import leanattn
+from leanattn.kernels.config import interpreting
+
+__all__ = ["NAME", "attention_forward", "decode_refusal", "live_range", "calls"]
+
+NAME = "leanattn"
+
+# Features that change the scores; the kernel has none of them yet, so a call that asks for one
+# falls back to SDPA, which takes position biases. Softcapping and sinks SDPA lacks too (some
+# transformers versions would ignore them): a model that asks for them gets an error, not
+# different scores.
+_SCORE_FEATURES = ("softcap", "s_aux", "sinks", "position_bias")
+_SDPA_LACKS = ("softcap", "s_aux", "sinks")
+
+# Eager calls by path: "leanattn", or "sdpa: <reason>". For tests and for a user asking "did my
+# decode steps run on leanattn?". Not counted while torch.compile traces (a trace is not a call).
+calls: collections.Counter[str] = collections.Counter()
+
+
+def decode_refusal(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    kwargs: dict,
+) -> str | None:
+    """Why ``leanattn.decode`` can't take this call (a short reason), or ``None`` if it can.
+
+    query (batch, q_heads, q_len, head_dim); key, value (batch, kv_heads, kv_len, head_dim);
+    attention_mask None or (batch or 1, 1, q_len, kv_len). Decided from shapes, dtypes and
+    Python values only: no tensor is read.
+    """
+    batch, q_heads, q_len, head_dim = query.shape
+    if q_len != 1:
+        return "prefill" if q_len > 1 else "empty query"
+    if dropout:
+        return "dropout"
+    if query.dtype not in leanattn.SUPPORTED_DTYPES:
+        return f"{query.dtype}: the kernel takes float16 and bfloat16"
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        return "query, key and value dtypes differ"
+    if head_dim not in leanattn.SUPPORTED_HEAD_DIMS or key.shape[-1] != head_dim or value.shape[-1] != head_dim:
+        return f"head_dim {head_dim}/{key.shape[-1]}/{value.shape[-1]}: the kernel takes {leanattn.SUPPORTED_HEAD_DIMS}"
+    kv_heads = key.shape[1]
+    if key.shape[0] != batch or value.shape[:3] != key.shape[:3] or kv_heads == 0 or q_heads % kv_heads:
+        return "key/value shapes don't match the query"
+    if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
+        return "query, key or value without a unit last stride"
+    if query.device.type != "cuda" and not interpreting():
+        return f"tensors on {query.device.type}"
+    for name in _SCORE_FEATURES:
+        if kwargs.get(name) is not None:
+            return name
+    if kwargs.get("cache") is not None:  # continuous batching's paged cache updates K/V in SDPA's path
+        return "paged cache"
+    if kwargs.get("output_attentions"):
+        return "output_attentions"
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype != torch.bool:
+            return "attention mask is not a boolean tensor"
+        shape = attention_mask.shape
+        if len(shape) != 4 or shape[0] not in (1, batch) or shape[1] != 1 or shape[2] != 1 or shape[3] != key.shape[2]:
+            return f"attention mask of shape {tuple(shape)}"
+    return None
+
+
+def live_range(attention_mask: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """First and one-past-last attended key of each row, from a (batch or 1, 1, 1, kv_len) bool mask.
+
+    Returns int32 (batch,) ``start`` and ``end`` (the kernel's ``cache_leftpad`` and
+    ``cache_seqlens``; a row with no key gets start == end == 0) and bool (batch,) ``holes``: rows
+    whose live keys are not one contiguous run, which the kernel can't express. All on the
+    mask's device, with no host sync.
+    """
+    live = attention_mask[:, 0, 0, :].expand(batch, -1)
+    kv_len = live.shape[-1]
+    pos = torch.arange(1, kv_len + 1, dtype=torch.int32, device=live.device)
+    end = (pos * live).amax(-1)  # last live index + 1; 0 when none
+    start = kv_len - ((kv_len + 1 - pos) * live).amax(-1)  # first live index; kv_len when none
+    start = torch.minimum(start, end)
+    holes = live.sum(-1, dtype=torch.int32) != end - start
+    return start.to(torch.int32), end.to(torch.int32), holes
+
+
+# The mask is one tensor shared by every layer of a forward pass: in eager mode its live range
+# is computed once per pass (keyed on the tensor object and its version counter).
+_memo: list = [None, -1, None]  # [weakref to the mask, its version, live_range's result]
+
+
+def _live_range_cached(attention_mask: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if torch.compiler.is_compiling():
+        return live_range(attention_mask, batch)
+    ref, version, value = _memo
+    if ref is not None and ref() is attention_mask and version == attention_mask._version and value[0].shape[0] == batch:
+        return value
+    value = live_range(attention_mask, batch)
+    _memo[:] = [weakref.ref(attention_mask), attention_mask._version, value]
+    return value
+
+
+def _count(path: str) -> None:
+    if not torch.compiler.is_compiling():
+        calls[path] += 1
+
+
+def attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function contract.
+
+    query (batch, q_heads, q_len, head_dim); key, value (batch, kv_heads, kv_len, head_dim), the
+    cache itself after its update; attention_mask None (every key is live) or a bool
+    (batch, 1, q_len, kv_len) mask from ``sdpa_mask``. Returns (batch, q_len, q_heads, head_dim)
+    and no attention weights.
+    """
+    lacking = [name for name in _SDPA_LACKS if kwargs.get(name) is not None]
+    if lacking:
+        raise NotImplementedError(
+            f"{type(module).__name__} asks for {', '.join(lacking)}, which neither leanattn nor SDPA computes yet; "
+            "use attn_implementation='eager' for this model"
+        )
+    reason = decode_refusal(query, key, value, attention_mask, dropout, kwargs)
+    if reason is not None:
+        _count(f"sdpa: {reason}")
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    _count(NAME)
+    seqlens = leftpad = holes = None
+    if attention_mask is not None:
+        leftpad, seqlens, holes = _live_range_cached(attention_mask, query.shape[0])
+    # (B, Hq, 1, D) -> (B, 1, Hq, D) and (B, Hkv, N, D) -> (B, N, Hkv, D): views, no copies. Left
+    # padding and sliding windows both show in the mask as a row's first live key.
+    out = leanattn.decode(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), seqlens,
+        cache_leftpad=leftpad, softmax_scale=scaling,
+    )
+    if holes is not None:
+        # A row whose mask has gaps (padding inside the sequence) has no exact answer from the
+        # kernel; it turns to NaN rather than to a plausible wrong value, without a host sync.
+        out.masked_fill_(holes.view(-1, 1, 1, 1), float("nan"))
+    return out, None
+
+
+AttentionInterface.register(NAME, attention_forward)
+AttentionMaskInterface.register(NAME, sdpa_mask)

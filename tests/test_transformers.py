@@ -1,0 +1,304 @@
+"""attn_implementation="leanattn" in Hugging Face transformers: same greedy tokens as SDPA.
+
+Tiny random models built from configs (nothing downloaded): two layers, hidden 64, head_dim 64,
+short prompts and a few new tokens, so that the kernel's calls stay cheap under the interpreter.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import leanattn  # noqa: E402
+import leanattn.integrations.transformers as lt  # noqa: E402
+from _util import DEVICE  # noqa: E402
+
+LAYERS = 2
+NEW_TOKENS = 5
+VOCAB = 256
+# Decode logits of the two backends differ by rounding that grows through the layers: a few ulps
+# of bf16 (fp16) at logits of order 1. Wider spread weights than the default 0.02 keep the top
+# two logits apart, so that near-ties stay rare.
+LOGIT_ATOL = {torch.bfloat16: 0.15, torch.float16: 0.03, torch.float32: 0.0}
+INIT_RANGE = 0.2
+
+
+def tiny_model(family: str, kv_heads: int, dtype: torch.dtype, **extra) -> torch.nn.Module:
+    """A random (LAYERS-layer, hidden 64) causal LM of ``family`` with 4 query heads of dim 64."""
+    common = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=64,
+        initializer_range=INIT_RANGE, pad_token_id=0, **extra,
+    )
+    config = {
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+        "mistral": transformers.MistralConfig,
+    }[family](**common)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return model.to(device=DEVICE, dtype=dtype).eval()
+
+
+def prompts(lens: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded random prompts: input_ids and attention_mask, both (batch, max(lens))."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lens)
+    ids = torch.randint(1, VOCAB, (len(lens), width), generator=gen)
+    mask = torch.zeros(len(lens), width, dtype=torch.long)
+    for row, n in enumerate(lens):
+        ids[row, : width - n] = 0
+        mask[row, width - n :] = 1
+    return ids.to(DEVICE), mask.to(DEVICE)
+
+
+def generate(model, impl: str, ids, mask, **kw) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Greedy decoding with ``impl``: the new tokens (batch, NEW_TOKENS) and each step's logits."""
+    model.set_attn_implementation(impl)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+            output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+            disable_compile=True,  # on a GPU, generate would compile static-cache steps by itself
+            **kw,
+        )
+    return out.sequences[:, ids.shape[1] :], [x.float() for x in out.logits]
+
+
+def assert_same_greedy(ref: tuple, got: tuple, atol: float) -> None:
+    """Same tokens as the reference, except after a near-tie; logits close while inputs agree.
+
+    Each row is compared step by step until its first different token, which is allowed only
+    where the reference's top two logits are within ``2 * atol`` (rounding could flip them).
+    """
+    (ref_tokens, ref_logits), (tokens, logits) = ref, got
+    compared = 0
+    for row in range(ref_tokens.shape[0]):
+        for step in range(ref_tokens.shape[1]):
+            diff = (logits[step][row] - ref_logits[step][row]).abs().max().item()
+            assert diff <= atol, f"row {row} step {step}: logits differ by {diff:.3g} > {atol}"
+            compared += 1
+            a, b = ref_tokens[row, step].item(), tokens[row, step].item()
+            if a != b:
+                gap = (ref_logits[step][row, a] - ref_logits[step][row, b]).item()
+                assert gap <= 2 * atol, f"row {row} step {step}: token {b} != {a}, logit gap {gap:.3g} is no near-tie"
+                break
+    # A test that stopped comparing at once would prove nothing.
+    assert compared >= ref_tokens.numel() // 2
+
+
+def run_both(model, ids, mask, dtype, **kw) -> None:
+    ref = generate(model, "sdpa", ids, mask, **kw)
+    lt.calls.clear()
+    got = generate(model, lt.NAME, ids, mask, **kw)
+    assert_same_greedy(ref, got, LOGIT_ATOL[dtype])
+
+
+def expect_calls(decoded: int, prefill: int = 1) -> None:
+    """Every layer's decode steps ran on leanattn; prefill (and nothing else) went to SDPA."""
+    assert dict(lt.calls) == {lt.NAME: LAYERS * decoded, "sdpa: prefill": LAYERS * prefill}
+
+
+@pytest.mark.parametrize(
+    "family,kv_heads,dtype,cache",
+    [
+        ("llama", 2, torch.bfloat16, "dynamic"),  # GQA
+        ("llama", 4, torch.float16, "static"),  # MHA
+        ("qwen2", 1, torch.bfloat16, "static"),  # MQA
+        ("qwen2", 4, torch.bfloat16, "dynamic"),
+        ("mistral", 2, torch.float16, "dynamic"),
+    ],
+)
+def test_greedy_matches_sdpa(family, kv_heads, dtype, cache):
+    model = tiny_model(family, kv_heads, dtype)
+    ids, mask = prompts([9, 9])
+    kw = {"cache_implementation": "static"} if cache == "static" else {}
+    run_both(model, ids, mask, dtype, **kw)
+    expect_calls(NEW_TOKENS - 1)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_left_padding(cache):
+    model = tiny_model("llama", 2, torch.bfloat16)
+    ids, mask = prompts([9, 4, 6])
+    kw = {"cache_implementation": "static"} if cache == "static" else {}
+    run_both(model, ids, mask, torch.bfloat16, **kw)
+    expect_calls(NEW_TOKENS - 1)
+
+
+@pytest.mark.parametrize("cache", ["full", "static"])
+def test_sliding_window(cache):
+    # A window shorter than the prompt. The static cache keeps a rolling window of keys, all live;
+    # a cache that keeps every key leaves the window to the mask, whose rows then start past 0.
+    model = tiny_model("mistral", 2, torch.bfloat16, sliding_window=5)
+    ids, mask = prompts([8, 6])
+    if cache == "static":
+        run_both(model, ids, mask, torch.bfloat16, cache_implementation="static")
+    else:
+        ref = generate(model, "sdpa", ids, mask, past_key_values=transformers.DynamicCache())
+        lt.calls.clear()
+        got = generate(model, lt.NAME, ids, mask, past_key_values=transformers.DynamicCache())
+        assert_same_greedy(ref, got, LOGIT_ATOL[torch.bfloat16])
+    expect_calls(NEW_TOKENS - 1)
+
+
+def test_fp32_falls_back_to_sdpa():
+    model = tiny_model("llama", 2, torch.float32)
+    ids, mask = prompts([7, 5])
+    run_both(model, ids, mask, torch.float32)
+    assert lt.calls[lt.NAME] == 0
+    assert lt.calls["sdpa: torch.float32: the kernel takes float16 and bfloat16"] == LAYERS * (NEW_TOKENS - 1)
+
+
+def test_softcapping_is_refused():
+    # Gemma2 caps its attention logits; neither leanattn nor SDPA can, so the model must not run.
+    config = transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, pad_token_id=0, attn_logit_softcapping=5.0,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config).to(device=DEVICE, dtype=torch.bfloat16).eval()
+    ids, mask = prompts([7, 5])
+    with pytest.raises(NotImplementedError, match="softcap"):
+        generate(model, lt.NAME, ids, mask)
+
+
+def test_from_pretrained(tmp_path):
+    tiny_model("llama", 2, torch.bfloat16).save_pretrained(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=lt.NAME, dtype=torch.bfloat16)
+    assert model.config._attn_implementation == lt.NAME
+    lt.calls.clear()
+    ids, mask = prompts([5])
+    with torch.no_grad():
+        model.to(DEVICE).generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    expect_calls(1)
+
+
+class _GraphRecorder:
+    """A torch.compile backend that keeps each graph's ops, then runs it with aot_eager."""
+
+    def __init__(self) -> None:
+        self.targets: list[set] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        self.targets.append({n.target for n in gm.graph.nodes if n.op == "call_function"})
+        from torch._dynamo.backends.common import aot_autograd  # noqa: F401  (registers aot_eager)
+
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+
+def decode_loop(model, ids, mask, forward, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The transformers static-cache recipe by hand: prefill eagerly, then ``forward`` per token."""
+    cache = transformers.StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps + 3)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        tokens, logits = [], []
+        positions = mask.sum(-1, keepdim=True) - 1
+        for _ in range(steps):
+            logits.append(out.logits[:, -1].float())
+            tokens.append(logits[-1].argmax(-1, keepdim=True))
+            mask = torch.cat([mask, torch.ones_like(tokens[-1])], dim=1)
+            positions = positions + 1
+            out = forward(input_ids=tokens[-1], attention_mask=mask, position_ids=positions, past_key_values=cache)
+    return torch.cat(tokens, dim=1), logits
+
+
+def test_compiled_static_cache_has_no_graph_break():
+    torch._dynamo.reset()
+    model = tiny_model("llama", 2, torch.bfloat16)
+    ids, mask = prompts([8, 5])
+    model.set_attn_implementation("sdpa")
+    ref = decode_loop(model, ids, mask, model, NEW_TOKENS)
+    model.set_attn_implementation(lt.NAME)
+    recorder = _GraphRecorder()
+    # fullgraph=True fails on any graph break; the 2-D mask grows each step, so allow recompiles.
+    compiled = torch.compile(model, fullgraph=True, backend=recorder, dynamic=False)
+    with torch._dynamo.config.patch(recompile_limit=16):
+        got = decode_loop(model, ids, mask, compiled, NEW_TOKENS)
+    assert_same_greedy(ref, got, LOGIT_ATOL[torch.bfloat16])
+    assert recorder.targets, "nothing was compiled"
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    for ops in recorder.targets:
+        assert ops & {torch.ops.leanattn.decode_into, torch.ops.leanattn.decode_into.default}, "a decode step missed leanattn"
+        assert sdpa not in ops, "a compiled decode step fell back to SDPA"
+
+
+def _mask(rows: list[list[int]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.bool, device=DEVICE)[:, None, None, :]
+
+
+def test_live_range():
+    start, end, holes = lt.live_range(
+        _mask([[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0], [1, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 1]]), 5
+    )
+    assert start.tolist() == [2, 0, 0, 0, 5] and end.tolist() == [5, 6, 0, 3, 6]
+    assert holes.tolist() == [False, False, False, True, False]
+    assert start.dtype == end.dtype == torch.int32
+    # A mask broadcast over the batch.
+    start, end, holes = lt.live_range(_mask([[0, 1, 1, 0]]), 3)
+    assert start.tolist() == [1] * 3 and end.tolist() == [3] * 3 and not holes.any()
+
+
+def _call(mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decode call straight through the attention function; returns it and the inputs."""
+    gen = torch.Generator().manual_seed(3)
+    batch, kv_len = (mask.shape[0], mask.shape[-1]) if mask is not None else (2, 6)
+    q = torch.randn(batch, 4, 1, 64, generator=gen).to(DEVICE, torch.bfloat16)
+    k = torch.randn(batch, 2, kv_len, 64, generator=gen).to(DEVICE, torch.bfloat16)
+    v = torch.randn_like(k)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    out, weights = lt.attention_forward(module, q, k, v, mask, scaling=0.1, **kwargs)
+    assert weights is None and out.shape == (batch, 1, 4, 64)
+    return out, q, k, v
+
+
+def test_attention_forward_matches_reference():
+    lt.calls.clear()
+    mask = _mask([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    out, q, k, v = _call(mask)
+    ref = leanattn.reference.decode(q.transpose(1, 2).double(), k.transpose(1, 2).double(), v.transpose(1, 2).double(),
+                                    torch.tensor([4, 6], dtype=torch.int32, device=DEVICE), softmax_scale=0.1)
+    assert (out.double() - ref).abs().max().item() < 2e-2
+    assert dict(lt.calls) == {lt.NAME: 1}
+
+
+def test_mask_with_holes_gives_nan_rows():
+    out, *_ = _call(_mask([[1, 1, 0, 1, 1, 0], [0, 1, 1, 1, 1, 1]]))
+    assert out[0].isnan().all() and out[1].isfinite().all()
+
+
+def test_sinks_are_refused():
+    with pytest.raises(NotImplementedError, match="s_aux"):
+        _call(None, s_aux=torch.zeros(4, device=DEVICE))
+
+
+@pytest.mark.parametrize("kwargs,reason", [({"position_bias": torch.zeros(1, 4, 1, 6)}, "position_bias"),
+                                           ({"s_aux": torch.zeros(4)}, "s_aux")])
+def test_decode_refusal(kwargs, reason):
+    q = torch.zeros(1, 4, 1, 64, dtype=torch.bfloat16)
+    k = torch.zeros(1, 2, 6, 64, dtype=torch.bfloat16)
+    assert lt.decode_refusal(q, k, k, None, 0.0, kwargs) == reason
+    assert lt.decode_refusal(q, k, k, None, 0.0, {}) is None
+    assert lt.decode_refusal(q.float(), k.float(), k.float(), None, 0.0, {}).startswith("torch.float32")
+    assert lt.decode_refusal(torch.zeros(1, 4, 3, 64, dtype=torch.bfloat16), k, k, None, 0.0, {}) == "prefill"
+    assert lt.decode_refusal(q, k, k, torch.zeros(1, 1, 1, 6), 0.0, {}) == "attention mask is not a boolean tensor"
+
+
+def test_e2e_benchmark_smoke(tmp_path):
+    """benchmarks/e2e.py --quick runs its eager path end to end and writes its results."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(root, "benchmarks", "e2e.py"), "--quick", "--out", str(tmp_path),
+           "--modes", "eager", "--batches", "2", "--contexts", "40"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {r["impl"] for r in rows} == {"leanattn", "sdpa", "e2e_null"}
+    assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows), rows
+    assert "| tiny | 2 | 40 | eager |" in (tmp_path / "results.md").read_text()
