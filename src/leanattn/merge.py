@@ -30,18 +30,19 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _combine_part(acc, m, l, o, lse2):
-    """Fold one part into the running state (log2 domain).
+def _combine_part(acc, m, l, o, lse):
+    """Fold one part into the running state.
 
     acc (ROWS, D) unnormalised fp32 accumulator; m (ROWS,) running max of the parts' LSEs;
-    l (ROWS,) running sum of exp2(lse2_i - m); o (ROWS, D) the part's normalised output (fp32);
-    lse2 (ROWS,) its LSE in log2 units. A part with lse2 = -inf adds nothing; while every part so
-    far is empty m stays -inf, so the shift is 0 there to avoid inf - inf.
+    l (ROWS,) running sum of exp(lse_i - m); o (ROWS, D) the part's normalised output (fp32);
+    lse (ROWS,) its natural-log LSE. A part with lse = -inf adds nothing; while every part so
+    far is empty m stays -inf, so the shift is 0 there to avoid inf - inf. Differences are taken
+    before the conversion to log2 units: LSEs of magnitude 1e3 and more keep their precision.
     """
-    m_new = tl.maximum(m, lse2)
+    m_new = tl.maximum(m, lse)
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m - m_shift)
-    w = tl.exp2(lse2 - m_shift)
+    alpha = tl.exp2((m - m_shift) * LOG2E)
+    w = tl.exp2((lse - m_shift) * LOG2E)
     l = l * alpha + w
     acc = acc * alpha[:, None] + o * w[:, None]
     return acc, m_new, l
@@ -53,7 +54,7 @@ def _finish(acc, m, l):
     has_mass = l > 0.0
     l_safe = tl.where(has_mass, l, 1.0)
     out = acc / l_safe[:, None]
-    lse = tl.where(has_mass, (m + tl.log2(l_safe)) * LN2, float("-inf"))
+    lse = tl.where(has_mass, m + tl.log2(l_safe) * LN2, float("-inf"))
     return out, lse
 
 
@@ -90,11 +91,11 @@ def merge_states_kernel(
     o_part = O
     l_part = Lse
     for _ in range(0, parts):  # in order: the result is the same on every run and every rank
-        lse2 = tl.load(l_part + l_rows, mask=row_ok, other=float("-inf")) * LOG2E
+        lse = tl.load(l_part + l_rows, mask=row_ok, other=float("-inf"))
         # An empty part's output is never read: it may hold anything, NaN included.
         o = tl.load(o_part + o_rows[:, None] + offs_d[None, :],
-                    mask=mask & (lse2 > float("-inf"))[:, None], other=0.0).to(tl.float32)
-        acc, m, l = _combine_part(acc, m, l, o, lse2)
+                    mask=mask & (lse > float("-inf"))[:, None], other=0.0).to(tl.float32)
+        acc, m, l = _combine_part(acc, m, l, o, lse)
         o_part += stride_op
         l_part += stride_lp
 
