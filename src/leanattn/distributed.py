@@ -135,8 +135,9 @@ def _lse_bht(lse: torch.Tensor, q_len: int) -> torch.Tensor:
 
 def _all_gather(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup | None) -> None:
     # all_gather_single is the newer name; all_gather_into_tensor the one older releases have.
+    # Flat buffers: gloo wants the output as one dimension, world * input size.
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(out, inp, group=group)
+    fn(out.view(-1), inp.view(-1), group=group)
 
 
 class ContextParallelDecode:
@@ -356,7 +357,7 @@ class ContextParallelDecode:
             # Record p of the send buffer gets heads [p * hc, (p + 1) * hc).
             buf.o_send.copy_(buf.staging.unflatten(2, (w, hc)).permute(2, 0, 1, 3, 4))
             buf.lse_send.copy_(lse.unflatten(1, (w, hc)).transpose(0, 1))
-            dist.all_to_all_single(buf.recv, buf.send.view(w, -1), group=self.group)
+            dist.all_to_all_single(buf.recv.view(-1), buf.send, group=self.group)
         merge_states_into(buf.o_parts, buf.lse_parts, out, lse_out, check=False)
         return (out, lse_out) if return_lse else out
 
