@@ -28,28 +28,27 @@ def device() -> torch.device:
 
 def build(rank: int, world: int, lens: list[int], hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int,
           page: int = PAGE):
-    """Full q, k, v, lengths (identical on every rank), and this rank's slice: a contiguous local
-    cache holding its pages back to back, and its local lengths."""
+    """Full q, k, v, lengths (identical on every rank: one seed, one device type), and this rank's
+    slice: a contiguous local cache holding its pages back to back, and its local lengths."""
     dev = device()
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=dev).manual_seed(seed)
     batch, n = len(lens), max(max(lens), 1)
-    q, k, v = (torch.randn(*s, generator=gen).to(dtype).to(dev) for s in
+    q, k, v = (torch.randn(*s, generator=gen, device=dev).to(dtype) for s in
                ((batch, 1, hq, d), (batch, n, hkv, d), (batch, n, hkv, d)))
     full = torch.tensor(lens, dtype=torch.int32, device=dev)
     local = round_robin_lengths(full, world, rank, page)
-    mine = [[t for t in range(length) if (t // page) % world == rank] for length in lens]
+    tok = torch.arange(n, device=dev)
+    mine = [tok[(tok < length) & ((tok // page) % world == rank)] for length in lens]
     assert local.tolist() == [len(m) for m in mine], "round_robin_lengths disagrees with the dealt pages"
     cap = max(max(len(m) for m in mine), 1)
     # Slots past a sequence's local length hold large garbage: they must never be read.
     lk = torch.full((batch, cap, hkv, d), 3e4, dtype=dtype, device=dev)
     lv = torch.full_like(lk, -3e4)
-    for b, toks in enumerate(mine):
-        if toks:
-            idx = torch.tensor(toks, device=dev)
-            owner, pos = round_robin_slot(idx, world, page)
-            assert (owner == rank).all() and pos.tolist() == list(range(len(toks)))
-            lk[b, : len(toks)] = k[b, idx]
-            lv[b, : len(toks)] = v[b, idx]
+    for b, idx in enumerate(mine):
+        owner, pos = round_robin_slot(idx, world, page)
+        assert (owner == rank).all() and torch.equal(pos, torch.arange(len(idx), device=dev))
+        lk[b, : len(idx)] = k[b, idx]
+        lv[b, : len(idx)] = v[b, idx]
     return q, k, v, full, lk, lv, local
 
 
@@ -145,3 +144,57 @@ def mismatch(rank: int, world: int, kind: str) -> None:
         cp.plan(torch.zeros(2, dtype=torch.int64 if last else torch.int32, device=dev))
     else:
         raise KeyError(kind)
+
+
+# -- GPU (NCCL) ------------------------------------------------------------------------------------
+
+GPU_LENS = [131072, 1, 0, 77777]
+
+
+def gpu_matches_single(rank: int, world: int, scatter_heads: bool, lens: list[int] = GPU_LENS) -> None:
+    """Long ragged sequences: the context-parallel result against one GPU running leanattn on the
+    full cache and against the float64 reference; the same bits on both ranks."""
+    q, k, v, full, lk, lv, local = build(rank, world, lens, 32, 8, 128, torch.bfloat16, seed=5, page=64)
+    cp = ContextParallelDecode(None, 32, 8, 128, torch.bfloat16, device(), scatter_heads=scatter_heads)
+    cp.plan(local)
+    out, lse = cp.run(q, lk, lv, return_lse=True)
+    single, single_lse = leanattn.decode(q, k, v, full, return_lse=True)
+    ref, ref_lse = reference(q, k, v, full)
+    if scatter_heads:
+        mine = slice(rank * out.shape[2], (rank + 1) * out.shape[2])
+        single, single_lse, ref, ref_lse = single[:, :, mine], single_lse[:, mine], ref[:, :, mine], ref_lse[:, mine]
+    assert_close(out, lse[..., 0], ref, ref_lse)
+    assert rel_err(out, single) < 1.5e-2, "far from one GPU's result"
+    assert_close(single, lse[..., 0], ref, single_lse)  # the LSEs agree (-inf where empty)
+    if not scatter_heads:  # scattered, each rank holds other heads
+        assert same_on_every_rank(out) and same_on_every_rank(lse), "ranks differ"
+    again, again_lse = cp.run(q, lk, lv, return_lse=True)
+    assert torch.equal(again, out) and torch.equal(again_lse, lse), "not deterministic"
+
+
+def gpu_graph(rank: int, world: int, paged: bool) -> None:
+    """A captured run replayed with new lengths equals an eager run with them, bit for bit."""
+    cap = 8192
+    lens = [cap, cap // 2, 3, cap - 7]
+    q, k, v, full, lk, lv, local = build(rank, world, lens, 32, 8, 128, torch.bfloat16, seed=6, page=64)
+    table = None
+    if paged:
+        lk, lv, table = to_paged(lk, lv, local.tolist(), 64, seed=rank)
+    cp = ContextParallelDecode(None, 32, 8, 128, torch.bfloat16, device())
+    cp.plan(local, block_table=table)
+    out = torch.empty_like(q)
+    cp.run(q, lk, lv, out=out)  # compiles and warms NCCL before the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _, lse = cp.run(q, lk, lv, out=out, return_lse=True)
+    for step, new in enumerate(([0, 0, 0, 0], lens, [1, cap, 0, 4000], [cap // 3, 17, cap, 64])):
+        new_full = torch.tensor(new, dtype=torch.int32, device=device())
+        local.copy_(round_robin_lengths(new_full, world, rank, 64))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager, eager_lse = cp.run(q, lk, lv, return_lse=True)
+        assert torch.equal(out, eager) and torch.equal(lse, eager_lse), f"replay {step} differs from eager"
+        assert_close(out, lse[..., 0], *reference(q, k, v, new_full))
+        assert same_on_every_rank(out), "ranks differ"
