@@ -186,7 +186,8 @@ def gpu_graph(rank: int, world: int, paged: bool) -> None:
     cp.run(q, lk, lv, out=out)  # compiles and warms NCCL before the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: the NCCL watchdog thread's calls can't invalidate this thread's capture.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         _, lse = cp.run(q, lk, lv, out=out, return_lse=True)
     for step, new in enumerate(([0, 0, 0, 0], lens, [1, cap, 0, 4000], [cap // 3, 17, cap, 64])):
         new_full = torch.tensor(new, dtype=torch.int32, device=device())

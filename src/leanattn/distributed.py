@@ -343,12 +343,22 @@ class ContextParallelDecode:
         else:
             lse_out = buf.lse_scratch
 
+        self._merge(self._attend(q, k_cache, v_cache), out, lse_out)
+        return (out, lse_out) if return_lse else out
+
+    def _attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """The local decode, its output written where the exchange reads it. Returns the local
+        LSE (batch, q_heads, q_len)."""
+        _, q_len, seqlens, block_table, buf = self._planned
         local_out = buf.o_send if buf.staging is None else buf.staging
         _, lse = _local_decode(q, k_cache, v_cache, seqlens, block_table=block_table,
                                softmax_scale=self.softmax_scale, return_lse=True, out=local_out,
                                num_programs=self.num_programs)
-        lse = _lse_bht(lse, q_len)
-        w = self.world_size
+        return _lse_bht(lse, q_len)
+
+    def _merge(self, lse: torch.Tensor, out: torch.Tensor, lse_out: torch.Tensor) -> None:
+        """Pack the local partial, exchange it and merge the W partials into ``out``, ``lse_out``."""
+        buf, w = self._planned[-1], self.world_size
         if buf.staging is None:
             buf.lse_send.copy_(lse)
             _all_gather(buf.recv, buf.send, self.group)
@@ -359,7 +369,6 @@ class ContextParallelDecode:
             buf.lse_send.copy_(lse.unflatten(1, (w, hc)).transpose(0, 1))
             dist.all_to_all_single(buf.recv.view(-1), buf.send, group=self.group)
         merge_states_into(buf.o_parts, buf.lse_parts, out, lse_out, check=False)
-        return (out, lse_out) if return_lse else out
 
 
 def decode(
