@@ -31,6 +31,7 @@ import os
 os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
 
 import argparse  # noqa: E402
+import datetime  # noqa: E402
 import json  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
@@ -221,7 +222,6 @@ def _measure(bench: Bench, shape: tuple, head_dim: int, rank: int, world: int, s
         row["efficiency"] = row["speedup"] / world
     if f"merge_allgather_{mode}_us" in row:
         row["merge_pct_of_local"] = 100 * row[f"merge_allgather_{mode}_us"] / row[f"local_{mode}_us"]
-    del k, v, lk, lv, fns
     return row
 
 
@@ -235,7 +235,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
     dist.init_process_group("gloo" if smoke else "nccl", rank=rank, world_size=world,
-                            init_method=f"tcp://127.0.0.1:{port}", device_id=None if smoke else device)
+                            init_method=f"tcp://127.0.0.1:{port}", device_id=None if smoke else device,
+                            timeout=datetime.timedelta(seconds=180))  # a stuck collective fails, not hangs
     bench = Bench(device, 0.01 if smoke else args.seconds)
     rows = []
     try:

@@ -73,6 +73,7 @@ class Cluster:
     def __init__(self, world: int, backend: str = "gloo") -> None:
         import torch.multiprocessing as mp
 
+        os.environ.update(NO_MULTICAST)  # inherited by the workers from their start
         ctx = mp.get_context("spawn")
         self.world = world
         self.commands = [ctx.Queue() for _ in range(world)]

@@ -96,8 +96,8 @@ def round_robin_slot(positions: torch.Tensor, world_size: int, page_size: int) -
 class _Buffers:
     """Collective buffers for one (batch, q_len), allocated once and reused by every run."""
 
-    send: torch.Tensor  # fp32 (row_words,) this rank's packed partial
-    recv: torch.Tensor  # fp32 (world, row_words) replicated, or (world, chunk_words) scattered
+    send: torch.Tensor  # fp32: this rank's packed partial, one record (replicated) or one per rank (scattered)
+    recv: torch.Tensor  # fp32 (world, record words): the record every rank sent here
     o_send: torch.Tensor  # view of send where the local output goes (replicated: (B, T, H, D))
     lse_send: torch.Tensor  # view of send where the local LSE goes (replicated: (B, H, T))
     o_parts: torch.Tensor  # (world, B, T, H_out, D) view of recv, in q's dtype
