@@ -66,6 +66,12 @@ def test_shapes_q_len_and_padded_head_dim(shape):
     check_against_reference(*leanattn.merge_states(outs, lses), outs, lses)
 
 
+def test_many_parts():
+    """More parts than the kernel unrolls (a loop over them instead)."""
+    outs, lses = random_parts(11, (2, 1, 4, 64), torch.bfloat16, seed=9)
+    check_against_reference(*leanattn.merge_states(outs, lses), outs, lses)
+
+
 def test_one_part_is_itself():
     outs, lses = random_parts(1, (2, 1, 4, 64), torch.float32, seed=3)
     out, lse = leanattn.merge_states(outs, lses)

@@ -26,6 +26,8 @@ __all__ = ["merge_states", "merge_states_into", "MERGE_DTYPES"]
 
 MERGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = tl.constexpr(1.4426950408889634)
+# Up to this many parts the kernel unrolls its loop over them (one compile per part count).
+_MAX_UNROLL = 8
 LN2 = tl.constexpr(0.6931471805599453)
 
 
@@ -59,6 +61,16 @@ def _finish(acc, m, l):
 
 
 @triton.jit
+def _load_part(o_ptr, l_ptr, o_offs, l_rows, mask, row_ok):
+    """One part's rows: its output as fp32 and its LSE. Where the LSE is -inf the output is
+    replaced by zeros: an empty part's output is never used and may hold anything, NaN included.
+    The output is loaded without waiting for the LSE, so both loads are in flight at once."""
+    lse = tl.load(l_ptr + l_rows, mask=row_ok, other=float("-inf"))
+    o = tl.load(o_ptr + o_offs, mask=mask, other=0.0).to(tl.float32)
+    return tl.where((lse > float("-inf"))[:, None], o, 0.0), lse
+
+
+@triton.jit
 def merge_states_kernel(
     O, Lse, Out, OutLse,
     parts, num_rows, q_len, q_heads,
@@ -66,13 +78,14 @@ def merge_states_kernel(
     stride_lp, stride_lb, stride_lh, stride_lt,
     stride_xb, stride_xt, stride_xh,
     stride_yb, stride_yh, stride_yt,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_R: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """Merge ``parts`` partial results, by strides.
 
     O (parts, batch, q_len, q_heads, HEAD_DIM), any float dtype; Lse (parts, batch, q_heads, q_len)
     float32; Out (batch, q_len, q_heads, HEAD_DIM); OutLse (batch, q_heads, q_len) float32. Each
-    program takes BLOCK_R rows, a row being one (batch, query, head) in that order.
+    program takes BLOCK_R rows, a row being one (batch, query, head) in that order. UNROLL > 0
+    unrolls the loop over the parts (then it equals ``parts``).
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < num_rows
@@ -84,20 +97,28 @@ def merge_states_kernel(
     o_rows = b * stride_ob + t * stride_ot + h * stride_oh
     l_rows = b * stride_lb + h * stride_lh + t * stride_lt
 
+    o_offs = o_rows[:, None] + offs_d[None, :]
     acc = tl.zeros((BLOCK_R, HEAD_DIM_PAD), dtype=tl.float32)
     m = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    # Part pointers advance by their stride (64-bit pointer arithmetic, whatever the part count).
+    # Parts in order, so the result is the same on every run and every rank. Part pointers
+    # advance by their stride (64-bit pointer arithmetic, whatever the part count).
     o_part = O
     l_part = Lse
-    for _ in range(0, parts):  # in order: the result is the same on every run and every rank
-        lse = tl.load(l_part + l_rows, mask=row_ok, other=float("-inf"))
-        # An empty part's output is never read: it may hold anything, NaN included.
-        o = tl.load(o_part + o_rows[:, None] + offs_d[None, :],
-                    mask=mask & (lse > float("-inf"))[:, None], other=0.0).to(tl.float32)
-        acc, m, l = _combine_part(acc, m, l, o, lse)
-        o_part += stride_op
-        l_part += stride_lp
+    if UNROLL > 0:
+        # A few parts (the usual case): straight-line code, so no part's loads wait for the
+        # previous part's math.
+        for _ in tl.static_range(UNROLL):
+            o, lse = _load_part(o_part, l_part, o_offs, l_rows, mask, row_ok)
+            acc, m, l = _combine_part(acc, m, l, o, lse)
+            o_part += stride_op
+            l_part += stride_lp
+    else:
+        for _ in range(0, parts):
+            o, lse = _load_part(o_part, l_part, o_offs, l_rows, mask, row_ok)
+            acc, m, l = _combine_part(acc, m, l, o, lse)
+            o_part += stride_op
+            l_part += stride_lp
 
     out, lse = _finish(acc, m, l)
     x_rows = b * stride_xb + t * stride_xt + h * stride_xh
@@ -199,6 +220,7 @@ def merge_states_into(
         *outs.stride()[:4], *lses.stride(),
         *out.stride()[:3], *out_lse.stride(),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_R=block_r,
+        UNROLL=parts if parts <= _MAX_UNROLL else 0,
         num_warps=4 if block_r * head_dim_pad >= 512 else 1,
     )
 
