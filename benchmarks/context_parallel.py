@@ -126,7 +126,7 @@ def _symmetric_merge(cp, lse: torch.Tensor, out: torch.Tensor, lse_out: torch.Te
     from leanattn.merge import merge_states_into
 
     rank, world = cp.rank, cp.world_size
-    batch, q_len, _, _, buf = cp._planned
+    batch, q_len, _, buf = cp._planned
     words = buf.send.numel()
     sym = symm_mem.empty(world * words, dtype=torch.float32, device=cp.device)
     group_name = dist.group.WORLD.group_name
@@ -173,9 +173,9 @@ def _measure(bench: Bench, shape: tuple, head_dim: int, rank: int, world: int, s
     local = torch.full((batch,), n, dtype=torch.int32, device=dev)
 
     cp = ContextParallelDecode(None, hq, hkv, head_dim, dt, dev)
-    cp.plan(local)
+    cp.plan(local, n)
     cps = ContextParallelDecode(None, hq, hkv, head_dim, dt, dev, scatter_heads=True)
-    cps.plan(local)
+    cps.plan(local, n)
     out, lse_out = torch.empty_like(q), torch.empty(batch, hq, 1, device=dev)
     out_s = torch.empty(batch, 1, hq // world, head_dim, device=dev, dtype=dt)
     lse_s_out = torch.empty(batch, hq // world, 1, device=dev)

@@ -81,7 +81,8 @@ def replicated(rank: int, world: int, dtype: str, paged: bool) -> None:
             caches.append((kp, vp))
         else:
             caches.append((lk, lv))
-    cp.plan(local, block_table=table)
+    capacity = lambda kc: kc.shape[1] if table is None else table.shape[1] * PAGE  # noqa: E731
+    cp.plan(local, capacity(caches[0][0]), block_table=table)
     for (q, k, v, full, *_), (kc, vc) in zip(layers, caches):
         out, lse = cp.run(q, kc, vc, return_lse=True)
         assert out.shape == q.shape and lse.shape == (len(LENS), 12, 1)
@@ -95,17 +96,24 @@ def replicated(rank: int, world: int, dtype: str, paged: bool) -> None:
     q, k, v, *_ = layers[0]
     full = torch.tensor(shorter, dtype=torch.int32, device=device())
     local.copy_(round_robin_lengths(full, world, rank, PAGE))
-    cp.plan(local, block_table=table)
+    cp.plan(local, capacity(caches[0][0]), block_table=table)
     assert len(cp._buffers) == 1, "a plan of the same batch must reuse the collective buffers"
     out, lse = cp.run(q, *caches[0], return_lse=True)
     assert_close(out, lse[..., 0], *reference(q, k, v, full))
+    # The next step without the exchange (what a CUDA graph captures): lengths changed in place.
+    full.copy_(torch.tensor([n - n // 3 for n in LENS], dtype=torch.int32))
+    local.copy_(round_robin_lengths(full, world, rank, PAGE))
+    cp.plan(local, capacity(caches[0][0]), block_table=table, check=False)
+    out, lse = cp.run(q, *caches[0], return_lse=True)
+    assert_close(out, lse[..., 0], *reference(q, k, v, full))
+    assert same_on_every_rank(out), "ranks differ"
 
 
 def scatter(rank: int, world: int) -> None:
     """scatter_heads: each rank gets its own q_heads / world heads."""
     q, k, v, full, lk, lv, local = build(rank, world, LENS, 12, 4, 64, torch.float16, seed=3)
     cp = ContextParallelDecode(None, 12, 4, 64, torch.float16, device(), scatter_heads=True)
-    cp.plan(local)
+    cp.plan(local, lk.shape[1])
     out, lse = cp.run(q, lk, lv, return_lse=True)
     hc = 12 // world
     assert out.shape == (len(LENS), 1, hc, 64) and lse.shape == (len(LENS), hc, 1)
@@ -135,13 +143,20 @@ def mismatch(rank: int, world: int, kind: str) -> None:
     if kind == "batch":
         batch = 3 if last else 2
         cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, dev)
-        cp.plan(torch.zeros(batch, dtype=torch.int32, device=dev))
+        cp.plan(torch.zeros(batch, dtype=torch.int32, device=dev), 16)
     elif kind == "heads":
         cp = ContextParallelDecode(None, 4 if last else 8, 2, 64, torch.float16, dev)
-        cp.plan(torch.zeros(2, dtype=torch.int32, device=dev))
+        cp.plan(torch.zeros(2, dtype=torch.int32, device=dev), 16)
     elif kind == "local":
         cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, dev)
-        cp.plan(torch.zeros(2, dtype=torch.int64 if last else torch.int32, device=dev))
+        cp.plan(torch.zeros(2, dtype=torch.int64 if last else torch.int32, device=dev), 16)
+    elif kind == "unchecked_first":
+        cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, dev)
+        cp.plan(torch.zeros(2, dtype=torch.int32, device=dev), 16, check=False)
+    elif kind == "unchecked_batch":
+        cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, dev)
+        cp.plan(torch.zeros(2, dtype=torch.int32, device=dev), 16)
+        cp.plan(torch.zeros(3, dtype=torch.int32, device=dev), 16, check=False)
     else:
         raise KeyError(kind)
 
@@ -156,7 +171,7 @@ def gpu_matches_single(rank: int, world: int, scatter_heads: bool, lens: list[in
     full cache and against the float64 reference; the same bits on both ranks."""
     q, k, v, full, lk, lv, local = build(rank, world, lens, 32, 8, 128, torch.bfloat16, seed=5, page=64)
     cp = ContextParallelDecode(None, 32, 8, 128, torch.bfloat16, device(), scatter_heads=scatter_heads)
-    cp.plan(local)
+    cp.plan(local, lk.shape[1])
     out, lse = cp.run(q, lk, lv, return_lse=True)
     single, single_lse = leanattn.decode(q, k, v, full, return_lse=True)
     ref, ref_lse = reference(q, k, v, full)
@@ -180,14 +195,17 @@ def gpu_graph(rank: int, world: int, paged: bool) -> None:
     table = None
     if paged:
         lk, lv, table = to_paged(lk, lv, local.tolist(), 64, seed=rank)
+    capacity = lk.shape[1] if table is None else table.shape[1] * 64
     cp = ContextParallelDecode(None, 32, 8, 128, torch.bfloat16, device())
-    cp.plan(local, block_table=table)
+    cp.plan(local, capacity, block_table=table)
     out = torch.empty_like(q)
     cp.run(q, lk, lv, out=out)  # compiles and warms NCCL before the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
+    # A step: the device-side plan for the new lengths, then the layer (here one).
     # thread_local: the NCCL watchdog thread's calls can't invalidate this thread's capture.
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        cp.plan(local, capacity, block_table=table, check=False)
         _, lse = cp.run(q, lk, lv, out=out, return_lse=True)
     for step, new in enumerate(([0, 0, 0, 0], lens, [1, cap, 0, 4000], [cap // 3, 17, cap, 64])):
         new_full = torch.tensor(new, dtype=torch.int32, device=device())
@@ -195,6 +213,7 @@ def gpu_graph(rank: int, world: int, paged: bool) -> None:
         out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
+        cp.plan(local, capacity, block_table=table, check=False)
         eager, eager_lse = cp.run(q, lk, lv, return_lse=True)
         assert torch.equal(out, eager) and torch.equal(lse, eager_lse), f"replay {step} differs from eager"
         assert_close(out, lse[..., 0], *reference(q, k, v, new_full))

@@ -35,14 +35,16 @@ def test_oneshot(cluster):
     assert all(e < 1.5e-2 for e in errors), errors
 
 
-@pytest.mark.parametrize("kind,words", [
-    ("batch", "disagree on batch"),
-    ("heads", "disagree on q_heads"),
-    ("local", "rejected their own arguments"),
+@pytest.mark.parametrize("kind,error,words", [
+    ("batch", "ValueError", "disagree on batch"),
+    ("heads", "ValueError", "disagree on q_heads"),
+    ("local", "ValueError", "rejected their own arguments"),
+    ("unchecked_first", "RuntimeError", "earlier checked plan"),
+    ("unchecked_batch", "ValueError", "must keep the checked (batch, q_len)"),
 ])
-def test_inconsistent_plans_raise_everywhere(cluster, kind, words):
+def test_inconsistent_plans_raise_everywhere(cluster, kind, error, words):
     outcomes = cluster.run("mismatch", kind, timeout=90)
-    assert all(not o.ok and o.error_type == "ValueError" for o in outcomes), [(o.error_type, o.message) for o in outcomes]
+    assert all(not o.ok and o.error_type == error for o in outcomes), [(o.error_type, o.message) for o in outcomes]
     last = outcomes[-1].message
     assert all(words in o.message for o in outcomes[: -1]), [o.message for o in outcomes]
     assert words in last or "local_seqlens must be an int32" in last, last
@@ -66,3 +68,4 @@ def test_needs_an_initialised_group():
         pytest.skip("a process group exists in this process")
     with pytest.raises(RuntimeError, match="init_process_group"):
         leanattn.distributed.ContextParallelDecode(None, 8, 2, 64, torch.float16, "cpu")
+

@@ -46,8 +46,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .api import SUPPORTED_DTYPES, decode as _local_decode
+from .api import SUPPORTED_DTYPES
 from .merge import merge_states_into
+from .wrapper import DecodeWrapper
 
 __all__ = ["ContextParallelDecode", "decode", "round_robin_lengths", "round_robin_slot"]
 
@@ -146,18 +147,26 @@ class ContextParallelDecode:
     Usage, on every rank of ``group``::
 
         cp = ContextParallelDecode(group, q_heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16, device=dev)
-        cp.plan(local_seqlens)                 # once per step: checks every rank agrees
+        cp.plan(local_seqlens, capacity)       # once per step: checks every rank agrees
         for layer in layers:
             out = cp.run(q, k_cache[layer], v_cache[layer])   # (batch, 1, q_heads, head_dim)
 
+    Each rank's local attention is a :class:`leanattn.DecodeWrapper`: the plan deals the rank's
+    tiles to its programs once per step, and every layer's run reuses that.
+
     ``plan`` is a collective: it gathers a few integers from every rank (shapes, dtype, heads,
     scale, mode) and raises the same ValueError on every rank when they disagree, or when any
-    rank's own arguments are bad, instead of leaving the others waiting in a collective. ``run``
-    trusts the plan: it does no host synchronisation, allocates nothing but its outputs, and its
-    collective buffers are allocated once per (batch, q_len) by ``plan``, so a run can be captured
-    in a CUDA graph (run it once eagerly first: that compiles the kernels and warms NCCL). A
-    captured run reads the ``local_seqlens`` and ``block_table`` tensors planned at capture; to
-    replay with new lengths, write them into those tensors.
+    rank's own arguments are bad, instead of leaving the others waiting in a collective.
+    ``plan(..., check=False)`` skips that exchange (and its host sync) and only re-plans the local
+    attention on the device: for steps whose shapes are those of the last checked plan, on every
+    rank. ``run`` trusts the plan: it does no host synchronisation, allocates nothing but its
+    outputs, and its collective buffers are allocated once per (batch, q_len) by ``plan``.
+
+    CUDA graphs: run each layer once eagerly first (that compiles the kernels and warms NCCL),
+    then capture ``plan(..., check=False)`` followed by the layers' ``run``. The graph reads the
+    ``local_seqlens`` and ``block_table`` tensors planned at capture: to replay with new lengths,
+    write them into those tensors (capturing only the runs works too if ``plan(..., check=False)``
+    is called eagerly before each replay).
 
     Args:
         group: the process group (``None``: the default group). Its backend must handle tensors
@@ -167,7 +176,7 @@ class ContextParallelDecode:
         scatter_heads: return only this rank's q_heads / world_size heads
             (heads [rank * q_heads / W, (rank + 1) * q_heads / W)) instead of all of them.
         softmax_scale: defaults to ``head_dim ** -0.5``.
-        num_programs: passed to :func:`leanattn.decode`.
+        num_programs: the local attention's persistent grid size (see :func:`leanattn.decode`).
     """
 
     def __init__(
@@ -191,26 +200,37 @@ class ContextParallelDecode:
         self.q_heads, self.kv_heads, self.head_dim = int(q_heads), int(kv_heads), int(head_dim)
         self.dtype = dtype
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.scatter_heads = bool(scatter_heads)
         self.softmax_scale = float(head_dim**-0.5 if softmax_scale is None else softmax_scale)
         self.num_programs = num_programs
         self.heads_out = self.q_heads // self.world_size if self.scatter_heads else self.q_heads
+        # Built by the first plan, where a bad shape becomes an error on every rank, not a hang.
+        self._wrapper: DecodeWrapper | None = None
         self._buffers: dict[tuple[int, int], _Buffers] = {}
-        self._planned: tuple[int, int, torch.Tensor | None, torch.Tensor | None, _Buffers] | None = None
+        self._checked: tuple | None = None  # what the last checked plan agreed on
+        self._planned: tuple[int, int, torch.Tensor | None, _Buffers] | None = None
 
     # -- plan -----------------------------------------------------------------------------------
 
-    def _local_error(self, local_seqlens: torch.Tensor | None, batch: int | None, q_len: int,
+    def _local_error(self, local_seqlens: torch.Tensor | None, capacity: int, batch: int | None, q_len: int,
                      block_table: torch.Tensor | None) -> tuple[str | None, int]:
         """This rank's own argument problems (a message or None) and the batch size."""
-        if self.dtype not in SUPPORTED_DTYPES:
-            return f"dtype must be float16 or bfloat16, got {self.dtype}", 0
-        if self.kv_heads < 1 or self.q_heads % self.kv_heads:
-            return f"q_heads ({self.q_heads}) must be a positive multiple of kv_heads ({self.kv_heads})", 0
         if self.scatter_heads and self.q_heads % self.world_size:
             return f"scatter_heads needs q_heads ({self.q_heads}) divisible by the world size ({self.world_size})", 0
-        if q_len < 1:
-            return f"q_len must be >= 1, got {q_len}", 0
+        if self.dtype not in SUPPORTED_DTYPES:
+            return f"dtype must be float16 or bfloat16, got {self.dtype}", 0
+        if self._wrapper is None:
+            try:
+                self._wrapper = DecodeWrapper(self.q_heads, self.kv_heads, self.head_dim, self.dtype, self.device,
+                                              num_programs=self.num_programs, softmax_scale=self.softmax_scale)
+            except (ValueError, TypeError) as e:
+                return str(e), 0
+        if q_len != 1:
+            return f"q_len must be 1 (one query token per sequence), got {q_len}", 0
+        if not isinstance(capacity, int) or capacity < 0:
+            return f"capacity must be a non-negative int, got {capacity!r}", 0
         if local_seqlens is None:
             if batch is None or batch < 0:
                 return "give local_seqlens, or batch when every rank uses its full cache capacity", 0
@@ -224,8 +244,8 @@ class ContextParallelDecode:
         if local_seqlens.device != self.device:
             return f"local_seqlens is on {local_seqlens.device}, expected {self.device}", n
         if block_table is not None and (
-            block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != n
-            or block_table.device != self.device
+            not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2
+            or block_table.shape[0] != n or block_table.device != self.device
         ):
             return f"block_table must be int32 (batch={n}, max_pages) on {self.device}, got {block_table.dtype} " \
                    f"{tuple(block_table.shape)} on {block_table.device}", n
@@ -234,32 +254,60 @@ class ContextParallelDecode:
     def plan(
         self,
         local_seqlens: torch.Tensor | None,
+        capacity: int,
         *,
         batch: int | None = None,
         q_len: int = 1,
         block_table: torch.Tensor | None = None,
+        check: bool = True,
     ) -> None:
-        """Set this step's local lengths (and block table) and check every rank agrees.
+        """Set this step's local lengths (and block table), check every rank agrees, and plan the
+        local attention.
 
-        A collective over the group: every rank must call it. Raises ValueError on every rank if
-        the ranks' shapes, dtype, heads, scale or mode differ, or if any rank's arguments are bad.
+        With ``check`` (the default) a collective over the group: every rank must call it. It
+        raises ValueError on every rank if the ranks' shapes, dtype, heads, scale or mode differ,
+        or if any rank's arguments are bad. With ``check=False``: no collective and no host sync
+        (so it can be captured in a CUDA graph); the batch and q_len must be those of the last
+        checked plan, on every rank.
 
         Args:
             local_seqlens: int32 (batch,) tokens of each sequence this rank holds (0 is fine),
-                on ``device``; ``None`` means the full capacity of the cache given to ``run``
-                (then pass ``batch``).
+                on ``device``; ``None`` means ``capacity`` for every sequence (then pass ``batch``).
+            capacity: positions per sequence of this rank's cache: its ``cache_len``, or
+                ``max_pages * page_size`` when paged. Ranks may differ.
             batch: the batch size, when ``local_seqlens`` is None.
-            q_len: query tokens per sequence (1 for decode).
+            q_len: query tokens per sequence (1: decode).
             block_table: int32 (batch, max_pages) of this rank's paged cache, or None.
+            check: exchange and check the metadata (see above).
         """
-        error, batch = self._local_error(local_seqlens, batch, q_len, block_table)
+        if not check:
+            if self._checked is None:
+                raise RuntimeError("plan(check=False) needs an earlier checked plan of the same shapes")
+            n = local_seqlens.shape[0] if isinstance(local_seqlens, torch.Tensor) else batch
+            if (n, q_len) != self._checked[:2]:
+                raise ValueError(f"plan(check=False) must keep the checked (batch, q_len) {self._checked[:2]}, "
+                                 f"got {(n, q_len)}")
+            batch = n
+        else:
+            error, batch = self._local_error(local_seqlens, capacity, batch, q_len, block_table)
+            self._exchange_metadata(error, batch, q_len)
+            self._checked = (batch, q_len)
+        key = (batch, q_len)
+        if key not in self._buffers:
+            self._buffers[key] = self._allocate(batch, q_len)
+        self._wrapper.plan(local_seqlens, capacity, batch=batch)
+        self._planned = (batch, q_len, block_table, self._buffers[key])
+
+    def _exchange_metadata(self, error: str | None, batch: int, q_len: int) -> None:
+        """All-gather every rank's metadata and raise the same ValueError everywhere on a mismatch
+        or on any rank's own error (after the exchange, so no rank is left waiting in it)."""
         scale_bits = struct.unpack("<q", struct.pack("<d", self.softmax_scale))[0]
         mine = [_MAGIC, self.world_size, batch, q_len, self.q_heads, self.kv_heads, self.head_dim,
                 _DTYPE_CODES.get(self.dtype, 0), int(self.scatter_heads), scale_bits, int(error is not None)]
         meta = torch.tensor(mine, dtype=torch.int64, device=self.device)
         gathered = torch.empty(self.world_size, len(mine), dtype=torch.int64, device=self.device)
         _all_gather(gathered, meta, self.group)
-        rows = gathered.tolist()  # the one host sync, once per plan
+        rows = gathered.tolist()  # the one host sync, once per checked plan
         if error is not None:
             raise ValueError(f"ContextParallelDecode.plan on rank {self.rank}: {error}")
         bad = [r for r, row in enumerate(rows) if row[-1]]
@@ -269,10 +317,6 @@ class ContextParallelDecode:
         if differ:
             table = "; ".join(f"{_FIELDS[i]}: " + ", ".join(f"rank {r}={row[i]}" for r, row in enumerate(rows)) for i in differ)
             raise ValueError(f"ContextParallelDecode.plan: the ranks disagree on {table}")
-        key = (batch, q_len)
-        if key not in self._buffers:
-            self._buffers[key] = self._allocate(batch, q_len)
-        self._planned = (batch, q_len, local_seqlens, block_table, self._buffers[key])
 
     def _allocate(self, batch: int, q_len: int) -> _Buffers:
         w, h, d, dt = self.world_size, self.q_heads, self.head_dim, self.dtype
@@ -323,7 +367,7 @@ class ContextParallelDecode:
         """
         if self._planned is None:
             raise RuntimeError("call plan() on every rank before run()")
-        batch, q_len, seqlens, block_table, buf = self._planned
+        batch, q_len, _, buf = self._planned
         want = (batch, q_len, self.q_heads, self.head_dim)
         if tuple(q.shape) != want or q.dtype != self.dtype or q.device != self.device:
             # Only this rank can see this; the plan's check covered what the ranks share.
@@ -349,11 +393,9 @@ class ContextParallelDecode:
     def _attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """The local decode, its output written where the exchange reads it. Returns the local
         LSE (batch, q_heads, q_len)."""
-        _, q_len, seqlens, block_table, buf = self._planned
+        _, q_len, block_table, buf = self._planned
         local_out = buf.o_send if buf.staging is None else buf.staging
-        _, lse = _local_decode(q, k_cache, v_cache, seqlens, block_table=block_table,
-                               softmax_scale=self.softmax_scale, return_lse=True, out=local_out,
-                               num_programs=self.num_programs)
+        _, lse = self._wrapper.run(q, k_cache, v_cache, block_table=block_table, out=local_out, return_lse=True)
         return _lse_bht(lse, q_len)
 
     def _merge(self, lse: torch.Tensor, out: torch.Tensor, lse_out: torch.Tensor) -> None:
@@ -389,5 +431,6 @@ def decode(
     graphs build one and call ``plan`` once per step and ``run`` per layer instead."""
     cp = ContextParallelDecode(group, q.shape[2], k_cache.shape[2], q.shape[3], q.dtype, q.device,
                                scatter_heads=scatter_heads, softmax_scale=softmax_scale, num_programs=num_programs)
-    cp.plan(local_seqlens, batch=q.shape[0], q_len=q.shape[1], block_table=block_table)
+    capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
+    cp.plan(local_seqlens, capacity, batch=q.shape[0], q_len=q.shape[1], block_table=block_table)
     return cp.run(q, k_cache, v_cache, return_lse=return_lse)
