@@ -9,12 +9,13 @@ world x tokens per GPU from one seed and attends over its contiguous share of it
 rank holds doesn't change the time; round-robin pages only change which ones). It reports, as
 the slowest rank's mean over many calls:
 
-- local: ``leanattn.decode`` with the LSE over the rank's share;
+- local: the rank's ``DecodeWrapper.run`` with the LSE over its share (planned once);
 - merge: packing, the exchange and ``merge_states`` (``all_gather``, the default), and the
   alternatives: ``all_to_all`` by heads (``scatter_heads``), and one-sided puts into symmetric
   memory (``torch.distributed._symmetric_memory``, no multicast) followed by the same merge;
 - total: ``ContextParallelDecode.run`` (local + all_gather merge);
-- one GPU: ``leanattn.decode`` over the whole cache on one GPU (each rank runs it on its own GPU);
+- one GPU: ``leanattn.DecodeWrapper.run`` over the whole cache on one GPU (each rank runs it on
+  its own GPU);
 - speedup = one GPU / total, efficiency = speedup / world, both from the CUDA-graph times.
 
 Every number is eager (host launches in the loop) and replayed from a CUDA graph. NVLink
@@ -207,7 +208,10 @@ def _measure(bench: Bench, shape: tuple, head_dim: int, rank: int, world: int, s
         single = leanattn.decode(q, k, v, torch.full((batch,), world * n, dtype=torch.int32, device=dev))
         err = ((out.float() - single.float()).norm() / single.float().norm()).item()
         row["rel_err_vs_one_gpu"] = err
-        fns["one_gpu"] = lambda: leanattn.decode(q, k, v, None, out=single)
+        # The same plan/run path as each rank's local attention, on the whole cache.
+        one = leanattn.DecodeWrapper(hq, hkv, head_dim, dt, dev)
+        one.plan(None, world * n, batch=batch)
+        fns["one_gpu"] = lambda: one.run(q, k, v, out=single)
 
     for name, fn in fns.items():
         row[f"{name}_eager_us"] = bench.time(fn)
