@@ -1,6 +1,7 @@
 """Context-parallel decode: every rank holds a slice of each sequence's KV cache.
 
-Each rank runs :func:`leanattn.decode` with the LSE over the tokens it holds, then the ranks
+Each rank attends with the LSE over the tokens it holds (a :class:`leanattn.DecodeWrapper`, the
+kernel of :func:`leanattn.decode` planned once per step), then the ranks
 exchange their (output, LSE) partials through one torch.distributed collective and merge them
 exactly with :func:`leanattn.merge_states` (NCCL on GPUs, gloo on CPUs). Attention over a set of
 keys does not depend on their order, so the merge is exact however the tokens are dealt; a rank
@@ -29,8 +30,9 @@ prefill, say) can use it unchanged.
 
 The merge
 ---------
-Replicated output (default): every rank packs its partial output (in q's dtype, as decode
-writes it) and its LSE into one fp32 buffer, ``all_gather`` collects the W buffers, and every
+Replicated output (default): every rank packs its partial output and its LSE into one fp32
+buffer (the output in q's dtype, as the kernel writes it, so it is written there directly and
+sent at half the bytes of fp32), ``all_gather`` collects the W buffers, and every
 rank merges the same gathered bytes in rank order with the same kernel: the result is bitwise
 identical on every rank and from run to run. With ``scatter_heads=True`` each rank instead
 sends each peer the peer's share of the heads (``all_to_all``, the reduce-scatter shape) and
@@ -379,9 +381,10 @@ class ContextParallelDecode:
         out_shape = (batch, q_len, self.heads_out, self.head_dim)
         if out is None:
             out = torch.empty(out_shape, dtype=self.dtype, device=self.device)
-        elif tuple(out.shape) != out_shape or out.dtype != self.dtype or out.device != self.device:
-            raise ValueError(f"out must be {self.dtype} {out_shape} on {self.device}, got {out.dtype} "
-                             f"{tuple(out.shape)} on {out.device}")
+        elif (tuple(out.shape) != out_shape or out.dtype != self.dtype or out.device != self.device
+              or out.stride(-1) != 1):
+            raise ValueError(f"out must be {self.dtype} {out_shape} on {self.device} with a unit last stride, "
+                             f"got {out.dtype} {tuple(out.shape)} on {out.device}, strides {out.stride()}")
         if return_lse:
             lse_out = torch.empty(batch, self.heads_out, q_len, dtype=torch.float32, device=self.device)
         else:
