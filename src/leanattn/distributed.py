@@ -229,6 +229,8 @@ class ContextParallelDecode:
                                               num_programs=self.num_programs, softmax_scale=self.softmax_scale)
             except (ValueError, TypeError) as e:
                 return str(e), 0
+        # The buffers and the merge take any q_len; the local attention takes one query token
+        # until decode takes several (issue 9).
         if q_len != 1:
             return f"q_len must be 1 (one query token per sequence), got {q_len}", 0
         if not isinstance(capacity, int) or capacity < 0:
