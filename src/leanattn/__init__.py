@@ -13,6 +13,9 @@ from . import ops as _ops  # noqa: F401  (registers torch.ops.leanattn.decode_in
 from . import reference, schedule
 from .api import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, decode
 from .wrapper import DecodeWrapper
+from .merge import merge_states
+from . import distributed  # noqa: E402  (needs merge_states, decode and DecodeWrapper)
 
 __all__ = ["decode", "DecodeWrapper", "reference", "schedule", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS"]
+__all__ += ["merge_states", "distributed"]
 __version__ = "0.1.0"

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-__all__ = ["decode", "gather_paged"]
+__all__ = ["decode", "gather_paged", "merge_states"]
 
 
 def gather_paged(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -111,3 +111,28 @@ def decode(
         out.copy_(result)
         result = out
     return (result, lse) if return_lse else result
+
+
+def merge_states(
+    outs: list[torch.Tensor] | torch.Tensor,
+    lses: list[torch.Tensor] | torch.Tensor,
+    *,
+    compute_dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of partial attention results, in ``compute_dtype``.
+
+    Same shapes and meaning as :func:`leanattn.merge_states`: ``outs`` a list of
+    (batch, q_len, q_heads, head_dim) or a stacked (parts, ...) tensor, ``lses`` the matching
+    natural-log LSEs (batch, q_heads, q_len) or stacked. Returns the merged output in the parts'
+    dtype and its LSE as float32 (batch, q_heads, q_len); rows with no mass give zeros and -inf.
+    """
+    o = torch.stack(list(outs)) if not isinstance(outs, torch.Tensor) else outs
+    s = torch.stack(list(lses)) if not isinstance(lses, torch.Tensor) else lses
+    s = s.to(compute_dtype).permute(0, 1, 3, 2)  # (parts, batch, q_len, q_heads), like o
+    lse = torch.logsumexp(s, dim=0)  # -inf where every part is -inf
+    # exp(-inf - -inf) is NaN: a row with no mass weighs every part 0.
+    w = torch.where(torch.isinf(lse), torch.zeros_like(s), torch.exp(s - lse))
+    # An empty part's output may hold anything: it is never read, not even multiplied by 0.
+    parts = torch.where(w[..., None] > 0, o.to(compute_dtype), torch.zeros((), dtype=compute_dtype, device=o.device))
+    merged = (w[..., None] * parts).sum(dim=0)
+    return merged.to(o.dtype), lse.permute(0, 2, 1).float()

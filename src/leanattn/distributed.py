@@ -1,0 +1,441 @@
+"""Context-parallel decode: every rank holds a slice of each sequence's KV cache.
+
+Each rank attends with the LSE over the tokens it holds (a :class:`leanattn.DecodeWrapper`, the
+kernel of :func:`leanattn.decode` planned once per step), then the ranks
+exchange their (output, LSE) partials through one torch.distributed collective and merge them
+exactly with :func:`leanattn.merge_states` (NCCL on GPUs, gloo on CPUs). Attention over a set of
+keys does not depend on their order, so the merge is exact however the tokens are dealt; a rank
+that holds nothing of a sequence gives zeros with LSE -inf there, and the merge ignores it.
+
+How tokens are dealt: round-robin pages
+---------------------------------------
+Token ``i`` of a sequence lies on page ``i // page_size``, and page ``j`` lives on rank
+``j % world_size`` (at local page ``j // world_size``). :func:`round_robin_lengths` gives each
+rank's local lengths and :func:`round_robin_slot` where a new token goes. We chose this over
+contiguous ranges (rank r holding tokens [r N / W, (r + 1) N / W)) because:
+
+- **Appending.** Decode appends one token per step. With contiguous ranges every append of a
+  sequence lands on the rank that holds its tail, which fills up and falls behind until the
+  ranges are re-cut (moving KV between GPUs). Dealt pages rotate the appends through the ranks
+  with nothing ever moved.
+- **Balance for ragged lengths.** Every sequence is spread over the ranks to within one page, so
+  each rank holds about 1/W of the batch's tokens whatever the mix of lengths, at every step.
+- **Paged caches.** Each rank keeps its own page pool and block table; dealing pages is the unit
+  such a cache already allocates in. A contiguous (batch, cache_len, ...) cache works too: a
+  rank's cache then holds its pages back to back.
+
+Only the local lengths and block tables depend on this choice; :class:`ContextParallelDecode`
+takes whatever each rank holds, so callers with another layout (ranges from a ring-attention
+prefill, say) can use it unchanged.
+
+The merge
+---------
+Replicated output (default): every rank packs its partial output and its LSE into one fp32
+buffer (the output in q's dtype, as the kernel writes it, so it is written there directly and
+sent at half the bytes of fp32), ``all_gather`` collects the W buffers, and every
+rank merges the same gathered bytes in rank order with the same kernel: the result is bitwise
+identical on every rank and from run to run. With ``scatter_heads=True`` each rank instead
+sends each peer the peer's share of the heads (``all_to_all``, the reduce-scatter shape) and
+gets back only its own q_heads / W heads, merged the same way: 1/W of the merge traffic and work.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .api import SUPPORTED_DTYPES
+from .merge import merge_states_into
+from .wrapper import DecodeWrapper
+
+__all__ = ["ContextParallelDecode", "decode", "round_robin_lengths", "round_robin_slot"]
+
+# Words of 4 bytes each packed part is padded to: aligned parts let the merge load 16 bytes at once.
+_ALIGN_WORDS = 16
+_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2}
+_MAGIC = 0x1EA7C0DE
+# Fields of the metadata every rank's plan contributes; all must agree.
+_FIELDS = ("magic", "world_size", "batch", "q_len", "q_heads", "kv_heads", "head_dim", "dtype",
+           "scatter_heads", "softmax_scale_bits", "local_error")
+
+
+def round_robin_lengths(seqlens: torch.Tensor, world_size: int, rank: int, page_size: int) -> torch.Tensor:
+    """Tokens of each sequence that ``rank`` holds when pages are dealt round-robin.
+
+    Args:
+        seqlens: int (batch,) global lengths, on any device (no host sync).
+        world_size, rank: the group's size and this rank.
+        page_size: tokens per dealt page.
+
+    Returns:
+        int32 (batch,) local lengths; they sum over the ranks to ``seqlens``.
+    """
+    if page_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need page_size >= 1 and 0 <= rank < world_size, got {page_size}, {rank}, {world_size}")
+    n = seqlens.to(torch.int64).clamp_min(0)
+    full, rem = n // page_size, n % page_size
+    # Full pages j < full with j % world_size == rank, then the partial last page if it is ours.
+    mine = torch.div(full - rank + world_size - 1, world_size, rounding_mode="floor").clamp_min(0)
+    tail = torch.where(full % world_size == rank, rem, torch.zeros_like(rem))
+    return (mine * page_size + tail).to(torch.int32)
+
+
+def round_robin_slot(positions: torch.Tensor, world_size: int, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Owner rank and local position of global token positions (where to append a new token).
+
+    Returns two int64 tensors shaped like ``positions``: the rank, and the position in that
+    rank's local sequence (its pages back to back).
+    """
+    pos = positions.to(torch.int64)
+    page = pos // page_size
+    return page % world_size, (page // world_size) * page_size + pos % page_size
+
+
+@dataclass
+class _Buffers:
+    """Collective buffers for one (batch, q_len), allocated once and reused by every run."""
+
+    send: torch.Tensor  # fp32: this rank's packed partial, one record (replicated) or one per rank (scattered)
+    recv: torch.Tensor  # fp32 (world, record words): the record every rank sent here
+    o_send: torch.Tensor  # view of send where the local output goes (replicated: (B, T, H, D))
+    lse_send: torch.Tensor  # view of send where the local LSE goes (replicated: (B, H, T))
+    o_parts: torch.Tensor  # (world, B, T, H_out, D) view of recv, in q's dtype
+    lse_parts: torch.Tensor  # (world, B, H_out, T) float32 view of recv
+    staging: torch.Tensor | None  # scattered: (B, T, H, D) local output before it is dealt out
+    lse_scratch: torch.Tensor  # (B, H_out, T) merged LSE when the caller doesn't want it
+
+
+def _words(elements: int, dtype: torch.dtype) -> int:
+    """fp32 words holding ``elements`` of ``dtype``, rounded up to the alignment."""
+    nbytes = elements * dtype.itemsize
+    return -(-nbytes // (4 * _ALIGN_WORDS)) * _ALIGN_WORDS
+
+
+def _pack_views(buf: torch.Tensor, parts: int, part_words: int, shape_o: tuple, shape_l: tuple,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of ``parts`` packed records in the fp32 buffer ``buf``: outputs (parts, *shape_o) in
+    ``dtype`` at the start of each record, LSEs (parts, *shape_l) fp32 after them."""
+    n_o, n_l = math.prod(shape_o), math.prod(shape_l)
+    words = buf.view(parts, part_words)
+    o = words.view(dtype)[:, :n_o].unflatten(1, shape_o)
+    off = _words(n_o, dtype)
+    lse = words[:, off : off + n_l].unflatten(1, shape_l)
+    return o, lse
+
+
+def _lse_bht(lse: torch.Tensor, q_len: int) -> torch.Tensor:
+    """The LSE of :func:`leanattn.decode` as (batch, q_heads, q_len).
+
+    Today decode takes one query token and returns (batch, q_heads); once it takes several it
+    returns (batch, q_heads, q_len). Accepting both keeps this module working across the change.
+    """
+    return lse.unsqueeze(-1) if lse.dim() == 2 and q_len == 1 else lse
+
+
+def _all_gather(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup | None) -> None:
+    # all_gather_single is the newer name; all_gather_into_tensor the one older releases have.
+    # Flat buffers: gloo wants the output as one dimension, world * input size.
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out.view(-1), inp.view(-1), group=group)
+
+
+class ContextParallelDecode:
+    """Decode attention over a KV cache split across the ranks of a process group.
+
+    Usage, on every rank of ``group``::
+
+        cp = ContextParallelDecode(group, q_heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16, device=dev)
+        cp.plan(local_seqlens, capacity)       # once per step: checks every rank agrees
+        for layer in layers:
+            out = cp.run(q, k_cache[layer], v_cache[layer])   # (batch, 1, q_heads, head_dim)
+
+    Each rank's local attention is a :class:`leanattn.DecodeWrapper`: the plan deals the rank's
+    tiles to its programs once per step, and every layer's run reuses that.
+
+    ``plan`` is a collective: it gathers a few integers from every rank (shapes, dtype, heads,
+    scale, mode) and raises the same ValueError on every rank when they disagree, or when any
+    rank's own arguments are bad, instead of leaving the others waiting in a collective.
+    ``plan(..., check=False)`` skips that exchange (and its host sync) and only re-plans the local
+    attention on the device: for steps whose shapes are those of the last checked plan, on every
+    rank. ``run`` trusts the plan: it does no host synchronisation, allocates nothing but its
+    outputs, and its collective buffers are allocated once per (batch, q_len) by ``plan``.
+
+    CUDA graphs: run each layer once eagerly first (that compiles the kernels and warms NCCL),
+    then capture ``plan(..., check=False)`` followed by the layers' ``run``. The graph reads the
+    ``local_seqlens`` and ``block_table`` tensors planned at capture: to replay with new lengths,
+    write them into those tensors (capturing only the runs works too if ``plan(..., check=False)``
+    is called eagerly before each replay).
+
+    Args:
+        group: the process group (``None``: the default group). Its backend must handle tensors
+            on ``device`` (NCCL for CUDA, gloo for CPU).
+        q_heads, kv_heads, head_dim, dtype: the attention shape, the same on every rank.
+        device: where q, the cache and the outputs live.
+        scatter_heads: return only this rank's q_heads / world_size heads
+            (heads [rank * q_heads / W, (rank + 1) * q_heads / W)) instead of all of them.
+        softmax_scale: defaults to ``head_dim ** -0.5``.
+        num_programs: the local attention's persistent grid size (see :func:`leanattn.decode`).
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None,
+        q_heads: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        *,
+        scatter_heads: bool = False,
+        softmax_scale: float | None = None,
+        num_programs: int | None = None,
+    ) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("ContextParallelDecode needs torch.distributed initialised (init_process_group)")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.q_heads, self.kv_heads, self.head_dim = int(q_heads), int(kv_heads), int(head_dim)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.scatter_heads = bool(scatter_heads)
+        self.softmax_scale = float(head_dim**-0.5 if softmax_scale is None else softmax_scale)
+        self.num_programs = num_programs
+        self.heads_out = self.q_heads // self.world_size if self.scatter_heads else self.q_heads
+        # Built by the first plan, where a bad shape becomes an error on every rank, not a hang.
+        self._wrapper: DecodeWrapper | None = None
+        self._buffers: dict[tuple[int, int], _Buffers] = {}
+        self._checked: tuple | None = None  # what the last checked plan agreed on
+        self._planned: tuple[int, int, torch.Tensor | None, _Buffers] | None = None
+
+    # -- plan -----------------------------------------------------------------------------------
+
+    def _local_error(self, local_seqlens: torch.Tensor | None, capacity: int, batch: int | None, q_len: int,
+                     block_table: torch.Tensor | None) -> tuple[str | None, int]:
+        """This rank's own argument problems (a message or None) and the batch size."""
+        if self.scatter_heads and self.q_heads % self.world_size:
+            return f"scatter_heads needs q_heads ({self.q_heads}) divisible by the world size ({self.world_size})", 0
+        if self.dtype not in SUPPORTED_DTYPES:
+            return f"dtype must be float16 or bfloat16, got {self.dtype}", 0
+        if self._wrapper is None:
+            try:
+                self._wrapper = DecodeWrapper(self.q_heads, self.kv_heads, self.head_dim, self.dtype, self.device,
+                                              num_programs=self.num_programs, softmax_scale=self.softmax_scale)
+            except (ValueError, TypeError) as e:
+                return str(e), 0
+        # The buffers and the merge take any q_len; the local attention takes one query token
+        # until decode takes several (issue 9).
+        if q_len != 1:
+            return f"q_len must be 1 (one query token per sequence), got {q_len}", 0
+        if not isinstance(capacity, int) or capacity < 0:
+            return f"capacity must be a non-negative int, got {capacity!r}", 0
+        if local_seqlens is None:
+            if batch is None or batch < 0:
+                return "give local_seqlens, or batch when every rank uses its full cache capacity", 0
+            return None, batch
+        if not isinstance(local_seqlens, torch.Tensor) or local_seqlens.dtype != torch.int32 or local_seqlens.dim() != 1:
+            return f"local_seqlens must be an int32 (batch,) tensor, got {getattr(local_seqlens, 'dtype', type(local_seqlens))} " \
+                   f"{tuple(getattr(local_seqlens, 'shape', ()))}", 0
+        n = local_seqlens.shape[0]
+        if batch is not None and batch != n:
+            return f"batch ({batch}) differs from local_seqlens' length ({n})", 0
+        if local_seqlens.device != self.device:
+            return f"local_seqlens is on {local_seqlens.device}, expected {self.device}", n
+        if block_table is not None and (
+            not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2
+            or block_table.shape[0] != n or block_table.device != self.device
+        ):
+            return f"block_table must be int32 (batch={n}, max_pages) on {self.device}, got {block_table.dtype} " \
+                   f"{tuple(block_table.shape)} on {block_table.device}", n
+        return None, n
+
+    def plan(
+        self,
+        local_seqlens: torch.Tensor | None,
+        capacity: int,
+        *,
+        batch: int | None = None,
+        q_len: int = 1,
+        block_table: torch.Tensor | None = None,
+        check: bool = True,
+    ) -> None:
+        """Set this step's local lengths (and block table), check every rank agrees, and plan the
+        local attention.
+
+        With ``check`` (the default) a collective over the group: every rank must call it. It
+        raises ValueError on every rank if the ranks' shapes, dtype, heads, scale or mode differ,
+        or if any rank's arguments are bad. With ``check=False``: no collective and no host sync
+        (so it can be captured in a CUDA graph); the batch and q_len must be those of the last
+        checked plan, on every rank.
+
+        Args:
+            local_seqlens: int32 (batch,) tokens of each sequence this rank holds (0 is fine),
+                on ``device``; ``None`` means ``capacity`` for every sequence (then pass ``batch``).
+            capacity: positions per sequence of this rank's cache: its ``cache_len``, or
+                ``max_pages * page_size`` when paged. Ranks may differ.
+            batch: the batch size, when ``local_seqlens`` is None.
+            q_len: query tokens per sequence (1: decode).
+            block_table: int32 (batch, max_pages) of this rank's paged cache, or None.
+            check: exchange and check the metadata (see above).
+        """
+        if not check:
+            if self._checked is None:
+                raise RuntimeError("plan(check=False) needs an earlier checked plan of the same shapes")
+            n = local_seqlens.shape[0] if isinstance(local_seqlens, torch.Tensor) else batch
+            if (n, q_len) != self._checked[:2]:
+                raise ValueError(f"plan(check=False) must keep the checked (batch, q_len) {self._checked[:2]}, "
+                                 f"got {(n, q_len)}")
+            batch = n
+        else:
+            error, batch = self._local_error(local_seqlens, capacity, batch, q_len, block_table)
+            self._exchange_metadata(error, batch, q_len)
+            self._checked = (batch, q_len)
+        key = (batch, q_len)
+        if key not in self._buffers:
+            self._buffers[key] = self._allocate(batch, q_len)
+        self._wrapper.plan(local_seqlens, capacity, batch=batch)
+        self._planned = (batch, q_len, block_table, self._buffers[key])
+
+    def _exchange_metadata(self, error: str | None, batch: int, q_len: int) -> None:
+        """All-gather every rank's metadata and raise the same ValueError everywhere on a mismatch
+        or on any rank's own error (after the exchange, so no rank is left waiting in it)."""
+        scale_bits = struct.unpack("<q", struct.pack("<d", self.softmax_scale))[0]
+        mine = [_MAGIC, self.world_size, batch, q_len, self.q_heads, self.kv_heads, self.head_dim,
+                _DTYPE_CODES.get(self.dtype, 0), int(self.scatter_heads), scale_bits, int(error is not None)]
+        meta = torch.tensor(mine, dtype=torch.int64, device=self.device)
+        gathered = torch.empty(self.world_size, len(mine), dtype=torch.int64, device=self.device)
+        _all_gather(gathered, meta, self.group)
+        rows = gathered.tolist()  # the one host sync, once per checked plan
+        if error is not None:
+            raise ValueError(f"ContextParallelDecode.plan on rank {self.rank}: {error}")
+        bad = [r for r, row in enumerate(rows) if row[-1]]
+        if bad:
+            raise ValueError(f"ContextParallelDecode.plan: rank(s) {bad} rejected their own arguments (see their errors)")
+        differ = [i for i in range(len(_FIELDS)) if len({row[i] for row in rows}) > 1]
+        if differ:
+            table = "; ".join(f"{_FIELDS[i]}: " + ", ".join(f"rank {r}={row[i]}" for r, row in enumerate(rows)) for i in differ)
+            raise ValueError(f"ContextParallelDecode.plan: the ranks disagree on {table}")
+
+    def _allocate(self, batch: int, q_len: int) -> _Buffers:
+        w, h, d, dt = self.world_size, self.q_heads, self.head_dim, self.dtype
+        kw = dict(dtype=torch.float32, device=self.device)
+        if not self.scatter_heads:
+            shape_o, shape_l = (batch, q_len, h, d), (batch, h, q_len)
+            words = _words(math.prod(shape_o), dt) + _words(math.prod(shape_l), torch.float32)
+            send = torch.zeros(words, **kw)
+            recv = torch.zeros(w, words, **kw)
+            o_send, lse_send = _pack_views(send, 1, words, shape_o, shape_l, dt)
+            o_parts, lse_parts = _pack_views(recv, w, words, shape_o, shape_l, dt)
+            return _Buffers(send, recv, o_send[0], lse_send[0], o_parts, lse_parts, None,
+                            torch.empty(shape_l, **kw))
+        # Scattered: the send buffer is W records, record p holding the heads rank p merges.
+        hc = h // w
+        shape_o, shape_l = (batch, q_len, hc, d), (batch, hc, q_len)
+        words = _words(math.prod(shape_o), dt) + _words(math.prod(shape_l), torch.float32)
+        send = torch.zeros(w * words, **kw)
+        recv = torch.zeros(w, words, **kw)
+        o_send, lse_send = _pack_views(send, w, words, shape_o, shape_l, dt)
+        o_parts, lse_parts = _pack_views(recv, w, words, shape_o, shape_l, dt)
+        staging = torch.empty(batch, q_len, h, d, dtype=dt, device=self.device)
+        return _Buffers(send, recv, o_send, lse_send, o_parts, lse_parts, staging, torch.empty(shape_l, **kw))
+
+    # -- run ------------------------------------------------------------------------------------
+
+    def run(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        *,
+        return_lse: bool = False,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Context-parallel decode of one layer with the planned lengths.
+
+        Args:
+            q: (batch, q_len, q_heads, head_dim), the same on every rank.
+            k_cache, v_cache: this rank's slice, (batch, cache_len, kv_heads, head_dim), or pages
+                (num_pages, page_size, kv_heads, head_dim) when a block table was planned.
+            return_lse: also return the merged LSE, float32 (batch, heads, q_len).
+            out: optional (batch, q_len, heads, head_dim) tensor to write into.
+
+        Returns:
+            (batch, q_len, heads, head_dim) in q's dtype, where heads is q_heads, or
+            q_heads / world_size (this rank's heads) with ``scatter_heads``; and the LSE.
+        """
+        if self._planned is None:
+            raise RuntimeError("call plan() on every rank before run()")
+        batch, q_len, _, buf = self._planned
+        want = (batch, q_len, self.q_heads, self.head_dim)
+        if tuple(q.shape) != want or q.dtype != self.dtype or q.device != self.device:
+            # Only this rank can see this; the plan's check covered what the ranks share.
+            raise ValueError(f"q must be {self.dtype} {want} on {self.device} as planned, "
+                             f"got {q.dtype} {tuple(q.shape)} on {q.device}")
+        if k_cache.dim() != 4 or tuple(k_cache.shape[2:]) != (self.kv_heads, self.head_dim):
+            raise ValueError(f"k_cache must be (..., ..., kv_heads={self.kv_heads}, head_dim={self.head_dim}), "
+                             f"got {tuple(k_cache.shape)}")
+        out_shape = (batch, q_len, self.heads_out, self.head_dim)
+        if out is None:
+            out = torch.empty(out_shape, dtype=self.dtype, device=self.device)
+        elif (tuple(out.shape) != out_shape or out.dtype != self.dtype or out.device != self.device
+              or out.stride(-1) != 1):
+            raise ValueError(f"out must be {self.dtype} {out_shape} on {self.device} with a unit last stride, "
+                             f"got {out.dtype} {tuple(out.shape)} on {out.device}, strides {out.stride()}")
+        if return_lse:
+            lse_out = torch.empty(batch, self.heads_out, q_len, dtype=torch.float32, device=self.device)
+        else:
+            lse_out = buf.lse_scratch
+
+        self._merge(self._attend(q, k_cache, v_cache), out, lse_out)
+        return (out, lse_out) if return_lse else out
+
+    def _attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """The local decode, its output written where the exchange reads it. Returns the local
+        LSE (batch, q_heads, q_len)."""
+        _, q_len, block_table, buf = self._planned
+        local_out = buf.o_send if buf.staging is None else buf.staging
+        _, lse = self._wrapper.run(q, k_cache, v_cache, block_table=block_table, out=local_out, return_lse=True)
+        return _lse_bht(lse, q_len)
+
+    def _merge(self, lse: torch.Tensor, out: torch.Tensor, lse_out: torch.Tensor) -> None:
+        """Pack the local partial, exchange it and merge the W partials into ``out``, ``lse_out``."""
+        buf, w = self._planned[-1], self.world_size
+        if buf.staging is None:
+            buf.lse_send.copy_(lse)
+            _all_gather(buf.recv, buf.send, self.group)
+        else:
+            hc = self.heads_out
+            # Record p of the send buffer gets heads [p * hc, (p + 1) * hc).
+            buf.o_send.copy_(buf.staging.unflatten(2, (w, hc)).permute(2, 0, 1, 3, 4))
+            buf.lse_send.copy_(lse.unflatten(1, (w, hc)).transpose(0, 1))
+            dist.all_to_all_single(buf.recv.view(-1), buf.send, group=self.group)
+        merge_states_into(buf.o_parts, buf.lse_parts, out, lse_out, check=False)
+
+
+def decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    local_seqlens: torch.Tensor | None = None,
+    *,
+    group: dist.ProcessGroup | None = None,
+    block_table: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+    scatter_heads: bool = False,
+    num_programs: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """One-shot context-parallel decode: plan and run in one call (a collective; every rank of
+    ``group`` calls it). Shapes as in :class:`ContextParallelDecode`; for many layers or CUDA
+    graphs build one and call ``plan`` once per step and ``run`` per layer instead."""
+    cp = ContextParallelDecode(group, q.shape[2], k_cache.shape[2], q.shape[3], q.dtype, q.device,
+                               scatter_heads=scatter_heads, softmax_scale=softmax_scale, num_programs=num_programs)
+    capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
+    cp.plan(local_seqlens, capacity, batch=q.shape[0], q_len=q.shape[1], block_table=block_table)
+    return cp.run(q, k_cache, v_cache, return_lse=return_lse)

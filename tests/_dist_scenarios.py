@@ -1,0 +1,220 @@
+"""What the distributed tests run on every rank (see ``_dist.Cluster``): ``fn(rank, world, ...)``.
+
+Every rank builds the same full inputs from a seed, keeps the tokens its round-robin pages hold,
+runs the context-parallel decode, and checks the result against the float64 reference on the
+full cache. A failed check raises, and the test reports every rank's error.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import leanattn
+from leanattn.distributed import ContextParallelDecode, round_robin_lengths, round_robin_slot
+
+from _util import assert_close, reference, rel_err, to_paged
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# Lengths with a page size of 16: an empty sequence, one that only rank 0 holds, one that rank 2
+# of 3 doesn't reach, and longer ones.
+LENS = [0, 1, 17, 100, 45, 64]
+PAGE = 16
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def build(rank: int, world: int, lens: list[int], hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int,
+          page: int = PAGE):
+    """Full q, k, v, lengths (identical on every rank: one seed, one device type), and this rank's
+    slice: a contiguous local cache holding its pages back to back, and its local lengths."""
+    dev = device()
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    batch, n = len(lens), max(max(lens), 1)
+    q, k, v = (torch.randn(*s, generator=gen, device=dev).to(dtype) for s in
+               ((batch, 1, hq, d), (batch, n, hkv, d), (batch, n, hkv, d)))
+    full = torch.tensor(lens, dtype=torch.int32, device=dev)
+    local = round_robin_lengths(full, world, rank, page)
+    tok = torch.arange(n, device=dev)
+    mine = [tok[(tok < length) & ((tok // page) % world == rank)] for length in lens]
+    assert local.tolist() == [len(m) for m in mine], "round_robin_lengths disagrees with the dealt pages"
+    cap = max(max(len(m) for m in mine), 1)
+    # Slots past a sequence's local length hold large garbage: they must never be read.
+    lk = torch.full((batch, cap, hkv, d), 3e4, dtype=dtype, device=dev)
+    lv = torch.full_like(lk, -3e4)
+    for b, idx in enumerate(mine):
+        owner, pos = round_robin_slot(idx, world, page)
+        assert (owner == rank).all() and torch.equal(pos, torch.arange(len(idx), device=dev))
+        lk[b, : len(idx)] = k[b, idx]
+        lv[b, : len(idx)] = v[b, idx]
+    return q, k, v, full, lk, lv, local
+
+
+def same_on_every_rank(t: torch.Tensor) -> bool:
+    """True when every rank holds the same bytes in ``t``."""
+    raw = t.contiguous().view(torch.uint8).flatten()
+    everyone = [torch.empty_like(raw) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, raw)
+    return all(torch.equal(everyone[0], x) for x in everyone)
+
+
+def ping(rank: int, world: int) -> int:
+    """An all_reduce: the group still works."""
+    x = torch.ones(1, device=device())
+    dist.all_reduce(x)
+    return int(x.item())
+
+
+def replicated(rank: int, world: int, dtype: str, paged: bool) -> None:
+    """Two layers with one plan, a rerun, then a new plan with shorter lengths (same buffers)."""
+    dt = DTYPES[dtype]
+    cp = ContextParallelDecode(None, 12, 4, 64, dt, device())
+    layers = [build(rank, world, LENS, 12, 4, 64, dt, seed) for seed in (1, 2)]
+    local = layers[0][-1]
+    table = None
+    caches = []
+    for q, k, v, full, lk, lv, _ in layers:
+        if paged:
+            kp, vp, table = to_paged(lk, lv, local.tolist(), PAGE, seed=rank)
+            caches.append((kp, vp))
+        else:
+            caches.append((lk, lv))
+    capacity = lambda kc: kc.shape[1] if table is None else table.shape[1] * PAGE  # noqa: E731
+    cp.plan(local, capacity(caches[0][0]), block_table=table)
+    for (q, k, v, full, *_), (kc, vc) in zip(layers, caches):
+        out, lse = cp.run(q, kc, vc, return_lse=True)
+        assert out.shape == q.shape and lse.shape == (len(LENS), 12, 1)
+        assert_close(out, lse[..., 0], *reference(q, k, v, full))
+        again, again_lse = cp.run(q, kc, vc, return_lse=True)
+        assert torch.equal(again, out) and torch.equal(again_lse, lse), "not deterministic"
+        assert same_on_every_rank(out) and same_on_every_rank(lse), "ranks differ"
+
+    # A new step: shorter sequences; a rank's local tokens of a global prefix are a local prefix.
+    shorter = [n // 2 for n in LENS]
+    q, k, v, *_ = layers[0]
+    full = torch.tensor(shorter, dtype=torch.int32, device=device())
+    local.copy_(round_robin_lengths(full, world, rank, PAGE))
+    cp.plan(local, capacity(caches[0][0]), block_table=table)
+    assert len(cp._buffers) == 1, "a plan of the same batch must reuse the collective buffers"
+    out, lse = cp.run(q, *caches[0], return_lse=True)
+    assert_close(out, lse[..., 0], *reference(q, k, v, full))
+    # The next step without the exchange (what a CUDA graph captures): lengths changed in place.
+    full.copy_(torch.tensor([n - n // 3 for n in LENS], dtype=torch.int32))
+    local.copy_(round_robin_lengths(full, world, rank, PAGE))
+    cp.plan(local, capacity(caches[0][0]), block_table=table, check=False)
+    out, lse = cp.run(q, *caches[0], return_lse=True)
+    assert_close(out, lse[..., 0], *reference(q, k, v, full))
+    assert same_on_every_rank(out), "ranks differ"
+
+
+def scatter(rank: int, world: int) -> None:
+    """scatter_heads: each rank gets its own q_heads / world heads."""
+    q, k, v, full, lk, lv, local = build(rank, world, LENS, 12, 4, 64, torch.float16, seed=3)
+    cp = ContextParallelDecode(None, 12, 4, 64, torch.float16, device(), scatter_heads=True)
+    cp.plan(local, lk.shape[1])
+    out, lse = cp.run(q, lk, lv, return_lse=True)
+    hc = 12 // world
+    assert out.shape == (len(LENS), 1, hc, 64) and lse.shape == (len(LENS), hc, 1)
+    ref, ref_lse = reference(q, k, v, full)
+    mine = slice(rank * hc, (rank + 1) * hc)
+    assert_close(out, lse[..., 0], ref[:, :, mine], ref_lse[:, mine])
+    # The same heads as the replicated merge, bit for bit.
+    full_out, full_lse = leanattn.distributed.decode(q, lk, lv, local, return_lse=True)
+    assert torch.equal(out, full_out[:, :, mine]) and torch.equal(lse, full_lse[:, mine])
+
+
+def oneshot(rank: int, world: int) -> float:
+    """The one-shot function, bf16, group size 3 (12 / 4), every sequence its full capacity."""
+    lens = [40] * 3
+    q, k, v, full, lk, lv, local = build(rank, world, lens, 12, 4, 64, torch.bfloat16, seed=4)
+    # Each rank's cache holds exactly its tokens, so no lengths are needed.
+    lk, lv = lk[:, : int(local[0])], lv[:, : int(local[0])]
+    out = leanattn.distributed.decode(q, lk, lv)
+    ref, _ = reference(q, k, v, full)
+    return rel_err(out, ref)
+
+
+def mismatch(rank: int, world: int, kind: str) -> None:
+    """Ranks that disagree (or one rank with bad arguments): plan must raise on every rank."""
+    last = rank == world - 1
+    dev = device()
+    if kind == "batch":
+        batch = 3 if last else 2
+        cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, dev)
+        cp.plan(torch.zeros(batch, dtype=torch.int32, device=dev), 16)
+    elif kind == "heads":
+        cp = ContextParallelDecode(None, 4 if last else 8, 2, 64, torch.float16, dev)
+        cp.plan(torch.zeros(2, dtype=torch.int32, device=dev), 16)
+    elif kind == "local":
+        cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, dev)
+        cp.plan(torch.zeros(2, dtype=torch.int64 if last else torch.int32, device=dev), 16)
+    elif kind == "unchecked_first":
+        cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, dev)
+        cp.plan(torch.zeros(2, dtype=torch.int32, device=dev), 16, check=False)
+    elif kind == "unchecked_batch":
+        cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, dev)
+        cp.plan(torch.zeros(2, dtype=torch.int32, device=dev), 16)
+        cp.plan(torch.zeros(3, dtype=torch.int32, device=dev), 16, check=False)
+    else:
+        raise KeyError(kind)
+
+
+# -- GPU (NCCL) ------------------------------------------------------------------------------------
+
+GPU_LENS = [131072, 1, 0, 77777]
+
+
+def gpu_matches_single(rank: int, world: int, scatter_heads: bool, lens: list[int] = GPU_LENS) -> None:
+    """Long ragged sequences: the context-parallel result against one GPU running leanattn on the
+    full cache and against the float64 reference; the same bits on both ranks."""
+    q, k, v, full, lk, lv, local = build(rank, world, lens, 32, 8, 128, torch.bfloat16, seed=5, page=64)
+    cp = ContextParallelDecode(None, 32, 8, 128, torch.bfloat16, device(), scatter_heads=scatter_heads)
+    cp.plan(local, lk.shape[1])
+    out, lse = cp.run(q, lk, lv, return_lse=True)
+    single, single_lse = leanattn.decode(q, k, v, full, return_lse=True)
+    ref, ref_lse = reference(q, k, v, full)
+    if scatter_heads:
+        mine = slice(rank * out.shape[2], (rank + 1) * out.shape[2])
+        single, single_lse, ref, ref_lse = single[:, :, mine], single_lse[:, mine], ref[:, :, mine], ref_lse[:, mine]
+    assert_close(out, lse[..., 0], ref, ref_lse)
+    assert rel_err(out, single) < 1.5e-2, "far from one GPU's result"
+    assert_close(single, lse[..., 0], ref, single_lse)  # the LSEs agree (-inf where empty)
+    if not scatter_heads:  # scattered, each rank holds other heads
+        assert same_on_every_rank(out) and same_on_every_rank(lse), "ranks differ"
+    again, again_lse = cp.run(q, lk, lv, return_lse=True)
+    assert torch.equal(again, out) and torch.equal(again_lse, lse), "not deterministic"
+
+
+def gpu_graph(rank: int, world: int, paged: bool) -> None:
+    """A captured run replayed with new lengths equals an eager run with them, bit for bit."""
+    cap = 8192
+    lens = [cap, cap // 2, 3, cap - 7]
+    q, k, v, full, lk, lv, local = build(rank, world, lens, 32, 8, 128, torch.bfloat16, seed=6, page=64)
+    table = None
+    if paged:
+        lk, lv, table = to_paged(lk, lv, local.tolist(), 64, seed=rank)
+    capacity = lk.shape[1] if table is None else table.shape[1] * 64
+    cp = ContextParallelDecode(None, 32, 8, 128, torch.bfloat16, device())
+    cp.plan(local, capacity, block_table=table)
+    out = torch.empty_like(q)
+    cp.run(q, lk, lv, out=out)  # compiles and warms NCCL before the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    # A step: the device-side plan for the new lengths, then the layer (here one).
+    # thread_local: the NCCL watchdog thread's calls can't invalidate this thread's capture.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        cp.plan(local, capacity, block_table=table, check=False)
+        _, lse = cp.run(q, lk, lv, out=out, return_lse=True)
+    for step, new in enumerate(([0, 0, 0, 0], lens, [1, cap, 0, 4000], [cap // 3, 17, cap, 64])):
+        new_full = torch.tensor(new, dtype=torch.int32, device=device())
+        local.copy_(round_robin_lengths(new_full, world, rank, 64))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        cp.plan(local, capacity, block_table=table, check=False)
+        eager, eager_lse = cp.run(q, lk, lv, return_lse=True)
+        assert torch.equal(out, eager) and torch.equal(lse, eager_lse), f"replay {step} differs from eager"
+        assert_close(out, lse[..., 0], *reference(q, k, v, new_full))
+        assert same_on_every_rank(out), "ranks differ"
