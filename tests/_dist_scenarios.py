@@ -86,7 +86,7 @@ def replicated(rank: int, world: int, dtype: str, paged: bool) -> None:
     for (q, k, v, full, *_), (kc, vc) in zip(layers, caches):
         out, lse = cp.run(q, kc, vc, return_lse=True)
         assert out.shape == q.shape and lse.shape == (len(LENS), 12, 1)
-        assert_close(out, lse[..., 0], *reference(q, k, v, full))
+        assert_close(out, lse, *reference(q, k, v, full))
         again, again_lse = cp.run(q, kc, vc, return_lse=True)
         assert torch.equal(again, out) and torch.equal(again_lse, lse), "not deterministic"
         assert same_on_every_rank(out) and same_on_every_rank(lse), "ranks differ"
@@ -99,13 +99,13 @@ def replicated(rank: int, world: int, dtype: str, paged: bool) -> None:
     cp.plan(local, capacity(caches[0][0]), block_table=table)
     assert len(cp._buffers) == 1, "a plan of the same batch must reuse the collective buffers"
     out, lse = cp.run(q, *caches[0], return_lse=True)
-    assert_close(out, lse[..., 0], *reference(q, k, v, full))
+    assert_close(out, lse, *reference(q, k, v, full))
     # The next step without the exchange (what a CUDA graph captures): lengths changed in place.
     full.copy_(torch.tensor([n - n // 3 for n in LENS], dtype=torch.int32))
     local.copy_(round_robin_lengths(full, world, rank, PAGE))
     cp.plan(local, capacity(caches[0][0]), block_table=table, check=False)
     out, lse = cp.run(q, *caches[0], return_lse=True)
-    assert_close(out, lse[..., 0], *reference(q, k, v, full))
+    assert_close(out, lse, *reference(q, k, v, full))
     assert same_on_every_rank(out), "ranks differ"
 
 
@@ -119,7 +119,7 @@ def scatter(rank: int, world: int) -> None:
     assert out.shape == (len(LENS), 1, hc, 64) and lse.shape == (len(LENS), hc, 1)
     ref, ref_lse = reference(q, k, v, full)
     mine = slice(rank * hc, (rank + 1) * hc)
-    assert_close(out, lse[..., 0], ref[:, :, mine], ref_lse[:, mine])
+    assert_close(out, lse, ref[:, :, mine], ref_lse[:, mine])
     # The same heads as the replicated merge, bit for bit.
     full_out, full_lse = leanattn.distributed.decode(q, lk, lv, local, return_lse=True)
     assert torch.equal(out, full_out[:, :, mine]) and torch.equal(lse, full_lse[:, mine])
@@ -178,9 +178,9 @@ def gpu_matches_single(rank: int, world: int, scatter_heads: bool, lens: list[in
     if scatter_heads:
         mine = slice(rank * out.shape[2], (rank + 1) * out.shape[2])
         single, single_lse, ref, ref_lse = single[:, :, mine], single_lse[:, mine], ref[:, :, mine], ref_lse[:, mine]
-    assert_close(out, lse[..., 0], ref, ref_lse)
+    assert_close(out, lse, ref, ref_lse)
     assert rel_err(out, single) < 1.5e-2, "far from one GPU's result"
-    assert_close(single, lse[..., 0], ref, single_lse)  # the LSEs agree (-inf where empty)
+    assert_close(single, lse, ref, single_lse)  # the LSEs agree (-inf where empty)
     if not scatter_heads:  # scattered, each rank holds other heads
         assert same_on_every_rank(out) and same_on_every_rank(lse), "ranks differ"
     again, again_lse = cp.run(q, lk, lv, return_lse=True)
@@ -216,5 +216,5 @@ def gpu_graph(rank: int, world: int, paged: bool) -> None:
         cp.plan(local, capacity, block_table=table, check=False)
         eager, eager_lse = cp.run(q, lk, lv, return_lse=True)
         assert torch.equal(out, eager) and torch.equal(lse, eager_lse), f"replay {step} differs from eager"
-        assert_close(out, lse[..., 0], *reference(q, k, v, new_full))
+        assert_close(out, lse, *reference(q, k, v, new_full))
         assert same_on_every_rank(out), "ranks differ"

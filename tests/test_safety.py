@@ -67,6 +67,11 @@ def test_check_mode_names_sequence_slot_and_value():
     pad = torch.tensor([0, 0, 18, 0], dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match=r"cache_leftpad\[2\] = 18 .*cache_seqlens=17"):
         leanattn.decode(q, kp, vp, sl, block_table=table, cache_leftpad=pad, check=True)
+    # A sequence left empty by its left padding has no live slot: garbage there is fine.
+    pad = torch.tensor([0, 0, 17, 0], dtype=torch.int32, device=DEVICE)
+    emptied = table.clone()
+    emptied[2, 1] = -7  # the slot holding position 17
+    leanattn.decode(q, kp, vp, sl, block_table=emptied, cache_leftpad=pad, check=True)
 
 
 def test_wrapper_check_mode():

@@ -102,7 +102,7 @@ def check_pages(
     firsts = firsts.clamp(0, capacity)
     ends = torch.maximum(ends.clamp(max=capacity), firsts)
     start = torch.arange(slots, device=block_table.device) * page_size
-    live = (start[None, :] < ends[:, None]) & (start[None, :] + page_size > firsts[:, None])
+    live = (start[None, :] < ends[:, None]) & (start[None, :] + page_size > firsts[:, None]) & (ends > firsts)[:, None]
     at = _first_bad(live & ((block_table < 0) | (block_table >= num_pages)))
     if at is not None:
         _fail(ValueError, f"block_table[{at[0]}, {at[1]}] = {int(block_table[at])} is not a page in "
@@ -228,20 +228,25 @@ class _Workspace:
             self.acc is None
             or self.acc.numel() < need_acc
             or self.stats.numel() < need_stats
-            or self.tickets.numel() < 3 * programs
+            or self.tickets.numel() < 3 * programs + 3
         ):
             old = (0, 0, 0) if self.acc is None else (self.acc.numel(), self.stats.numel(), self.tickets.numel())
             if self.acc is not None:
                 self.retired.append((self.acc, self.stats, self.tickets))
             self.acc = torch.empty(max(need_acc, old[0]), dtype=torch.float32, device=device)
             self.stats = torch.empty(max(need_stats, old[1]), dtype=torch.float32, device=device)
-            self.tickets = torch.zeros(max(3 * programs, old[2]), dtype=torch.int32, device=device)
+            self.tickets = torch.zeros(max(3 * programs + 3, old[2]), dtype=torch.int32, device=device)
             self.unzeroed = capturing
-        elif self.unzeroed and not capturing:
+        elif self.unzeroed:
+            # Zero them again, in this capture too: a graph captured later on this stream may be
+            # replayed before the one whose capture made them.
             self.tickets.zero_()
-            self.unzeroed = False
-        # Head tickets first, then the chunk tickets (see the kernel's two-level arrival count).
-        return self.acc, self.stats, self.tickets[:programs], self.tickets[programs : 3 * programs]
+            self.unzeroed = capturing
+        # Head tickets first, then the chunk tickets (see the kernel's two-level arrival count),
+        # from a 16-byte boundary: Triton specialises pointers on it, so any grid size reuses
+        # one compiled kernel.
+        chunk = -(-programs // 4) * 4
+        return self.acc, self.stats, self.tickets[:programs], self.tickets[chunk : chunk + 2 * programs]
 
 
 # One workspace per (device, stream): calls on different streams may overlap.

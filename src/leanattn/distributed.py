@@ -127,15 +127,6 @@ def _pack_views(buf: torch.Tensor, parts: int, part_words: int, shape_o: tuple, 
     return o, lse
 
 
-def _lse_bht(lse: torch.Tensor, q_len: int) -> torch.Tensor:
-    """The LSE of :func:`leanattn.decode` as (batch, q_heads, q_len).
-
-    Today decode takes one query token and returns (batch, q_heads); once it takes several it
-    returns (batch, q_heads, q_len). Accepting both keeps this module working across the change.
-    """
-    return lse.unsqueeze(-1) if lse.dim() == 2 and q_len == 1 else lse
-
-
 def _all_gather(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup | None) -> None:
     # all_gather_single is the newer name; all_gather_into_tensor the one older releases have.
     # Flat buffers: gloo wants the output as one dimension, world * input size.
@@ -229,8 +220,8 @@ class ContextParallelDecode:
                                               num_programs=self.num_programs, softmax_scale=self.softmax_scale)
             except (ValueError, TypeError) as e:
                 return str(e), 0
-        # The buffers and the merge take any q_len; the local attention takes one query token
-        # until decode takes several (issue 9).
+        # The buffers and the merge take any q_len, but the causal mask of several query tokens
+        # needs each key's position in the whole sequence, which a rank's slice does not keep.
         if q_len != 1:
             return f"q_len must be 1 (one query token per sequence), got {q_len}", 0
         if not isinstance(capacity, int) or capacity < 0:
@@ -398,10 +389,10 @@ class ContextParallelDecode:
     def _attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """The local decode, its output written where the exchange reads it. Returns the local
         LSE (batch, q_heads, q_len)."""
-        _, q_len, block_table, buf = self._planned
+        _, _, block_table, buf = self._planned
         local_out = buf.o_send if buf.staging is None else buf.staging
         _, lse = self._wrapper.run(q, k_cache, v_cache, block_table=block_table, out=local_out, return_lse=True)
-        return _lse_bht(lse, q_len)
+        return lse
 
     def _merge(self, lse: torch.Tensor, out: torch.Tensor, lse_out: torch.Tensor) -> None:
         """Pack the local partial, exchange it and merge the W partials into ``out``, ``lse_out``."""
