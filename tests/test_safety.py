@@ -126,10 +126,13 @@ def test_two_streams_overlapping_calls_with_split_heads():
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 def test_graph_captured_on_a_side_stream():
-    """Capture on a stream that never ran leanattn: its workspace is made inside the capture and
-    zeroed by the replay; eager calls on that stream afterwards still work."""
+    """Capture on a stream that never ran leanattn eagerly: the capture uses the device's capture
+    workspace (made by the eager call before it); eager calls on that stream afterwards get their
+    own; replays with new lengths stay right."""
     q, k, v, sl = make_inputs([9000, 1, 0, 4000], 32, 8, 128, torch.bfloat16)
+    leanattn.decode(q, k, v, sl)  # warm-up, on the default stream
     side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
     out = torch.empty_like(q)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=side):

@@ -216,32 +216,28 @@ class _Workspace:
         # Buffers replaced by larger ones stay alive: a CUDA graph captured earlier still
         # reads and writes them on every replay.
         self.retired: list[tuple[torch.Tensor, ...]] = []
-        # Set when the tickets were allocated inside a CUDA-graph capture, where their zeroing
-        # is recorded, not run: the first call outside the capture zeroes them.
-        self.unzeroed = False
+
+    def fits(self, programs: int, rows: int, cols: int) -> bool:
+        return (
+            self.acc is not None
+            and self.acc.numel() >= 2 * programs * rows * cols
+            and self.stats.numel() >= 2 * programs * 2 * rows
+            and self.tickets.numel() >= 3 * programs + 3
+        )
 
     def get(self, device: torch.device, programs: int, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
-        need_acc = 2 * programs * rows * cols
-        need_stats = 2 * programs * 2 * rows
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if (
-            self.acc is None
-            or self.acc.numel() < need_acc
-            or self.stats.numel() < need_stats
-            or self.tickets.numel() < 3 * programs + 3
-        ):
+        if not self.fits(programs, rows, cols):
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    "leanattn.decode needs a larger workspace while a CUDA graph is being captured; "
+                    "call leanattn.decode once with the same heads, head_dim, q_len and num_programs before capturing"
+                )
             old = (0, 0, 0) if self.acc is None else (self.acc.numel(), self.stats.numel(), self.tickets.numel())
             if self.acc is not None:
                 self.retired.append((self.acc, self.stats, self.tickets))
-            self.acc = torch.empty(max(need_acc, old[0]), dtype=torch.float32, device=device)
-            self.stats = torch.empty(max(need_stats, old[1]), dtype=torch.float32, device=device)
+            self.acc = torch.empty(max(2 * programs * rows * cols, old[0]), dtype=torch.float32, device=device)
+            self.stats = torch.empty(max(2 * programs * 2 * rows, old[1]), dtype=torch.float32, device=device)
             self.tickets = torch.zeros(max(3 * programs + 3, old[2]), dtype=torch.int32, device=device)
-            self.unzeroed = capturing
-        elif self.unzeroed:
-            # Zero them again, in this capture too: a graph captured later on this stream may be
-            # replayed before the one whose capture made them.
-            self.tickets.zero_()
-            self.unzeroed = capturing
         # Head tickets first, then the chunk tickets (see the kernel's two-level arrival count),
         # from a 16-byte boundary: Triton specialises pointers on it, so any grid size reuses
         # one compiled kernel.
@@ -249,21 +245,42 @@ class _Workspace:
         return self.acc, self.stats, self.tickets[:programs], self.tickets[chunk : chunk + 2 * programs]
 
 
-# One workspace per (device, stream): calls on different streams may overlap.
+# One workspace per (device, stream), so eager calls on different streams may overlap; and one
+# per device for CUDA-graph captures on streams that have none, made and grown by eager calls
+# (nothing can be allocated and zeroed inside a capture).
 _WORKSPACES: dict[tuple[torch.device, int], _Workspace] = {}
+_CAPTURE_WORKSPACES: dict[torch.device, _Workspace] = {}
 
 
 def _workspace(device: torch.device) -> _Workspace:
-    """The workspace of the current stream of ``device``."""
+    """The workspace of the current stream of ``device`` (inside a capture on a stream that has
+    none, the device's capture workspace)."""
     stream = 0
     if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         stream = torch._C._cuda_getCurrentRawStream(device.index)
     ws = _WORKSPACES.get((device, stream))
-    if ws is None:
+    if ws is None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        ws = _CAPTURE_WORKSPACES.get(device)
+        if ws is None:
+            raise RuntimeError("leanattn.decode was captured in a CUDA graph before any eager call on this device: "
+                               "call it once eagerly first, with the same heads, head_dim, q_len and num_programs")
+    elif ws is None:
         ws = _WORKSPACES[(device, stream)] = _Workspace()
     return ws
+
+
+def workspace_buffers(device: torch.device, programs: int, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
+    """(acc, stats, head tickets, chunk tickets) for a call on the current stream of ``device``."""
+    buffers = _workspace(device).get(device, programs, rows, cols)
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return buffers
+    device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    spare = _CAPTURE_WORKSPACES.setdefault(device, _Workspace())
+    if not spare.fits(programs, rows, cols):
+        spare.get(device, programs, rows, cols)
+    return buffers
 
 
 @functools.lru_cache(maxsize=None)
@@ -507,7 +524,7 @@ def launch(
     default, _, merge_rows, head_dim_pad, _ = _static_config(head_dim, q.dtype, q_len * (q_heads // kv_heads))
     config = config or default
     programs = num_programs or default_num_programs(q.device, config)
-    acc, stats, tickets, chunk_tickets = _workspace(q.device).get(q.device, programs, merge_rows, head_dim_pad)
+    acc, stats, tickets, chunk_tickets = workspace_buffers(q.device, programs, merge_rows, head_dim_pad)
     if block_table is None:
         page_size, capacity, bt, stride_btb = 0, k_cache.shape[1], tickets, 0
     else:
