@@ -130,6 +130,8 @@ def run_suite(
                 checkpoint.parent.mkdir(parents=True, exist_ok=True)
                 checkpoint.write_text(json.dumps(record, indent=1))
             continue
+        if shape.has_features:
+            raise ValueError(f"{shape.name}: model-feature options (fp8, q=, win=, softcap=, sinks) need --mode graph")
         x = make_inputs(shape, device)
         kw = {"block_table": x.block_table} if x.block_table is not None else {}
         ref = leanattn.reference.decode(x.q.float(), x.k, x.v, x.seqlens, compute_dtype=torch.float32, **kw)[:, 0]

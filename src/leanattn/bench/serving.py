@@ -53,28 +53,47 @@ def layer_count(shape: Shape) -> int:
 
 @dataclass
 class Layers:
-    """Per-layer inputs of one step: layer 0's lengths and block table are every layer's."""
+    """Per-layer inputs of one step: layer 0's lengths and block table are every layer's.
+    q is (batch, q_len, q_heads, head_dim); K and V are fp8 for ``:fp8`` shapes (scale 1)."""
 
     xs: list[Inputs]
+    sinks: torch.Tensor | None = None
 
     @property
     def first(self) -> Inputs:
         return self.xs[0]
 
+    def features(self, shape: Shape) -> dict:
+        """The feature arguments of ``leanattn.decode`` (and the reference) for ``shape``."""
+        kw: dict = {}
+        if shape.window >= 0:
+            kw["window_size"] = (shape.window, -1)
+        if shape.softcap:
+            kw["softcap"] = shape.softcap
+        if self.sinks is not None:
+            kw["sinks"] = self.sinks
+        return kw
+
 
 def make_layers(shape: Shape, device: torch.device, layers: int) -> Layers:
     """``layers`` layers of random q, K and V sharing one set of lengths and one block table."""
     x0 = make_inputs(shape, device, seed=0)
-    xs = [x0]
     gen = torch.Generator(device=device)
-    for layer in range(1, layers):
+    kv_dtype = torch.float8_e4m3fn if shape.fp8 else shape.dtype
+    xs = []
+    for layer in range(layers):
         gen.manual_seed(layer)
 
-        def rnd(t: torch.Tensor) -> torch.Tensor:
-            return torch.randn(t.shape, device=device, dtype=t.dtype, generator=gen)
+        def rnd(t: torch.Tensor, *lead: int) -> torch.Tensor:
+            return torch.randn(*(lead or t.shape), device=device, dtype=shape.dtype, generator=gen)
 
-        xs.append(Inputs(rnd(x0.q), rnd(x0.k), rnd(x0.v), x0.seqlens, x0.block_table, x0.scale))
-    return Layers(xs)
+        q = rnd(x0.q, shape.batch, shape.q_len, shape.q_heads, shape.head_dim)
+        k, v = (x0.k, x0.v) if layer == 0 else (rnd(x0.k), rnd(x0.v))
+        xs.append(Inputs(q, k.to(kv_dtype), v.to(kv_dtype), x0.seqlens, x0.block_table, x0.scale))
+    sinks = None
+    if shape.sinks:
+        sinks = torch.randn(shape.q_heads, device=device, generator=gen, dtype=torch.float32)
+    return Layers(xs, sinks)
 
 
 # A method builds, from the shape and its layers, (step, one_call): ``step`` runs the whole step
@@ -85,18 +104,21 @@ Prepared = tuple[Callable[[], torch.Tensor], Callable[[], object]]
 
 def _leanattn(shape: Shape, ls: Layers) -> Prepared:
     x0 = ls.first
-    w = leanattn.DecodeWrapper(shape.q_heads, shape.kv_heads, shape.head_dim, shape.dtype, x0.q.device)
+    w = leanattn.DecodeWrapper(shape.q_heads, shape.kv_heads, shape.head_dim, shape.dtype, x0.q.device,
+                               kv_dtype=x0.k.dtype, max_q_len=shape.q_len)
     capacity = x0.k.shape[1] * (x0.block_table.shape[1] if x0.block_table is not None else 1)
     outs = [torch.empty_like(x.q) for x in ls.xs]
+    features = ls.features(shape)
+    window = features.pop("window_size", (-1, -1))
 
     def step() -> torch.Tensor:
-        w.plan(x0.seqlens, capacity)
+        w.plan(x0.seqlens, capacity, q_len=shape.q_len, window_size=window)
         for x, out in zip(ls.xs, outs):
-            w.run(x.q, x.k, x.v, block_table=x.block_table, out=out)
-        return outs[-1][:, 0]
+            w.run(x.q, x.k, x.v, block_table=x.block_table, out=out, **features)
+        return outs[-1]
 
     def one_call() -> None:
-        w.run(x0.q, x0.k, x0.v, block_table=x0.block_table, out=outs[0])
+        w.run(x0.q, x0.k, x0.v, block_table=x0.block_table, out=outs[0], **features)
 
     step.wrapper = w  # type: ignore[attr-defined]
     return step, one_call
@@ -105,14 +127,15 @@ def _leanattn(shape: Shape, ls: Layers) -> Prepared:
 def _leanattn_decode(shape: Shape, ls: Layers) -> Prepared:
     """The one-shot ``leanattn.decode`` per layer (each call locates its own share)."""
     outs = [torch.empty_like(x.q) for x in ls.xs]
+    features = ls.features(shape)
 
     def call(x: Inputs, out: torch.Tensor) -> None:
-        leanattn.decode(x.q, x.k, x.v, x.seqlens, block_table=x.block_table, out=out)
+        leanattn.decode(x.q, x.k, x.v, x.seqlens, block_table=x.block_table, out=out, **features)
 
     def step() -> torch.Tensor:
         for x, out in zip(ls.xs, outs):
             call(x, out)
-        return outs[-1][:, 0]
+        return outs[-1]
 
     return step, lambda: call(ls.first, outs[0])
 
@@ -125,21 +148,33 @@ def _sdpa(backend_name: str):
             raise Unsupported("contiguous cache only")
         if shape.ragged:
             raise Unsupported("no per-sequence lengths")
+        if shape.fp8 or shape.softcap or shape.sinks:
+            raise Unsupported("no fp8 cache, softcap or sinks")
         backend = getattr(SDPBackend, backend_name)
         gqa = shape.q_heads != shape.kv_heads
         views = [(x.q.transpose(1, 2), x.k.transpose(1, 2), x.v.transpose(1, 2)) for x in ls.xs]
         scale = ls.first.scale
         sdpa = torch.nn.functional.scaled_dot_product_attention
+        mask = None
+        if shape.q_len > 1 or shape.window >= 0:
+            # An explicit bottom-right causal (and window) mask: SDPA's is_causal aligns top-left.
+            n = ls.first.k.shape[1]
+            query = torch.arange(shape.q_len, device=ls.first.q.device)[:, None] + n - shape.q_len
+            key = torch.arange(n, device=ls.first.q.device)[None, :]
+            keep = key <= query
+            if shape.window >= 0:
+                keep &= key >= query - shape.window
+            mask = keep[None, None]
 
         def step() -> torch.Tensor:
             with sdpa_kernel(backend):
                 for q, k, v in views:
-                    o = sdpa(q, k, v, scale=scale, enable_gqa=gqa)
-            return o[:, :, 0]
+                    o = sdpa(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+            return o.transpose(1, 2)
 
         def one_call() -> None:
             q, k, v = views[0]
-            sdpa(q, k, v, scale=scale, enable_gqa=gqa)
+            sdpa(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
         try:
             step()
@@ -158,6 +193,8 @@ def _flashinfer(tensor_cores: bool):
             import flashinfer
         except ImportError as e:
             raise Unsupported("flashinfer not installed") from e
+        if shape.sinks:
+            raise Unsupported("no attention sinks")
         x0 = ls.first
         dev = x0.q.device
         if shape.page_size:
@@ -176,24 +213,36 @@ def _flashinfer(tensor_cores: bool):
         indptr = torch.tensor([0] + pages, device=dev, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         last = torch.tensor([length - (p - 1) * ps for length, p in zip(shape.lens, pages)], dtype=torch.int32, device=dev)
         workspace = torch.zeros(128 * 2**20, dtype=torch.uint8, device=dev)
+        opts = dict(q_data_type=shape.dtype, kv_data_type=x0.k.dtype, sm_scale=x0.scale,
+                    window_left=shape.window, logits_soft_cap=shape.softcap or None)
         try:
-            wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                workspace, "NHD", use_cuda_graph=True, use_tensor_cores=tensor_cores,
-                paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=indices, paged_kv_last_page_len_buffer=last)
-            wrapper.plan(indptr, indices, last, shape.q_heads, shape.kv_heads, shape.head_dim, ps,
-                         q_data_type=shape.dtype, kv_data_type=shape.dtype, sm_scale=x0.scale)
-            qs = [x.q[:, 0] for x in ls.xs]
+            if shape.q_len == 1:
+                wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                    workspace, "NHD", use_cuda_graph=True, use_tensor_cores=tensor_cores,
+                    paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=indices,
+                    paged_kv_last_page_len_buffer=last)
+                wrapper.plan(indptr, indices, last, shape.q_heads, shape.kv_heads, shape.head_dim, ps, **opts)
+            else:  # several query tokens: the prefill (append) kernel, bottom-right causal
+                if not tensor_cores:
+                    raise Unsupported("q_len > 1: prefill wrapper (tensor cores) only")
+                qo = torch.arange(0, shape.batch + 1, device=dev, dtype=torch.int32) * shape.q_len
+                wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
+                wrapper.plan(qo, indptr, indices, last, shape.q_heads, shape.kv_heads, shape.head_dim, ps,
+                             causal=True, **opts)
+            qs = [x.q.reshape(-1, shape.q_heads, shape.head_dim) for x in ls.xs]
             outs = [torch.empty_like(q) for q in qs]
 
             def step() -> torch.Tensor:
                 for q, kv, out in zip(qs, kvs, outs):
                     wrapper.run(q, kv, out=out)
-                return outs[-1]
+                return outs[-1].view(shape.batch, shape.q_len, shape.q_heads, shape.head_dim)
 
             def one_call() -> None:
                 wrapper.run(qs[0], kvs[0], out=outs[0])
 
             step()
+        except Unsupported:
+            raise
         except Exception as e:  # JIT or shape errors
             raise Unsupported(_reason(f"error: {type(e).__name__}", e, 60)) from e
         step.keep = (workspace, indices, indptr, last, table)  # type: ignore[attr-defined]
@@ -279,7 +328,8 @@ def run_serving_shape(shape: Shape, methods: list[str], device: torch.device, be
     ls = make_layers(shape, device, layers)
     last = ls.xs[-1]
     kw = {"block_table": last.block_table} if last.block_table is not None else {}
-    ref = leanattn.reference.decode(last.q.float(), last.k, last.v, last.seqlens, compute_dtype=torch.float32, **kw)[:, 0]
+    ref = leanattn.reference.decode(last.q.float(), last.k, last.v, last.seqlens, compute_dtype=torch.float32,
+                                    **kw, **ls.features(shape))
     rows = []
     for method in methods:
         row = {"shape": shape.name, "family": shape.family, "ctx": max(shape.lens), "method": method,

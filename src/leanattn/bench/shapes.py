@@ -3,8 +3,10 @@
 A shape is written ``LENS@HQ/HKV[:opt...]``: ``LENS`` is ``BATCHxCTX`` (every sequence ``CTX``
 long) or an explicit ``+``-joined list of lengths for a ragged batch; lengths take ``k`` (x1024).
 Options: ``d=N`` (head dim, default 128), ``fp16``/``bf16`` (default bf16), ``page=N`` (paged
-cache with that page size). Examples: ``1x32k@32/8``, ``4x16k@16/16:d=64``,
-``1k+2k+4k@32/8:page=16``.
+cache with that page size); model features (``leanattn bench --mode graph`` only): ``fp8`` (an
+fp8 e4m3 cache), ``q=N`` (N query tokens per sequence), ``win=N`` (a causal sliding window of N
+keys before each query), ``softcap=X``, ``sinks``. Examples: ``1x32k@32/8``,
+``4x16k@16/16:d=64``, ``1k+2k+4k@32/8:page=16``, ``1x128k@32/8:win=4k``, ``8x32k@32/8:fp8:page=16``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,19 @@ class Shape:
     head_dim: int = 128
     dtype: torch.dtype = torch.bfloat16
     page_size: int = 0  # 0: contiguous cache
+    fp8: bool = False  # the cache in float8_e4m3fn
+    q_len: int = 1
+    window: int = -1  # keys before each query it sees; -1: all
+    softcap: float = 0.0
+    sinks: bool = False
+
+    @property
+    def has_features(self) -> bool:
+        return self.fp8 or self.q_len > 1 or self.window >= 0 or self.softcap > 0 or self.sinks
+
+    def seen(self, length: int) -> int:
+        """Keys of a sequence of ``length`` that some query sees."""
+        return length if self.window < 0 else min(length, self.window + self.q_len)
 
     @property
     def batch(self) -> int:
@@ -37,8 +52,10 @@ class Shape:
 
     @property
     def kv_bytes(self) -> int:
-        """Bytes of K and V read once: the floor every method must move."""
-        return 2 * sum(self.lens) * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+        """Bytes of K and V read once: the floor every method must move (only the keys some query
+        sees)."""
+        bits = 8 if self.fp8 else torch.finfo(self.dtype).bits
+        return 2 * sum(self.seen(n) for n in self.lens) * self.kv_heads * self.head_dim * bits // 8
 
     @property
     def name(self) -> str:
@@ -49,6 +66,11 @@ class Shape:
         opts = "" if self.head_dim == 128 else f":d={self.head_dim}"
         opts += ":fp16" if self.dtype == torch.float16 else ""
         opts += f":page={self.page_size}" if self.page_size else ""
+        opts += ":fp8" if self.fp8 else ""
+        opts += f":q={self.q_len}" if self.q_len > 1 else ""
+        opts += f":win={_fmt_len(self.window)}" if self.window >= 0 else ""
+        opts += f":softcap={self.softcap:g}" if self.softcap else ""
+        opts += ":sinks" if self.sinks else ""
         return f"{lens}@{self.q_heads}/{self.kv_heads}{opts}"
 
     @property
@@ -87,6 +109,16 @@ def parse_shape(text: str) -> Shape:
                 kw["head_dim"] = int(opt[2:])
             elif opt.startswith("page="):
                 kw["page_size"] = int(opt[5:])
+            elif opt == "fp8":
+                kw["fp8"] = True
+            elif opt.startswith("q="):
+                kw["q_len"] = int(opt[2:])
+            elif opt.startswith("win="):
+                kw["window"] = _parse_len(opt[4:])
+            elif opt.startswith("softcap="):
+                kw["softcap"] = float(opt[8:])
+            elif opt == "sinks":
+                kw["sinks"] = True
             else:
                 raise ValueError(f"unknown option {opt!r}")
     except ValueError as e:
