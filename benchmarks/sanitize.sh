@@ -26,10 +26,12 @@ for tool in memcheck racecheck synccheck; do
     compute-sanitizer --tool "$tool" --error-exitcode 1 "$py" benchmarks/sanitize_cases.py >"$log" 2>&1
   fi
   rc=$?
-  summary=$(grep -a "ERROR SUMMARY" "$log" | tail -n 1 | sed 's/^=* *//')
+  # memcheck and synccheck end with "ERROR SUMMARY: N errors", racecheck with
+  # "RACECHECK SUMMARY: H hazards displayed (N errors, W warnings)".
+  summary=$(grep -a "ERROR SUMMARY\|RACECHECK SUMMARY" "$log" | tail -n 1 | sed 's/^=* *//')
   cases=$(grep -a "^sanitize cases:" "$log" | tail -n 1)
   echo "$tool: ${summary:-no ERROR SUMMARY line} | ${cases:-cases did not finish} | exit $rc, $(($(date +%s) - start)) s"
-  errors=$(printf '%s\n' "$summary" | sed -n 's/.*ERROR SUMMARY: \([0-9][0-9]*\) error.*/\1/p')
+  errors=$(printf '%s\n' "$summary" | sed -n 's/.*ERROR SUMMARY: \([0-9][0-9]*\) error.*/\1/p; s/.*(\([0-9][0-9]*\) errors,.*/\1/p')
   if [ "$rc" -ne 0 ] || [ "${errors:-x}" != 0 ]; then
     status=1
     echo "  see $log"

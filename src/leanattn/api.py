@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -375,8 +376,12 @@ def layout_of(*tensors: torch.Tensor | None) -> tuple:
 
 
 def use_pdl(device: torch.device) -> bool:
-    """Programmatic dependent launch: on Hopper and newer GPUs, not under the interpreter."""
-    return device.type == "cuda" and not interpreting() and _capability(device) >= 9
+    """Programmatic dependent launch: on Hopper and newer GPUs, not under the interpreter, unless
+    LEANATTN_PDL=0 (read at import)."""
+    return _PDL and device.type == "cuda" and not interpreting() and _capability(device) >= 9
+
+
+_PDL = os.environ.get("LEANATTN_PDL", "1") != "0"
 
 
 @functools.lru_cache(maxsize=None)
@@ -404,6 +409,20 @@ class Features:
     fp8: bool
 
 
+def window_bounds(causal: bool, window_size: tuple[int, int], q_len: int) -> tuple[int, int, bool, bool]:
+    """(window_left, window_right, has_window, has_mask) of :class:`Features` from the API's
+    ``causal`` and ``window_size``."""
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and w >= -1 for w in window_size)):
+        _fail(ValueError, f"window_size must be (left, right), ints >= -1 (-1: unbounded), got {window_size!r}")
+    left, right = window_size
+    left = _UNBOUNDED if left < 0 else left
+    right = 0 if causal else (_UNBOUNDED if right < 0 else right)  # causal: flash-attn's right = 0
+    # A row sees fewer than all live keys when the window cuts it, or when a later query's key
+    # lies past its right bound.
+    return left, right, left < _UNBOUNDED, left < _UNBOUNDED or q_len - 1 > right
+
+
 def resolve_features(
     q: torch.Tensor, k_cache: torch.Tensor, causal: bool, window_size: tuple[int, int], softcap: float,
     sinks: torch.Tensor | None, k_scale: float | torch.Tensor | None, v_scale: float | torch.Tensor | None,
@@ -413,12 +432,7 @@ def resolve_features(
     for fp16/bf16 caches; ``launch`` makes tensors of floats)."""
     q_len, q_heads = q.shape[1], q.shape[2]
     kv_heads = k_cache.shape[2]
-    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or not all(isinstance(w, int) and w >= -1 for w in window_size)):
-        _fail(ValueError, f"window_size must be (left, right), ints >= -1 (-1: unbounded), got {window_size!r}")
-    left, right = window_size
-    left = _UNBOUNDED if left < 0 else left
-    right = 0 if causal else (_UNBOUNDED if right < 0 else right)  # causal: flash-attn's right = 0
+    left, right, has_window, has_mask = window_bounds(causal, window_size, q_len)
     if not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
         _fail(ValueError, f"softcap must be a finite float >= 0 (0: off), got {softcap!r}")
     if sinks is not None:
@@ -436,10 +450,7 @@ def resolve_features(
         x = 1.0 if x is None else x
         _check_scale(name, x, kv_heads, q.device)
         scales.append(x)
-    features = Features(
-        q_len, left, right, left < _UNBOUNDED, left < _UNBOUNDED or q_len - 1 > right, float(softcap),
-        sinks is not None, fp8,
-    )
+    features = Features(q_len, left, right, has_window, has_mask, float(softcap), sinks is not None, fp8)
     return features, *(scales or (None, None))
 
 

@@ -40,6 +40,7 @@ from .api import (
     run_direct,
     scale_tensor,
     use_pdl,
+    window_bounds,
 )
 from .kernels.config import interpreting
 from .kernels.lean_decode import lean_decode_kernel
@@ -157,9 +158,8 @@ class DecodeWrapper:
             _fail(ValueError, f"capacity must be a non-negative int, got {capacity!r}")
         if not isinstance(q_len, int) or not 1 <= q_len <= self.max_q_len:
             _fail(ValueError, f"q_len must be in [1, max_q_len={self.max_q_len}], got {q_len!r}")
-        probe_q = torch.empty(1, q_len, self.q_heads, self.head_dim, dtype=self.dtype, device=self.device)
-        probe_kv = torch.empty(1, 1, self.kv_heads, self.head_dim, dtype=self.kv_dtype, device=self.device)
-        features = resolve_features(probe_q, probe_kv, causal, window_size, 0.0, None, None, None)[0]
+        # Nothing is allocated here: plan is captured in CUDA graphs.
+        window_left, _, has_window, _ = window_bounds(causal, window_size, q_len)
         if check:
             check_lengths(cache_seqlens, cache_leftpad, capacity)
         tile = self._config.tile
@@ -176,9 +176,9 @@ class DecodeWrapper:
         lean_plan_kernel[(self.num_programs,)](
             cache_seqlens if cache_seqlens is not None else dummy,
             cache_leftpad if cache_leftpad is not None else dummy,
-            self._plan, batch, self.kv_heads, capacity, features.window_left,
+            self._plan, batch, self.kv_heads, capacity, window_left,
             HAS_SEQLENS=cache_seqlens is not None, HAS_LEFTPAD=cache_leftpad is not None, Q_LEN=q_len,
-            HAS_WINDOW=features.has_window, TILE=tile, TARGET_SHARE=self._config.target_share, BLOCK_B=_BLOCK_B,
+            HAS_WINDOW=has_window, TILE=tile, TARGET_SHARE=self._config.target_share, BLOCK_B=_BLOCK_B,
             USE_PDL=self._pdl, num_warps=4, **extra,
         )
 
