@@ -106,19 +106,22 @@ def test_inputs_that_require_grad_are_refused(which):
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 def test_two_streams_overlapping_calls_with_split_heads():
-    """decode on two streams at once (each stream has its own workspace), many iterations, heads
-    split over many programs; every result checked against the reference."""
+    """Two DecodeWrappers (each owns its workspace) on two streams at once, many iterations,
+    heads split over many programs; every result checked against the reference."""
     cases = [make_inputs([60000, 3, 20000], 32, 8, 128, torch.bfloat16, seed=s) for s in range(2)]
     refs = [reference(*c) for c in cases]
     streams = [torch.cuda.Stream() for _ in cases]
+    wrappers = [leanattn.DecodeWrapper(32, 8, 128, torch.bfloat16, DEVICE) for _ in cases]
+    for w, (q, k, v, sl) in zip(wrappers, cases):
+        w.plan(sl, k.shape[1])
     outs = [torch.empty_like(c[0]) for c in cases]
     lses = [None, None]
     torch.cuda.synchronize()
     for _ in range(50):
-        for i, (c, s) in enumerate(zip(cases, streams)):
+        for i, ((q, k, v, sl), s, w) in enumerate(zip(cases, streams, wrappers)):
             with torch.cuda.stream(s):
                 outs[i].fill_(math.nan)
-                lses[i] = leanattn.decode(*c, out=outs[i], return_lse=True)[1]
+                lses[i] = w.run(q, k, v, out=outs[i], return_lse=True)[1]
         torch.cuda.synchronize()
         for out, lse, ref in zip(outs, lses, refs):
             assert_close(out, lse, *ref)
@@ -126,9 +129,9 @@ def test_two_streams_overlapping_calls_with_split_heads():
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 def test_graph_captured_on_a_side_stream():
-    """Capture on a stream that never ran leanattn eagerly: the capture uses the device's capture
-    workspace (made by the eager call before it); eager calls on that stream afterwards get their
-    own; replays with new lengths stay right."""
+    """Capture on a stream that never ran leanattn: the capture uses the device's workspace (made
+    by the eager warm-up); eager calls on that stream afterwards and replays with new lengths stay
+    right."""
     q, k, v, sl = make_inputs([9000, 1, 0, 4000], 32, 8, 128, torch.bfloat16)
     leanattn.decode(q, k, v, sl)  # warm-up, on the default stream
     side = torch.cuda.Stream()

@@ -246,42 +246,24 @@ class _Workspace:
         return self.acc, self.stats, self.tickets[:programs], self.tickets[chunk : chunk + 2 * programs]
 
 
-# One workspace per (device, stream), so eager calls on different streams may overlap; and one
-# per device for CUDA-graph captures on streams that have none, made and grown by eager calls
-# (nothing can be allocated and zeroed inside a capture).
-_WORKSPACES: dict[tuple[torch.device, int], _Workspace] = {}
-_CAPTURE_WORKSPACES: dict[torch.device, _Workspace] = {}
+# One workspace per device for leanattn.decode: calls on different streams of a device must not
+# overlap (give each stream its own DecodeWrapper, which owns its buffers). Not one per stream:
+# a stream met first inside a CUDA-graph capture, or inside torch.compile's CUDA-graph warm-up,
+# would get buffers from the graph's private memory pool.
+_WORKSPACES: dict[torch.device, _Workspace] = {}
 
 
 def _workspace(device: torch.device) -> _Workspace:
-    """The workspace of the current stream of ``device`` (inside a capture on a stream that has
-    none, the device's capture workspace)."""
-    stream = 0
-    if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        stream = torch._C._cuda_getCurrentRawStream(device.index)
-    ws = _WORKSPACES.get((device, stream))
-    if ws is None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        ws = _CAPTURE_WORKSPACES.get(device)
-        if ws is None:
-            raise RuntimeError("leanattn.decode was captured in a CUDA graph before any eager call on this device: "
-                               "call it once eagerly first, with the same heads, head_dim, q_len and num_programs")
-    elif ws is None:
-        ws = _WORKSPACES[(device, stream)] = _Workspace()
-    return ws
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _WORKSPACES:
+        _WORKSPACES[device] = _Workspace()
+    return _WORKSPACES[device]
 
 
 def workspace_buffers(device: torch.device, programs: int, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
-    """(acc, stats, head tickets, chunk tickets) for a call on the current stream of ``device``."""
-    buffers = _workspace(device).get(device, programs, rows, cols)
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return buffers
-    device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
-    spare = _CAPTURE_WORKSPACES.setdefault(device, _Workspace())
-    if not spare.fits(programs, rows, cols):
-        spare.get(device, programs, rows, cols)
-    return buffers
+    """(acc, stats, head tickets, chunk tickets) of ``device``'s workspace for a call."""
+    return _workspace(device).get(device, programs, rows, cols)
 
 
 @functools.lru_cache(maxsize=None)
