@@ -3,21 +3,21 @@
     python benchmarks/serving_probe.py --shapes 1x32k@8/1 8x8k@32/8
 
 Prints, for each shape, the µs per call of leanattn's wrapper in CUDA-graph replay (the same
-method as ``leanattn bench --mode graph``) with programmatic dependent launch on and off, the
-compiled kernel's registers and spills, and the host µs of one ``run`` and of its parts.
+method as ``leanattn bench --mode graph``) with programmatic dependent launch on and off and a
+few target shares, the compiled kernel's registers and spills, and the host µs of one ``run`` and
+of its parts.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from dataclasses import replace
 
 import torch
 
 import leanattn
-from leanattn import api, wrapper
+from leanattn import api
 from leanattn.bench.peers import capture_cuda_graph
 from leanattn.bench.run import _bench
 from leanattn.bench.serving import host_us, layer_count, make_layers
@@ -34,7 +34,7 @@ def _direct_launch_error(w, ls) -> str:
     return f"direct launches: {len(w._direct)}, errors: {api.DIRECT_LAUNCH_ERROR or 'none'}"
 
 
-def step_time(shape_text: str, pdl: bool, launch_at: int = 1, share: int = 0) -> tuple[float, dict]:
+def step_time(shape_text: str, pdl: bool, share: int = 0) -> tuple[float, dict]:
     shape = parse_shape(shape_text)
     layers = layer_count(shape)
     ls = make_layers(shape, torch.device("cuda"), layers)
@@ -71,18 +71,9 @@ def host_parts(shape_text: str) -> dict[str, float]:
     ls = make_layers(shape, torch.device("cuda"), 1)
     x = ls.first
     out = torch.empty_like(x.q)
-    n = 2000
 
     def t(fn) -> float:
-        for _ in range(50):
-            fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        return (t1 - t0) / n * 1e6
+        return host_us(fn, calls=2000)
 
     dev = x.q.device
     return {
@@ -94,8 +85,9 @@ def host_parts(shape_text: str) -> dict[str, float]:
     }
 
 
-# (PDL, unused, target share; 0 = the configured one)
-VARIANTS = [(True, 1, 0), (False, 1, 0), (True, 1, 0)]
+# (programmatic dependent launch, target share; 0 = the configured one), the first repeated last
+# to show the spread between runs of one variant
+VARIANTS = [(True, 0), (False, 0), (True, 2), (True, 8), (True, 0)]
 
 
 def main() -> int:
@@ -110,10 +102,10 @@ def main() -> int:
 
     print("host parts (µs):", {k: round(v, 2) for k, v in host_parts(args.shapes[0]).items()})
     for text in args.shapes:
-        for pdl, at, share in VARIANTS:
-            us, info = step_time(text, pdl, at, share)
+        for pdl, share in VARIANTS:
+            us, info = step_time(text, pdl, share)
             direct = info.pop("direct")
-            print(f"{text:<20} pdl={pdl!s:<5} launch_at={at} share={share} {us:7.1f} µs/call  {info}")
+            print(f"{text:<20} pdl={pdl!s:<5} share={share} {us:7.1f} µs/call  {info}")
             if direct:
                 print("   direct launch:", direct)
     return 0

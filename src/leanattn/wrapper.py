@@ -61,7 +61,8 @@ class DecodeWrapper:
         kv_dtype: the caches' dtype: ``dtype`` (default), or float8_e4m3fn / float8_e5m2.
         max_q_len: the most query tokens per sequence a step will have (the workspace is sized
             for it); q_len x (q_heads / kv_heads) <= 128.
-        num_programs: persistent grid size; default SMs x programs per SM.
+        num_programs: persistent grid size; default SMs x programs per SM of the launch config
+            that ``leanattn.decode`` picks for the planned q_len.
         softmax_scale: default ``head_dim ** -0.5``.
 
     The wrapper owns its workspace and plan buffers (allocated here, never again), so calls of
@@ -101,12 +102,16 @@ class DecodeWrapper:
         self.dtype, self.kv_dtype, self.device, self.max_q_len = dtype, kv_dtype, device, max_q_len
         self.softmax_scale = scale
         group = q_heads // kv_heads
-        self._config, _, merge_rows, head_dim_pad, _ = _static_config(head_dim, dtype, group)
+        # The launch config (and with it the default grid) follows q_len x group, as in decode, so
+        # each plan picks its own; the buffers are sized for the largest grid and q_len.
+        self._grid = num_programs
+        self._config = _static_config(head_dim, dtype, group)[0]
         self.num_programs = num_programs or default_num_programs(device, self._config)
-        rows = _static_config(head_dim, dtype, max_q_len * group)[2]
+        _, _, rows, head_dim_pad, _ = _static_config(head_dim, dtype, max_q_len * group)
+        most = max(self.num_programs, num_programs or default_num_programs(device, _static_config(head_dim, dtype, max_q_len * group)[0]))
         ws = _Workspace()
-        self._acc, self._stats, self._tickets, self._chunk_tickets = ws.get(device, self.num_programs, rows, head_dim_pad)
-        self._plan = torch.zeros(self.num_programs, PLAN_FIELDS.value, dtype=torch.int32, device=device)
+        self._acc, self._stats, self._tickets, self._chunk_tickets = ws.get(device, most, rows, head_dim_pad)
+        self._plan = torch.zeros(most, PLAN_FIELDS.value, dtype=torch.int32, device=device)
         self._pdl = use_pdl(device)
         self._seqlens: torch.Tensor | None = None
         self._leftpad: torch.Tensor | None = None
@@ -162,13 +167,16 @@ class DecodeWrapper:
         window_left, _, has_window, _ = window_bounds(causal, window_size, q_len)
         if check:
             check_lengths(cache_seqlens, cache_leftpad, capacity)
+        self._config = _static_config(self.head_dim, self.dtype, q_len * (self.q_heads // self.kv_heads))[0]
+        self.num_programs = self._grid or default_num_programs(self.device, self._config)
         tile = self._config.tile
         if batch * self.kv_heads * max(1, -(-capacity // tile)) >= 2**31:
             _fail(ValueError, f"batch {batch} x kv_heads {self.kv_heads} x capacity {capacity} is over 2^31 tiles of {tile}")
         self._seqlens, self._leftpad, self._capacity, self._batch = cache_seqlens, cache_leftpad, capacity, batch
         self._q_len, self._causal, self._window_size = q_len, causal, tuple(window_size)
         # What the run's compiled kernel depends on in the plan's inputs.
-        self._plan_layout = (layout_of(cache_seqlens, cache_leftpad), batch, capacity, q_len, causal, self._window_size)
+        self._plan_layout = (layout_of(cache_seqlens, cache_leftpad), batch, capacity, q_len, causal, self._window_size,
+                             self.num_programs, self._config)
         if batch == 0:
             return
         dummy = self._tickets

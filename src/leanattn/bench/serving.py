@@ -14,6 +14,7 @@ their number: what a call costs the CPU when nothing is captured.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, replace
@@ -301,7 +302,7 @@ NOT_PEERS = ("leanattn", "leanattn_decode", "read_floor")
 def host_us(one_call: Callable[[], object], calls: int = 200) -> float:
     """Wall microseconds per call of ``calls`` back-to-back eager calls, no sync between them."""
     ctx = getattr(one_call, "context", None)
-    with ctx() if ctx else _nothing():
+    with ctx() if ctx else contextlib.nullcontext():
         for _ in range(10):
             one_call()
         torch.cuda.synchronize()
@@ -311,14 +312,6 @@ def host_us(one_call: Callable[[], object], calls: int = 200) -> float:
         t1 = time.perf_counter()
         torch.cuda.synchronize()
     return (t1 - t0) / calls * 1e6
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def run_serving_shape(shape: Shape, methods: list[str], device: torch.device, bench: Callable) -> list[dict]:
