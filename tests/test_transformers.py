@@ -152,16 +152,22 @@ def test_fp32_falls_back_to_sdpa():
     assert lt.calls["sdpa: torch.float32: the kernel takes float16 and bfloat16"] == LAYERS * (NEW_TOKENS - 1)
 
 
-def test_softcapping_is_refused():
-    # Gemma2 caps its attention logits; neither leanattn nor SDPA can, so the model must not run.
+def test_softcapping_runs_on_leanattn():
+    """Gemma 2 caps its attention logits: decode steps run on leanattn with the cap, prefill on
+    the model's own eager attention (SDPA has no cap); greedy tokens as with eager."""
     config = transformers.Gemma2Config(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
         num_key_value_heads=2, head_dim=64, pad_token_id=0, attn_logit_softcapping=5.0,
+        initializer_range=INIT_RANGE,
     )
+    torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).to(device=DEVICE, dtype=torch.bfloat16).eval()
     ids, mask = prompts([7, 5])
-    with pytest.raises(NotImplementedError, match="softcap"):
-        generate(model, lt.NAME, ids, mask)
+    ref = generate(model, "eager", ids, mask)
+    lt.calls.clear()
+    got = generate(model, lt.NAME, ids, mask)
+    assert_same_greedy(ref, got, LOGIT_ATOL[torch.bfloat16])
+    assert dict(lt.calls) == {lt.NAME: LAYERS * (NEW_TOKENS - 1), "eager: prefill": LAYERS}
 
 
 def test_from_pretrained(tmp_path):
@@ -269,13 +275,18 @@ def test_mask_with_holes_gives_nan_rows():
     assert out[0].isnan().all() and out[1].isfinite().all()
 
 
-def test_sinks_are_refused():
-    with pytest.raises(NotImplementedError, match="s_aux"):
-        _call(None, s_aux=torch.zeros(4, device=DEVICE))
+def test_sinks_are_passed_to_the_kernel():
+    """gpt-oss's per-head sink logits (``s_aux``) join the decode softmax."""
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0], device=DEVICE, dtype=torch.bfloat16)
+    out, q, k, v = _call(None, s_aux=sinks)
+    ref = leanattn.reference.decode(q.transpose(1, 2).double(), k.transpose(1, 2).double(), v.transpose(1, 2).double(),
+                                    softmax_scale=0.1, sinks=sinks.float())
+    assert (out.double() - ref).abs().max().item() < 2e-2
+    plain, *_ = _call(None)
+    assert (out.double() - plain.double()).abs().max().item() > 1e-2, "the sinks changed nothing"
 
 
-@pytest.mark.parametrize("kwargs,reason", [({"position_bias": torch.zeros(1, 4, 1, 6)}, "position_bias"),
-                                           ({"s_aux": torch.zeros(4)}, "s_aux")])
+@pytest.mark.parametrize("kwargs,reason", [({"position_bias": torch.zeros(1, 4, 1, 6)}, "position_bias")])
 def test_decode_refusal(kwargs, reason):
     q = torch.zeros(1, 4, 1, 64, dtype=torch.bfloat16)
     k = torch.zeros(1, 2, 6, 64, dtype=torch.bfloat16)

@@ -10,14 +10,16 @@ place: transformers keeps K/V as (batch, kv_heads, len, head_dim) and the kernel
 (batch, len, kv_heads, head_dim) with any strides, so ``key.transpose(1, 2)`` is passed, no copy.
 The keys each row may see are read off the attention mask on the device (first and last live
 position), never on the host, so the static-cache path is free of host syncs and compiles
-without graph breaks. Every other call (prefill, several query tokens, fp32, a head size or a
-feature the kernel lacks) goes to transformers' own ``sdpa_attention_forward`` unchanged. A model
-that asks for softcapping or attention sinks, which SDPA lacks as well, gets an error.
+without graph breaks. Soft-capping (Gemma 2) and attention sinks (gpt-oss's ``s_aux``) are
+passed to the kernel. Every other call (prefill, several query tokens, fp32, a head size or a
+feature the kernel lacks) goes to transformers' own ``sdpa_attention_forward`` unchanged, or, for
+a call with soft-capping or sinks, which SDPA lacks, to the model's own eager attention.
 """
 
 from __future__ import annotations
 
 import collections
+import sys
 import weakref
 
 import torch
@@ -36,11 +38,10 @@ __all__ = ["NAME", "attention_forward", "decode_refusal", "live_range", "calls"]
 
 NAME = "leanattn"
 
-# Features that change the scores; the kernel has none of them yet, so a call that asks for one
-# falls back to SDPA, which takes position biases. Softcapping and sinks SDPA lacks too (some
-# transformers versions would ignore them): a model that asks for them gets an error, not
-# different scores.
-_SCORE_FEATURES = ("softcap", "s_aux", "sinks", "position_bias")
+# Score features the kernel lacks: such a call falls back to SDPA, which takes position biases.
+_SCORE_FEATURES = ("position_bias", "sinks")
+# Score features SDPA lacks (some transformers versions would ignore them): a call with one that
+# the kernel can't take goes to the model's own eager attention, never to SDPA.
 _SDPA_LACKS = ("softcap", "s_aux", "sinks")
 
 # Eager calls by path: "leanattn", or "sdpa: <reason>". For tests and for a user asking "did my
@@ -152,14 +153,22 @@ def attention_forward(
     (batch, 1, q_len, kv_len) mask from ``sdpa_mask``. Returns (batch, q_len, q_heads, head_dim)
     and no attention weights.
     """
-    lacking = [name for name in _SDPA_LACKS if kwargs.get(name) is not None]
-    if lacking:
-        raise NotImplementedError(
-            f"{type(module).__name__} asks for {', '.join(lacking)}, which neither leanattn nor SDPA computes yet; "
-            "use attn_implementation='eager' for this model"
-        )
     reason = decode_refusal(query, key, value, attention_mask, dropout, kwargs)
     if reason is not None:
+        lacking = [name for name in _SDPA_LACKS if kwargs.get(name) is not None]
+        if lacking:
+            eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+            if eager is None:
+                raise NotImplementedError(
+                    f"{type(module).__name__} asks for {', '.join(lacking)}, which SDPA does not compute, and its "
+                    "module has no eager_attention_forward to fall back to; use attn_implementation='eager'"
+                )
+            _count(f"eager: {reason}")
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
+                # The mask built for this name is SDPA's boolean one; eager attention adds its mask.
+                attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                    ~attention_mask, torch.finfo(query.dtype).min)
+            return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         _count(f"sdpa: {reason}")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     _count(NAME)
@@ -168,9 +177,12 @@ def attention_forward(
         leftpad, seqlens, holes = _live_range_cached(attention_mask, query.shape[0])
     # (B, Hq, 1, D) -> (B, 1, Hq, D) and (B, Hkv, N, D) -> (B, N, Hkv, D): views, no copies. Left
     # padding and sliding windows both show in the mask as a row's first live key.
+    softcap = kwargs.get("softcap")
+    sinks = kwargs.get("s_aux")
     out = leanattn.decode(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), seqlens,
-        cache_leftpad=leftpad, softmax_scale=scaling,
+        cache_leftpad=leftpad, softmax_scale=scaling, softcap=float(softcap or 0.0),
+        sinks=None if sinks is None else sinks.float(),
     )
     if holes is not None:
         # A row whose mask has gaps (padding inside the sequence) has no exact answer from the
