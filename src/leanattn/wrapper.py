@@ -107,8 +107,8 @@ class DecodeWrapper:
         self._grid = num_programs
         self._config = _static_config(head_dim, dtype, group)[0]
         self.num_programs = num_programs or default_num_programs(device, self._config)
-        _, _, rows, head_dim_pad, _ = _static_config(head_dim, dtype, max_q_len * group)
-        most = max(self.num_programs, num_programs or default_num_programs(device, _static_config(head_dim, dtype, max_q_len * group)[0]))
+        longest, _, rows, head_dim_pad, _ = _static_config(head_dim, dtype, max_q_len * group)
+        most = max(self.num_programs, num_programs or default_num_programs(device, longest))
         ws = _Workspace()
         self._acc, self._stats, self._tickets, self._chunk_tickets = ws.get(device, most, rows, head_dim_pad)
         self._plan = torch.zeros(most, PLAN_FIELDS.value, dtype=torch.int32, device=device)
@@ -121,8 +121,8 @@ class DecodeWrapper:
         self._causal, self._window_size = True, (-1, -1)
         self._plan_layout: tuple = ()
         # Compiled runs by layout (see api.launch_cached) and the features resolved for them;
-        # the buffers above, the grid and the config are the wrapper's own, so they need no
-        # place in the key.
+        # the buffers above are the wrapper's own, so they need no place in the key (the plan's
+        # grid and config are in its part of it).
         self._direct: dict[tuple, tuple] = {}
         self._features: dict[tuple, Features] = {}
 
