@@ -454,6 +454,9 @@ def scale_tensor(x: float | torch.Tensor, kv_heads: int, device: torch.device) -
         return x
     key = (float(x), kv_heads, device)
     if key not in _SCALES:  # kept: a CUDA graph may hold it
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"an fp8 scale of {float(x)} seen first inside a CUDA-graph capture: make the same "
+                               "call once eagerly before capturing (or pass the scales as float32 tensors)")
         _SCALES[key] = torch.full((kv_heads,), float(x), dtype=torch.float32, device=device)
     return _SCALES[key]
 
