@@ -41,8 +41,8 @@ def _check_tensor(name: str, t: object) -> torch.Tensor:
     return t  # type: ignore[return-value]
 
 
-def _check_lengths(name: str, t: object, batch: int) -> None:
-    """An int32 (batch,) tensor of per-sequence positions."""
+def _check_per_sequence(name: str, t: object, batch: int) -> None:
+    """``t`` is an int32 (batch,) tensor (of per-sequence positions); its values are not read."""
     _check_tensor(name, t)
     if t.dtype != torch.int32:
         _fail(TypeError, f"{name} must be int32, got {t.dtype}")
@@ -156,7 +156,7 @@ def _validate(
     others = [("k_cache", k_cache), ("v_cache", v_cache)]
     for name, t in (("cache_seqlens", cache_seqlens), ("cache_leftpad", cache_leftpad)):
         if t is not None:
-            _check_lengths(name, t, batch)
+            _check_per_sequence(name, t, batch)
             others.append((name, t))
     if paged:
         _check_tensor("block_table", block_table)
@@ -261,23 +261,18 @@ def _workspace(device: torch.device) -> _Workspace:
     return _WORKSPACES[device]
 
 
-def workspace_buffers(device: torch.device, programs: int, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
-    """(acc, stats, head tickets, chunk tickets) of ``device``'s workspace for a call."""
-    return _workspace(device).get(device, programs, rows, cols)
-
-
 @functools.lru_cache(maxsize=None)
 def _static_config(head_dim: int, dtype: torch.dtype, rows: int) -> tuple:
     """Launch config and the padded sizes derived from it, computed once per combination.
     ``rows``: query rows of one kv head, q_len x group."""
     config = choose_config(head_dim, dtype, rows)
-    group_pad = max(16, next_pow2(rows))  # tl.dot needs M >= 16
+    rows_pad = max(16, next_pow2(rows))  # tl.dot needs M >= 16
     merge_rows = next_pow2(rows)  # partials keep only the real rows
     head_dim_pad = next_pow2(head_dim)
     # A merge step loads 8 partials at once when they fit in 64 fp32 registers a thread of four
     # warps, else 4 (the merge's latency is its number of steps).
     merge_wide = 8 * merge_rows * head_dim_pad <= 64 * 128
-    return config, group_pad, merge_rows, head_dim_pad, merge_wide
+    return config, rows_pad, merge_rows, head_dim_pad, merge_wide
 
 
 # Compiled kernels by the layout of a call (see launch_cached). A hit launches the compiled kernel
@@ -520,7 +515,7 @@ def launch(
     default, _, merge_rows, head_dim_pad, _ = _static_config(head_dim, q.dtype, q_len * (q_heads // kv_heads))
     config = config or default
     programs = num_programs or default_num_programs(q.device, config)
-    acc, stats, tickets, chunk_tickets = workspace_buffers(q.device, programs, merge_rows, head_dim_pad)
+    acc, stats, tickets, chunk_tickets = _workspace(q.device).get(q.device, programs, merge_rows, head_dim_pad)
     if block_table is None:
         page_size, capacity, bt, stride_btb = 0, k_cache.shape[1], tickets, 0
     else:

@@ -22,7 +22,8 @@ import torch
 from . import api
 from .api import (
     Features,
-    _check_lengths,
+    _BLOCK_B,
+    _check_per_sequence,
     _fail,
     _static_config,
     _validate,
@@ -47,8 +48,6 @@ from .kernels.lean_decode import lean_decode_kernel
 from .kernels.plan import PLAN_FIELDS, lean_plan_kernel
 
 __all__ = ["DecodeWrapper"]
-
-_BLOCK_B = 128
 
 
 class DecodeWrapper:
@@ -156,7 +155,7 @@ class DecodeWrapper:
             _fail(ValueError, "plan needs cache_seqlens, or batch when every sequence is capacity long")
         for name, t in (("cache_seqlens", cache_seqlens), ("cache_leftpad", cache_leftpad)):
             if t is not None:
-                _check_lengths(name, t, batch)
+                _check_per_sequence(name, t, batch)
                 if t.device != self.device:
                     _fail(ValueError, f"{name} is on {t.device}, the wrapper on {self.device}")
         if not isinstance(capacity, int) or capacity < 0:

@@ -169,26 +169,37 @@ def prepare_flex(shape: Shape, x: Inputs) -> Callable[[], torch.Tensor]:
     return run
 
 
+def flashinfer_pages(shape: Shape, xs: list[Inputs]) -> tuple:
+    """FlashInfer's paged view of the caches of ``xs`` (which share lengths and block table):
+    (page_size, [(k_pages, v_pages) per input], block table, indices, indptr, last_page_len).
+    A contiguous cache is seen as pages of 16 tokens: a view, no copy."""
+    x0 = xs[0]
+    dev = x0.q.device
+    if shape.page_size:
+        ps, table = shape.page_size, x0.block_table
+        kvs = [(x.k, x.v) for x in xs]
+    else:
+        ps = 16
+        n = x0.k.shape[1]
+        if n % ps:
+            raise Unsupported("cache_len not a multiple of 16")
+        kvs = [(x.k.view(-1, ps, shape.kv_heads, shape.head_dim), x.v.view(-1, ps, shape.kv_heads, shape.head_dim))
+               for x in xs]
+        table = torch.arange(shape.batch * n // ps, device=dev, dtype=torch.int32).view(shape.batch, -1)
+    pages = [-(-length // ps) for length in shape.lens]
+    indices = torch.cat([table[i, :p] for i, p in enumerate(pages)])
+    indptr = torch.tensor([0] + pages, device=dev, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    last = torch.tensor([length - (p - 1) * ps for length, p in zip(shape.lens, pages)], dtype=torch.int32, device=dev)
+    return ps, kvs, table, indices, indptr, last
+
+
 def _flashinfer(tensor_cores: bool):
     def prepare(shape: Shape, x: Inputs) -> Callable[[], torch.Tensor]:
         try:
             import flashinfer
         except ImportError as e:
             raise Unsupported("flashinfer not installed") from e
-        if shape.page_size:
-            ps, k, v, table = shape.page_size, x.k, x.v, x.block_table
-        else:  # the contiguous cache seen as pages of 16 tokens: a view, no copy
-            ps = 16
-            n = x.k.shape[1]
-            if n % ps:
-                raise Unsupported("cache_len not a multiple of 16")
-            k = x.k.view(-1, ps, shape.kv_heads, shape.head_dim)
-            v = x.v.view(-1, ps, shape.kv_heads, shape.head_dim)
-            table = torch.arange(shape.batch * n // ps, device=x.q.device, dtype=torch.int32).view(shape.batch, -1)
-        pages = [-(-length // ps) for length in shape.lens]
-        indices = torch.cat([table[i, :p] for i, p in enumerate(pages)])
-        indptr = torch.tensor([0] + pages, device=x.q.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        last = torch.tensor([length - (p - 1) * ps for length, p in zip(shape.lens, pages)], dtype=torch.int32, device=x.q.device)
+        ps, ((k, v),), table, indices, indptr, last = flashinfer_pages(shape, [x])
         workspace = torch.zeros(256 * 2**20, dtype=torch.uint8, device=x.q.device)
         wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=tensor_cores)
         try:

@@ -26,7 +26,7 @@ import triton.language as tl
 
 import leanattn
 
-from .peers import Inputs, Unsupported, _reason, capture_cuda_graph, make_inputs
+from .peers import Inputs, Unsupported, _reason, capture_cuda_graph, flashinfer_pages, make_inputs
 from .shapes import Shape, parse_shape
 
 __all__ = ["SERVING_METHODS", "layer_count", "run_serving_shape", "serving_suite"]
@@ -198,21 +198,7 @@ def _flashinfer(tensor_cores: bool):
             raise Unsupported("no attention sinks")
         x0 = ls.first
         dev = x0.q.device
-        if shape.page_size:
-            ps, table = shape.page_size, x0.block_table
-            kvs = [(x.k, x.v) for x in ls.xs]
-        else:  # the contiguous cache seen as pages of 16 tokens: a view, no copy
-            ps = 16
-            n = x0.k.shape[1]
-            if n % ps:
-                raise Unsupported("cache_len not a multiple of 16")
-            kvs = [(x.k.view(-1, ps, shape.kv_heads, shape.head_dim), x.v.view(-1, ps, shape.kv_heads, shape.head_dim))
-                   for x in ls.xs]
-            table = torch.arange(shape.batch * n // ps, device=dev, dtype=torch.int32).view(shape.batch, -1)
-        pages = [-(-length // ps) for length in shape.lens]
-        indices = torch.cat([table[i, :p] for i, p in enumerate(pages)])
-        indptr = torch.tensor([0] + pages, device=dev, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        last = torch.tensor([length - (p - 1) * ps for length, p in zip(shape.lens, pages)], dtype=torch.int32, device=dev)
+        ps, kvs, table, indices, indptr, last = flashinfer_pages(shape, ls.xs)
         workspace = torch.zeros(128 * 2**20, dtype=torch.uint8, device=dev)
         opts = dict(q_data_type=shape.dtype, kv_data_type=x0.k.dtype, sm_scale=x0.scale,
                     window_left=shape.window, logits_soft_cap=shape.softcap or None)
