@@ -270,6 +270,43 @@ def test_attention_forward_matches_reference():
     assert dict(lt.calls) == {lt.NAME: 1}
 
 
+def _reference_for(mask: torch.Tensor, q, k, v) -> torch.Tensor:
+    """The float64 reference for a mask whose rows are single runs of live keys."""
+    start, end, _ = lt.live_range(mask, q.shape[0])
+    return leanattn.reference.decode(q.transpose(1, 2).double(), k.transpose(1, 2).double(), v.transpose(1, 2).double(),
+                                     end, cache_leftpad=start, softmax_scale=0.1)
+
+
+def test_eager_calls_plan_once_per_mask(monkeypatch):
+    """Layers that share a mask share one plan; another mask, or the same mask changed in place,
+    is planned again; every call matches the reference."""
+    plans = []
+    real_plan = leanattn.DecodeWrapper.plan
+    monkeypatch.setattr(leanattn.DecodeWrapper, "plan", lambda self, *a, **kw: (plans.append(a), real_plan(self, *a, **kw))[1])
+    full = _mask([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    window = _mask([[0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1]])
+    for mask in (full, window, full, window):  # two layers of each kind, interleaved
+        out, q, k, v = _call(mask)
+        assert (out.double() - _reference_for(mask, q, k, v)).abs().max().item() < 2e-2
+    assert len(plans) == 2
+    full[0, 0, 0, 4] = True  # the next step's token, written in place
+    out, q, k, v = _call(full)
+    assert len(plans) == 3
+    assert (out.double() - _reference_for(full, q, k, v)).abs().max().item() < 2e-2
+
+
+def test_generate_plans_once_per_step(monkeypatch):
+    plans = []
+    real_plan = leanattn.DecodeWrapper.plan
+    monkeypatch.setattr(leanattn.DecodeWrapper, "plan", lambda self, *a, **kw: (plans.append(a), real_plan(self, *a, **kw))[1])
+    model = tiny_model("llama", 2, torch.bfloat16)
+    ids, mask = prompts([6, 4])
+    lt.calls.clear()
+    generate(model, lt.NAME, ids, mask)
+    expect_calls(NEW_TOKENS - 1)
+    assert len(plans) == NEW_TOKENS - 1  # one per decode step, for both layers
+
+
 def test_mask_with_holes_gives_nan_rows():
     out, *_ = _call(_mask([[1, 1, 0, 1, 1, 0], [0, 1, 1, 1, 1, 1]]))
     assert out[0].isnan().all() and out[1].isfinite().all()

@@ -262,10 +262,10 @@ def _workspace(device: torch.device) -> _Workspace:
 
 
 @functools.lru_cache(maxsize=None)
-def _static_config(head_dim: int, dtype: torch.dtype, rows: int) -> tuple:
+def _static_config(head_dim: int, kv_dtype: torch.dtype, rows: int) -> tuple:
     """Launch config and the padded sizes derived from it, computed once per combination.
-    ``rows``: query rows of one kv head, q_len x group."""
-    config = choose_config(head_dim, dtype, rows)
+    ``kv_dtype``: the cache's dtype; ``rows``: query rows of one kv head, q_len x group."""
+    config = choose_config(head_dim, kv_dtype, rows)
     rows_pad = max(16, next_pow2(rows))  # tl.dot needs M >= 16
     merge_rows = next_pow2(rows)  # partials keep only the real rows
     head_dim_pad = next_pow2(head_dim)
@@ -463,10 +463,17 @@ def kernel_constexprs(
     """The compile-time parameters of ``lean_decode_kernel`` for one call."""
     _, q_len, q_heads, head_dim = q.shape
     group = q_heads // k_cache.shape[2]
-    _, rows, merge_rows, head_dim_pad, merge_wide = _static_config(head_dim, q.dtype, q_len * group)
+    _, rows, merge_rows, head_dim_pad, merge_wide = _static_config(head_dim, k_cache.dtype, q_len * group)
     # The interpreter's bf16 dot is wrong: it computes in fp32. On the GPU the dots take q's
-    # dtype (an fp8 cache is converted in registers).
-    dot_dtype = tl.float32 if interpreting() else (tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16)
+    # dtype, except with an fp8 cache: its tiles are converted in registers to fp16, exactly (every
+    # e4m3 and e5m2 value is an fp16 value), and q and p follow. The conversion to bf16 costs
+    # several instructions a pair on Hopper, fp16 one (NOTES.md item 21).
+    if interpreting():
+        dot_dtype = tl.float32
+    elif k_cache.dtype.itemsize == 1 or q.dtype == torch.float16:
+        dot_dtype = tl.float16
+    else:
+        dot_dtype = tl.bfloat16
     return dict(
         GROUP=group, Q_LEN=q_len, ROWS=rows, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         TILE=config.tile, PAGE_SIZE=page_size, TARGET_SHARE=config.target_share,
@@ -512,7 +519,7 @@ def launch(
         return
     if features is None:
         features, k_scale, v_scale = resolve_features(q, k_cache, True, (-1, -1), 0.0, None, None, None)
-    default, _, merge_rows, head_dim_pad, _ = _static_config(head_dim, q.dtype, q_len * (q_heads // kv_heads))
+    default, _, merge_rows, head_dim_pad, _ = _static_config(head_dim, k_cache.dtype, q_len * (q_heads // kv_heads))
     config = config or default
     programs = num_programs or default_num_programs(q.device, config)
     acc, stats, tickets, chunk_tickets = _workspace(q.device).get(q.device, programs, merge_rows, head_dim_pad)

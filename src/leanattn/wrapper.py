@@ -104,9 +104,9 @@ class DecodeWrapper:
         # The launch config (and with it the default grid) follows q_len x group, as in decode, so
         # each plan picks its own; the buffers are sized for the largest grid and q_len.
         self._grid = num_programs
-        self._config = _static_config(head_dim, dtype, group)[0]
+        self._config = _static_config(head_dim, kv_dtype, group)[0]
         self.num_programs = num_programs or default_num_programs(device, self._config)
-        longest, _, rows, head_dim_pad, _ = _static_config(head_dim, dtype, max_q_len * group)
+        longest, _, rows, head_dim_pad, _ = _static_config(head_dim, kv_dtype, max_q_len * group)
         most = max(self.num_programs, num_programs or default_num_programs(device, longest))
         ws = _Workspace()
         self._acc, self._stats, self._tickets, self._chunk_tickets = ws.get(device, most, rows, head_dim_pad)
@@ -166,7 +166,7 @@ class DecodeWrapper:
         window_left, _, has_window, _ = window_bounds(causal, window_size, q_len)
         if check:
             check_lengths(cache_seqlens, cache_leftpad, capacity)
-        self._config = _static_config(self.head_dim, self.dtype, q_len * (self.q_heads // self.kv_heads))[0]
+        self._config = _static_config(self.head_dim, self.kv_dtype, q_len * (self.q_heads // self.kv_heads))[0]
         self.num_programs = self._grid or default_num_programs(self.device, self._config)
         tile = self._config.tile
         if batch * self.kv_heads * max(1, -(-capacity // tile)) >= 2**31:

@@ -115,20 +115,67 @@ def live_range(attention_mask: torch.Tensor, batch: int) -> tuple[torch.Tensor, 
     return start.to(torch.int32), end.to(torch.int32), holes
 
 
-# The mask is one tensor shared by every layer of a forward pass: in eager mode its live range
-# is computed once per pass (keyed on the tensor object and its version counter).
-_memo: list = [None, -1, None]  # [weakref to the mask, its version, live_range's result]
+# Eager decode steps plan once per step. A forward pass hands every layer of a kind the same
+# mask tensor (one for full attention, one per sliding window), so the first layer that sees a
+# mask computes its live range and plans a DecodeWrapper; the others only run it, which costs
+# the host about half of a one-shot ``leanattn.decode``. Entries are keyed by the mask object
+# (checked through a weak reference and its version counter) and the call's shapes; the least
+# recently used give their wrappers back to a pool.
+_MAX_PLANS = 8
 
 
-def _live_range_cached(attention_mask: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if torch.compiler.is_compiling():
-        return live_range(attention_mask, batch)
-    ref, version, value = _memo
-    if ref is not None and ref() is attention_mask and version == attention_mask._version and value[0].shape[0] == batch:
-        return value
-    value = live_range(attention_mask, batch)
-    _memo[:] = [weakref.ref(attention_mask), attention_mask._version, value]
-    return value
+def _version(mask: torch.Tensor | None) -> int:
+    """The mask's version counter (-1 for None, and for inference tensors, which have none)."""
+    return -1 if mask is None or torch.is_inference(mask) else mask._version
+
+
+class _Plan:
+    __slots__ = ("mask", "version", "wrapper", "holes")
+
+    def __init__(self, mask: torch.Tensor | None, wrapper: leanattn.DecodeWrapper, holes: torch.Tensor | None):
+        self.mask = None if mask is None else weakref.ref(mask)
+        self.version = _version(mask)
+        self.wrapper, self.holes = wrapper, holes
+
+    def fits(self, mask: torch.Tensor | None) -> bool:
+        if mask is None:
+            return self.mask is None
+        return self.mask is not None and self.mask() is mask and self.version == _version(mask)
+
+
+_plans: collections.OrderedDict[tuple, _Plan] = collections.OrderedDict()
+_spare: dict[tuple, list[leanattn.DecodeWrapper]] = collections.defaultdict(list)
+
+
+def _planned(
+    query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None,
+) -> tuple[leanattn.DecodeWrapper, torch.Tensor | None]:
+    """A DecodeWrapper planned for this step's mask and shapes, and the rows with holes (or None).
+    query (batch, q_heads, 1, head_dim); key (batch, kv_heads, kv_len, head_dim)."""
+    batch, q_heads, _, head_dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    kind = (q_heads, kv_heads, head_dim, query.dtype, key.dtype, query.device, scaling)
+    slot = (kind, batch, kv_len, id(attention_mask))
+    plan = _plans.get(slot)
+    if plan is not None and plan.fits(attention_mask):
+        _plans.move_to_end(slot)
+        return plan.wrapper, plan.holes
+    if plan is not None:
+        del _plans[slot]
+        _spare[kind].append(plan.wrapper)
+    while len(_plans) >= _MAX_PLANS:
+        (old_kind, *_), old = _plans.popitem(last=False)
+        _spare[old_kind].append(old.wrapper)
+    wrapper = _spare[kind].pop() if _spare[kind] else leanattn.DecodeWrapper(
+        q_heads, kv_heads, head_dim, query.dtype, query.device, kv_dtype=key.dtype, softmax_scale=scaling)
+    holes = None
+    if attention_mask is None:
+        wrapper.plan(None, kv_len, batch=batch)
+    else:
+        start, end, holes = live_range(attention_mask, batch)
+        wrapper.plan(end, kv_len, cache_leftpad=start)
+    _plans[slot] = _Plan(attention_mask, wrapper, holes)
+    return wrapper, holes
 
 
 def _count(path: str) -> None:
@@ -172,18 +219,22 @@ def attention_forward(
         _count(f"sdpa: {reason}")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     _count(NAME)
-    seqlens = leftpad = holes = None
-    if attention_mask is not None:
-        leftpad, seqlens, holes = _live_range_cached(attention_mask, query.shape[0])
     # (B, Hq, 1, D) -> (B, 1, Hq, D) and (B, Hkv, N, D) -> (B, N, Hkv, D): views, no copies. Left
     # padding and sliding windows both show in the mask as a row's first live key.
-    softcap = kwargs.get("softcap")
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    softcap = float(kwargs.get("softcap") or 0.0)
     sinks = kwargs.get("s_aux")
-    out = leanattn.decode(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), seqlens,
-        cache_leftpad=leftpad, softmax_scale=scaling, softcap=float(softcap or 0.0),
-        sinks=None if sinks is None else sinks.float(),
-    )
+    sinks = None if sinks is None else sinks.float()
+    if torch.compiler.is_compiling() or (query.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # Traced or captured: the one-shot custom op, which allocates nothing and keeps no state.
+        seqlens = leftpad = holes = None
+        if attention_mask is not None:
+            leftpad, seqlens, holes = live_range(attention_mask, query.shape[0])
+        out = leanattn.decode(q, k, v, seqlens, cache_leftpad=leftpad, softmax_scale=scaling, softcap=softcap,
+                              sinks=sinks)
+    else:
+        wrapper, holes = _planned(query, key, attention_mask, scaling)
+        out = wrapper.run(q, k, v, softcap=softcap, sinks=sinks)
     if holes is not None:
         # A row whose mask has gaps (padding inside the sequence) has no exact answer from the
         # kernel; it turns to NaN rather than to a plausible wrong value, without a host sync.

@@ -1,6 +1,6 @@
 """Launch configuration: tile size, warps, pipeline depth and programs per SM.
 
-Chosen per (head_dim, dtype, group size) by the heuristic below, never per context length or
+Chosen per (head_dim, cache dtype, query rows) by the heuristic below, never per context length or
 batch, so one compile serves every length. The numbers come from sweeps recorded in
 ``benchmarks/NOTES.md``.
 """
@@ -39,10 +39,9 @@ def next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def choose_config(head_dim: int, dtype: torch.dtype, rows: int) -> KernelConfig:
-    """Heuristic launch configuration for one (head_dim, dtype, query rows of a kv head:
+def choose_config(head_dim: int, kv_dtype: torch.dtype, rows: int) -> KernelConfig:
+    """Heuristic launch configuration for one (head_dim, cache dtype, query rows of a kv head:
     q_len x group size)."""
-    del dtype  # fp16 and bf16 move the same bytes
     if interpreting():
         # The interpreter runs programs one by one: few, wide tiles keep the tests fast.
         return KernelConfig(tile=32, num_warps=4, num_stages=1, programs_per_sm=1)
@@ -50,7 +49,12 @@ def choose_config(head_dim: int, dtype: torch.dtype, rows: int) -> KernelConfig:
         # K+V tiles of 64 x 256 take 64 KiB a stage, and over 32 query rows the accumulator
         # takes (rows x head_dim) fp32 registers: one program per SM, more warps to issue.
         return KernelConfig(tile=64, num_warps=8, num_stages=3, programs_per_sm=1, target_share=4)
-    # The sweeps showed no clear effect of the group size up to 8 rows.
-    # 64 x 128 tiles, 3 stages: 70 KiB of shared memory, so both programs of an SM are resident.
-    # Paged caches add a dependent page-number load per tile; two programs per SM hide it.
+    if kv_dtype.itemsize == 1:
+        # fp8: 128-token tiles move the bytes of a 64-token fp16 tile, so the per-tile work (page
+        # numbers, softmax, conversions) is spread over as many bytes (NOTES.md item 21).
+        return KernelConfig(tile=128, num_warps=4, num_stages=3, programs_per_sm=2, target_share=4)
+    # fp16 and bf16 move the same bytes. The sweeps showed no clear effect of the group size up
+    # to 8 rows. 64 x 128 tiles, 3 stages: 70 KiB of shared memory, so both programs of an SM
+    # are resident. Paged caches add a dependent page-number load per tile; two programs per SM
+    # hide it.
     return KernelConfig(tile=64, num_warps=4, num_stages=3, programs_per_sm=2, target_share=4)

@@ -1,0 +1,131 @@
+"""Launch configurations and product dtypes for fp8 caches, side by side (GPU only).
+
+    python benchmarks/fp8_probe.py --shapes 8x32k@32/8:fp8 1x512k@32/8:fp8:page=16
+
+For each shape and variant (the dtype the fp8 tiles are converted to for the two products; tile,
+warps, stages, programs per SM) it prints the µs per call of the plan/run wrapper in CUDA-graph
+replay (the method of ``leanattn bench --mode graph``), the relative error of layer 0 against a
+float32 reference, and the compiled kernel's registers, spills and shared memory. The same shape
+in bf16 runs first, with the shipped configuration, as the yardstick: an fp8 cache reads half
+its bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import triton.language as tl
+
+import leanattn
+from leanattn import api, wrapper
+from leanattn.bench.peers import capture_cuda_graph
+from leanattn.bench.run import _bench
+from leanattn.bench.serving import layer_count, make_layers
+from leanattn.bench.shapes import parse_shape
+from leanattn.kernels.config import KernelConfig
+
+# (product dtype, tile, warps, stages, programs per SM); None: the shipped choice
+VARIANTS: list[tuple | None] = [
+    None,
+    ("bf16", 64, 4, 3, 2),
+    ("fp16", 64, 4, 3, 2),
+    ("fp16", 128, 4, 3, 2),
+    ("fp16", 128, 8, 3, 2),
+    ("fp16", 128, 8, 3, 1),
+    ("fp16", 128, 4, 2, 2),
+    ("fp16", 128, 8, 4, 1),
+    ("bf16", 128, 4, 3, 2),
+    ("fp16", 64, 4, 4, 2),
+    ("fp16", 256, 8, 2, 1),
+]
+_DOT = {"bf16": tl.bfloat16, "fp16": tl.float16}
+
+
+def measure(text: str, variant: tuple | None) -> dict:
+    shape = parse_shape(text)
+    layers = layer_count(shape)
+    ls = make_layers(shape, torch.device("cuda"), layers)
+    x0 = ls.first
+    original_choose, original_constexprs = api.choose_config, wrapper.kernel_constexprs
+    if variant is not None:
+        dot, tile, warps, stages, per_sm = variant
+        api.choose_config = lambda *a, **k: KernelConfig(tile=tile, num_warps=warps, num_stages=stages,
+                                                          programs_per_sm=per_sm, target_share=4)
+
+        def constexprs(*a, **k):
+            return dict(original_constexprs(*a, **k), DOT_DTYPE=_DOT[dot])
+
+        wrapper.kernel_constexprs = constexprs
+    api._static_config.cache_clear()
+    try:
+        w = leanattn.DecodeWrapper(shape.q_heads, shape.kv_heads, shape.head_dim, shape.dtype, x0.q.device,
+                                   kv_dtype=x0.k.dtype)
+        capacity = x0.k.shape[1] * (x0.block_table.shape[1] if x0.block_table is not None else 1)
+        outs = [torch.empty_like(x.q) for x in ls.xs]
+
+        def step():
+            w.plan(x0.seqlens, capacity)
+            for x, out in zip(ls.xs, outs):
+                w.run(x.q, x.k, x.v, block_table=x.block_table, out=out)
+            return outs
+
+        graph, _ = capture_cuda_graph(step)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = leanattn.reference.decode(x0.q.float(), x0.k.float(), x0.v.float(), x0.seqlens,
+                                        block_table=x0.block_table)
+        err = ((outs[0].float() - ref).norm() / ref.norm()).item()
+        us = _bench(graph.replay) / layers * 1e3
+        compiled = [c for c, _ in w._direct.values()][-1]
+        row = dict(shape=text, variant=variant or "shipped", us=round(us, 1), rel_err=float(f"{err:.2e}"),
+                   config=repr(w._config), regs=getattr(compiled, "n_regs", None),
+                   spills=getattr(compiled, "n_spills", None), smem=compiled.metadata.shared,
+                   gbs=round(shape.kv_bytes / us / 1e3, 0))
+        del graph
+        return row
+    finally:
+        api.choose_config, wrapper.kernel_constexprs = original_choose, original_constexprs
+        api._static_config.cache_clear()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["8x32k@32/8:fp8", "1x512k@32/8:fp8:page=16",
+                                                        "32x4k@32/8:fp8:page=16", "1x32k@8/1:fp8"])
+    parser.add_argument("--out", help="folder for probe.json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("fp8_probe.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    print(torch.cuda.get_device_name())
+    rows = []
+    for text in args.shapes:
+        base = text.replace(":fp8", "")
+        for t, variants in ((base, [None]), (text, VARIANTS)):
+            for variant in variants:
+                try:
+                    row = measure(t, variant)
+                except Exception as e:  # a variant that does not compile or fit
+                    row = dict(shape=t, variant=variant or "shipped", error=f"{type(e).__name__}: {str(e)[:160]}")
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "probe.json"), "w") as f:
+            json.dump(dict(gpu=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+    print("\n| shape | variant | µs | GB/s | rel err | regs | spills | smem |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| `{r['shape']}` | {r['variant']} | {r['error']} |")
+        else:
+            print(f"| `{r['shape']}` | {r['variant']} | {r['us']} | {r['gbs']:.0f} | {r['rel_err']:.1e} | {r['regs']} | "
+                  f"{r['spills']} | {r['smem']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
