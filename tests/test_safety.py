@@ -150,3 +150,21 @@ def test_graph_captured_on_a_side_stream():
         graph.replay()
         torch.cuda.synchronize()
         assert_close(out, lse, *reference(q, k, v, sl))
+
+
+def test_reserve_workspace_covers_the_calls_it_names():
+    """After reserve_workspace, a decode of that shape allocates nothing (so it can run first in a
+    CUDA graph's warm-up); a larger grid still grows the workspace."""
+    dev = torch.device(DEVICE)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", torch.cuda.current_device())
+    leanattn.api._WORKSPACES.pop(dev, None)
+    leanattn.reserve_workspace(dev, 8, 2, 64, torch.bfloat16, q_len=2, num_programs=5)
+    ws = leanattn.api._WORKSPACES[dev]
+    acc = ws.acc
+    q = torch.randn(3, 2, 8, 64, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(3, 40, 2, 64, device=dev, dtype=torch.bfloat16)
+    out = leanattn.decode(q, k, k, num_programs=5)
+    assert ws.acc is acc and torch.isfinite(out).all()
+    leanattn.decode(q, k, k, num_programs=9)
+    assert ws.acc is not acc

@@ -15,7 +15,7 @@ from triton import knobs
 from .kernels.config import KernelConfig, choose_config, interpreting, next_pow2
 from .kernels.lean_decode import LOG2E, lean_decode_kernel
 
-__all__ = ["decode", "default_num_programs", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
+__all__ = ["decode", "reserve_workspace", "default_num_programs", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -244,6 +244,25 @@ class _Workspace:
         # one compiled kernel.
         chunk = -(-programs // 4) * 4
         return self.acc, self.stats, self.tickets[:programs], self.tickets[chunk : chunk + 2 * programs]
+
+
+def reserve_workspace(
+    device: torch.device | str, q_heads: int, kv_heads: int, head_dim: int, kv_dtype: torch.dtype, *,
+    q_len: int = 1, num_programs: int | None = None,
+) -> None:
+    """Allocate now the workspace :func:`decode` needs for calls of this shape on ``device``.
+
+    The workspace is allocated on the first call that needs it. Call this (or ``decode`` once)
+    before the first call happens inside a CUDA graph's warm-up or capture: torch.compile's
+    ``mode="reduce-overhead"`` refuses a tensor first allocated while it records, and a capture
+    cannot allocate at all.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    config, _, merge_rows, head_dim_pad, _ = _static_config(head_dim, kv_dtype, q_len * (q_heads // kv_heads))
+    programs = num_programs or default_num_programs(device, config)
+    _workspace(device).get(device, programs, merge_rows, head_dim_pad)
 
 
 # One workspace per device for leanattn.decode: calls on different streams of a device must not

@@ -178,6 +178,22 @@ def _planned(
     return wrapper, holes
 
 
+_reserved: set[tuple] = set()
+
+
+def _reserve_decode_workspace(query: torch.Tensor, key: torch.Tensor) -> None:
+    """Allocate the workspace compiled decode steps will use, from an eager call (a prefill, an
+    eager decode step): torch.compile's CUDA graphs refuse one first allocated while they record."""
+    if not query.is_cuda or query.dtype not in leanattn.SUPPORTED_DTYPES or torch.cuda.is_current_stream_capturing():
+        return
+    q_heads, head_dim, kv_heads = query.shape[1], query.shape[-1], key.shape[1]
+    kind = (query.device, q_heads, kv_heads, head_dim, key.dtype)
+    if kind in _reserved or head_dim not in leanattn.SUPPORTED_HEAD_DIMS or kv_heads == 0 or q_heads % kv_heads:
+        return
+    leanattn.reserve_workspace(query.device, q_heads, kv_heads, head_dim, key.dtype)
+    _reserved.add(kind)
+
+
 def _count(path: str) -> None:
     if not torch.compiler.is_compiling():
         calls[path] += 1
@@ -201,6 +217,8 @@ def attention_forward(
     and no attention weights.
     """
     reason = decode_refusal(query, key, value, attention_mask, dropout, kwargs)
+    if reason in (None, "prefill") and not torch.compiler.is_compiling():
+        _reserve_decode_workspace(query, key)
     if reason is not None:
         lacking = [name for name in _SDPA_LACKS if kwargs.get(name) is not None]
         if lacking:
