@@ -280,7 +280,7 @@ def write(record: dict, out_dir: Path) -> None:
     if record.get("mode") == "graph":
         from .serving import serving_markdown
 
-        (out_dir / "results.md").write_text(_header(record) + serving_markdown(record))
+        (out_dir / "results.md").write_text(_header(record) + "\n\n" + serving_markdown(record))
         return
     (out_dir / "results.md").write_text(markdown(record))
     plot(record, out_dir / "results.png")

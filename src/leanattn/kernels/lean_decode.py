@@ -327,15 +327,17 @@ def lean_decode_kernel(
                                               HAS_SEQLENS, HAS_LEFTPAD, Q_LEN, HAS_WINDOW)
         n_tiles = _num_tiles(length, TILE)
         t_end = tl.minimum(n_tiles.to(tl.int64), t + (end - g)).to(tl.int32)
-        if HAS_KV_SCALE:  # fp8 caches: K's scale folds into the scores, V's into the output
-            head_scale = scale * tl.load(KScale + h)
+        q_ptrs = Q + b.to(tl.int64) * stride_qb + h * GROUP * stride_qh + q_rows[:, None] + offs_d[None, :]
+        if HAS_KV_SCALE:
+            # fp8 caches: the products run in fp16, so q is scaled first (softmax scale times K's
+            # scale), which keeps any bf16 q in fp16's range; V's scale applies to the output.
+            q = (tl.load(q_ptrs, mask=mask_q, other=0.0).to(tl.float32) * (scale * tl.load(KScale + h))).to(DOT_DTYPE)
+            head_scale = 1.0
             v_scale = tl.load(VScale + h)
         else:
+            q = tl.load(q_ptrs, mask=mask_q, other=0.0).to(DOT_DTYPE)
             head_scale = scale
             v_scale = 1.0
-
-        q_ptrs = Q + b.to(tl.int64) * stride_qb + h * GROUP * stride_qh + q_rows[:, None] + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=mask_q, other=0.0).to(DOT_DTYPE)
         acc, m_i, l_i = _attend_tiles(
             q, K, V, BlockTable, b, h, first, length, lo, live, t, t_end, head_scale, softcap,
             window_left, window_right, num_pages,
