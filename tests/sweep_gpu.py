@@ -12,8 +12,10 @@ integer arguments and pointers on (an int equal to 1, or divisible by 16; a poin
 aligned), which costs seconds each on the GPU. So the seed first draws a fixed pool of kernel
 *variants* (every value of every such axis in at least one), and each case takes one of them and
 draws only runtime parameters within it: batch, lengths, kv heads, grid size, cache strides, views,
-check mode, CUDA-graph capture. Case ``i`` of seed ``S`` is drawn from ``(S, i)`` alone, so
-``--case i`` reproduces it without running the others.
+check mode, CUDA-graph capture, window sizes, soft-cap values, sink logits, fp8 scales. Case
+``i`` of seed ``S`` is drawn from ``(S, i)`` alone, so ``--case i`` reproduces it without running
+the others. The model features are compile-time axes too: q_len (1 to 16), an fp8 cache (e4m3,
+e5m2), a sliding window, causal or not, soft-capping and attention sinks.
 
 Every case writes into a NaN-poisoned output (a view inside a larger NaN buffer whose margins must
 stay NaN) and is checked per sequence against ``leanattn.reference.decode`` in float32: rows of
@@ -52,6 +54,8 @@ from _util import LSE_TOL, TOL  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+KV_DTYPES = {"same": None, "e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+Q_LENS = (1, 1, 1, 2, 4, 16)  # q_len x group stays within the kernel's 128 rows (groups <= 8)
 HEAD_DIMS = (64, 80, 96, 128, 256)
 GROUPS = (1, 2, 4, 5, 7, 8)
 PAGE_SIZES = (0, 0, 1, 16, 64, 256)  # 0: a dense cache (contiguous or strided, drawn per case)
@@ -84,6 +88,20 @@ class Variant:
     grid_class: str  # "mult4" or "odd"
     lse_class: str  # the LSE's row stride q_heads = group * kv_heads: "1", "16" (divisible) or "n"; "-" without LSE
     table_class: str  # the block table's row stride, likewise; "-" for a dense cache
+    q_len: int = 1
+    kv: str = "same"  # the cache dtype: q's, or an fp8 format (KV_DTYPES)
+    window: bool = False  # a sliding window (its sizes drawn per case)
+    causal: bool = True
+    softcap: bool = False
+    sinks: bool = False
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return KV_DTYPES[self.kv] or DTYPES[self.dtype]
+
+    @property
+    def tile(self) -> int:
+        return choose_config(self.head_dim, self.kv_dtype, self.q_len * self.group).tile
 
 
 def int_class(x: int) -> str:
@@ -145,6 +163,9 @@ class Case:
     graph: bool
     replays: list[tuple[list[int], list[int] | None]] = field(default_factory=list)
     data_seed: int = 0
+    window_size: list[int] = field(default_factory=lambda: [-1, -1])  # a list: JSON keeps it
+    softcap: float = 0.0
+    scales: str = "-"  # fp8: "float" or "tensor" (per kv head) dequantisation scales
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -172,12 +193,19 @@ def draw_pool(seed: int, size: int) -> list[Variant]:
         _cycle(("decode", "wrapper"), size, rng),
         _cycle(("mult4", "odd"), size, rng),
         _cycle(("16", "n", "16", "n", "1"), size, rng),
+        _cycle(Q_LENS, size, rng),
+        _cycle(tuple(KV_DTYPES) + ("same",), size, rng),
+        _cycle((False, False, True), size, rng),
+        _cycle((True, True, True, False), size, rng),
+        _cycle((False, False, True), size, rng),
+        _cycle((False, False, True), size, rng),
     ]
     pool = []
-    for d, g, dt, page, seqlens, pad, lse, api, grids, table in zip(*columns):
+    for d, g, dt, page, seqlens, pad, lse, api, grids, table, q_len, kv, window, causal, cap, sinks in zip(*columns):
         # An LSE stride class that some kv_heads gives this group.
         lse_class = rng.choice(sorted({int_class(g * kv) for kv in KV_HEADS})) if lse else "-"
-        pool.append(Variant(d, g, dt, page, seqlens, pad, lse, api, grids, lse_class, table if page else "-"))
+        pool.append(Variant(d, g, dt, page, seqlens, pad, lse, api, grids, lse_class, table if page else "-",
+                            q_len, kv, window, causal, cap, sinks))
     return pool
 
 
@@ -211,7 +239,7 @@ def draw_case(seed: int, index: int, pool: list[Variant], limits: Limits, graph_
     # A graph case replays new lengths: it needs a variant that takes them.
     choices = [v for v in pool if v.has_seqlens] if graph else pool
     variant = rng.choice(choices)
-    tile = choose_config(variant.head_dim, DTYPES[variant.dtype], variant.group).tile
+    tile = variant.tile
     batch = rng.randint(1, limits.max_batch)
     # Runtime values within the variant's classes (any, where the limits leave none).
     kv_heads = rng.choice([kv for kv in limits.kv_heads if not variant.return_lse
@@ -257,12 +285,20 @@ def draw_case(seed: int, index: int, pool: list[Variant], limits: Limits, graph_
         for _ in range(2):
             new = [_draw_len(rng, tile, capacity) for _ in range(batch)]
             replays.append((new, _draw_pads(rng, new, tile) if variant.leftpad else None))
+    window_size = [-1, -1]
+    if variant.window:
+        # From no key back (0) to more than the cache; without causal, a bounded or open right side.
+        left = rng.choice([0, 1, tile - 1, tile, rng.randint(0, 3 * tile), capacity + rng.randint(0, tile)])
+        right = 0 if variant.causal else rng.choice([0, 3, tile, -1])
+        window_size = [left, right]
     return Case(
         index=index, variant=variant, batch=batch, kv_heads=kv_heads, capacity=capacity, lens=lens,
         leftpad=pads, num_programs=grid, strided_cache=rng.random() < 0.4, q_view=rng.random() < 0.25,
         table_stride=table_stride(capacity // page, variant.table_class) if page else 0, sharp=rng.random() < 0.2,
         check=bool(check), layers=rng.choice([1, 2]) if variant.api == "wrapper" else 1,
         bad_page=bad_page, graph=graph, replays=replays, data_seed=rng.randrange(2**31),
+        window_size=window_size, softcap=rng.choice([1.0, 5.0, 30.0]) if variant.softcap else 0.0,
+        scales=rng.choice(["float", "tensor"]) if variant.kv != "same" else "-",
     )
 
 
@@ -307,7 +343,7 @@ def page_cache(
     pages = []
     idx = ids[owned].long().to(k.device)
     for src in (k, v):
-        p = torch.randn(shape, generator=dgen, dtype=k.dtype, device=k.device)
+        p = torch.randn(shape, generator=dgen, dtype=torch.float32, device=k.device).to(k.dtype)
         p = p.transpose(1, 2) if strided else p
         p[idx] = src.reshape(batch, slots, page, hkv, d)[owned.to(k.device)]
         pages.append(p)
@@ -330,7 +366,7 @@ def table_for(
 
 @dataclass
 class Inputs:
-    q: list[torch.Tensor]  # one per layer, (B, 1, Hq, D), possibly views
+    q: list[torch.Tensor]  # one per layer, (B, q_len, Hq, D), possibly views
     k: torch.Tensor  # dense (B, N, Hkv, D), the reference's view of the cache
     v: torch.Tensor
     kc: torch.Tensor  # what the kernel reads: k itself or its pages
@@ -338,6 +374,27 @@ class Inputs:
     ids: torch.Tensor | None  # owned page ids (B, N / page), on the CPU
     table: torch.Tensor | None  # the block table (a view when its stride exceeds its width), on the device
     rng: random.Random  # for garbage ids of later steps
+    features: dict = field(default_factory=dict)  # sinks and fp8 scales, as decode's keywords
+
+
+def features(case: Case, device: torch.device, dgen: torch.Generator) -> dict:
+    """The case's feature keywords for ``leanattn.decode`` (and the reference), but for the
+    window and causal flag, which the wrapper takes at plan time."""
+    var = case.variant
+    hq, hkv = var.group * case.kv_heads, case.kv_heads
+    kw: dict = {}
+    if var.softcap:
+        kw["softcap"] = case.softcap
+    if var.sinks:
+        # Sink logits of the scores' size, some large enough to take most of the mass.
+        sinks = torch.randn(hq, generator=dgen, device=device) * 2
+        kw["sinks"] = sinks + 6 * (torch.rand(hq, generator=dgen, device=device) < 0.25)
+    if case.scales == "float":
+        kw["k_scale"], kw["v_scale"] = 0.5 + (case.data_seed % 7) / 4, 2.0 - (case.data_seed % 5) / 4
+    elif case.scales == "tensor":
+        kw["k_scale"] = 0.5 + torch.rand(hkv, generator=dgen, device=device) * 1.5
+        kw["v_scale"] = 0.5 + torch.rand(hkv, generator=dgen, device=device) * 1.5
+    return kw
 
 
 def build(case: Case, device: torch.device) -> Inputs:
@@ -352,16 +409,20 @@ def build(case: Case, device: torch.device) -> Inputs:
         return torch.randn(shape, generator=dgen, device=device, dtype=dtype)
 
     qs = []
+    tokens = var.q_len
     for _ in range(case.layers):
         # q a slice of a fused qkv projection: its batch stride is not Hq * D.
-        q = rnd(b, 1, hq + 2 * hkv, d)[:, :, :hq] if case.q_view else rnd(b, 1, hq, d)
+        q = rnd(b, tokens, hq + 2 * hkv, d)[:, :, :hq] if case.q_view else rnd(b, tokens, hq, d)
         qs.append(q * 4 if case.sharp else q)
     if case.strided_cache and not var.page_size:
         k, v = rnd(b, hkv, n, d).transpose(1, 2), rnd(b, hkv, n, d).transpose(1, 2)  # HF layout
     else:
         k, v = rnd(b, n, hkv, d), rnd(b, n, hkv, d)
+    # fp8 caches: converted from the same values, pages and dense copy alike (strides kept).
+    k, v = k.to(var.kv_dtype), v.to(var.kv_dtype)
+    feats = features(case, device, dgen)
     if not var.page_size:
-        return Inputs(qs, k, v, k, v, None, None, random.Random(case.data_seed))
+        return Inputs(qs, k, v, k, v, None, None, random.Random(case.data_seed), feats)
     page = var.page_size
     steps = [(case.lens, case.leftpad)] + case.replays
     owned = torch.zeros(b, n // page, dtype=torch.bool)
@@ -379,7 +440,7 @@ def build(case: Case, device: torch.device) -> Inputs:
         table = wide.to(device)[:, : n // page]
     else:
         table = table.to(device)
-    return Inputs(qs, k, v, kp, vp, ids, table, rng)
+    return Inputs(qs, k, v, kp, vp, ids, table, rng, feats)
 
 
 def _i32(values: list[int] | None, device: torch.device) -> torch.Tensor | None:
@@ -387,22 +448,23 @@ def _i32(values: list[int] | None, device: torch.device) -> torch.Tensor | None:
 
 
 def poisoned_out(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A NaN buffer (B, 1, Hq + 2, D) and the (B, 1, Hq, D) view of it to write into: its
-    margins must stay NaN."""
-    b, _, hq, d = q.shape
-    buf = torch.full((b, 1, hq + 2, d), math.nan, dtype=q.dtype, device=q.device)
+    """A NaN buffer (B, q_len, Hq + 2, D) and the (B, q_len, Hq, D) view of it to write into:
+    its margins must stay NaN."""
+    b, q_len, hq, d = q.shape
+    buf = torch.full((b, q_len, hq + 2, d), math.nan, dtype=q.dtype, device=q.device)
     return buf, buf[:, :, 1 : hq + 1]
 
 
 def compare(
     out: torch.Tensor, buf: torch.Tensor, lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
-    v: torch.Tensor, lens: list[int], pads: list[int] | None, nan_seq: int | None,
+    v: torch.Tensor, lens: list[int], pads: list[int] | None, nan_seq: int | None, feats: dict | None = None,
 ) -> str | None:
     """Why ``out`` (and ``lse``) is wrong for these lengths, or None. ``nan_seq``: the sequence
-    whose rows must be NaN (an out-of-range page in a live slot)."""
+    whose rows must be NaN (an out-of-range page in a live slot); ``feats``: the feature keywords
+    of the call (window, causal, softcap, sinks, fp8 scales)."""
     ref, ref_lse = leanattn.reference.decode(
         q.float(), k, v, _i32(lens, q.device), cache_leftpad=_i32(pads, q.device), return_lse=True,
-        compute_dtype=torch.float32,
+        compute_dtype=torch.float32, **(feats or {}),
     )
     if not torch.isnan(buf[:, :, 0]).all() or not torch.isnan(buf[:, :, -1]).all():
         return "wrote outside out (the margins of its buffer)"
@@ -442,13 +504,15 @@ def compare(
 def _call(case: Case, x: Inputs, q: torch.Tensor, out: torch.Tensor, seqlens, pads, wrapper, *, plan: bool):
     """One leanattn call of the case's API: returns (out, lse or None)."""
     var = case.variant
-    kw = {} if x.table is None else {"block_table": x.table}
+    kw = dict(x.features) if x.table is None else dict(x.features, block_table=x.table)
     if var.api == "decode":
         res = leanattn.decode(q, x.kc, x.vc, seqlens, cache_leftpad=pads, out=out, return_lse=var.return_lse,
-                              num_programs=case.num_programs, check=case.check, **kw)
+                              num_programs=case.num_programs, check=case.check, causal=var.causal,
+                              window_size=tuple(case.window_size), **kw)
     else:
         if plan:
-            wrapper.plan(seqlens, case.capacity, batch=case.batch, cache_leftpad=pads, check=case.check)
+            wrapper.plan(seqlens, case.capacity, batch=case.batch, cache_leftpad=pads, check=case.check,
+                         q_len=var.q_len, causal=var.causal, window_size=tuple(case.window_size))
         res = wrapper.run(q, x.kc, x.vc, out=out, return_lse=var.return_lse, check=case.check, **kw)
     out_, lse = res if var.return_lse else (res, None)
     if out_ is not out:
@@ -465,13 +529,15 @@ def run_case(case: Case, device: torch.device) -> str | None:
     wrapper = None
     if var.api == "wrapper":
         wrapper = leanattn.DecodeWrapper(var.group * case.kv_heads, case.kv_heads, var.head_dim, DTYPES[var.dtype],
-                                         device, num_programs=case.num_programs)
+                                         device, kv_dtype=var.kv_dtype, max_q_len=var.q_len,
+                                         num_programs=case.num_programs)
     nan_seq = case.bad_page[0] if case.bad_page is not None else None
+    feats = dict(x.features, causal=var.causal, window_size=tuple(case.window_size))
     if not case.graph:
         for layer, q in enumerate(x.q):
             buf, out = poisoned_out(q)
             out, lse = _call(case, x, q, out, seqlens, pads, wrapper, plan=layer == 0)
-            why = compare(out, buf, lse, q, x.k, x.v, case.lens, case.leftpad, nan_seq)
+            why = compare(out, buf, lse, q, x.k, x.v, case.lens, case.leftpad, nan_seq, feats)
             if why:
                 return f"layer {layer}: {why}" if case.layers > 1 else why
         return None
@@ -481,7 +547,7 @@ def run_case(case: Case, device: torch.device) -> str | None:
     q = x.q[0]
     buf, out = poisoned_out(q)
     out, lse = _call(case, x, q, out, seqlens, pads, wrapper, plan=True)
-    why = compare(out, buf, lse, q, x.k, x.v, case.lens, case.leftpad, None)
+    why = compare(out, buf, lse, q, x.k, x.v, case.lens, case.leftpad, None, feats)
     if why:
         return f"eager call before capture: {why}"
     graph = torch.cuda.CUDAGraph()
@@ -496,7 +562,7 @@ def run_case(case: Case, device: torch.device) -> str | None:
         buf.fill_(math.nan)
         graph.replay()
         torch.cuda.synchronize()
-        why = compare(out, buf, lse, q, x.k, x.v, lens, new_pads, None)
+        why = compare(out, buf, lse, q, x.k, x.v, lens, new_pads, None, feats)
         if why:
             return f"graph replay {r} (lens {lens}, leftpad {new_pads}): {why}"
     return None

@@ -83,7 +83,10 @@ def test_pool_covers_every_axis_within_few_kernels():
     for axis, values in (("head_dim", sweep_gpu.HEAD_DIMS), ("group", sweep_gpu.GROUPS),
                          ("page_size", sweep_gpu.PAGE_SIZES), ("dtype", tuple(sweep_gpu.DTYPES)),
                          ("leftpad", (False, True)), ("return_lse", (False, True)),
-                         ("has_seqlens", (False, True)), ("api", ("decode", "wrapper"))):
+                         ("has_seqlens", (False, True)), ("api", ("decode", "wrapper")),
+                         ("q_len", set(sweep_gpu.Q_LENS)), ("kv", tuple(sweep_gpu.KV_DTYPES)),
+                         ("window", (False, True)), ("causal", (False, True)), ("softcap", (False, True)),
+                         ("sinks", (False, True))):
         assert {getattr(v, axis) for v in pool} == set(values), axis
     limits = sweep_gpu.Limits()
     for i in range(2000):
@@ -96,9 +99,11 @@ def test_pool_covers_every_axis_within_few_kernels():
             assert c.capacity % v.page_size == 0 and c.table_stride >= slots
             assert sweep_gpu.int_class(c.table_stride) == v.table_class
         # Within the cache budget, but for the capacity's slack and page rounding.
-        slack = 2 * leanattn.api.choose_config(v.head_dim, torch.float16, v.group).tile + max(v.page_size, 1)
+        slack = 2 * v.tile + max(v.page_size, 1)
         assert c.batch * c.kv_heads * v.head_dim * (c.capacity - slack) <= sweep_gpu.CACHE_ELEMENTS
         assert all(0 <= n for n in c.lens) and len(c.lens) == c.batch
+        assert (c.window_size != [-1, -1]) == v.window and (c.softcap > 0) == v.softcap
+        assert (c.scales != "-") == (v.kv != "same") and v.q_len * v.group <= leanattn.api.MAX_QUERY_ROWS
 
 
 def test_paging_copies_owned_slots_and_fills_the_rest_with_garbage():
