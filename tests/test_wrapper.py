@@ -147,3 +147,29 @@ def test_graph_with_plan_and_layers_replays_new_lengths(paged):
             again, again_lse = leanattn.decode(q, kc, vc, seqlens, return_lse=True, **kw)
             assert torch.equal(out, again) and torch.equal(lse, again_lse)
     assert w._direct and not leanattn.api.DIRECT_LAUNCH_ERROR, "the direct launch path was not taken"
+
+
+@pytest.mark.parametrize("api", ["decode", "wrapper"])
+def test_lse_written_into_a_given_strided_tensor(api):
+    """``lse=``: the LSE lands in the caller's (batch, q_heads, q_len) view, any strides, equal to
+    the returned one; without return_lse, or with the wrong shape or dtype, it is refused."""
+    t = tile_size(64, torch.bfloat16, 4)
+    _, k, v, sl = make_inputs([0, 5, 2 * t + 3], 8, 2, 64, torch.bfloat16, seed=4)
+    q = torch.randn(3, 2, 8, 64, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16).to(DEVICE)
+    buf = torch.full((3, 2, 8 + 1), float("nan"), dtype=torch.float32, device=DEVICE)
+    view = buf[:, :, 1:].transpose(1, 2)  # (batch, q_heads, q_len), strides (18, 1, 9)
+    if api == "decode":
+        out, lse = leanattn.decode(q, k, v, sl, return_lse=True, lse=view, num_programs=5)
+        ref_out, ref_lse = leanattn.decode(q, k, v, sl, return_lse=True, num_programs=5)
+    else:
+        w = leanattn.DecodeWrapper(8, 2, 64, torch.bfloat16, q.device, max_q_len=2, num_programs=5)
+        w.plan(sl, k.shape[1], q_len=2)
+        out, lse = w.run(q, k, v, return_lse=True, lse=view)
+        ref_out, ref_lse = w.run(q, k, v, return_lse=True)
+    assert lse is view and torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    assert buf[:, :, 0].isnan().all()
+    call = leanattn.decode if api == "decode" else (lambda *a, **kw: w.run(*a[:3], **kw))
+    for bad, kw in ((view, {}), (view.double(), {"return_lse": True}), (view[:, :4], {"return_lse": True}),
+                    (torch.zeros(1, 1, 1, device=DEVICE).expand(3, 8, 2), {"return_lse": True})):
+        with pytest.raises(ValueError, match="lse"):
+            call(q, k, v, sl, lse=bad, **kw)

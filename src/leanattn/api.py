@@ -364,6 +364,20 @@ def launch_cached(
         cache[layout] = (compiled, tuple(params[n] for n in kernel.arg_names[len(args):]))
 
 
+def check_lse_out(lse: torch.Tensor | None, q: torch.Tensor, return_lse: bool) -> None:
+    """An ``lse=`` tensor must be float32 (batch, q_heads, q_len) on q's device, and asked for."""
+    if lse is None:
+        return
+    if not return_lse:
+        _fail(ValueError, "lse= is written only with return_lse=True")
+    want = (q.shape[0], q.shape[2], q.shape[1])
+    if not isinstance(lse, torch.Tensor) or lse.dtype != torch.float32 or tuple(lse.shape) != want or lse.device != q.device:
+        got = f"{lse.dtype} {tuple(lse.shape)} on {lse.device}" if isinstance(lse, torch.Tensor) else type(lse).__name__
+        _fail(ValueError, f"lse must be float32 {want} (batch, q_heads, q_len) on {q.device}, got {got}")
+    if any(st == 0 and n > 1 for st, n in zip(lse.stride(), lse.shape)):
+        _fail(ValueError, f"lse must not be a broadcast view (strides {lse.stride()})")
+
+
 def layout_of(*tensors: torch.Tensor | None) -> tuple:
     """Shapes, strides, dtypes, devices and 16-byte alignment of tensors (None stays None)."""
     return tuple(
@@ -597,6 +611,7 @@ def decode(
     v_scale: float | torch.Tensor | None = None,
     return_lse: bool = False,
     out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
     num_programs: int | None = None,
     check: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -628,6 +643,8 @@ def decode(
             k_scale): a float or float32 (kv_heads,); default 1; refused for fp16/bf16 caches.
         return_lse: also return the natural-log log-sum-exp, float32 (batch, q_heads, q_len).
         out: optional tensor like q to write into.
+        lse: optional float32 (batch, q_heads, q_len) tensor, any strides, for the LSE to be
+            written into (with ``return_lse`` only): e.g. a view into a communication buffer.
         num_programs: persistent grid size; defaults to SMs x programs per SM.
         check: also validate the values of ``cache_seqlens``, ``cache_leftpad``, the live slots
             of ``block_table`` and ``sinks`` on the host (a device sync: not for CUDA graphs or
@@ -651,8 +668,10 @@ def decode(
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if not math.isfinite(scale):
         raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    check_lse_out(lse, q, return_lse)
     result = torch.empty_like(q) if out is None else out
-    lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device) if return_lse else None
+    if return_lse and lse is None:
+        lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
     if torch.compiler.is_compiling():
         tensors = [x if isinstance(x, torch.Tensor) else None for x in (ks, vs)]
         floats = [x if isinstance(x, (int, float)) else 1.0 for x in (ks, vs)]

@@ -31,8 +31,8 @@ prefill, say) can use it unchanged.
 The merge
 ---------
 Replicated output (default): every rank packs its partial output and its LSE into one fp32
-buffer (the output in q's dtype, as the kernel writes it, so it is written there directly and
-sent at half the bytes of fp32), ``all_gather`` collects the W buffers, and every
+buffer (the output in q's dtype and the LSE: the kernel writes both there directly, and the
+output goes at half the bytes of fp32), ``all_gather`` collects the W buffers, and every
 rank merges the same gathered bytes in rank order with the same kernel: the result is bitwise
 identical on every rank and from run to run. With ``scatter_heads=True`` each rank instead
 sends each peer the peer's share of the heads (``all_to_all``, the reduce-scatter shape) and
@@ -387,19 +387,20 @@ class ContextParallelDecode:
         return (out, lse_out) if return_lse else out
 
     def _attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """The local decode, its output written where the exchange reads it. Returns the local
-        LSE (batch, q_heads, q_len)."""
+        """The local decode, its output (and, replicated, its LSE) written where the exchange reads
+        it. Returns the local LSE (batch, q_heads, q_len)."""
         _, _, block_table, buf = self._planned
-        local_out = buf.o_send if buf.staging is None else buf.staging
-        _, lse = self._wrapper.run(q, k_cache, v_cache, block_table=block_table, out=local_out, return_lse=True)
+        replicated = buf.staging is None
+        local_out = buf.o_send if replicated else buf.staging
+        _, lse = self._wrapper.run(q, k_cache, v_cache, block_table=block_table, out=local_out, return_lse=True,
+                                   lse=buf.lse_send if replicated else None)
         return lse
 
     def _merge(self, lse: torch.Tensor, out: torch.Tensor, lse_out: torch.Tensor) -> None:
         """Pack the local partial, exchange it and merge the W partials into ``out``, ``lse_out``."""
         buf, w = self._planned[-1], self.world_size
         if buf.staging is None:
-            buf.lse_send.copy_(lse)
-            _all_gather(buf.recv, buf.send, self.group)
+            _all_gather(buf.recv, buf.send, self.group)  # the run wrote O and the LSE into send
         else:
             hc = self.heads_out
             # Record p of the send buffer gets heads [p * hc, (p + 1) * hc).

@@ -29,6 +29,7 @@ from .api import (
     _validate,
     _Workspace,
     check_lengths,
+    check_lse_out,
     check_pages,
     check_sinks,
     default_num_programs,
@@ -202,6 +203,7 @@ class DecodeWrapper:
         v_scale: float | torch.Tensor | None = None,
         out: torch.Tensor | None = None,
         return_lse: bool = False,
+        lse: torch.Tensor | None = None,
         check: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Attention of one layer over the planned lengths.
@@ -214,6 +216,8 @@ class DecodeWrapper:
             softcap, sinks, k_scale, v_scale: this layer's, as in :func:`leanattn.decode`.
             out: optional tensor like q to write into.
             return_lse: also return the natural-log LSE, float32 (batch, q_heads, q_len).
+            lse: optional float32 (batch, q_heads, q_len) tensor, any strides, to write the LSE
+                into (with ``return_lse`` only).
             check: validate the live slots of ``block_table`` and the sinks on the host (a device
                 sync); without it an out-of-range page gives its sequence NaN rows.
 
@@ -225,7 +229,14 @@ class DecodeWrapper:
         refuse_grad(q, k_cache, v_cache)
         if out is None:
             out = torch.empty_like(q)
-        lse = torch.empty(q.shape[0], self.q_heads, q.shape[1], dtype=torch.float32, device=q.device) if return_lse else None
+        if lse is None:
+            lse_layout = return_lse  # the default LSE: contiguous, from the allocator
+            lse_strides = (self.q_heads * q.shape[1], q.shape[1], 1) if return_lse else (0, 0, 0)
+            if return_lse:
+                lse = torch.empty(q.shape[0], self.q_heads, q.shape[1], dtype=torch.float32, device=q.device)
+        else:
+            check_lse_out(lse, q, return_lse)
+            lse_layout, lse_strides = layout_of(lse), lse.stride()
         # Everything the compiled kernel depends on (see launch_cached), read once: this is the
         # per-layer host path, so no attribute is read twice.
         qs, ks, vs, os_ = q.stride(), k_cache.stride(), v_cache.stride(), out.stride()
@@ -234,7 +245,7 @@ class DecodeWrapper:
         aligned = (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3]) % 16 == 0 or tuple(p % 16 == 0 for p in ptrs)
         layout = (q.shape, qs, q.dtype, q.device, k_cache.shape, ks, k_cache.dtype, k_cache.device,
                   v_cache.shape, vs, v_cache.dtype, v_cache.device, out.shape, os_, out.dtype, out.device,
-                  aligned, return_lse, layout_of(block_table), self._plan_layout, self._pdl, softcap,
+                  aligned, lse_layout, layout_of(block_table), self._plan_layout, self._pdl, softcap,
                   None if sinks is None else layout_of(sinks),
                   k_scale if not isinstance(k_scale, torch.Tensor) else layout_of(k_scale),
                   v_scale if not isinstance(v_scale, torch.Tensor) else layout_of(v_scale))
@@ -266,7 +277,7 @@ class DecodeWrapper:
             v_scale if features.fp8 else dummy,
             self._plan, self._acc, self._stats, self._tickets, self._chunk_tickets,
             qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], os_[0], os_[1], os_[2],
-            *((self.q_heads * q.shape[1], q.shape[1], 1) if lse is not None else (0, 0, 0)),
+            *lse_strides,
             stride_btb,
             self._batch, self.kv_heads, self._capacity, num_pages, features.window_left, features.window_right,
             kernel_scale(self.softmax_scale, features), features.softcap,
