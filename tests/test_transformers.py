@@ -295,6 +295,22 @@ def test_eager_calls_plan_once_per_mask(monkeypatch):
     assert (out.double() - _reference_for(full, q, k, v)).abs().max().item() < 2e-2
 
 
+def test_wrappers_of_past_steps_are_reused(monkeypatch):
+    """A step's plan outlives its mask only until the next plan: one wrapper serves every step."""
+    made = []
+    real_init = leanattn.DecodeWrapper.__init__
+    monkeypatch.setattr(leanattn.DecodeWrapper, "__init__", lambda self, *a, **kw: (made.append(1), real_init(self, *a, **kw))[1])
+    lt._plans.clear()
+    lt._spare.clear()
+    for step in range(4):
+        # A new mask each step, one key longer, as with a growing cache.
+        mask = _mask([[1] * (3 + step) + [0] * 3, [1] * (6 + step)])
+        out, q, k, v = _call(mask)
+        assert (out.double() - _reference_for(mask, q, k, v)).abs().max().item() < 2e-2
+        del mask
+    assert len(made) == 1 and len(lt._plans) == 1
+
+
 def test_generate_plans_once_per_step(monkeypatch):
     plans = []
     real_plan = leanattn.DecodeWrapper.plan

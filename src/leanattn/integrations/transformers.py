@@ -119,8 +119,9 @@ def live_range(attention_mask: torch.Tensor, batch: int) -> tuple[torch.Tensor, 
 # mask tensor (one for full attention, one per sliding window), so the first layer that sees a
 # mask computes its live range and plans a DecodeWrapper; the others only run it, which costs
 # the host about half of a one-shot ``leanattn.decode``. Entries are keyed by the mask object
-# (checked through a weak reference and its version counter) and the call's shapes; the least
-# recently used give their wrappers back to a pool.
+# (checked through a weak reference and its version counter) and the call's shapes. Entries whose
+# mask is gone (last step's), then the least recently used, give their wrappers back to a pool,
+# so a model keeps about one wrapper per mask kind.
 _MAX_PLANS = 8
 
 
@@ -142,6 +143,10 @@ class _Plan:
             return self.mask is None
         return self.mask is not None and self.mask() is mask and self.version == _version(mask)
 
+    def stale(self) -> bool:
+        """Planned for a mask that no longer exists."""
+        return self.mask is not None and self.mask() is None
+
 
 _plans: collections.OrderedDict[tuple, _Plan] = collections.OrderedDict()
 _spare: dict[tuple, list[leanattn.DecodeWrapper]] = collections.defaultdict(list)
@@ -160,9 +165,8 @@ def _planned(
     if plan is not None and plan.fits(attention_mask):
         _plans.move_to_end(slot)
         return plan.wrapper, plan.holes
-    if plan is not None:
-        del _plans[slot]
-        _spare[kind].append(plan.wrapper)
+    for old_slot in [key for key, entry in _plans.items() if key == slot or entry.stale()]:
+        _spare[old_slot[0]].append(_plans.pop(old_slot).wrapper)
     while len(_plans) >= _MAX_PLANS:
         (old_kind, *_), old = _plans.popitem(last=False)
         _spare[old_kind].append(old.wrapper)
