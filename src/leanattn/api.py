@@ -500,7 +500,7 @@ def kernel_constexprs(
     # The interpreter's bf16 dot is wrong: it computes in fp32. On the GPU the dots take q's
     # dtype, except with an fp8 cache: its tiles are converted in registers to fp16, exactly (every
     # e4m3 and e5m2 value is an fp16 value), and q (scaled first) and p follow. Products in bf16
-    # measured 1.2-1.4x slower (NOTES.md item 21).
+    # measured 1.1-1.35x slower (NOTES.md item 21).
     if interpreting():
         dot_dtype = tl.float32
     elif k_cache.dtype.itemsize == 1 or q.dtype == torch.float16:

@@ -165,7 +165,7 @@ def _planned(
     if plan is not None and plan.fits(attention_mask):
         _plans.move_to_end(slot)
         return plan.wrapper, plan.holes
-    for old_slot in [key for key, entry in _plans.items() if key == slot or entry.stale()]:
+    for old_slot in [other for other, entry in _plans.items() if other == slot or entry.stale()]:
         _spare[old_slot[0]].append(_plans.pop(old_slot).wrapper)
     while len(_plans) >= _MAX_PLANS:
         (old_kind, *_), old = _plans.popitem(last=False)
