@@ -96,9 +96,13 @@ def run_both(model, ids, mask, dtype, **kw) -> None:
     assert_same_greedy(ref, got, LOGIT_ATOL[dtype])
 
 
-def expect_calls(decoded: int, prefill: int = 1) -> None:
-    """Every layer's decode steps ran on leanattn; prefill (and nothing else) went to SDPA."""
-    assert dict(lt.calls) == {lt.NAME: LAYERS * decoded, "sdpa: prefill": LAYERS * prefill}
+def expect_calls(decoded: int, prefill: int = 1, prefill_on: str = lt.NAME) -> None:
+    """Every layer's decode steps ran on leanattn, and its prefills on ``prefill_on``: leanattn
+    for prompts of up to MAX_QUERY_TOKENS tokens, SDPA ("sdpa: prefill") for longer ones."""
+    if prefill_on == lt.NAME:
+        assert dict(lt.calls) == {lt.NAME: LAYERS * (decoded + prefill)}
+    else:
+        assert dict(lt.calls) == {lt.NAME: LAYERS * decoded, prefill_on: LAYERS * prefill}
 
 
 @pytest.mark.parametrize(
@@ -121,11 +125,12 @@ def test_greedy_matches_sdpa(family, kv_heads, dtype, cache):
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_left_padding(cache):
+    # A prompt longer than MAX_QUERY_TOKENS: its prefill goes to SDPA.
     model = tiny_model("llama", 2, torch.bfloat16)
-    ids, mask = prompts([9, 4, 6])
+    ids, mask = prompts([lt.MAX_QUERY_TOKENS + 4, 4, 6])
     kw = {"cache_implementation": "static"} if cache == "static" else {}
     run_both(model, ids, mask, torch.bfloat16, **kw)
-    expect_calls(NEW_TOKENS - 1)
+    expect_calls(NEW_TOKENS - 1, prefill_on="sdpa: prefill")
 
 
 @pytest.mark.parametrize("cache", ["full", "static"])
@@ -144,12 +149,54 @@ def test_sliding_window(cache):
     expect_calls(NEW_TOKENS - 1)
 
 
+def _verify_steps(model, impl: str, ids, mask, drafts: torch.Tensor, cache: str) -> list[torch.Tensor]:
+    """Speculative decoding's verification by hand: prefill, then forward ``drafts`` (batch, T)
+    T tokens at a time, twice. Returns each forward's logits (batch, T, vocab)."""
+    model.set_attn_implementation(impl)
+    batch, steps = ids.shape[0], 2
+    if cache == "static":
+        past = transformers.StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps * drafts.shape[1] + 3)
+    else:
+        past = transformers.DynamicCache()
+    logits = []
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, past_key_values=past)
+        positions = mask.sum(-1, keepdim=True) - 1
+        for _ in range(steps):
+            mask = torch.cat([mask, torch.ones_like(drafts)], dim=1)
+            pos = positions + torch.arange(1, drafts.shape[1] + 1, device=DEVICE)
+            positions = pos[:, -1:]
+            out = model(input_ids=drafts, attention_mask=mask, position_ids=pos, past_key_values=past)
+            logits.append(out.logits.float())
+    return logits
+
+
+@pytest.mark.parametrize(
+    "family,cache,tokens",
+    [("llama", "dynamic", 3), ("llama", "static", 4), ("mistral", "dynamic", 3), ("mistral", "static", 2)],
+)
+def test_several_query_tokens_match_sdpa(family, cache, tokens):
+    """Several new tokens a step (speculative decoding's verification), on a left-padded batch
+    whose prompts are too long for leanattn's prefill: the multi-token steps run on leanattn,
+    bottom-right causal (and each query's own window for Mistral's sliding window of 5)."""
+    extra = {"sliding_window": 5} if family == "mistral" else {}
+    model = tiny_model(family, 2, torch.bfloat16, **extra)
+    ids, mask = prompts([lt.MAX_QUERY_TOKENS + 2, 7])
+    drafts = torch.randint(1, VOCAB, (2, tokens), generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    ref = _verify_steps(model, "sdpa", ids, mask, drafts, cache)
+    lt.calls.clear()
+    got = _verify_steps(model, lt.NAME, ids, mask, drafts, cache)
+    assert dict(lt.calls) == {lt.NAME: LAYERS * 2, "sdpa: prefill": LAYERS}
+    for a, b in zip(ref, got):
+        assert (a - b).abs().max().item() <= LOGIT_ATOL[torch.bfloat16]
+
+
 def test_fp32_falls_back_to_sdpa():
     model = tiny_model("llama", 2, torch.float32)
     ids, mask = prompts([7, 5])
     run_both(model, ids, mask, torch.float32)
     assert lt.calls[lt.NAME] == 0
-    assert lt.calls["sdpa: torch.float32: the kernel takes float16 and bfloat16"] == LAYERS * (NEW_TOKENS - 1)
+    assert lt.calls["sdpa: torch.float32: the kernel takes float16 and bfloat16"] == LAYERS * NEW_TOKENS  # prefill too
 
 
 def test_softcapping_runs_on_leanattn():
@@ -162,7 +209,7 @@ def test_softcapping_runs_on_leanattn():
     )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).to(device=DEVICE, dtype=torch.bfloat16).eval()
-    ids, mask = prompts([7, 5])
+    ids, mask = prompts([lt.MAX_QUERY_TOKENS + 3, 5])  # a prefill too long for leanattn
     ref = generate(model, "eager", ids, mask)
     lt.calls.clear()
     got = generate(model, lt.NAME, ids, mask)
@@ -246,6 +293,27 @@ def test_live_range():
     assert start.tolist() == [1] * 3 and end.tolist() == [3] * 3 and not holes.any()
 
 
+def _rows(rows: list[list[list[int]]]) -> torch.Tensor:
+    """A (batch, 1, q_len, kv_len) bool mask from rows per sequence."""
+    return torch.tensor(rows, dtype=torch.bool, device=DEVICE)[:, None]
+
+
+def test_live_range_of_several_query_tokens():
+    """Bottom-right causal rows from one start (left padding) are the kernel's; a sliding
+    window is too when passed; anything else is flagged."""
+    causal = [[0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]]
+    shifted = [[1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]]  # row 0 starts early
+    window = [[0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1]]  # 3 keys each: left 2
+    pad_query = [[0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 1, 1]]  # a query before the prompt
+    start, end, bad = lt.live_range(_rows([causal, shifted, window, pad_query]), 4)
+    assert start.tolist() == [1, 0, 1, 4] and end.tolist() == [6, 6, 6, 6]
+    assert bad.tolist() == [False, True, True, False]
+    _, _, bad = lt.live_range(_rows([causal, window]), 2, window_left=2)
+    assert bad.tolist() == [True, False]
+    _, _, bad = lt.live_range(_rows([window]), 1, window_left=1)
+    assert bad.tolist() == [True]
+
+
 def _call(mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One decode call straight through the attention function; returns it and the inputs."""
     gen = torch.Generator().manual_seed(3)
@@ -320,7 +388,7 @@ def test_generate_plans_once_per_step(monkeypatch):
     lt.calls.clear()
     generate(model, lt.NAME, ids, mask)
     expect_calls(NEW_TOKENS - 1)
-    assert len(plans) == NEW_TOKENS - 1  # one per decode step, for both layers
+    assert len(plans) == NEW_TOKENS  # one per step (the short prefill's included), for both layers
 
 
 def test_mask_with_holes_gives_nan_rows():
@@ -346,7 +414,13 @@ def test_decode_refusal(kwargs, reason):
     assert lt.decode_refusal(q, k, k, None, 0.0, kwargs) == reason
     assert lt.decode_refusal(q, k, k, None, 0.0, {}) is None
     assert lt.decode_refusal(q.float(), k.float(), k.float(), None, 0.0, {}).startswith("torch.float32")
-    assert lt.decode_refusal(torch.zeros(1, 4, 3, 64, dtype=torch.bfloat16), k, k, None, 0.0, {}) == "prefill"
+    # Several query tokens run on leanattn up to MAX_QUERY_TOKENS (and 128 rows), causal only.
+    few = torch.zeros(1, 4, 3, 64, dtype=torch.bfloat16)
+    assert lt.decode_refusal(few, k, k, None, 0.0, {}) is None
+    assert lt.decode_refusal(few, k, k, None, 0.0, {"is_causal": False}) == "not causal"
+    many = torch.zeros(1, 4, lt.MAX_QUERY_TOKENS + 1, 64, dtype=torch.bfloat16)
+    assert lt.decode_refusal(many, k, k, None, 0.0, {}) == "prefill"
+    assert lt.decode_refusal(few, k, k, torch.ones(1, 1, 1, 6, dtype=torch.bool), 0.0, {}) == "attention mask of shape (1, 1, 1, 6)"
     assert lt.decode_refusal(q, k, k, torch.zeros(1, 1, 1, 6), 0.0, {}) == "attention mask is not a boolean tensor"
 
 

@@ -5,15 +5,18 @@
 ``AttentionMaskInterface``), so ``from_pretrained(..., attn_implementation="leanattn")`` and
 ``model.set_attn_implementation("leanattn")`` work.
 
-Decode steps (one query token per sequence) run on :func:`leanattn.decode`, reading the cache in
-place: transformers keeps K/V as (batch, kv_heads, len, head_dim) and the kernel takes
-(batch, len, kv_heads, head_dim) with any strides, so ``key.transpose(1, 2)`` is passed, no copy.
-The keys each row may see are read off the attention mask on the device (first and last live
-position), never on the host, so the static-cache path is free of host syncs and compiles
-without graph breaks. Soft-capping (Gemma 2) and attention sinks (gpt-oss's ``s_aux``) are
-passed to the kernel. Every other call (prefill, several query tokens, fp32, a head size or a
-feature the kernel lacks) goes to transformers' own ``sdpa_attention_forward`` unchanged, or, for
-a call with soft-capping or sinks, which SDPA lacks, to the model's own eager attention.
+Decode steps run on leanattn: one query token per sequence, or up to ``MAX_QUERY_TOKENS``
+(speculative decoding's verification, short prompts), reading the cache in place: transformers
+keeps K/V as (batch, kv_heads, len, head_dim) and the kernel takes (batch, len, kv_heads,
+head_dim) with any strides, so ``key.transpose(1, 2)`` is passed, no copy. The keys each
+sequence may see are read off the attention mask on the device (first and last live position;
+a model's sliding window applies per query token), never on the host, so the static-cache path
+is free of host syncs and compiles without graph breaks. Eager steps plan a
+:class:`leanattn.DecodeWrapper` once per mask and run it in every layer. Soft-capping (Gemma 2)
+and attention sinks (gpt-oss's ``s_aux``) are passed to the kernel. Every other call (long
+prefills, fp32, a head size or a feature the kernel lacks) goes to transformers' own
+``sdpa_attention_forward`` unchanged, or, for a call with soft-capping or sinks, which SDPA
+lacks, to the model's own eager attention.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 import leanattn
 from leanattn.kernels.config import interpreting
 
-__all__ = ["NAME", "attention_forward", "decode_refusal", "live_range", "calls"]
+__all__ = ["NAME", "MAX_QUERY_TOKENS", "attention_forward", "decode_refusal", "live_range", "calls"]
 
 NAME = "leanattn"
 
@@ -43,6 +46,10 @@ _SCORE_FEATURES = ("position_bias", "sinks")
 # Score features SDPA lacks (some transformers versions would ignore them): a call with one that
 # the kernel can't take goes to the model's own eager attention, never to SDPA.
 _SDPA_LACKS = ("softcap", "s_aux", "sinks")
+
+# Query tokens per sequence a call may have and still run on leanattn: decode steps, speculative
+# decoding's verification, short prompts. Longer calls are prefills, for SDPA.
+MAX_QUERY_TOKENS = 16
 
 # Eager calls by path: "leanattn", or "sdpa: <reason>". For tests and for a user asking "did my
 # decode steps run on leanattn?". Not counted while torch.compile traces (a trace is not a call).
@@ -56,16 +63,17 @@ def decode_refusal(
     attention_mask: torch.Tensor | None,
     dropout: float,
     kwargs: dict,
+    module: torch.nn.Module | None = None,
 ) -> str | None:
-    """Why ``leanattn.decode`` can't take this call (a short reason), or ``None`` if it can.
+    """Why leanattn can't take this call (a short reason), or ``None`` if it can.
 
     query (batch, q_heads, q_len, head_dim); key, value (batch, kv_heads, kv_len, head_dim);
     attention_mask None or (batch or 1, 1, q_len, kv_len). Decided from shapes, dtypes and
     Python values only: no tensor is read.
     """
     batch, q_heads, q_len, head_dim = query.shape
-    if q_len != 1:
-        return "prefill" if q_len > 1 else "empty query"
+    if q_len < 1:
+        return "empty query"
     if dropout:
         return "dropout"
     if query.dtype not in leanattn.SUPPORTED_DTYPES:
@@ -77,6 +85,14 @@ def decode_refusal(
     kv_heads = key.shape[1]
     if key.shape[0] != batch or value.shape[:3] != key.shape[:3] or kv_heads == 0 or q_heads % kv_heads:
         return "key/value shapes don't match the query"
+    if q_len > MAX_QUERY_TOKENS or q_len * (q_heads // kv_heads) > leanattn.api.MAX_QUERY_ROWS:
+        return "prefill"
+    if q_len > 1:
+        causal = kwargs.get("is_causal")
+        if not (causal if causal is not None else getattr(module, "is_causal", True)):
+            return "not causal"
+        if getattr(getattr(module, "config", None), "attention_chunk_size", None):
+            return "chunked attention"  # per-chunk masks: no start and end per sequence
     if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
         return "query, key or value without a unit last stride"
     if query.device.type != "cuda" and not interpreting():
@@ -92,27 +108,42 @@ def decode_refusal(
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype != torch.bool:
             return "attention mask is not a boolean tensor"
         shape = attention_mask.shape
-        if len(shape) != 4 or shape[0] not in (1, batch) or shape[1] != 1 or shape[2] != 1 or shape[3] != key.shape[2]:
+        if len(shape) != 4 or shape[0] not in (1, batch) or shape[1] != 1 or shape[2] != q_len or shape[3] != key.shape[2]:
             return f"attention mask of shape {tuple(shape)}"
     return None
 
 
-def live_range(attention_mask: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """First and one-past-last attended key of each row, from a (batch or 1, 1, 1, kv_len) bool mask.
+def live_range(
+    attention_mask: torch.Tensor, batch: int, window_left: int = -1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each sequence's live keys, from a (batch or 1, 1, q_len, kv_len) bool mask.
 
-    Returns int32 (batch,) ``start`` and ``end`` (the kernel's ``cache_leftpad`` and
-    ``cache_seqlens``; a row with no key gets start == end == 0) and bool (batch,) ``holes``: rows
-    whose live keys are not one contiguous run, which the kernel can't express. All on the
-    mask's device, with no host sync.
+    The kernel lets query row i (of q_len) of sequence b see keys [lo, hi): hi = end - (q_len -
+    1 - i), lo = max(start, hi - 1 - window_left) (start without a window), bottom-right causal.
+    ``start`` and ``end`` are the first and one-past-last key any row sees (a sequence with no
+    key gets start == end == 0). Returns them as int32 (batch,) (the kernel's
+    ``cache_leftpad`` and ``cache_seqlens``) and bool (batch,) ``bad``: sequences whose mask is
+    not the kernel's (padding inside a sequence, say). All on the mask's device, with no host
+    sync.
     """
-    live = attention_mask[:, 0, 0, :].expand(batch, -1)
-    kv_len = live.shape[-1]
-    pos = torch.arange(1, kv_len + 1, dtype=torch.int32, device=live.device)
+    rows = attention_mask[:, 0].expand(batch, -1, -1)  # (batch, q_len, kv_len)
+    q_len, kv_len = rows.shape[-2:]
+    live = rows[:, 0] if q_len == 1 else rows.any(1)
+    pos = torch.arange(1, kv_len + 1, dtype=torch.int32, device=rows.device)
     end = (pos * live).amax(-1)  # last live index + 1; 0 when none
     start = kv_len - ((kv_len + 1 - pos) * live).amax(-1)  # first live index; kv_len when none
     start = torch.minimum(start, end)
-    holes = live.sum(-1, dtype=torch.int32) != end - start
-    return start.to(torch.int32), end.to(torch.int32), holes
+    if q_len == 1 and window_left < 0:
+        bad = live.sum(-1, dtype=torch.int32) != end - start
+    else:
+        hi = end[:, None] - torch.arange(q_len - 1, -1, -1, dtype=torch.int32, device=rows.device)
+        lo = start[:, None].expand_as(hi)
+        if window_left >= 0:
+            lo = torch.maximum(lo, hi - 1 - window_left)
+        key = pos - 1
+        seen = (key >= lo[..., None]) & (key < hi[..., None])
+        bad = (seen != rows).flatten(1).any(-1)
+    return start.to(torch.int32), end.to(torch.int32), bad
 
 
 # Eager decode steps plan once per step. A forward pass hands every layer of a kind the same
@@ -131,12 +162,12 @@ def _version(mask: torch.Tensor | None) -> int:
 
 
 class _Plan:
-    __slots__ = ("mask", "version", "wrapper", "holes")
+    __slots__ = ("mask", "version", "wrapper", "bad")
 
-    def __init__(self, mask: torch.Tensor | None, wrapper: leanattn.DecodeWrapper, holes: torch.Tensor | None):
+    def __init__(self, mask: torch.Tensor | None, wrapper: leanattn.DecodeWrapper, bad: torch.Tensor | None):
         self.mask = None if mask is None else weakref.ref(mask)
         self.version = _version(mask)
-        self.wrapper, self.holes = wrapper, holes
+        self.wrapper, self.bad = wrapper, bad
 
     def fits(self, mask: torch.Tensor | None) -> bool:
         if mask is None:
@@ -154,47 +185,62 @@ _spare: dict[tuple, list[leanattn.DecodeWrapper]] = collections.defaultdict(list
 
 def _planned(
     query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None,
+    window_left: int,
 ) -> tuple[leanattn.DecodeWrapper, torch.Tensor | None]:
-    """A DecodeWrapper planned for this step's mask and shapes, and the rows with holes (or None).
-    query (batch, q_heads, 1, head_dim); key (batch, kv_heads, kv_len, head_dim)."""
-    batch, q_heads, _, head_dim = query.shape
+    """A DecodeWrapper planned for this step's mask and shapes, and the sequences the kernel
+    can't express (or None). query (batch, q_heads, q_len, head_dim); key (batch, kv_heads,
+    kv_len, head_dim)."""
+    batch, q_heads, q_len, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
-    kind = (q_heads, kv_heads, head_dim, query.dtype, key.dtype, query.device, scaling)
-    slot = (kind, batch, kv_len, id(attention_mask))
+    kind = (q_heads, kv_heads, head_dim, query.dtype, key.dtype, query.device, scaling, q_len)
+    slot = (kind, batch, kv_len, window_left, id(attention_mask))
     plan = _plans.get(slot)
     if plan is not None and plan.fits(attention_mask):
         _plans.move_to_end(slot)
-        return plan.wrapper, plan.holes
+        return plan.wrapper, plan.bad
     for old_slot in [other for other, entry in _plans.items() if other == slot or entry.stale()]:
         _spare[old_slot[0]].append(_plans.pop(old_slot).wrapper)
     while len(_plans) >= _MAX_PLANS:
         (old_kind, *_), old = _plans.popitem(last=False)
         _spare[old_kind].append(old.wrapper)
     wrapper = _spare[kind].pop() if _spare[kind] else leanattn.DecodeWrapper(
-        q_heads, kv_heads, head_dim, query.dtype, query.device, kv_dtype=key.dtype, softmax_scale=scaling)
-    holes = None
-    if attention_mask is None:
-        wrapper.plan(None, kv_len, batch=batch)
-    else:
-        start, end, holes = live_range(attention_mask, batch)
-        wrapper.plan(end, kv_len, cache_leftpad=start)
-    _plans[slot] = _Plan(attention_mask, wrapper, holes)
-    return wrapper, holes
+        q_heads, kv_heads, head_dim, query.dtype, query.device, kv_dtype=key.dtype, max_q_len=q_len,
+        softmax_scale=scaling)
+    leftpad, seqlens, bad = _lengths(attention_mask, batch, q_len, window_left, query.device)
+    wrapper.plan(seqlens, kv_len, batch=batch, cache_leftpad=leftpad, q_len=q_len, window_size=(window_left, 0))
+    _plans[slot] = _Plan(attention_mask, wrapper, bad)
+    return wrapper, bad
+
+
+def _lengths(
+    attention_mask: torch.Tensor | None, batch: int, q_len: int, window_left: int, device: torch.device,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The kernel's (cache_leftpad, cache_seqlens) and the sequences it can't express, for a
+    call's mask. Without a mask, transformers means SDPA's ``is_causal``, aligned top-left: one
+    query token sees every key, several see the keys before them (the first q_len: the rest of a
+    static cache is empty)."""
+    if attention_mask is not None:
+        start, end, bad = live_range(attention_mask, batch, window_left)
+        return start, end, bad
+    if q_len == 1:
+        return None, None, None
+    return None, torch.full((batch,), q_len, dtype=torch.int32, device=device), None
 
 
 _reserved: set[tuple] = set()
 
 
-def _reserve_decode_workspace(query: torch.Tensor, key: torch.Tensor) -> None:
-    """Allocate the workspace compiled decode steps will use, from an eager call (a prefill, an
-    eager decode step): torch.compile's CUDA graphs refuse one first allocated while they record."""
+def _reserve_decode_workspace(query: torch.Tensor, key: torch.Tensor, q_len: int) -> None:
+    """Allocate the workspace compiled steps of ``q_len`` query tokens will use, from an eager
+    call (a prefill, an eager step): torch.compile's CUDA graphs refuse one first allocated while
+    they record."""
     if not query.is_cuda or query.dtype not in leanattn.SUPPORTED_DTYPES or torch.cuda.is_current_stream_capturing():
         return
     q_heads, head_dim, kv_heads = query.shape[1], query.shape[-1], key.shape[1]
-    kind = (query.device, q_heads, kv_heads, head_dim, key.dtype)
+    kind = (query.device, q_heads, kv_heads, head_dim, key.dtype, q_len)
     if kind in _reserved or head_dim not in leanattn.SUPPORTED_HEAD_DIMS or kv_heads == 0 or q_heads % kv_heads:
         return
-    leanattn.reserve_workspace(query.device, q_heads, kv_heads, head_dim, key.dtype)
+    leanattn.reserve_workspace(query.device, q_heads, kv_heads, head_dim, key.dtype, q_len=q_len)
     _reserved.add(kind)
 
 
@@ -220,9 +266,10 @@ def attention_forward(
     (batch, 1, q_len, kv_len) mask from ``sdpa_mask``. Returns (batch, q_len, q_heads, head_dim)
     and no attention weights.
     """
-    reason = decode_refusal(query, key, value, attention_mask, dropout, kwargs)
+    reason = decode_refusal(query, key, value, attention_mask, dropout, kwargs, module)
     if reason in (None, "prefill") and not torch.compiler.is_compiling():
-        _reserve_decode_workspace(query, key)
+        # What this call's own compiled twin would need, and, from prefills, one-token steps.
+        _reserve_decode_workspace(query, key, 1 if reason else query.shape[2])
     if reason is not None:
         lacking = [name for name in _SDPA_LACKS if kwargs.get(name) is not None]
         if lacking:
@@ -241,26 +288,29 @@ def attention_forward(
         _count(f"sdpa: {reason}")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     _count(NAME)
-    # (B, Hq, 1, D) -> (B, 1, Hq, D) and (B, Hkv, N, D) -> (B, N, Hkv, D): views, no copies. Left
-    # padding and sliding windows both show in the mask as a row's first live key.
+    # (B, Hq, T, D) -> (B, T, Hq, D) and (B, Hkv, N, D) -> (B, N, Hkv, D): views, no copies. Left
+    # padding shows in the mask as a row's first live key, and so does a sliding window when
+    # there is one query token; several query tokens each see their own window (transformers'
+    # ``sliding_window`` W keeps keys after q - W: flash-attn's left window W - 1).
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     softcap = float(kwargs.get("softcap") or 0.0)
     sinks = kwargs.get("s_aux")
     sinks = None if sinks is None else sinks.float()
+    sliding = kwargs.get("sliding_window")
+    window_left = int(sliding) - 1 if sliding and query.shape[2] > 1 else -1
     if torch.compiler.is_compiling() or (query.is_cuda and torch.cuda.is_current_stream_capturing()):
         # Traced or captured: the one-shot custom op, which allocates nothing and keeps no state.
-        seqlens = leftpad = holes = None
-        if attention_mask is not None:
-            leftpad, seqlens, holes = live_range(attention_mask, query.shape[0])
-        out = leanattn.decode(q, k, v, seqlens, cache_leftpad=leftpad, softmax_scale=scaling, softcap=softcap,
-                              sinks=sinks)
+        leftpad, seqlens, bad = _lengths(attention_mask, query.shape[0], query.shape[2], window_left, query.device)
+        out = leanattn.decode(q, k, v, seqlens, cache_leftpad=leftpad, softmax_scale=scaling,
+                              window_size=(window_left, 0), softcap=softcap, sinks=sinks)
     else:
-        wrapper, holes = _planned(query, key, attention_mask, scaling)
+        wrapper, bad = _planned(query, key, attention_mask, scaling, window_left)
         out = wrapper.run(q, k, v, softcap=softcap, sinks=sinks)
-    if holes is not None:
-        # A row whose mask has gaps (padding inside the sequence) has no exact answer from the
-        # kernel; it turns to NaN rather than to a plausible wrong value, without a host sync.
-        out.masked_fill_(holes.view(-1, 1, 1, 1), float("nan"))
+    if bad is not None:
+        # A sequence whose mask the kernel can't express (padding inside it, another mask
+        # shape) has no exact answer here; its rows turn to NaN rather than to a plausible wrong
+        # value, without a host sync.
+        out.masked_fill_(bad.view(-1, 1, 1, 1), float("nan"))
     return out, None
 
 
