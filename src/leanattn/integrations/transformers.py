@@ -207,6 +207,7 @@ def _planned(
         q_heads, kv_heads, head_dim, query.dtype, query.device, kv_dtype=key.dtype, max_q_len=q_len,
         softmax_scale=scaling)
     leftpad, seqlens, bad = _lengths(attention_mask, batch, q_len, window_left, query.device)
+    _reserve_decode_workspace(query, key, q_len)  # for compiled steps of this shape
     wrapper.plan(seqlens, kv_len, batch=batch, cache_leftpad=leftpad, q_len=q_len, window_size=(window_left, 0))
     _plans[slot] = _Plan(attention_mask, wrapper, bad)
     return wrapper, bad
@@ -267,9 +268,8 @@ def attention_forward(
     and no attention weights.
     """
     reason = decode_refusal(query, key, value, attention_mask, dropout, kwargs, module)
-    if reason in (None, "prefill") and not torch.compiler.is_compiling():
-        # What this call's own compiled twin would need, and, from prefills, one-token steps.
-        _reserve_decode_workspace(query, key, 1 if reason else query.shape[2])
+    if reason == "prefill" and not torch.compiler.is_compiling():
+        _reserve_decode_workspace(query, key, 1)  # for the compiled one-token steps that follow
     if reason is not None:
         lacking = [name for name in _SDPA_LACKS if kwargs.get(name) is not None]
         if lacking:
