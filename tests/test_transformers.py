@@ -377,6 +377,18 @@ def test_wrappers_of_past_steps_are_reused(monkeypatch):
         assert (out.double() - _reference_for(mask, q, k, v)).abs().max().item() < 2e-2
         del mask
     assert len(made) == 1 and len(lt._plans) == 1
+    # Without a mask, plans differ by q_len: q_len 3 and 4 each get a plan (and a wrapper, as
+    # both plans stay valid), and q_len 3 again finds its own.
+    for q_len in (3, 4, 3):
+        q = torch.randn(2, 4, q_len, 64, generator=torch.Generator().manual_seed(q_len)).to(DEVICE, torch.bfloat16)
+        k = torch.randn(2, 2, 9, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.bfloat16)
+        module = torch.nn.Module()
+        out, _ = lt.attention_forward(module, q, k, k, None, scaling=0.1)
+        # No mask with several query tokens: top-left causal over the first q_len keys.
+        ref = leanattn.reference.decode(q.transpose(1, 2).double(), k.transpose(1, 2).double(), k.transpose(1, 2).double(),
+                                        torch.full((2,), q_len, dtype=torch.int32, device=DEVICE), softmax_scale=0.1)
+        assert (out.double() - ref).abs().max().item() < 2e-2
+    assert len(made) == 3
 
 
 def test_generate_plans_once_per_step(monkeypatch):

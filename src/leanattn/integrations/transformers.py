@@ -35,7 +35,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import leanattn
-from leanattn.kernels.config import interpreting
+from leanattn.kernels.config import interpreting, next_pow2
 
 __all__ = ["NAME", "MAX_QUERY_TOKENS", "attention_forward", "decode_refusal", "live_range", "calls"]
 
@@ -154,6 +154,7 @@ def live_range(
 # mask is gone (last step's), then the least recently used, give their wrappers back to a pool,
 # so a model keeps about one wrapper per mask kind.
 _MAX_PLANS = 8
+_MAX_SPARE = 2  # wrappers kept per kind beyond the planned ones
 
 
 def _version(mask: torch.Tensor | None) -> int:
@@ -192,25 +193,32 @@ def _planned(
     kv_len, head_dim)."""
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
-    kind = (q_heads, kv_heads, head_dim, query.dtype, key.dtype, query.device, scaling, q_len)
-    slot = (kind, batch, kv_len, window_left, id(attention_mask))
+    # Wrappers serve q_len up to a power of two (their workspace grows with it).
+    most = next_pow2(q_len)
+    kind = (q_heads, kv_heads, head_dim, query.dtype, key.dtype, query.device, scaling, most)
+    slot = (kind, q_len, batch, kv_len, window_left, id(attention_mask))
     plan = _plans.get(slot)
     if plan is not None and plan.fits(attention_mask):
         _plans.move_to_end(slot)
         return plan.wrapper, plan.bad
     for old_slot in [other for other, entry in _plans.items() if other == slot or entry.stale()]:
-        _spare[old_slot[0]].append(_plans.pop(old_slot).wrapper)
+        _give_back(old_slot[0], _plans.pop(old_slot).wrapper)
     while len(_plans) >= _MAX_PLANS:
         (old_kind, *_), old = _plans.popitem(last=False)
-        _spare[old_kind].append(old.wrapper)
+        _give_back(old_kind, old.wrapper)
     wrapper = _spare[kind].pop() if _spare[kind] else leanattn.DecodeWrapper(
-        q_heads, kv_heads, head_dim, query.dtype, query.device, kv_dtype=key.dtype, max_q_len=q_len,
+        q_heads, kv_heads, head_dim, query.dtype, query.device, kv_dtype=key.dtype, max_q_len=most,
         softmax_scale=scaling)
     leftpad, seqlens, bad = _lengths(attention_mask, batch, q_len, window_left, query.device)
     _reserve_decode_workspace(query, key, q_len)  # for compiled steps of this shape
     wrapper.plan(seqlens, kv_len, batch=batch, cache_leftpad=leftpad, q_len=q_len, window_size=(window_left, 0))
     _plans[slot] = _Plan(attention_mask, wrapper, bad)
     return wrapper, bad
+
+
+def _give_back(kind: tuple, wrapper: leanattn.DecodeWrapper) -> None:
+    if len(_spare[kind]) < _MAX_SPARE:
+        _spare[kind].append(wrapper)
 
 
 def _lengths(
