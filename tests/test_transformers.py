@@ -277,6 +277,29 @@ def test_compiled_static_cache_has_no_graph_break():
         assert sdpa not in ops, "a compiled decode step fell back to SDPA"
 
 
+def test_compiled_several_query_tokens_have_no_graph_break():
+    """A compiled verification step of 3 tokens (static cache, left padding) stays on leanattn,
+    with the same logits as SDPA."""
+    torch._dynamo.reset()
+    model = tiny_model("llama", 2, torch.bfloat16)
+    ids, mask = prompts([lt.MAX_QUERY_TOKENS + 2, 7])
+    drafts = torch.randint(1, VOCAB, (2, 3), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    ref = _verify_steps(model, "sdpa", ids, mask, drafts, "static")
+    recorder = _GraphRecorder()
+    compiled = torch.compile(model.forward, fullgraph=True, backend=recorder, dynamic=False)
+    original = model.forward
+    model.forward = compiled
+    try:
+        with torch._dynamo.config.patch(recompile_limit=16):
+            got = _verify_steps(model, lt.NAME, ids, mask, drafts, "static")
+    finally:
+        model.forward = original
+    for a, b in zip(ref, got):
+        assert (a - b).abs().max().item() <= LOGIT_ATOL[torch.bfloat16]
+    decode_ops = {torch.ops.leanattn.decode_into, torch.ops.leanattn.decode_into.default}
+    assert any(ops & decode_ops for ops in recorder.targets), "no compiled step ran on leanattn"
+
+
 def _mask(rows: list[list[int]]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.bool, device=DEVICE)[:, None, None, :]
 
