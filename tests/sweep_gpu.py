@@ -201,11 +201,11 @@ def draw_pool(seed: int, size: int) -> list[Variant]:
         _cycle((False, False, True), size, rng),
     ]
     pool = []
-    for d, g, dt, page, seqlens, pad, lse, api, grids, table, q_len, kv, window, causal, cap, sinks in zip(*columns):
+    for d, g, dt, page, seqlens, pad, lse, api, grids, table, q_len, cache, window, causal, cap, sinks in zip(*columns):
         # An LSE stride class that some kv_heads gives this group.
         lse_class = rng.choice(sorted({int_class(g * kv) for kv in KV_HEADS})) if lse else "-"
         pool.append(Variant(d, g, dt, page, seqlens, pad, lse, api, grids, lse_class, table if page else "-",
-                            q_len, kv, window, causal, cap, sinks))
+                            q_len, cache, window, causal, cap, sinks))
     return pool
 
 
