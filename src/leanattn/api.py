@@ -257,12 +257,19 @@ def reserve_workspace(
     ``mode="reduce-overhead"`` refuses a tensor first allocated while it records, and a capture
     cannot allocate at all.
     """
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    config, _, merge_rows, head_dim_pad, _ = _static_config(head_dim, kv_dtype, q_len * (q_heads // kv_heads))
+    _decode_buffers(torch.device(device), head_dim, kv_dtype, q_len * (q_heads // kv_heads), num_programs)
+
+
+def _decode_buffers(
+    device: torch.device, head_dim: int, kv_dtype: torch.dtype, rows: int, num_programs: int | None,
+    config: KernelConfig | None = None,
+) -> tuple[KernelConfig, int, tuple[torch.Tensor, ...]]:
+    """``decode``'s launch config (``config``, or the heuristic's), its grid and the device
+    workspace's buffers for it, the workspace grown if it must be. ``rows``: q_len x group."""
+    default, _, merge_rows, head_dim_pad, _ = _static_config(head_dim, kv_dtype, rows)
+    config = config or default
     programs = num_programs or default_num_programs(device, config)
-    _workspace(device).get(device, programs, merge_rows, head_dim_pad)
+    return config, programs, _workspace(device).get(device, programs, merge_rows, head_dim_pad)
 
 
 # One workspace per device for leanattn.decode: calls on different streams of a device must not
@@ -552,10 +559,8 @@ def launch(
         return
     if features is None:
         features, k_scale, v_scale = resolve_features(q, k_cache, True, (-1, -1), 0.0, None, None, None)
-    default, _, merge_rows, head_dim_pad, _ = _static_config(head_dim, k_cache.dtype, q_len * (q_heads // kv_heads))
-    config = config or default
-    programs = num_programs or default_num_programs(q.device, config)
-    acc, stats, tickets, chunk_tickets = _workspace(q.device).get(q.device, programs, merge_rows, head_dim_pad)
+    config, programs, (acc, stats, tickets, chunk_tickets) = _decode_buffers(
+        q.device, head_dim, k_cache.dtype, q_len * (q_heads // kv_heads), num_programs, config)
     if block_table is None:
         page_size, capacity, bt, stride_btb = 0, k_cache.shape[1], tickets, 0
     else:

@@ -128,21 +128,18 @@ def live_range(
     """
     rows = attention_mask[:, 0].expand(batch, -1, -1)  # (batch, q_len, kv_len)
     q_len, kv_len = rows.shape[-2:]
-    live = rows[:, 0] if q_len == 1 else rows.any(1)
+    live = rows.any(1)
     pos = torch.arange(1, kv_len + 1, dtype=torch.int32, device=rows.device)
     end = (pos * live).amax(-1)  # last live index + 1; 0 when none
     start = kv_len - ((kv_len + 1 - pos) * live).amax(-1)  # first live index; kv_len when none
     start = torch.minimum(start, end)
-    if q_len == 1 and window_left < 0:
-        bad = live.sum(-1, dtype=torch.int32) != end - start
-    else:
-        hi = end[:, None] - torch.arange(q_len - 1, -1, -1, dtype=torch.int32, device=rows.device)
-        lo = start[:, None].expand_as(hi)
-        if window_left >= 0:
-            lo = torch.maximum(lo, hi - 1 - window_left)
-        key = pos - 1
-        seen = (key >= lo[..., None]) & (key < hi[..., None])
-        bad = (seen != rows).flatten(1).any(-1)
+    hi = end[:, None] - torch.arange(q_len - 1, -1, -1, dtype=torch.int32, device=rows.device)
+    lo = start[:, None].expand_as(hi)
+    if window_left >= 0:
+        lo = torch.maximum(lo, hi - 1 - window_left)
+    key = pos - 1
+    seen = (key >= lo[..., None]) & (key < hi[..., None])
+    bad = (seen != rows).flatten(1).any(-1)
     return start.to(torch.int32), end.to(torch.int32), bad
 
 
