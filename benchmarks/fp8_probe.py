@@ -4,8 +4,9 @@
 
 For each shape and variant (the dtype the fp8 tiles are converted to for the two products; tile,
 warps, stages, programs per SM, target share) it prints the µs per call of the plan/run wrapper
-in CUDA-graph replay (the method of ``leanattn bench --mode graph``), the relative error of layer 0 against a
-float32 reference, and the compiled kernel's registers, spills and shared memory. The same shape
+in CUDA-graph replay (the method of ``leanattn bench --mode graph``), the relative error of the
+last layer against a float32 reference, and the compiled kernel's registers, spills and shared
+memory. The same shape
 in bf16 runs first, with the shipped configuration, as the yardstick: an fp8 cache reads half
 its bytes.
 """
@@ -21,12 +22,8 @@ import torch
 import triton.language as tl
 
 import leanattn
-from leanattn import api, wrapper
-from leanattn.bench.peers import capture_cuda_graph
-from leanattn.bench.run import _bench
-from leanattn.bench.serving import layer_count, make_layers
-from leanattn.bench.shapes import parse_shape
 from leanattn.kernels.config import KernelConfig
+from serving_probe import graph_step, launch_override
 
 # (product dtype, tile, warps, stages, programs per SM, target share); None: the shipped choice.
 # The target share bounds the programs of small calls (the fewest whose shares stay within it).
@@ -45,50 +42,22 @@ _DOT = {"bf16": tl.bfloat16, "fp16": tl.float16}
 
 
 def measure(text: str, variant: tuple | None) -> dict:
-    shape = parse_shape(text)
-    layers = layer_count(shape)
-    ls = make_layers(shape, torch.device("cuda"), layers)
-    x0 = ls.first
-    original_choose, original_constexprs = api.choose_config, wrapper.kernel_constexprs
+    override = {}
     if variant is not None:
         dot, tile, warps, stages, per_sm, share = variant
-        api.choose_config = lambda *a, **k: KernelConfig(tile=tile, num_warps=warps, num_stages=stages,
-                                                          programs_per_sm=per_sm, target_share=share)
-
-        def constexprs(*a, **k):
-            return dict(original_constexprs(*a, **k), DOT_DTYPE=_DOT[dot])
-
-        wrapper.kernel_constexprs = constexprs
-    api._static_config.cache_clear()
-    try:
-        w = leanattn.DecodeWrapper(shape.q_heads, shape.kv_heads, shape.head_dim, shape.dtype, x0.q.device,
-                                   kv_dtype=x0.k.dtype)
-        capacity = x0.k.shape[1] * (x0.block_table.shape[1] if x0.block_table is not None else 1)
-        outs = [torch.empty_like(x.q) for x in ls.xs]
-
-        def step():
-            w.plan(x0.seqlens, capacity)
-            for x, out in zip(ls.xs, outs):
-                w.run(x.q, x.k, x.v, block_table=x.block_table, out=out)
-            return outs
-
-        graph, _ = capture_cuda_graph(step)
-        graph.replay()
-        torch.cuda.synchronize()
-        ref = leanattn.reference.decode(x0.q.float(), x0.k.float(), x0.v.float(), x0.seqlens,
-                                        block_table=x0.block_table)
-        err = ((outs[0].float() - ref).norm() / ref.norm()).item()
-        us = _bench(graph.replay) / layers * 1e3
-        compiled = [c for c, _ in w._direct.values()][-1]
-        row = dict(shape=text, variant=variant or "shipped", us=round(us, 1), rel_err=float(f"{err:.2e}"),
-                   config=repr(w._config), regs=getattr(compiled, "n_regs", None),
-                   spills=getattr(compiled, "n_spills", None), smem=compiled.metadata.shared,
-                   gbs=round(shape.kv_bytes / us / 1e3, 0))
-        del graph
-        return row
-    finally:
-        api.choose_config, wrapper.kernel_constexprs = original_choose, original_constexprs
-        api._static_config.cache_clear()
+        config = KernelConfig(tile=tile, num_warps=warps, num_stages=stages, programs_per_sm=per_sm,
+                              target_share=share)
+        override = dict(config=lambda _: config, dot=_DOT[dot])
+    with launch_override(**override):
+        r = graph_step(text)
+    r["graph"].replay()
+    torch.cuda.synchronize()
+    x = r["layers"].xs[-1]  # the captured step returns the last layer's output
+    ref = leanattn.reference.decode(x.q.float(), x.k.float(), x.v.float(), x.seqlens, block_table=x.block_table)
+    err = ((r["last"].float() - ref).norm() / ref.norm()).item()
+    return dict(shape=text, variant=variant or "shipped", us=round(r["us"], 1), rel_err=float(f"{err:.2e}"),
+                config=repr(r["wrapper"]._config), regs=r["regs"], spills=r["spills"], smem=r["smem"],
+                gbs=round(r["shape"].kv_bytes / r["us"] / 1e3, 0))
 
 
 def main() -> int:

@@ -11,17 +11,20 @@ of its parts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from dataclasses import replace
+from typing import Callable, Iterator
 
 import torch
 
 import leanattn
-from leanattn import api
+from leanattn import api, wrapper
 from leanattn.bench.peers import capture_cuda_graph
 from leanattn.bench.run import _bench
-from leanattn.bench.serving import host_us, layer_count, make_layers
+from leanattn.bench.serving import _leanattn, host_us, layer_count, make_layers
 from leanattn.bench.shapes import parse_shape
+from leanattn.kernels.config import KernelConfig
 
 
 def _direct_launch_error(w, ls) -> str:
@@ -34,35 +37,49 @@ def _direct_launch_error(w, ls) -> str:
     return f"direct launches: {len(w._direct)}, errors: {api.DIRECT_LAUNCH_ERROR or 'none'}"
 
 
-def step_time(shape_text: str, pdl: bool, share: int = 0) -> tuple[float, dict]:
+@contextlib.contextmanager
+def launch_override(config: Callable[[KernelConfig], KernelConfig] | None = None, dot=None) -> Iterator[None]:
+    """Inside: the launch heuristic's choice passed through ``config``, and the products in
+    ``dot`` (a triton.language dtype), for the wrappers made, planned and run there."""
+    choose, constexprs = api.choose_config, wrapper.kernel_constexprs
+    if config is not None:
+        api.choose_config = lambda *a, **kw: config(choose(*a, **kw))
+    if dot is not None:
+        wrapper.kernel_constexprs = lambda *a, **kw: dict(constexprs(*a, **kw), DOT_DTYPE=dot)
+    api._static_config.cache_clear()
+    try:
+        yield
+    finally:
+        api.choose_config, wrapper.kernel_constexprs = choose, constexprs
+        api._static_config.cache_clear()
+
+
+def graph_step(shape_text: str, pdl: bool | None = None) -> dict:
+    """The bench's leanattn method (plan once, run each layer) on ``shape_text``, captured in a
+    CUDA graph: µs per call, the last layer's inputs and output, the wrapper and its compiled
+    kernel's registers, spills and shared memory. Call inside ``launch_override`` to vary it."""
     shape = parse_shape(shape_text)
     layers = layer_count(shape)
     ls = make_layers(shape, torch.device("cuda"), layers)
-    x0 = ls.first
-    w = leanattn.DecodeWrapper(shape.q_heads, shape.kv_heads, shape.head_dim, shape.dtype, x0.q.device)
-    w._pdl = pdl
-    if share:
-        w._config = replace(w._config, target_share=share)
-    capacity = x0.k.shape[1] * (x0.block_table.shape[1] if x0.block_table is not None else 1)
-    outs = [torch.empty_like(x.q) for x in ls.xs]
-
-    def step():
-        w.plan(x0.seqlens, capacity)
-        for x, out in zip(ls.xs, outs):
-            w.run(x.q, x.k, x.v, block_table=x.block_table, out=out)
-        return outs
-
-    graph, _ = capture_cuda_graph(step)
+    step, one_call = _leanattn(shape, ls)
+    w = step.wrapper
+    if pdl is not None:
+        w._pdl = pdl
+    graph, last = capture_cuda_graph(step)
     us = _bench(graph.replay) / layers * 1e3
-    info = {}
     compiled = [c for c, _ in w._direct.values()][-1]
-    info["regs"] = getattr(compiled, "n_regs", None)
-    info["spills"] = getattr(compiled, "n_spills", None)
-    info["smem"] = compiled.metadata.shared
-    info["host_run_us"] = host_us(lambda: w.run(x0.q, x0.k, x0.v, block_table=x0.block_table, out=outs[0]))
-    info["direct"] = _direct_launch_error(w, ls) if pdl else ""
-    del graph
-    return us, info
+    return dict(us=us, shape=shape, layers=ls, last=last, wrapper=w, one_call=one_call, graph=graph,
+                regs=getattr(compiled, "n_regs", None), spills=getattr(compiled, "n_spills", None),
+                smem=compiled.metadata.shared)
+
+
+def step_time(shape_text: str, pdl: bool, share: int = 0) -> tuple[float, dict]:
+    with launch_override(config=(lambda c: replace(c, target_share=share)) if share else None):
+        r = graph_step(shape_text, pdl)
+        info = {key: r[key] for key in ("regs", "spills", "smem")}
+        info["host_run_us"] = host_us(r["one_call"])
+        info["direct"] = _direct_launch_error(r["wrapper"], r["layers"]) if pdl else ""
+    return r["us"], info
 
 
 def host_parts(shape_text: str) -> dict[str, float]:
