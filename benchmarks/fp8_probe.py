@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 import torch
@@ -37,11 +38,27 @@ VARIANTS: list[tuple | None] = [
     ("fp16", 128, 8, 3, 2, 4),
     ("fp16", 128, 4, 2, 2, 4),
     ("fp16", 64, 4, 4, 2, 4),
+    ("fp16", 128, 2, 3, 2, 4),
+    ("fp16", 128, 4, 2, 3, 4),
 ]
 _DOT = {"bf16": tl.bfloat16, "fp16": tl.float16}
 
 
-def measure(text: str, variant: tuple | None) -> dict:
+def dump_asm(compiled, folder: str, name: str) -> None:
+    """The compiled kernel's Triton GPU IR, PTX and (where cuobjdump runs) SASS, in ``folder``."""
+    os.makedirs(folder, exist_ok=True)
+    for kind in ("ttgir", "ptx"):
+        with open(os.path.join(folder, f"{name}.{kind}"), "w") as f:
+            f.write(str(compiled.asm[kind]))
+    try:
+        from triton.tools.disasm import get_sass
+        with open(os.path.join(folder, f"{name}.sass"), "w") as f:
+            f.write(get_sass(compiled.asm["cubin"]))
+    except Exception as e:  # no cuobjdump on the path
+        print(f"no SASS for {name}: {e}", file=sys.stderr)
+
+
+def measure(text: str, variant: tuple | None, asm: str | None = None) -> dict:
     override = {}
     if variant is not None:
         dot, tile, warps, stages, per_sm, share = variant
@@ -54,6 +71,9 @@ def measure(text: str, variant: tuple | None) -> dict:
     torch.cuda.synchronize()
     x = r["layers"].xs[-1]  # the captured step returns the last layer's output
     ref = leanattn.reference.decode(x.q.float(), x.k.float(), x.v.float(), x.seqlens, block_table=x.block_table)
+    if asm:
+        tag = "shipped" if variant is None else "-".join(map(str, variant))
+        dump_asm(r["compiled"], asm, re.sub(r"[^\w.-]+", "_", f"{text}-{tag}"))
     err = ((r["last"].float() - ref).norm() / ref.norm()).item()
     return dict(shape=text, variant=variant or "shipped", us=round(r["us"], 1), rel_err=float(f"{err:.2e}"),
                 config=repr(r["wrapper"]._config), regs=r["regs"], spills=r["spills"], smem=r["smem"],
@@ -65,6 +85,7 @@ def main() -> int:
     parser.add_argument("--shapes", nargs="+", default=["8x32k@32/8:fp8", "1x512k@32/8:fp8:page=16",
                                                         "32x4k@32/8:fp8:page=16", "1x32k@8/1:fp8"])
     parser.add_argument("--out", help="folder for probe.json")
+    parser.add_argument("--asm", help="folder for each variant's compiled kernel: TTGIR, PTX and SASS")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("fp8_probe.py needs a CUDA GPU", file=sys.stderr)
@@ -76,7 +97,7 @@ def main() -> int:
         for t, variants in ((base, [None]), (text, VARIANTS)):
             for variant in variants:
                 try:
-                    row = measure(t, variant)
+                    row = measure(t, variant, args.asm)
                 except Exception as e:  # a variant that does not compile or fit
                     row = dict(shape=t, variant=variant or "shipped", error=f"{type(e).__name__}: {str(e)[:160]}")
                 rows.append(row)

@@ -69,7 +69,7 @@ def graph_step(shape_text: str, pdl: bool | None = None) -> dict:
     us = _bench(graph.replay) / layers * 1e3
     compiled = [c for c, _ in w._direct.values()][-1]
     return dict(us=us, shape=shape, layers=ls, last=last, wrapper=w, one_call=one_call, graph=graph,
-                regs=getattr(compiled, "n_regs", None), spills=getattr(compiled, "n_spills", None),
+                compiled=compiled, regs=getattr(compiled, "n_regs", None), spills=getattr(compiled, "n_spills", None),
                 smem=compiled.metadata.shared)
 
 
