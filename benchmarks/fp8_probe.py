@@ -26,7 +26,8 @@ import leanattn
 from leanattn.kernels.config import KernelConfig
 from serving_probe import graph_step, launch_override
 
-# (product dtype, tile, warps, stages, programs per SM, target share); None: the shipped choice.
+# (product dtype, tile, warps, stages, programs per SM, target share[, V_CONVERT: how V's tile is
+# converted, see the kernel]); None: the shipped choice.
 # The target share bounds the programs of small calls (the fewest whose shares stay within it).
 VARIANTS: list[tuple | None] = [
     None,
@@ -38,8 +39,13 @@ VARIANTS: list[tuple | None] = [
     ("fp16", 128, 8, 3, 2, 4),
     ("fp16", 128, 4, 2, 2, 4),
     ("fp16", 64, 4, 4, 2, 4),
-    ("fp16", 128, 2, 3, 2, 4),
-    ("fp16", 128, 4, 2, 3, 4),
+    ("fp16", 128, 4, 3, 2, 4, 1),
+    ("fp16", 128, 4, 3, 2, 4, 2),
+    ("fp16", 64, 4, 3, 2, 4, 1),
+    ("fp16", 64, 4, 3, 2, 4, 2),
+    ("fp16", 128, 8, 3, 2, 4, 1),
+    ("fp16", 128, 4, 4, 2, 4, 1),
+    ("fp16", 128, 4, 3, 1, 4, 1),
 ]
 _DOT = {"bf16": tl.bfloat16, "fp16": tl.float16}
 
@@ -61,10 +67,10 @@ def dump_asm(compiled, folder: str, name: str) -> None:
 def measure(text: str, variant: tuple | None, asm: str | None = None) -> dict:
     override = {}
     if variant is not None:
-        dot, tile, warps, stages, per_sm, share = variant
+        dot, tile, warps, stages, per_sm, share, *v_convert = variant
         config = KernelConfig(tile=tile, num_warps=warps, num_stages=stages, programs_per_sm=per_sm,
                               target_share=share)
-        override = dict(config=lambda _: config, dot=_DOT[dot])
+        override = dict(config=lambda _: config, dot=_DOT[dot], extra=dict(V_CONVERT=v_convert[0]) if v_convert else None)
     with launch_override(**override):
         r = graph_step(text)
     r["graph"].replay()
@@ -86,6 +92,7 @@ def main() -> int:
                                                         "32x4k@32/8:fp8:page=16", "1x32k@8/1:fp8"])
     parser.add_argument("--out", help="folder for probe.json")
     parser.add_argument("--asm", help="folder for each variant's compiled kernel: TTGIR, PTX and SASS")
+    parser.add_argument("--variants", type=int, nargs="+", help="indices into VARIANTS (default: all)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("fp8_probe.py needs a CUDA GPU", file=sys.stderr)
@@ -94,7 +101,8 @@ def main() -> int:
     rows = []
     for text in args.shapes:
         base = text.replace(":fp8", "")
-        for t, variants in ((base, [None]), (text, VARIANTS)):
+        chosen = VARIANTS if args.variants is None else [VARIANTS[i] for i in args.variants]
+        for t, variants in ((base, [None]), (text, chosen)):
             for variant in variants:
                 try:
                     row = measure(t, variant, args.asm)

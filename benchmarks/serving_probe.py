@@ -38,14 +38,18 @@ def _direct_launch_error(w, ls) -> str:
 
 
 @contextlib.contextmanager
-def launch_override(config: Callable[[KernelConfig], KernelConfig] | None = None, dot=None) -> Iterator[None]:
-    """Inside: the launch heuristic's choice passed through ``config``, and the products in
-    ``dot`` (a triton.language dtype), for the wrappers made, planned and run there."""
+def launch_override(
+    config: Callable[[KernelConfig], KernelConfig] | None = None, dot=None, extra: dict | None = None,
+) -> Iterator[None]:
+    """Inside: the launch heuristic's choice passed through ``config``, the products in ``dot``
+    (a triton.language dtype) and the kernel's other compile-time parameters in ``extra``, for
+    the wrappers made, planned and run there."""
     choose, constexprs = api.choose_config, wrapper.kernel_constexprs
     if config is not None:
         api.choose_config = lambda *a, **kw: config(choose(*a, **kw))
-    if dot is not None:
-        wrapper.kernel_constexprs = lambda *a, **kw: dict(constexprs(*a, **kw), DOT_DTYPE=dot)
+    changes = dict(extra or {}, **({"DOT_DTYPE": dot} if dot is not None else {}))
+    if changes:
+        wrapper.kernel_constexprs = lambda *a, **kw: dict(constexprs(*a, **kw), **changes)
     api._static_config.cache_clear()
     try:
         yield

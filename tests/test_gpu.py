@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import leanattn
+from leanattn import api
 from leanattn.bench.peers import capture_cuda_graph
 
 from _util import ON_GPU, assert_close, make_inputs, poisoned_like, reference, to_paged
@@ -81,7 +82,10 @@ def test_cuda_graph_replay_with_new_lengths(paged):
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_inductor_compile(mode):
+    """Compiled with the first decode call inside the compiled step: under "reduce-overhead" the
+    workspace is first allocated during the CUDA-graph warm-up, outside the graph's pool."""
     torch._dynamo.reset()
+    api._WORKSPACES.clear()
     q, k, v, sl = make_inputs([5000, 0, 777], 32, 8, 128, torch.bfloat16)
 
     def step(q, k, v, sl):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -200,6 +201,34 @@ def _sm_count(index: int) -> int:
     return _SM_COUNTS[index]
 
 
+def _outside_graph_pools(device: torch.device, allocate: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """``allocate()``'s tensors, from the caching allocator's ordinary pool.
+
+    torch.compile's ``mode="reduce-overhead"`` warms a graph up with the calling thread's
+    allocations routed to the graph's private pool, and refuses the step if a tensor made there
+    outlives it. The workspace outlives every step, so on CUDA it is allocated on a thread of its
+    own (the routing is per thread), and that thread waits for its fill kernels, which ran on its
+    own current stream."""
+    if device.type != "cuda":
+        return allocate()
+    result: list = []
+
+    def run() -> None:
+        try:
+            with torch.cuda.device(device):
+                result.append(allocate())
+                torch.cuda.current_stream().synchronize()
+        except BaseException as e:  # re-raised on the caller's thread
+            result.append(e)
+
+    thread = threading.Thread(target=run, name="leanattn-workspace")
+    thread.start()
+    thread.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
 class _Workspace:
     """fp32 partials and tickets for split heads, grown on demand.
 
@@ -236,9 +265,13 @@ class _Workspace:
             old = (0, 0, 0) if self.acc is None else (self.acc.numel(), self.stats.numel(), self.tickets.numel())
             if self.acc is not None:
                 self.retired.append((self.acc, self.stats, self.tickets))
-            self.acc = torch.empty(max(2 * programs * rows * cols, old[0]), dtype=torch.float32, device=device)
-            self.stats = torch.empty(max(2 * programs * 2 * rows, old[1]), dtype=torch.float32, device=device)
-            self.tickets = torch.zeros(max(3 * programs + 3, old[2]), dtype=torch.int32, device=device)
+            sizes = (max(2 * programs * rows * cols, old[0]), max(2 * programs * 2 * rows, old[1]),
+                     max(3 * programs + 3, old[2]))
+            self.acc, self.stats, self.tickets = _outside_graph_pools(device, lambda: (
+                torch.empty(sizes[0], dtype=torch.float32, device=device),
+                torch.empty(sizes[1], dtype=torch.float32, device=device),
+                torch.zeros(sizes[2], dtype=torch.int32, device=device),
+            ))
         # Head tickets first, then the chunk tickets (see the kernel's two-level arrival count),
         # from a 16-byte boundary: Triton specialises pointers on it, so any grid size reuses
         # one compiled kernel.
@@ -253,9 +286,8 @@ def reserve_workspace(
     """Allocate now the workspace :func:`decode` needs for calls of this shape on ``device``.
 
     The workspace is allocated on the first call that needs it. Call this (or ``decode`` once)
-    before the first call happens inside a CUDA graph's warm-up or capture: torch.compile's
-    ``mode="reduce-overhead"`` refuses a tensor first allocated while it records, and a capture
-    cannot allocate at all.
+    before capturing a CUDA graph whose calls need it: a capture cannot allocate. torch.compile's
+    ``mode="reduce-overhead"`` needs neither: it runs each new graph eagerly once first.
     """
     _decode_buffers(torch.device(device), head_dim, kv_dtype, q_len * (q_heads // kv_heads), num_programs)
 

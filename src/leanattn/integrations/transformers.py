@@ -238,8 +238,7 @@ _reserved: set[tuple] = set()
 
 def _reserve_decode_workspace(query: torch.Tensor, key: torch.Tensor, q_len: int) -> None:
     """Allocate the workspace compiled steps of ``q_len`` query tokens will use, from an eager
-    call (a prefill, an eager step): torch.compile's CUDA graphs refuse one first allocated while
-    they record."""
+    call (a prefill, an eager step), so a step captured by hand never needs to allocate it."""
     if not query.is_cuda or query.dtype not in leanattn.SUPPORTED_DTYPES or torch.cuda.is_current_stream_capturing():
         return
     q_heads, head_dim, kv_heads = query.shape[1], query.shape[-1], key.shape[1]
