@@ -26,8 +26,7 @@ import leanattn
 from leanattn.kernels.config import KernelConfig
 from serving_probe import graph_step, launch_override
 
-# (product dtype, tile, warps, stages, programs per SM, target share[, V_CONVERT: how V's tile is
-# converted, see the kernel]); None: the shipped choice.
+# (product dtype, tile, warps, stages, programs per SM, target share); None: the shipped choice.
 # The target share bounds the programs of small calls (the fewest whose shares stay within it).
 VARIANTS: list[tuple | None] = [
     None,
@@ -39,13 +38,8 @@ VARIANTS: list[tuple | None] = [
     ("fp16", 128, 8, 3, 2, 4),
     ("fp16", 128, 4, 2, 2, 4),
     ("fp16", 64, 4, 4, 2, 4),
-    ("fp16", 128, 4, 3, 2, 4, 1),
-    ("fp16", 128, 4, 3, 2, 4, 2),
-    ("fp16", 64, 4, 3, 2, 4, 1),
-    ("fp16", 64, 4, 3, 2, 4, 2),
-    ("fp16", 128, 8, 3, 2, 4, 1),
-    ("fp16", 128, 4, 4, 2, 4, 1),
-    ("fp16", 128, 4, 3, 1, 4, 1),
+    ("fp16", 128, 4, 4, 2, 4),
+    ("fp16", 128, 4, 3, 1, 4),
 ]
 _DOT = {"bf16": tl.bfloat16, "fp16": tl.float16}
 
@@ -67,10 +61,10 @@ def dump_asm(compiled, folder: str, name: str) -> None:
 def measure(text: str, variant: tuple | None, asm: str | None = None) -> dict:
     override = {}
     if variant is not None:
-        dot, tile, warps, stages, per_sm, share, *v_convert = variant
+        dot, tile, warps, stages, per_sm, share = variant
         config = KernelConfig(tile=tile, num_warps=warps, num_stages=stages, programs_per_sm=per_sm,
                               target_share=share)
-        override = dict(config=lambda _: config, dot=_DOT[dot], extra=dict(V_CONVERT=v_convert[0]) if v_convert else None)
+        override = dict(config=lambda _: config, dot=_DOT[dot])
     with launch_override(**override):
         r = graph_step(text)
     r["graph"].replay()

@@ -62,7 +62,7 @@ def _attend_tiles(
     stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
     GROUP: tl.constexpr, Q_LEN: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, TILE: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr, V_CONVERT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """Online softmax of the packed query rows ``q`` (ROWS, HEAD_DIM_PAD) over tiles
     ``[tile_start, tile_end)`` of head (b, h). The tiles cover cache positions ``[first, first +
@@ -109,13 +109,7 @@ def _attend_tiles(
                            mask=(next_tok < length) & (next_tok < tile_end * TILE), other=0)
         mask_nd = read[:, None] & mask_d[None, :]
         k = tl.load(K + (k_rows + h * stride_kh)[:, None] + offs_d[None, :], mask=mask_nd, other=0.0).to(DOT_DTYPE)
-        v = tl.load(V + (v_rows + h * stride_vh)[:, None] + offs_d[None, :], mask=mask_nd, other=0.0)
-        if V_CONVERT == 1:
-            v = tl.where(read[:, None], v.to(DOT_DTYPE), tl.zeros_like(v.to(DOT_DTYPE))).to(DOT_DTYPE)
-        elif V_CONVERT == 2:
-            v = v.to(tl.float32).to(DOT_DTYPE)
-        else:
-            v = v.to(DOT_DTYPE)
+        v = tl.load(V + (v_rows + h * stride_vh)[:, None] + offs_d[None, :], mask=mask_nd, other=0.0).to(DOT_DTYPE)
         # Scores, then the online softmax.
         s = _score_mod(tl.dot(q, tl.trans(k)), scale, softcap, lo + tok, in_range, bad, query,
                        window_left, window_right, HAS_SOFTCAP, HAS_MASK, PAGE_SIZE > 0)
@@ -281,7 +275,7 @@ def lean_decode_kernel(
     HAS_SEQLENS: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_KV_SCALE: tl.constexpr,
     PLANNED: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr,
-    USE_PDL: tl.constexpr, V_CONVERT: tl.constexpr = 0,
+    USE_PDL: tl.constexpr,
 ):
     """Decode attention over a persistent grid.
 
@@ -348,7 +342,7 @@ def lean_decode_kernel(
             q, K, V, BlockTable, b, h, first, length, lo, live, t, t_end, head_scale, softcap,
             window_left, window_right, num_pages,
             stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
-            GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, HAS_SOFTCAP, HAS_MASK, DOT_DTYPE, V_CONVERT,
+            GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, HAS_SOFTCAP, HAS_MASK, DOT_DTYPE,
         )
         if USE_PDL:
             # Small calls let the next kernel launch once every program has streamed its last
