@@ -21,7 +21,8 @@ Every case writes into a NaN-poisoned output (a view inside a larger NaN buffer 
 stay NaN) and is checked per sequence against ``leanattn.reference.decode`` in float32: rows of
 empty sequences exactly zero, every other row finite and within the tolerances of
 ``tests/_util.py``, the LSE's ``-inf`` pattern equal and its values close. A few paged cases put an
-out-of-range page id in a live slot: that sequence's rows and LSE must be NaN, the others right.
+out-of-range page id in a live slot: the rows that attend to it must be NaN (output and LSE), the
+others right.
 
 Prints progress every 1000 cases and a one-line summary; writes the summary and every failure
 (its parameters and the command that re-runs it) to ``--out``; exits 1 on any failure. Without a
@@ -457,11 +458,12 @@ def poisoned_out(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def compare(
     out: torch.Tensor, buf: torch.Tensor, lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
-    v: torch.Tensor, lens: list[int], pads: list[int] | None, nan_seq: int | None, feats: dict | None = None,
+    v: torch.Tensor, lens: list[int], pads: list[int] | None, feats: dict | None = None,
 ) -> str | None:
-    """Why ``out`` (and ``lse``) is wrong for these lengths, or None. ``nan_seq``: the sequence
-    whose rows must be NaN (an out-of-range page in a live slot); ``feats``: the feature keywords
-    of the call (window, causal, softcap, sinks, fp8 scales)."""
+    """Why ``out`` (and ``lse``) is wrong for these lengths, or None. ``feats``: the feature
+    keywords of the call (window, causal, softcap, sinks, fp8 scales). ``k`` holds NaN keys where
+    a case put an out-of-range page: the rows the reference gives a NaN LSE (those that attend
+    to one) must be NaN in the output and the LSE, and every other row right."""
     ref, ref_lse = leanattn.reference.decode(
         q.float(), k, v, _i32(lens, q.device), cache_leftpad=_i32(pads, q.device), return_lse=True,
         compute_dtype=torch.float32, **(feats or {}),
@@ -470,26 +472,29 @@ def compare(
         return "wrote outside out (the margins of its buffer)"
     tol = TOL[out.dtype]
     for b in range(out.shape[0]):
+        poisoned = torch.isnan(ref_lse[b]).T  # (q_len, q_heads)
         o = out[b].float()
-        if b == nan_seq:
-            if not torch.isnan(o).all():
-                return f"sequence {b}: out-of-range page, but {int((~torch.isnan(o)).sum())} elements not NaN"
-            if lse is not None and not torch.isnan(lse[b]).all():
-                return f"sequence {b}: out-of-range page, but its LSE is not NaN"
-            continue
+        if poisoned.any():
+            if not torch.isnan(o[poisoned]).all():
+                return (f"sequence {b}: {int(poisoned.sum())} rows attend to an out-of-range page, but "
+                        f"{int((~torch.isnan(o[poisoned])).sum())} of their elements are not NaN")
+            if lse is not None and not torch.isnan(lse[b].T[poisoned]).all():
+                return f"sequence {b}: rows attend to an out-of-range page, but their LSE is not NaN"
+        kept = ~poisoned
+        o, r = o[kept], ref[b].float()[kept]  # (rows, head_dim)
         if not torch.isfinite(o).all():
             return f"sequence {b}: {int((~torch.isfinite(o)).sum())} NaN/inf elements (unwritten or broken)"
         first, end = _live(lens, pads, k.shape[1], b)
         if end == first:
             if (o != 0).any():
                 return f"sequence {b}: empty, but its output is not all zeros"
-        else:
-            denom = ref[b].norm().item()
-            err = (o - ref[b]).norm().item() / (denom if denom > 0 else 1.0)
+        elif o.numel():
+            denom = r.norm().item()
+            err = (o - r).norm().item() / (denom if denom > 0 else 1.0)
             if not err < tol:
                 return f"sequence {b}: relative error {err:.3e} over {tol:.1e}"
         if lse is not None:
-            got, want = lse[b], ref_lse[b]
+            got, want = lse[b].T[kept], ref_lse[b].T[kept]
             if torch.isnan(got).any():
                 return f"sequence {b}: NaN in LSE"
             empty = torch.isinf(want)
@@ -531,13 +536,17 @@ def run_case(case: Case, device: torch.device) -> str | None:
         wrapper = leanattn.DecodeWrapper(var.group * case.kv_heads, case.kv_heads, var.head_dim, DTYPES[var.dtype],
                                          device, kv_dtype=var.kv_dtype, max_q_len=var.q_len,
                                          num_programs=case.num_programs)
-    nan_seq = case.bad_page[0] if case.bad_page is not None else None
+    k_ref = x.k
+    if case.bad_page is not None:
+        seq, slot, _ = case.bad_page
+        k_ref = x.k.float().clone()
+        k_ref[seq, slot * var.page_size : (slot + 1) * var.page_size] = math.nan
     feats = dict(x.features, causal=var.causal, window_size=tuple(case.window_size))
     if not case.graph:
         for layer, q in enumerate(x.q):
             buf, out = poisoned_out(q)
             out, lse = _call(case, x, q, out, seqlens, pads, wrapper, plan=layer == 0)
-            why = compare(out, buf, lse, q, x.k, x.v, case.lens, case.leftpad, nan_seq, feats)
+            why = compare(out, buf, lse, q, k_ref, x.v, case.lens, case.leftpad, feats)
             if why:
                 return f"layer {layer}: {why}" if case.layers > 1 else why
         return None
@@ -547,7 +556,7 @@ def run_case(case: Case, device: torch.device) -> str | None:
     q = x.q[0]
     buf, out = poisoned_out(q)
     out, lse = _call(case, x, q, out, seqlens, pads, wrapper, plan=True)
-    why = compare(out, buf, lse, q, x.k, x.v, case.lens, case.leftpad, None, feats)
+    why = compare(out, buf, lse, q, x.k, x.v, case.lens, case.leftpad, feats)
     if why:
         return f"eager call before capture: {why}"
     graph = torch.cuda.CUDAGraph()
@@ -562,7 +571,7 @@ def run_case(case: Case, device: torch.device) -> str | None:
         buf.fill_(math.nan)
         graph.replay()
         torch.cuda.synchronize()
-        why = compare(out, buf, lse, q, x.k, x.v, lens, new_pads, None, feats)
+        why = compare(out, buf, lse, q, x.k, x.v, lens, new_pads, feats)
         if why:
             return f"graph replay {r} (lens {lens}, leftpad {new_pads}): {why}"
     return None

@@ -107,6 +107,18 @@ def test_fp8_cache(fp8, per_head):
     assert_close(out, lse, *ref)
 
 
+@pytest.mark.parametrize("q_size", [1e6, 1e-6])
+def test_fp8_cache_takes_bf16_queries_outside_fp16_range(q_size):
+    """The fp8 path multiplies in fp16: a bf16 q of 1e6 (over fp16's 65504) or 1e-6 (fp16
+    subnormals) must still give the reference's output and LSE, K's scale undoing q's size."""
+    t = tile_size(128, torch.bfloat16, 4)
+    _, k, v, sl = make_inputs([2 * t + 9, 17], 8, 2, 128, torch.bfloat16)
+    k8, v8 = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
+    q = (queries(2, 1, 8, 128, torch.float32, seed=6) * q_size).to(torch.bfloat16)
+    out, lse, ref = run(q, k8, v8, sl, k_scale=1.0 / q_size, v_scale=0.5, num_programs=5)
+    assert_close(out, lse, *ref)
+
+
 def test_bad_feature_arguments():
     q, k, v, sl = make_inputs([20, 7], 4, 2, 64, torch.float16)
     cases = [

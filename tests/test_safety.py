@@ -50,6 +50,36 @@ def test_out_of_range_page_gives_nan_rows_for_its_sequence_only(bad, api):
     assert torch.equal(out[others], good_out[others]) and torch.equal(lse[others], good_lse[others])
 
 
+@pytest.mark.parametrize("where", ["last page, two query tokens", "before the window"])
+def test_out_of_range_page_poisons_only_the_rows_that_attend_to_it(where):
+    """Length 97 in pages of 16: the last page holds key 96 alone. With two causal query tokens
+    only the second attends to it, so only the second is NaN; a window of 20 never reaches page
+    0, so a bad id there changes nothing. The clean sequence 1 is bitwise unchanged throughout."""
+    lens = [97, 97]
+    q, k, v, sl = make_inputs(lens, 8, 2, 64, torch.bfloat16, cache_len=112, seed=3)
+    q = torch.randn(2, 2, 8, 64, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16).to(DEVICE)
+    kp, vp, table = to_paged(k, v, lens, 16, seed=3)
+    bad_table = table.clone()
+    window = (20, 0) if where == "before the window" else (-1, -1)
+    bad_table[0, 0 if where == "before the window" else 6] = kp.shape[0] + 5
+
+    def call(tab):
+        out = poisoned_like(q)
+        _, lse = leanattn.decode(q, kp, vp, sl, block_table=tab, out=out, return_lse=True, num_programs=5,
+                                 window_size=window)
+        return out, lse
+
+    good_out, good_lse = call(table)
+    assert_close(good_out, good_lse, *reference(q, k, v, sl, window_size=window))
+    out, lse = call(bad_table)
+    if where == "before the window":
+        assert torch.equal(out, good_out) and torch.equal(lse, good_lse)
+    else:
+        assert torch.isnan(out[0, 1]).all() and torch.isnan(lse[0, :, 1]).all()
+        assert torch.equal(out[0, 0], good_out[0, 0]) and torch.equal(lse[0, :, 0], good_lse[0, :, 0])
+        assert torch.equal(out[1], good_out[1]) and torch.equal(lse[1], good_lse[1])
+
+
 def test_check_mode_names_sequence_slot_and_value():
     q, k, v, sl, kp, vp, table = _paged_case()
     num_pages = kp.shape[0]

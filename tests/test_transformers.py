@@ -442,21 +442,21 @@ def test_sinks_are_passed_to_the_kernel():
     assert (out.double() - plain.double()).abs().max().item() > 1e-2, "the sinks changed nothing"
 
 
-@pytest.mark.parametrize("kwargs,reason", [({"position_bias": torch.zeros(1, 4, 1, 6)}, "position_bias")])
+@pytest.mark.parametrize("kwargs,reason", [({"position_bias": torch.zeros(1, 4, 1, 6, device=DEVICE)}, "position_bias")])
 def test_decode_refusal(kwargs, reason):
-    q = torch.zeros(1, 4, 1, 64, dtype=torch.bfloat16)
-    k = torch.zeros(1, 2, 6, 64, dtype=torch.bfloat16)
+    q = torch.zeros(1, 4, 1, 64, dtype=torch.bfloat16, device=DEVICE)
+    k = torch.zeros(1, 2, 6, 64, dtype=torch.bfloat16, device=DEVICE)
     assert lt.decode_refusal(q, k, k, None, 0.0, kwargs) == reason
     assert lt.decode_refusal(q, k, k, None, 0.0, {}) is None
     assert lt.decode_refusal(q.float(), k.float(), k.float(), None, 0.0, {}).startswith("torch.float32")
     # Several query tokens run on leanattn up to MAX_QUERY_TOKENS (and 128 rows), causal only.
-    few = torch.zeros(1, 4, 3, 64, dtype=torch.bfloat16)
+    few = torch.zeros(1, 4, 3, 64, dtype=torch.bfloat16, device=DEVICE)
     assert lt.decode_refusal(few, k, k, None, 0.0, {}) is None
     assert lt.decode_refusal(few, k, k, None, 0.0, {"is_causal": False}) == "not causal"
-    many = torch.zeros(1, 4, lt.MAX_QUERY_TOKENS + 1, 64, dtype=torch.bfloat16)
+    many = torch.zeros(1, 4, lt.MAX_QUERY_TOKENS + 1, 64, dtype=torch.bfloat16, device=DEVICE)
     assert lt.decode_refusal(many, k, k, None, 0.0, {}) == "prefill"
-    assert lt.decode_refusal(few, k, k, torch.ones(1, 1, 1, 6, dtype=torch.bool), 0.0, {}) == "attention mask of shape (1, 1, 1, 6)"
-    assert lt.decode_refusal(q, k, k, torch.zeros(1, 1, 1, 6), 0.0, {}) == "attention mask is not a boolean tensor"
+    assert lt.decode_refusal(few, k, k, torch.ones(1, 1, 1, 6, dtype=torch.bool, device=DEVICE), 0.0, {}) == "attention mask of shape (1, 1, 1, 6)"
+    assert lt.decode_refusal(q, k, k, torch.zeros(1, 1, 1, 6, device=DEVICE), 0.0, {}) == "attention mask is not a boolean tensor"
 
 
 def test_e2e_benchmark_smoke(tmp_path):

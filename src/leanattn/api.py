@@ -538,8 +538,8 @@ def kernel_constexprs(
     _, rows, merge_rows, head_dim_pad, merge_wide = _static_config(head_dim, k_cache.dtype, q_len * group)
     # The interpreter's bf16 dot is wrong: it computes in fp32. On the GPU the dots take q's
     # dtype, except with an fp8 cache: its tiles are converted in registers to fp16, exactly (every
-    # e4m3 and e5m2 value is an fp16 value), and q (scaled first) and p follow. Products in bf16
-    # measured 1.1-1.35x slower (NOTES.md item 21).
+    # e4m3 and e5m2 value is an fp16 value), and q (times a power of two, exactly) and p follow.
+    # Products in bf16 measured 1.1-1.35x slower (NOTES.md item 21).
     if interpreting():
         dot_dtype = tl.float32
     elif k_cache.dtype.itemsize == 1 or q.dtype == torch.float16:
@@ -686,7 +686,7 @@ def decode(
         check: also validate the values of ``cache_seqlens``, ``cache_leftpad``, the live slots
             of ``block_table`` and ``sinks`` on the host (a device sync: not for CUDA graphs or
             fast paths), raising ValueError naming the sequence, slot and value. Without it,
-            lengths are clamped and an out-of-range page gives that sequence NaN rows.
+            lengths are clamped and an out-of-range page gives NaN rows where it is attended to.
 
     Returns:
         Like q, in q's dtype, and the LSE when ``return_lse``.

@@ -219,7 +219,7 @@ class DecodeWrapper:
             lse: optional float32 (batch, q_heads, q_len) tensor, any strides, to write the LSE
                 into (with ``return_lse`` only).
             check: validate the live slots of ``block_table`` and the sinks on the host (a device
-                sync); without it an out-of-range page gives its sequence NaN rows.
+                sync); without it an out-of-range page gives NaN rows where it is attended to.
 
         Returns:
             Like q, and the LSE when ``return_lse``.

@@ -30,6 +30,20 @@ def _tanh(x):
 
 
 @triton.jit
+def _exact_fp16(x, DOT_DTYPE: tl.constexpr):
+    """``x`` (ROWS, D) fp32 holding fp16 or bf16 values, times the power of two 2^e that brings
+    max|x| into [2^13, 2^15), in DOT_DTYPE (fp16): exact for every element within 2^27 of the
+    largest, since bf16 carries 8 significant bits and fp16 11 over 40 binades. Returns the
+    scaled tile and 2^-e, the factor that undoes it on the fp32 scores."""
+    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    e = tl.floor(tl.log2(tl.where(amax > 0.0, amax, 1.0)))
+    shift = tl.minimum(tl.maximum(13.0 - e, -126.0), 126.0).to(tl.int32)
+    up = ((shift + 127) << 23).to(tl.float32, bitcast=True)
+    down = ((127 - shift) << 23).to(tl.float32, bitcast=True)
+    return (x * up).to(DOT_DTYPE), down
+
+
+@triton.jit
 def _score_mod(
     qk, scale, softcap, key, in_range, bad, query, window_left, window_right,
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, PAGED: tl.constexpr,
@@ -40,8 +54,9 @@ def _score_mod(
     softcap), flash-attn's convention, before the softmax), else already times log2(e).
     ``key`` (TILE,) numbers the keys from the sequence's first live key, ``query`` (ROWS,) is each
     row's query position in the same numbering: a row sees keys in [query - window_left, query +
-    window_right] (causal: window_right = 0). Keys past the live range give -inf; keys on an
-    out-of-range page (``bad``) NaN, which poisons the row as the API promises."""
+    window_right] (causal: window_right = 0). Keys past the live range or outside a row's window
+    give -inf; keys a row sees on an out-of-range page (``bad``) NaN, which poisons that row as
+    the API promises."""
     if HAS_SOFTCAP:
         s = _tanh(qk * (scale / softcap)) * (softcap * 1.4426950408889634)
     else:
@@ -51,7 +66,7 @@ def _score_mod(
         keep = keep & (key[None, :] >= query[:, None] - window_left) & (key[None, :] <= query[:, None] + window_right)
     s = tl.where(keep, s, float("-inf"))
     if PAGED:
-        s = tl.where(bad[None, :], float("nan"), s)
+        s = tl.where(keep & bad[None, :], float("nan"), s)
     return s
 
 
@@ -329,10 +344,11 @@ def lean_decode_kernel(
         t_end = tl.minimum(n_tiles.to(tl.int64), t + (end - g)).to(tl.int32)
         q_ptrs = Q + b.to(tl.int64) * stride_qb + h * GROUP * stride_qh + q_rows[:, None] + offs_d[None, :]
         if HAS_KV_SCALE:
-            # fp8 caches: the products run in fp16, so q is scaled first (softmax scale times K's
-            # scale), which keeps any bf16 q in fp16's range; V's scale applies to the output.
-            q = (tl.load(q_ptrs, mask=mask_q, other=0.0).to(tl.float32) * (scale * tl.load(KScale + h))).to(DOT_DTYPE)
-            head_scale = 1.0
+            # fp8 caches: the products run in fp16. q takes fp16 exactly, by a power of two that
+            # keeps any bf16 q in fp16's range; the softmax scale, K's scale and the inverse
+            # power scale the fp32 scores, V's scale the output.
+            q, unscale = _exact_fp16(tl.load(q_ptrs, mask=mask_q, other=0.0).to(tl.float32), DOT_DTYPE)
+            head_scale = scale * tl.load(KScale + h) * unscale
             v_scale = tl.load(VScale + h)
         else:
             q = tl.load(q_ptrs, mask=mask_q, other=0.0).to(DOT_DTYPE)
