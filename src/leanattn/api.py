@@ -211,6 +211,8 @@ def _outside_graph_pools(device: torch.device, allocate: Callable[[], tuple[torc
     own current stream."""
     if device.type != "cuda":
         return allocate()
+    if device.index is None:  # the new thread's current device is device 0, not the caller's
+        device = torch.device("cuda", torch.cuda.current_device())
     result: list = []
 
     def run() -> None:
