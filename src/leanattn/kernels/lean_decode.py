@@ -33,7 +33,7 @@ def _tanh(x):
 def _exact_fp16(x, DOT_DTYPE: tl.constexpr):
     """``x`` (ROWS, D) fp32 holding fp16 or bf16 values, times the power of two 2^e that brings
     max|x| into [2^13, 2^15), in DOT_DTYPE (fp16): exact for every element within 2^27 of the
-    largest, since bf16 carries 8 significant bits and fp16 11 over 40 binades. Returns the
+    largest (those stay normal in fp16, whose 11 significant bits hold bf16's 8). Returns the
     scaled tile and 2^-e, the factor that undoes it on the fp32 scores."""
     amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
     e = tl.floor(tl.log2(tl.where(amax > 0.0, amax, 1.0)))
