@@ -6,6 +6,8 @@ short prompts and a few new tokens, so that the kernel's calls stay cheap under 
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 
@@ -233,9 +235,12 @@ class _GraphRecorder:
 
     def __init__(self) -> None:
         self.targets: list[set] = []
+        self.counts: list[collections.Counter] = []  # calls of each function or method, per graph
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         self.targets.append({n.target for n in gm.graph.nodes if n.op == "call_function"})
+        self.counts.append(collections.Counter(
+            getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes if n.op in ("call_function", "call_method")))
         from torch._dynamo.backends.common import aot_autograd  # noqa: F401  (registers aot_eager)
 
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
@@ -275,6 +280,21 @@ def test_compiled_static_cache_has_no_graph_break():
     for ops in recorder.targets:
         assert ops & {torch.ops.leanattn.decode_into, torch.ops.leanattn.decode_into.default}, "a decode step missed leanattn"
         assert sdpa not in ops, "a compiled decode step fell back to SDPA"
+
+
+def test_compiled_step_reads_the_mask_once():
+    """A compiled decode step computes the live range from its mask once, not once per layer:
+    ``live_range`` takes two ``amax`` of the mask, whatever the layer count."""
+    torch._dynamo.reset()
+    model = tiny_model("llama", 2, torch.bfloat16)
+    ids, mask = prompts([8, 5])
+    model.set_attn_implementation(lt.NAME)
+    recorder = _GraphRecorder()
+    compiled = torch.compile(model, fullgraph=True, backend=recorder, dynamic=False)
+    decode_loop(model, ids, mask, compiled, 1)
+    (counts,) = recorder.counts
+    assert counts["decode"] + counts["decode_into"] == LAYERS, counts
+    assert counts["amax"] == 2, f"live_range ran {counts['amax'] // 2} times for {LAYERS} layers"
 
 
 def test_compiled_several_query_tokens_have_no_graph_break():

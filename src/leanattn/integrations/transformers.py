@@ -233,6 +233,37 @@ def _lengths(
     return None, torch.full((batch,), q_len, dtype=torch.int32, device=device), None
 
 
+# Compiled steps compute the live range once per step too. The integration's mask function marks
+# each mask it makes with an empty ``_leanattn_lengths`` attribute; the first layer that meets the
+# mask stores its lengths there and the other layers of its kind take them, so the traced graph
+# holds one live-range computation per mask instead of one per layer (torch.compile does not merge
+# identical ops of an inference graph). A mask made elsewhere (a 4-D mask passed by the caller,
+# which it may change in place between steps) carries no mark and is read by every layer.
+_MARK = "_leanattn_lengths"
+
+
+def _mask(*args, **kwargs) -> torch.Tensor | None:
+    """transformers' SDPA mask, marked as made for one forward pass."""
+    mask = sdpa_mask(*args, **kwargs)
+    if isinstance(mask, torch.Tensor):
+        setattr(mask, _MARK, None)
+    return mask
+
+
+def _step_lengths(
+    attention_mask: torch.Tensor | None, batch: int, q_len: int, window_left: int, device: torch.device,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``_lengths``, computed once per marked mask and call shape."""
+    if attention_mask is None or not hasattr(attention_mask, _MARK):
+        return _lengths(attention_mask, batch, q_len, window_left, device)
+    key = (batch, q_len, window_left)
+    memo = getattr(attention_mask, _MARK)
+    if memo is None or memo[0] != key:
+        memo = (key, _lengths(attention_mask, batch, q_len, window_left, device))
+        setattr(attention_mask, _MARK, memo)
+    return memo[1]
+
+
 _reserved: set[tuple] = set()
 
 
@@ -304,7 +335,7 @@ def attention_forward(
     window_left = int(sliding) - 1 if sliding and query.shape[2] > 1 else -1
     if torch.compiler.is_compiling() or (query.is_cuda and torch.cuda.is_current_stream_capturing()):
         # Traced or captured: the one-shot custom op, which allocates nothing and keeps no state.
-        leftpad, seqlens, bad = _lengths(attention_mask, query.shape[0], query.shape[2], window_left, query.device)
+        leftpad, seqlens, bad = _step_lengths(attention_mask, query.shape[0], query.shape[2], window_left, query.device)
         out = leanattn.decode(q, k, v, seqlens, cache_leftpad=leftpad, softmax_scale=scaling,
                               window_size=(window_left, 0), softcap=softcap, sinks=sinks)
     else:
@@ -319,4 +350,4 @@ def attention_forward(
 
 
 AttentionInterface.register(NAME, attention_forward)
-AttentionMaskInterface.register(NAME, sdpa_mask)
+AttentionMaskInterface.register(NAME, _mask)
