@@ -6,9 +6,9 @@ For each shape and variant (the dtype the fp8 tiles are converted to for the two
 warps, stages, programs per SM, target share) it prints the µs per call of the plan/run wrapper
 in CUDA-graph replay (the method of ``leanattn bench --mode graph``), the relative error of the
 last layer against a float32 reference, and the compiled kernel's registers, spills and shared
-memory. The same shape
-in bf16 runs first, with the shipped configuration, as the yardstick: an fp8 cache reads half
-its bytes.
+memory. The same shape in bf16 runs first, with the shipped configuration, as the yardstick: an
+fp8 cache reads half its bytes. ``--variants`` picks entries of VARIANTS by index; ``--asm DIR``
+writes each variant's TTGIR, PTX and SASS there.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ VARIANTS: list[tuple | None] = [
     ("fp16", 128, 8, 3, 2, 4),
     ("fp16", 128, 4, 2, 2, 4),
     ("fp16", 64, 4, 4, 2, 4),
+    ("fp16", 128, 2, 3, 2, 4),
+    ("fp16", 128, 4, 2, 3, 4),
     ("fp16", 128, 4, 4, 2, 4),
     ("fp16", 128, 4, 3, 1, 4),
 ]
