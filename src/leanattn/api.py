@@ -249,26 +249,18 @@ class _Workspace:
         # reads and writes them on every replay.
         self.retired: list[tuple[torch.Tensor, ...]] = []
 
-    def fits(self, programs: int, rows: int, cols: int) -> bool:
-        return (
-            self.acc is not None
-            and self.acc.numel() >= 2 * programs * rows * cols
-            and self.stats.numel() >= 2 * programs * 2 * rows
-            and self.tickets.numel() >= 3 * programs + 3
-        )
-
     def get(self, device: torch.device, programs: int, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
-        if not self.fits(programs, rows, cols):
+        need = (2 * programs * rows * cols, 2 * programs * 2 * rows, 3 * programs + 3)  # acc, stats, tickets
+        have = (0, 0, 0) if self.acc is None else (self.acc.numel(), self.stats.numel(), self.tickets.numel())
+        if any(n > h for n, h in zip(need, have)):
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError(
                     "leanattn.decode needs a larger workspace while a CUDA graph is being captured; "
                     "call leanattn.decode once with the same heads, head_dim, q_len and num_programs before capturing"
                 )
-            old = (0, 0, 0) if self.acc is None else (self.acc.numel(), self.stats.numel(), self.tickets.numel())
             if self.acc is not None:
                 self.retired.append((self.acc, self.stats, self.tickets))
-            sizes = (max(2 * programs * rows * cols, old[0]), max(2 * programs * 2 * rows, old[1]),
-                     max(3 * programs + 3, old[2]))
+            sizes = tuple(max(n, h) for n, h in zip(need, have))
             self.acc, self.stats, self.tickets = _outside_graph_pools(device, lambda: (
                 torch.empty(sizes[0], dtype=torch.float32, device=device),
                 torch.empty(sizes[1], dtype=torch.float32, device=device),

@@ -207,7 +207,7 @@ def _planned(
         q_heads, kv_heads, head_dim, query.dtype, query.device, kv_dtype=key.dtype, max_q_len=most,
         softmax_scale=scaling)
     leftpad, seqlens, bad = _lengths(attention_mask, batch, q_len, window_left, query.device)
-    _reserve_decode_workspace(query, key, q_len)  # for compiled steps of this shape
+    _reserve_decode_workspace(query, key, q_len)  # for steps of this shape captured later
     wrapper.plan(seqlens, kv_len, batch=batch, cache_leftpad=leftpad, q_len=q_len, window_size=(window_left, 0))
     _plans[slot] = _Plan(attention_mask, wrapper, bad)
     return wrapper, bad
@@ -226,8 +226,7 @@ def _lengths(
     query token sees every key, several see the keys before them (the first q_len: the rest of a
     static cache is empty)."""
     if attention_mask is not None:
-        start, end, bad = live_range(attention_mask, batch, window_left)
-        return start, end, bad
+        return live_range(attention_mask, batch, window_left)
     if q_len == 1:
         return None, None, None
     return None, torch.full((batch,), q_len, dtype=torch.int32, device=device), None
@@ -268,8 +267,9 @@ _reserved: set[tuple] = set()
 
 
 def _reserve_decode_workspace(query: torch.Tensor, key: torch.Tensor, q_len: int) -> None:
-    """Allocate the workspace compiled steps of ``q_len`` query tokens will use, from an eager
-    call (a prefill, an eager step), so a step captured by hand never needs to allocate it."""
+    """Allocate the workspace steps of ``q_len`` query tokens will use, from an eager call (a
+    prefill, an eager step), so a step captured in a CUDA graph by hand never needs to allocate
+    it (torch.compile's CUDA graphs need no reservation: they run each new graph eagerly first)."""
     if not query.is_cuda or query.dtype not in leanattn.SUPPORTED_DTYPES or torch.cuda.is_current_stream_capturing():
         return
     q_heads, head_dim, kv_heads = query.shape[1], query.shape[-1], key.shape[1]
@@ -304,7 +304,7 @@ def attention_forward(
     """
     reason = decode_refusal(query, key, value, attention_mask, dropout, kwargs, module)
     if reason == "prefill" and not torch.compiler.is_compiling():
-        _reserve_decode_workspace(query, key, 1)  # for the compiled one-token steps that follow
+        _reserve_decode_workspace(query, key, 1)  # for one-token steps captured later
     if reason is not None:
         lacking = [name for name in _SDPA_LACKS if kwargs.get(name) is not None]
         if lacking:
