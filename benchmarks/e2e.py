@@ -12,7 +12,9 @@ of a step is 1 - (step time with an attention that returns its query unread) / (
 
 Writes results.json, results.md and results.png to --out and prints the table last. Jobs run in
 order of interest (eager first, being cheap; then compiled, batch 1 and the longest context
-first; then flex_attention and flash_attention_2); what the budget leaves out is listed.
+first; then flex_attention and flash_attention_2); what the budget leaves out is listed. A
+shape's eager backends take turns over several rounds (host-bound steps drift), each reporting
+its median round.
 """
 
 from __future__ import annotations
@@ -154,6 +156,11 @@ def plan(args) -> list[Row]:
 
 
 def run(args) -> list[Row]:
+    """Every job of :func:`plan`. A shape's eager jobs run together, in ``args.rounds``
+    interleaved rounds of ``args.steps`` steps per backend, each job's time the median of its
+    rounds: eager steps are host-bound, and the host's speed drifts by more than the differences
+    between backends over a run of such jobs one after another. A compiled job runs alone (its
+    compilation takes tens of seconds): its steps are GPU-bound."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16
     models = {m: build_model(m, args.layers, device, dtype) for m in args.models}
@@ -165,37 +172,58 @@ def run(args) -> list[Row]:
     except ImportError:
         bar = None
     t0 = time.perf_counter()
-    for job in jobs:
+    done: set[int] = set()
+    for first in jobs:
+        if id(first) in done:
+            continue
+        shape = (first.model, first.batch, first.context)
+        group = [first] if first.mode == "compiled" else [
+            j for j in jobs if j.mode == "eager" and (j.model, j.batch, j.context) == shape]
+        done.update(id(j) for j in group)
         if bar is not None:
-            bar.set_description(f"{job.model} {job.batch}x{job.context} {job.impl} {job.mode}")
-        model = models[job.model]
+            bar.set_description(f"{first.model} {first.batch}x{first.context} {first.mode}"
+                                + (f" {first.impl}" if first.mode == "compiled" else ""))
+        model = models[first.model]
         room = args.warmup + args.steps + 8
         if time.perf_counter() - t0 > args.budget_s:
-            job.status = "skipped: time budget"
-        elif device.type == "cuda" and kv_bytes(model, job.batch, job.context + room) > 0.8 * torch.cuda.mem_get_info(device)[0]:
-            job.status = "skipped: memory"
+            status = "skipped: time budget"
+        elif device.type == "cuda" and kv_bytes(model, first.batch, first.context + room) > 0.8 * torch.cuda.mem_get_info(device)[0]:
+            status = "skipped: memory"
         else:
-            begun = time.perf_counter()
-            try:
-                model.set_attn_implementation(job.impl)
-                forward = compiled_forward(model, device) if job.mode == "compiled" else model.forward
-                lt.calls.clear()
-                job.ms = time_decode(model, forward, job.batch, job.context, args.warmup, args.steps)
+            status = None
+        for job in group:
+            job.status = status or "ok"
+        times: dict[int, list[float]] = {id(j): [] for j in group}
+        for _ in range(args.rounds if first.mode == "eager" else 1):
+            for job in group:
+                if job.status != "ok":
+                    continue
+                begun = time.perf_counter()
+                try:
+                    model.set_attn_implementation(job.impl)
+                    forward = compiled_forward(model, device) if job.mode == "compiled" else model.forward
+                    lt.calls.clear()
+                    times[id(job)].append(time_decode(model, forward, job.batch, job.context, args.warmup, args.steps))
+                    # Eager calls are counted: a leanattn row whose steps went to SDPA must say so.
+                    if job.impl == lt.NAME and job.mode == "eager" and set(lt.calls) != {lt.NAME}:
+                        job.status = f"calls: {dict(lt.calls)}"
+                except Exception as e:  # out of memory, a backend refusing the shape, ...
+                    job.status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                finally:
+                    job.seconds = round(job.seconds + time.perf_counter() - begun, 1)
+                    gc.collect()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+        for job in group:
+            if job.status == "ok":
+                ordered = sorted(times[id(job)])
+                job.ms = ordered[len(ordered) // 2]
                 job.tokens_per_s = job.batch * 1e3 / job.ms
-                # Eager calls are counted: a leanattn row whose steps went to SDPA must say so.
-                if job.impl == lt.NAME and job.mode == "eager" and set(lt.calls) != {lt.NAME}:
-                    job.status = f"calls: {dict(lt.calls)}"
-            except Exception as e:  # out of memory, a backend refusing the shape, ...
-                job.status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-            finally:
-                job.seconds = round(time.perf_counter() - begun, 1)
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-        if bar is not None:
-            bar.update(1)
-        else:
-            print(f"{job.model} {job.batch}x{job.context} {job.impl} {job.mode}: {job.ms} ms ({job.status})", file=sys.stderr)
+            if bar is not None:
+                bar.update(1)
+            else:
+                print(f"{job.model} {job.batch}x{job.context} {job.impl} {job.mode}: {job.ms} ms ({job.status})",
+                      file=sys.stderr)
     if bar is not None:
         bar.close()
     return jobs
@@ -265,11 +293,13 @@ def main() -> None:
     ap.add_argument("--impls", nargs="+", default=["leanattn", "sdpa", "flex_attention", "flash_attention_2"])
     ap.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps of a job (of each round, eager)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of a shape's eager jobs")
     ap.add_argument("--budget-s", type=float, default=330.0, help="start no job after this many seconds")
     args = ap.parse_args()
     if args.quick:
         args.models, args.layers, args.impls, args.warmup, args.steps = ["tiny"], 2, ["leanattn", "sdpa"], 1, 2
+        args.rounds = 2
     args.batches = args.batches or ([1, 2] if args.quick else [1, 16])
     args.contexts = args.contexts or ([64, 160] if args.quick else [8192, 32768, 131072])
     os.makedirs(args.out, exist_ok=True)
@@ -282,7 +312,8 @@ def main() -> None:
         json.dump(dict(device=gpu, torch=torch.__version__, transformers=transformers.__version__,
                        args=vars(args), rows=[asdict(r) for r in rows]), f, indent=1)
     md = [f"# Decode end to end on {gpu}", f"torch {torch.__version__}, transformers {transformers.__version__}; "
-          f"{args.steps} timed steps after {args.warmup} warm-up", *[f"- {n}" for n in notes], "", text]
+          f"{args.steps} timed steps after {args.warmup} warm-up; eager: the median of {args.rounds} such runs, "
+          "the backends taking turns", *[f"- {n}" for n in notes], "", text]
     if skipped:
         md += ["", "Not measured, or not as asked:", *[f"- {s}" for s in skipped]]
     with open(os.path.join(args.out, "results.md"), "w") as f:

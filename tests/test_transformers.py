@@ -451,6 +451,22 @@ def test_mask_with_holes_gives_nan_rows():
     assert out[0].isnan().all() and out[1].isfinite().all()
 
 
+def test_inexpressible_mask_gives_nan_rows_with_several_query_tokens():
+    """Every row of a sequence the kernel can't express is NaN, also a row whose range in the
+    kernel's terms would hold no key (query 0 of sequence 0: its mask row sees key 5, but from
+    start 5 and end 6 a bottom-right row 0 sees nothing)."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, 2, 64, generator=gen).to(DEVICE, torch.bfloat16)
+    k = torch.randn(2, 2, 6, 64, generator=gen).to(DEVICE, torch.bfloat16)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    mask = _rows([[[0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 1]], [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]])
+    out, _ = lt.attention_forward(module, q, k, k, mask, scaling=0.1)
+    assert out[0].isnan().all() and out[1].isfinite().all()
+    ref = _reference_for(mask[1:], q[1:], k[1:], k[1:])
+    assert (out[1:].double() - ref).abs().max().item() < 2e-2
+
+
 def test_sinks_are_passed_to_the_kernel():
     """gpt-oss's per-head sink logits (``s_aux``) join the decode softmax."""
     sinks = torch.tensor([0.5, -1.0, 2.0, 0.0], device=DEVICE, dtype=torch.bfloat16)
@@ -495,3 +511,18 @@ def test_e2e_benchmark_smoke(tmp_path):
     assert {r["impl"] for r in rows} == {"leanattn", "sdpa", "e2e_null"}
     assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows), rows
     assert "| tiny | 2 | 40 | eager |" in (tmp_path / "results.md").read_text()
+
+
+def test_e2e_host_profile_smoke():
+    """benchmarks/e2e_host.py profiles each backend's eager steps and times its attention calls."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(root, "benchmarks", "e2e_host.py"), "--model", "tiny", "--layers", "2",
+           "--context", "40", "--steps", "1", "--top", "3", "--impls", "leanattn", "e2e_null"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=os.path.join(root, "benchmarks"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "=== leanattn:" in done.stdout and "=== e2e_null:" in done.stdout
+    assert "transformers.py" in done.stdout and "(attention_forward)" in done.stdout  # the callee breakdown

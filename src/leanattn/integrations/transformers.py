@@ -160,12 +160,12 @@ def _version(mask: torch.Tensor | None) -> int:
 
 
 class _Plan:
-    __slots__ = ("mask", "version", "wrapper", "bad")
+    __slots__ = ("mask", "version", "wrapper", "poison")
 
-    def __init__(self, mask: torch.Tensor | None, wrapper: leanattn.DecodeWrapper, bad: torch.Tensor | None):
+    def __init__(self, mask: torch.Tensor | None, wrapper: leanattn.DecodeWrapper, poison: torch.Tensor | None):
         self.mask = None if mask is None else weakref.ref(mask)
         self.version = _version(mask)
-        self.wrapper, self.bad = wrapper, bad
+        self.wrapper, self.poison = wrapper, poison
 
     def fits(self, mask: torch.Tensor | None) -> bool:
         if mask is None:
@@ -197,7 +197,7 @@ def _planned(
     plan = _plans.get(slot)
     if plan is not None and plan.fits(attention_mask):
         _plans.move_to_end(slot)
-        return plan.wrapper, plan.bad
+        return plan.wrapper, plan.poison
     for old_slot in [other for other, entry in _plans.items() if other == slot or entry.stale()]:
         _give_back(old_slot[0], _plans.pop(old_slot).wrapper)
     while len(_plans) >= _MAX_PLANS:
@@ -206,11 +206,11 @@ def _planned(
     wrapper = _spare[kind].pop() if _spare[kind] else leanattn.DecodeWrapper(
         q_heads, kv_heads, head_dim, query.dtype, query.device, kv_dtype=key.dtype, max_q_len=most,
         softmax_scale=scaling)
-    leftpad, seqlens, bad = _lengths(attention_mask, batch, q_len, window_left, query.device)
+    leftpad, seqlens, poison = _lengths(attention_mask, batch, q_len, window_left, query.dtype, query.device)
     _reserve_decode_workspace(query, key, q_len)  # for steps of this shape captured later
     wrapper.plan(seqlens, kv_len, batch=batch, cache_leftpad=leftpad, q_len=q_len, window_size=(window_left, 0))
-    _plans[slot] = _Plan(attention_mask, wrapper, bad)
-    return wrapper, bad
+    _plans[slot] = _Plan(attention_mask, wrapper, poison)
+    return wrapper, poison
 
 
 def _give_back(kind: tuple, wrapper: leanattn.DecodeWrapper) -> None:
@@ -219,14 +219,20 @@ def _give_back(kind: tuple, wrapper: leanattn.DecodeWrapper) -> None:
 
 
 def _lengths(
-    attention_mask: torch.Tensor | None, batch: int, q_len: int, window_left: int, device: torch.device,
+    attention_mask: torch.Tensor | None, batch: int, q_len: int, window_left: int, dtype: torch.dtype,
+    device: torch.device,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """The kernel's (cache_leftpad, cache_seqlens) and the sequences it can't express, for a
-    call's mask. Without a mask, transformers means SDPA's ``is_causal``, aligned top-left: one
+    """The kernel's (cache_leftpad, cache_seqlens) for a call's mask, and the query's ``poison``
+    factor (batch, 1, 1, 1) in the query's ``dtype``: 1, or NaN for a sequence the kernel can't
+    express (which gets the whole cache). Without a mask, transformers means SDPA's ``is_causal``, aligned top-left: one
     query token sees every key, several see the keys before them (the first q_len: the rest of a
     static cache is empty)."""
     if attention_mask is not None:
-        return live_range(attention_mask, batch, window_left)
+        start, end, bad = live_range(attention_mask, batch, window_left)
+        # A sequence the kernel can't express sees the whole cache, so that every one of its
+        # rows reads at least one key with the NaN query attention_forward gives it.
+        poison = torch.where(bad, float("nan"), 1.0).to(dtype).view(-1, 1, 1, 1)
+        return torch.where(bad, 0, start), torch.where(bad, attention_mask.shape[-1], end), poison
     if q_len == 1:
         return None, None, None
     return None, torch.full((batch,), q_len, dtype=torch.int32, device=device), None
@@ -250,15 +256,16 @@ def _mask(*args, **kwargs) -> torch.Tensor | None:
 
 
 def _step_lengths(
-    attention_mask: torch.Tensor | None, batch: int, q_len: int, window_left: int, device: torch.device,
+    attention_mask: torch.Tensor | None, batch: int, q_len: int, window_left: int, dtype: torch.dtype,
+    device: torch.device,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``_lengths``, computed once per marked mask and call shape."""
     if attention_mask is None or not hasattr(attention_mask, _MARK):
-        return _lengths(attention_mask, batch, q_len, window_left, device)
-    key = (batch, q_len, window_left)
+        return _lengths(attention_mask, batch, q_len, window_left, dtype, device)
+    key = (batch, q_len, window_left, dtype)
     memo = getattr(attention_mask, _MARK)
     if memo is None or memo[0] != key:
-        memo = (key, _lengths(attention_mask, batch, q_len, window_left, device))
+        memo = (key, _lengths(attention_mask, batch, q_len, window_left, dtype, device))
         setattr(attention_mask, _MARK, memo)
     return memo[1]
 
@@ -328,24 +335,29 @@ def attention_forward(
     # there is one query token; several query tokens each see their own window (transformers'
     # ``sliding_window`` W keeps keys after q - W: flash-attn's left window W - 1).
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    window_left = int(kwargs.get("sliding_window") or 0) - 1 if query.shape[2] > 1 else -1
+    if torch.compiler.is_compiling() or (query.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # Traced or captured: the one-shot custom op, which allocates nothing and keeps no state.
+        leftpad, seqlens, poison = _step_lengths(attention_mask, query.shape[0], query.shape[2], window_left,
+                                                 query.dtype, query.device)
+        wrapper = None
+    else:
+        wrapper, poison = _planned(query, key, attention_mask, scaling, window_left)
+    if poison is not None:
+        # A sequence whose mask the kernel can't express (padding inside it, another mask
+        # shape) has no exact answer here: a NaN query turns its rows to NaN rather than to a
+        # plausible wrong value, without a host sync. On the query, not the output, so that a
+        # compiled step fuses it into the kernel that makes the query (rotary embedding); a
+        # product (q x 1 is exact), one kernel, where masked_fill copies and then fills.
+        q = q * poison
     softcap = float(kwargs.get("softcap") or 0.0)
     sinks = kwargs.get("s_aux")
     sinks = None if sinks is None else sinks.float()
-    sliding = kwargs.get("sliding_window")
-    window_left = int(sliding) - 1 if sliding and query.shape[2] > 1 else -1
-    if torch.compiler.is_compiling() or (query.is_cuda and torch.cuda.is_current_stream_capturing()):
-        # Traced or captured: the one-shot custom op, which allocates nothing and keeps no state.
-        leftpad, seqlens, bad = _step_lengths(attention_mask, query.shape[0], query.shape[2], window_left, query.device)
+    if wrapper is None:
         out = leanattn.decode(q, k, v, seqlens, cache_leftpad=leftpad, softmax_scale=scaling,
                               window_size=(window_left, 0), softcap=softcap, sinks=sinks)
     else:
-        wrapper, bad = _planned(query, key, attention_mask, scaling, window_left)
         out = wrapper.run(q, k, v, softcap=softcap, sinks=sinks)
-    if bad is not None:
-        # A sequence whose mask the kernel can't express (padding inside it, another mask
-        # shape) has no exact answer here; its rows turn to NaN rather than to a plausible wrong
-        # value, without a host sync.
-        out.masked_fill_(bad.view(-1, 1, 1, 1), float("nan"))
     return out, None
 
 
