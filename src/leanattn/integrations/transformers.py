@@ -224,9 +224,9 @@ def _lengths(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The kernel's (cache_leftpad, cache_seqlens) for a call's mask, and the query's ``poison``
     factor (batch, 1, 1, 1) in the query's ``dtype``: 1, or NaN for a sequence the kernel can't
-    express (which gets the whole cache). Without a mask, transformers means SDPA's ``is_causal``, aligned top-left: one
-    query token sees every key, several see the keys before them (the first q_len: the rest of a
-    static cache is empty)."""
+    express (which gets the whole cache). Without a mask (no poison), transformers means SDPA's
+    ``is_causal``, aligned top-left: one query token sees every key, several see the keys before
+    them (the first q_len: the rest of a static cache is empty)."""
     if attention_mask is not None:
         start, end, bad = live_range(attention_mask, batch, window_left)
         # A sequence the kernel can't express sees the whole cache, so that every one of its
