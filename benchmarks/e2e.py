@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -136,8 +137,15 @@ def time_decode(model, forward, batch: int, context: int, warmup: int, steps: in
     return (time.perf_counter() - start) / steps * 1e3
 
 
-def compiled_forward(model, device: torch.device):
+def compiled_forward(model, device: torch.device, impl: str):
     torch._dynamo.reset()  # a new cache, shapes and backend: start clean and free old graphs
+    if impl == "flex_attention":
+        # transformers builds flex_attention's block mask with create_block_mask(_compile=True),
+        # which now warns that the flag is deprecated; dynamo can't trace warnings.warn, and
+        # fullgraph=True turns that into an error. Tracing may skip the warning.
+        config = torch._dynamo.config
+        ignored = getattr(config, "ignore_logging_functions", None)
+        (ignored if ignored is not None else config.ignore_logger_methods).add(warnings.warn)
     if device.type == "cuda":
         return torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     return torch.compile(model.forward, backend="aot_eager", fullgraph=True)  # CPU smoke run
@@ -201,7 +209,7 @@ def run(args) -> list[Row]:
                 begun = time.perf_counter()
                 try:
                     model.set_attn_implementation(job.impl)
-                    forward = compiled_forward(model, device) if job.mode == "compiled" else model.forward
+                    forward = compiled_forward(model, device, job.impl) if job.mode == "compiled" else model.forward
                     lt.calls.clear()
                     times[id(job)].append(time_decode(model, forward, job.batch, job.context, args.warmup, args.steps))
                     # Eager calls are counted: a leanattn row whose steps went to SDPA must say so.
