@@ -185,9 +185,9 @@ def _planned(
     query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None,
     window_left: int,
 ) -> tuple[leanattn.DecodeWrapper, torch.Tensor | None]:
-    """A DecodeWrapper planned for this step's mask and shapes, and the sequences the kernel
-    can't express (or None). query (batch, q_heads, q_len, head_dim); key (batch, kv_heads,
-    kv_len, head_dim)."""
+    """A DecodeWrapper planned for this step's mask and shapes, and the query's poison factor
+    (see ``_lengths``; None without a mask). query (batch, q_heads, q_len, head_dim); key
+    (batch, kv_heads, kv_len, head_dim)."""
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     # Wrappers serve q_len up to a power of two (their workspace grows with it).
