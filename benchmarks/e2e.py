@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import sys
 import time
@@ -146,6 +147,9 @@ def compiled_forward(model, device: torch.device, impl: str):
         config = torch._dynamo.config
         ignored = getattr(config, "ignore_logging_functions", None)
         (ignored if ignored is not None else config.ignore_logger_methods).add(warnings.warn)
+        # torch 2.11 then fails to JSON-encode its config for compile metrics and logs the
+        # traceback after every compile; the metrics are not used here.
+        logging.getLogger("torch._dynamo.metrics_context").setLevel(logging.CRITICAL)
     if device.type == "cuda":
         return torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     return torch.compile(model.forward, backend="aot_eager", fullgraph=True)  # CPU smoke run
