@@ -37,3 +37,29 @@ def test_custom_op_opcheck():
         torch.ops.leanattn.decode_into.default, (q, k, v, out, lse, sl, None, 0.125, 3),
         test_utils=("test_schema", "test_faketensor"),
     )
+
+
+def planned_step(q, k, v, seqlens):
+    # One plan per step, read by every layer (two here).
+    plan = leanattn.plan_decode(seqlens, k.shape[1], q_heads=q.shape[2], kv_heads=k.shape[2], head_dim=q.shape[3],
+                                kv_dtype=k.dtype, num_programs=5)
+    return leanattn.decode(q, k, v, seqlens, plan=plan) + leanattn.decode(q * 2.0, k, v, seqlens, plan=plan)
+
+
+def test_compiled_plan_decode_matches_eager():
+    torch._dynamo.reset()
+    q, k, v, sl = make_inputs([70, 0, 33], 8, 2, 64, torch.float16)
+    explanation = torch._dynamo.explain(planned_step)(q, k, v, sl)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    compiled = torch.compile(planned_step, fullgraph=True, backend="aot_eager")
+    for lens in ([70, 0, 33], [1, 70, 12]):
+        sl.copy_(torch.tensor(lens, dtype=torch.int32))
+        assert torch.equal(compiled(q, k, v, sl), planned_step(q, k, v, sl))
+
+
+def test_plan_op_opcheck():
+    _, _, _, sl = make_inputs([40, 9], 4, 2, 64, torch.float16)
+    torch.library.opcheck(
+        torch.ops.leanattn.plan_shares.default, (sl, None, 2, 2, 64, torch.float16, 2, 40, 1, 2**30, False, 3, sl.device),
+        test_utils=("test_schema", "test_faketensor"),
+    )

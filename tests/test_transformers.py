@@ -283,8 +283,8 @@ def test_compiled_static_cache_has_no_graph_break():
 
 
 def test_compiled_step_reads_the_mask_once():
-    """A compiled decode step computes the live range from its mask once, not once per layer:
-    ``live_range`` takes two ``amax`` of the mask, whatever the layer count."""
+    """A compiled decode step computes the live range from its mask, and plans the shares, once,
+    not once per layer: ``live_range`` takes two ``amax`` of the mask, whatever the layer count."""
     torch._dynamo.reset()
     model = tiny_model("llama", 2, torch.bfloat16)
     ids, mask = prompts([8, 5])
@@ -295,6 +295,7 @@ def test_compiled_step_reads_the_mask_once():
     (counts,) = recorder.counts
     assert counts["decode"] + counts["decode_into"] == LAYERS, counts
     assert counts["amax"] == 2, f"live_range ran {counts['amax'] // 2} times for {LAYERS} layers"
+    assert counts["plan_shares"] == 1, counts
 
 
 def test_compiled_several_query_tokens_have_no_graph_break():

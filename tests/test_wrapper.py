@@ -100,6 +100,59 @@ def test_mismatched_calls_are_refused():
         leanattn.DecodeWrapper(5, 2, 64, torch.float16, DEVICE)
 
 
+@pytest.mark.parametrize("paged", [False, True])
+def test_plan_decode_equals_the_wrapper_and_decode(paged):
+    """``decode(plan=plan_decode(...))``, the functional plan/run, gives the wrapper's and the
+    self-locating decode's results bit for bit: left padding, a window, two query tokens."""
+    t = tile_size(64, torch.bfloat16, 8)
+    lens, cap = [0, t + 3, 3 * t + 1], 4 * t
+    q, k, v, sl = make_inputs(lens, 8, 2, 64, torch.bfloat16, cache_len=cap, seed=3)
+    q = torch.randn(3, 2, 8, 64, generator=torch.Generator().manual_seed(4)).to(q)
+    pad = torch.tensor([0, 2, t + 1], dtype=torch.int32, device=DEVICE)
+    kc, vc, kw = k, v, {}
+    if paged:
+        kc, vc, table = to_paged(k, v, [cap] * len(lens), 16, seed=5)
+        kw = {"block_table": table}
+    features = dict(cache_leftpad=pad, window_size=(t, 0))
+    plan = leanattn.plan_decode(sl, cap, q_heads=8, kv_heads=2, head_dim=64, kv_dtype=k.dtype, q_len=2, num_programs=5,
+                                **features)
+    assert plan.dtype == torch.int32 and plan.shape == (5, 8)
+    out, lse = leanattn.decode(q, kc, vc, sl, plan=plan, return_lse=True, **features, **kw)
+    again, again_lse = leanattn.decode(q, kc, vc, sl, num_programs=5, return_lse=True, **features, **kw)
+    assert torch.equal(out, again) and torch.equal(lse, again_lse)
+    w = _wrapper(q, k, 5, max_q_len=2)
+    w.plan(sl, cap, q_len=2, **features)
+    assert torch.equal(out, w.run(q, kc, vc, **kw))
+    assert_close(out, lse, *reference(q, k, v, sl, **features))
+
+
+def test_plan_decode_mismatches_are_refused():
+    q, k, v, sl = make_inputs([20, 7], 4, 2, 64, torch.float16, cache_len=32)
+    plan = leanattn.plan_decode(sl, 32, q_heads=4, kv_heads=2, head_dim=64, kv_dtype=k.dtype, num_programs=3)
+    assert torch.equal(leanattn.decode(q, k, v, sl, plan=plan), leanattn.decode(q, k, v, sl, num_programs=3))
+    cases = [
+        (dict(q=q, k=k[:, :16], v=v[:, :16]), {}, "capacity 16 (planned 32)"),
+        (dict(q=q.repeat(1, 1, 2, 1), k=k, v=v), {}, "q_heads 8 (planned 4)"),
+        (dict(q=q, k=k, v=v), dict(window_size=(8, 0)), "window_left 8"),
+        (dict(q=q, k=k, v=v), dict(cache_leftpad=sl * 0), "cache_leftpad given True"),
+        (dict(q=q, k=k, v=v), dict(num_programs=4), "num_programs 4 differs from the plan's grid of 3"),
+        (dict(q=q, k=k, v=v), dict(plan=plan.long()), "plan must be int32"),
+        (dict(q=q, k=k, v=v), dict(plan=plan[:, :4]), "plan must be int32"),
+    ]
+    for tensors, kw, msg in cases:
+        kw = {"plan": plan, **kw}
+        with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+            leanattn.decode(tensors["q"], tensors["k"], tensors["v"], sl, **kw)
+    with pytest.raises(ValueError, match="needs cache_seqlens, or batch"):
+        leanattn.plan_decode(None, 32, q_heads=4, kv_heads=2, head_dim=64)
+    with pytest.raises(ValueError, match="needs device="):
+        leanattn.plan_decode(None, 32, q_heads=4, kv_heads=2, head_dim=64, batch=2)
+    with pytest.raises(ValueError, match="q_heads .* multiple"):
+        leanattn.plan_decode(sl, 32, q_heads=5, kv_heads=2, head_dim=64)
+    with pytest.raises(TypeError, match="cache_seqlens must be int32"):
+        leanattn.plan_decode(sl.long(), 32, q_heads=4, kv_heads=2, head_dim=64)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("paged", [False, True])
 def test_graph_with_plan_and_layers_replays_new_lengths(paged):

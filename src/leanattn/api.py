@@ -15,8 +15,9 @@ from triton import knobs
 
 from .kernels.config import KernelConfig, choose_config, interpreting, next_pow2
 from .kernels.lean_decode import LOG2E, lean_decode_kernel
+from .kernels.plan import PLAN_FIELDS, lean_plan_kernel
 
-__all__ = ["decode", "reserve_workspace", "default_num_programs", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
+__all__ = ["decode", "plan_decode", "reserve_workspace", "default_num_programs", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -572,10 +573,12 @@ def launch(
     sinks: torch.Tensor | None = None,
     k_scale: float | torch.Tensor | None = None,
     v_scale: float | torch.Tensor | None = None,
+    plan: torch.Tensor | None = None,
 ) -> None:
     """Run the kernel on validated inputs, writing ``out`` (and ``lse`` (batch, q_heads, q_len)
-    when given); each program locates its own share. ``features`` defaults to plain causal
-    attention of q's q_len; ``k_scale``/``v_scale`` as from :func:`resolve_features`.
+    when given); each program locates its own share, or reads it from ``plan`` (checked by
+    :func:`check_plan`; its rows are the grid). ``features`` defaults to plain causal attention
+    of q's q_len; ``k_scale``/``v_scale`` as from :func:`resolve_features`.
 
     ``config`` overrides the heuristic launch configuration (used by the tuning sweeps).
     """
@@ -585,6 +588,8 @@ def launch(
         return
     if features is None:
         features, k_scale, v_scale = resolve_features(q, k_cache, True, (-1, -1), 0.0, None, None, None)
+    if plan is not None:
+        num_programs = plan.shape[0]
     config, programs, (acc, stats, tickets, chunk_tickets) = _decode_buffers(
         q.device, head_dim, k_cache.dtype, q_len * (q_heads // kv_heads), num_programs, config)
     if block_table is None:
@@ -600,7 +605,7 @@ def launch(
         cache_seqlens if cache_seqlens is not None else tickets,
         cache_leftpad if cache_leftpad is not None else tickets, bt,
         sinks if sinks is not None else dummy, k_scale if k_scale is not None else dummy,
-        v_scale if v_scale is not None else dummy, tickets,
+        v_scale if v_scale is not None else dummy, plan if plan is not None else tickets,
         acc, stats, tickets, chunk_tickets,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -613,16 +618,153 @@ def launch(
     )
     pdl = use_pdl(q.device)
     layout = (layout_of(q, k_cache, v_cache, out, lse, cache_seqlens, cache_leftpad, block_table, sinks,
-                        k_scale, v_scale),
+                        k_scale, v_scale, plan),
               batch, capacity, programs, config, pdl, features)
     launch_cached(
         lean_decode_kernel, programs, layout, args,
         lambda: kernel_constexprs(
             q, k_cache, page_size, config, features, has_seqlens=cache_seqlens is not None,
-            has_leftpad=cache_leftpad is not None, planned=False, return_lse=lse is not None, pdl=pdl,
+            has_leftpad=cache_leftpad is not None, planned=plan is not None, return_lse=lse is not None, pdl=pdl,
         ),
         config, pdl, q.device,
     )
+
+
+def launch_plan(
+    plan: torch.Tensor, programs: int, cache_seqlens: torch.Tensor | None, cache_leftpad: torch.Tensor | None,
+    batch: int, kv_heads: int, capacity: int, q_len: int, window_left: int, has_window: bool, tile: int,
+    target_share: int, pdl: bool,
+) -> None:
+    """Write the shares of a grid of ``programs`` into ``plan[:programs]``: int32 rows of
+    ``PLAN_FIELDS`` (see ``lean_plan_kernel``); ``tile`` and ``target_share`` from the runs'
+    KernelConfig. Inputs already validated."""
+    if batch == 0:
+        return
+    extra = {"launch_pdl": True} if pdl else {}
+    lean_plan_kernel[(programs,)](
+        cache_seqlens if cache_seqlens is not None else plan,
+        cache_leftpad if cache_leftpad is not None else plan,
+        plan, batch, kv_heads, capacity, window_left,
+        HAS_SEQLENS=cache_seqlens is not None, HAS_LEFTPAD=cache_leftpad is not None, Q_LEN=q_len,
+        HAS_WINDOW=has_window, TILE=tile, TARGET_SHARE=target_share, BLOCK_B=_BLOCK_B,
+        USE_PDL=pdl, num_warps=4, **extra,
+    )
+
+
+def _plan_key(batch: int, capacity: int, q_len: int, q_heads: int, kv_heads: int, head_dim: int,
+              kv_dtype: torch.dtype, window_left: int, has_seqlens: bool, has_leftpad: bool) -> tuple:
+    """What a plan's shares depend on besides the lengths' values (for :func:`check_plan`)."""
+    return (("batch", batch), ("capacity", capacity), ("q_len", q_len), ("q_heads", q_heads),
+            ("kv_heads", kv_heads), ("head_dim", head_dim), ("kv_dtype", kv_dtype), ("window_left", window_left),
+            ("cache_seqlens given", has_seqlens), ("cache_leftpad given", has_leftpad))
+
+
+_PLAN_KEY = "_leanattn_plan_key"  # the plan_decode arguments an eager plan was made for
+
+
+def plan_decode(
+    cache_seqlens: torch.Tensor | None,
+    capacity: int,
+    *,
+    q_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    kv_dtype: torch.dtype = torch.bfloat16,
+    batch: int | None = None,
+    cache_leftpad: torch.Tensor | None = None,
+    q_len: int = 1,
+    causal: bool = True,
+    window_size: tuple[int, int] = (-1, -1),
+    num_programs: int | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Every program's share of a decode step, for ``decode(..., plan=plan)`` in each layer.
+
+    The functional form of :meth:`DecodeWrapper.plan`, for code that torch.compile traces (it is
+    the custom op ``leanattn::plan_shares``) or that keeps no wrapper: plan once per step, then
+    each layer's ``decode`` reads its share instead of locating it (1.5-2 µs a call on small
+    calls). No host sync, so a CUDA graph can hold it.
+
+    Args:
+        cache_seqlens, cache_leftpad, capacity: as the layers' ``decode`` calls will pass them
+            (the same tensors, or equal values: the runs read them again); ``capacity`` is the
+            cache length (or the block table's capacity). ``batch`` is needed without
+            ``cache_seqlens``.
+        q_heads, kv_heads, head_dim, kv_dtype, q_len, causal, window_size, num_programs: the
+            layers' shape, cache dtype and features (they decide the launch config and shares).
+        device: where the plan lives; defaults to the lengths' device (required without them).
+
+    Returns:
+        int32 (programs, 8): the plan, whose rows are the grid of the runs. A plan describes
+        lengths, not a layer: give it to every layer of the step. Calls made with different
+        lengths or shapes get wrong shares: ``decode`` checks the shapes (in eager code), never
+        the lengths' values.
+    """
+    if cache_seqlens is not None:
+        _check_tensor("cache_seqlens", cache_seqlens)
+        batch = cache_seqlens.shape[0] if cache_seqlens.dim() == 1 else -1
+        _check_per_sequence("cache_seqlens", cache_seqlens, batch)
+    if not isinstance(batch, int) or batch < 0:
+        _fail(ValueError, "plan_decode needs cache_seqlens, or batch when every sequence is capacity long")
+    if cache_leftpad is not None:
+        _check_per_sequence("cache_leftpad", cache_leftpad, batch)
+    lengths = [t for t in (cache_seqlens, cache_leftpad) if t is not None]
+    if device is None:
+        if not lengths:
+            _fail(ValueError, "plan_decode needs device= when it gets no lengths tensor")
+        device = lengths[0].device
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if any(t.device != device for t in lengths):
+        _fail(ValueError, f"the lengths must be on {device}, got {', '.join(str(t.device) for t in lengths)}")
+    if not isinstance(capacity, int) or capacity < 0:
+        _fail(ValueError, f"capacity must be a non-negative int, got {capacity!r}")
+    if not isinstance(q_len, int) or q_len < 1:
+        _fail(ValueError, f"q_len must be a positive int, got {q_len!r}")
+    if num_programs is not None and (not isinstance(num_programs, int) or num_programs < 1):
+        _fail(ValueError, f"num_programs must be a positive int, got {num_programs!r}")
+    # The layers' shape, checked as decode checks it, with a probe of batch 1 and capacity 1.
+    q_dtype = kv_dtype if kv_dtype in SUPPORTED_DTYPES else torch.float16  # an fp8 cache takes either
+    probe_q = torch.empty(1, q_len, q_heads, head_dim, dtype=q_dtype, device=device)
+    probe_kv = torch.empty(1, 1, kv_heads, head_dim, dtype=kv_dtype, device=device)
+    _validate(probe_q, probe_kv, probe_kv, None, None, None)
+    window_left, _, has_window, _ = window_bounds(causal, window_size, q_len)
+    rows = q_len * (q_heads // kv_heads)
+    tile = choose_config(head_dim, kv_dtype, rows).tile
+    if batch * kv_heads * max(1, -(-capacity // tile)) >= 2**31:
+        _fail(ValueError, f"batch {batch} x kv_heads {kv_heads} x capacity {capacity} is over 2^31 tiles of {tile}")
+    plan = torch.ops.leanattn.plan_shares(
+        cache_seqlens, cache_leftpad, batch, kv_heads, head_dim, kv_dtype, rows, capacity, q_len, window_left,
+        has_window, num_programs or 0, device)
+    if not torch.compiler.is_compiling():
+        setattr(plan, _PLAN_KEY, _plan_key(batch, capacity, q_len, q_heads, kv_heads, head_dim, kv_dtype, window_left,
+                                           cache_seqlens is not None, cache_leftpad is not None))
+    return plan
+
+
+def check_plan(
+    plan: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, capacity: int, window_left: int,
+    cache_seqlens: torch.Tensor | None, cache_leftpad: torch.Tensor | None, num_programs: int | None,
+) -> None:
+    """Raise ValueError if ``plan`` can't be this call's: not a plan tensor, or (for a plan made
+    eagerly by :func:`plan_decode`) made for other shapes."""
+    _check_tensor("plan", plan)
+    if plan.dtype != torch.int32 or plan.dim() != 2 or plan.shape[1] != PLAN_FIELDS.value or plan.shape[0] < 1:
+        _fail(ValueError, f"plan must be int32 (programs, {PLAN_FIELDS.value}) from leanattn.plan_decode, "
+                          f"got {plan.dtype} {tuple(plan.shape)}")
+    if plan.device != q.device:
+        _fail(ValueError, f"plan is on {plan.device}, q on {q.device}")
+    if num_programs is not None and num_programs != plan.shape[0]:
+        _fail(ValueError, f"num_programs {num_programs} differs from the plan's grid of {plan.shape[0]}")
+    made = getattr(plan, _PLAN_KEY, None) if not torch.compiler.is_compiling() else None
+    if made is not None:
+        batch, q_len, q_heads, head_dim = q.shape
+        want = _plan_key(batch, capacity, q_len, q_heads, k_cache.shape[2], head_dim, k_cache.dtype, window_left,
+                         cache_seqlens is not None, cache_leftpad is not None)
+        wrong = [f"{name} {a!r} (planned {b!r})" for (name, a), (_, b) in zip(want, made) if a != b]
+        if wrong:
+            _fail(ValueError, "plan was made for another call: " + ", ".join(wrong))
 
 
 def decode(
@@ -644,6 +786,7 @@ def decode(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     num_programs: int | None = None,
+    plan: torch.Tensor | None = None,
     check: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact decode attention with LeanAttention's stream-K partition.
@@ -677,6 +820,9 @@ def decode(
         lse: optional float32 (batch, q_heads, q_len) tensor, any strides, for the LSE to be
             written into (with ``return_lse`` only): e.g. a view into a communication buffer.
         num_programs: persistent grid size; defaults to SMs x programs per SM.
+        plan: int32 (programs, 8) from :func:`plan_decode` for this step's lengths and this
+            call's shapes: the programs read their shares from it instead of locating them. Its
+            rows are the grid. Results are bitwise those without it.
         check: also validate the values of ``cache_seqlens``, ``cache_leftpad``, the live slots
             of ``block_table`` and ``sinks`` on the host (a device sync: not for CUDA graphs or
             fast paths), raising ValueError naming the sequence, slot and value. Without it,
@@ -700,6 +846,9 @@ def decode(
     if not math.isfinite(scale):
         raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
     check_lse_out(lse, q, return_lse)
+    if plan is not None:
+        capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
+        check_plan(plan, q, k_cache, capacity, features.window_left, cache_seqlens, cache_leftpad, num_programs)
     result = torch.empty_like(q) if out is None else out
     if return_lse and lse is None:
         lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
@@ -708,9 +857,9 @@ def decode(
         floats = [x if isinstance(x, (int, float)) else 1.0 for x in (ks, vs)]
         torch.ops.leanattn.decode_into(
             q, k_cache, v_cache, result, lse, cache_seqlens, block_table, scale, num_programs or 0, cache_leftpad,
-            causal, list(window_size), float(softcap), sinks, *tensors, *floats,
+            causal, list(window_size), float(softcap), sinks, *tensors, *floats, plan,
         )
     else:
         launch(q, k_cache, v_cache, result, lse, cache_seqlens, block_table, scale, num_programs,
-               cache_leftpad=cache_leftpad, features=features, sinks=sinks, k_scale=ks, v_scale=vs)
+               cache_leftpad=cache_leftpad, features=features, sinks=sinks, k_scale=ks, v_scale=vs, plan=plan)
     return (result, lse) if return_lse else result

@@ -1,4 +1,5 @@
-"""``leanattn::decode_into`` as a torch custom op, so compiled models keep the call in one graph."""
+"""``leanattn::decode_into`` and ``leanattn::plan_shares`` as torch custom ops, so compiled models
+keep the calls in one graph."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ from typing import Optional
 
 import torch
 
-from .api import FP8_DTYPES, launch, resolve_features
+from .api import FP8_DTYPES, _static_config, default_num_programs, launch, launch_plan, resolve_features, use_pdl
+from .kernels.plan import PLAN_FIELDS
 
-__all__ = ["decode_into"]
+__all__ = ["decode_into", "plan_shares"]
 
 
 @torch.library.custom_op("leanattn::decode_into", mutates_args=("out", "lse"))
@@ -31,6 +33,7 @@ def decode_into(
     v_scale: Optional[torch.Tensor] = None,
     k_scale_value: float = 1.0,
     v_scale_value: float = 1.0,
+    plan: Optional[torch.Tensor] = None,
 ) -> None:
     """Write decode attention into ``out`` (and ``lse``); ``num_programs`` 0 means the default.
     Arguments as in ``leanattn.decode`` (validated there); an fp8 cache's scales as (kv_heads,)
@@ -41,11 +44,50 @@ def decode_into(
     v_scale = (v_scale if v_scale is not None else v_scale_value) if fp8 else None
     features, ks, vs = resolve_features(q, k_cache, causal, window, softcap, sinks, k_scale, v_scale)
     launch(q, k_cache, v_cache, out, lse, cache_seqlens, block_table, softmax_scale, num_programs or None,
-           cache_leftpad=cache_leftpad, features=features, sinks=sinks, k_scale=ks, v_scale=vs)
+           cache_leftpad=cache_leftpad, features=features, sinks=sinks, k_scale=ks, v_scale=vs, plan=plan)
 
 
 @decode_into.register_fake
 def _decode_into_fake(q, k_cache, v_cache, out, lse, cache_seqlens, block_table, softmax_scale, num_programs,
                       cache_leftpad=None, causal=True, window_size=None, softcap=0.0, sinks=None, k_scale=None,
-                      v_scale=None, k_scale_value=1.0, v_scale_value=1.0) -> None:
+                      v_scale=None, k_scale_value=1.0, v_scale_value=1.0, plan=None) -> None:
     return None
+
+
+@torch.library.custom_op("leanattn::plan_shares", mutates_args=())
+def plan_shares(
+    cache_seqlens: Optional[torch.Tensor],
+    cache_leftpad: Optional[torch.Tensor],
+    batch: int,
+    kv_heads: int,
+    head_dim: int,
+    kv_dtype: torch.dtype,
+    rows: int,
+    capacity: int,
+    q_len: int,
+    window_left: int,
+    has_window: bool,
+    num_programs: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """A new int32 (programs, PLAN_FIELDS) plan: every program's share, for runs of ``rows`` (q_len
+    x group) query rows a kv head; ``num_programs`` 0 means the default grid. Arguments as
+    resolved by ``leanattn.plan_decode`` (validated there)."""
+    config, programs = _plan_grid(head_dim, kv_dtype, rows, num_programs, device)
+    plan = torch.zeros(programs, PLAN_FIELDS.value, dtype=torch.int32, device=device)
+    launch_plan(plan, programs, cache_seqlens, cache_leftpad, batch, kv_heads, capacity, q_len, window_left,
+                has_window, config.tile, config.target_share, use_pdl(device))
+    return plan
+
+
+@plan_shares.register_fake
+def _plan_shares_fake(cache_seqlens, cache_leftpad, batch, kv_heads, head_dim, kv_dtype, rows, capacity, q_len,
+                      window_left, has_window, num_programs, device) -> torch.Tensor:
+    _, programs = _plan_grid(head_dim, kv_dtype, rows, num_programs, device)
+    return torch.empty(programs, PLAN_FIELDS.value, dtype=torch.int32, device=device)
+
+
+def _plan_grid(head_dim: int, kv_dtype: torch.dtype, rows: int, num_programs: int, device: torch.device) -> tuple:
+    """The runs' launch config and grid, as ``leanattn.decode`` picks them."""
+    config = _static_config(head_dim, kv_dtype, rows)[0]
+    return config, num_programs or default_num_programs(device, config)

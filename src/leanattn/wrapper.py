@@ -36,6 +36,7 @@ from .api import (
     kernel_constexprs,
     kernel_scale,
     launch_cached,
+    launch_plan,
     layout_of,
     refuse_grad,
     resolve_features,
@@ -46,7 +47,7 @@ from .api import (
 )
 from .kernels.config import interpreting
 from .kernels.lean_decode import lean_decode_kernel
-from .kernels.plan import PLAN_FIELDS, lean_plan_kernel
+from .kernels.plan import PLAN_FIELDS
 
 __all__ = ["DecodeWrapper"]
 
@@ -177,18 +178,8 @@ class DecodeWrapper:
         # What the run's compiled kernel depends on in the plan's inputs.
         self._plan_layout = (layout_of(cache_seqlens, cache_leftpad), batch, capacity, q_len, causal, self._window_size,
                              self.num_programs, self._config)
-        if batch == 0:
-            return
-        dummy = self._tickets
-        extra = {"launch_pdl": True} if self._pdl else {}
-        lean_plan_kernel[(self.num_programs,)](
-            cache_seqlens if cache_seqlens is not None else dummy,
-            cache_leftpad if cache_leftpad is not None else dummy,
-            self._plan, batch, self.kv_heads, capacity, window_left,
-            HAS_SEQLENS=cache_seqlens is not None, HAS_LEFTPAD=cache_leftpad is not None, Q_LEN=q_len,
-            HAS_WINDOW=has_window, TILE=tile, TARGET_SHARE=self._config.target_share, BLOCK_B=_BLOCK_B,
-            USE_PDL=self._pdl, num_warps=4, **extra,
-        )
+        launch_plan(self._plan, self.num_programs, cache_seqlens, cache_leftpad, batch, self.kv_heads, capacity, q_len,
+                    window_left, has_window, self._config.tile, self._config.target_share, self._pdl)
 
     def run(
         self,

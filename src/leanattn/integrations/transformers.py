@@ -238,12 +238,14 @@ def _lengths(
     return None, torch.full((batch,), q_len, dtype=torch.int32, device=device), None
 
 
-# Compiled steps compute the live range once per step too. The integration's mask function marks
-# each mask it makes with an empty ``_leanattn_lengths`` attribute; the first layer that meets the
-# mask stores its lengths there and the other layers of its kind take them, so the traced graph
-# holds one live-range computation per mask instead of one per layer (torch.compile does not merge
-# identical ops of an inference graph). A mask made elsewhere (a 4-D mask passed by the caller,
-# which it may change in place between steps) carries no mark and is read by every layer.
+# Compiled steps compute the live range, and plan the shares, once per step too. The
+# integration's mask function marks each mask it makes with an empty ``_leanattn_lengths``
+# attribute; the first layer that meets the mask stores its lengths and plan there and the other
+# layers of its kind take them, so the traced graph holds one live-range computation and one plan
+# per mask instead of one per layer (torch.compile does not merge identical ops of an inference
+# graph), and each layer's kernel reads its share instead of locating it. A mask made elsewhere (a
+# 4-D mask passed by the caller, which it may change in place between steps) carries no mark and
+# is read by every layer, whose kernels then locate their own shares.
 _MARK = "_leanattn_lengths"
 
 
@@ -255,17 +257,24 @@ def _mask(*args, **kwargs) -> torch.Tensor | None:
     return mask
 
 
-def _step_lengths(
-    attention_mask: torch.Tensor | None, batch: int, q_len: int, window_left: int, dtype: torch.dtype,
-    device: torch.device,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """``_lengths``, computed once per marked mask and call shape."""
+def _step_plan(
+    attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor, window_left: int,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``_lengths`` and a ``leanattn.plan_decode`` plan for them (None for an unmarked mask),
+    computed once per marked mask and call shape. query (batch, q_heads, q_len, head_dim); key
+    (batch, kv_heads, kv_len, head_dim)."""
+    batch, q_heads, q_len, head_dim = query.shape
     if attention_mask is None or not hasattr(attention_mask, _MARK):
-        return _lengths(attention_mask, batch, q_len, window_left, dtype, device)
-    key = (batch, q_len, window_left, dtype)
+        return *_lengths(attention_mask, batch, q_len, window_left, query.dtype, query.device), None
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    shape = (batch, q_len, window_left, query.dtype, q_heads, kv_heads, head_dim, key.dtype, kv_len)
     memo = getattr(attention_mask, _MARK)
-    if memo is None or memo[0] != key:
-        memo = (key, _lengths(attention_mask, batch, q_len, window_left, dtype, device))
+    if memo is None or memo[0] != shape:
+        leftpad, seqlens, poison = _lengths(attention_mask, batch, q_len, window_left, query.dtype, query.device)
+        plan = leanattn.plan_decode(seqlens, kv_len, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim,
+                                    kv_dtype=key.dtype, batch=batch, cache_leftpad=leftpad, q_len=q_len,
+                                    window_size=(window_left, 0), device=query.device)
+        memo = (shape, (leftpad, seqlens, poison, plan))
         setattr(attention_mask, _MARK, memo)
     return memo[1]
 
@@ -338,8 +347,7 @@ def attention_forward(
     window_left = int(kwargs.get("sliding_window") or 0) - 1 if query.shape[2] > 1 else -1
     if torch.compiler.is_compiling() or (query.is_cuda and torch.cuda.is_current_stream_capturing()):
         # Traced or captured: the one-shot custom op, which allocates nothing and keeps no state.
-        leftpad, seqlens, poison = _step_lengths(attention_mask, query.shape[0], query.shape[2], window_left,
-                                                 query.dtype, query.device)
+        leftpad, seqlens, poison, plan = _step_plan(attention_mask, query, key, window_left)
         wrapper = None
     else:
         wrapper, poison = _planned(query, key, attention_mask, scaling, window_left)
@@ -355,7 +363,7 @@ def attention_forward(
     sinks = None if sinks is None else sinks.float()
     if wrapper is None:
         out = leanattn.decode(q, k, v, seqlens, cache_leftpad=leftpad, softmax_scale=scaling,
-                              window_size=(window_left, 0), softcap=softcap, sinks=sinks)
+                              window_size=(window_left, 0), softcap=softcap, sinks=sinks, plan=plan)
     else:
         out = wrapper.run(q, k, v, softcap=softcap, sinks=sinks)
     return out, None
