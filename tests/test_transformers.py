@@ -155,7 +155,7 @@ def _verify_steps(model, impl: str, ids, mask, drafts: torch.Tensor, cache: str)
     """Speculative decoding's verification by hand: prefill, then forward ``drafts`` (batch, T)
     T tokens at a time, twice. Returns each forward's logits (batch, T, vocab)."""
     model.set_attn_implementation(impl)
-    batch, steps = ids.shape[0], 2
+    steps = 2
     if cache == "static":
         past = transformers.StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps * drafts.shape[1] + 3)
     else:

@@ -22,7 +22,6 @@ import torch
 from . import api
 from .api import (
     Features,
-    _BLOCK_B,
     _check_per_sequence,
     _fail,
     _static_config,

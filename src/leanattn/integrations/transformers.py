@@ -346,7 +346,7 @@ def attention_forward(
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     window_left = int(kwargs.get("sliding_window") or 0) - 1 if query.shape[2] > 1 else -1
     if torch.compiler.is_compiling() or (query.is_cuda and torch.cuda.is_current_stream_capturing()):
-        # Traced or captured: the one-shot custom op, which allocates nothing and keeps no state.
+        # Traced or captured: the custom ops, which keep no state (the step's plan is a tensor).
         leftpad, seqlens, poison, plan = _step_plan(attention_mask, query, key, window_left)
         wrapper = None
     else:
