@@ -100,30 +100,36 @@ def test_mismatched_calls_are_refused():
         leanattn.DecodeWrapper(5, 2, 64, torch.float16, DEVICE)
 
 
-@pytest.mark.parametrize("paged", [False, True])
-def test_plan_decode_equals_the_wrapper_and_decode(paged):
+@pytest.mark.parametrize("cache", ["bf16", "bf16 paged", "fp8"])
+def test_plan_decode_equals_the_wrapper_and_decode(cache):
     """``decode(plan=plan_decode(...))``, the functional plan/run, gives the wrapper's and the
     self-locating decode's results bit for bit: left padding, a window, two query tokens."""
-    t = tile_size(64, torch.bfloat16, 8)
+    kv_dtype = torch.float8_e4m3fn if cache == "fp8" else torch.bfloat16
+    t = tile_size(64, kv_dtype, 8)
     lens, cap = [0, t + 3, 3 * t + 1], 4 * t
     q, k, v, sl = make_inputs(lens, 8, 2, 64, torch.bfloat16, cache_len=cap, seed=3)
     q = torch.randn(3, 2, 8, 64, generator=torch.Generator().manual_seed(4)).to(q)
     pad = torch.tensor([0, 2, t + 1], dtype=torch.int32, device=DEVICE)
+    k, v = k.to(kv_dtype), v.to(kv_dtype)  # the reference reads the fp8 values exactly
     kc, vc, kw = k, v, {}
-    if paged:
+    if cache == "bf16 paged":
         kc, vc, table = to_paged(k, v, [cap] * len(lens), 16, seed=5)
         kw = {"block_table": table}
     features = dict(cache_leftpad=pad, window_size=(t, 0))
-    plan = leanattn.plan_decode(sl, cap, q_heads=8, kv_heads=2, head_dim=64, kv_dtype=k.dtype, q_len=2, num_programs=5,
+    plan = leanattn.plan_decode(sl, cap, q_heads=8, kv_heads=2, head_dim=64, kv_dtype=kv_dtype, q_len=2, num_programs=5,
                                 **features)
     assert plan.dtype == torch.int32 and plan.shape == (5, 8)
     out, lse = leanattn.decode(q, kc, vc, sl, plan=plan, return_lse=True, **features, **kw)
     again, again_lse = leanattn.decode(q, kc, vc, sl, num_programs=5, return_lse=True, **features, **kw)
     assert torch.equal(out, again) and torch.equal(lse, again_lse)
-    w = _wrapper(q, k, 5, max_q_len=2)
+    w = _wrapper(q, k, 5, max_q_len=2, kv_dtype=kv_dtype)
     w.plan(sl, cap, q_len=2, **features)
     assert torch.equal(out, w.run(q, kc, vc, **kw))
-    assert_close(out, lse, *reference(q, k, v, sl, **features))
+    assert_close(out, lse, *reference(q, k.to(q.dtype), v.to(q.dtype), sl, **features))
+    if cache == "fp8":  # a plan made for another cache dtype (another tile on the GPU) is refused
+        other = leanattn.plan_decode(sl, cap, q_heads=8, kv_heads=2, head_dim=64, q_len=2, num_programs=5, **features)
+        with pytest.raises(ValueError, match="kv_dtype torch.float8_e4m3fn"):
+            leanattn.decode(q, kc, vc, sl, plan=other, **features)
 
 
 def test_plan_decode_mismatches_are_refused():
