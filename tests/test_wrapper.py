@@ -139,7 +139,7 @@ def test_plan_decode_mismatches_are_refused():
     cases = [
         (dict(q=q, k=k[:, :16], v=v[:, :16]), {}, "capacity 16 (planned 32)"),
         (dict(q=q.repeat(1, 1, 2, 1), k=k, v=v), {}, "q_heads 8 (planned 4)"),
-        (dict(q=q, k=k, v=v), dict(window_size=(8, 0)), "window_left 8"),
+        (dict(q=q, k=k, v=v), dict(window_size=(8, 0)), "window_left 8 (planned -1)"),
         (dict(q=q, k=k, v=v), dict(cache_leftpad=sl * 0), "cache_leftpad given True"),
         (dict(q=q, k=k, v=v), dict(num_programs=4), "num_programs 4 differs from the plan's grid of 3"),
         (dict(q=q, k=k, v=v), dict(plan=plan.long()), "plan must be int32"),

@@ -653,7 +653,9 @@ def launch_plan(
 
 def _plan_key(batch: int, capacity: int, q_len: int, q_heads: int, kv_heads: int, head_dim: int,
               kv_dtype: torch.dtype, window_left: int, has_seqlens: bool, has_leftpad: bool) -> tuple:
-    """What a plan's shares depend on besides the lengths' values (for :func:`check_plan`)."""
+    """What a plan's shares depend on besides the lengths' values (for :func:`check_plan`); an
+    unbounded window shows as -1, as the API takes it."""
+    window_left = -1 if window_left >= _UNBOUNDED else window_left
     return (("batch", batch), ("capacity", capacity), ("q_len", q_len), ("q_heads", q_heads),
             ("kv_heads", kv_heads), ("head_dim", head_dim), ("kv_dtype", kv_dtype), ("window_left", window_left),
             ("cache_seqlens given", has_seqlens), ("cache_leftpad given", has_leftpad))
