@@ -630,6 +630,57 @@ def launch(
     )
 
 
+def check_num_programs(num_programs: object) -> None:
+    """``num_programs`` is None (the default grid) or a positive int."""
+    if num_programs is not None and (not isinstance(num_programs, int) or num_programs < 1):
+        _fail(ValueError, f"num_programs must be a positive int, got {num_programs!r}")
+
+
+def check_layer_shape(
+    q_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, kv_dtype: torch.dtype, q_len: int,
+    device: torch.device,
+) -> None:
+    """Every check ``decode`` makes of the layers' heads, head dim and dtypes, made once for a
+    plan with a probe of the layers' shape (batch 1, capacity 1)."""
+    probe_q = torch.empty(1, q_len, q_heads, head_dim, dtype=dtype, device=device)
+    probe_kv = torch.empty(1, 1, kv_heads, head_dim, dtype=kv_dtype, device=device)
+    _validate(probe_q, probe_kv, probe_kv, None, None, None)
+
+
+def check_plan_lengths(
+    caller: str, cache_seqlens: object, cache_leftpad: object, batch: object, capacity: object,
+    device: torch.device | None,
+) -> tuple[int, torch.device]:
+    """Check a plan's lengths and capacity as ``DecodeWrapper.plan`` and ``plan_decode`` take
+    them; return the batch (``cache_seqlens``'s, else ``batch``) and the device (``device``, else
+    the lengths')."""
+    if cache_seqlens is not None:
+        _check_tensor("cache_seqlens", cache_seqlens)
+        batch = cache_seqlens.shape[0] if cache_seqlens.dim() else -1
+    if not isinstance(batch, int) or batch < 0:
+        _fail(ValueError, f"{caller} needs cache_seqlens, or batch when every sequence is capacity long")
+    lengths = [(name, t) for name, t in (("cache_seqlens", cache_seqlens), ("cache_leftpad", cache_leftpad))
+               if t is not None]
+    for name, t in lengths:
+        _check_per_sequence(name, t, batch)
+    if device is None:
+        if not lengths:
+            _fail(ValueError, f"{caller} needs device= when it gets no lengths tensor")
+        device = lengths[0][1].device
+    for name, t in lengths:
+        if t.device != device:
+            _fail(ValueError, f"{name} is on {t.device}, {caller} plans on {device}")
+    if not isinstance(capacity, int) or capacity < 0:
+        _fail(ValueError, f"capacity must be a non-negative int, got {capacity!r}")
+    return batch, device
+
+
+def check_tile_count(batch: int, kv_heads: int, capacity: int, tile: int) -> None:
+    """The kernels count tiles in int32."""
+    if batch * kv_heads * max(1, -(-capacity // tile)) >= 2**31:
+        _fail(ValueError, f"batch {batch} x kv_heads {kv_heads} x capacity {capacity} is over 2^31 tiles of {tile}")
+
+
 def launch_plan(
     plan: torch.Tensor, programs: int, cache_seqlens: torch.Tensor | None, cache_leftpad: torch.Tensor | None,
     batch: int, kv_heads: int, capacity: int, q_len: int, window_left: int, has_window: bool, tile: int,
@@ -702,40 +753,19 @@ def plan_decode(
         lengths or shapes get wrong shares: ``decode`` checks the shapes (in eager code), never
         the lengths' values.
     """
-    if cache_seqlens is not None:
-        _check_tensor("cache_seqlens", cache_seqlens)
-        batch = cache_seqlens.shape[0] if cache_seqlens.dim() == 1 else -1
-        _check_per_sequence("cache_seqlens", cache_seqlens, batch)
-    if not isinstance(batch, int) or batch < 0:
-        _fail(ValueError, "plan_decode needs cache_seqlens, or batch when every sequence is capacity long")
-    if cache_leftpad is not None:
-        _check_per_sequence("cache_leftpad", cache_leftpad, batch)
-    lengths = [t for t in (cache_seqlens, cache_leftpad) if t is not None]
-    if device is None:
-        if not lengths:
-            _fail(ValueError, "plan_decode needs device= when it gets no lengths tensor")
-        device = lengths[0].device
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if any(t.device != device for t in lengths):
-        _fail(ValueError, f"the lengths must be on {device}, got {', '.join(str(t.device) for t in lengths)}")
-    if not isinstance(capacity, int) or capacity < 0:
-        _fail(ValueError, f"capacity must be a non-negative int, got {capacity!r}")
+    if device is not None:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    batch, device = check_plan_lengths("plan_decode", cache_seqlens, cache_leftpad, batch, capacity, device)
     if not isinstance(q_len, int) or q_len < 1:
         _fail(ValueError, f"q_len must be a positive int, got {q_len!r}")
-    if num_programs is not None and (not isinstance(num_programs, int) or num_programs < 1):
-        _fail(ValueError, f"num_programs must be a positive int, got {num_programs!r}")
-    # The layers' shape, checked as decode checks it, with a probe of batch 1 and capacity 1.
+    check_num_programs(num_programs)
     q_dtype = kv_dtype if kv_dtype in SUPPORTED_DTYPES else torch.float16  # an fp8 cache takes either
-    probe_q = torch.empty(1, q_len, q_heads, head_dim, dtype=q_dtype, device=device)
-    probe_kv = torch.empty(1, 1, kv_heads, head_dim, dtype=kv_dtype, device=device)
-    _validate(probe_q, probe_kv, probe_kv, None, None, None)
+    check_layer_shape(q_heads, kv_heads, head_dim, q_dtype, kv_dtype, q_len, device)
     window_left, _, has_window, _ = window_bounds(causal, window_size, q_len)
     rows = q_len * (q_heads // kv_heads)
-    tile = choose_config(head_dim, kv_dtype, rows).tile
-    if batch * kv_heads * max(1, -(-capacity // tile)) >= 2**31:
-        _fail(ValueError, f"batch {batch} x kv_heads {kv_heads} x capacity {capacity} is over 2^31 tiles of {tile}")
+    check_tile_count(batch, kv_heads, capacity, choose_config(head_dim, kv_dtype, rows).tile)
     plan = torch.ops.leanattn.plan_shares(
         cache_seqlens, cache_leftpad, batch, kv_heads, head_dim, kv_dtype, rows, capacity, q_len, window_left,
         has_window, num_programs or 0, device)
@@ -842,8 +872,7 @@ def decode(
         if block_table is not None:
             check_pages(block_table, k_cache.shape[0], k_cache.shape[1], cache_seqlens, cache_leftpad)
         check_sinks(sinks)
-    if num_programs is not None and (not isinstance(num_programs, int) or num_programs < 1):
-        raise ValueError(f"num_programs must be a positive int, got {num_programs!r}")
+    check_num_programs(num_programs)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if not math.isfinite(scale):
         raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")

@@ -22,15 +22,18 @@ import torch
 from . import api
 from .api import (
     Features,
-    _check_per_sequence,
     _fail,
     _static_config,
     _validate,
     _Workspace,
+    check_layer_shape,
     check_lengths,
     check_lse_out,
+    check_num_programs,
     check_pages,
+    check_plan_lengths,
     check_sinks,
+    check_tile_count,
     default_num_programs,
     kernel_constexprs,
     kernel_scale,
@@ -89,12 +92,8 @@ class DecodeWrapper:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         kv_dtype = dtype if kv_dtype is None else kv_dtype
-        # Check the shape once here with a probe of the layers' own shape (batch 1, capacity 1).
-        probe_q = torch.empty(1, max_q_len, q_heads, head_dim, dtype=dtype, device=device)
-        probe_kv = torch.empty(1, 1, kv_heads, head_dim, dtype=kv_dtype, device=device)
-        _validate(probe_q, probe_kv, probe_kv, None, None, None)
-        if num_programs is not None and (not isinstance(num_programs, int) or num_programs < 1):
-            _fail(ValueError, f"num_programs must be a positive int, got {num_programs!r}")
+        check_layer_shape(q_heads, kv_heads, head_dim, dtype, kv_dtype, max_q_len, device)
+        check_num_programs(num_programs)
         scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
         if not math.isfinite(scale):
             _fail(ValueError, f"softmax_scale must be finite, got {softmax_scale}")
@@ -150,17 +149,7 @@ class DecodeWrapper:
         ``run`` reads the lengths from the same tensors again: change them only between steps,
         and plan again after changing them.
         """
-        if cache_seqlens is not None:
-            batch = cache_seqlens.shape[0] if isinstance(cache_seqlens, torch.Tensor) else -1
-        if not isinstance(batch, int) or batch < 0:
-            _fail(ValueError, "plan needs cache_seqlens, or batch when every sequence is capacity long")
-        for name, t in (("cache_seqlens", cache_seqlens), ("cache_leftpad", cache_leftpad)):
-            if t is not None:
-                _check_per_sequence(name, t, batch)
-                if t.device != self.device:
-                    _fail(ValueError, f"{name} is on {t.device}, the wrapper on {self.device}")
-        if not isinstance(capacity, int) or capacity < 0:
-            _fail(ValueError, f"capacity must be a non-negative int, got {capacity!r}")
+        batch, _ = check_plan_lengths("DecodeWrapper.plan", cache_seqlens, cache_leftpad, batch, capacity, self.device)
         if not isinstance(q_len, int) or not 1 <= q_len <= self.max_q_len:
             _fail(ValueError, f"q_len must be in [1, max_q_len={self.max_q_len}], got {q_len!r}")
         # Nothing is allocated here: plan is captured in CUDA graphs.
@@ -169,9 +158,7 @@ class DecodeWrapper:
             check_lengths(cache_seqlens, cache_leftpad, capacity)
         self._config = _static_config(self.head_dim, self.kv_dtype, q_len * (self.q_heads // self.kv_heads))[0]
         self.num_programs = self._grid or default_num_programs(self.device, self._config)
-        tile = self._config.tile
-        if batch * self.kv_heads * max(1, -(-capacity // tile)) >= 2**31:
-            _fail(ValueError, f"batch {batch} x kv_heads {self.kv_heads} x capacity {capacity} is over 2^31 tiles of {tile}")
+        check_tile_count(batch, self.kv_heads, capacity, self._config.tile)
         self._seqlens, self._leftpad, self._capacity, self._batch = cache_seqlens, cache_leftpad, capacity, batch
         self._q_len, self._causal, self._window_size = q_len, causal, tuple(window_size)
         # What the run's compiled kernel depends on in the plan's inputs.
