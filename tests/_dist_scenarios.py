@@ -191,10 +191,14 @@ def gpu_graph(rank: int, world: int, paged: bool) -> None:
     """A captured run replayed with new lengths equals an eager run with them, bit for bit."""
     cap = 8192
     lens = [cap, cap // 2, 3, cap - 7]
-    q, k, v, full, lk, lv, local = build(rank, world, lens, 32, 8, 128, torch.bfloat16, seed=6, page=64)
+    # The replays grow sequences past `lens`, so every sequence's cache (and block table) holds
+    # real tokens up to cap; the capture starts from `lens`. (Slots past the built lengths hold
+    # garbage, and pages past them are out of range: a replay that reached them would read them.)
+    q, k, v, _, lk, lv, local = build(rank, world, [cap] * len(lens), 32, 8, 128, torch.bfloat16, seed=6, page=64)
     table = None
     if paged:
         lk, lv, table = to_paged(lk, lv, local.tolist(), 64, seed=rank)
+    local.copy_(round_robin_lengths(torch.tensor(lens, dtype=torch.int32, device=device()), world, rank, 64))
     capacity = lk.shape[1] if table is None else table.shape[1] * 64
     cp = ContextParallelDecode(None, 32, 8, 128, torch.bfloat16, device())
     cp.plan(local, capacity, block_table=table)
@@ -215,6 +219,7 @@ def gpu_graph(rank: int, world: int, paged: bool) -> None:
         torch.cuda.synchronize()
         cp.plan(local, capacity, block_table=table, check=False)
         eager, eager_lse = cp.run(q, lk, lv, return_lse=True)
+        assert torch.isfinite(out).all() and torch.isfinite(eager).all(), f"step {step}: NaN/inf output"
         assert torch.equal(out, eager) and torch.equal(lse, eager_lse), f"replay {step} differs from eager"
         assert_close(out, lse, *reference(q, k, v, new_full))
         assert same_on_every_rank(out), "ranks differ"

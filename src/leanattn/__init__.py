@@ -1,13 +1,13 @@
 """LeanAttention: exact decode attention with a stream-K partition, in Triton."""
 
-import os as _os
-
 import torch as _torch
 
-# Without a GPU the same kernel runs under Triton's interpreter; this must be decided before
-# Triton decorates the kernels.
+from .kernels.interpreter import enable_cpu_mode as _enable_cpu_mode
+
+# Without a GPU the same kernels run under Triton's interpreter; this must be decided before
+# Triton decorates them.
 if not _torch.cuda.is_available():
-    _os.environ.setdefault("TRITON_INTERPRET", "1")
+    _enable_cpu_mode()
 
 from . import ops as _ops  # noqa: F401  (registers torch.ops.leanattn.decode_into and plan_shares)
 from . import reference, schedule

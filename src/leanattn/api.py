@@ -13,7 +13,7 @@ import torch
 import triton.language as tl
 from triton import knobs
 
-from .kernels.config import KernelConfig, choose_config, interpreting, next_pow2
+from .kernels.config import KernelConfig, check_kernel_device, choose_config, interpreting, next_pow2
 from .kernels.lean_decode import LOG2E, lean_decode_kernel
 from .kernels.plan import PLAN_FIELDS, lean_plan_kernel
 
@@ -43,13 +43,29 @@ def _check_tensor(name: str, t: object) -> torch.Tensor:
     return t  # type: ignore[return-value]
 
 
+def check_dense_vector(name: str, t: torch.Tensor) -> None:
+    """The kernels read 1-D arguments (lengths, sinks, scales, plans' rows) as packed arrays: a
+    strided or expanded view is refused rather than read as if it were packed."""
+    if not t.is_contiguous():
+        _fail(ValueError, f"{name} must be contiguous, got a view with strides {t.stride()} (shape "
+                          f"{tuple(t.shape)}): pass {name}.contiguous()")
+
+
+def check_no_broadcast(name: str, t: torch.Tensor) -> None:
+    """An output must not be a broadcast view: its elements would be written by several rows."""
+    if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+        _fail(ValueError, f"{name} must not be a broadcast view (strides {t.stride()}, shape {tuple(t.shape)})")
+
+
 def _check_per_sequence(name: str, t: object, batch: int) -> None:
-    """``t`` is an int32 (batch,) tensor (of per-sequence positions); its values are not read."""
+    """``t`` is a contiguous int32 (batch,) tensor (of per-sequence positions); its values are not
+    read."""
     _check_tensor(name, t)
     if t.dtype != torch.int32:
         _fail(TypeError, f"{name} must be int32, got {t.dtype}")
     if t.shape != (batch,):
         _fail(ValueError, f"{name} must have shape ({batch},), got {tuple(t.shape)}")
+    check_dense_vector(name, t)
 
 
 def refuse_grad(*tensors: torch.Tensor) -> None:
@@ -62,12 +78,14 @@ def refuse_grad(*tensors: torch.Tensor) -> None:
         )
 
 
-def check_sinks(sinks: torch.Tensor | None) -> None:
-    """Host-side check (a sync) that every sink logit is finite."""
-    if sinks is not None:
-        at = _first_bad(~torch.isfinite(sinks))
-        if at is not None:
-            _fail(ValueError, f"sinks[{at[0]}] = {float(sinks[at])} is not finite (query head {at[0]})")
+def check_finite_values(sinks: torch.Tensor | None, k_scale: object, v_scale: object) -> None:
+    """Host-side check (a sync) that every sink logit and fp8 dequantisation scale is finite."""
+    for name, t, what in (("sinks", sinks, "query head"), ("k_scale", k_scale, "kv head"),
+                          ("v_scale", v_scale, "kv head")):
+        if isinstance(t, torch.Tensor):
+            at = _first_bad(~torch.isfinite(t))
+            if at is not None:
+                _fail(ValueError, f"{name}[{at[0]}] = {float(t[at])} is not finite ({what} {at[0]})")
 
 
 def _first_bad(bad: torch.Tensor) -> tuple[int, ...] | None:
@@ -178,9 +196,9 @@ def _validate(
             _fail(ValueError, f"out must be {tuple(q.shape)} {q.dtype} like q, got {tuple(out.shape)} {out.dtype}")
         if out.stride(-1) != 1:
             _fail(ValueError, f"out must have unit stride on its last dim, got strides {out.stride()}")
+        check_no_broadcast("out", out)
         others.append(("out", out))
-    if device.type != "cuda" and not interpreting():
-        _fail(ValueError, f"q is on {device}: tensors must be on a CUDA device (or set TRITON_INTERPRET=1 before importing leanattn to run on the CPU)")
+    check_kernel_device("q", device)
     if any(t.device != device for _, t in others):
         listing = ", ".join(f"{n} on {t.device}" for n, t in [("q", q), *others])
         _fail(ValueError, f"all tensors must be on one device, got {listing}")
@@ -408,8 +426,7 @@ def check_lse_out(lse: torch.Tensor | None, q: torch.Tensor, return_lse: bool) -
     if not isinstance(lse, torch.Tensor) or lse.dtype != torch.float32 or tuple(lse.shape) != want or lse.device != q.device:
         got = f"{lse.dtype} {tuple(lse.shape)} on {lse.device}" if isinstance(lse, torch.Tensor) else type(lse).__name__
         _fail(ValueError, f"lse must be float32 {want} (batch, q_heads, q_len) on {q.device}, got {got}")
-    if any(st == 0 and n > 1 for st, n in zip(lse.stride(), lse.shape)):
-        _fail(ValueError, f"lse must not be a broadcast view (strides {lse.stride()})")
+    check_no_broadcast("lse", lse)
 
 
 def layout_of(*tensors: torch.Tensor | None) -> tuple:
@@ -484,6 +501,7 @@ def resolve_features(
         if sinks.dtype != torch.float32 or sinks.shape != (q_heads,) or sinks.device != q.device:
             _fail(ValueError, f"sinks must be float32 ({q_heads},) on {q.device}, one logit per query head, "
                               f"got {sinks.dtype} {tuple(sinks.shape)} on {sinks.device}")
+        check_dense_vector("sinks", sinks)
     fp8 = k_cache.dtype in FP8_DTYPES
     scales = []
     for name, x in (("k_scale", k_scale), ("v_scale", v_scale)):
@@ -506,6 +524,7 @@ def _check_scale(name: str, x: object, kv_heads: int, device: torch.device) -> N
         if x.dtype != torch.float32 or x.shape != (kv_heads,) or x.device != device:
             _fail(ValueError, f"{name} must be a float or a float32 ({kv_heads},) tensor on {device}, one per kv "
                               f"head, got {x.dtype} {tuple(x.shape)} on {x.device}")
+        check_dense_vector(name, x)
     elif isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
         _fail(ValueError, f"{name} must be a finite float or a float32 ({kv_heads},) tensor, got {x!r}")
 
@@ -785,6 +804,7 @@ def check_plan(
     if plan.dtype != torch.int32 or plan.dim() != 2 or plan.shape[1] != PLAN_FIELDS.value or plan.shape[0] < 1:
         _fail(ValueError, f"plan must be int32 (programs, {PLAN_FIELDS.value}) from leanattn.plan_decode, "
                           f"got {plan.dtype} {tuple(plan.shape)}")
+    check_dense_vector("plan", plan)
     if plan.device != q.device:
         _fail(ValueError, f"plan is on {plan.device}, q on {q.device}")
     if num_programs is not None and num_programs != plan.shape[0]:
@@ -871,7 +891,7 @@ def decode(
         check_lengths(cache_seqlens, cache_leftpad, capacity)
         if block_table is not None:
             check_pages(block_table, k_cache.shape[0], k_cache.shape[1], cache_seqlens, cache_leftpad)
-        check_sinks(sinks)
+        check_finite_values(sinks, k_scale, v_scale)
     check_num_programs(num_programs)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if not math.isfinite(scale):

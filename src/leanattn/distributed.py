@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .api import SUPPORTED_DTYPES
+from .api import SUPPORTED_DTYPES, check_plan_lengths
 from .merge import merge_states_into
 from .wrapper import DecodeWrapper
 
@@ -236,14 +236,18 @@ class ContextParallelDecode:
         n = local_seqlens.shape[0]
         if batch is not None and batch != n:
             return f"batch ({batch}) differs from local_seqlens' length ({n})", 0
-        if local_seqlens.device != self.device:
-            return f"local_seqlens is on {local_seqlens.device}, expected {self.device}", n
+        try:  # the local plan's own checks, here so that every rank hears of a failure
+            check_plan_lengths("ContextParallelDecode.plan", local_seqlens, None, n, capacity, self.device)
+        except (ValueError, TypeError) as e:
+            return f"local_seqlens: {e}", n
         if block_table is not None and (
             not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2
             or block_table.shape[0] != n or block_table.device != self.device
+            or (block_table.stride(-1) != 1 and block_table.shape[1] > 1)
         ):
-            return f"block_table must be int32 (batch={n}, max_pages) on {self.device}, got {block_table.dtype} " \
-                   f"{tuple(block_table.shape)} on {block_table.device}", n
+            return f"block_table must be int32 (batch={n}, max_pages) on {self.device} with a unit last stride, " \
+                   f"got {block_table.dtype} {tuple(block_table.shape)} on {block_table.device}, strides " \
+                   f"{block_table.stride()}", n
         return None, n
 
     def plan(

@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernels.config import interpreting, next_pow2
+from .api import check_no_broadcast
+from .kernels.config import check_kernel_device, next_pow2
 
 __all__ = ["merge_states", "merge_states_into", "MERGE_DTYPES"]
 
@@ -62,12 +63,18 @@ def _finish(acc, m, l):
 
 @triton.jit
 def _load_part(o_ptr, l_ptr, o_offs, l_rows, mask, row_ok):
-    """One part's rows: its output as fp32 and its LSE. Where the LSE is -inf the output is
-    replaced by zeros: an empty part's output is never used and may hold anything, NaN included.
-    The output is loaded without waiting for the LSE, so both loads are in flight at once."""
+    """One part's rows: its output as fp32, its LSE, and whether the part is broken there.
+
+    Where the LSE is -inf the part is empty and its output is replaced by zeros: it is never used
+    and may hold anything, NaN included. A part is broken in a row whose LSE is NaN or +inf (no
+    finite set of scores gives either) or whose output holds a NaN; it then takes no part in the
+    math (zeros, LSE -inf), and the caller makes the merged row NaN. The output is loaded without
+    waiting for the LSE, so both loads are in flight at once."""
     lse = tl.load(l_ptr + l_rows, mask=row_ok, other=float("-inf"))
     o = tl.load(o_ptr + o_offs, mask=mask, other=0.0).to(tl.float32)
-    return tl.where((lse > float("-inf"))[:, None], o, 0.0), lse
+    o = tl.where((lse > float("-inf"))[:, None], o, 0.0)  # NaN > -inf is False: NaN LSEs too
+    broken = (lse != lse) | (lse == float("inf")) | (tl.sum((o != o).to(tl.int32), axis=1) > 0)
+    return tl.where(broken[:, None], 0.0, o), tl.where(broken, float("-inf"), lse), broken
 
 
 @triton.jit
@@ -101,6 +108,7 @@ def merge_states_kernel(
     acc = tl.zeros((BLOCK_R, HEAD_DIM_PAD), dtype=tl.float32)
     m = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    broken = rows < 0  # rows where some part is broken: NaN output and LSE
     # Parts in order, so the result is the same on every run and every rank. Part pointers
     # advance by their stride (64-bit pointer arithmetic, whatever the part count).
     o_part = O
@@ -109,18 +117,22 @@ def merge_states_kernel(
         # A few parts (the usual case): straight-line code, so no part's loads wait for the
         # previous part's math.
         for _ in tl.static_range(UNROLL):
-            o, lse = _load_part(o_part, l_part, o_offs, l_rows, mask, row_ok)
+            o, lse, bad = _load_part(o_part, l_part, o_offs, l_rows, mask, row_ok)
             acc, m, l = _combine_part(acc, m, l, o, lse)
+            broken = broken | bad
             o_part += stride_op
             l_part += stride_lp
     else:
         for _ in range(0, parts):
-            o, lse = _load_part(o_part, l_part, o_offs, l_rows, mask, row_ok)
+            o, lse, bad = _load_part(o_part, l_part, o_offs, l_rows, mask, row_ok)
             acc, m, l = _combine_part(acc, m, l, o, lse)
+            broken = broken | bad
             o_part += stride_op
             l_part += stride_lp
 
     out, lse = _finish(acc, m, l)
+    out = tl.where(broken[:, None], float("nan"), out)
+    lse = tl.where(broken, float("nan"), lse)
     x_rows = b * stride_xb + t * stride_xt + h * stride_xh
     tl.store(Out + x_rows[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty), mask=mask)
     tl.store(OutLse + b * stride_yb + h * stride_yh + t * stride_yt, lse, mask=row_ok)
@@ -152,9 +164,7 @@ def _check_stacked(outs: torch.Tensor, lses: torch.Tensor) -> None:
         _fail(ValueError, f"outs must have unit stride on head_dim, got strides {outs.stride()}")
     if lses.device != outs.device:
         _fail(ValueError, f"outs and lses must be on one device, got {outs.device} and {lses.device}")
-    if outs.device.type != "cuda" and not interpreting():
-        _fail(ValueError, f"outs are on {outs.device}: tensors must be on a CUDA device (or set TRITON_INTERPRET=1 "
-                          "before importing leanattn to run on the CPU)")
+    check_kernel_device("outs", outs.device)
 
 
 def _stack(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,6 +216,8 @@ def merge_states_into(
         if out_lse.shape != lses.shape[1:] or out_lse.dtype != torch.float32 or out_lse.device != outs.device:
             _fail(ValueError, f"out_lse must be float32 {tuple(lses.shape[1:])} on {outs.device}, "
                               f"got {out_lse.dtype} {tuple(out_lse.shape)} on {out_lse.device}")
+        check_no_broadcast("out", out)
+        check_no_broadcast("out_lse", out_lse)
     num_rows = batch * q_len * q_heads
     if num_rows == 0 or head_dim == 0:
         return
@@ -240,13 +252,16 @@ def merge_states(
             (then any strides with a unit head_dim stride, and no copy is made).
         lses: the matching natural-log log-sum-exps, float32, each (batch, q_heads, q_len); or
             stacked (parts, batch, q_heads, q_len). A part whose LSE is -inf (it saw no key)
-            contributes nothing, whatever its output holds.
+            contributes nothing, whatever its output holds. A part whose LSE is NaN or +inf (no
+            finite scores give either: a broken part), or whose output holds a NaN where its
+            LSE is finite, makes that row's merged output and LSE NaN, so that a later merge
+            cannot drop it.
         out, out_lse: optional tensors to write the result into, shaped like one part.
 
     Returns:
         ``(out, lse)``: out (batch, q_len, q_heads, head_dim) in the parts' dtype (or ``out``'s),
         lse float32 (batch, q_heads, q_len). Rows where every part is empty give zeros and LSE
-        -inf. Parts are merged in the order given, with fp32 arithmetic; the result is bitwise
+        -inf; rows with a broken part NaN. Parts are merged in the order given, with fp32 arithmetic; the result is bitwise
         the same on every call.
     """
     if isinstance(outs, torch.Tensor) != isinstance(lses, torch.Tensor):

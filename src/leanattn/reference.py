@@ -9,18 +9,26 @@ import torch
 __all__ = ["decode", "gather_paged", "merge_states"]
 
 
-def gather_paged(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """Gather a contiguous (length, kv_heads, head_dim) view of one sequence from a paged cache.
+def gather_paged(
+    cache: torch.Tensor, block_table: torch.Tensor, end: int, start: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions ``[start, end)`` of one sequence of a paged cache, contiguous.
 
     Args:
         cache: (num_pages, page_size, kv_heads, head_dim).
         block_table: (max_pages,) page indices of this sequence.
-        length: live tokens to gather.
+        end, start: the positions to gather.
+
+    Returns:
+        (end - start, kv_heads, head_dim), and a bool (end - start,) that marks positions on a
+        page outside [0, num_pages) (gathered as zeros).
     """
-    page_size = cache.shape[1]
-    pages = -(-length // page_size)
-    idx = block_table[:pages].long()
-    return cache[idx].reshape(-1, *cache.shape[2:])[:length]
+    num_pages, page_size = cache.shape[:2]
+    pos = torch.arange(start, end, device=block_table.device)
+    page = block_table[pos // page_size].long()
+    bad = (page < 0) | (page >= num_pages)
+    rows = cache[page.clamp(0, max(num_pages - 1, 0)), (pos % page_size).to(cache.device)]
+    return torch.where(bad.to(cache.device)[:, None, None], torch.zeros((), dtype=cache.dtype), rows), bad
 
 
 def decode(
@@ -76,34 +84,45 @@ def decode(
     lse = torch.full((batch, q_heads, q_len), -math.inf, dtype=torch.float32, device=q.device)
     for b, (first, end) in enumerate(zip(firsts, ends)):
         n = end - first
+        # Keys before every query's window are not part of the attention, whatever they hold.
+        lo = min(max(n - q_len - left, 0), n) if left >= 0 else 0
         if block_table is None:
-            k, v = k_cache[b, first:end], v_cache[b, first:end]
+            k, v = k_cache[b, first + lo : end], v_cache[b, first + lo : end]
+            bad = torch.zeros(n - lo, dtype=torch.bool, device=q.device)
         else:
-            k = gather_paged(k_cache, block_table[b], end)[first:]
-            v = gather_paged(v_cache, block_table[b], end)[first:]
+            k, bad = gather_paged(k_cache, block_table[b], end, first + lo)
+            v, _ = gather_paged(v_cache, block_table[b], end, first + lo)
         # (kv_heads, group * q_len, head_dim) @ (kv_heads, head_dim, n) -> (kv_heads, group * q_len, n)
         qb = q[b].to(compute_dtype).view(q_len, kv_heads, group, head_dim).permute(1, 2, 0, 3)
         qb = qb.reshape(kv_heads, group * q_len, head_dim)
-        kb = (k.to(compute_dtype).permute(1, 2, 0)) * ks
-        vb = (v.to(compute_dtype).permute(1, 0, 2)) * vs
-        s = (qb @ kb) * scale
+        kb = k.to(compute_dtype).permute(1, 2, 0)
+        vb = v.to(compute_dtype).permute(1, 0, 2)
+        # The scales multiply the scores and the output, not the cache, as in the kernel: the same
+        # numbers for finite scales, and the same NaN and inf for the others.
+        s = (qb @ kb) * (scale * ks)
         if softcap > 0:
             s = softcap * torch.tanh(s / softcap)
         query = torch.arange(q_len, device=q.device).repeat(group) + n - q_len  # row (g, i) -> position
-        key = torch.arange(n, device=q.device)
-        keep = torch.ones(group * q_len, n, dtype=torch.bool, device=q.device)
+        key = torch.arange(lo, n, device=q.device)
+        keep = torch.ones(group * q_len, n - lo, dtype=torch.bool, device=q.device)
         if right >= 0:
             keep &= key[None, :] <= query[:, None] + right
         if left >= 0:
             keep &= key[None, :] >= query[:, None] - left
         s = s.masked_fill(~keep, -math.inf)
+        # A key on a page outside the cache poisons exactly the rows that see it.
+        s = s.masked_fill(keep & bad[None, :], math.nan)
         if sinks is not None:
             sink = sinks.to(compute_dtype).view(kv_heads, group, 1).expand(kv_heads, group, q_len)
             s = torch.cat([s, sink.reshape(kv_heads, group * q_len, 1)], dim=-1)
             vb = torch.cat([vb, vb.new_zeros(kv_heads, 1, head_dim)], dim=1)
         lse_b = torch.logsumexp(s, dim=-1)  # (kv_heads, group * q_len)
-        p = torch.exp(s - lse_b[..., None]).nan_to_num(0.0)  # rows with no key: exp(-inf + inf)
-        ob = (p @ vb).view(kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3)
+        # A row that sees no key (LSE -inf) gets zeros; NaN and +inf stay visible: a NaN or +inf
+        # score makes the row's weights, output and LSE NaN.
+        p = torch.where(lse_b[..., None] == -math.inf, 0.0, torch.exp(s - lse_b[..., None]))
+        lse_b = torch.where(torch.isnan(p).any(dim=-1), math.nan, lse_b)
+        ob = torch.where(lse_b[..., None] == -math.inf, 0.0, (p @ vb) * vs)  # an empty row: zeros, whatever vs is
+        ob = ob.view(kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3)
         o[b] = ob.reshape(q_len, q_heads, head_dim)
         lse[b] = lse_b.view(q_heads, q_len).float()
     result = o.to(q.dtype)
@@ -124,15 +143,24 @@ def merge_states(
     Same shapes and meaning as :func:`leanattn.merge_states`: ``outs`` a list of
     (batch, q_len, q_heads, head_dim) or a stacked (parts, ...) tensor, ``lses`` the matching
     natural-log LSEs (batch, q_heads, q_len) or stacked. Returns the merged output in the parts'
-    dtype and its LSE as float32 (batch, q_heads, q_len); rows with no mass give zeros and -inf.
+    dtype and its LSE as float32 (batch, q_heads, q_len); rows with no mass give zeros and -inf,
+    rows with a broken part (LSE NaN or +inf, or NaN in a non-empty output) NaN.
     """
     o = torch.stack(list(outs)) if not isinstance(outs, torch.Tensor) else outs
     s = torch.stack(list(lses)) if not isinstance(lses, torch.Tensor) else lses
+    dtype = o.dtype
     s = s.to(compute_dtype).permute(0, 1, 3, 2)  # (parts, batch, q_len, q_heads), like o
+    # A part whose LSE is -inf is empty: its output may hold anything and is never read. A part
+    # whose LSE is NaN or +inf, or whose output holds a NaN where it is not empty, is broken and
+    # makes its row NaN.
+    empty = s == -math.inf
+    o = torch.where(empty[..., None], torch.zeros((), dtype=compute_dtype, device=o.device), o.to(compute_dtype))
+    broken = (torch.isnan(s) | (s == math.inf) | torch.isnan(o).any(dim=-1)).any(dim=0)
+    s = torch.where(broken[None], -math.inf, s)
     lse = torch.logsumexp(s, dim=0)  # -inf where every part is -inf
     # exp(-inf - -inf) is NaN: a row with no mass weighs every part 0.
     w = torch.where(torch.isinf(lse), torch.zeros_like(s), torch.exp(s - lse))
-    # An empty part's output may hold anything: it is never read, not even multiplied by 0.
-    parts = torch.where(w[..., None] > 0, o.to(compute_dtype), torch.zeros((), dtype=compute_dtype, device=o.device))
-    merged = (w[..., None] * parts).sum(dim=0)
-    return merged.to(o.dtype), lse.permute(0, 2, 1).float()
+    merged = (w[..., None] * torch.where(broken[None, ..., None], 0.0, o)).sum(dim=0)
+    merged = torch.where(broken[..., None], math.nan, merged)
+    lse = torch.where(broken, math.nan, lse)
+    return merged.to(dtype), lse.permute(0, 2, 1).float()

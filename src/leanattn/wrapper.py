@@ -32,7 +32,7 @@ from .api import (
     check_num_programs,
     check_pages,
     check_plan_lengths,
-    check_sinks,
+    check_finite_values,
     check_tile_count,
     default_num_programs,
     kernel_constexprs,
@@ -60,7 +60,7 @@ class DecodeWrapper:
     Args:
         q_heads, kv_heads, head_dim: the attention layers' shape (q_heads a multiple of kv_heads).
         dtype: q and output dtype (float16 or bfloat16).
-        device: where everything lives.
+        device: where everything lives (a CUDA device, or the CPU under Triton's interpreter).
         kv_dtype: the caches' dtype: ``dtype`` (default), or float8_e4m3fn / float8_e5m2.
         max_q_len: the most query tokens per sequence a step will have (the workspace is sized
             for it); q_len x (q_heads / kv_heads) <= 128.
@@ -78,8 +78,8 @@ class DecodeWrapper:
         q_heads: int,
         kv_heads: int,
         head_dim: int,
-        dtype: torch.dtype = torch.bfloat16,
-        device: torch.device | str = "cuda",
+        dtype: torch.dtype,
+        device: torch.device | str,
         *,
         kv_dtype: torch.dtype | None = None,
         max_q_len: int = 1,
@@ -236,7 +236,7 @@ class DecodeWrapper:
         if check:
             if block_table is not None:
                 check_pages(block_table, k_cache.shape[0], k_cache.shape[1], self._seqlens, self._leftpad)
-            check_sinks(sinks)
+            check_finite_values(sinks, k_scale, v_scale)
         if self._batch == 0:
             return (out, lse) if return_lse else out
         if block_table is None:

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["KernelConfig", "choose_config", "interpreting", "next_pow2"]
+from .interpreter import interpreter_problem
+
+__all__ = ["KernelConfig", "check_kernel_device", "choose_config", "interpreting", "next_pow2"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,19 @@ def interpreting() -> bool:
 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_kernel_device(name: str, device: torch.device) -> None:
+    """Raise unless leanattn's kernels can run on ``device`` (the device of argument ``name``):
+    a CUDA device, or the CPU under a working interpreter."""
+    if device.type == "cuda":
+        return
+    if not interpreting():
+        raise ValueError(f"{name} is on {device}: tensors must be on a CUDA device (or set TRITON_INTERPRET=1 "
+                         "before importing leanattn to run on the CPU)")
+    problem = interpreter_problem()
+    if problem is not None:
+        raise RuntimeError(problem)
 
 
 def next_pow2(n: int) -> int:

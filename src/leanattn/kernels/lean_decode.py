@@ -35,7 +35,10 @@ def _exact_fp16(x, DOT_DTYPE: tl.constexpr):
     max|x| into [2^13, 2^15), in DOT_DTYPE (fp16): exact for every element within 2^27 of the
     largest (those stay normal in fp16, whose 11 significant bits hold bf16's 8). Returns the
     scaled tile and 2^-e, the factor that undoes it on the fp32 scores."""
-    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    # Only finite values set the scale: an inf or NaN row stays non-finite (and poisons its own
+    # row) instead of pushing every other row of the group out of fp16's range.
+    mag = tl.abs(x)
+    amax = tl.max(tl.max(tl.where(mag < float("inf"), mag, 0.0), axis=1), axis=0)
     e = tl.floor(tl.log2(tl.where(amax > 0.0, amax, 1.0)))
     shift = tl.minimum(tl.maximum(13.0 - e, -126.0), 126.0).to(tl.int32)
     up = ((shift + 127) << 23).to(tl.float32, bitcast=True)
@@ -149,8 +152,8 @@ def _write_output(
     """Normalise and store the real rows (the first Q_LEN * GROUP of ROWS).
 
     With sinks, each head's sink logit joins the softmax's denominator and carries no value. An
-    empty row gives zeros and LSE -inf (the sink's logit with sinks), a NaN row (an
-    out-of-range page) NaN for both. ``v_scale`` dequantises V (1 for fp16/bf16 caches)."""
+    empty row gives zeros (whatever ``v_scale`` holds) and LSE -inf (the sink's logit with sinks),
+    a NaN row (a NaN input it sees, an out-of-range page) NaN for both. ``v_scale`` dequantises V (1 for fp16/bf16 caches)."""
     rows = tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     real = rows < Q_LEN * GROUP
@@ -159,12 +162,14 @@ def _write_output(
     if HAS_SINKS:
         sink = tl.load(Sinks + qh, mask=real, other=0.0) * 1.4426950408889634
         m_new = tl.maximum(m_i, sink)
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.exp2(sink - m_new)
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key and a -inf sink: no inf - inf
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.exp2(sink - m_shift)
         acc = acc * alpha[:, None]
         m_i = m_new
     has_mass = l_i > 0.0
-    o = acc * (v_scale / tl.where(has_mass, l_i, 1.0))[:, None]
+    empty = l_i == 0.0  # not NaN: a NaN row stays NaN
+    o = tl.where(empty[:, None], 0.0, acc * (v_scale / tl.where(empty, 1.0, l_i))[:, None])
     mask = real[:, None] & (offs_d < HEAD_DIM)[None, :]
     ptrs = Out + b.to(tl.int64) * stride_ob + (tok * stride_ot + qh * stride_oh)[:, None] + offs_d[None, :]
     tl.store(ptrs, o.to(Out.dtype.element_ty), mask=mask)

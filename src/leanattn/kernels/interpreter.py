@@ -1,0 +1,66 @@
+"""CPU mode: without a CUDA device, leanattn's kernels run under Triton's interpreter.
+
+Triton picks interpreted or compiled functions when it decorates them, reading
+``TRITON_INTERPRET`` then. ``import leanattn`` sets the variable before its own kernels are
+decorated; but when Triton itself was imported first (by ``torch._dynamo``, ``transformers``
+or the user), its standard library (``tl.zeros_like``, ``tl.max``, ``tl.cumsum``, ...) was
+already decorated for the GPU, and an interpreted kernel cannot call it. On a machine with no GPU
+those compiled functions can never run, so they are re-decorated for the interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+__all__ = ["enable_cpu_mode", "interpreter_problem"]
+
+_PROBLEM: str | None = None
+
+
+def enable_cpu_mode() -> None:
+    """Run kernels under the interpreter (no CUDA device): set ``TRITON_INTERPRET=1`` unless the
+    environment says otherwise, and make Triton's already decorated library interpretable."""
+    global _PROBLEM
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if os.environ["TRITON_INTERPRET"] in ("", "0") or "triton.language" not in sys.modules:
+        return  # compiled mode asked for, or Triton not loaded yet: it will decorate for the interpreter
+    try:
+        _reinterpret_triton_library()
+    except Exception as e:  # a Triton whose internals differ
+        _PROBLEM = (
+            "Triton was imported before leanattn without TRITON_INTERPRET=1, so its library was built "
+            f"for a GPU and could not be switched to the interpreter ({e!r}). On a machine without a "
+            "GPU, set TRITON_INTERPRET=1 in the environment before Python starts, or import leanattn "
+            "before triton, torch._dynamo, torch._inductor or transformers"
+        )
+
+
+def _reinterpret_triton_library() -> None:
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+    import triton.language as tl
+
+    made: dict[int, InterpretedFunction] = {}
+
+    def convert(f: JITFunction) -> InterpretedFunction:
+        # One replacement per function, so every name bound to it gets the same object.
+        if id(f) not in made:
+            made[id(f)] = InterpretedFunction(f.fn, do_not_specialize=f.do_not_specialize, noinline=f.noinline)
+        return made[id(f)]
+
+    namespaces = [vars(m) for name, m in list(sys.modules.items()) if name.startswith("triton.language") and m]
+    for ns in namespaces:
+        for name, value in list(ns.items()):
+            if isinstance(value, JITFunction):
+                ns[name] = convert(value)
+    for name, value in list(vars(tl.core.tensor).items()):  # tensor methods: x.max(), x.to(...)
+        if isinstance(value, JITFunction):
+            setattr(tl.core.tensor, name, convert(value))
+    if not isinstance(tl.zeros_like, InterpretedFunction):
+        raise RuntimeError("tl.zeros_like is still compiled")
+
+
+def interpreter_problem() -> str | None:
+    """Why the interpreter can't run leanattn's kernels in this process, or None."""
+    return _PROBLEM

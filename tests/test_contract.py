@@ -1,0 +1,246 @@
+"""No silent wrong answer: every input gives the reference's result or a clear error.
+
+The reference (``leanattn.reference``) is the contract: NaN and inf inputs, views of every
+argument, broken merge parts and CPU mode are checked against it or against a named error."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import leanattn
+
+from _util import DEVICE, ON_GPU, TOL, make_inputs, poisoned_like, rel_err, to_paged
+
+HQ, HKV, D = 4, 2, 64
+
+
+def assert_same_as_reference(out: torch.Tensor, lse: torch.Tensor, ref: torch.Tensor, ref_lse: torch.Tensor) -> None:
+    """NaN exactly where the reference has NaN (output and LSE), inf where it has inf, the finite
+    rest within the dtype's bound."""
+    for name, a, b in (("output", out.double(), ref.double()), ("LSE", lse.double(), ref_lse.double())):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), f"{name}: NaN at {torch.isnan(a).nonzero().tolist()[:4]}, " \
+                                                            f"reference at {torch.isnan(b).nonzero().tolist()[:4]}"
+        assert torch.equal(torch.isinf(a), torch.isinf(b)) and torch.equal(a[torch.isinf(a)], b[torch.isinf(b)]), \
+            f"{name}: inf pattern differs"
+    fin = torch.isfinite(ref.double())
+    assert rel_err(out[fin], ref[fin]) < TOL.get(out.dtype, 1e-5)
+    fin = torch.isfinite(ref_lse)
+    assert (lse[fin] - ref_lse[fin]).abs().max().item() < 1e-3 if fin.any() else True
+
+
+def _ref(q, k, v, sl, **kw):
+    return leanattn.reference.decode(q.double(), k.double(), v.double(), sl, return_lse=True, **kw)
+
+
+# -- views: read through their strides, or refused by name ----------------------------------------
+
+def _strided(x: torch.Tensor) -> torch.Tensor:
+    """A view of x's values with stride 2 along dim 0 (every other row of a larger buffer)."""
+    big = torch.empty(2 * x.shape[0], *x.shape[1:], dtype=x.dtype, device=x.device)
+    big[::2] = x
+    return big[::2]
+
+
+def _fp8_case():
+    q, k, v, sl = make_inputs([40, 0, 33], HQ, HKV, D, torch.bfloat16, seed=11)
+    return q, k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn), sl
+
+
+@pytest.mark.parametrize("name", ["cache_seqlens", "cache_leftpad", "sinks", "k_scale", "v_scale", "plan"])
+@pytest.mark.parametrize("kind", ["strided", "expanded"])
+def test_non_contiguous_vectors_are_refused_by_decode(name, kind):
+    """The issue's case: lengths [200, 999, 50, 999][::2] were read as [200, 999]."""
+    q, k, v, sl = _fp8_case() if name in ("k_scale", "v_scale") else make_inputs([40, 0, 33], HQ, HKV, D,
+                                                                                   torch.float16, seed=1)
+    args = dict(cache_seqlens=sl)
+    dense = {
+        "cache_seqlens": sl, "cache_leftpad": torch.tensor([3, 0, 1], dtype=torch.int32, device=DEVICE),
+        "sinks": torch.randn(HQ, device=DEVICE), "k_scale": torch.rand(HKV, device=DEVICE) + 0.5,
+        "v_scale": torch.rand(HKV, device=DEVICE) + 0.5,
+        "plan": leanattn.plan_decode(sl, k.shape[1], q_heads=HQ, kv_heads=HKV, head_dim=D, kv_dtype=k.dtype,
+                                     num_programs=4),
+    }[name]
+    args[name] = _strided(dense) if kind == "strided" else dense[:1].expand(dense.shape)
+    out = poisoned_like(q)
+    for check in (False, True):
+        with pytest.raises(ValueError, match=f"{name} must be contiguous.*strides"):
+            leanattn.decode(q, k, v, out=out, check=check, **args)
+    assert torch.isnan(out).all(), "a refused call wrote out"
+
+
+def test_strided_lengths_are_refused_by_every_planner():
+    q, k, v, sl = make_inputs([40, 0, 33, 5], HQ, HKV, D, torch.float16, seed=2)
+    view = sl[::2]
+    with pytest.raises(ValueError, match="cache_seqlens must be contiguous"):
+        leanattn.plan_decode(view, k.shape[1], q_heads=HQ, kv_heads=HKV, head_dim=D, kv_dtype=k.dtype)
+    w = leanattn.DecodeWrapper(HQ, HKV, D, torch.float16, DEVICE, num_programs=3)
+    with pytest.raises(ValueError, match="cache_leftpad must be contiguous"):
+        w.plan(sl[:2], k.shape[1], cache_leftpad=view)
+    w.plan(sl[:2], k.shape[1])
+    with pytest.raises(ValueError, match="sinks must be contiguous"):
+        w.run(q[:2], k[:2], v[:2], sinks=torch.randn(2 * HQ, device=DEVICE)[::2])
+
+
+def test_broadcast_out_is_refused():
+    q, k, v, sl = make_inputs([40, 33], HQ, HKV, D, torch.float16, seed=3)
+    with pytest.raises(ValueError, match="out must not be a broadcast view"):
+        leanattn.decode(q, k, v, sl, out=torch.empty_like(q[:1]).expand(q.shape))
+    with pytest.raises(ValueError, match="out must not be a broadcast view"):
+        leanattn.merge_states([q, q], [torch.zeros(2, HQ, 1, device=DEVICE)] * 2, out=torch.empty_like(q[:1]).expand(q.shape))
+
+
+# -- NaN and inf: the kernel computes what the reference computes ---------------------------------
+
+POISONS = ["q NaN", "q inf", "K NaN live", "V inf live", "K NaN past length", "V NaN before window",
+           "sink -inf, empty sequence", "sink NaN"]
+
+
+@pytest.mark.parametrize("poison", POISONS)
+def test_non_finite_inputs_match_the_reference(poison):
+    """A NaN or inf input poisons exactly the rows that see it (NaN output and LSE), in the kernel
+    and in the reference alike; slots outside the attended range are never read."""
+    lens = [70, 0, 45]
+    q, k, v, sl = make_inputs(lens, HQ, HKV, D, torch.bfloat16, cache_len=80, seed=4)
+    kw: dict = {}
+    if poison == "q NaN":
+        q[0, 0, 1, 5] = math.nan
+    elif poison == "q inf":
+        q[2, 0, 3, 0] = math.inf
+    elif poison == "K NaN live":
+        k[0, 12, 1, 7] = math.nan
+    elif poison == "V inf live":
+        v[2, 44, 0, 3] = math.inf
+    elif poison == "K NaN past length":
+        k[2, 50, :, :] = math.nan
+    elif poison == "V NaN before window":
+        v[0, 3, :, :] = math.nan
+        kw["window_size"] = (20, 0)
+    elif poison.startswith("sink"):
+        kw["sinks"] = torch.randn(HQ, device=DEVICE)
+        kw["sinks"][1] = -math.inf if "-inf" in poison else math.nan
+    out, lse = leanattn.decode(q, k, v, sl, return_lse=True, num_programs=5, **kw)
+    ref, ref_lse = _ref(q, k, v, sl, **kw)
+    assert_same_as_reference(out, lse, ref, ref_lse)
+    if poison in ("K NaN past length", "V NaN before window"):
+        assert torch.isfinite(out).all() and not torch.isnan(lse).any()
+    else:
+        assert not torch.isfinite(out).all() or poison == "sink -inf, empty sequence"
+
+
+@pytest.mark.parametrize("bad", ["k_scale NaN", "v_scale inf", "q inf, other heads exact"])
+def test_fp8_non_finite_scales_and_queries(bad):
+    """With ``check`` a non-finite scale is refused by name; without it the result is the
+    reference's (NaN rows, zeros for the empty sequence). An inf in one query row leaves the
+    other rows of its group exact (the fp16 pre-scale ignores non-finite values)."""
+    q, k, v, sl = _fp8_case()
+    ks = torch.rand(HKV, device=DEVICE) + 0.5
+    vs = torch.rand(HKV, device=DEVICE) + 0.5
+    if bad == "k_scale NaN":
+        ks[1] = math.nan
+    elif bad == "v_scale inf":
+        vs[0] = math.inf
+    else:
+        q[0, 0, 2, 9] = math.inf
+    if bad != "q inf, other heads exact":
+        with pytest.raises(ValueError, match=bad.split()[0] + r"\[\d\] = .* is not finite"):
+            leanattn.decode(q, k, v, sl, k_scale=ks, v_scale=vs, check=True)
+    out, lse = leanattn.decode(q, k, v, sl, k_scale=ks, v_scale=vs, return_lse=True, num_programs=3)
+    assert_same_as_reference(out, lse, *_ref(q, k, v, sl, k_scale=ks, v_scale=vs))
+
+
+def test_reference_bad_pages_match_the_kernel():
+    """The reference poisons what the kernel poisons: the rows that see a key on a page outside
+    the cache, and nothing else."""
+    lens = [49, 30]
+    q, k, v, sl = make_inputs(lens, HQ, HKV, D, torch.bfloat16, cache_len=64, seed=5)
+    q = torch.randn(2, 2, HQ, D, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16).to(DEVICE)
+    kp, vp, table = to_paged(k, v, lens, 16, seed=5)
+    table[0, 3] = kp.shape[0] + 7  # holds key 48 alone: only the second query token (at 48) sees it
+    table[1, 0] = -1  # before sequence 1's window: never read
+    kw = dict(block_table=table, window_size=(12, 0))
+    out, lse = leanattn.decode(q, kp, vp, sl, return_lse=True, num_programs=4, **kw)
+    ref, ref_lse = _ref(q, kp, vp, sl, **kw)
+    assert_same_as_reference(out, lse, ref, ref_lse)
+    assert torch.isnan(ref[0, 1]).all() and torch.isfinite(ref[0, 0]).all() and torch.isfinite(ref[1]).all()
+
+
+# -- merge_states: a broken part stays visible ----------------------------------------------------
+
+@pytest.mark.parametrize("broken", ["LSE NaN", "LSE +inf", "output NaN", "output NaN, LSE -inf"])
+def test_merge_states_keeps_broken_parts_visible(broken):
+    gen = torch.Generator().manual_seed(7)
+    outs = torch.randn(3, 2, 1, HQ, D, generator=gen).to(DEVICE)
+    lses = torch.randn(3, 2, HQ, 1, generator=gen).to(DEVICE)
+    if broken == "LSE NaN":
+        lses[1, 0, 2, 0] = math.nan
+    elif broken == "LSE +inf":
+        lses[1, 0, 2, 0] = math.inf
+    elif broken == "output NaN":
+        outs[1, 0, 0, 2, 5] = math.nan
+    else:
+        outs[1, 0, 0, 2, 5] = math.nan
+        lses[1, 0, 2, 0] = -math.inf
+    out, lse = leanattn.merge_states(outs, lses)
+    ref, ref_lse = leanattn.reference.merge_states(outs, lses)
+    assert_same_as_reference(out, lse, ref, ref_lse)
+    row_nan = broken != "output NaN, LSE -inf"
+    assert bool(torch.isnan(lse[0, 2, 0])) == row_nan and bool(torch.isnan(out[0, 0, 2]).all()) == row_nan
+    # A later merge with a healthy part cannot drop a broken row.
+    again, again_lse = leanattn.merge_states([out, outs[0]], [lse, lses[0]])
+    assert bool(torch.isnan(again_lse[0, 2, 0])) == row_nan and bool(torch.isnan(again[0, 0, 2]).all()) == row_nan
+    assert torch.isfinite(again[1]).all() and torch.isfinite(again_lse[1]).all()
+
+
+# -- CPU mode does not depend on import order -----------------------------------------------------
+
+_FIRST_IMPORT = """
+import sys
+{first}
+import torch, leanattn
+q = torch.randn(2, 1, 4, 64, dtype=torch.bfloat16)
+k, v = torch.randn(2, 50, 2, 64, dtype=torch.bfloat16), torch.randn(2, 50, 2, 64, dtype=torch.bfloat16)
+sl = torch.tensor([50, 19], dtype=torch.int32)
+try:
+    out = leanattn.decode(q, k, v, sl, num_programs=3)
+except RuntimeError as e:
+    print("ERROR", e)
+    sys.exit(0)
+ref = leanattn.reference.decode(q.double(), k.double(), v.double(), sl)
+print("OK", float((out.double() - ref).norm() / ref.norm()))
+"""
+
+
+@pytest.mark.skipif(ON_GPU, reason="CPU mode")
+@pytest.mark.parametrize("first", ["import triton", "import torch._dynamo, torch._inductor.config", "broken"])
+def test_cpu_mode_whatever_was_imported_first(first):
+    """Triton imported before leanattn (directly, or by torch.compile's modules) without
+    TRITON_INTERPRET: leanattn still runs its kernels on the CPU. If Triton's library can't be
+    switched to the interpreter, the call raises one error that says what to do."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if first == "broken":  # a Triton whose interpreted functions are built differently
+        first = ("import triton, triton.runtime.interpreter as i\n"
+                 "class Other(i.InterpretedFunction):\n"
+                 "    def __init__(self, fn, **kw):\n"
+                 "        if 'debug' not in kw:\n"
+                 "            raise TypeError('debug= is required')\n"
+                 "        super().__init__(fn, **kw)\n"
+                 "i.InterpretedFunction = Other")
+    code = _FIRST_IMPORT.format(first=first)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    if "class Other" in first:
+        assert res.stdout.startswith("ERROR") and "set TRITON_INTERPRET=1 in the environment" in res.stdout
+    else:
+        assert res.stdout.startswith("OK"), res.stdout + res.stderr[-2000:]
+        assert float(res.stdout.split()[1]) < TOL[torch.bfloat16]
+
+
+def test_wrapper_device_is_required():
+    with pytest.raises(TypeError, match="device"):
+        leanattn.DecodeWrapper(HQ, HKV, D, torch.float16)  # type: ignore[call-arg]
