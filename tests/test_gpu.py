@@ -99,3 +99,46 @@ def test_inductor_compile(mode):
         out, lse = out.clone(), lse.clone()
         ref, ref_lse = reference(torch.nn.functional.rms_norm(q, (128,)), k, v, sl)
         assert_close(out / 2, lse, ref, ref_lse)
+
+
+def _fp32_reference(q, k, v, sl, **kw):
+    return leanattn.reference.decode(q, k, v, sl, return_lse=True, compute_dtype=torch.float32, **kw)
+
+
+@pytest.mark.parametrize("lens,hkv,group,programs", [
+    ([40000], 1, 8, None),  # one head over the whole grid: 17 chunks of the merge tree
+    ([9000, 3, 20000, 700], 2, 4, 1000),  # more programs than fit at once: late arrivers in later waves
+    ([2048] * 16, 8, 1, 4000),
+])
+def test_merge_race_stress(lens, hkv, group, programs):
+    """Split heads merged by the last arriver, each call on a new q: a merge that read a partial
+    before its program wrote it (an early merge, or stores not ordered before the ticket) would
+    read the previous call's partial, which differs. Every call is checked."""
+    q, k, v, sl = make_inputs(lens, hkv * group, hkv, 128, torch.bfloat16, seed=12)
+    gen = torch.Generator(device=q.device).manual_seed(13)
+    for _ in range(40):
+        q = torch.randn(q.shape, generator=gen, device=q.device).to(q.dtype)
+        out, lse = leanattn.decode(q, k, v, sl, return_lse=True, num_programs=programs)
+        assert_close(out, lse, *_fp32_reference(q, k, v, sl))
+
+
+@pytest.mark.parametrize("magnitude", [1e30, 1e-30, 3e4])
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_extremes(magnitude, kv_dtype):
+    """fp8 caches multiply in fp16 after scaling q by a power of two into [2^13, 2^15): q of any
+    bf16 magnitude stays exact, and an inf in one query row leaves the other rows of its group
+    exact (only finite values set the power)."""
+    q, k, v, sl = make_inputs([3000, 0, 129], 32, 4, 128, torch.bfloat16, seed=14)
+    scale = 1.0 / (magnitude * 448.0 * 128) if magnitude > 1 else None  # keeps the scores finite
+    q = (q.float() * magnitude).to(torch.bfloat16)
+    k8, v8 = (k.float() * 50).clamp(-400, 400).to(kv_dtype), v.to(kv_dtype)
+    kw = dict(k_scale=torch.rand(4, device=q.device) + 0.5, v_scale=0.25, softmax_scale=scale)
+    out, lse = leanattn.decode(q, k8, v8, sl, return_lse=True, **kw)
+    assert_close(out, lse, *reference(q, k8, v8, sl, **kw))
+    q[2, 0, 9, 3] = float("inf")  # kv head 1 of sequence 2: rows 8-15 share the pre-scale
+    out, lse = leanattn.decode(q, k8, v8, sl, return_lse=True, **kw)
+    ref, ref_lse = reference(q, k8, v8, sl, **kw)
+    fine = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
+    fine[2, 9] = False
+    assert not torch.isfinite(out[2, 0, 9]).all()
+    assert_close(out.transpose(1, 2)[fine], lse[fine], ref.transpose(1, 2)[fine], ref_lse[fine])

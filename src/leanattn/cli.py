@@ -9,8 +9,10 @@ from pathlib import Path
 import torch
 
 import leanattn
+from leanattn.bench.shapes import Shape, parse_shape
 
 DEMO_SHAPES = "1x32k@8/1 1x128k@32/8 8x8k@32/8 1k+2k+4k+8k+16k+32k+64k+128k@32/8"
+DEMO_METHODS = ["leanattn", "sdpa_flash", "sdpa_cudnn", "flashinfer", "flashinfer_tc", "fa2_varlen"]
 
 
 def _demo_cpu() -> int:
@@ -38,21 +40,14 @@ def _demo_cpu() -> int:
     return 0 if ok else 1
 
 
-def _bench(shapes: list[str] | None, methods: list[str] | None, out_dir: Path | None, mode: str = "eager") -> int:
-    from leanattn.bench import default_suite, parse_shape
+def _bench(shapes: list[Shape] | None, methods: list[str] | None, out_dir: Path | None, mode: str = "eager") -> int:
+    """Run the suite (or ``shapes``) on the GPU; the arguments are already validated."""
+    from leanattn.bench import default_suite
     from leanattn.bench.run import run_suite, terminal_table, write
     from leanattn.bench.serving import serving_markdown, serving_suite
 
-    known = _methods(mode)
-    if shapes:
-        suite = [parse_shape(s) for s in shapes]
-    else:
-        suite = default_suite() + (serving_suite() if mode == "graph" else [])
-    unknown = set(methods or ()) - set(known)
-    if unknown:
-        print(f"unknown methods {sorted(unknown)} for --mode {mode}; choose from {', '.join(known)}", file=sys.stderr)
-        return 2
-    record = run_suite(suite, methods or known, torch.device("cuda"),
+    suite = shapes or default_suite() + (serving_suite() if mode == "graph" else [])
+    record = run_suite(suite, methods or _methods(mode), torch.device("cuda"),
                        checkpoint=out_dir / "results.json" if out_dir else None, mode=mode)
     print(f"{record['gpu']}: copy {record['copy_gbs']:.0f} GB/s, datasheet {record['datasheet_gbs'] or 'unknown'} GB/s")
     print(serving_markdown(record) if mode == "graph" else terminal_table(record))
@@ -60,6 +55,15 @@ def _bench(shapes: list[str] | None, methods: list[str] | None, out_dir: Path | 
         write(record, out_dir)
         print(f"wrote {out_dir}/results.json, results.md, results.png")
     return 0
+
+
+def _shape(text: str) -> Shape:
+    """argparse type of ``--shapes``: a bad shape, or one leanattn.decode would refuse, is an
+    argument error (exit 2) naming it and what is expected."""
+    try:
+        return parse_shape(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _methods(mode: str) -> list[str]:
@@ -72,11 +76,20 @@ def _methods(mode: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="leanattn", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {leanattn.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="{demo,bench}")
-    sub.add_parser("demo", help="a quick comparison on a GPU; a checked interpreter run without one")
+    sub.add_parser(
+        "demo", help="a quick comparison on a GPU; a checked interpreter run without one",
+        description="With a CUDA GPU: time leanattn against SDPA, FlashInfer and FA2 varlen on four shapes "
+                    "(a short leanattn bench). Without one: run the Triton kernel under the interpreter on a "
+                    "small ragged batch, print the stream-K schedule, and check the result against the "
+                    "float64 reference (exit 1 if it disagrees).",
+    )
     b = sub.add_parser(
         "bench", help="time leanattn and the peers on the benchmark suite (needs a CUDA GPU)",
-        description="Time leanattn and its peers in one process on the same inputs (needs a CUDA GPU).",
+        # The raw formatter keeps the epilog's lines, so the description carries its own breaks.
+        description="Time leanattn and its peers in one process on the same inputs (needs a CUDA GPU).\n"
+                    "Every argument is checked first: a shape leanattn.decode would refuse is an error.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(f"methods, --mode eager: {', '.join(_methods('eager'))}\n"
                 f"methods, --mode graph: {', '.join(_methods('graph'))}"),
@@ -84,15 +97,25 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--mode", choices=("eager", "graph"), default="eager",
                    help="eager: single calls, L2 flushed (default); graph: serving mode, a CUDA graph replaying "
                         "a decode step's layers, each on its own KV, plus host time per call")
-    b.add_argument("--shapes", nargs="+", help="shapes like 1x32k@32/8:d=128:bf16:page=16 (default: the suite; "
-                                               "in graph mode also the tensor-parallel serving shapes)")
+    b.add_argument("--shapes", nargs="+", type=_shape, metavar="SHAPE",
+                   help="shapes like 1x32k@32/8:d=128:bf16:page=16 (default: the suite; in graph mode also the "
+                        "tensor-parallel serving shapes); graph mode also takes fp8, q=N, win=N, softcap=X, sinks")
     b.add_argument("--methods", nargs="+", metavar="METHOD", help="subset of the methods listed below (default: all)")
     b.add_argument("--out", type=Path, help="folder for results.json, results.md and (eager) results.png")
     args = parser.parse_args(argv)
     if args.command == "demo":
         if not torch.cuda.is_available():
             return _demo_cpu()
-        return _bench(DEMO_SHAPES.split(), ["leanattn", "sdpa_flash", "sdpa_cudnn", "flashinfer", "flashinfer_tc", "fa2_varlen"], None)
+        return _bench([parse_shape(s) for s in DEMO_SHAPES.split()], DEMO_METHODS, None)
+    # Every argument error is reported (exit 2) before the GPU check: a typo should not read as a
+    # missing GPU, and on a GPU it should stop the run before the suite starts, not midway.
+    known = _methods(args.mode)
+    unknown = sorted(set(args.methods or ()) - set(known))
+    if unknown:
+        b.error(f"unknown methods {unknown} for --mode {args.mode}; choose from {', '.join(known)}")
+    featured = [s.name for s in args.shapes or () if s.has_features]
+    if args.mode == "eager" and featured:
+        b.error(f"shapes {featured}: model-feature options (fp8, q=, win=, softcap=, sinks) need --mode graph")
     if not torch.cuda.is_available():
         print("leanattn bench needs a CUDA GPU", file=sys.stderr)
         return 2

@@ -7,17 +7,24 @@ cache with that page size); model features (``leanattn bench --mode graph`` only
 fp8 e4m3 cache), ``q=N`` (N query tokens per sequence), ``win=N`` (a causal sliding window of N
 keys before each query), ``softcap=X``, ``sinks``. Examples: ``1x32k@32/8``,
 ``4x16k@16/16:d=64``, ``1k+2k+4k@32/8:page=16``, ``1x128k@32/8:win=4k``, ``8x32k@32/8:fp8:page=16``.
+
+A shape ``leanattn.decode`` would refuse is refused here too, checked against the library's own
+limits (``leanattn.api``), so a bad ``--shapes`` fails before any GPU work.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from leanattn import api
+
 __all__ = ["Shape", "parse_shape", "default_suite"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_SYNTAX = "expected LENS@HQ/HKV[:opt...], e.g. 1x32k@32/8:d=128:bf16:page=16"
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,9 @@ class Shape:
     window: int = -1  # keys before each query it sees; -1: all
     softcap: float = 0.0
     sinks: bool = False
+
+    def __post_init__(self) -> None:
+        check_shape(self)
 
     @property
     def has_features(self) -> bool:
@@ -81,6 +91,41 @@ class Shape:
         return self.name.replace(f"x{_fmt_len(self.lens[0])}@", "xN@", 1)
 
 
+def _page_size_ok(page_size: int) -> bool:
+    """The page sizes ``leanattn.decode`` takes: powers of two up to ``api.MAX_PAGE_SIZE``."""
+    return 1 <= page_size <= api.MAX_PAGE_SIZE and page_size & (page_size - 1) == 0
+
+
+def _page_error(page_size: int) -> str:
+    return f"page size must be a power of two up to {api.MAX_PAGE_SIZE}, got page={page_size}"
+
+
+def check_shape(shape: Shape) -> None:
+    """Raise ValueError, saying what is expected, for a shape ``leanattn.decode`` would refuse
+    (or that is no batch at all). The limits are read from ``leanattn.api`` at call time, never
+    copied, so the parser cannot drift from the kernel's checks."""
+    if not shape.lens or min(shape.lens) < 0:
+        raise ValueError(f"needs at least one sequence and lengths >= 0, got lengths {list(shape.lens)}")
+    if shape.q_heads < 1 or shape.kv_heads < 1 or shape.q_heads % shape.kv_heads:
+        raise ValueError(f"q heads must be a positive multiple of kv heads, got {shape.q_heads}/{shape.kv_heads}")
+    if shape.head_dim not in api.SUPPORTED_HEAD_DIMS:
+        dims = ", ".join(map(str, api.SUPPORTED_HEAD_DIMS))
+        raise ValueError(f"head dim must be one of {dims}, got d={shape.head_dim}")
+    if shape.dtype not in api.SUPPORTED_DTYPES:
+        raise ValueError(f"dtype must be fp16 or bf16, got {shape.dtype}")
+    # 0 is the contiguous cache; an explicit page= must be a size decode takes.
+    if shape.page_size != 0 and not _page_size_ok(shape.page_size):
+        raise ValueError(_page_error(shape.page_size))
+    rows = shape.q_len * (shape.q_heads // shape.kv_heads)
+    if shape.q_len < 1 or rows > api.MAX_QUERY_ROWS:
+        raise ValueError(f"q_len x (q heads / kv heads) must be 1 to {api.MAX_QUERY_ROWS}, got q={shape.q_len} with "
+                         f"{shape.q_heads}/{shape.kv_heads} heads: {rows}")
+    if shape.window < -1:
+        raise ValueError(f"window must be >= 0 keys (-1: none), got win={shape.window}")
+    if not math.isfinite(shape.softcap) or shape.softcap < 0:
+        raise ValueError(f"softcap must be a finite number >= 0 (0: off), got softcap={shape.softcap:g}")
+
+
 def _fmt_len(n: int) -> str:
     return f"{n // 1024}k" if n % 1024 == 0 and n >= 1024 else str(n)
 
@@ -91,16 +136,21 @@ def _parse_len(text: str) -> int:
 
 
 def parse_shape(text: str) -> Shape:
-    """Parse ``LENS@HQ/HKV[:opt...]`` (see the module docstring)."""
+    """Parse ``LENS@HQ/HKV[:opt...]`` (see the module docstring). Raises ValueError naming the
+    text and what is expected, for bad syntax or for a shape ``leanattn.decode`` would refuse."""
     try:
         main, *opts = text.strip().split(":")
-        lens_text, heads = main.split("@")
+        lens_text, at, heads = main.partition("@")
+        if not at or heads.count("/") != 1:
+            raise ValueError("heads must follow the lengths as @HQ/HKV")
         hq, hkv = (int(x) for x in heads.split("/"))
         if "+" in lens_text:
             lens = tuple(_parse_len(x) for x in lens_text.split("+"))
-        else:
+        elif lens_text.lower().count("x") == 1:
             batch, ctx = lens_text.lower().split("x")
             lens = (_parse_len(ctx),) * int(batch)
+        else:
+            raise ValueError(f"lengths {lens_text!r} are neither BATCHxCTX nor a +-joined list")
         kw: dict = {}
         for opt in opts:
             if opt in _DTYPES:
@@ -122,8 +172,13 @@ def parse_shape(text: str) -> Shape:
             else:
                 raise ValueError(f"unknown option {opt!r}")
     except ValueError as e:
-        raise ValueError(f"bad shape {text!r}: {e}; expected e.g. 1x32k@32/8:d=128:bf16:page=16") from e
-    return Shape(lens, hq, hkv, **kw)
+        raise ValueError(f"bad shape {text!r}: {e}; {_SYNTAX}") from e
+    try:
+        if kw.get("page_size") == 0:  # Shape reads 0 as a contiguous cache; written out, it is a bad page
+            raise ValueError(_page_error(0))
+        return Shape(lens, hq, hkv, **kw)
+    except ValueError as e:  # well written, but leanattn.decode would refuse it
+        raise ValueError(f"bad shape {text!r}: {e}") from e
 
 
 _SUITE = """
