@@ -850,7 +850,8 @@ def decode(
         k_cache, v_cache: (batch, cache_len, kv_heads, head_dim) with any strides but a unit last
             stride; or, with ``block_table``, pages (num_pages, page_size, kv_heads, head_dim).
             fp16/bf16 like q, or both fp8 (float8_e4m3fn / float8_e5m2) with k_scale/v_scale.
-        cache_seqlens: int32 (batch,), where each sequence's live tokens end; ``None`` means
+        cache_seqlens: int32 (batch,), contiguous (as cache_leftpad, sinks, scale tensors and
+            plan: a strided view is refused), where each sequence's live tokens end; ``None`` means
             ``cache_len`` (or the block table's capacity). Clamped to [cache_leftpad, capacity].
         block_table: int32 (batch, max_pages_per_seq) page indices for a paged cache.
         cache_leftpad: int32 (batch,), where each sequence's live tokens start (left padding, as
@@ -876,7 +877,7 @@ def decode(
             call's shapes: the programs read their shares from it instead of locating them. Its
             rows are the grid. Results are bitwise those without it.
         check: also validate the values of ``cache_seqlens``, ``cache_leftpad``, the live slots
-            of ``block_table`` and ``sinks`` on the host (a device sync: not for CUDA graphs or
+            of ``block_table``, ``sinks`` and scale tensors on the host (a device sync: not for CUDA graphs or
             fast paths), raising ValueError naming the sequence, slot and value. Without it,
             lengths are clamped and an out-of-range page gives NaN rows where it is attended to.
 

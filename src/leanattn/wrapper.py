@@ -195,7 +195,7 @@ class DecodeWrapper:
             return_lse: also return the natural-log LSE, float32 (batch, q_heads, q_len).
             lse: optional float32 (batch, q_heads, q_len) tensor, any strides, to write the LSE
                 into (with ``return_lse`` only).
-            check: validate the live slots of ``block_table`` and the sinks on the host (a device
+            check: validate the live slots of ``block_table``, the sinks and scales on the host (a device
                 sync); without it an out-of-range page gives NaN rows where it is attended to.
 
         Returns:
