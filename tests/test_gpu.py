@@ -142,3 +142,25 @@ def test_fp8_extremes(magnitude, kv_dtype):
     fine[2, 9] = False
     assert not torch.isfinite(out[2, 0, 9]).all()
     assert_close(out.transpose(1, 2)[fine], lse[fine], ref.transpose(1, 2)[fine], ref_lse[fine])
+
+
+def test_merge_orders_partials_before_tickets():
+    """The merge's memory ordering, read off the compiled code: each arrival ticket is an
+    acquire-release atomic at GPU scope, right after a block barrier (every thread's partial
+    stores are ordered before it). A race stress test rarely sees a missing fence; this does."""
+    from leanattn.kernels.lean_decode import lean_decode_kernel
+
+    q, k, v, sl = make_inputs([40000], 8, 1, 128, torch.bfloat16, seed=15)
+    leanattn.decode(q, k, v, sl)  # one head split over the grid: the merge tree is compiled in
+    caches = lean_decode_kernel.device_caches[torch.cuda.current_device()][0].values()
+    checked = 0
+    for compiled in caches:
+        lines = [line.strip() for line in compiled.asm["ptx"].splitlines()]
+        atomics = [i for i, line in enumerate(lines) if "atom." in line and ".add" in line]  # maybe predicated
+        assert len(atomics) >= 2, "the two arrival tickets are missing"
+        for i in atomics:
+            assert ".acq_rel" in lines[i] and ".gpu" in lines[i], f"ticket not acq_rel at GPU scope: {lines[i]}"
+            assert any("bar.sync" in line for line in lines[max(0, i - 12):i]), \
+                f"no barrier before the ticket: {lines[max(0, i - 12):i + 1]}"
+        checked += 1
+    assert checked > 0

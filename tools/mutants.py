@@ -1,0 +1,204 @@
+"""The mutants ``tools/mutate.py`` applies: plausible one-line (or few-line) bugs, each with the
+tests that must catch it.
+
+An ``Edit`` names a line by a substring (``old``) that must occur on exactly ``lines`` lines of the
+file (default one; an exact line text works too, leading spaces and all), and replaces ``old`` with
+``new`` there, or deletes those lines when ``new`` is None. A mutant whose text is not found is
+reported "not applied": the source moved on and the mutant needs updating.
+
+``tests``: pytest arguments (files, node ids) whose run must fail with the mutant applied; ``k``
+an optional ``-k`` expression. Choose the smallest selection that should kill the mutant.
+``gpu=True``: only the real kernel can show the bug (the interpreter runs programs one at a time
+in order, and computes dots in fp32), so the tests run only with ``--gpu`` on a CUDA machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PLAN = "src/leanattn/kernels/plan.py"
+DECODE = "src/leanattn/kernels/lean_decode.py"
+MERGE = "src/leanattn/merge.py"
+
+GPU_RACE = "tests/test_gpu.py::test_merge_race_stress"
+GPU_FP8 = "tests/test_gpu.py::test_fp8_extremes"
+
+
+@dataclass(frozen=True)
+class Edit:
+    file: str
+    old: str
+    new: str | None  # None: delete the matching lines
+    lines: int = 1  # how many lines must contain ``old`` (all of them are edited)
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    edits: tuple[Edit, ...]
+    tests: tuple[str, ...]
+    k: str | None = None
+    gpu: bool = False
+    why: str = ""
+
+
+def one(file: str, old: str, new: str | None, lines: int = 1) -> tuple[Edit, ...]:
+    return (Edit(file, old, new, lines),)
+
+
+MUTANTS: list[Mutant] = [
+    # --- the partition (plan.py) ---------------------------------------------------------------
+    Mutant(
+        "plan-ignores-target-share",
+        one(PLAN, "programs = tl.minimum((total + TARGET_SHARE - 1) // TARGET_SHARE, num_programs)",
+            "programs = tl.minimum(total, num_programs)"),
+        ("tests/test_partition.py",), k="target_share",
+        why="small problems would take the whole grid",
+    ),
+    Mutant(
+        "plan-never-aligned",
+        one(PLAN, "programs = tl.where(uniform & (8 * aligned >= 7 * programs), aligned, programs)",
+            "programs = programs"),
+        ("tests/test_partition.py",), k="aligned",
+        why="equal heads would not get head-aligned shares",
+    ),
+    Mutant(
+        "plan-window-lo-one-early",
+        one(PLAN, "lo = tl.minimum(tl.maximum(live - Q_LEN - window_left, 0), live)",
+            "lo = tl.minimum(tl.maximum(live - Q_LEN - window_left - 1, 0), live)"),
+        ("tests/test_partition.py",), k="live_range or matches_schedule",
+        why="a key no window reaches would be streamed (and a tile more counted)",
+    ),
+    Mutant(
+        "plan-num-tiles-drops-last-key",
+        one(PLAN, "(length + TILE - 1) // TILE", "(length + TILE - 2) // TILE"),
+        ("tests/test_partition.py",), k="matches_schedule",
+        why="a head of k * TILE + 1 keys would lose its last key",
+    ),
+    Mutant(
+        "plan-sequence-count-off-by-one",
+        one(PLAN, "done = mask & ((tl.cumsum(n, axis=0) + running) * kv_heads <= start)",
+            "done = mask & ((tl.cumsum(n, axis=0) + running) * kv_heads < start)"),
+        ("tests/test_partition.py",), k="matches_schedule",
+        why="a share starting exactly on a sequence boundary would be located in the previous sequence",
+    ),
+    Mutant(
+        "plan-uniform-always",
+        one(PLAN, "uniform = n_min == n_max", "uniform = n_min >= 0"),
+        ("tests/test_partition.py",), k="ragged_heads",
+        why="ragged batches would take a head-aligned grid",
+    ),
+    # --- the decode kernel (lean_decode.py) -----------------------------------------------------
+    Mutant(
+        "decode-merge-by-pid-not-last-arriver",
+        one(DECODE, "if arrived == chunk_last - chunk_first:", "if pid == chunk_last:"),
+        (GPU_RACE,), gpu=True,
+        why="the chunk's last program may merge before the others stored their partials",
+    ),
+    Mutant(
+        "decode-relaxed-tickets-no-barriers",
+        (
+            Edit(DECODE, 'arrived = tl.atomic_add(ChunkTickets + chunk_slot, 1, sem="acq_rel"',
+                 'arrived = tl.atomic_add(ChunkTickets + chunk_slot, 1, sem="relaxed"'),
+            Edit(DECODE, 'arrived = tl.atomic_add(Tickets + first_prog, 1, sem="acq_rel"',
+                 'arrived = tl.atomic_add(Tickets + first_prog, 1, sem="relaxed"'),
+            Edit(DECODE, "tl.debug_barrier()", None, lines=2),
+        ),
+        ("tests/test_gpu.py::test_merge_orders_partials_before_tickets", GPU_RACE), gpu=True,
+        why="the merger may read partials before they are visible (a race this narrow rarely shows under "
+            "the stress test; the compiled code's ordering test sees it)",
+    ),
+    Mutant(
+        "decode-fp8-prescale-16",
+        one(DECODE, "13.0 - e", "16.0 - e"),
+        (GPU_FP8,), gpu=True,
+        why="q scaled to [2^16, 2^18) overflows fp16 (the interpreter's fp32 dots hide it)",
+    ),
+    Mutant(
+        "decode-in-range-includes-length",
+        one(DECODE, "in_range = tok < length", "in_range = tok <= length"),
+        ("tests/test_decode.py",), k="ragged_edges",
+        why="one key past the live range would be attended to",
+    ),
+    Mutant(
+        "decode-online-softmax-acc-not-rescaled",
+        one(DECODE, "acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v)", "acc = acc + tl.dot(p.to(DOT_DTYPE), v)"),
+        ("tests/test_decode.py",), k="ragged_edges",
+    ),
+    Mutant(
+        "decode-online-softmax-l-not-rescaled",
+        one(DECODE, "l_i = l_i * alpha + tl.sum(p, axis=1)", "l_i = l_i + tl.sum(p, axis=1)"),
+        ("tests/test_decode.py",), k="ragged_edges",
+    ),
+    Mutant(
+        "decode-combine4-acc-not-rescaled",
+        one(DECODE, "acc = acc * alpha[:, None] + a0 * w0[:, None]", "acc = acc + a0 * w0[:, None]"),
+        ("tests/test_decode.py",), k="chunk",
+        why="merges of more than four partials would mis-weigh the earlier ones",
+    ),
+    Mutant(
+        "decode-combine4-l-not-rescaled",
+        one(DECODE, "l_i = l_i * alpha + l0 * w0", "l_i = l_i + l0 * w0"),
+        ("tests/test_decode.py",), k="chunk",
+    ),
+    Mutant(
+        "decode-lse-in-log2-units",
+        one(DECODE, "(m_i + tl.log2(tl.where(has_mass, l_i, 1.0))) * LN2", "(m_i + tl.log2(tl.where(has_mass, l_i, 1.0)))"),
+        ("tests/test_decode.py",), k="ragged_edges",
+        why="the LSE would be log2, not natural log",
+    ),
+    Mutant(
+        "decode-page-upper-bound-dropped",
+        one(DECODE, "(page < 0) | (page >= num_pages)", "(page < 0)"),
+        ("tests/test_safety.py",), k="out_of_range_page_gives and num_pages",
+        why="a page id past the pool would be read (under the interpreter the read lands in whatever memory "
+            "follows the pool: the [decode-num_pages] case passed by reading NaN there, [wrapper-num_pages] killed it)",
+    ),
+    Mutant(
+        "decode-chunk-ticket-never-reset",
+        one(DECODE, "tl.atomic_xchg(ChunkTickets + chunk_slot, 0", None),
+        ("tests/test_decode.py",), k="chunk or tickets_back_at_zero",
+        why="the next call's count on that ticket would start from a stale value",
+    ),
+    Mutant(
+        "decode-head-ticket-never-reset",
+        one(DECODE, "tl.atomic_xchg(Tickets + first_prog, 0", None),
+        ("tests/test_decode.py",), k="chunk or tickets_back_at_zero",
+        why="the next call's count on that ticket would start from a stale value",
+    ),
+    Mutant(
+        "decode-one-chunk-test-off-by-one",
+        one(DECODE, "if last_prog - first_prog < ARRIVE_CHUNK:", "if last_prog - first_prog <= ARRIVE_CHUNK:"),
+        ("tests/test_decode.py",), k="one_head_over_chunk_boundaries",
+        why="a head of ARRIVE_CHUNK + 1 programs would be written by its first chunk alone",
+    ),
+    Mutant(
+        "decode-partial-slot-off-by-one",
+        one(DECODE, "(p == first_prog) & (p_start < head_first)", "(p == first_prog) & (p_start <= head_first)"),
+        ("tests/test_decode.py",), k="ragged_edges or chunk",
+        why="a head starting exactly at its first program's share start would read slot 2p + 1",
+    ),
+    Mutant(
+        "decode-window-left-bound-off-by-one",
+        one(DECODE, "(key[None, :] >= query[:, None] - window_left)", "(key[None, :] > query[:, None] - window_left)"),
+        ("tests/test_features.py",), k="sliding_window",
+        why="each row would see one key less than its window",
+    ),
+    # --- merge_states (merge.py) ----------------------------------------------------------------
+    Mutant(
+        "merge-combine-acc-no-alpha",
+        one(MERGE, "acc = acc * alpha[:, None] + o * w[:, None]", "acc = acc + o * w[:, None]"),
+        ("tests/test_merge_states.py",),
+    ),
+    Mutant(
+        "merge-combine-l-no-alpha",
+        one(MERGE, "l = l * alpha + w", "l = l + w"),
+        ("tests/test_merge_states.py",),
+    ),
+    Mutant(
+        "merge-load-part-no-empty-guard",
+        one(MERGE, 'tl.where((lse > float("-inf"))[:, None], o, 0.0)', "o"),
+        ("tests/test_merge_states.py",),
+        why="an empty part's garbage (NaN) output would reach the sum (0 * NaN)",
+    ),
+]
