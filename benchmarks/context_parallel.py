@@ -123,11 +123,11 @@ def _symmetric_merge(cp, lse: torch.Tensor, out: torch.Tensor, lse_out: torch.Te
     rank from overwriting a peer's slots before that peer has merged the previous round."""
     import torch.distributed._symmetric_memory as symm_mem
 
-    from leanattn.distributed import _pack_views
+    from leanattn.distributed import pack_views
     from leanattn.merge import merge_states_into
 
     rank, world = cp.rank, cp.world_size
-    batch, q_len, _, buf = cp._planned
+    batch, q_len, _, buf = cp.planned
     words = buf.send.numel()
     sym = symm_mem.empty(world * words, dtype=torch.float32, device=cp.device)
     group_name = dist.group.WORLD.group_name
@@ -138,7 +138,7 @@ def _symmetric_merge(cp, lse: torch.Tensor, out: torch.Tensor, lse_out: torch.Te
             pass
     handle = symm_mem.rendezvous(sym, group_name)
     peers = [handle.get_buffer(p, (world, words), torch.float32) for p in range(world)]
-    o_parts, lse_parts = _pack_views(sym, world, words, (batch, q_len, cp.q_heads, cp.head_dim),
+    o_parts, lse_parts = pack_views(sym, world, words, (batch, q_len, cp.q_heads, cp.head_dim),
                                      (batch, cp.q_heads, q_len), cp.dtype)
 
     def merge() -> None:
@@ -180,13 +180,13 @@ def _measure(bench: Bench, shape: tuple, head_dim: int, rank: int, world: int, s
     out, lse_out = torch.empty_like(q), torch.empty(batch, hq, 1, device=dev)
     out_s = torch.empty(batch, 1, hq // world, head_dim, device=dev, dtype=dt)
     lse_s_out = torch.empty(batch, hq // world, 1, device=dev)
-    lse = cp._attend(q, lk, lv)
-    lse_s = cps._attend(q, lk, lv)
+    lse = cp.attend(q, lk, lv)
+    lse_s = cps.attend(q, lk, lv)
 
     fns: dict[str, Callable[[], object]] = {
-        "local": lambda: cp._attend(q, lk, lv),
-        "merge_allgather": lambda: cp._merge(lse, out, lse_out),
-        "merge_scatter": lambda: cps._merge(lse_s, out_s, lse_s_out),
+        "local": lambda: cp.attend(q, lk, lv),
+        "merge_allgather": lambda: cp.merge(lse, out, lse_out),
+        "merge_scatter": lambda: cps.merge(lse_s, out_s, lse_s_out),
         "total": lambda: cp.run(q, lk, lv, out=out),
     }
     if bench.cuda:

@@ -20,11 +20,9 @@ import re
 import sys
 
 import torch
-import triton.language as tl
 
 import leanattn
-from leanattn.kernels.config import KernelConfig
-from serving_probe import graph_step, launch_override
+from serving_probe import graph_step, launch_config
 
 # (product dtype, tile, warps, stages, programs per SM, target share); None: the shipped choice.
 # The target share bounds the programs of small calls (the fewest whose shares stay within it).
@@ -43,7 +41,7 @@ VARIANTS: list[tuple | None] = [
     ("fp16", 128, 4, 4, 2, 4),
     ("fp16", 128, 4, 3, 1, 4),
 ]
-_DOT = {"bf16": tl.bfloat16, "fp16": tl.float16}
+_DOT = {"bf16": "bfloat16", "fp16": "float16"}
 
 
 def dump_asm(compiled, folder: str, name: str) -> None:
@@ -61,14 +59,12 @@ def dump_asm(compiled, folder: str, name: str) -> None:
 
 
 def measure(text: str, variant: tuple | None, asm: str | None = None) -> dict:
-    override = {}
+    config = None
     if variant is not None:
         dot, tile, warps, stages, per_sm, share = variant
-        config = KernelConfig(tile=tile, num_warps=warps, num_stages=stages, programs_per_sm=per_sm,
-                              target_share=share)
-        override = dict(config=lambda _: config, dot=_DOT[dot])
-    with launch_override(**override):
-        r = graph_step(text)
+        config = launch_config(text, tile=tile, num_warps=warps, num_stages=stages, programs_per_sm=per_sm,
+                               target_share=share, dot_dtype=_DOT[dot])
+    r = graph_step(text, config)
     r["graph"].replay()
     torch.cuda.synchronize()
     x = r["layers"].xs[-1]  # the captured step returns the last layer's output
@@ -78,7 +74,7 @@ def measure(text: str, variant: tuple | None, asm: str | None = None) -> dict:
         dump_asm(r["compiled"], asm, re.sub(r"[^\w.-]+", "_", f"{text}-{tag}"))
     err = ((r["last"].float() - ref).norm() / ref.norm()).item()
     return dict(shape=text, variant=variant or "shipped", us=round(r["us"], 1), rel_err=float(f"{err:.2e}"),
-                config=repr(r["wrapper"]._config), regs=r["regs"], spills=r["spills"], smem=r["smem"],
+                config=repr(config or launch_config(text)), regs=r["regs"], spills=r["spills"], smem=r["smem"],
                 gbs=round(r["shape"].kv_bytes / r["us"] / 1e3, 0))
 
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from leanattn.bench.run import _bench
+from leanattn.bench.run import bench_median
 
 
 @triton.jit
@@ -48,7 +48,7 @@ def main() -> int:
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     print(f"{torch.cuda.get_device_name()}, {sms} SMs; microseconds")
     y = torch.zeros(32 * sms, device=dev)
-    print(f"empty kernel, {sms} programs: {1e3 * _bench(lambda: _empty[(sms,)](y)):.1f}")
+    print(f"empty kernel, {sms} programs: {1e3 * bench_median(lambda: _empty[(sms,)](y)):.1f}")
     for mib in args.mib:
         n = mib * 2**20 // 2
         x = torch.randn(n, device=dev, dtype=torch.bfloat16)
@@ -59,12 +59,12 @@ def main() -> int:
                 per = n // programs // block * block
                 if per == 0:
                     continue
-                us = 1e3 * _bench(lambda: _stream[(programs,)](x, y, per, BLOCK=block, num_warps=warps))
+                us = 1e3 * bench_median(lambda: _stream[(programs,)](x, y, per, BLOCK=block, num_warps=warps))
                 gbs = programs * per * 2 / us / 1e3
                 if best is None or gbs > best[0]:
                     best = (gbs, us, programs, block, warps)
         gbs, us, programs, block, warps = best
-        total = 1e3 * _bench(lambda: x.sum())
+        total = 1e3 * bench_median(lambda: x.sum())
         print(f"read {mib} MiB: {us:.1f} ({gbs:.0f} GB/s; {programs} programs, {block} a step, {warps} warps); torch.sum {total:.1f}")
         del x
     return 0

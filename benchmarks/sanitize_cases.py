@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import leanattn  # noqa: E402  (sets TRITON_INTERPRET=1 without a GPU, before Triton loads)
 from leanattn import schedule  # noqa: E402
-from leanattn.api import _ARRIVE_CHUNK, choose_config  # noqa: E402
+from leanattn import choose_config  # noqa: E402
+from leanattn.schedule import ARRIVE_CHUNK  # noqa: E402
 
 from _util import LSE_TOL, TOL, to_paged  # noqa: E402
 
@@ -123,7 +124,7 @@ def tree(run: Run, gen: torch.Generator) -> None:
     total = sum(tiles)
     programs = schedule.effective_programs(total, 2, False, grid, config.target_share)
     last = schedule.program_of_tile(tiles[0] - 1, total, programs)
-    assert last + 1 > 2 * _ARRIVE_CHUNK, f"only {last + 1} programs on the long head: fewer than 3 chunks"
+    assert last + 1 > 2 * ARRIVE_CHUNK, f"only {last + 1} programs on the long head: fewer than 3 chunks"
     q, k, v = _qkv(gen, lens, 8, 1, d, dtype, lens[0])
     out = _nan_out(q)
     _, lse = leanattn.decode(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), _i32(lens), out=out, return_lse=True,

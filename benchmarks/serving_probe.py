@@ -11,78 +11,49 @@ of its parts.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from dataclasses import replace
-from typing import Callable, Iterator
 
 import torch
 
 import leanattn
-from leanattn import api, wrapper
 from leanattn.bench.peers import capture_cuda_graph
-from leanattn.bench.run import _bench
-from leanattn.bench.serving import _leanattn, host_us, layer_count, make_layers
+from leanattn.bench.run import bench_median
+from leanattn.bench.serving import host_us, layer_count, leanattn_step, make_layers
 from leanattn.bench.shapes import parse_shape
-from leanattn.kernels.config import KernelConfig
 
 
-def _direct_launch_error(w, ls) -> str:
-    """Why the wrapper's and decode's direct launches fail, if they do."""
-    x = ls.first
-    out = torch.empty_like(x.q)
-    for _ in range(2):
-        w.run(x.q, x.k, x.v, block_table=x.block_table, out=out)
-        leanattn.decode(x.q, x.k, x.v, x.seqlens, block_table=x.block_table, out=out)
-    return f"direct launches: {len(w._direct)}, errors: {api.DIRECT_LAUNCH_ERROR or 'none'}"
+def launch_config(shape_text: str, **changes) -> leanattn.KernelConfig:
+    """The heuristic's launch config for the shape, with ``changes`` (KernelConfig fields)."""
+    shape = parse_shape(shape_text)
+    kv_dtype = torch.float8_e4m3fn if shape.fp8 else shape.dtype
+    rows = shape.q_len * (shape.q_heads // shape.kv_heads)
+    return replace(leanattn.choose_config(shape.head_dim, kv_dtype, rows), **changes)
 
 
-@contextlib.contextmanager
-def launch_override(
-    config: Callable[[KernelConfig], KernelConfig] | None = None, dot=None, extra: dict | None = None,
-) -> Iterator[None]:
-    """Inside: the launch heuristic's choice passed through ``config``, the products in ``dot``
-    (a triton.language dtype) and the kernel's other compile-time parameters in ``extra``, for
-    the wrappers made, planned and run there."""
-    choose, constexprs = api.choose_config, wrapper.kernel_constexprs
-    if config is not None:
-        api.choose_config = lambda *a, **kw: config(choose(*a, **kw))
-    changes = dict(extra or {}, **({"DOT_DTYPE": dot} if dot is not None else {}))
-    if changes:
-        wrapper.kernel_constexprs = lambda *a, **kw: dict(constexprs(*a, **kw), **changes)
-    api._static_config.cache_clear()
-    try:
-        yield
-    finally:
-        api.choose_config, wrapper.kernel_constexprs = choose, constexprs
-        api._static_config.cache_clear()
-
-
-def graph_step(shape_text: str, pdl: bool | None = None) -> dict:
-    """The bench's leanattn method (plan once, run each layer) on ``shape_text``, captured in a
-    CUDA graph: µs per call, the last layer's inputs and output, the wrapper and its compiled
-    kernel's registers, spills and shared memory. Call inside ``launch_override`` to vary it."""
+def graph_step(shape_text: str, config: leanattn.KernelConfig | None = None) -> dict:
+    """The bench's leanattn method (plan once, run each layer) on ``shape_text`` with ``config``,
+    captured in a CUDA graph: µs per call, the last layer's inputs and output, the wrapper and its
+    compiled kernel's registers, spills and shared memory."""
     shape = parse_shape(shape_text)
     layers = layer_count(shape)
     ls = make_layers(shape, torch.device("cuda"), layers)
-    step, one_call = _leanattn(shape, ls)
+    step, one_call = leanattn_step(shape, ls, config)
     w = step.wrapper
-    if pdl is not None:
-        w._pdl = pdl
     graph, last = capture_cuda_graph(step)
-    us = _bench(graph.replay) / layers * 1e3
-    compiled = [c for c, _ in w._direct.values()][-1]
+    us = bench_median(graph.replay) / layers * 1e3
+    compiled = w.compiled_kernels[-1] if w.compiled_kernels else None
     return dict(us=us, shape=shape, layers=ls, last=last, wrapper=w, one_call=one_call, graph=graph,
                 compiled=compiled, regs=getattr(compiled, "n_regs", None), spills=getattr(compiled, "n_spills", None),
-                smem=compiled.metadata.shared)
+                smem=compiled.metadata.shared if compiled is not None else None)
 
 
 def step_time(shape_text: str, pdl: bool, share: int = 0) -> tuple[float, dict]:
-    with launch_override(config=(lambda c: replace(c, target_share=share)) if share else None):
-        r = graph_step(shape_text, pdl)
-        info = {key: r[key] for key in ("regs", "spills", "smem")}
-        info["host_run_us"] = host_us(r["one_call"])
-        info["direct"] = _direct_launch_error(r["wrapper"], r["layers"]) if pdl else ""
+    changes = dict(pdl=pdl, **({"target_share": share} if share else {}))
+    r = graph_step(shape_text, launch_config(shape_text, **changes))
+    info = {key: r[key] for key in ("regs", "spills", "smem")}
+    info["host_run_us"] = host_us(r["one_call"])
+    info["direct"] = "yes" if r["wrapper"].compiled_kernels else "no (Triton's bound launch)"
     return r["us"], info
 
 
@@ -101,7 +72,7 @@ def host_parts(shape_text: str) -> dict[str, float]:
         "stride x3": t(lambda: (x.q.stride(), x.k.stride(), x.v.stride())),
         "data_ptr x4": t(lambda: (x.q.data_ptr(), x.k.data_ptr(), x.v.data_ptr(), out.data_ptr())),
         "device x4": t(lambda: (x.q.device, x.k.device, x.v.device, out.device)),
-        "stream handle": t(lambda: api.current_stream_handle(dev)),
+        "stream handle": t(lambda: torch.cuda.current_stream(dev).cuda_stream),
         "empty_like": t(lambda: torch.empty_like(x.q)),
     }
 
@@ -119,7 +90,6 @@ def main() -> int:
         print("serving_probe.py needs a CUDA GPU", file=sys.stderr)
         return 2
     print(torch.cuda.get_device_name())
-    print("Triton 3.6 C launch form:", api._C_LAUNCH)
 
     print("host parts (µs):", {k: round(v, 2) for k, v in host_parts(args.shapes[0]).items()})
     for text in args.shapes:
@@ -127,8 +97,7 @@ def main() -> int:
             us, info = step_time(text, pdl, share)
             direct = info.pop("direct")
             print(f"{text:<20} pdl={pdl!s:<5} share={share} {us:7.1f} µs/call  {info}")
-            if direct:
-                print("   direct launch:", direct)
+            print("   direct launch:", direct)
     return 0
 
 

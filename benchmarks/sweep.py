@@ -14,10 +14,8 @@ import torch
 import triton.testing
 
 import leanattn
-from leanattn.api import launch
 from leanattn.bench.peers import make_inputs
 from leanattn.bench.shapes import parse_shape
-from leanattn.kernels.config import KernelConfig
 
 SHAPES = "1x32k@8/1 1x4k@32/8 1x128k@32/8 1x512k@32/8 8x32k@32/8 32x4k@32/8 1x16k@32/32 1x256k@32/32 4x16k@16/16:d=64 4x16k@32/8:d=256 1k+2k+4k+8k+16k+32k+64k+128k@32/8 8x32k@32/8:page=16"
 
@@ -43,10 +41,11 @@ def main() -> None:
             for tile, warps, stages, pps, share in itertools.product(args.tiles, args.warps, args.stages, args.pps, args.shares):
                 if shape.head_dim > 128 and tile * stages > 256:
                     continue
-                cfg = KernelConfig(tile, warps, stages, pps, share)
+                cfg = leanattn.KernelConfig(tile, warps, stages, pps, share)
 
                 def fn():
-                    launch(x.q, x.k, x.v, out, None, x.seqlens, x.block_table, x.scale, sms * pps, cfg)
+                    leanattn.decode(x.q, x.k, x.v, x.seqlens, block_table=x.block_table, softmax_scale=x.scale,
+                                    out=out, num_programs=sms * pps, config=cfg)
 
                 try:
                     fn()

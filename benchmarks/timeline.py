@@ -19,12 +19,12 @@ import importlib.util
 import statistics
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 import leanattn
-from leanattn import api
 from leanattn.bench.peers import make_inputs
 from leanattn.bench.shapes import parse_shape
 
@@ -67,12 +67,14 @@ def instrumented_kernel():
     return module.lean_decode_kernel
 
 
-def timeline(text: str, reps: int) -> dict[str, float]:
-    """Median over ``reps`` calls of each per-call statistic, in microseconds."""
+def timeline(text: str, reps: int, kernel) -> dict[str, float]:
+    """Median over ``reps`` calls of each per-call statistic, in microseconds, with ``kernel``."""
     shape = parse_shape(text)
     x = make_inputs(shape, torch.device("cuda"))
     out = torch.empty_like(x.q)
-    grid = api.default_num_programs(x.q.device, api._static_config(shape.head_dim, shape.dtype, shape.q_heads // shape.kv_heads)[0])
+    heuristic = leanattn.choose_config(shape.head_dim, x.k.dtype, shape.q_heads // shape.kv_heads)
+    config = replace(heuristic, kernel=kernel)
+    grid = leanattn.default_num_programs(x.q.device, config)
     lse_area = shape.batch * shape.q_heads
     buf = torch.zeros(lse_area + 8 * grid, dtype=torch.float32, device=x.q.device)
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device=x.q.device)
@@ -80,7 +82,10 @@ def timeline(text: str, reps: int) -> dict[str, float]:
     for i in range(reps + 2):
         flush.zero_()
         buf.zero_()
-        api.launch(x.q, x.k, x.v, out, buf[:lse_area].view(shape.batch, shape.q_heads), x.seqlens, x.block_table, x.scale, grid)
+        # The LSE block, then the timestamps the instrumented kernel writes after it.
+        lse = buf[:lse_area].view(shape.batch, shape.q_heads, 1)
+        leanattn.decode(x.q, x.k, x.v, x.seqlens, block_table=x.block_table, softmax_scale=x.scale, out=out,
+                        lse=lse, return_lse=True, num_programs=grid, config=config)
         torch.cuda.synchronize()
         if i >= 2:  # the first calls compile and warm up
             calls.append(buf[lse_area:].view(torch.int32).view(grid, 8).long().cpu())
@@ -108,10 +113,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("timeline.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    api.lean_decode_kernel = instrumented_kernel()
-    api._DIRECT.clear()
+    kernel = instrumented_kernel()
     print(f"{torch.cuda.get_device_name()}; microseconds from the first program's start, median of {args.reps} calls")
-    rows = [(text, timeline(text, args.reps)) for text in args.shapes]
+    rows = [(text, timeline(text, args.reps, kernel)) for text in args.shapes]
     keys = list(rows[0][1])
     width = max(len(text) for text, _ in rows) + 2
     print(f"{'shape':<{width}}" + "".join(f"{k:>11}" for k in keys))

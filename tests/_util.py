@@ -17,7 +17,7 @@ LSE_TOL = 1e-3
 
 
 def tile_size(head_dim: int = 128, dtype: torch.dtype = torch.float16, group: int = 1) -> int:
-    return leanattn.api.choose_config(head_dim, dtype, group).tile
+    return leanattn.choose_config(head_dim, dtype, group).tile
 
 
 def make_inputs(

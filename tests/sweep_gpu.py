@@ -49,7 +49,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for _util when run as a script
 
 import leanattn  # noqa: E402  (sets TRITON_INTERPRET=1 without a GPU, before Triton loads)
-from leanattn.api import choose_config  # noqa: E402
+from leanattn import choose_config  # noqa: E402
 
 from _util import LSE_TOL, TOL  # noqa: E402
 
@@ -579,8 +579,7 @@ def run_case(case: Case, device: torch.device) -> str | None:
 
 def compiled_kernels() -> int | None:
     """Kernels Triton has compiled in this process (None under the interpreter)."""
-    from leanattn.kernels.lean_decode import lean_decode_kernel
-    from leanattn.kernels.plan import lean_plan_kernel
+    from leanattn._testing import lean_decode_kernel, lean_plan_kernel
 
     count = 0
     for fn in (lean_decode_kernel, lean_plan_kernel):

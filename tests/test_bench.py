@@ -67,12 +67,12 @@ def test_datasheet_peaks():
 
 def test_timeline_tool_instruments_the_current_kernel():
     """benchmarks/timeline.py finds its anchors in the kernel source: four timestamps per program,
-    and the copy keeps the kernel's signature (so api.launch can run it)."""
+    and the copy keeps the kernel's signature (so a KernelConfig(kernel=...) can launch it)."""
     import importlib.util
     import inspect
     from pathlib import Path
 
-    from leanattn.kernels.lean_decode import lean_decode_kernel
+    from leanattn._testing import lean_decode_kernel
 
     path = Path(__file__).parents[1] / "benchmarks" / "timeline.py"
     spec = importlib.util.spec_from_file_location("timeline_tool", path)

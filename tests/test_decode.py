@@ -147,16 +147,13 @@ def test_random_ragged_batches():
 @pytest.mark.parametrize("target_share", [2, 3, 50])
 def test_target_share_shrinks_grid_correctly(target_share):
     """With a target share the kernel uses fewer programs, chosen on the device from live lengths."""
-    from leanattn.api import launch
-    from leanattn.kernels.config import KernelConfig
-
     t = tile_size(64, torch.float16, 4)
     lens = [0, 1, 2 * t + 1, 7 * t + 3]
     q, k, v, sl = make_inputs(lens, 8, 2, 64, torch.bfloat16)
     out = poisoned_like(q)
     lse = torch.empty(4, 8, 1, dtype=torch.float32, device=q.device)
-    cfg = KernelConfig(tile=t, num_warps=4, num_stages=1, programs_per_sm=1, target_share=target_share)
-    launch(q, k, v, out, lse, sl, None, 64**-0.5, 16, cfg)
+    cfg = leanattn.KernelConfig(tile=t, num_warps=4, num_stages=1, programs_per_sm=1, target_share=target_share)
+    leanattn.decode(q, k, v, sl, out=out, lse=lse, return_lse=True, num_programs=16, config=cfg)
     assert_close(out, lse, *reference(q, k, v, sl))
     assert plan(lens, 2, t, 16, target_share).num_programs < 16
 
@@ -164,13 +161,13 @@ def test_target_share_shrinks_grid_correctly(target_share):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_head_shared_by_several_arrival_chunks(dtype):
     """Heads over ~50 programs each: chunks of 16 merge first, then the chunks' sums per head."""
-    from leanattn.api import _ARRIVE_CHUNK
+    from leanattn._testing import ARRIVE_CHUNK
 
     t = tile_size(64, dtype, 1)
     lens = [70 * t - 5, 3]
     q, k, v, sl = make_inputs(lens, 2, 2, 64, dtype)
     split = plan(lens, 2, t, 100).split_heads()
-    assert max(len(s) for s in split.values()) > 2 * _ARRIVE_CHUNK
+    assert max(len(s) for s in split.values()) > 2 * ARRIVE_CHUNK
     for _ in range(2):  # the second call finds every ticket back at zero
         out, lse = run(q, k, v, sl, num_programs=100)
         assert_close(out, lse, *reference(q, k, v, sl))
@@ -181,9 +178,9 @@ def test_head_shared_by_several_arrival_chunks(dtype):
 def test_one_head_over_chunk_boundaries(chunks, extra):
     """One head shared by exactly 16, 17, 32 or 33 programs: a whole head in one chunk, and a
     last chunk of one member."""
-    from leanattn.api import _ARRIVE_CHUNK, _workspace
+    from leanattn._testing import ARRIVE_CHUNK, workspace_for
 
-    programs = chunks * _ARRIVE_CHUNK + extra
+    programs = chunks * ARRIVE_CHUNK + extra
     t = tile_size(64, torch.float16, 4)
     lens = [2 * programs * t - 7]
     q, k, v, sl = make_inputs(lens, 4, 1, 64, torch.float16)
@@ -191,7 +188,7 @@ def test_one_head_over_chunk_boundaries(chunks, extra):
     assert len(segs) == programs
     out, lse = run(q, k, v, sl, num_programs=programs)
     assert_close(out, lse, *reference(q, k, v, sl))
-    assert (_workspace(q.device).tickets == 0).all()
+    assert (workspace_for(q.device).tickets == 0).all()
 
 
 @pytest.mark.parametrize("with_seqlens", [True, False])
@@ -211,11 +208,11 @@ def test_equal_heads_aligned_grid(batch, kv_heads, programs, with_seqlens):
 def test_workspace_tickets_back_at_zero_and_old_buffers_kept():
     """After any call every ticket is zero again (no memset needed), and growing the workspace
     keeps the old buffers alive for CUDA graphs captured with them."""
-    from leanattn.api import _workspace
+    from leanattn._testing import workspace_for
 
     q, k, v, sl = make_inputs([300, 0, 77], 8, 2, 64, torch.bfloat16)
     leanattn.decode(q, k, v, sl, num_programs=9)
-    ws = _workspace(q.device)
+    ws = workspace_for(q.device)
     first = (ws.acc, ws.stats, ws.tickets)
     leanattn.decode(q, k, v, sl, num_programs=9 + first[2].numel())  # needs a larger workspace
     assert ws.tickets.numel() > first[2].numel()

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import leanattn
-from leanattn import api
+from leanattn._testing import WORKSPACES, lean_decode_kernel
 from leanattn.bench.peers import capture_cuda_graph
 
 from _util import ON_GPU, assert_close, make_inputs, poisoned_like, reference, to_paged
 
-pytestmark = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")]
 
 LARGE = [
     ([131072], 32, 8, 128),
@@ -85,7 +85,7 @@ def test_inductor_compile(mode):
     """Compiled with the first decode call inside the compiled step: under "reduce-overhead" the
     workspace is first allocated during the CUDA-graph warm-up, outside the graph's pool."""
     torch._dynamo.reset()
-    api._WORKSPACES.clear()
+    WORKSPACES.clear()
     q, k, v, sl = make_inputs([5000, 0, 777], 32, 8, 128, torch.bfloat16)
 
     def step(q, k, v, sl):
@@ -148,8 +148,6 @@ def test_merge_orders_partials_before_tickets():
     """The merge's memory ordering, read off the compiled code: each arrival ticket is an
     acquire-release atomic at GPU scope, right after a block barrier (every thread's partial
     stores are ordered before it). A race stress test rarely sees a missing fence; this does."""
-    from leanattn.kernels.lean_decode import lean_decode_kernel
-
     q, k, v, sl = make_inputs([40000], 8, 1, 128, torch.bfloat16, seed=15)
     leanattn.decode(q, k, v, sl)  # one head split over the grid: the merge tree is compiled in
     caches = lean_decode_kernel.device_caches[torch.cuda.current_device()][0].values()

@@ -22,9 +22,9 @@ import triton
 import triton.language as tl
 
 import leanattn
-from leanattn.api import launch_plan, window_bounds
-from leanattn.kernels.config import choose_config
-from leanattn.kernels.plan import PLAN_FIELDS, _live_range, _share_of
+from leanattn import choose_config
+from leanattn._testing import BLOCK_B, PLAN_FIELDS, launch_plan, live_range as _live_range, share_of as _share_of
+from leanattn._testing import window_bounds
 from leanattn.schedule import effective_programs, share_bounds
 from leanattn.schedule import plan as spec_plan
 
@@ -32,7 +32,6 @@ from _util import DEVICE
 
 HEAD_DIM = 64
 KV_DTYPE = torch.bfloat16
-BLOCK_B = leanattn.api._BLOCK_B  # what launch_plan passes
 
 
 # ---------------------------------------------------------------------------------------------

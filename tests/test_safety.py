@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import leanattn
+from leanattn._testing import WORKSPACES
 
 from _util import DEVICE, ON_GPU, assert_close, make_inputs, poisoned_like, reference, tile_size, to_paged
 
@@ -191,9 +192,9 @@ def test_reserve_workspace_covers_the_calls_it_names():
     dev = torch.device(DEVICE)
     if dev.type == "cuda":
         dev = torch.device("cuda", torch.cuda.current_device())
-    leanattn.api._WORKSPACES.pop(dev, None)
+    WORKSPACES.pop(dev, None)
     leanattn.reserve_workspace(dev, 8, 2, 64, torch.bfloat16, q_len=2, num_programs=5)
-    ws = leanattn.api._WORKSPACES[dev]
+    ws = WORKSPACES[dev]
     acc = ws.acc
     q = torch.randn(3, 2, 8, 64, device=dev, dtype=torch.bfloat16)
     k = torch.randn(3, 40, 2, 64, device=dev, dtype=torch.bfloat16)

@@ -240,7 +240,9 @@ class _GraphRecorder:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         self.targets.append({n.target for n in gm.graph.nodes if n.op == "call_function"})
         self.counts.append(collections.Counter(
-            getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes if n.op in ("call_function", "call_method")))
+            # An op's overload ("decode_into.default") counts as the op.
+            getattr(n.target, "__name__", str(n.target)).split(".")[0]
+            for n in gm.graph.nodes if n.op in ("call_function", "call_method")))
         from torch._dynamo.backends.common import aot_autograd  # noqa: F401  (registers aot_eager)
 
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)

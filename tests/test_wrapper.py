@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import leanattn
+from leanattn._testing import DIRECT_LAUNCH_ERROR
 
 from _util import DEVICE, ON_GPU, assert_close, make_inputs, poisoned_like, reference, tile_size, to_paged
 
@@ -205,7 +206,7 @@ def test_graph_with_plan_and_layers_replays_new_lengths(paged):
             assert_close(out, lse, *reference(q, k, v, seqlens))
             again, again_lse = leanattn.decode(q, kc, vc, seqlens, return_lse=True, **kw)
             assert torch.equal(out, again) and torch.equal(lse, again_lse)
-    assert w._direct and not leanattn.api.DIRECT_LAUNCH_ERROR, "the direct launch path was not taken"
+    assert w._direct and not DIRECT_LAUNCH_ERROR, "the direct launch path was not taken"
 
 
 @pytest.mark.parametrize("api", ["decode", "wrapper"])

@@ -9,13 +9,16 @@ from .kernels.interpreter import enable_cpu_mode as _enable_cpu_mode
 if not _torch.cuda.is_available():
     _enable_cpu_mode()
 
-from . import ops as _ops  # noqa: F401  (registers torch.ops.leanattn.decode_into and plan_shares)
 from . import reference, schedule
-from .api import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, decode, plan_decode, reserve_workspace
+from .api import (
+    FP8_DTYPES, MAX_PAGE_SIZE, MAX_QUERY_ROWS, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, KernelConfig, choose_config,
+    decode, default_num_programs, plan_decode, reserve_workspace,
+)
 from .wrapper import DecodeWrapper
 from .merge import merge_states
 from . import distributed  # noqa: E402  (needs merge_states, decode and DecodeWrapper)
 
 __all__ = ["decode", "plan_decode", "DecodeWrapper", "reference", "schedule", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS"]
-__all__ += ["merge_states", "distributed", "reserve_workspace"]
+__all__ += ["merge_states", "distributed", "reserve_workspace", "KernelConfig", "choose_config", "default_num_programs",
+            "FP8_DTYPES", "MAX_QUERY_ROWS", "MAX_PAGE_SIZE"]
 __version__ = "0.1.0"

@@ -27,7 +27,7 @@ def _demo_cpu() -> int:
     out, lse = leanattn.decode(q, k, v, seqlens, return_lse=True, num_programs=programs)
     ref, ref_lse = leanattn.reference.decode(q.double(), k.double(), v.double(), seqlens, return_lse=True)
     err = ((out.double() - ref).norm() / ref.norm()).item()
-    config = leanattn.api.choose_config(64, q.dtype, 4)
+    config = leanattn.choose_config(64, q.dtype, 4)
     tile = config.tile
     sched = leanattn.schedule.plan(lens, 2, tile, programs, config.target_share)
     print("no GPU: running the Triton kernel under the interpreter")

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .api import SUPPORTED_DTYPES, check_plan_lengths
+from ._checks import SUPPORTED_DTYPES, check_plan_lengths
 from .merge import merge_states_into
 from .wrapper import DecodeWrapper
 
@@ -115,7 +115,7 @@ def _words(elements: int, dtype: torch.dtype) -> int:
     return -(-nbytes // (4 * _ALIGN_WORDS)) * _ALIGN_WORDS
 
 
-def _pack_views(buf: torch.Tensor, parts: int, part_words: int, shape_o: tuple, shape_l: tuple,
+def pack_views(buf: torch.Tensor, parts: int, part_words: int, shape_o: tuple, shape_l: tuple,
                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Views of ``parts`` packed records in the fp32 buffer ``buf``: outputs (parts, *shape_o) in
     ``dtype`` at the start of each record, LSEs (parts, *shape_l) fp32 after them."""
@@ -325,8 +325,8 @@ class ContextParallelDecode:
             words = _words(math.prod(shape_o), dt) + _words(math.prod(shape_l), torch.float32)
             send = torch.zeros(words, **kw)
             recv = torch.zeros(w, words, **kw)
-            o_send, lse_send = _pack_views(send, 1, words, shape_o, shape_l, dt)
-            o_parts, lse_parts = _pack_views(recv, w, words, shape_o, shape_l, dt)
+            o_send, lse_send = pack_views(send, 1, words, shape_o, shape_l, dt)
+            o_parts, lse_parts = pack_views(recv, w, words, shape_o, shape_l, dt)
             return _Buffers(send, recv, o_send[0], lse_send[0], o_parts, lse_parts, None,
                             torch.empty(shape_l, **kw))
         # Scattered: the send buffer is W records, record p holding the heads rank p merges.
@@ -335,8 +335,8 @@ class ContextParallelDecode:
         words = _words(math.prod(shape_o), dt) + _words(math.prod(shape_l), torch.float32)
         send = torch.zeros(w * words, **kw)
         recv = torch.zeros(w, words, **kw)
-        o_send, lse_send = _pack_views(send, w, words, shape_o, shape_l, dt)
-        o_parts, lse_parts = _pack_views(recv, w, words, shape_o, shape_l, dt)
+        o_send, lse_send = pack_views(send, w, words, shape_o, shape_l, dt)
+        o_parts, lse_parts = pack_views(recv, w, words, shape_o, shape_l, dt)
         staging = torch.empty(batch, q_len, h, d, dtype=dt, device=self.device)
         return _Buffers(send, recv, o_send, lse_send, o_parts, lse_parts, staging, torch.empty(shape_l, **kw))
 
@@ -387,12 +387,21 @@ class ContextParallelDecode:
         else:
             lse_out = buf.lse_scratch
 
-        self._merge(self._attend(q, k_cache, v_cache), out, lse_out)
+        self.merge(self.attend(q, k_cache, v_cache), out, lse_out)
         return (out, lse_out) if return_lse else out
 
-    def _attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """The local decode, its output (and, replicated, its LSE) written where the exchange reads
-        it. Returns the local LSE (batch, q_heads, q_len)."""
+    @property
+    def planned(self) -> tuple:
+        """(batch, q_len, block_table, buffers) of the last plan: the collective buffers ``run``
+        exchanges (for benchmarks of other exchanges)."""
+        if self._planned is None:
+            raise RuntimeError("call plan() on every rank first")
+        return self._planned
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """The first half of :meth:`run`, unchecked (benchmarks time it apart): the local decode,
+        its output (and, replicated, its LSE) written where the exchange reads it. Returns the
+        local LSE (batch, q_heads, q_len)."""
         _, _, block_table, buf = self._planned
         replicated = buf.staging is None
         local_out = buf.o_send if replicated else buf.staging
@@ -400,8 +409,9 @@ class ContextParallelDecode:
                                    lse=buf.lse_send if replicated else None)
         return lse
 
-    def _merge(self, lse: torch.Tensor, out: torch.Tensor, lse_out: torch.Tensor) -> None:
-        """Pack the local partial, exchange it and merge the W partials into ``out``, ``lse_out``."""
+    def merge(self, lse: torch.Tensor, out: torch.Tensor, lse_out: torch.Tensor) -> None:
+        """The second half of :meth:`run`, unchecked: exchange the local partial that
+        :meth:`attend` packed and merge the W partials into ``out``, ``lse_out``."""
         buf, w = self._planned[-1], self.world_size
         if buf.staging is None:
             _all_gather(buf.recv, buf.send, self.group)  # the run wrote O and the LSE into send

@@ -8,8 +8,10 @@ normalised output o_i and log-sum-exp lse_i:
 The kernel computes this as an online softmax over the parts, in the order given, one part at a
 time: a running max m, a running sum of weights l and an unnormalised accumulator. That is the
 same associativity stream-K uses inside one GPU, here applied to parts from anywhere (other
-launches, other GPUs). ``_combine_part`` is the whole of the math, written so the decode kernel's
-in-GPU merge can share it.
+launches, other GPUs). ``_combine_part`` is the whole of the math. The decode kernel's in-GPU
+merge of split heads does not use it: ``kernels/lean_decode.py`` has its own ``_combine4``, which
+folds four fp32 partials a step (unnormalised accumulator, running max in log2 units, running
+sum) where ``_combine_part`` folds one normalised output with its natural-log LSE.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .api import check_no_broadcast
+from ._checks import check_no_broadcast
 from .kernels.config import check_kernel_device, next_pow2
 
 __all__ = ["merge_states", "merge_states_into", "MERGE_DTYPES"]

@@ -1,5 +1,6 @@
 """``leanattn::decode_into`` and ``leanattn::plan_shares`` as torch custom ops, so compiled models
-keep the calls in one graph."""
+keep the calls in one graph. Each launches through the same code as the eager path (``_call``,
+``_plan``); arguments arrive validated by ``leanattn.decode`` and ``leanattn.plan_decode``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ from typing import Optional
 
 import torch
 
-from .api import FP8_DTYPES, _static_config, default_num_programs, launch, launch_plan, resolve_features, use_pdl
+from . import _call
+from ._checks import FP8_DTYPES
+from ._features import resolve_features
+from ._launch import use_pdl
+from ._plan import launch_plan
 from .kernels.plan import PLAN_FIELDS
 
 __all__ = ["decode_into", "plan_shares"]
@@ -36,15 +41,17 @@ def decode_into(
     plan: Optional[torch.Tensor] = None,
 ) -> None:
     """Write decode attention into ``out`` (and ``lse``); ``num_programs`` 0 means the default.
-    Arguments as in ``leanattn.decode`` (validated there); an fp8 cache's scales as (kv_heads,)
-    tensors, or as floats when the tensors are None."""
+    Arguments as in ``leanattn.decode``; an fp8 cache's scales as (kv_heads,) tensors, or as
+    floats when the tensors are None."""
     window = tuple(window_size) if window_size is not None else (-1, -1)
     fp8 = k_cache.dtype in FP8_DTYPES
     k_scale = (k_scale if k_scale is not None else k_scale_value) if fp8 else None
     v_scale = (v_scale if v_scale is not None else v_scale_value) if fp8 else None
     features, ks, vs = resolve_features(q, k_cache, causal, window, softcap, sinks, k_scale, v_scale)
-    launch(q, k_cache, v_cache, out, lse, cache_seqlens, block_table, softmax_scale, num_programs or None,
-           cache_leftpad=cache_leftpad, features=features, sinks=sinks, k_scale=ks, v_scale=vs, plan=plan)
+    _call.decode_into(q, k_cache, v_cache, out, lse, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
+                      block_table=block_table, sinks=sinks, k_scale=ks, v_scale=vs, plan=plan, features=features,
+                      softmax_scale=softmax_scale, num_programs=num_programs or None, config=None, causal=causal,
+                      window_size=window)
 
 
 @decode_into.register_fake
@@ -60,34 +67,25 @@ def plan_shares(
     cache_leftpad: Optional[torch.Tensor],
     batch: int,
     kv_heads: int,
-    head_dim: int,
-    kv_dtype: torch.dtype,
-    rows: int,
     capacity: int,
     q_len: int,
     window_left: int,
     has_window: bool,
-    num_programs: int,
+    tile: int,
+    target_share: int,
+    programs: int,
     device: torch.device,
 ) -> torch.Tensor:
-    """A new int32 (programs, PLAN_FIELDS) plan: every program's share, for runs of ``rows`` (q_len
-    x group) query rows a kv head; ``num_programs`` 0 means the default grid. Arguments as
-    resolved by ``leanattn.plan_decode`` (validated there)."""
-    config, programs = _plan_grid(head_dim, kv_dtype, rows, num_programs, device)
+    """A new int32 (programs, PLAN_FIELDS) plan: every program's share of a grid of ``programs``
+    for runs of LeanTiles of ``tile`` tokens and ``target_share`` (their launch config).
+    Arguments as resolved by ``leanattn.plan_decode``."""
     plan = torch.zeros(programs, PLAN_FIELDS.value, dtype=torch.int32, device=device)
     launch_plan(plan, programs, cache_seqlens, cache_leftpad, batch, kv_heads, capacity, q_len, window_left,
-                has_window, config.tile, config.target_share, use_pdl(device))
+                has_window, tile, target_share, use_pdl(device))
     return plan
 
 
 @plan_shares.register_fake
-def _plan_shares_fake(cache_seqlens, cache_leftpad, batch, kv_heads, head_dim, kv_dtype, rows, capacity, q_len,
-                      window_left, has_window, num_programs, device) -> torch.Tensor:
-    _, programs = _plan_grid(head_dim, kv_dtype, rows, num_programs, device)
+def _plan_shares_fake(cache_seqlens, cache_leftpad, batch, kv_heads, capacity, q_len, window_left, has_window, tile,
+                      target_share, programs, device) -> torch.Tensor:
     return torch.empty(programs, PLAN_FIELDS.value, dtype=torch.int32, device=device)
-
-
-def _plan_grid(head_dim: int, kv_dtype: torch.dtype, rows: int, num_programs: int, device: torch.device) -> tuple:
-    """The runs' launch config and grid, as ``leanattn.decode`` picks them."""
-    config = _static_config(head_dim, kv_dtype, rows)[0]
-    return config, num_programs or default_num_programs(device, config)

@@ -40,7 +40,7 @@ def datasheet_peak(name: str) -> float | None:
     return None
 
 
-def _bench(fn, rep_ms: int = 40, repeats: int = 3) -> float:
+def bench_median(fn, rep_ms: int = 40, repeats: int = 3) -> float:
     """Milliseconds: the lowest of ``repeats`` medians of ``do_bench``, which flushes L2 before
     every timed call. Calls of tens of microseconds show whole runs 2-3x slower than the next run
     of the same call; the lowest median keeps one such run from deciding a row. Every method is
@@ -54,7 +54,7 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2 * 2**30) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
-    ms = _bench(lambda: dst.copy_(src))
+    ms = bench_median(lambda: dst.copy_(src))
     del src, dst
     return 2 * nbytes / (ms * 1e-3)
 
@@ -124,7 +124,7 @@ def run_suite(
             from .serving import run_serving_shape
 
             bar.set_description(f"{shape.name} (graph)")
-            record["rows"] += run_serving_shape(shape, methods, device, _bench)
+            record["rows"] += run_serving_shape(shape, methods, device, bench_median)
             bar.update(len(methods))
             if checkpoint is not None:
                 checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +142,7 @@ def run_suite(
             try:
                 fn = METHODS[method](shape, x)
                 row["rel_err"] = _rel_err(fn(), ref)
-                row["ms"] = _bench(fn)
+                row["ms"] = bench_median(fn)
                 row["gbs"] = shape.kv_bytes / (row["ms"] * 1e-3) / 1e9
                 row["pct_peak"] = 100 * row["gbs"] * 1e9 / peak if peak else None
             except Unsupported as e:

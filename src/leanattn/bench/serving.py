@@ -103,10 +103,12 @@ def make_layers(shape: Shape, device: torch.device, layers: int) -> Layers:
 Prepared = tuple[Callable[[], torch.Tensor], Callable[[], object]]
 
 
-def _leanattn(shape: Shape, ls: Layers) -> Prepared:
+def leanattn_step(shape: Shape, ls: Layers, config: leanattn.KernelConfig | None = None) -> Prepared:
+    """``DecodeWrapper`` planned once per step and run per layer (with ``config``, if given);
+    ``step.wrapper`` is the wrapper."""
     x0 = ls.first
     w = leanattn.DecodeWrapper(shape.q_heads, shape.kv_heads, shape.head_dim, shape.dtype, x0.q.device,
-                               kv_dtype=x0.k.dtype, max_q_len=shape.q_len)
+                               kv_dtype=x0.k.dtype, max_q_len=shape.q_len, config=config)
     capacity = x0.k.shape[1] * (x0.block_table.shape[1] if x0.block_table is not None else 1)
     outs = [torch.empty_like(x.q) for x in ls.xs]
     features = ls.features(shape)
@@ -273,7 +275,7 @@ def _floor(shape: Shape, ls: Layers) -> Prepared:
 
 
 SERVING_METHODS: dict[str, Callable[[Shape, Layers], Prepared]] = {
-    "leanattn": _leanattn,
+    "leanattn": leanattn_step,
     "leanattn_decode": _leanattn_decode,
     "sdpa_cudnn": _sdpa("CUDNN_ATTENTION"),
     "sdpa_flash": _sdpa("FLASH_ATTENTION"),
@@ -325,7 +327,7 @@ def run_serving_shape(shape: Shape, methods: list[str], device: torch.device, be
             row["gbs"] = shape.kv_bytes / (row["ms"] * 1e-3) / 1e9
             row["host_us"] = host_us(one_call)
             if method == "leanattn":
-                row["direct_launch"] = bool(step.wrapper._direct) and not leanattn.api.DIRECT_LAUNCH_ERROR  # type: ignore[attr-defined]
+                row["direct_launch"] = bool(step.wrapper.compiled_kernels)  # type: ignore[attr-defined]
             del graph, result, step, one_call
         except Unsupported as e:
             row["status"] = str(e)

@@ -9,7 +9,7 @@ keys before each query), ``softcap=X``, ``sinks``. Examples: ``1x32k@32/8``,
 ``4x16k@16/16:d=64``, ``1k+2k+4k@32/8:page=16``, ``1x128k@32/8:win=4k``, ``8x32k@32/8:fp8:page=16``.
 
 A shape ``leanattn.decode`` would refuse is refused here too, checked against the library's own
-limits (``leanattn.api``), so a bad ``--shapes`` fails before any GPU work.
+limits (``leanattn.MAX_PAGE_SIZE`` and its neighbours), so a bad ``--shapes`` fails before any GPU work.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from leanattn import api
+import leanattn
 
 __all__ = ["Shape", "parse_shape", "default_suite"]
 
@@ -92,33 +92,33 @@ class Shape:
 
 
 def _page_size_ok(page_size: int) -> bool:
-    """The page sizes ``leanattn.decode`` takes: powers of two up to ``api.MAX_PAGE_SIZE``."""
-    return 1 <= page_size <= api.MAX_PAGE_SIZE and page_size & (page_size - 1) == 0
+    """The page sizes ``leanattn.decode`` takes: powers of two up to ``leanattn.MAX_PAGE_SIZE``."""
+    return 1 <= page_size <= leanattn.MAX_PAGE_SIZE and page_size & (page_size - 1) == 0
 
 
 def _page_error(page_size: int) -> str:
-    return f"page size must be a power of two up to {api.MAX_PAGE_SIZE}, got page={page_size}"
+    return f"page size must be a power of two up to {leanattn.MAX_PAGE_SIZE}, got page={page_size}"
 
 
 def check_shape(shape: Shape) -> None:
     """Raise ValueError, saying what is expected, for a shape ``leanattn.decode`` would refuse
-    (or that is no batch at all). The limits are read from ``leanattn.api`` at call time, never
+    (or that is no batch at all). The limits are read from ``leanattn`` at call time, never
     copied, so the parser cannot drift from the kernel's checks."""
     if not shape.lens or min(shape.lens) < 0:
         raise ValueError(f"needs at least one sequence and lengths >= 0, got lengths {list(shape.lens)}")
     if shape.q_heads < 1 or shape.kv_heads < 1 or shape.q_heads % shape.kv_heads:
         raise ValueError(f"q heads must be a positive multiple of kv heads, got {shape.q_heads}/{shape.kv_heads}")
-    if shape.head_dim not in api.SUPPORTED_HEAD_DIMS:
-        dims = ", ".join(map(str, api.SUPPORTED_HEAD_DIMS))
+    if shape.head_dim not in leanattn.SUPPORTED_HEAD_DIMS:
+        dims = ", ".join(map(str, leanattn.SUPPORTED_HEAD_DIMS))
         raise ValueError(f"head dim must be one of {dims}, got d={shape.head_dim}")
-    if shape.dtype not in api.SUPPORTED_DTYPES:
+    if shape.dtype not in leanattn.SUPPORTED_DTYPES:
         raise ValueError(f"dtype must be fp16 or bf16, got {shape.dtype}")
     # 0 is the contiguous cache; an explicit page= must be a size decode takes.
     if shape.page_size != 0 and not _page_size_ok(shape.page_size):
         raise ValueError(_page_error(shape.page_size))
     rows = shape.q_len * (shape.q_heads // shape.kv_heads)
-    if shape.q_len < 1 or rows > api.MAX_QUERY_ROWS:
-        raise ValueError(f"q_len x (q heads / kv heads) must be 1 to {api.MAX_QUERY_ROWS}, got q={shape.q_len} with "
+    if shape.q_len < 1 or rows > leanattn.MAX_QUERY_ROWS:
+        raise ValueError(f"q_len x (q heads / kv heads) must be 1 to {leanattn.MAX_QUERY_ROWS}, got q={shape.q_len} with "
                          f"{shape.q_heads}/{shape.kv_heads} heads: {rows}")
     if shape.window < -1:
         raise ValueError(f"window must be >= 0 keys (-1: none), got win={shape.window}")

@@ -85,7 +85,7 @@ def decode_refusal(
     kv_heads = key.shape[1]
     if key.shape[0] != batch or value.shape[:3] != key.shape[:3] or kv_heads == 0 or q_heads % kv_heads:
         return "key/value shapes don't match the query"
-    if q_len > MAX_QUERY_TOKENS or q_len * (q_heads // kv_heads) > leanattn.api.MAX_QUERY_ROWS:
+    if q_len > MAX_QUERY_TOKENS or q_len * (q_heads // kv_heads) > leanattn.MAX_QUERY_ROWS:
         return "prefill"
     if q_len > 1:
         causal = kwargs.get("is_causal")
@@ -360,7 +360,7 @@ def attention_forward(
         q = q * poison
     softcap = float(kwargs.get("softcap") or 0.0)
     sinks = kwargs.get("s_aux")
-    sinks = None if sinks is None else sinks.float()
+    sinks = None if sinks is None else sinks.float().contiguous()  # the kernel reads a packed vector
     if wrapper is None:
         out = leanattn.decode(q, k, v, seqlens, cache_leftpad=leftpad, softmax_scale=scaling,
                               window_size=(window_left, 0), softcap=softcap, sinks=sinks, plan=plan)

@@ -19,11 +19,24 @@ __all__ = ["KernelConfig", "check_kernel_device", "choose_config", "interpreting
 
 @dataclass(frozen=True)
 class KernelConfig:
+    """How the decode kernel is launched: the supported way to choose it by hand.
+
+    ``leanattn.choose_config`` gives the heuristic's choice; pass a config (often that one
+    changed with ``dataclasses.replace``) as ``config=`` to ``decode``, ``plan_decode`` or
+    ``DecodeWrapper`` to sweep or probe launch variants. A plan and its runs must use one config.
+    """
+
     tile: int  # cache tokens per LeanTile (and per inner-loop step)
     num_warps: int
     num_stages: int
-    programs_per_sm: int
+    programs_per_sm: int  # the default grid is SMs x this
     target_share: int = 1  # small problems: the fewest programs whose shares stay within this
+    pdl: bool | None = None  # programmatic dependent launch; None: on Hopper and newer (LEANATTN_PDL=0: off)
+    dot_dtype: str | None = None  # "float16"/"bfloat16"/"float32" for the products; None: chosen per dtype
+    # Extra compile-time parameters of the kernel, as (name, value) pairs (for probes), and a
+    # kernel with lean_decode_kernel's parameters to launch instead (an instrumented copy, say).
+    constexprs: tuple[tuple[str, object], ...] = ()
+    kernel: object = None
 
 
 def interpreting() -> bool:
@@ -66,7 +79,7 @@ def choose_config(head_dim: int, kv_dtype: torch.dtype, rows: int) -> KernelConf
         return KernelConfig(tile=64, num_warps=8, num_stages=3, programs_per_sm=1, target_share=4)
     if kv_dtype.itemsize == 1:
         # fp8: 128-token tiles move the bytes of a 64-token fp16 tile, so the per-tile work (page
-        # numbers, softmax, conversions) is spread over as many bytes (NOTES.md item 21).
+        # numbers, softmax, conversions) is spread over as many bytes (docs/decisions.md, fp8).
         return KernelConfig(tile=128, num_warps=4, num_stages=3, programs_per_sm=2, target_share=4)
     # fp16 and bf16 move the same bytes. The sweeps showed no clear effect of the group size up
     # to 8 rows. 64 x 128 tiles, 3 stages: 70 KiB of shared memory, so both programs of an SM

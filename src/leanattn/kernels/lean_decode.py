@@ -277,6 +277,101 @@ def _store_partial(
     tl.store(WsStats + slot * (2 * ROWS) + ROWS + rows, l_i, mask=keep)
 
 
+@triton.jit
+def _merge_split_head(
+    WsAcc, WsStats, Tickets, ChunkTickets, Out, Lse, Sinks, acc, m_i, l_i, v_scale,
+    pid, b, h, g, start, t, n_tiles, total, programs,
+    stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+    GROUP: tl.constexpr, Q_LEN: tl.constexpr, ROWS: tl.constexpr, MERGE_ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MERGE_WIDE: tl.constexpr, ARRIVE_CHUNK: tl.constexpr,
+    RETURN_LSE: tl.constexpr, HAS_SINKS: tl.constexpr,
+):
+    """Program ``pid`` covered tiles ``[t, ...)`` of head (b, h) (global tile ``g``), not all of
+    them: leave its partial (acc, m, l), count its arrival, and merge if it is the last.
+
+    The merge is a two-level tree of last arrivers, so no program waits: the contributors are
+    cut into chunks of ARRIVE_CHUNK consecutive programs; the last arriver of a chunk merges the
+    chunk's partials (at most ARRIVE_CHUNK) into its first member's slot; the last chunk to finish
+    merges the chunks' sums (one per chunk) in program order and writes the head. A chunk ticket
+    has at most ARRIVE_CHUNK contenders, the head ticket one per chunk."""
+    _store_partial(WsAcc, WsStats, 2 * pid + (g != start).to(tl.int32), acc, m_i, l_i,
+                   ROWS, MERGE_ROWS, HEAD_DIM_PAD)
+    head_first = g - t
+    first_prog = (((head_first + 1) * programs - 1) // total).to(tl.int32)
+    last_prog = (((head_first + n_tiles) * programs - 1) // total).to(tl.int32)
+    chunk_first = first_prog + (pid - first_prog) // ARRIVE_CHUNK * ARRIVE_CHUNK
+    chunk_last = tl.minimum(chunk_first + ARRIVE_CHUNK - 1, last_prog)
+    # A chunk is named by its first member's slot for this head (unique per head and chunk).
+    chunk_slot = _partial_slot(chunk_first, first_prog, head_first, total, programs)
+    # Every thread's partial stores must be ordered before the ticket (release).
+    tl.debug_barrier()
+    arrived = tl.atomic_add(ChunkTickets + chunk_slot, 1, sem="acq_rel", scope="gpu")
+    if arrived == chunk_last - chunk_first:
+        tl.atomic_xchg(ChunkTickets + chunk_slot, 0, sem="relaxed", scope="gpu")
+        acc_c, m_c, l_c = _merge_partials(
+            WsAcc, WsStats, chunk_first, chunk_last, first_prog, head_first, total, programs,
+            1, MERGE_WIDE, MERGE_ROWS, HEAD_DIM_PAD,
+        )
+        if last_prog - first_prog < ARRIVE_CHUNK:  # one chunk: it is the whole head
+            _write_output(Out, Lse, Sinks, b, h, acc_c, m_c, l_c, v_scale,
+                          stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                          GROUP, Q_LEN, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE, HAS_SINKS)
+        else:
+            # The chunk's members have all been read: its first slot takes the chunk's sum.
+            _store_partial(WsAcc, WsStats, chunk_slot, acc_c, m_c, l_c, MERGE_ROWS, MERGE_ROWS, HEAD_DIM_PAD)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(Tickets + first_prog, 1, sem="acq_rel", scope="gpu")
+            if arrived == (last_prog - first_prog) // ARRIVE_CHUNK:
+                # Last chunk of the head: merge the chunks' sums in program order.
+                tl.atomic_xchg(Tickets + first_prog, 0, sem="relaxed", scope="gpu")
+                acc_m, m_m, l_m = _merge_partials(
+                    WsAcc, WsStats, first_prog, last_prog, first_prog, head_first, total, programs,
+                    ARRIVE_CHUNK, MERGE_WIDE, MERGE_ROWS, HEAD_DIM_PAD,
+                )
+                _write_output(Out, Lse, Sinks, b, h, acc_m, m_m, l_m, v_scale,
+                              stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                              GROUP, Q_LEN, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE, HAS_SINKS)
+
+
+@triton.jit
+def _load_q(
+    Q, KScale, VScale, b, h, q_rows, mask_q, offs_d, stride_qb, stride_qh, scale,
+    GROUP: tl.constexpr, HAS_KV_SCALE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """The packed query rows of kv head (b, h) in DOT_DTYPE, the scale of their scores and V's
+    dequantisation scale.
+
+    fp8 caches: the products run in fp16. q takes fp16 exactly, by a power of two that keeps any
+    bf16 q in fp16's range; the softmax scale, K's scale and the inverse power scale the fp32
+    scores, V's scale the output."""
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h * GROUP * stride_qh + q_rows[:, None] + offs_d[None, :]
+    if HAS_KV_SCALE:
+        q, unscale = _exact_fp16(tl.load(q_ptrs, mask=mask_q, other=0.0).to(tl.float32), DOT_DTYPE)
+        head_scale = scale * tl.load(KScale + h) * unscale
+        v_scale = tl.load(VScale + h)
+    else:
+        q = tl.load(q_ptrs, mask=mask_q, other=0.0).to(DOT_DTYPE)
+        head_scale = scale
+        v_scale = 1.0
+    return q, head_scale, v_scale
+
+
+@triton.jit
+def _planned_share(Plan, pid):
+    """Program ``pid``'s share from its plan row (see ``lean_plan_kernel``): (total, programs,
+    start, end, b, h, t)."""
+    row = tl.load(Plan + pid * PLAN_FIELDS + tl.arange(0, PLAN_FIELDS))
+    fields = tl.arange(0, PLAN_FIELDS)
+    total = tl.sum(tl.where(fields == 0, row, 0), axis=0).to(tl.int64)
+    programs = tl.sum(tl.where(fields == 1, row, 0), axis=0)
+    start = tl.sum(tl.where(fields == 2, row, 0), axis=0).to(tl.int64)
+    end = tl.sum(tl.where(fields == 3, row, 0), axis=0).to(tl.int64)
+    b = tl.sum(tl.where(fields == 4, row, 0), axis=0)
+    h = tl.sum(tl.where(fields == 5, row, 0), axis=0)
+    t = tl.sum(tl.where(fields == 6, row, 0), axis=0)
+    return total, programs, start, end, b, h, t
+
+
 @triton.jit(do_not_specialize=["batch", "kv_heads", "capacity", "num_pages", "window_left", "window_right"])
 def lean_decode_kernel(
     Q, K, V, Out, Lse, SeqLens, LeftPad, BlockTable, Sinks, KScale, VScale,
@@ -318,15 +413,7 @@ def lean_decode_kernel(
         gdc_wait()
     pid = tl.program_id(0)
     if PLANNED:
-        row = tl.load(Plan + pid * PLAN_FIELDS + tl.arange(0, PLAN_FIELDS))
-        fields = tl.arange(0, PLAN_FIELDS)
-        total = tl.sum(tl.where(fields == 0, row, 0), axis=0).to(tl.int64)
-        programs = tl.sum(tl.where(fields == 1, row, 0), axis=0)
-        start = tl.sum(tl.where(fields == 2, row, 0), axis=0).to(tl.int64)
-        end = tl.sum(tl.where(fields == 3, row, 0), axis=0).to(tl.int64)
-        b = tl.sum(tl.where(fields == 4, row, 0), axis=0)
-        h = tl.sum(tl.where(fields == 5, row, 0), axis=0)
-        t = tl.sum(tl.where(fields == 6, row, 0), axis=0)
+        total, programs, start, end, b, h, t = _planned_share(Plan, pid)
     else:
         total, programs, start, end, b, h, t = _share_of(
             SeqLens, LeftPad, batch, kv_heads, capacity, window_left, pid, tl.num_programs(0),
@@ -347,18 +434,8 @@ def lean_decode_kernel(
                                               HAS_SEQLENS, HAS_LEFTPAD, Q_LEN, HAS_WINDOW)
         n_tiles = _num_tiles(length, TILE)
         t_end = tl.minimum(n_tiles.to(tl.int64), t + (end - g)).to(tl.int32)
-        q_ptrs = Q + b.to(tl.int64) * stride_qb + h * GROUP * stride_qh + q_rows[:, None] + offs_d[None, :]
-        if HAS_KV_SCALE:
-            # fp8 caches: the products run in fp16. q takes fp16 exactly, by a power of two that
-            # keeps any bf16 q in fp16's range; the softmax scale, K's scale and the inverse
-            # power scale the fp32 scores, V's scale the output.
-            q, unscale = _exact_fp16(tl.load(q_ptrs, mask=mask_q, other=0.0).to(tl.float32), DOT_DTYPE)
-            head_scale = scale * tl.load(KScale + h) * unscale
-            v_scale = tl.load(VScale + h)
-        else:
-            q = tl.load(q_ptrs, mask=mask_q, other=0.0).to(DOT_DTYPE)
-            head_scale = scale
-            v_scale = 1.0
+        q, head_scale, v_scale = _load_q(Q, KScale, VScale, b, h, q_rows, mask_q, offs_d, stride_qb, stride_qh,
+                                         scale, GROUP, HAS_KV_SCALE, DOT_DTYPE)
         acc, m_i, l_i = _attend_tiles(
             q, K, V, BlockTable, b, h, first, length, lo, live, t, t_end, head_scale, softcap,
             window_left, window_right, num_pages,
@@ -377,48 +454,13 @@ def lean_decode_kernel(
                           stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
                           GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE, HAS_SINKS)
         else:
-            # Split head: leave the partial, then count the arrival.
-            _store_partial(WsAcc, WsStats, 2 * pid + (g != start).to(tl.int32), acc, m_i, l_i,
-                           ROWS, MERGE_ROWS, HEAD_DIM_PAD)
-            head_first = g - t
-            first_prog = (((head_first + 1) * programs - 1) // total).to(tl.int32)
-            last_prog = (((head_first + n_tiles) * programs - 1) // total).to(tl.int32)
-            # The merge is a two-level tree, so no ticket has more than ARRIVE_CHUNK contenders
-            # and no program reads more than ARRIVE_CHUNK partials: the last arriver of each
-            # chunk of consecutive contributors merges the chunk into its first member's slot,
-            # then the last chunk to finish merges the chunks.
-            chunk_first = first_prog + (pid - first_prog) // ARRIVE_CHUNK * ARRIVE_CHUNK
-            chunk_last = tl.minimum(chunk_first + ARRIVE_CHUNK - 1, last_prog)
-            # A chunk is named by its first member's slot for this head (unique per head and chunk).
-            chunk_slot = _partial_slot(chunk_first, first_prog, head_first, total, programs)
-            # Every thread's partial stores must be ordered before the ticket (release).
-            tl.debug_barrier()
-            arrived = tl.atomic_add(ChunkTickets + chunk_slot, 1, sem="acq_rel", scope="gpu")
-            if arrived == chunk_last - chunk_first:
-                tl.atomic_xchg(ChunkTickets + chunk_slot, 0, sem="relaxed", scope="gpu")
-                acc_c, m_c, l_c = _merge_partials(
-                    WsAcc, WsStats, chunk_first, chunk_last, first_prog, head_first, total, programs,
-                    1, MERGE_WIDE, MERGE_ROWS, HEAD_DIM_PAD,
-                )
-                if last_prog - first_prog < ARRIVE_CHUNK:  # one chunk: it is the whole head
-                    _write_output(Out, Lse, Sinks, b, h, acc_c, m_c, l_c, v_scale,
-                                  stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
-                                  GROUP, Q_LEN, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE, HAS_SINKS)
-                else:
-                    # The chunk's members have all been read: its first slot takes the chunk's sum.
-                    _store_partial(WsAcc, WsStats, chunk_slot, acc_c, m_c, l_c, MERGE_ROWS, MERGE_ROWS, HEAD_DIM_PAD)
-                    tl.debug_barrier()
-                    arrived = tl.atomic_add(Tickets + first_prog, 1, sem="acq_rel", scope="gpu")
-                    if arrived == (last_prog - first_prog) // ARRIVE_CHUNK:
-                        # Last chunk of the head: merge the chunks' sums in program order.
-                        tl.atomic_xchg(Tickets + first_prog, 0, sem="relaxed", scope="gpu")
-                        acc_m, m_m, l_m = _merge_partials(
-                            WsAcc, WsStats, first_prog, last_prog, first_prog, head_first, total, programs,
-                            ARRIVE_CHUNK, MERGE_WIDE, MERGE_ROWS, HEAD_DIM_PAD,
-                        )
-                        _write_output(Out, Lse, Sinks, b, h, acc_m, m_m, l_m, v_scale,
-                                      stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
-                                      GROUP, Q_LEN, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE, HAS_SINKS)
+            _merge_split_head(
+                WsAcc, WsStats, Tickets, ChunkTickets, Out, Lse, Sinks, acc, m_i, l_i, v_scale,
+                pid, b, h, g, start, t, n_tiles, total, programs,
+                stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                GROUP, Q_LEN, ROWS, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, MERGE_WIDE, ARRIVE_CHUNK, RETURN_LSE,
+                HAS_SINKS,
+            )
 
         g += (t_end - t).to(tl.int64)
         t = 0

@@ -13,6 +13,8 @@ import triton.language as tl
 
 # int32 fields of one program's row in the plan buffer (see lean_plan_kernel).
 PLAN_FIELDS = tl.constexpr(8)
+# Sequences the share-locating loop reads per step.
+BLOCK_B = 128
 
 
 @triton.jit

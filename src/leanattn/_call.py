@@ -1,0 +1,191 @@
+"""The one builder of a decode-kernel call.
+
+From validated arguments it derives the launch config and grid, the workspace buffers, the
+kernel's arguments and compile-time parameters, and the key of the compiled kernel, then
+launches it (``_launch.launch_cached``). ``leanattn.decode``, ``decode(plan=)``,
+``DecodeWrapper.run``, the custom op and context-parallel decode all launch through
+:func:`launch_decode`; no other module names the kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton.language as tl
+
+from ._features import Features, kernel_scale, scale_tensor
+from ._launch import default_num_programs, launch_cached, use_pdl
+from ._workspace import Workspace, workspace_for
+from .kernels.config import KernelConfig, choose_config, interpreting, next_pow2
+from .kernels.lean_decode import lean_decode_kernel
+from .kernels.plan import BLOCK_B
+
+# Most programs that count their arrival on one chunk ticket (contention on one address grows
+# fast); the chunks' sums then meet on one ticket per head.
+ARRIVE_CHUNK = 16
+
+
+@functools.lru_cache(maxsize=None)
+def heuristic(head_dim: int, kv_dtype: torch.dtype, rows: int) -> KernelConfig:
+    """The launch heuristic's config for ``rows`` (q_len x group) query rows of a kv head."""
+    return choose_config(head_dim, kv_dtype, rows)
+
+
+@functools.lru_cache(maxsize=None)
+def padded_sizes(head_dim: int, rows: int) -> tuple[int, int, int, bool]:
+    """(rows of a dot block, rows of a partial, padded head dim, 8-wide merge steps) for ``rows``
+    query rows of a kv head."""
+    rows_pad = max(16, next_pow2(rows))  # tl.dot needs M >= 16
+    merge_rows = next_pow2(rows)  # partials keep only the real rows
+    head_dim_pad = next_pow2(head_dim)
+    # A merge step loads 8 partials at once when they fit in 64 fp32 registers a thread of four
+    # warps, else 4 (the merge's latency is its number of steps).
+    return rows_pad, merge_rows, head_dim_pad, 8 * merge_rows * head_dim_pad <= 64 * 128
+
+
+def grid(device: torch.device, config: KernelConfig, num_programs: int | None) -> int:
+    """Persistent grid size: ``num_programs``, else SMs x the config's programs per SM."""
+    return num_programs or default_num_programs(device, config)
+
+
+def buffers(
+    workspace: Workspace, device: torch.device, programs: int, head_dim: int, rows: int,
+) -> tuple[torch.Tensor, ...]:
+    """The workspace's (acc, stats, head tickets, chunk tickets) for a grid of ``programs``,
+    grown if it must be."""
+    _, merge_rows, head_dim_pad, _ = padded_sizes(head_dim, rows)
+    return workspace.get(device, programs, merge_rows, head_dim_pad)
+
+
+def pdl_of(config: KernelConfig, device: torch.device) -> bool:
+    """Whether the launch uses programmatic dependent launch (see ``_launch.use_pdl``)."""
+    return use_pdl(device) if config.pdl is None else (config.pdl and use_pdl(device, forced=True))
+
+
+def layout_of(*tensors: torch.Tensor | None) -> tuple:
+    """Shapes, strides, dtypes, devices and 16-byte alignment of tensors (None stays None)."""
+    return tuple(
+        None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0) for t in tensors
+    )
+
+
+def call_key(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None,
+    block_table: torch.Tensor | None, sinks: torch.Tensor | None, k_scale: object, v_scale: object,
+    softcap: float, lengths: tuple,
+) -> tuple:
+    """Everything the compiled kernel depends on in a call: the layouts of its tensors, the
+    feature arguments, and ``lengths`` (the caller's part: the lengths' or plan's layout, batch,
+    capacity, grid, config, causal and window). Calls with one key reuse one compiled kernel."""
+    ptrs = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr())
+    # Triton specialises each pointer on 16-byte alignment: one bool when all are aligned.
+    aligned = (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3]) % 16 == 0 or tuple(p % 16 == 0 for p in ptrs)
+    return (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), k_cache.dtype,
+            v_cache.shape, v_cache.stride(), v_cache.dtype, out.shape, out.stride(), out.dtype, aligned,
+            layout_of(lse, block_table, sinks), softcap,
+            k_scale if not isinstance(k_scale, torch.Tensor) else layout_of(k_scale),
+            v_scale if not isinstance(v_scale, torch.Tensor) else layout_of(v_scale), lengths)
+
+
+def constexprs(
+    q: torch.Tensor, k_cache: torch.Tensor, page_size: int, config: KernelConfig, features: Features, *,
+    has_seqlens: bool, has_leftpad: bool, planned: bool, return_lse: bool, pdl: bool,
+) -> dict:
+    """The compile-time parameters of the kernel for one call."""
+    _, q_len, q_heads, head_dim = q.shape
+    group = q_heads // k_cache.shape[2]
+    rows, merge_rows, head_dim_pad, merge_wide = padded_sizes(head_dim, q_len * group)
+    # The interpreter's bf16 dot is wrong: it computes in fp32. On the GPU the dots take q's
+    # dtype, except with an fp8 cache: its tiles are converted in registers to fp16, exactly (every
+    # e4m3 and e5m2 value is an fp16 value), and q (times a power of two, exactly) and p follow;
+    # products in bf16 measured slower (docs/decisions.md, fp8).
+    if interpreting():
+        dot_dtype = tl.float32
+    elif config.dot_dtype is not None:
+        dot_dtype = getattr(tl, config.dot_dtype)
+    elif k_cache.dtype.itemsize == 1 or q.dtype == torch.float16:
+        dot_dtype = tl.float16
+    else:
+        dot_dtype = tl.bfloat16
+    return dict(
+        GROUP=group, Q_LEN=q_len, ROWS=rows, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+        TILE=config.tile, PAGE_SIZE=page_size, TARGET_SHARE=config.target_share,
+        MERGE_ROWS=merge_rows, MERGE_WIDE=merge_wide, ARRIVE_CHUNK=ARRIVE_CHUNK,
+        HAS_SEQLENS=has_seqlens, HAS_LEFTPAD=has_leftpad, HAS_WINDOW=features.has_window,
+        HAS_MASK=features.has_mask, HAS_SOFTCAP=features.softcap > 0, HAS_SINKS=features.has_sinks,
+        HAS_KV_SCALE=features.fp8, PLANNED=planned, RETURN_LSE=return_lse, DOT_DTYPE=dot_dtype,
+        BLOCK_B=BLOCK_B, USE_PDL=pdl, **dict(config.constexprs),
+    )
+
+
+def launch_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None, *,
+    cache_seqlens: torch.Tensor | None, cache_leftpad: torch.Tensor | None, block_table: torch.Tensor | None,
+    sinks: torch.Tensor | None, k_scale: float | torch.Tensor | None, v_scale: float | torch.Tensor | None,
+    plan: torch.Tensor | None, features: Features, softmax_scale: float, batch: int, capacity: int, programs: int,
+    config: KernelConfig, bufs: tuple[torch.Tensor, ...], key: tuple, cache: dict,
+) -> None:
+    """Launch the kernel on ``programs`` programs for validated arguments, writing ``out`` (and
+    ``lse`` (batch, q_heads, q_len) when given). ``plan`` (rows = the grid) gives each program
+    its share; without it each program locates its own. ``key``: :func:`call_key` of the call;
+    ``cache`` keeps the compiled kernels by key."""
+    acc, stats, tickets, chunk_tickets = bufs
+    kv_heads = k_cache.shape[2]
+    if block_table is None:
+        page_size, bt, stride_btb, num_pages = 0, tickets, 0, 0
+    else:
+        page_size, bt, stride_btb, num_pages = k_cache.shape[1], block_table, block_table.stride(0), k_cache.shape[0]
+    if features.fp8:
+        k_scale, v_scale = (scale_tensor(1.0 if x is None else x, kv_heads, q.device) for x in (k_scale, v_scale))
+    qs, ks, vs, os_ = q.stride(), k_cache.stride(), v_cache.stride(), out.stride()
+    args = (
+        q, k_cache, v_cache, out, lse if lse is not None else acc,
+        cache_seqlens if cache_seqlens is not None else tickets,
+        cache_leftpad if cache_leftpad is not None else tickets,
+        bt, sinks if sinks is not None else acc, k_scale if features.fp8 else acc, v_scale if features.fp8 else acc,
+        plan if plan is not None else tickets, acc, stats, tickets, chunk_tickets,
+        qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], os_[0], os_[1], os_[2],
+        *(lse.stride() if lse is not None else (0, 0, 0)), stride_btb,
+        batch, kv_heads, capacity, num_pages, features.window_left, features.window_right,
+        kernel_scale(softmax_scale, features), features.softcap,
+    )
+    pdl = pdl_of(config, q.device)
+    launch_cached(
+        config.kernel or lean_decode_kernel, programs, key, args,
+        lambda: constexprs(q, k_cache, page_size, config, features, has_seqlens=cache_seqlens is not None,
+                           has_leftpad=cache_leftpad is not None, planned=plan is not None,
+                           return_lse=lse is not None, pdl=pdl),
+        config, pdl, q.device, cache,
+    )
+
+
+# Compiled kernels of leanattn.decode by call key (each DecodeWrapper keeps its own).
+_DECODE_KERNELS: dict[tuple, tuple] = {}
+
+
+def decode_into(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None, *,
+    cache_seqlens: torch.Tensor | None, cache_leftpad: torch.Tensor | None, block_table: torch.Tensor | None,
+    sinks: torch.Tensor | None, k_scale: float | torch.Tensor | None, v_scale: float | torch.Tensor | None,
+    plan: torch.Tensor | None, features: Features, softmax_scale: float, num_programs: int | None,
+    config: KernelConfig | None, causal: bool, window_size: tuple[int, int],
+) -> None:
+    """``leanattn.decode``'s launch (eager, or inside its custom op), on the device's shared
+    workspace: config (``config`` or the heuristic's), grid (the plan's rows, ``num_programs``
+    or the default), buffers and key, then :func:`launch_decode`."""
+    batch, q_len, q_heads, head_dim = q.shape
+    if batch == 0:
+        return
+    rows = q_len * (q_heads // k_cache.shape[2])
+    config = config or heuristic(head_dim, k_cache.dtype, rows)
+    programs = plan.shape[0] if plan is not None else grid(q.device, config, num_programs)
+    bufs = buffers(workspace_for(q.device), q.device, programs, head_dim, rows)
+    capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
+    lengths = (layout_of(cache_seqlens, cache_leftpad, plan), batch, capacity, programs, config, causal,
+               tuple(window_size))
+    key = call_key(q, k_cache, v_cache, out, lse, block_table, sinks, k_scale, v_scale, features.softcap, lengths)
+    launch_decode(q, k_cache, v_cache, out, lse, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
+                  block_table=block_table, sinks=sinks, k_scale=k_scale, v_scale=v_scale, plan=plan,
+                  features=features, softmax_scale=softmax_scale, batch=batch, capacity=capacity, programs=programs,
+                  config=config, bufs=bufs, key=key, cache=_DECODE_KERNELS)

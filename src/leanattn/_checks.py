@@ -1,0 +1,276 @@
+"""Every argument check of the public functions, and the limits they check against.
+
+Each check raises ``TypeError``/``ValueError`` naming the argument and what is expected; the
+host-side value checks (``check_lengths``, ``check_pages``, ``check_finite_values``) read the
+tensors' values and so sync with the device (the API's ``check=True``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .kernels.config import check_kernel_device
+
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# Query rows of one kv head (q_len x group) the kernel packs into one block.
+
+
+MAX_QUERY_ROWS = 128
+
+
+SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
+
+
+MAX_PAGE_SIZE = 256
+
+
+def fail(kind: type[Exception], msg: str) -> None:
+    raise kind(msg)
+
+
+def check_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        fail(TypeError, f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t  # type: ignore[return-value]
+
+
+def check_dense_vector(name: str, t: torch.Tensor) -> None:
+    """The kernels read 1-D arguments (lengths, sinks, scales, plans' rows) as packed arrays: a
+    strided or expanded view is refused rather than read as if it were packed."""
+    if not t.is_contiguous():
+        fail(ValueError, f"{name} must be contiguous, got a view with strides {t.stride()} (shape "
+                          f"{tuple(t.shape)}): pass {name}.contiguous()")
+
+
+def check_no_broadcast(name: str, t: torch.Tensor) -> None:
+    """An output must not be a broadcast view: its elements would be written by several rows."""
+    if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+        fail(ValueError, f"{name} must not be a broadcast view (strides {t.stride()}, shape {tuple(t.shape)})")
+
+
+def check_per_sequence(name: str, t: object, batch: int) -> None:
+    """``t`` is a contiguous int32 (batch,) tensor (of per-sequence positions); its values are not
+    read."""
+    check_tensor(name, t)
+    if t.dtype != torch.int32:
+        fail(TypeError, f"{name} must be int32, got {t.dtype}")
+    if t.shape != (batch,):
+        fail(ValueError, f"{name} must have shape ({batch},), got {tuple(t.shape)}")
+    check_dense_vector(name, t)
+
+
+def refuse_grad(*tensors: torch.Tensor) -> None:
+    """leanattn computes no gradients: refuse inputs that would silently detach a graph."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        names = [n for n, t in zip(("q", "k_cache", "v_cache"), tensors) if t.requires_grad]
+        raise RuntimeError(
+            f"leanattn has no backward pass, and {', '.join(names)} require grad: call it under "
+            "torch.no_grad() or torch.inference_mode(), or detach the inputs"
+        )
+
+
+def check_finite_values(sinks: torch.Tensor | None, k_scale: object, v_scale: object) -> None:
+    """Host-side check (a sync) that every sink logit and fp8 dequantisation scale is finite."""
+    for name, t, what in (("sinks", sinks, "query head"), ("k_scale", k_scale, "kv head"),
+                          ("v_scale", v_scale, "kv head")):
+        if isinstance(t, torch.Tensor):
+            at = first_bad(~torch.isfinite(t))
+            if at is not None:
+                fail(ValueError, f"{name}[{at[0]}] = {float(t[at])} is not finite ({what} {at[0]})")
+
+
+def first_bad(bad: torch.Tensor) -> tuple[int, ...] | None:
+    """Index of the first True of ``bad`` (row-major), or None."""
+    hits = bad.nonzero()
+    return None if hits.numel() == 0 else tuple(int(i) for i in hits[0])
+
+
+def check_lengths(cache_seqlens: torch.Tensor | None, cache_leftpad: torch.Tensor | None, capacity: int) -> None:
+    """Host-side value checks (a sync): 0 <= cache_leftpad <= cache_seqlens <= capacity."""
+    ends = cache_seqlens
+    if ends is not None:
+        at = first_bad((ends < 0) | (ends > capacity))
+        if at is not None:
+            fail(ValueError, f"cache_seqlens[{at[0]}] = {int(ends[at])} is outside [0, capacity={capacity}] "
+                              f"(sequence {at[0]})")
+    if cache_leftpad is not None:
+        limit = ends if ends is not None else torch.full_like(cache_leftpad, capacity)
+        at = first_bad((cache_leftpad < 0) | (cache_leftpad > limit))
+        if at is not None:
+            fail(ValueError, f"cache_leftpad[{at[0]}] = {int(cache_leftpad[at])} is outside [0, cache_seqlens="
+                              f"{int(limit[at])}] (sequence {at[0]})")
+
+
+def check_pages(
+    block_table: torch.Tensor, num_pages: int, page_size: int, cache_seqlens: torch.Tensor | None,
+    cache_leftpad: torch.Tensor | None,
+) -> None:
+    """Host-side check (a sync) that every live slot of ``block_table`` names a page in
+    [0, num_pages): the slots holding positions [cache_leftpad, cache_seqlens) of each sequence."""
+    batch, slots = block_table.shape
+    capacity = slots * page_size
+    ends = torch.full((batch,), capacity, device=block_table.device) if cache_seqlens is None else cache_seqlens
+    firsts = torch.zeros_like(ends) if cache_leftpad is None else cache_leftpad
+    firsts = firsts.clamp(0, capacity)
+    ends = torch.maximum(ends.clamp(max=capacity), firsts)
+    start = torch.arange(slots, device=block_table.device) * page_size
+    live = (start[None, :] < ends[:, None]) & (start[None, :] + page_size > firsts[:, None]) & (ends > firsts)[:, None]
+    at = first_bad(live & ((block_table < 0) | (block_table >= num_pages)))
+    if at is not None:
+        fail(ValueError, f"block_table[{at[0]}, {at[1]}] = {int(block_table[at])} is not a page in "
+                          f"[0, num_pages={num_pages}) (sequence {at[0]}, slot {at[1]}, a live slot)")
+
+
+def validate(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor | None,
+    block_table: torch.Tensor | None,
+    out: torch.Tensor | None,
+    cache_leftpad: torch.Tensor | None = None,
+) -> None:
+    """Raise ValueError/TypeError naming the argument for every input the kernel can't take."""
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(name, t)
+        if t.dim() != 4:
+            fail(ValueError, f"{name} must be 4-D, got shape {tuple(t.shape)}")
+        allowed = SUPPORTED_DTYPES if name == "q" else SUPPORTED_DTYPES + FP8_DTYPES
+        if t.dtype not in allowed:
+            kinds = "float16 or bfloat16" + ("" if name == "q" else ", or float8_e4m3fn / float8_e5m2")
+            fail(TypeError, f"{name} must be {kinds}, got {t.dtype}")
+        if t.stride(-1) != 1 and t.numel():
+            fail(ValueError, f"{name} must have unit stride on its last dim, got strides {t.stride()}")
+    batch, q_len, q_heads, head_dim = q.shape
+    k_shape = k_cache.shape
+    paged = block_table is not None
+    layout = "(num_pages, page_size, kv_heads, head_dim)" if paged else "(batch, cache_len, kv_heads, head_dim)"
+    if k_cache.dtype != v_cache.dtype:
+        fail(TypeError, f"k_cache and v_cache must share one dtype, got {k_cache.dtype} and {v_cache.dtype}")
+    if k_cache.dtype not in FP8_DTYPES and k_cache.dtype != q.dtype:
+        fail(TypeError, f"q and a float16/bfloat16 cache must share one dtype, got {q.dtype} and {k_cache.dtype}")
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        fail(ValueError, f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim} (q shape {tuple(q.shape)})")
+    if k_shape != v_cache.shape:
+        fail(ValueError, f"k_cache and v_cache must have the same shape {layout}, got {tuple(k_shape)} and {tuple(v_cache.shape)}")
+    if k_shape[3] != head_dim:
+        fail(ValueError, f"k_cache must be {layout} with head_dim {head_dim} like q, got {tuple(k_shape)}")
+    kv_heads = k_shape[2]
+    if kv_heads == 0 or q_heads % kv_heads != 0:
+        fail(ValueError, f"q_heads ({q_heads}) must be a positive multiple of kv_heads ({kv_heads})")
+    if q_len < 1 or q_len * (q_heads // kv_heads) > MAX_QUERY_ROWS:
+        fail(ValueError, f"q_len x (q_heads / kv_heads) must be in [1, {MAX_QUERY_ROWS}]: q_len {q_len} with a group of "
+                          f"{q_heads // kv_heads} gives {q_len * (q_heads // kv_heads)} (q shape {tuple(q.shape)})")
+    if not paged and k_shape[0] != batch:
+        fail(ValueError, f"k_cache must be {layout} with batch {batch} like q, got {tuple(k_shape)}")
+    device = q.device
+    others = [("k_cache", k_cache), ("v_cache", v_cache)]
+    for name, t in (("cache_seqlens", cache_seqlens), ("cache_leftpad", cache_leftpad)):
+        if t is not None:
+            check_per_sequence(name, t, batch)
+            others.append((name, t))
+    if paged:
+        check_tensor("block_table", block_table)
+        if block_table.dtype != torch.int32:
+            fail(TypeError, f"block_table must be int32, got {block_table.dtype}")
+        if block_table.dim() != 2 or block_table.shape[0] != batch:
+            fail(ValueError, f"block_table must be (batch={batch}, max_pages_per_seq), got {tuple(block_table.shape)}")
+        if block_table.stride(-1) != 1 and block_table.shape[1] > 1:
+            fail(ValueError, f"block_table must have unit stride on its last dim, got strides {block_table.stride()}")
+        page_size = k_shape[1]
+        if page_size < 1 or page_size > MAX_PAGE_SIZE or page_size & (page_size - 1):
+            fail(ValueError, f"page_size (k_cache.shape[1]) must be a power of two up to {MAX_PAGE_SIZE}, got {page_size}")
+        others.append(("block_table", block_table))
+    if out is not None:
+        check_tensor("out", out)
+        if out.shape != q.shape or out.dtype != q.dtype:
+            fail(ValueError, f"out must be {tuple(q.shape)} {q.dtype} like q, got {tuple(out.shape)} {out.dtype}")
+        if out.stride(-1) != 1:
+            fail(ValueError, f"out must have unit stride on its last dim, got strides {out.stride()}")
+        check_no_broadcast("out", out)
+        others.append(("out", out))
+    check_kernel_device("q", device)
+    if any(t.device != device for _, t in others):
+        listing = ", ".join(f"{n} on {t.device}" for n, t in [("q", q), *others])
+        fail(ValueError, f"all tensors must be on one device, got {listing}")
+
+
+def check_lse_out(lse: torch.Tensor | None, q: torch.Tensor, return_lse: bool) -> None:
+    """An ``lse=`` tensor must be float32 (batch, q_heads, q_len) on q's device, and asked for."""
+    if lse is None:
+        return
+    if not return_lse:
+        fail(ValueError, "lse= is written only with return_lse=True")
+    want = (q.shape[0], q.shape[2], q.shape[1])
+    if not isinstance(lse, torch.Tensor) or lse.dtype != torch.float32 or tuple(lse.shape) != want or lse.device != q.device:
+        got = f"{lse.dtype} {tuple(lse.shape)} on {lse.device}" if isinstance(lse, torch.Tensor) else type(lse).__name__
+        fail(ValueError, f"lse must be float32 {want} (batch, q_heads, q_len) on {q.device}, got {got}")
+    check_no_broadcast("lse", lse)
+
+
+def check_num_programs(num_programs: object) -> None:
+    """``num_programs`` is None (the default grid) or a positive int."""
+    if num_programs is not None and (not isinstance(num_programs, int) or num_programs < 1):
+        fail(ValueError, f"num_programs must be a positive int, got {num_programs!r}")
+
+
+def check_layer_shape(
+    q_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, kv_dtype: torch.dtype, q_len: int,
+    device: torch.device,
+) -> None:
+    """Every check ``decode`` makes of the layers' heads, head dim and dtypes, made once for a
+    plan with a probe of the layers' shape (batch 1, capacity 1)."""
+    probe_q = torch.empty(1, q_len, q_heads, head_dim, dtype=dtype, device=device)
+    probe_kv = torch.empty(1, 1, kv_heads, head_dim, dtype=kv_dtype, device=device)
+    validate(probe_q, probe_kv, probe_kv, None, None, None)
+
+
+def check_plan_lengths(
+    caller: str, cache_seqlens: object, cache_leftpad: object, batch: object, capacity: object,
+    device: torch.device | None,
+) -> tuple[int, torch.device]:
+    """Check a plan's lengths and capacity as ``DecodeWrapper.plan`` and ``plan_decode`` take
+    them; return the batch (``cache_seqlens``'s, else ``batch``) and the device (``device``, else
+    the lengths')."""
+    if cache_seqlens is not None:
+        check_tensor("cache_seqlens", cache_seqlens)
+        batch = cache_seqlens.shape[0] if cache_seqlens.dim() else -1
+    if not isinstance(batch, int) or batch < 0:
+        fail(ValueError, f"{caller} needs cache_seqlens, or batch when every sequence is capacity long")
+    lengths = [(name, t) for name, t in (("cache_seqlens", cache_seqlens), ("cache_leftpad", cache_leftpad))
+               if t is not None]
+    for name, t in lengths:
+        check_per_sequence(name, t, batch)
+    if device is None:
+        if not lengths:
+            fail(ValueError, f"{caller} needs device= when it gets no lengths tensor")
+        device = lengths[0][1].device
+    for name, t in lengths:
+        if t.device != device:
+            fail(ValueError, f"{name} is on {t.device}, {caller} plans on {device}")
+    if not isinstance(capacity, int) or capacity < 0:
+        fail(ValueError, f"capacity must be a non-negative int, got {capacity!r}")
+    return batch, device
+
+
+def check_tile_count(batch: int, kv_heads: int, capacity: int, tile: int) -> None:
+    """The kernels count tiles in int32."""
+    if batch * kv_heads * max(1, -(-capacity // tile)) >= 2**31:
+        fail(ValueError, f"batch {batch} x kv_heads {kv_heads} x capacity {capacity} is over 2^31 tiles of {tile}")
+
+
+def softmax_scale_of(softmax_scale: float | None, head_dim: int) -> float:
+    """The scale a call uses: ``head_dim ** -0.5`` by default; a finite float."""
+    scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
+    if not math.isfinite(scale):
+        fail(ValueError, f"softmax_scale must be finite, got {softmax_scale}")
+    return scale
+
+
+def capacity_of(k_cache: torch.Tensor, block_table: torch.Tensor | None) -> int:
+    """Cache positions per sequence: cache_len, or max_pages_per_seq x page_size when paged."""
+    return k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]

@@ -1,0 +1,109 @@
+"""Model features of a call (window, softcap, sinks, fp8 scales), checked and resolved once."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ._checks import FP8_DTYPES, check_dense_vector, check_tensor, fail
+from .kernels.lean_decode import LOG2E
+
+# An unbounded window side, as an int the kernel compares with.
+
+
+UNBOUNDED = 2**30
+
+
+@dataclass(frozen=True)
+
+
+class Features:
+    """A call's model features, normalised for the kernel (see :func:`resolve_features`)."""
+
+    q_len: int
+    window_left: int  # keys before the query a row sees; UNBOUNDED when unbounded
+    window_right: int  # keys after it; 0 when causal
+    has_window: bool  # window_left bounded: tiles before every row's window are skipped
+    has_mask: bool  # some row sees fewer than all live keys
+    softcap: float  # 0: off
+    has_sinks: bool
+    fp8: bool
+
+
+def window_bounds(causal: bool, window_size: tuple[int, int], q_len: int) -> tuple[int, int, bool, bool]:
+    """(window_left, window_right, has_window, has_mask) of :class:`Features` from the API's
+    ``causal`` and ``window_size``."""
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and w >= -1 for w in window_size)):
+        fail(ValueError, f"window_size must be (left, right), ints >= -1 (-1: unbounded), got {window_size!r}")
+    left, right = window_size
+    left = UNBOUNDED if left < 0 else left
+    right = 0 if causal else (UNBOUNDED if right < 0 else right)  # causal: flash-attn's right = 0
+    # A row sees fewer than all live keys when the window cuts it, or when a later query's key
+    # lies past its right bound.
+    return left, right, left < UNBOUNDED, left < UNBOUNDED or q_len - 1 > right
+
+
+def resolve_features(
+    q: torch.Tensor, k_cache: torch.Tensor, causal: bool, window_size: tuple[int, int], softcap: float,
+    sinks: torch.Tensor | None, k_scale: float | torch.Tensor | None, v_scale: float | torch.Tensor | None,
+) -> tuple[Features, torch.Tensor | None, torch.Tensor | None]:
+    """Check the model-feature arguments; return the features and the fp8 cache's
+    dequantisation scales as given, a float (default 1.0) or a float32 (kv_heads,) tensor (None
+    for fp16/bf16 caches; ``launch`` makes tensors of floats)."""
+    q_len, q_heads = q.shape[1], q.shape[2]
+    kv_heads = k_cache.shape[2]
+    left, right, has_window, has_mask = window_bounds(causal, window_size, q_len)
+    if not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
+        fail(ValueError, f"softcap must be a finite float >= 0 (0: off), got {softcap!r}")
+    if sinks is not None:
+        check_tensor("sinks", sinks)
+        if sinks.dtype != torch.float32 or sinks.shape != (q_heads,) or sinks.device != q.device:
+            fail(ValueError, f"sinks must be float32 ({q_heads},) on {q.device}, one logit per query head, "
+                              f"got {sinks.dtype} {tuple(sinks.shape)} on {sinks.device}")
+        check_dense_vector("sinks", sinks)
+    fp8 = k_cache.dtype in FP8_DTYPES
+    scales = []
+    for name, x in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if not fp8:
+            if x is not None:
+                fail(ValueError, f"{name} dequantises an fp8 cache; this cache is {k_cache.dtype}")
+            continue
+        x = 1.0 if x is None else x
+        _check_scale(name, x, kv_heads, q.device)
+        scales.append(x)
+    features = Features(q_len, left, right, has_window, has_mask, float(softcap), sinks is not None, fp8)
+    return features, *(scales or (None, None))
+
+
+_SCALES: dict[tuple, torch.Tensor] = {}
+
+
+def _check_scale(name: str, x: object, kv_heads: int, device: torch.device) -> None:
+    if isinstance(x, torch.Tensor):
+        if x.dtype != torch.float32 or x.shape != (kv_heads,) or x.device != device:
+            fail(ValueError, f"{name} must be a float or a float32 ({kv_heads},) tensor on {device}, one per kv "
+                              f"head, got {x.dtype} {tuple(x.shape)} on {x.device}")
+        check_dense_vector(name, x)
+    elif isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        fail(ValueError, f"{name} must be a finite float or a float32 ({kv_heads},) tensor, got {x!r}")
+
+
+def scale_tensor(x: float | torch.Tensor, kv_heads: int, device: torch.device) -> torch.Tensor:
+    """A (kv_heads,) float32 tensor of dequantisation multipliers from a float or a tensor."""
+    if isinstance(x, torch.Tensor):
+        return x
+    key = (float(x), kv_heads, device)
+    if key not in _SCALES:  # kept: a CUDA graph may hold it
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"an fp8 scale of {float(x)} seen first inside a CUDA-graph capture: make the same "
+                               "call once eagerly before capturing (or pass the scales as float32 tensors)")
+        _SCALES[key] = torch.full((kv_heads,), float(x), dtype=torch.float32, device=device)
+    return _SCALES[key]
+
+
+def kernel_scale(softmax_scale: float, features: Features) -> float:
+    """The kernel's ``scale``: natural units under softcap (it applies tanh first), else log2."""
+    return softmax_scale if features.softcap > 0 else softmax_scale * LOG2E

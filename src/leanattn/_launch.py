@@ -1,0 +1,116 @@
+"""Device facts and the Triton launcher shim: the one place a compiled kernel is launched."""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable
+
+import torch
+from triton import knobs
+
+from .kernels.config import KernelConfig, interpreting
+
+
+def default_num_programs(device: torch.device, config: KernelConfig) -> int:
+    """Persistent grid size: SMs times programs per SM (a small fixed grid on the CPU)."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * config.programs_per_sm
+    return 16
+
+
+_SM_COUNTS: dict[int, int] = {}
+
+
+def _sm_count(index: int) -> int:
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
+def use_pdl(device: torch.device, forced: bool = False) -> bool:
+    """Programmatic dependent launch: on Hopper and newer GPUs, not under the interpreter, unless
+    LEANATTN_PDL=0 (read at import; ``forced`` ignores it)."""
+    return (forced or _PDL) and device.type == "cuda" and not interpreting() and _capability(device) >= 9
+
+
+_PDL = os.environ.get("LEANATTN_PDL", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+
+
+def _capability(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
+
+
+def current_stream_handle(device: torch.device) -> int:
+    """The raw handle of the current CUDA stream of ``device``."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch._C._cuda_getCurrentRawStream(index)
+
+DIRECT_LAUNCH_ERROR: list[str] = []  # why direct launches were given up, if they were
+
+
+def _launcher_takes_metadata_in_args() -> bool:
+    """Whether this Triton's CudaLauncher is called as (grid, stream, function, *args), passing
+    the kernel metadata and launch hooks inside args, to its C launcher (Triton 3.6), rather than
+    as named parameters (later versions)."""
+    try:
+        import inspect
+
+        from triton.backends.nvidia.driver import CudaLauncher
+
+        names = list(inspect.signature(CudaLauncher.__call__).parameters)
+        return names[names.index("function") + 1 :] == ["args"]
+    except Exception:
+        return False
+
+
+_C_LAUNCH = _launcher_takes_metadata_in_args()
+
+
+def run_direct(hit: tuple, grid: int, device: torch.device, args: tuple) -> None:
+    """What Triton's launcher does for ``compiled[(grid, 1, 1)](*args, *constexprs)`` with the
+    compiled kernel and constexpr values of ``hit``, without rebinding the arguments."""
+    compiled, values = hit
+    stream = current_stream_handle(device)
+    enter = knobs.runtime.launch_enter_hook
+    meta = compiled.launch_metadata((grid, 1, 1), stream, *args, *values) if enter is not None else None
+    launcher = compiled.run
+    if _C_LAUNCH and not launcher.global_scratch_size and not launcher.profile_scratch_size:
+        # Triton 3.6's CudaLauncher.__call__, minus its scratch allocators (none needed here).
+        launcher.launch(grid, 1, 1, stream, compiled.function, launcher.launch_cooperative_grid,
+                        launcher.launch_pdl, None, None, compiled.packed_metadata, meta, enter,
+                        knobs.runtime.launch_exit_hook, *args, *values)
+    else:
+        launcher(grid, 1, 1, stream, compiled.function, compiled.packed_metadata, meta, enter,
+                 knobs.runtime.launch_exit_hook, *args, *values)
+
+
+def launch_cached(
+    kernel, grid: int, layout: tuple, args: tuple, constexprs: Callable[[], dict], config: KernelConfig,
+    pdl: bool, device: torch.device, cache: dict,
+) -> None:
+    """Launch ``kernel`` on ``grid`` programs with ``args`` (its non-constexpr parameters, in
+    order) and the compile-time parameters ``constexprs()``.
+
+    ``layout`` must determine everything Triton specialises the compiled kernel on (dtypes,
+    16-byte alignment of every pointer, every int's == 1 / divisibility by 16 / 32-bit range)
+    and every constexpr: calls with the same layout reuse the compiled kernel directly, kept in
+    ``cache``. A hit skips Triton's per-call argument binding, which costs more than a short
+    decode step on the GPU.
+    """
+    hit = None if interpreting() else cache.get(layout)
+    if hit is not None:
+        try:
+            run_direct(hit, grid, device, args)
+            return
+        except (TypeError, AttributeError) as e:  # a Triton whose launcher differs: bind every time
+            DIRECT_LAUNCH_ERROR.append(repr(e))
+            cache.clear()
+    params = constexprs()
+    extra = {"launch_pdl": True} if pdl else {}
+    compiled = kernel[(grid,)](*args, **params, num_warps=config.num_warps, num_stages=config.num_stages, **extra)
+    if not interpreting() and not DIRECT_LAUNCH_ERROR:
+        cache[layout] = (compiled, tuple(params[n] for n in kernel.arg_names[len(args):]))

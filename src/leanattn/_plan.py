@@ -1,0 +1,80 @@
+"""Planning on the host side: launching the plan kernel, and knowing which call a plan fits.
+
+The partition itself is computed on the device (``kernels/plan.py``; ``schedule.py`` is its
+plain-Python specification). A plan is an int32 (programs, PLAN_FIELDS) tensor, one row per
+program of the runs' grid; ``plan_decode`` records what each eager plan was made for, so that a
+``decode(plan=...)`` of other shapes is refused.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from ._checks import check_dense_vector, check_tensor, fail
+from ._features import UNBOUNDED
+from .kernels.config import KernelConfig
+from .kernels.plan import BLOCK_B, PLAN_FIELDS, lean_plan_kernel
+
+
+def launch_plan(
+    plan: torch.Tensor, programs: int, cache_seqlens: torch.Tensor | None, cache_leftpad: torch.Tensor | None,
+    batch: int, kv_heads: int, capacity: int, q_len: int, window_left: int, has_window: bool, tile: int,
+    target_share: int, pdl: bool,
+) -> None:
+    """Write the shares of a grid of ``programs`` into ``plan[:programs]``: int32 rows of
+    ``PLAN_FIELDS`` (see ``lean_plan_kernel``); ``tile`` and ``target_share`` from the runs'
+    KernelConfig. Inputs already validated."""
+    if batch == 0:
+        return
+    extra = {"launch_pdl": True} if pdl else {}
+    lean_plan_kernel[(programs,)](
+        cache_seqlens if cache_seqlens is not None else plan,
+        cache_leftpad if cache_leftpad is not None else plan,
+        plan, batch, kv_heads, capacity, window_left,
+        HAS_SEQLENS=cache_seqlens is not None, HAS_LEFTPAD=cache_leftpad is not None, Q_LEN=q_len,
+        HAS_WINDOW=has_window, TILE=tile, TARGET_SHARE=target_share, BLOCK_B=BLOCK_B,
+        USE_PDL=pdl, num_warps=4, **extra,
+    )
+
+
+def plan_key(batch: int, capacity: int, q_len: int, q_heads: int, kv_heads: int, head_dim: int,
+             kv_dtype: torch.dtype, window_left: int, has_seqlens: bool, has_leftpad: bool,
+             config: KernelConfig | None) -> tuple:
+    """What a plan's shares depend on besides the lengths' values; an unbounded window shows as
+    -1, as the API takes it; ``config``: None for the heuristic's."""
+    window_left = -1 if window_left >= UNBOUNDED else window_left
+    return (("batch", batch), ("capacity", capacity), ("q_len", q_len), ("q_heads", q_heads),
+            ("kv_heads", kv_heads), ("head_dim", head_dim), ("kv_dtype", kv_dtype), ("window_left", window_left),
+            ("cache_seqlens given", has_seqlens), ("cache_leftpad given", has_leftpad), ("config", config))
+
+
+# The plan_decode arguments each eager plan was made for (plans made under torch.compile are
+# not recorded: their calls are not checked against them).
+# Keyed by id (tensors compare elementwise, so no weak dict): each entry goes with its plan.
+_MADE_FOR: dict[int, tuple] = {}
+
+
+def remember(plan: torch.Tensor, key: tuple) -> None:
+    _MADE_FOR[id(plan)] = key
+    weakref.finalize(plan, _MADE_FOR.pop, id(plan), None)
+
+
+def check_plan(plan: object, q: torch.Tensor, num_programs: int | None, key: tuple) -> None:
+    """Raise ValueError if ``plan`` can't be this call's: not a plan tensor, or (for a plan made
+    eagerly by ``plan_decode``) made for another ``key`` (see :func:`plan_key`)."""
+    check_tensor("plan", plan)
+    if plan.dtype != torch.int32 or plan.dim() != 2 or plan.shape[1] != PLAN_FIELDS.value or plan.shape[0] < 1:
+        fail(ValueError, f"plan must be int32 (programs, {PLAN_FIELDS.value}) from leanattn.plan_decode, "
+                         f"got {plan.dtype} {tuple(plan.shape)}")
+    check_dense_vector("plan", plan)
+    if plan.device != q.device:
+        fail(ValueError, f"plan is on {plan.device}, q on {q.device}")
+    if num_programs is not None and num_programs != plan.shape[0]:
+        fail(ValueError, f"num_programs {num_programs} differs from the plan's grid of {plan.shape[0]}")
+    made = None if torch.compiler.is_compiling() else _MADE_FOR.get(id(plan))
+    if made is not None:
+        wrong = [f"{name} {a!r} (planned {b!r})" for (name, a), (_, b) in zip(key, made) if a != b]
+        if wrong:
+            fail(ValueError, "plan was made for another call: " + ", ".join(wrong))

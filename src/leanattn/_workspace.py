@@ -1,0 +1,97 @@
+"""The device workspace of split heads: fp32 partials and arrival tickets, grown on demand and
+allocated outside CUDA-graph memory pools."""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import torch
+
+
+def outside_graph_pools(device: torch.device, allocate: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """``allocate()``'s tensors, from the caching allocator's ordinary pool.
+
+    torch.compile's ``mode="reduce-overhead"`` warms a graph up with the calling thread's
+    allocations routed to the graph's private pool, and refuses the step if a tensor made there
+    outlives it. The workspace outlives every step, so on CUDA it is allocated on a thread of its
+    own (the routing is per thread), and that thread waits for its fill kernels, which ran on its
+    own current stream."""
+    if device.type != "cuda":
+        return allocate()
+    if device.index is None:  # the new thread's current device is device 0, not the caller's
+        device = torch.device("cuda", torch.cuda.current_device())
+    result: list = []
+
+    def run() -> None:
+        try:
+            with torch.cuda.device(device):
+                result.append(allocate())
+                torch.cuda.current_stream().synchronize()
+        except BaseException as e:  # re-raised on the caller's thread
+            result.append(e)
+
+    thread = threading.Thread(target=run, name="leanattn-workspace")
+    thread.start()
+    thread.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+class Workspace:
+    """fp32 partials and tickets for split heads, grown on demand.
+
+    For a grid of P programs: 2P partial slots (rows x head_dim fp32 plus m and l), P head
+    tickets and 2P chunk tickets.
+
+    Size depends only on the grid and (group, head_dim) padding, never on batch or context
+    length. Tickets are zero between calls: the merging program puts its ticket back.
+    """
+
+    def __init__(self) -> None:
+        self.acc: torch.Tensor | None = None
+        self.stats: torch.Tensor | None = None
+        self.tickets: torch.Tensor | None = None
+        # Buffers replaced by larger ones stay alive: a CUDA graph captured earlier still
+        # reads and writes them on every replay.
+        self.retired: list[tuple[torch.Tensor, ...]] = []
+
+    def get(self, device: torch.device, programs: int, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
+        need = (2 * programs * rows * cols, 2 * programs * 2 * rows, 3 * programs + 3)  # acc, stats, tickets
+        have = (0, 0, 0) if self.acc is None else (self.acc.numel(), self.stats.numel(), self.tickets.numel())
+        if any(n > h for n, h in zip(need, have)):
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    "leanattn.decode needs a larger workspace while a CUDA graph is being captured; "
+                    "call leanattn.decode once with the same heads, head_dim, q_len and num_programs before capturing"
+                )
+            if self.acc is not None:
+                self.retired.append((self.acc, self.stats, self.tickets))
+            sizes = tuple(max(n, h) for n, h in zip(need, have))
+            self.acc, self.stats, self.tickets = outside_graph_pools(device, lambda: (
+                torch.empty(sizes[0], dtype=torch.float32, device=device),
+                torch.empty(sizes[1], dtype=torch.float32, device=device),
+                torch.zeros(sizes[2], dtype=torch.int32, device=device),
+            ))
+        # Head tickets first, then the chunk tickets (see the kernel's two-level arrival count),
+        # from a 16-byte boundary: Triton specialises pointers on it, so any grid size reuses
+        # one compiled kernel.
+        chunk = -(-programs // 4) * 4
+        return self.acc, self.stats, self.tickets[:programs], self.tickets[chunk : chunk + 2 * programs]
+
+# One workspace per device for leanattn.decode: calls on different streams of a device must not
+# overlap (give each stream its own DecodeWrapper, which owns its buffers). Not one per stream:
+# a stream met first inside a CUDA-graph capture, or inside torch.compile's CUDA-graph warm-up,
+# would get buffers from the graph's private memory pool.
+
+
+WORKSPACES: dict[torch.device, Workspace] = {}
+
+
+def workspace_for(device: torch.device) -> Workspace:
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in WORKSPACES:
+        WORKSPACES[device] = Workspace()
+    return WORKSPACES[device]
