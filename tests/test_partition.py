@@ -23,7 +23,8 @@ import triton.language as tl
 
 import leanattn
 from leanattn import choose_config
-from leanattn._testing import BLOCK_B, PLAN_FIELDS, launch_plan, live_range as _live_range, share_of as _share_of
+from leanattn._testing import BLOCK_B, PLAN_FIELDS, launch_plan, live_range as _live_range, plan_row
+from leanattn._testing import share_of as _share_of
 from leanattn._testing import window_bounds
 from leanattn.schedule import effective_programs, share_bounds
 from leanattn.schedule import plan as spec_plan
@@ -126,15 +127,7 @@ def _sampled_shares(
         SeqLens, LeftPad, batch, kv_heads, capacity, window_left, pid, num_programs,
         HAS_SEQLENS, HAS_LEFTPAD, Q_LEN, HAS_WINDOW, TILE, TARGET_SHARE, BLOCK_B,
     )
-    fields = tl.arange(0, PLAN_FIELDS)
-    row = tl.where(fields == 0, total.to(tl.int32), 0)
-    row = tl.where(fields == 1, programs.to(tl.int32), row)
-    row = tl.where(fields == 2, start.to(tl.int32), row)
-    row = tl.where(fields == 3, end.to(tl.int32), row)
-    row = tl.where(fields == 4, b, row)
-    row = tl.where(fields == 5, h, row)
-    row = tl.where(fields == 6, t, row)
-    tl.store(Out + i * PLAN_FIELDS + fields, row)
+    tl.store(Out + i * PLAN_FIELDS + tl.arange(0, PLAN_FIELDS), plan_row(total, programs, start, end, b, h, t))
 
 
 def sampled_rows(seqlens, leftpad, batch, capacity, kv_heads, q_len, window_left, grid, tile, target_share, pids):

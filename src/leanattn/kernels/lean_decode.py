@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .plan import PLAN_FIELDS, _live_range, _num_tiles, _share_of
+from .plan import _live_range, _num_tiles, _read_plan_row, _share_of
 
 LOG2E: float = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
@@ -356,22 +356,6 @@ def _load_q(
     return q, head_scale, v_scale
 
 
-@triton.jit
-def _planned_share(Plan, pid):
-    """Program ``pid``'s share from its plan row (see ``lean_plan_kernel``): (total, programs,
-    start, end, b, h, t)."""
-    row = tl.load(Plan + pid * PLAN_FIELDS + tl.arange(0, PLAN_FIELDS))
-    fields = tl.arange(0, PLAN_FIELDS)
-    total = tl.sum(tl.where(fields == 0, row, 0), axis=0).to(tl.int64)
-    programs = tl.sum(tl.where(fields == 1, row, 0), axis=0)
-    start = tl.sum(tl.where(fields == 2, row, 0), axis=0).to(tl.int64)
-    end = tl.sum(tl.where(fields == 3, row, 0), axis=0).to(tl.int64)
-    b = tl.sum(tl.where(fields == 4, row, 0), axis=0)
-    h = tl.sum(tl.where(fields == 5, row, 0), axis=0)
-    t = tl.sum(tl.where(fields == 6, row, 0), axis=0)
-    return total, programs, start, end, b, h, t
-
-
 @triton.jit(do_not_specialize=["batch", "kv_heads", "capacity", "num_pages", "window_left", "window_right"])
 def lean_decode_kernel(
     Q, K, V, Out, Lse, SeqLens, LeftPad, BlockTable, Sinks, KScale, VScale,
@@ -413,7 +397,7 @@ def lean_decode_kernel(
         gdc_wait()
     pid = tl.program_id(0)
     if PLANNED:
-        total, programs, start, end, b, h, t = _planned_share(Plan, pid)
+        total, programs, start, end, b, h, t = _read_plan_row(Plan, pid)
     else:
         total, programs, start, end, b, h, t = _share_of(
             SeqLens, LeftPad, batch, kv_heads, capacity, window_left, pid, tl.num_programs(0),

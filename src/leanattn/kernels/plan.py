@@ -136,6 +136,34 @@ def _share_of(
     return total, programs, start, end, b, h, t
 
 
+@triton.jit
+def _plan_row(total, programs, start, end, b, h, t):
+    """A share as its int32 plan row (PLAN_FIELDS,): (total, programs, start, end, b, h, t, 0)."""
+    fields = tl.arange(0, PLAN_FIELDS)
+    row = tl.where(fields == 0, total.to(tl.int32), 0)
+    row = tl.where(fields == 1, programs.to(tl.int32), row)
+    row = tl.where(fields == 2, start.to(tl.int32), row)
+    row = tl.where(fields == 3, end.to(tl.int32), row)
+    row = tl.where(fields == 4, b, row)
+    row = tl.where(fields == 5, h, row)
+    return tl.where(fields == 6, t, row)
+
+
+@triton.jit
+def _read_plan_row(Plan, pid):
+    """Program ``pid``'s share from its plan row: (total, programs, start, end, b, h, t)."""
+    fields = tl.arange(0, PLAN_FIELDS)
+    row = tl.load(Plan + pid * PLAN_FIELDS + fields)
+    total = tl.sum(tl.where(fields == 0, row, 0), axis=0).to(tl.int64)
+    programs = tl.sum(tl.where(fields == 1, row, 0), axis=0)
+    start = tl.sum(tl.where(fields == 2, row, 0), axis=0).to(tl.int64)
+    end = tl.sum(tl.where(fields == 3, row, 0), axis=0).to(tl.int64)
+    b = tl.sum(tl.where(fields == 4, row, 0), axis=0)
+    h = tl.sum(tl.where(fields == 5, row, 0), axis=0)
+    t = tl.sum(tl.where(fields == 6, row, 0), axis=0)
+    return total, programs, start, end, b, h, t
+
+
 @triton.jit(do_not_specialize=["batch", "kv_heads", "capacity", "window_left"])
 def lean_plan_kernel(
     SeqLens, LeftPad, Plan, batch, kv_heads, capacity, window_left,
@@ -153,13 +181,6 @@ def lean_plan_kernel(
         HAS_SEQLENS, HAS_LEFTPAD, Q_LEN, HAS_WINDOW, TILE, TARGET_SHARE, BLOCK_B,
     )
     fields = tl.arange(0, PLAN_FIELDS)
-    row = tl.where(fields == 0, total.to(tl.int32), 0)
-    row = tl.where(fields == 1, programs.to(tl.int32), row)
-    row = tl.where(fields == 2, start.to(tl.int32), row)
-    row = tl.where(fields == 3, end.to(tl.int32), row)
-    row = tl.where(fields == 4, b, row)
-    row = tl.where(fields == 5, h, row)
-    row = tl.where(fields == 6, t, row)
-    tl.store(Plan + pid * PLAN_FIELDS + fields, row)
+    tl.store(Plan + pid * PLAN_FIELDS + fields, _plan_row(total, programs, start, end, b, h, t))
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
