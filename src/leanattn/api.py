@@ -18,6 +18,7 @@ from ._features import resolve_features, window_bounds
 from ._launch import default_num_programs
 from ._plan import check_plan, plan_key, remember
 from ._workspace import workspace_for
+from .kernels import config as kernels_config
 from .kernels.config import KernelConfig
 
 __all__ = ["decode", "plan_decode", "reserve_workspace", "choose_config", "default_num_programs", "KernelConfig",
@@ -26,8 +27,9 @@ __all__ = ["decode", "plan_decode", "reserve_workspace", "choose_config", "defau
 
 def choose_config(head_dim: int, kv_dtype: torch.dtype, rows: int) -> KernelConfig:
     """The launch heuristic's config for a cache of ``kv_dtype`` with ``head_dim``, and ``rows``
-    (q_len x group) query rows of a kv head: what ``decode`` uses without ``config=``."""
-    return _call.heuristic(head_dim, kv_dtype, rows)
+    (q_len x group) query rows of a kv head: what ``decode`` uses without ``config=``. Not
+    cached, so torch.compile traces it (plan_decode) without a warning; the launch path caches it."""
+    return kernels_config.choose_config(head_dim, kv_dtype, rows)
 
 
 def _check_config(config: object) -> None:
