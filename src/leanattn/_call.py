@@ -77,7 +77,8 @@ def call_key(
 ) -> tuple:
     """Everything the compiled kernel depends on in a call: the layouts of its tensors, the
     feature arguments, and ``lengths`` (the caller's part: the lengths' or plan's layout, batch,
-    capacity, grid, config, causal and window). Calls with one key reuse one compiled kernel."""
+    capacity, grid, config, causal and window). Calls with one key reuse one compiled kernel.
+    ``launch_decode`` reads the strides of q, k_cache, v_cache and out from it (items 1, 5, 8, 11)."""
     ptrs = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr())
     # Triton specialises each pointer on 16-byte alignment: one bool when all are aligned.
     aligned = (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3]) % 16 == 0 or tuple(p % 16 == 0 for p in ptrs)
@@ -86,6 +87,8 @@ def call_key(
             layout_of(lse, block_table, sinks), softcap,
             k_scale if not isinstance(k_scale, torch.Tensor) else layout_of(k_scale),
             v_scale if not isinstance(v_scale, torch.Tensor) else layout_of(v_scale), lengths)
+
+
 
 
 def constexprs(
@@ -138,7 +141,9 @@ def launch_decode(
         page_size, bt, stride_btb, num_pages = k_cache.shape[1], block_table, block_table.stride(0), k_cache.shape[0]
     if features.fp8:
         k_scale, v_scale = (scale_tensor(1.0 if x is None else x, kv_heads, q.device) for x in (k_scale, v_scale))
-    qs, ks, vs, os_ = q.stride(), k_cache.stride(), v_cache.stride(), out.stride()
+    # The strides of q, k_cache, v_cache and out, as call_key read them: the run path is host-bound
+    # on small calls, so no attribute is read twice.
+    qs, ks, vs, os_ = key[1], key[5], key[8], key[11]
     args = (
         q, k_cache, v_cache, out, lse if lse is not None else acc,
         cache_seqlens if cache_seqlens is not None else tickets,
