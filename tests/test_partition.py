@@ -192,7 +192,7 @@ def random_batch(rng: random.Random, tile: int):
     return seqlens, leftpad, batch, capacity, kv_heads, q_len, window_left
 
 
-@pytest.mark.parametrize("seed", range(24))
+@pytest.mark.parametrize("seed", range(16))
 def test_plan_decode_matches_schedule(seed):
     """plan_decode's rows equal schedule.plan's shares for random ragged batches and small grids."""
     rng = random.Random(seed)
