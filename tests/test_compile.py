@@ -60,7 +60,8 @@ def test_compiled_plan_decode_matches_eager():
 def test_plan_op_opcheck():
     _, _, _, sl = make_inputs([40, 9], 4, 2, 64, torch.float16)
     torch.library.opcheck(
-        # (seqlens, leftpad, batch, kv_heads, capacity, q_len, window_left, has_window, tile, target_share, programs)
-        torch.ops.leanattn.plan_shares.default, (sl, None, 2, 2, 40, 1, 2**30, False, 32, 1, 3, sl.device),
+        # (seqlens, leftpad, batch, kv_heads, capacity, q_len, window_left, has_window, tile, target_share,
+        #  programs_per_sm, num_programs)
+        torch.ops.leanattn.plan_shares.default, (sl, None, 2, 2, 40, 1, 2**30, False, 32, 1, 1, 3, sl.device),
         test_utils=("test_schema", "test_faketensor"),
     )

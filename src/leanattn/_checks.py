@@ -13,18 +13,11 @@ import torch
 
 from .kernels.config import check_kernel_device
 
-
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # Query rows of one kv head (q_len x group) the kernel packs into one block.
-
-
 MAX_QUERY_ROWS = 128
-
-
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
-
-
 MAX_PAGE_SIZE = 256
 
 

@@ -11,14 +11,10 @@ from ._checks import FP8_DTYPES, check_dense_vector, check_tensor, fail
 from .kernels.lean_decode import LOG2E
 
 # An unbounded window side, as an int the kernel compares with.
-
-
 UNBOUNDED = 2**30
 
 
 @dataclass(frozen=True)
-
-
 class Features:
     """A call's model features, normalised for the kernel (see :func:`resolve_features`)."""
 
@@ -52,7 +48,7 @@ def resolve_features(
 ) -> tuple[Features, torch.Tensor | None, torch.Tensor | None]:
     """Check the model-feature arguments; return the features and the fp8 cache's
     dequantisation scales as given, a float (default 1.0) or a float32 (kv_heads,) tensor (None
-    for fp16/bf16 caches; ``launch`` makes tensors of floats)."""
+    for fp16/bf16 caches; the launch makes tensors of floats)."""
     q_len, q_heads = q.shape[1], q.shape[2]
     kv_heads = k_cache.shape[2]
     left, right, has_window, has_mask = window_bounds(causal, window_size, q_len)

@@ -13,9 +13,15 @@ from .kernels.config import KernelConfig, interpreting
 
 
 def default_num_programs(device: torch.device, config: KernelConfig) -> int:
-    """Persistent grid size: SMs times programs per SM (a small fixed grid on the CPU)."""
+    """Persistent grid size: SMs times the config's programs per SM (a small fixed grid on the
+    CPU)."""
+    return grid_size(device, config.programs_per_sm)
+
+
+def grid_size(device: torch.device, programs_per_sm: int) -> int:
+    """SMs times ``programs_per_sm`` on a CUDA device; 16 programs on the CPU."""
     if device.type == "cuda":
-        return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * config.programs_per_sm
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * programs_per_sm
     return 16
 
 
@@ -38,8 +44,6 @@ _PDL = os.environ.get("LEANATTN_PDL", "1") != "0"
 
 
 @functools.lru_cache(maxsize=None)
-
-
 def _capability(device: torch.device) -> int:
     return torch.cuda.get_device_capability(device)[0]
 
@@ -48,6 +52,7 @@ def current_stream_handle(device: torch.device) -> int:
     """The raw handle of the current CUDA stream of ``device``."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     return torch._C._cuda_getCurrentRawStream(index)
+
 
 DIRECT_LAUNCH_ERROR: list[str] = []  # why direct launches were given up, if they were
 

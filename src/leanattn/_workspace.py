@@ -80,12 +80,11 @@ class Workspace:
         chunk = -(-programs // 4) * 4
         return self.acc, self.stats, self.tickets[:programs], self.tickets[chunk : chunk + 2 * programs]
 
+
 # One workspace per device for leanattn.decode: calls on different streams of a device must not
 # overlap (give each stream its own DecodeWrapper, which owns its buffers). Not one per stream:
 # a stream met first inside a CUDA-graph capture, or inside torch.compile's CUDA-graph warm-up,
 # would get buffers from the graph's private memory pool.
-
-
 WORKSPACES: dict[torch.device, Workspace] = {}
 
 

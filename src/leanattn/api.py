@@ -110,9 +110,8 @@ def plan_decode(
     window_left, _, has_window, _ = window_bounds(causal, window_size, q_len)
     launch = config or choose_config(head_dim, kv_dtype, q_len * (q_heads // kv_heads))
     check_tile_count(batch, kv_heads, capacity, launch.tile)
-    programs = _call.grid(device, launch, num_programs)
     plan = ops.plan_shares(cache_seqlens, cache_leftpad, batch, kv_heads, capacity, q_len, window_left, has_window,
-                           launch.tile, launch.target_share, programs, device)
+                           launch.tile, launch.target_share, launch.programs_per_sm, num_programs or 0, device)
     if not torch.compiler.is_compiling():
         remember(plan, plan_key(batch, capacity, q_len, q_heads, kv_heads, head_dim, kv_dtype, window_left,
                                 cache_seqlens is not None, cache_leftpad is not None, config))

@@ -11,7 +11,7 @@ import torch
 from . import _call
 from ._checks import FP8_DTYPES
 from ._features import resolve_features
-from ._launch import use_pdl
+from ._launch import grid_size, use_pdl
 from ._plan import launch_plan
 from .kernels.plan import PLAN_FIELDS
 
@@ -73,12 +73,15 @@ def plan_shares(
     has_window: bool,
     tile: int,
     target_share: int,
-    programs: int,
+    programs_per_sm: int,
+    num_programs: int,
     device: torch.device,
 ) -> torch.Tensor:
-    """A new int32 (programs, PLAN_FIELDS) plan: every program's share of a grid of ``programs``
-    for runs of LeanTiles of ``tile`` tokens and ``target_share`` (their launch config).
-    Arguments as resolved by ``leanattn.plan_decode``."""
+    """A new int32 (programs, PLAN_FIELDS) plan: every program's share of a grid of
+    ``num_programs`` (0: the default grid of ``programs_per_sm``, found here, so compiled code
+    never traces device queries) for runs of LeanTiles of ``tile`` tokens and ``target_share``
+    (their launch config). Arguments as resolved by ``leanattn.plan_decode``."""
+    programs = num_programs or grid_size(device, programs_per_sm)
     plan = torch.zeros(programs, PLAN_FIELDS.value, dtype=torch.int32, device=device)
     launch_plan(plan, programs, cache_seqlens, cache_leftpad, batch, kv_heads, capacity, q_len, window_left,
                 has_window, tile, target_share, use_pdl(device))
@@ -87,5 +90,6 @@ def plan_shares(
 
 @plan_shares.register_fake
 def _plan_shares_fake(cache_seqlens, cache_leftpad, batch, kv_heads, capacity, q_len, window_left, has_window, tile,
-                      target_share, programs, device) -> torch.Tensor:
+                      target_share, programs_per_sm, num_programs, device) -> torch.Tensor:
+    programs = num_programs or grid_size(device, programs_per_sm)
     return torch.empty(programs, PLAN_FIELDS.value, dtype=torch.int32, device=device)
