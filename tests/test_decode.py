@@ -65,6 +65,11 @@ def test_strided_hf_layout_cache(dtype):
     assert not k.is_contiguous()
     out, lse = run(q, k, v, sl, num_programs=5)
     assert_close(out, lse, *reference(q, k, v, sl))
+    # K, V and out each with strides of their own: every tensor is read through its own.
+    v = v.contiguous()
+    out = poisoned_like(q.transpose(1, 2).contiguous()).transpose(1, 2)
+    _, lse = leanattn.decode(q, k, v, sl, out=out, return_lse=True, num_programs=5)
+    assert_close(out, lse, *reference(q, k, v, sl))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -233,3 +233,17 @@ def test_lse_written_into_a_given_strided_tensor(api):
                     (torch.zeros(1, 1, 1, device=DEVICE).expand(3, 8, 2), {"return_lse": True})):
         with pytest.raises(ValueError, match="lse"):
             call(q, k, v, sl, lse=bad, **kw)
+
+
+def test_a_seen_layout_still_checks_the_plan():
+    """A run whose layout the wrapper has seen skips the full checks; a later plan of another
+    q_len must still refuse it (else the plan's shares would not match the run's rows)."""
+    q, k, v, sl = make_inputs([70, 90], 8, 2, 64, torch.bfloat16, seed=21)
+    q2 = torch.randn(2, 2, 8, 64, generator=torch.Generator().manual_seed(22)).to(torch.bfloat16).to(DEVICE)
+    w = leanattn.DecodeWrapper(8, 2, 64, torch.bfloat16, DEVICE, max_q_len=2, num_programs=3)
+    w.plan(sl, k.shape[1], q_len=2, window_size=(31, -1))
+    out = w.run(q2, k, v)
+    assert_close(out, None, *reference(q2, k, v, sl, window_size=(31, -1)))
+    w.plan(sl, k.shape[1], q_len=1, window_size=(31, -1))
+    with pytest.raises(ValueError, match="planned for q_len 1"):
+        w.run(q2, k, v)

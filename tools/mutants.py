@@ -19,6 +19,8 @@ from dataclasses import dataclass
 PLAN = "src/leanattn/kernels/plan.py"
 DECODE = "src/leanattn/kernels/lean_decode.py"
 MERGE = "src/leanattn/merge.py"
+WRAPPER = "src/leanattn/wrapper.py"
+CALL = "src/leanattn/_call.py"
 
 GPU_RACE = "tests/test_gpu.py::test_merge_race_stress"
 GPU_FP8 = "tests/test_gpu.py::test_fp8_extremes"
@@ -200,5 +202,17 @@ MUTANTS: list[Mutant] = [
         one(MERGE, 'tl.where((lse > float("-inf"))[:, None], o, 0.0)', "o"),
         ("tests/test_merge_states.py",),
         why="an empty part's garbage (NaN) output would reach the sum (0 * NaN)",
+    ),
+    Mutant(
+        "wrapper-plan-layout-drops-q_len",
+        one(WRAPPER, "batch, capacity, q_len, self.num_programs,", "batch, capacity, self.num_programs,"),
+        ("tests/test_wrapper.py",), k="seen_layout",
+        why="a run of a layout seen before would skip the check against a re-plan of another q_len",
+    ),
+    Mutant(
+        "call-key-swaps-strides",
+        one(CALL, "qs, ks, vs, os_ = key[1], key[5], key[9], key[13]", "qs, ks, vs, os_ = key[1], key[9], key[5], key[13]"),
+        ("tests/test_decode.py",), k="hf_layout",
+        why="the launch would read K's strides for V",
     ),
 ]

@@ -78,15 +78,16 @@ def call_key(
     """Everything the compiled kernel depends on in a call: the layouts of its tensors, the
     feature arguments, and ``lengths`` (the caller's part: the lengths' or plan's layout, batch,
     capacity, grid, config, causal and window). Calls with one key reuse one compiled kernel.
-    ``launch_decode`` reads the strides of q, k_cache, v_cache and out from it (items 1, 5, 8, 11)."""
+    ``launch_decode`` reads the strides of q, k_cache, v_cache and out from it (items 1, 5, 9, 13)."""
     ptrs = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr())
     # Triton specialises each pointer on 16-byte alignment: one bool when all are aligned.
     aligned = (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3]) % 16 == 0 or tuple(p % 16 == 0 for p in ptrs)
-    return (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), k_cache.dtype,
-            v_cache.shape, v_cache.stride(), v_cache.dtype, out.shape, out.stride(), out.dtype, aligned,
-            layout_of(lse, block_table, sinks), softcap,
-            k_scale if not isinstance(k_scale, torch.Tensor) else layout_of(k_scale),
-            v_scale if not isinstance(v_scale, torch.Tensor) else layout_of(v_scale), lengths)
+    # Devices and the scales' types too: DecodeWrapper.run skips its checks for a key it has seen.
+    return (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), k_cache.dtype, k_cache.device,
+            v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.device, out.shape, out.stride(), out.dtype,
+            out.device, aligned, layout_of(lse, block_table, sinks), softcap,
+            (type(k_scale), k_scale) if not isinstance(k_scale, torch.Tensor) else layout_of(k_scale),
+            (type(v_scale), v_scale) if not isinstance(v_scale, torch.Tensor) else layout_of(v_scale), lengths)
 
 
 
@@ -143,7 +144,7 @@ def launch_decode(
         k_scale, v_scale = (scale_tensor(1.0 if x is None else x, kv_heads, q.device) for x in (k_scale, v_scale))
     # The strides of q, k_cache, v_cache and out, as call_key read them: the run path is host-bound
     # on small calls, so no attribute is read twice.
-    qs, ks, vs, os_ = key[1], key[5], key[8], key[11]
+    qs, ks, vs, os_ = key[1], key[5], key[9], key[13]
     args = (
         q, k_cache, v_cache, out, lse if lse is not None else acc,
         cache_seqlens if cache_seqlens is not None else tickets,

@@ -25,7 +25,7 @@ from ._checks import (
 from ._features import Features, resolve_features, window_bounds
 from ._plan import launch_plan
 from ._workspace import Workspace
-from .kernels.config import KernelConfig, interpreting
+from .kernels.config import KernelConfig
 from .kernels.plan import PLAN_FIELDS
 
 __all__ = ["DecodeWrapper"]
@@ -147,7 +147,7 @@ class DecodeWrapper:
         self._seqlens, self._leftpad, self._capacity, self._batch = cache_seqlens, cache_leftpad, capacity, batch
         self._q_len, self._causal, self._window_size = q_len, causal, tuple(window_size)
         # The plan's part of the runs' call key (see _call.call_key).
-        self._plan_layout = (_call.layout_of(cache_seqlens, cache_leftpad), batch, capacity, self.num_programs,
+        self._plan_layout = (_call.layout_of(cache_seqlens, cache_leftpad), batch, capacity, q_len, self.num_programs,
                              self._config, causal, self._window_size)
         launch_plan(self._plan, self.num_programs, cache_seqlens, cache_leftpad, batch, self.kv_heads, capacity, q_len,
                     window_left, has_window, self._config.tile, self._config.target_share,
@@ -199,12 +199,11 @@ class DecodeWrapper:
         key = _call.call_key(q, k_cache, v_cache, out, lse, block_table, sinks, k_scale, v_scale, softcap,
                              self._plan_layout)
         features = self._features.get(key)
-        if features is None:  # a layout not seen yet (or the interpreter): the full checks
+        if features is None:  # a layout not seen yet: the full checks
             self._check(q, k_cache, v_cache, block_table, out)
             features, _, _ = resolve_features(q, k_cache, self._causal, self._window_size, softcap, sinks,
                                               k_scale, v_scale)
-            if not interpreting():
-                self._features[key] = features
+            self._features[key] = features
         if check:
             if block_table is not None:
                 check_pages(block_table, k_cache.shape[0], k_cache.shape[1], self._seqlens, self._leftpad)
