@@ -341,9 +341,10 @@ def _load_q(
     """The packed query rows of kv head (b, h) in DOT_DTYPE, the scale of their scores and V's
     dequantisation scale.
 
-    fp8 caches: the products run in fp16. q takes fp16 exactly, by a power of two that keeps any
-    bf16 q in fp16's range; the softmax scale, K's scale and the inverse power scale the fp32
-    scores, V's scale the output."""
+    fp8 caches: the products run in fp16. q takes fp16 by a power of two that keeps any bf16 q in
+    fp16's range (exact for every element within 2^27 of the largest finite one: _exact_fp16);
+    the softmax scale, K's scale and the inverse power scale the fp32 scores, V's scale the
+    output."""
     q_ptrs = Q + b.to(tl.int64) * stride_qb + h * GROUP * stride_qh + q_rows[:, None] + offs_d[None, :]
     if HAS_KV_SCALE:
         q, unscale = _exact_fp16(tl.load(q_ptrs, mask=mask_q, other=0.0).to(tl.float32), DOT_DTYPE)
