@@ -244,3 +244,14 @@ def test_cpu_mode_whatever_was_imported_first(first):
 def test_wrapper_device_is_required():
     with pytest.raises(TypeError, match="device"):
         leanattn.DecodeWrapper(HQ, HKV, D, torch.float16)  # type: ignore[call-arg]
+
+
+@pytest.mark.skipif(ON_GPU, reason="CPU mode")
+def test_cpu_mode_names_the_triton_it_needs(monkeypatch):
+    """Triton 3.6's interpreter can't run the kernels: a clear error, not the interpreter's."""
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    q, k, v, sl = make_inputs([20, 7], HQ, HKV, D, torch.float16, seed=23)
+    with pytest.raises(RuntimeError, match=r"needs Triton >= 3\.7; this is Triton 3\.6\.0"):
+        leanattn.decode(q, k, v, sl)

@@ -61,6 +61,20 @@ def _reinterpret_triton_library() -> None:
         raise RuntimeError("tl.zeros_like is still compiled")
 
 
+# The oldest Triton whose interpreter runs the kernels (3.6's fails on a loop bound taken from a
+# kernel argument: "only 0-dimensional arrays can be converted to Python scalars").
+MIN_INTERPRETER_TRITON = (3, 7)
+
+
 def interpreter_problem() -> str | None:
     """Why the interpreter can't run leanattn's kernels in this process, or None."""
-    return _PROBLEM
+    import triton
+
+    if _PROBLEM is not None:
+        return _PROBLEM
+    version = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2] if p.isdigit())
+    if version < MIN_INTERPRETER_TRITON:
+        want = ".".join(map(str, MIN_INTERPRETER_TRITON))
+        return (f"leanattn runs its kernels on the CPU under Triton's interpreter, which needs Triton >= {want}; "
+                f"this is Triton {triton.__version__}: pip install 'triton>={want}'")
+    return None
