@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-import triton
 
 import leanattn
-from leanattn._testing import MIN_INTERPRETER_TRITON
+from leanattn._testing import MIN_INTERPRETER_TRITON, triton_version
 from leanattn.distributed import round_robin_lengths, round_robin_slot
 
 from _dist import Cluster
 
-_TRITON = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2])
 pytestmark = [
     pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed"),
     # The workers run the kernels under the interpreter, on a GPU host too (test_distributed_gpu.py
     # is the NCCL twin).
-    pytest.mark.skipif(_TRITON < MIN_INTERPRETER_TRITON, reason=f"the interpreter needs Triton >= {MIN_INTERPRETER_TRITON}"),
+    pytest.mark.skipif(triton_version() < MIN_INTERPRETER_TRITON, reason=f"the interpreter needs Triton >= {MIN_INTERPRETER_TRITON}"),
 ]
 
 

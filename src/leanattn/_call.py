@@ -14,6 +14,7 @@ import functools
 import torch
 import triton.language as tl
 
+from ._checks import capacity_of
 from ._features import Features, kernel_scale, scale_tensor
 from ._launch import default_num_programs, launch_cached, use_pdl
 from ._workspace import Workspace, workspace_for
@@ -187,7 +188,7 @@ def decode_into(
     config = config or heuristic(head_dim, k_cache.dtype, rows)
     programs = plan.shape[0] if plan is not None else grid(q.device, config, num_programs)
     bufs = buffers(workspace_for(q.device), q.device, programs, head_dim, rows)
-    capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
+    capacity = capacity_of(k_cache, block_table)
     lengths = (layout_of(cache_seqlens, cache_leftpad, plan), batch, capacity, programs, config, causal,
                tuple(window_size))
     key = call_key(q, k_cache, v_cache, out, lse, block_table, sinks, k_scale, v_scale, features.softcap, lengths)

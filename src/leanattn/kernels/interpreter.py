@@ -66,14 +66,20 @@ def _reinterpret_triton_library() -> None:
 MIN_INTERPRETER_TRITON = (3, 7)
 
 
+def triton_version() -> tuple[int, ...]:
+    """(major, minor) of the Triton in use."""
+    import triton
+
+    return tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2] if p.isdigit())
+
+
 def interpreter_problem() -> str | None:
     """Why the interpreter can't run leanattn's kernels in this process, or None."""
     import triton
 
     if _PROBLEM is not None:
         return _PROBLEM
-    version = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2] if p.isdigit())
-    if version < MIN_INTERPRETER_TRITON:
+    if triton_version() < MIN_INTERPRETER_TRITON:
         want = ".".join(map(str, MIN_INTERPRETER_TRITON))
         return (f"leanattn runs its kernels on the CPU under Triton's interpreter, which needs Triton >= {want}; "
                 f"this is Triton {triton.__version__}: pip install 'triton>={want}'")
