@@ -206,7 +206,7 @@ def test_graph_with_plan_and_layers_replays_new_lengths(paged):
             assert_close(out, lse, *reference(q, k, v, seqlens))
             again, again_lse = leanattn.decode(q, kc, vc, seqlens, return_lse=True, **kw)
             assert torch.equal(out, again) and torch.equal(lse, again_lse)
-    assert w._direct and not DIRECT_LAUNCH_ERROR, "the direct launch path was not taken"
+    assert w.compiled_kernels and not DIRECT_LAUNCH_ERROR, "the direct launch path was not taken"
 
 
 @pytest.mark.parametrize("api", ["decode", "wrapper"])

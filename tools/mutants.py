@@ -210,8 +210,9 @@ MUTANTS: list[Mutant] = [
         why="a run of a layout seen before would skip the check against a re-plan of another q_len",
     ),
     Mutant(
-        "call-key-swaps-strides",
-        one(CALL, "qs, ks, vs, os_ = key[1], key[5], key[9], key[13]", "qs, ks, vs, os_ = key[1], key[9], key[5], key[13]"),
+        "call-swaps-kv-strides",
+        one(CALL, "*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3],",
+            "*q.stride()[:3], *v_cache.stride()[:3], *k_cache.stride()[:3], *out.stride()[:3],"),
         ("tests/test_decode.py",), k="hf_layout",
         why="the launch would read K's strides for V",
     ),

@@ -2,9 +2,9 @@
 
 From validated arguments it derives the launch config and grid, the workspace buffers, the
 kernel's arguments and compile-time parameters, and the key of the compiled kernel, then
-launches it (``_launch.launch_cached``). ``leanattn.decode``, ``decode(plan=)``,
-``DecodeWrapper.run``, the custom op and context-parallel decode all launch through
-:func:`launch_decode`; no other module names the kernel.
+launches it (``_launch.launch``). ``leanattn.decode``, ``decode(plan=)``,
+``DecodeWrapper.run``, the custom op and context-parallel decode all launch through a
+:class:`Call`; no other module names the kernel.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ._checks import capacity_of
 from ._features import Features, kernel_scale, scale_tensor
-from ._launch import default_num_programs, launch_cached, use_pdl
+from ._launch import default_num_programs, launch, use_pdl
 from ._workspace import Workspace, workspace_for
 from .kernels.config import KernelConfig, choose_config, interpreting, next_pow2
 from .kernels.lean_decode import lean_decode_kernel
@@ -78,8 +78,8 @@ def call_key(
 ) -> tuple:
     """Everything the compiled kernel depends on in a call: the layouts of its tensors, the
     feature arguments, and ``lengths`` (the caller's part: the lengths' or plan's layout, batch,
-    capacity, grid, config, causal and window). Calls with one key reuse one compiled kernel.
-    ``launch_decode`` reads the strides of q, k_cache, v_cache and out from it (items 1, 5, 9, 13)."""
+    capacity, grid, config, causal, window and a varying softmax scale). Calls with one key share
+    one :class:`Call`."""
     ptrs = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr())
     # Triton specialises each pointer on 16-byte alignment: one bool when all are aligned.
     aligned = (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3]) % 16 == 0 or tuple(p % 16 == 0 for p in ptrs)
@@ -89,8 +89,6 @@ def call_key(
             out.device, aligned, layout_of(lse, block_table, sinks), softcap,
             (type(k_scale), k_scale) if not isinstance(k_scale, torch.Tensor) else layout_of(k_scale),
             (type(v_scale), v_scale) if not isinstance(v_scale, torch.Tensor) else layout_of(v_scale), lengths)
-
-
 
 
 def constexprs(
@@ -124,51 +122,74 @@ def constexprs(
     )
 
 
-def launch_decode(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None, *,
-    cache_seqlens: torch.Tensor | None, cache_leftpad: torch.Tensor | None, block_table: torch.Tensor | None,
-    sinks: torch.Tensor | None, k_scale: float | torch.Tensor | None, v_scale: float | torch.Tensor | None,
-    plan: torch.Tensor | None, features: Features, softmax_scale: float, batch: int, capacity: int, programs: int,
-    config: KernelConfig, bufs: tuple[torch.Tensor, ...], key: tuple, cache: dict,
-) -> None:
-    """Launch the kernel on ``programs`` programs for validated arguments, writing ``out`` (and
-    ``lse`` (batch, q_heads, q_len) when given). ``plan`` (rows = the grid) gives each program
-    its share; without it each program locates its own. ``key``: :func:`call_key` of the call;
-    ``cache`` keeps the compiled kernels by key."""
-    acc, stats, tickets, chunk_tickets = bufs
-    kv_heads = k_cache.shape[2]
-    if block_table is None:
-        page_size, bt, stride_btb, num_pages = 0, tickets, 0, 0
-    else:
-        page_size, bt, stride_btb, num_pages = k_cache.shape[1], block_table, block_table.stride(0), k_cache.shape[0]
-    if features.fp8:
-        k_scale, v_scale = (scale_tensor(1.0 if x is None else x, kv_heads, q.device) for x in (k_scale, v_scale))
-    # The strides of q, k_cache, v_cache and out, as call_key read them: the run path is host-bound
-    # on small calls, so no attribute is read twice.
-    qs, ks, vs, os_ = key[1], key[5], key[9], key[13]
-    args = (
-        q, k_cache, v_cache, out, lse if lse is not None else acc,
-        cache_seqlens if cache_seqlens is not None else tickets,
-        cache_leftpad if cache_leftpad is not None else tickets,
-        bt, sinks if sinks is not None else acc, k_scale if features.fp8 else acc, v_scale if features.fp8 else acc,
-        plan if plan is not None else tickets, acc, stats, tickets, chunk_tickets,
-        qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], os_[0], os_[1], os_[2],
-        *(lse.stride() if lse is not None else (0, 0, 0)), stride_btb,
-        batch, kv_heads, capacity, num_pages, features.window_left, features.window_right,
-        kernel_scale(softmax_scale, features), features.softcap,
-    )
-    pdl = pdl_of(config, q.device)
-    launch_cached(
-        config.kernel or lean_decode_kernel, programs, key, args,
-        lambda: constexprs(q, k_cache, page_size, config, features, has_seqlens=cache_seqlens is not None,
-                           has_leftpad=cache_leftpad is not None, planned=plan is not None,
-                           return_lse=lse is not None, pdl=pdl),
-        config, pdl, q.device, cache,
-    )
+class Call:
+    """The kernel call for one call key, built once: its compile-time parameters, grid and every
+    argument fixed by the key (strides, sizes, window, scale), plus the compiled kernel after
+    the first launch. :meth:`launch` fills in the tensors of each call.
+
+    Calls with one key (:func:`call_key`) share a ``Call``: ``DecodeWrapper.run`` and
+    ``leanattn.decode`` keep them in a dict, so a step's host path is one dict lookup and one
+    launch (small calls are host-bound)."""
+
+    __slots__ = ("features", "kernel", "programs", "device", "config", "pdl", "params", "scales", "fixed", "hit")
+
+    def __init__(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+        lse: torch.Tensor | None, *, block_table: torch.Tensor | None, k_scale: float | torch.Tensor | None,
+        v_scale: float | torch.Tensor | None, has_seqlens: bool, has_leftpad: bool, planned: bool,
+        features: Features, softmax_scale: float, batch: int, capacity: int, programs: int, config: KernelConfig,
+    ) -> None:
+        kv_heads = k_cache.shape[2]
+        if block_table is None:
+            page_size, stride_btb, num_pages = 0, 0, 0
+        else:
+            page_size, stride_btb, num_pages = k_cache.shape[1], block_table.stride(0), k_cache.shape[0]
+        self.features, self.programs, self.device, self.config = features, programs, q.device, config
+        self.kernel = config.kernel or lean_decode_kernel
+        self.pdl = pdl_of(config, q.device)
+        self.params = constexprs(q, k_cache, page_size, config, features, has_seqlens=has_seqlens,
+                                 has_leftpad=has_leftpad, planned=planned, return_lse=lse is not None, pdl=self.pdl)
+        # Float scales are part of the key: their (kv_heads,) tensors are resolved once.
+        self.scales = tuple(
+            None if not features.fp8 or isinstance(x, torch.Tensor) else scale_tensor(1.0 if x is None else x, kv_heads, q.device)
+            for x in (k_scale, v_scale))
+        self.fixed = (
+            # (the last stride of q, k_cache, v_cache and out is 1)
+            *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3],
+            *(lse.stride() if lse is not None else (0, 0, 0)), stride_btb,
+            batch, kv_heads, capacity, num_pages, features.window_left, features.window_right,
+            kernel_scale(softmax_scale, features), features.softcap,
+        )
+        self.hit: tuple | None = None
+
+    def launch(
+        self, bufs: tuple[torch.Tensor, ...], q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        out: torch.Tensor, lse: torch.Tensor | None, cache_seqlens: torch.Tensor | None,
+        cache_leftpad: torch.Tensor | None, block_table: torch.Tensor | None, sinks: torch.Tensor | None,
+        k_scale: torch.Tensor | float | None, v_scale: torch.Tensor | float | None, plan: torch.Tensor | None,
+    ) -> None:
+        """Launch on the workspace ``bufs`` (acc, stats, head tickets, chunk tickets) for tensors
+        of this call's key, writing ``out`` (and ``lse`` (batch, q_heads, q_len) when given).
+        ``plan`` (rows = the grid) gives each program its share; without it each program locates
+        its own."""
+        acc, stats, tickets, chunk_tickets = bufs
+        if self.features.fp8:
+            k_scale = self.scales[0] if self.scales[0] is not None else k_scale
+            v_scale = self.scales[1] if self.scales[1] is not None else v_scale
+        else:
+            k_scale = v_scale = acc
+        args = (
+            q, k_cache, v_cache, out, lse if lse is not None else acc,
+            cache_seqlens if cache_seqlens is not None else tickets,
+            cache_leftpad if cache_leftpad is not None else tickets,
+            block_table if block_table is not None else tickets, sinks if sinks is not None else acc, k_scale,
+            v_scale, plan if plan is not None else tickets, acc, stats, tickets, chunk_tickets, *self.fixed,
+        )
+        self.hit = launch(self.kernel, self.programs, args, self.params, self.config, self.pdl, self.device, self.hit)
 
 
-# Compiled kernels of leanattn.decode by call key (each DecodeWrapper keeps its own).
-_DECODE_KERNELS: dict[tuple, tuple] = {}
+# leanattn.decode's calls by call key (each DecodeWrapper keeps its own).
+_DECODE_CALLS: dict[tuple, Call] = {}
 
 
 def decode_into(
@@ -180,7 +201,7 @@ def decode_into(
 ) -> None:
     """``leanattn.decode``'s launch (eager, or inside its custom op), on the device's shared
     workspace: config (``config`` or the heuristic's), grid (the plan's rows, ``num_programs``
-    or the default), buffers and key, then :func:`launch_decode`."""
+    or the default), buffers and key, then the key's :class:`Call`."""
     batch, q_len, q_heads, head_dim = q.shape
     if batch == 0:
         return
@@ -190,9 +211,14 @@ def decode_into(
     bufs = buffers(workspace_for(q.device), q.device, programs, head_dim, rows)
     capacity = capacity_of(k_cache, block_table)
     lengths = (layout_of(cache_seqlens, cache_leftpad, plan), batch, capacity, programs, config, causal,
-               tuple(window_size))
+               tuple(window_size), softmax_scale)
     key = call_key(q, k_cache, v_cache, out, lse, block_table, sinks, k_scale, v_scale, features.softcap, lengths)
-    launch_decode(q, k_cache, v_cache, out, lse, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
-                  block_table=block_table, sinks=sinks, k_scale=k_scale, v_scale=v_scale, plan=plan,
-                  features=features, softmax_scale=softmax_scale, batch=batch, capacity=capacity, programs=programs,
-                  config=config, bufs=bufs, key=key, cache=_DECODE_KERNELS)
+    call = _DECODE_CALLS.get(key)
+    if call is None:
+        call = _DECODE_CALLS[key] = Call(
+            q, k_cache, v_cache, out, lse, block_table=block_table, k_scale=k_scale, v_scale=v_scale,
+            has_seqlens=cache_seqlens is not None, has_leftpad=cache_leftpad is not None, planned=plan is not None,
+            features=features, softmax_scale=softmax_scale, batch=batch, capacity=capacity, programs=programs,
+            config=config)
+    call.launch(bufs, q, k_cache, v_cache, out, lse, cache_seqlens, cache_leftpad, block_table, sinks, k_scale,
+                v_scale, plan)

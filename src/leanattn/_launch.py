@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable
-
 import torch
 from triton import knobs
 
@@ -93,29 +91,27 @@ def run_direct(hit: tuple, grid: int, device: torch.device, args: tuple) -> None
                  knobs.runtime.launch_exit_hook, *args, *values)
 
 
-def launch_cached(
-    kernel, grid: int, layout: tuple, args: tuple, constexprs: Callable[[], dict], config: KernelConfig,
-    pdl: bool, device: torch.device, cache: dict,
-) -> None:
+def launch(
+    kernel, grid: int, args: tuple, params: dict, config: KernelConfig, pdl: bool, device: torch.device,
+    hit: tuple | None,
+) -> tuple | None:
     """Launch ``kernel`` on ``grid`` programs with ``args`` (its non-constexpr parameters, in
-    order) and the compile-time parameters ``constexprs()``.
+    order) and the compile-time parameters ``params``; returns what a later launch of the same
+    specialisation passes as ``hit`` (None under the interpreter or when direct launches failed).
 
-    ``layout`` must determine everything Triton specialises the compiled kernel on (dtypes,
-    16-byte alignment of every pointer, every int's == 1 / divisibility by 16 / 32-bit range)
-    and every constexpr: calls with the same layout reuse the compiled kernel directly, kept in
-    ``cache``. A hit skips Triton's per-call argument binding, which costs more than a short
-    decode step on the GPU.
+    ``hit`` (the compiled kernel and its constexpr values) launches directly, skipping Triton's
+    per-call argument binding, which costs more than a short decode step on the GPU: the caller
+    must only pass it for arguments Triton would specialise the same way (dtypes, 16-byte
+    alignment of every pointer, every int's == 1 / divisibility by 16 / 32-bit range).
     """
-    hit = None if interpreting() else cache.get(layout)
     if hit is not None:
         try:
             run_direct(hit, grid, device, args)
-            return
+            return hit
         except (TypeError, AttributeError) as e:  # a Triton whose launcher differs: bind every time
             DIRECT_LAUNCH_ERROR.append(repr(e))
-            cache.clear()
-    params = constexprs()
     extra = {"launch_pdl": True} if pdl else {}
     compiled = kernel[(grid,)](*args, **params, num_warps=config.num_warps, num_stages=config.num_stages, **extra)
-    if not interpreting() and not DIRECT_LAUNCH_ERROR:
-        cache[layout] = (compiled, tuple(params[n] for n in kernel.arg_names[len(args):]))
+    if interpreting() or DIRECT_LAUNCH_ERROR:
+        return None
+    return compiled, tuple(params[n] for n in kernel.arg_names[len(args):])

@@ -22,7 +22,7 @@ from ._checks import (
     capacity_of, check_finite_values, check_layer_shape, check_lengths, check_lse_out, check_num_programs,
     check_pages, check_plan_lengths, check_tile_count, fail, refuse_grad, softmax_scale_of, validate,
 )
-from ._features import Features, resolve_features, window_bounds
+from ._features import resolve_features, window_bounds
 from ._plan import launch_plan
 from ._workspace import Workspace
 from .kernels.config import KernelConfig
@@ -95,10 +95,9 @@ class DecodeWrapper:
         self._q_len = 1
         self._causal, self._window_size = True, (-1, -1)
         self._plan_layout: tuple = ()
-        # Compiled runs by call key and the features resolved for them; the buffers above are the
+        # Runs by call key (checked, with their features resolved); the buffers above are the
         # wrapper's own, so they need no place in the key (the plan's grid and config are in it).
-        self._direct: dict[tuple, tuple] = {}
-        self._features: dict[tuple, Features] = {}
+        self._calls: dict[tuple, _call.Call] = {}
 
     def _config_for(self, q_len: int) -> KernelConfig:
         """The runs' launch config for plans of ``q_len``: the one given, else the heuristic's."""
@@ -108,7 +107,7 @@ class DecodeWrapper:
     def compiled_kernels(self) -> list:
         """The compiled kernels this wrapper launches directly (Triton ``CompiledKernel``s, for
         reports of registers, spills and shared memory); empty under the interpreter."""
-        return [compiled for compiled, _ in self._direct.values()]
+        return [call.hit[0] for call in self._calls.values() if call.hit is not None]
 
     def plan(
         self, cache_seqlens: torch.Tensor | None, capacity: int, *, batch: int | None = None,
@@ -198,23 +197,23 @@ class DecodeWrapper:
             check_lse_out(lse, q, return_lse)
         key = _call.call_key(q, k_cache, v_cache, out, lse, block_table, sinks, k_scale, v_scale, softcap,
                              self._plan_layout)
-        features = self._features.get(key)
-        if features is None:  # a layout not seen yet: the full checks
+        call = self._calls.get(key)
+        if call is None:  # a layout not seen yet: the full checks
             self._check(q, k_cache, v_cache, block_table, out)
             features, _, _ = resolve_features(q, k_cache, self._causal, self._window_size, softcap, sinks,
                                               k_scale, v_scale)
-            self._features[key] = features
+            call = self._calls[key] = _call.Call(
+                q, k_cache, v_cache, out, lse, block_table=block_table, k_scale=k_scale, v_scale=v_scale,
+                has_seqlens=self._seqlens is not None, has_leftpad=self._leftpad is not None, planned=True,
+                features=features, softmax_scale=self.softmax_scale, batch=self._batch, capacity=self._capacity,
+                programs=self.num_programs, config=self._config)
         if check:
             if block_table is not None:
                 check_pages(block_table, k_cache.shape[0], k_cache.shape[1], self._seqlens, self._leftpad)
             check_finite_values(sinks, k_scale, v_scale)
         if self._batch > 0:
-            _call.launch_decode(
-                q, k_cache, v_cache, out, lse, cache_seqlens=self._seqlens, cache_leftpad=self._leftpad,
-                block_table=block_table, sinks=sinks, k_scale=k_scale, v_scale=v_scale, plan=self._plan,
-                features=features, softmax_scale=self.softmax_scale, batch=self._batch, capacity=self._capacity,
-                programs=self.num_programs, config=self._config, bufs=self._bufs, key=key, cache=self._direct,
-            )
+            call.launch(self._bufs, q, k_cache, v_cache, out, lse, self._seqlens, self._leftpad, block_table, sinks,
+                        k_scale, v_scale, self._plan)
         return (out, lse) if return_lse else out
 
     def _check(self, q, k_cache, v_cache, block_table, out) -> None:
