@@ -50,13 +50,21 @@ def grid(device: torch.device, config: KernelConfig, num_programs: int | None) -
     return num_programs or default_num_programs(device, config)
 
 
+def slots(programs: int, split: int, batch: int, kv_heads: int, capacity: int) -> int:
+    """Workspace slots a call needs: two per program, or in batch-invariant mode one per split
+    of every head at full capacity."""
+    if split:
+        return batch * kv_heads * max(1, -(-capacity // split))
+    return 2 * programs
+
+
 def buffers(
-    workspace: Workspace, device: torch.device, programs: int, head_dim: int, rows: int,
+    workspace: Workspace, device: torch.device, slots: int, head_dim: int, rows: int,
 ) -> tuple[torch.Tensor, ...]:
-    """The workspace's (acc, stats, head tickets, chunk tickets) for a grid of ``programs``,
-    grown if it must be."""
+    """The workspace's (acc, stats, head tickets, chunk tickets) with ``slots`` slots (see
+    :func:`slots`), grown if it must be."""
     _, merge_rows, head_dim_pad, _ = padded_sizes(head_dim, rows)
-    return workspace.get(device, programs, merge_rows, head_dim_pad)
+    return workspace.get(device, slots, merge_rows, head_dim_pad)
 
 
 def pdl_of(config: KernelConfig, device: torch.device) -> bool:
@@ -78,7 +86,7 @@ def call_key(
 ) -> tuple:
     """Everything the compiled kernel depends on in a call: the layouts of its tensors, the
     feature arguments, and ``lengths`` (the caller's part: the lengths' or plan's layout, batch,
-    capacity, grid, config, causal, window and a varying softmax scale). Calls with one key share
+    capacity, grid, config, causal, window, split and a varying softmax scale). Calls with one key share
     one :class:`Call`."""
     ptrs = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr())
     # Triton specialises each pointer on 16-byte alignment: one bool when all are aligned.
@@ -91,11 +99,18 @@ def call_key(
             (type(v_scale), v_scale) if not isinstance(v_scale, torch.Tensor) else layout_of(v_scale), lengths)
 
 
+def unit_of(config: KernelConfig, split: int) -> tuple[int, int]:
+    """(tokens per unit of the shares, units a share aims at): tiles, or in batch-invariant mode
+    whole splits (one split is already many tiles)."""
+    return (split, 1) if split else (config.tile, config.target_share)
+
+
 def constexprs(
     q: torch.Tensor, k_cache: torch.Tensor, page_size: int, config: KernelConfig, features: Features, *,
-    has_seqlens: bool, has_leftpad: bool, planned: bool, return_lse: bool, pdl: bool,
+    has_seqlens: bool, has_leftpad: bool, planned: bool, return_lse: bool, pdl: bool, split: int,
 ) -> dict:
-    """The compile-time parameters of the kernel for one call."""
+    """The compile-time parameters of the kernel for one call (``split``: tokens per split in
+    batch-invariant mode, else 0)."""
     _, q_len, q_heads, head_dim = q.shape
     group = q_heads // k_cache.shape[2]
     rows, merge_rows, head_dim_pad, merge_wide = padded_sizes(head_dim, q_len * group)
@@ -113,7 +128,8 @@ def constexprs(
         dot_dtype = tl.bfloat16
     return dict(
         GROUP=group, Q_LEN=q_len, ROWS=rows, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        TILE=config.tile, PAGE_SIZE=page_size, TARGET_SHARE=config.target_share,
+        TILE=config.tile, PAGE_SIZE=page_size, SPLIT=split, UNIT=unit_of(config, split)[0],
+        TARGET_SHARE=unit_of(config, split)[1],
         MERGE_ROWS=merge_rows, MERGE_WIDE=merge_wide, ARRIVE_CHUNK=ARRIVE_CHUNK,
         HAS_SEQLENS=has_seqlens, HAS_LEFTPAD=has_leftpad, HAS_WINDOW=features.has_window,
         HAS_MASK=features.has_mask, HAS_SOFTCAP=features.softcap > 0, HAS_SINKS=features.has_sinks,
@@ -138,6 +154,7 @@ class Call:
         lse: torch.Tensor | None, *, block_table: torch.Tensor | None, k_scale: float | torch.Tensor | None,
         v_scale: float | torch.Tensor | None, has_seqlens: bool, has_leftpad: bool, planned: bool,
         features: Features, softmax_scale: float, batch: int, capacity: int, programs: int, config: KernelConfig,
+        split: int,
     ) -> None:
         kv_heads = k_cache.shape[2]
         if block_table is None:
@@ -148,7 +165,8 @@ class Call:
         self.kernel = config.kernel or lean_decode_kernel
         self.pdl = pdl_of(config, q.device)
         self.params = constexprs(q, k_cache, page_size, config, features, has_seqlens=has_seqlens,
-                                 has_leftpad=has_leftpad, planned=planned, return_lse=lse is not None, pdl=self.pdl)
+                                 has_leftpad=has_leftpad, planned=planned, return_lse=lse is not None, pdl=self.pdl,
+                                 split=split)
         # Float scales are part of the key: their (kv_heads,) tensors are resolved once.
         self.scales = tuple(
             None if not features.fp8 or isinstance(x, torch.Tensor) else scale_tensor(1.0 if x is None else x, kv_heads, q.device)
@@ -197,21 +215,24 @@ def decode_into(
     cache_seqlens: torch.Tensor | None, cache_leftpad: torch.Tensor | None, block_table: torch.Tensor | None,
     sinks: torch.Tensor | None, k_scale: float | torch.Tensor | None, v_scale: float | torch.Tensor | None,
     plan: torch.Tensor | None, features: Features, softmax_scale: float, num_programs: int | None,
-    config: KernelConfig | None, causal: bool, window_size: tuple[int, int],
+    config: KernelConfig | None, causal: bool, window_size: tuple[int, int], split: int,
 ) -> None:
     """``leanattn.decode``'s launch (eager, or inside its custom op), on the device's shared
     workspace: config (``config`` or the heuristic's), grid (the plan's rows, ``num_programs``
-    or the default), buffers and key, then the key's :class:`Call`."""
+    or the default), buffers and key, then the key's :class:`Call`. ``split``: tokens per split
+    in batch-invariant mode (a multiple of the config's tile), else 0."""
     batch, q_len, q_heads, head_dim = q.shape
     if batch == 0:
         return
     rows = q_len * (q_heads // k_cache.shape[2])
     config = config or heuristic(head_dim, k_cache.dtype, rows)
     programs = plan.shape[0] if plan is not None else grid(q.device, config, num_programs)
-    bufs = buffers(workspace_for(q.device), q.device, programs, head_dim, rows)
     capacity = capacity_of(k_cache, block_table)
+    kv_heads = k_cache.shape[2]
+    bufs = buffers(workspace_for(q.device), q.device, slots(programs, split, batch, kv_heads, capacity), head_dim,
+                   rows)
     lengths = (layout_of(cache_seqlens, cache_leftpad, plan), batch, capacity, programs, config, causal,
-               tuple(window_size), softmax_scale)
+               tuple(window_size), softmax_scale, split)
     key = call_key(q, k_cache, v_cache, out, lse, block_table, sinks, k_scale, v_scale, features.softcap, lengths)
     call = _DECODE_CALLS.get(key)
     if call is None:
@@ -219,6 +240,6 @@ def decode_into(
             q, k_cache, v_cache, out, lse, block_table=block_table, k_scale=k_scale, v_scale=v_scale,
             has_seqlens=cache_seqlens is not None, has_leftpad=cache_leftpad is not None, planned=plan is not None,
             features=features, softmax_scale=softmax_scale, batch=batch, capacity=capacity, programs=programs,
-            config=config)
+            config=config, split=split)
     call.launch(bufs, q, k_cache, v_cache, out, lse, cache_seqlens, cache_leftpad, block_table, sinks, k_scale,
                 v_scale, plan)

@@ -19,6 +19,8 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 MAX_QUERY_ROWS = 128
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
 MAX_PAGE_SIZE = 256
+# Tokens per split in batch-invariant mode unless split_size says otherwise (docs/decisions.md).
+DEFAULT_SPLIT_SIZE = 512
 
 
 def fail(kind: type[Exception], msg: str) -> None:
@@ -254,6 +256,22 @@ def check_tile_count(batch: int, kv_heads: int, capacity: int, tile: int) -> Non
     """The kernels count tiles in int32."""
     if batch * kv_heads * max(1, -(-capacity // tile)) >= 2**31:
         fail(ValueError, f"batch {batch} x kv_heads {kv_heads} x capacity {capacity} is over 2^31 tiles of {tile}")
+
+
+def split_of(batch_invariant: bool, split_size: int | None, tile: int) -> int:
+    """Tokens per split in batch-invariant mode (0 when off): ``split_size`` or
+    DEFAULT_SPLIT_SIZE, a positive multiple of the launch config's ``tile``."""
+    if not isinstance(batch_invariant, bool):
+        fail(TypeError, f"batch_invariant must be a bool, got {type(batch_invariant).__name__}")
+    if not batch_invariant:
+        if split_size is not None:
+            fail(ValueError, "split_size is the split of batch_invariant=True; pass both or neither")
+        return 0
+    split = DEFAULT_SPLIT_SIZE if split_size is None else split_size
+    if isinstance(split, bool) or not isinstance(split, int) or split < 1 or split % tile:
+        fail(ValueError, f"split_size must be a positive multiple of the launch config's tile ({tile} tokens), "
+                         f"got {split_size!r}")
+    return split
 
 
 def softmax_scale_of(softmax_scale: float | None, head_dim: int) -> float:

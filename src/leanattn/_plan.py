@@ -24,8 +24,8 @@ def launch_plan(
     target_share: int, pdl: bool,
 ) -> None:
     """Write the shares of a grid of ``programs`` into ``plan[:programs]``: int32 rows of
-    ``PLAN_FIELDS`` (see ``lean_plan_kernel``); ``tile`` and ``target_share`` from the runs'
-    KernelConfig. Inputs already validated."""
+    ``PLAN_FIELDS`` (see ``lean_plan_kernel``); ``tile`` (tokens per unit dealt) and
+    ``target_share`` from ``_call.unit_of`` of the runs' KernelConfig. Inputs already validated."""
     if batch == 0:
         return
     extra = {"launch_pdl": True} if pdl else {}
@@ -41,13 +41,15 @@ def launch_plan(
 
 def plan_key(batch: int, capacity: int, q_len: int, q_heads: int, kv_heads: int, head_dim: int,
              kv_dtype: torch.dtype, window_left: int, has_seqlens: bool, has_leftpad: bool,
-             config: KernelConfig | None) -> tuple:
+             config: KernelConfig | None, split: int) -> tuple:
     """What a plan's shares depend on besides the lengths' values; an unbounded window shows as
-    -1, as the API takes it; ``config``: None for the heuristic's."""
+    -1, as the API takes it; ``config``: None for the heuristic's; ``split``: tokens per split in
+    batch-invariant mode, else 0."""
     window_left = -1 if window_left >= UNBOUNDED else window_left
     return (("batch", batch), ("capacity", capacity), ("q_len", q_len), ("q_heads", q_heads),
             ("kv_heads", kv_heads), ("head_dim", head_dim), ("kv_dtype", kv_dtype), ("window_left", window_left),
-            ("cache_seqlens given", has_seqlens), ("cache_leftpad given", has_leftpad), ("config", config))
+            ("cache_seqlens given", has_seqlens), ("cache_leftpad given", has_leftpad), ("config", config),
+            ("split_size", split or None))
 
 
 # The plan_decode arguments each eager plan was made for (plans made under torch.compile are

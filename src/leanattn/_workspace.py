@@ -42,11 +42,10 @@ def outside_graph_pools(device: torch.device, allocate: Callable[[], tuple[torch
 class Workspace:
     """fp32 partials and tickets for split heads, grown on demand.
 
-    For a grid of P programs: 2P partial slots (rows x head_dim fp32 plus m and l), P head
-    tickets and 2P chunk tickets.
-
-    Size depends only on the grid and (group, head_dim) padding, never on batch or context
-    length. Tickets are zero between calls: the merging program puts its ticket back.
+    A call needs ``slots`` partial slots (rows x cols fp32, plus m and l) and as many head and
+    chunk tickets: 2P for a grid of P programs (which uses P head tickets), or one per split in
+    batch-invariant mode. Tickets are zero between calls: the merging program puts its ticket
+    back.
     """
 
     def __init__(self) -> None:
@@ -57,14 +56,16 @@ class Workspace:
         # reads and writes them on every replay.
         self.retired: list[tuple[torch.Tensor, ...]] = []
 
-    def get(self, device: torch.device, programs: int, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
-        need = (2 * programs * rows * cols, 2 * programs * 2 * rows, 3 * programs + 3)  # acc, stats, tickets
+    def get(self, device: torch.device, slots: int, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
+        chunk = -(-slots // 4) * 4
+        need = (slots * rows * cols, slots * 2 * rows, chunk + slots)  # acc, stats, tickets
         have = (0, 0, 0) if self.acc is None else (self.acc.numel(), self.stats.numel(), self.tickets.numel())
         if any(n > h for n, h in zip(need, have)):
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError(
-                    "leanattn.decode needs a larger workspace while a CUDA graph is being captured; "
-                    "call leanattn.decode once with the same heads, head_dim, q_len and num_programs before capturing"
+                    "leanattn needs a larger workspace while a CUDA graph is being captured: make the same call "
+                    "(leanattn.decode, or DecodeWrapper.plan with the largest batch and capacity) once before "
+                    "capturing, or reserve it with leanattn.reserve_workspace"
                 )
             if self.acc is not None:
                 self.retired.append((self.acc, self.stats, self.tickets))
@@ -77,8 +78,7 @@ class Workspace:
         # Head tickets first, then the chunk tickets (see the kernel's two-level arrival count),
         # from a 16-byte boundary: Triton specialises pointers on it, so any grid size reuses
         # one compiled kernel.
-        chunk = -(-programs // 4) * 4
-        return self.acc, self.stats, self.tickets[:programs], self.tickets[chunk : chunk + 2 * programs]
+        return self.acc, self.stats, self.tickets[:slots], self.tickets[chunk : chunk + slots]
 
 
 # One workspace per device for leanattn.decode: calls on different streams of a device must not

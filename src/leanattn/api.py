@@ -12,7 +12,7 @@ from . import _call, ops
 from ._checks import (
     FP8_DTYPES, MAX_PAGE_SIZE, MAX_QUERY_ROWS, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, capacity_of,
     check_finite_values, check_layer_shape, check_lengths, check_lse_out, check_num_programs, check_pages,
-    check_plan_lengths, check_tile_count, fail, refuse_grad, softmax_scale_of, validate,
+    check_plan_lengths, check_tile_count, fail, refuse_grad, softmax_scale_of, split_of, validate,
 )
 from ._features import resolve_features, window_bounds
 from ._launch import default_num_programs
@@ -42,9 +42,11 @@ def _check_config(config: object) -> None:
 
 def reserve_workspace(
     device: torch.device | str, q_heads: int, kv_heads: int, head_dim: int, kv_dtype: torch.dtype, *,
-    q_len: int = 1, num_programs: int | None = None,
+    q_len: int = 1, num_programs: int | None = None, batch_invariant: bool = False, split_size: int | None = None,
+    batch: int = 0, capacity: int = 0,
 ) -> None:
-    """Allocate now the workspace :func:`decode` needs for calls of this shape on ``device``.
+    """Allocate now the workspace :func:`decode` needs for calls of this shape on ``device``
+    (with ``batch_invariant``: for up to ``batch`` sequences of up to ``capacity`` tokens).
 
     The workspace is allocated on the first call that needs it. Call this (or ``decode`` once)
     before capturing a CUDA graph whose calls need it: a capture cannot allocate. torch.compile's
@@ -52,8 +54,14 @@ def reserve_workspace(
     """
     device = torch.device(device)
     rows = q_len * (q_heads // kv_heads)
-    programs = _call.grid(device, choose_config(head_dim, kv_dtype, rows), num_programs)
-    _call.buffers(workspace_for(device), device, programs, head_dim, rows)
+    config = choose_config(head_dim, kv_dtype, rows)
+    programs = _call.grid(device, config, num_programs)
+    split = split_of(batch_invariant, split_size, config.tile)
+    if split and (batch < 1 or capacity < 1):
+        fail(ValueError, f"reserve_workspace(batch_invariant=True) needs the largest batch and capacity, got "
+                         f"batch={batch}, capacity={capacity}")
+    _call.buffers(workspace_for(device), device, _call.slots(programs, split, batch, kv_heads, capacity), head_dim,
+                  rows)
 
 
 def plan_decode(
@@ -72,6 +80,8 @@ def plan_decode(
     num_programs: int | None = None,
     device: torch.device | str | None = None,
     config: KernelConfig | None = None,
+    batch_invariant: bool = False,
+    split_size: int | None = None,
 ) -> torch.Tensor:
     """Every program's share of a decode step, for ``decode(..., plan=plan)`` in each layer.
 
@@ -89,6 +99,7 @@ def plan_decode(
             layers' shape, cache dtype and features (they decide the launch config and shares).
         device: where the plan lives; defaults to the lengths' device (required without them).
         config: the runs' :class:`KernelConfig`, when they pass one (eager code only).
+        batch_invariant, split_size: as the runs pass them (the shares are dealt in splits).
 
     Returns:
         int32 (programs, 8): the plan, whose rows are the grid of the runs. A plan describes
@@ -110,11 +121,12 @@ def plan_decode(
     window_left, _, has_window, _ = window_bounds(causal, window_size, q_len)
     launch = config or choose_config(head_dim, kv_dtype, q_len * (q_heads // kv_heads))
     check_tile_count(batch, kv_heads, capacity, launch.tile)
+    split = split_of(batch_invariant, split_size, launch.tile)
     plan = ops.plan_shares(cache_seqlens, cache_leftpad, batch, kv_heads, capacity, q_len, window_left, has_window,
-                           launch.tile, launch.target_share, launch.programs_per_sm, num_programs or 0, device)
+                           *_call.unit_of(launch, split), launch.programs_per_sm, num_programs or 0, device)
     if not torch.compiler.is_compiling():
         remember(plan, plan_key(batch, capacity, q_len, q_heads, kv_heads, head_dim, kv_dtype, window_left,
-                                cache_seqlens is not None, cache_leftpad is not None, config))
+                                cache_seqlens is not None, cache_leftpad is not None, config, split))
     return plan
 
 
@@ -140,6 +152,8 @@ def decode(
     plan: torch.Tensor | None = None,
     check: bool = False,
     config: KernelConfig | None = None,
+    batch_invariant: bool = False,
+    split_size: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact decode attention with LeanAttention's stream-K partition.
 
@@ -178,6 +192,12 @@ def decode(
             rows are the grid. Results are bitwise those without it.
         config: a :class:`KernelConfig` to launch with instead of the heuristic's
             (:func:`choose_config`); a plan must be made with the same one. Eager calls only.
+        batch_invariant: each (sequence, kv head) is cut into splits of ``split_size`` tokens
+            from its first live key, each split is attended alone and a head's splits merge in
+            split order: a sequence's output and LSE are the same bits whatever else is in the
+            batch, whatever the grid, with or without a plan, paged or not.
+        split_size: tokens per split with ``batch_invariant`` (default 512), a multiple of the
+            launch config's tile (64 or 128 tokens; 32 under the interpreter): see the README.
         check: also validate the values of ``cache_seqlens``, ``cache_leftpad``, the live slots
             of ``block_table``, ``sinks`` and scale tensors on the host (a device sync: not for CUDA graphs or
             fast paths), raising ValueError naming the sequence, slot and value. Without it,
@@ -199,11 +219,15 @@ def decode(
     _check_config(config)
     scale = softmax_scale_of(softmax_scale, q.shape[-1])
     check_lse_out(lse, q, return_lse)
+    split = 0
+    if batch_invariant or split_size is not None:
+        rows = q.shape[1] * (q.shape[2] // k_cache.shape[2])
+        split = split_of(batch_invariant, split_size, (config or choose_config(q.shape[3], k_cache.dtype, rows)).tile)
     if plan is not None:
         batch, q_len, q_heads, head_dim = q.shape
         check_plan(plan, q, num_programs, plan_key(
             batch, capacity, q_len, q_heads, k_cache.shape[2], head_dim, k_cache.dtype, features.window_left,
-            cache_seqlens is not None, cache_leftpad is not None, config))
+            cache_seqlens is not None, cache_leftpad is not None, config, split))
     result = torch.empty_like(q) if out is None else out
     if return_lse and lse is None:
         lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
@@ -211,10 +235,11 @@ def decode(
         tensors = [x if isinstance(x, torch.Tensor) else None for x in (ks, vs)]
         floats = [x if isinstance(x, (int, float)) else 1.0 for x in (ks, vs)]
         ops.decode_into(q, k_cache, v_cache, result, lse, cache_seqlens, block_table, scale, num_programs or 0,
-                        cache_leftpad, causal, list(window_size), float(softcap), sinks, *tensors, *floats, plan)
+                        cache_leftpad, causal, list(window_size), float(softcap), sinks, *tensors, *floats, plan,
+                        split)
     else:
         _call.decode_into(q, k_cache, v_cache, result, lse, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
                           block_table=block_table, sinks=sinks, k_scale=ks, v_scale=vs, plan=plan, features=features,
                           softmax_scale=scale, num_programs=num_programs, config=config, causal=causal,
-                          window_size=window_size)
+                          window_size=window_size, split=split)
     return (result, lse) if return_lse else result

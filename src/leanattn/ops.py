@@ -39,10 +39,12 @@ def decode_into(
     k_scale_value: float = 1.0,
     v_scale_value: float = 1.0,
     plan: Optional[torch.Tensor] = None,
+    split: int = 0,
 ) -> None:
     """Write decode attention into ``out`` (and ``lse``); ``num_programs`` 0 means the default.
     Arguments as in ``leanattn.decode``; an fp8 cache's scales as (kv_heads,) tensors, or as
-    floats when the tensors are None."""
+    floats when the tensors are None; ``split``: tokens per split in batch-invariant mode (0:
+    off)."""
     window = tuple(window_size) if window_size is not None else (-1, -1)
     fp8 = k_cache.dtype in FP8_DTYPES
     k_scale = (k_scale if k_scale is not None else k_scale_value) if fp8 else None
@@ -51,13 +53,13 @@ def decode_into(
     _call.decode_into(q, k_cache, v_cache, out, lse, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
                       block_table=block_table, sinks=sinks, k_scale=ks, v_scale=vs, plan=plan, features=features,
                       softmax_scale=softmax_scale, num_programs=num_programs or None, config=None, causal=causal,
-                      window_size=window)
+                      window_size=window, split=split)
 
 
 @decode_into.register_fake
 def _decode_into_fake(q, k_cache, v_cache, out, lse, cache_seqlens, block_table, softmax_scale, num_programs,
                       cache_leftpad=None, causal=True, window_size=None, softcap=0.0, sinks=None, k_scale=None,
-                      v_scale=None, k_scale_value=1.0, v_scale_value=1.0, plan=None) -> None:
+                      v_scale=None, k_scale_value=1.0, v_scale_value=1.0, plan=None, split=0) -> None:
     return None
 
 
@@ -79,8 +81,9 @@ def plan_shares(
 ) -> torch.Tensor:
     """A new int32 (programs, PLAN_FIELDS) plan: every program's share of a grid of
     ``num_programs`` (0: the default grid of ``programs_per_sm``, found here, so compiled code
-    never traces device queries) for runs of LeanTiles of ``tile`` tokens and ``target_share``
-    (their launch config). Arguments as resolved by ``leanattn.plan_decode``."""
+    never traces device queries) for runs dealing units of ``tile`` tokens, ``target_share`` per
+    share: their launch config's tile and target, or in batch-invariant mode the split and 1
+    (``_call.unit_of``). Arguments as resolved by ``leanattn.plan_decode``."""
     programs = num_programs or grid_size(device, programs_per_sm)
     plan = torch.zeros(programs, PLAN_FIELDS.value, dtype=torch.int32, device=device)
     launch_plan(plan, programs, cache_seqlens, cache_leftpad, batch, kv_heads, capacity, q_len, window_left,

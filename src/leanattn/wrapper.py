@@ -20,7 +20,7 @@ import torch
 from . import _call
 from ._checks import (
     capacity_of, check_finite_values, check_layer_shape, check_lengths, check_lse_out, check_num_programs,
-    check_pages, check_plan_lengths, check_tile_count, fail, refuse_grad, softmax_scale_of, validate,
+    check_pages, check_plan_lengths, check_tile_count, fail, refuse_grad, softmax_scale_of, split_of, validate,
 )
 from ._features import resolve_features, window_bounds
 from ._plan import launch_plan
@@ -46,9 +46,13 @@ class DecodeWrapper:
         softmax_scale: default ``head_dim ** -0.5``.
         config: a :class:`leanattn.KernelConfig` for every plan and run, instead of the
             heuristic's (``leanattn.choose_config``) for each plan's q_len.
+        batch_invariant, split_size: as in :func:`leanattn.decode`: each sequence's results are
+            the same bits whatever rides with it. Its workspace grows with batch x capacity:
+            make the largest plan before capturing a CUDA graph.
 
-    The wrapper owns its workspace and plan buffers (allocated here, never again), so calls of
-    different wrappers may run concurrently on different streams. One wrapper's calls must be
+    The wrapper owns its workspace and plan buffers (allocated here; in batch-invariant mode
+    grown by a plan that needs more), so calls of different wrappers may run concurrently on
+    different streams. One wrapper's calls must be
     ordered on one stream (as the layers of a step are).
     """
 
@@ -65,6 +69,8 @@ class DecodeWrapper:
         num_programs: int | None = None,
         softmax_scale: float | None = None,
         config: KernelConfig | None = None,
+        batch_invariant: bool = False,
+        split_size: int | None = None,
     ) -> None:
         device = torch.device(device)
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -86,7 +92,12 @@ class DecodeWrapper:
         self._config = self._config_for(1)
         self.num_programs = _call.grid(device, self._config, num_programs)
         most = max(self.num_programs, _call.grid(device, self._config_for(max_q_len), num_programs))
-        self._bufs = _call.buffers(Workspace(), device, most, head_dim, max_q_len * group)
+        self._batch_invariant, self._split_size = batch_invariant, split_size
+        for q_len in (1, max_q_len):  # the configs' tiles bound the split (plan checks its own)
+            split_of(batch_invariant, split_size, self._config_for(q_len).tile)
+        self._split = 0
+        self._workspace = Workspace()
+        self._bufs = _call.buffers(self._workspace, device, _call.slots(most, 0, 0, 0, 0), head_dim, max_q_len * group)
         self._plan = torch.zeros(most, PLAN_FIELDS.value, dtype=torch.int32, device=device)
         self._seqlens: torch.Tensor | None = None
         self._leftpad: torch.Tensor | None = None
@@ -136,20 +147,26 @@ class DecodeWrapper:
         batch, _ = check_plan_lengths("DecodeWrapper.plan", cache_seqlens, cache_leftpad, batch, capacity, self.device)
         if not isinstance(q_len, int) or not 1 <= q_len <= self.max_q_len:
             fail(ValueError, f"q_len must be in [1, max_q_len={self.max_q_len}], got {q_len!r}")
-        # Nothing is allocated here: plan is captured in CUDA graphs.
+        # Nothing is allocated here (plan is captured in CUDA graphs), except a batch-invariant
+        # workspace grown for a larger batch x capacity.
         window_left, _, has_window, _ = window_bounds(causal, window_size, q_len)
         if check:
             check_lengths(cache_seqlens, cache_leftpad, capacity)
         self._config = self._config_for(q_len)
         self.num_programs = _call.grid(self.device, self._config, self._grid)
         check_tile_count(batch, self.kv_heads, capacity, self._config.tile)
+        self._split = split_of(self._batch_invariant, self._split_size, self._config.tile)
+        if self._split:  # one workspace slot per split
+            self._bufs = _call.buffers(
+                self._workspace, self.device, _call.slots(self.num_programs, self._split, batch, self.kv_heads, capacity),
+                self.head_dim, self.max_q_len * (self.q_heads // self.kv_heads))
         self._seqlens, self._leftpad, self._capacity, self._batch = cache_seqlens, cache_leftpad, capacity, batch
         self._q_len, self._causal, self._window_size = q_len, causal, tuple(window_size)
         # The plan's part of the runs' call key (see _call.call_key).
         self._plan_layout = (_call.layout_of(cache_seqlens, cache_leftpad), batch, capacity, q_len, self.num_programs,
-                             self._config, causal, self._window_size)
+                             self._config, causal, self._window_size, self._split)
         launch_plan(self._plan, self.num_programs, cache_seqlens, cache_leftpad, batch, self.kv_heads, capacity, q_len,
-                    window_left, has_window, self._config.tile, self._config.target_share,
+                    window_left, has_window, *_call.unit_of(self._config, self._split),
                     _call.pdl_of(self._config, self.device))
 
     def run(
@@ -206,7 +223,7 @@ class DecodeWrapper:
                 q, k_cache, v_cache, out, lse, block_table=block_table, k_scale=k_scale, v_scale=v_scale,
                 has_seqlens=self._seqlens is not None, has_leftpad=self._leftpad is not None, planned=True,
                 features=features, softmax_scale=self.softmax_scale, batch=self._batch, capacity=self._capacity,
-                programs=self.num_programs, config=self._config)
+                programs=self.num_programs, config=self._config, split=self._split)
         if check:
             if block_table is not None:
                 check_pages(block_table, k_cache.shape[0], k_cache.shape[1], self._seqlens, self._leftpad)

@@ -3,7 +3,8 @@
 ``import leanattn.integrations.transformers`` registers the name with transformers'
 ``AttentionInterface`` (and the SDPA mask builder under the same name with
 ``AttentionMaskInterface``), so ``from_pretrained(..., attn_implementation="leanattn")`` and
-``model.set_attn_implementation("leanattn")`` work.
+``model.set_attn_implementation("leanattn")`` work; ``"leanattn_batch_invariant"`` runs the
+decode steps in batch-invariant mode (``register`` names other split sizes).
 
 Decode steps run on leanattn: one query token per sequence, or up to ``MAX_QUERY_TOKENS``
 (speculative decoding's verification, short prompts), reading the cache in place: transformers
@@ -35,11 +36,26 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import leanattn
+from leanattn._checks import split_of
 from leanattn.kernels.config import interpreting, next_pow2
 
-__all__ = ["NAME", "MAX_QUERY_TOKENS", "attention_forward", "decode_refusal", "live_range", "calls"]
+__all__ = ["NAME", "NAME_BATCH_INVARIANT", "MAX_QUERY_TOKENS", "attention_forward", "decode_refusal", "live_range",
+           "calls", "register"]
 
 NAME = "leanattn"
+# Decode steps in batch-invariant mode with the default split (``register`` makes others).
+NAME_BATCH_INVARIANT = "leanattn_batch_invariant"
+
+
+class Invariance(collections.namedtuple("Invariance", "batch_invariant split_size")):
+    """A registered name's batch-invariant mode, as ``leanattn.decode`` takes it."""
+
+    @property
+    def kwargs(self) -> dict:
+        return {"batch_invariant": True, "split_size": self.split_size} if self.batch_invariant else {}
+
+
+_DEFAULT = Invariance(False, None)
 
 # Score features the kernel lacks: such a call falls back to SDPA, which takes position biases.
 _SCORE_FEATURES = ("position_bias", "sinks")
@@ -183,7 +199,7 @@ _spare: dict[tuple, list[leanattn.DecodeWrapper]] = collections.defaultdict(list
 
 def _planned(
     query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None,
-    window_left: int,
+    window_left: int, invariant: Invariance,
 ) -> tuple[leanattn.DecodeWrapper, torch.Tensor | None]:
     """A DecodeWrapper planned for this step's mask and shapes, and the query's poison factor
     (see ``_lengths``; None without a mask). query (batch, q_heads, q_len, head_dim); key
@@ -192,7 +208,7 @@ def _planned(
     kv_heads, kv_len = key.shape[1], key.shape[2]
     # Wrappers serve q_len up to a power of two (their workspace grows with it).
     most = next_pow2(q_len)
-    kind = (q_heads, kv_heads, head_dim, query.dtype, key.dtype, query.device, scaling, most)
+    kind = (q_heads, kv_heads, head_dim, query.dtype, key.dtype, query.device, scaling, most, invariant)
     slot = (kind, q_len, batch, kv_len, window_left, id(attention_mask))
     plan = _plans.get(slot)
     if plan is not None and plan.fits(attention_mask):
@@ -205,9 +221,9 @@ def _planned(
         _give_back(old_kind, old.wrapper)
     wrapper = _spare[kind].pop() if _spare[kind] else leanattn.DecodeWrapper(
         q_heads, kv_heads, head_dim, query.dtype, query.device, kv_dtype=key.dtype, max_q_len=most,
-        softmax_scale=scaling)
+        softmax_scale=scaling, **invariant.kwargs)
     leftpad, seqlens, poison = _lengths(attention_mask, batch, q_len, window_left, query.dtype, query.device)
-    _reserve_decode_workspace(query, key, q_len)  # for steps of this shape captured later
+    _reserve_decode_workspace(query, key, q_len, invariant)  # for steps of this shape captured later
     wrapper.plan(seqlens, kv_len, batch=batch, cache_leftpad=leftpad, q_len=q_len, window_size=(window_left, 0))
     _plans[slot] = _Plan(attention_mask, wrapper, poison)
     return wrapper, poison
@@ -259,6 +275,7 @@ def _mask(*args, **kwargs) -> torch.Tensor | None:
 
 def _step_plan(
     attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor, window_left: int,
+    invariant: Invariance,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``_lengths`` and a ``leanattn.plan_decode`` plan for them (None for an unmarked mask),
     computed once per marked mask and call shape. query (batch, q_heads, q_len, head_dim); key
@@ -267,13 +284,13 @@ def _step_plan(
     if attention_mask is None or not hasattr(attention_mask, _MARK):
         return *_lengths(attention_mask, batch, q_len, window_left, query.dtype, query.device), None
     kv_heads, kv_len = key.shape[1], key.shape[2]
-    shape = (batch, q_len, window_left, query.dtype, q_heads, kv_heads, head_dim, key.dtype, kv_len)
+    shape = (batch, q_len, window_left, query.dtype, q_heads, kv_heads, head_dim, key.dtype, kv_len, invariant)
     memo = getattr(attention_mask, _MARK)
     if memo is None or memo[0] != shape:
         leftpad, seqlens, poison = _lengths(attention_mask, batch, q_len, window_left, query.dtype, query.device)
         plan = leanattn.plan_decode(seqlens, kv_len, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim,
                                     kv_dtype=key.dtype, batch=batch, cache_leftpad=leftpad, q_len=q_len,
-                                    window_size=(window_left, 0), device=query.device)
+                                    window_size=(window_left, 0), device=query.device, **invariant.kwargs)
         memo = (shape, (leftpad, seqlens, poison, plan))
         setattr(attention_mask, _MARK, memo)
     return memo[1]
@@ -282,17 +299,20 @@ def _step_plan(
 _reserved: set[tuple] = set()
 
 
-def _reserve_decode_workspace(query: torch.Tensor, key: torch.Tensor, q_len: int) -> None:
+def _reserve_decode_workspace(query: torch.Tensor, key: torch.Tensor, q_len: int, invariant: Invariance) -> None:
     """Allocate the workspace steps of ``q_len`` query tokens will use, from an eager call (a
     prefill, an eager step), so a step captured in a CUDA graph by hand never needs to allocate
-    it (torch.compile's CUDA graphs need no reservation: they run each new graph eagerly first)."""
+    it (torch.compile's CUDA graphs need no reservation: they run each new graph eagerly first).
+    Batch-invariant steps need one for this batch and cache length."""
     if not query.is_cuda or query.dtype not in leanattn.SUPPORTED_DTYPES or torch.cuda.is_current_stream_capturing():
         return
     q_heads, head_dim, kv_heads = query.shape[1], query.shape[-1], key.shape[1]
-    kind = (query.device, q_heads, kv_heads, head_dim, key.dtype, q_len)
+    sized = dict(batch=query.shape[0], capacity=key.shape[2]) if invariant.batch_invariant else {}
+    kind = (query.device, q_heads, kv_heads, head_dim, key.dtype, q_len, invariant, *sized.values())
     if kind in _reserved or head_dim not in leanattn.SUPPORTED_HEAD_DIMS or kv_heads == 0 or q_heads % kv_heads:
         return
-    leanattn.reserve_workspace(query.device, q_heads, kv_heads, head_dim, key.dtype, q_len=q_len)
+    leanattn.reserve_workspace(query.device, q_heads, kv_heads, head_dim, key.dtype, q_len=q_len,
+                               **invariant.kwargs, **sized)
     _reserved.add(kind)
 
 
@@ -318,9 +338,17 @@ def attention_forward(
     (batch, 1, q_len, kv_len) mask from ``sdpa_mask``. Returns (batch, q_len, q_heads, head_dim)
     and no attention weights.
     """
+    return _forward(_DEFAULT, module, query, key, value, attention_mask, dropout, scaling, kwargs)
+
+
+def _forward(
+    invariant: Invariance, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor | None, dropout: float, scaling: float | None, kwargs: dict,
+) -> tuple[torch.Tensor, None]:
+    """:func:`attention_forward`, with leanattn's decode steps in ``invariant``'s mode."""
     reason = decode_refusal(query, key, value, attention_mask, dropout, kwargs, module)
     if reason == "prefill" and not torch.compiler.is_compiling():
-        _reserve_decode_workspace(query, key, 1)  # for one-token steps captured later
+        _reserve_decode_workspace(query, key, 1, invariant)  # for one-token steps captured later
     if reason is not None:
         lacking = [name for name in _SDPA_LACKS if kwargs.get(name) is not None]
         if lacking:
@@ -347,10 +375,10 @@ def attention_forward(
     window_left = int(kwargs.get("sliding_window") or 0) - 1 if query.shape[2] > 1 else -1
     if torch.compiler.is_compiling() or (query.is_cuda and torch.cuda.is_current_stream_capturing()):
         # Traced or captured: the custom ops, which keep no state (the step's plan is a tensor).
-        leftpad, seqlens, poison, plan = _step_plan(attention_mask, query, key, window_left)
+        leftpad, seqlens, poison, plan = _step_plan(attention_mask, query, key, window_left, invariant)
         wrapper = None
     else:
-        wrapper, poison = _planned(query, key, attention_mask, scaling, window_left)
+        wrapper, poison = _planned(query, key, attention_mask, scaling, window_left, invariant)
     if poison is not None:
         # A sequence whose mask the kernel can't express (padding inside it, another mask
         # shape) has no exact answer here: a NaN query turns its rows to NaN rather than to a
@@ -363,11 +391,31 @@ def attention_forward(
     sinks = None if sinks is None else sinks.float().contiguous()  # the kernel reads a packed vector
     if wrapper is None:
         out = leanattn.decode(q, k, v, seqlens, cache_leftpad=leftpad, softmax_scale=scaling,
-                              window_size=(window_left, 0), softcap=softcap, sinks=sinks, plan=plan)
+                              window_size=(window_left, 0), softcap=softcap, sinks=sinks, plan=plan,
+                              **invariant.kwargs)
     else:
         out = wrapper.run(q, k, v, softcap=softcap, sinks=sinks)
     return out, None
 
 
+def register(name: str, *, batch_invariant: bool = False, split_size: int | None = None) -> None:
+    """Register leanattn under another ``attn_implementation`` name, its decode steps in
+    batch-invariant mode with ``split_size`` tokens per split (see ``leanattn.decode``); e.g.
+    ``register("leanattn_split_2048", batch_invariant=True, split_size=2048)``. Prefills and
+    other calls leanattn doesn't take go to SDPA, as with ``"leanattn"``, and are not batch
+    invariant."""
+    invariant = Invariance(batch_invariant, split_size)
+    if split_size is not None:
+        split_of(batch_invariant, split_size, 1)  # the type and sign; each call checks it against its tile
+
+    def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        return _forward(invariant, module, query, key, value, attention_mask, dropout, scaling, kwargs)
+
+    forward.__doc__ = attention_forward.__doc__
+    AttentionInterface.register(name, forward if invariant != _DEFAULT else attention_forward)
+    AttentionMaskInterface.register(name, _mask)
+
+
 AttentionInterface.register(NAME, attention_forward)
 AttentionMaskInterface.register(NAME, _mask)
+register(NAME_BATCH_INVARIANT, batch_invariant=True)

@@ -191,14 +191,17 @@ def _partial_slot(p, first_prog, head_first, total, programs):
 @triton.jit
 def _load_partial(
     WsAcc, WsStats, p, first_prog, last_prog, head_first, total, programs,
-    ROWS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    ROWS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BY_SLOT: tl.constexpr,
 ):
-    """Partial (acc, m, l) of program p for the head starting at tile head_first; an empty
-    partial when p is past last_prog."""
+    """Partial (acc, m, l) of program p for the head starting at tile head_first (BY_SLOT: the
+    partial in slot p); an empty partial when p is past last_prog."""
     rows = tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     valid = (tl.zeros((ROWS,), dtype=tl.int32) + p) <= last_prog  # a block mask, not a scalar
-    src = _partial_slot(p, first_prog, head_first, total, programs)
+    if BY_SLOT:
+        src = p
+    else:
+        src = _partial_slot(p, first_prog, head_first, total, programs)
     stats = WsStats + src * (2 * ROWS) + rows
     m = tl.load(stats, mask=valid, other=float("-inf"), cache_modifier=".cg")
     l = tl.load(stats + ROWS, mask=valid, other=0.0, cache_modifier=".cg")
@@ -210,13 +213,17 @@ def _load_partial(
 @triton.jit
 def _load4(
     WsAcc, WsStats, p, first_prog, p_last, head_first, total, programs,
-    STEP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    STEP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BY_SLOT: tl.constexpr,
 ):
     """Partials of programs p, p + STEP, p + 2 STEP, p + 3 STEP: (acc, m, l) four times."""
-    a0, m0, l0 = _load_partial(WsAcc, WsStats, p, first_prog, p_last, head_first, total, programs, ROWS, HEAD_DIM_PAD)
-    a1, m1, l1 = _load_partial(WsAcc, WsStats, p + STEP, first_prog, p_last, head_first, total, programs, ROWS, HEAD_DIM_PAD)
-    a2, m2, l2 = _load_partial(WsAcc, WsStats, p + 2 * STEP, first_prog, p_last, head_first, total, programs, ROWS, HEAD_DIM_PAD)
-    a3, m3, l3 = _load_partial(WsAcc, WsStats, p + 3 * STEP, first_prog, p_last, head_first, total, programs, ROWS, HEAD_DIM_PAD)
+    a0, m0, l0 = _load_partial(WsAcc, WsStats, p, first_prog, p_last, head_first, total, programs, ROWS, HEAD_DIM_PAD,
+                               BY_SLOT)
+    a1, m1, l1 = _load_partial(WsAcc, WsStats, p + STEP, first_prog, p_last, head_first, total, programs, ROWS, HEAD_DIM_PAD,
+                               BY_SLOT)
+    a2, m2, l2 = _load_partial(WsAcc, WsStats, p + 2 * STEP, first_prog, p_last, head_first, total, programs, ROWS, HEAD_DIM_PAD,
+                               BY_SLOT)
+    a3, m3, l3 = _load_partial(WsAcc, WsStats, p + 3 * STEP, first_prog, p_last, head_first, total, programs, ROWS, HEAD_DIM_PAD,
+                               BY_SLOT)
     return a0, m0, l0, a1, m1, l1, a2, m2, l2, a3, m3, l3
 
 
@@ -239,9 +246,10 @@ def _combine4(acc, m_i, l_i, a0, m0, l0, a1, m1, l1, a2, m2, l2, a3, m3, l3):
 def _merge_partials(
     WsAcc, WsStats, p_first, p_last, first_prog, head_first, total, programs,
     STEP: tl.constexpr, WIDE: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BY_SLOT: tl.constexpr = False,
 ):
-    """Merge the partials of programs p_first, p_first + STEP, ... up to p_last, in that order,
-    four per step, or eight when WIDE. Each step issues all its loads before any of its math, so
+    """Merge the partials of programs p_first, p_first + STEP, ... up to p_last (BY_SLOT: of
+    those workspace slots), in that order, four per step, or eight when WIDE. Each step issues all its loads before any of its math, so
     they are in flight together: the merge's latency is its number of steps."""
     m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((ROWS,), dtype=tl.float32)
@@ -249,15 +257,15 @@ def _merge_partials(
     if WIDE:
         for p in range(p_first, p_last + 1, 8 * STEP):
             a0, m0, l0, a1, m1, l1, a2, m2, l2, a3, m3, l3 = _load4(
-                WsAcc, WsStats, p, first_prog, p_last, head_first, total, programs, STEP, ROWS, HEAD_DIM_PAD)
+                WsAcc, WsStats, p, first_prog, p_last, head_first, total, programs, STEP, ROWS, HEAD_DIM_PAD, BY_SLOT)
             a4, m4, l4, a5, m5, l5, a6, m6, l6, a7, m7, l7 = _load4(
-                WsAcc, WsStats, p + 4 * STEP, first_prog, p_last, head_first, total, programs, STEP, ROWS, HEAD_DIM_PAD)
+                WsAcc, WsStats, p + 4 * STEP, first_prog, p_last, head_first, total, programs, STEP, ROWS, HEAD_DIM_PAD, BY_SLOT)
             acc, m_i, l_i = _combine4(acc, m_i, l_i, a0, m0, l0, a1, m1, l1, a2, m2, l2, a3, m3, l3)
             acc, m_i, l_i = _combine4(acc, m_i, l_i, a4, m4, l4, a5, m5, l5, a6, m6, l6, a7, m7, l7)
     else:
         for p in range(p_first, p_last + 1, 4 * STEP):
             a0, m0, l0, a1, m1, l1, a2, m2, l2, a3, m3, l3 = _load4(
-                WsAcc, WsStats, p, first_prog, p_last, head_first, total, programs, STEP, ROWS, HEAD_DIM_PAD)
+                WsAcc, WsStats, p, first_prog, p_last, head_first, total, programs, STEP, ROWS, HEAD_DIM_PAD, BY_SLOT)
             acc, m_i, l_i = _combine4(acc, m_i, l_i, a0, m0, l0, a1, m1, l1, a2, m2, l2, a3, m3, l3)
     return acc, m_i, l_i
 
@@ -334,6 +342,51 @@ def _merge_split_head(
 
 
 @triton.jit
+def _merge_split(
+    WsAcc, WsStats, Tickets, ChunkTickets, Out, Lse, Sinks, acc, m_i, l_i, v_scale,
+    b, h, head_first, u, n_splits,
+    stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+    GROUP: tl.constexpr, Q_LEN: tl.constexpr, ROWS: tl.constexpr, MERGE_ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MERGE_WIDE: tl.constexpr, ARRIVE_CHUNK: tl.constexpr,
+    RETURN_LSE: tl.constexpr, HAS_SINKS: tl.constexpr,
+):
+    """Batch-invariant mode: split ``u`` of the ``n_splits`` of head (b, h), whose split 0 owns
+    workspace slot ``head_first``: leave its partial in slot ``head_first + u``, count its
+    arrival, and merge if it is the last.
+
+    The tree of :func:`_merge_split_head` over splits instead of programs: chunks of ARRIVE_CHUNK
+    consecutive splits, then the chunks, each merged in split order. What is summed, and in which
+    order, depends only on the head's length, never on which program computed a split or when:
+    a sequence's bits don't depend on the batch it rides in or on the grid."""
+    _store_partial(WsAcc, WsStats, head_first + u, acc, m_i, l_i, ROWS, MERGE_ROWS, HEAD_DIM_PAD)
+    chunk_first = head_first + u // ARRIVE_CHUNK * ARRIVE_CHUNK
+    chunk_last = tl.minimum(chunk_first + ARRIVE_CHUNK - 1, head_first + n_splits - 1)
+    # Every thread's partial stores must be ordered before the ticket (release).
+    tl.debug_barrier()
+    arrived = tl.atomic_add(ChunkTickets + chunk_first, 1, sem="acq_rel", scope="gpu")
+    if arrived == chunk_last - chunk_first:
+        tl.atomic_xchg(ChunkTickets + chunk_first, 0, sem="relaxed", scope="gpu")
+        acc_c, m_c, l_c = _merge_partials(WsAcc, WsStats, chunk_first, chunk_last, 0, 0, 0, 0,
+                                          1, MERGE_WIDE, MERGE_ROWS, HEAD_DIM_PAD, True)
+        if n_splits <= ARRIVE_CHUNK:  # one chunk: it is the whole head
+            _write_output(Out, Lse, Sinks, b, h, acc_c, m_c, l_c, v_scale,
+                          stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                          GROUP, Q_LEN, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE, HAS_SINKS)
+        else:
+            # The chunk's splits have all been read: its first slot takes the chunk's sum.
+            _store_partial(WsAcc, WsStats, chunk_first, acc_c, m_c, l_c, MERGE_ROWS, MERGE_ROWS, HEAD_DIM_PAD)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(Tickets + head_first, 1, sem="acq_rel", scope="gpu")
+            if arrived == (n_splits - 1) // ARRIVE_CHUNK:
+                tl.atomic_xchg(Tickets + head_first, 0, sem="relaxed", scope="gpu")
+                acc_m, m_m, l_m = _merge_partials(WsAcc, WsStats, head_first, head_first + n_splits - 1, 0, 0, 0, 0,
+                                                  ARRIVE_CHUNK, MERGE_WIDE, MERGE_ROWS, HEAD_DIM_PAD, True)
+                _write_output(Out, Lse, Sinks, b, h, acc_m, m_m, l_m, v_scale,
+                              stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                              GROUP, Q_LEN, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE, HAS_SINKS)
+
+
+@triton.jit
 def _load_q(
     Q, KScale, VScale, b, h, q_rows, mask_q, offs_d, stride_qb, stride_qh, scale,
     GROUP: tl.constexpr, HAS_KV_SCALE: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -370,7 +423,7 @@ def lean_decode_kernel(
     batch, kv_heads, capacity, num_pages, window_left, window_right, scale, softcap,
     GROUP: tl.constexpr, Q_LEN: tl.constexpr, ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, TARGET_SHARE: tl.constexpr,
+    TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, TARGET_SHARE: tl.constexpr, SPLIT: tl.constexpr, UNIT: tl.constexpr,
     MERGE_ROWS: tl.constexpr, MERGE_WIDE: tl.constexpr, ARRIVE_CHUNK: tl.constexpr,
     HAS_SEQLENS: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_KV_SCALE: tl.constexpr,
@@ -387,10 +440,14 @@ def lean_decode_kernel(
     (times log2(e) unless HAS_SOFTCAP). A row sees keys in [query - window_left, query +
     window_right]; HAS_WINDOW: tiles before every row's window are skipped (and not counted);
     HAS_MASK: the per-row bounds are applied.
-    With PLANNED, program p reads its share from Plan[p] (written by ``lean_plan_kernel`` for the
-    same lengths); otherwise it locates the share itself. Workspace: WsAcc (2 * grid, MERGE_ROWS,
-    HEAD_DIM_PAD) fp32, WsStats (2 * grid, 2, MERGE_ROWS) fp32, Tickets (grid,) and ChunkTickets
-    (2 * grid,) int32, zero between calls (the last arriver on each ticket puts it back).
+    Shares are dealt in units of UNIT tokens: TILE, or SPLIT > 0 (batch-invariant mode: each
+    split of SPLIT tokens, a multiple of TILE, is attended alone and the splits of a head merge
+    in split order). With PLANNED, program p reads its share from Plan[p] (written by
+    ``lean_plan_kernel`` for the same lengths and UNIT); otherwise it locates the share itself.
+    Workspace: WsAcc (S, MERGE_ROWS, HEAD_DIM_PAD) fp32, WsStats (S, 2, MERGE_ROWS) fp32, Tickets
+    and ChunkTickets int32, zero between calls (the last arriver on each ticket puts it back);
+    S = 2 * grid slots, grid head tickets and 2 * grid chunk tickets, or with SPLIT one slot and
+    ticket of each kind per split of the call.
     """
     if USE_PDL:
         # Launched early behind the previous kernel (programmatic dependent launch): wait for it
@@ -402,7 +459,7 @@ def lean_decode_kernel(
     else:
         total, programs, start, end, b, h, t = _share_of(
             SeqLens, LeftPad, batch, kv_heads, capacity, window_left, pid, tl.num_programs(0),
-            HAS_SEQLENS, HAS_LEFTPAD, Q_LEN, HAS_WINDOW, TILE, TARGET_SHARE, BLOCK_B,
+            HAS_SEQLENS, HAS_LEFTPAD, Q_LEN, HAS_WINDOW, UNIT, TARGET_SHARE, BLOCK_B,
         )
     if pid >= programs:
         return
@@ -417,35 +474,65 @@ def lean_decode_kernel(
     while g < end:
         first, length, lo, live = _live_range(SeqLens, LeftPad, b, b >= 0, capacity, window_left,
                                               HAS_SEQLENS, HAS_LEFTPAD, Q_LEN, HAS_WINDOW)
-        n_tiles = _num_tiles(length, TILE)
-        t_end = tl.minimum(n_tiles.to(tl.int64), t + (end - g)).to(tl.int32)
+        n_units = _num_tiles(length, UNIT)
+        t_end = tl.minimum(n_units.to(tl.int64), t + (end - g)).to(tl.int32)
         q, head_scale, v_scale = _load_q(Q, KScale, VScale, b, h, q_rows, mask_q, offs_d, stride_qb, stride_qh,
                                          scale, GROUP, HAS_KV_SCALE, DOT_DTYPE)
-        acc, m_i, l_i = _attend_tiles(
-            q, K, V, BlockTable, b, h, first, length, lo, live, t, t_end, head_scale, softcap,
-            window_left, window_right, num_pages,
-            stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
-            GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, HAS_SOFTCAP, HAS_MASK, DOT_DTYPE,
-        )
-        if USE_PDL:
-            # Small calls let the next kernel launch once every program has streamed its last
-            # tile, so its launch overlaps the merges. Large calls leave it to their exit: there
-            # an early launch measured slower (its programs take SM slots while they wait).
-            if (g + (t_end - t) >= end) & (total <= 8 * tl.num_programs(0)):
-                gdc_launch_dependents()
-
-        if (t == 0) & (t_end == n_tiles):
-            _write_output(Out, Lse, Sinks, b, h, acc, m_i, l_i, v_scale,
-                          stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
-                          GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE, HAS_SINKS)
+        if SPLIT > 0:
+            # Each split is attended on its own and merged in split order (_merge_split), so
+            # its bits are the same whichever program takes it.
+            n_tiles = _num_tiles(length, TILE)
+            head_first = (g - t).to(tl.int32)  # the head's split 0, as a global split index
+            for u in range(t, t_end):
+                acc, m_i, l_i = _attend_tiles(
+                    q, K, V, BlockTable, b, h, first, length, lo, live, u * (SPLIT // TILE),
+                    tl.minimum((u + 1) * (SPLIT // TILE), n_tiles), head_scale, softcap,
+                    window_left, window_right, num_pages,
+                    stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
+                    GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, HAS_SOFTCAP, HAS_MASK, DOT_DTYPE,
+                )
+                if USE_PDL:  # as below, with the total counted in tiles
+                    if (u == t_end - 1) & (g + (t_end - t) >= end) & (total * (SPLIT // TILE) <= 8 * tl.num_programs(0)):
+                        gdc_launch_dependents()
+                if n_units == 1:
+                    _write_output(Out, Lse, Sinks, b, h, acc, m_i, l_i, v_scale,
+                                  stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                                  GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE, HAS_SINKS)
+                else:
+                    _merge_split(
+                        WsAcc, WsStats, Tickets, ChunkTickets, Out, Lse, Sinks, acc, m_i, l_i, v_scale,
+                        b, h, head_first, u, n_units,
+                        stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                        GROUP, Q_LEN, ROWS, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, MERGE_WIDE, ARRIVE_CHUNK, RETURN_LSE,
+                        HAS_SINKS,
+                    )
         else:
-            _merge_split_head(
-                WsAcc, WsStats, Tickets, ChunkTickets, Out, Lse, Sinks, acc, m_i, l_i, v_scale,
-                pid, b, h, g, start, t, n_tiles, total, programs,
-                stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
-                GROUP, Q_LEN, ROWS, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, MERGE_WIDE, ARRIVE_CHUNK, RETURN_LSE,
-                HAS_SINKS,
+            n_tiles = n_units
+            acc, m_i, l_i = _attend_tiles(
+                q, K, V, BlockTable, b, h, first, length, lo, live, t, t_end, head_scale, softcap,
+                window_left, window_right, num_pages,
+                stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
+                GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, HAS_SOFTCAP, HAS_MASK, DOT_DTYPE,
             )
+            if USE_PDL:
+                # Small calls let the next kernel launch once every program has streamed its last
+                # tile, so its launch overlaps the merges. Large calls leave it to their exit: there
+                # an early launch measured slower (its programs take SM slots while they wait).
+                if (g + (t_end - t) >= end) & (total <= 8 * tl.num_programs(0)):
+                    gdc_launch_dependents()
+
+            if (t == 0) & (t_end == n_tiles):
+                _write_output(Out, Lse, Sinks, b, h, acc, m_i, l_i, v_scale,
+                              stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                              GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE, HAS_SINKS)
+            else:
+                _merge_split_head(
+                    WsAcc, WsStats, Tickets, ChunkTickets, Out, Lse, Sinks, acc, m_i, l_i, v_scale,
+                    pid, b, h, g, start, t, n_tiles, total, programs,
+                    stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                    GROUP, Q_LEN, ROWS, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, MERGE_WIDE, ARRIVE_CHUNK, RETURN_LSE,
+                    HAS_SINKS,
+                )
 
         g += (t_end - t).to(tl.int64)
         t = 0

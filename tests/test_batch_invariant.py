@@ -1,0 +1,139 @@
+"""Batch-invariant mode: a sequence's output and LSE bits depend on its own inputs and the split
+size only, never on the sequences that ride with it, the grid, a plan, the cache's layout or
+left padding; and they are right (against the float64 reference)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+import leanattn
+
+from _util import DEVICE, assert_close, reference, tile_size, to_paged
+
+HQ, HKV, D = 4, 2, 64
+DTYPE = torch.bfloat16
+PAGE = 16
+
+
+def rnd(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).to(DTYPE).to(DEVICE)
+
+
+def run(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int], pads: list[int], *, split: int,
+    grid: int, how: str, paged: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's (out, lse) in batch-invariant mode, through ``how``: decode, decode with a plan,
+    or a DecodeWrapper."""
+    batch, q_len = q.shape[:2]
+    seqlens = torch.tensor([p + n for p, n in zip(pads, lens)], dtype=torch.int32, device=DEVICE)
+    leftpad = torch.tensor(pads, dtype=torch.int32, device=DEVICE)
+    table = None
+    if paged:
+        k, v, table = to_paged(k, v, seqlens.tolist(), PAGE, seed=grid)
+    capacity = leanattn._checks.capacity_of(k, table)
+    kw = dict(batch_invariant=True, split_size=split)
+    if how == "wrapper":
+        w = leanattn.DecodeWrapper(HQ, HKV, D, DTYPE, DEVICE, max_q_len=q_len, num_programs=grid, **kw)
+        w.plan(seqlens, capacity, cache_leftpad=leftpad, q_len=q_len)
+        return w.run(q, k, v, block_table=table, return_lse=True)
+    plan = None
+    if how == "plan":
+        plan = leanattn.plan_decode(seqlens, capacity, q_heads=HQ, kv_heads=HKV, head_dim=D, kv_dtype=DTYPE,
+                                    cache_leftpad=leftpad, q_len=q_len, num_programs=grid, **kw)
+    return leanattn.decode(q, k, v, seqlens, cache_leftpad=leftpad, block_table=table, num_programs=grid, plan=plan,
+                           return_lse=True, **kw)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    length=st.integers(0, 700),
+    q_len=st.sampled_from([1, 3]),
+    splits_per=st.sampled_from([1, 3]),
+    companions=st.lists(st.integers(0, 400), max_size=3),
+    at=st.integers(0, 3),
+    pad=st.integers(0, 40),
+    grid=st.sampled_from([1, 5, 16, 40]),
+    how=st.sampled_from(["decode", "plan", "wrapper"]),
+    paged=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+# Over 16 splits of one head: the two-level merge (chunks of splits, then the chunks).
+@example(length=690, q_len=1, splits_per=1, companions=[5, 300], at=1, pad=7, grid=40, how="decode",
+         paged=False, seed=1)
+def test_a_sequence_has_the_same_bits_in_any_batch(length, q_len, splits_per, companions, at, pad, grid, how,
+                                                    paged, seed):
+    split = tile_size(D, DTYPE, q_len * HQ // HKV) * splits_per
+    gen = torch.Generator().manual_seed(seed)
+    length = max(length, q_len)
+    cap = max([length + pad] + companions) + 5
+    q0, k0, v0 = rnd(gen, 1, q_len, HQ, D), rnd(gen, 1, length, HKV, D), rnd(gen, 1, length, HKV, D)
+
+    # Alone, on one program, unpadded and contiguous.
+    alone, alone_lse = run(q0, k0, v0, [length], [0], split=split, grid=1, how="decode", paged=False)
+    ref, ref_lse = reference(q0, k0, v0, torch.tensor([length], dtype=torch.int32, device=DEVICE))
+    assert_close(alone, alone_lse, ref, ref_lse)
+
+    # In a batch: companions before and after it, the sequence left-padded by `pad`.
+    at = min(at, len(companions))
+    lens = companions[:at] + [length] + companions[at:]
+    pads = [0] * at + [pad] + [0] * (len(companions) - at)
+    batch = len(lens)
+    q = rnd(gen, batch, q_len, HQ, D)
+    k, v = rnd(gen, batch, cap, HKV, D), rnd(gen, batch, cap, HKV, D)
+    q[at] = q0[0]
+    k[at, pad : pad + length] = k0[0]
+    v[at, pad : pad + length] = v0[0]
+    out, lse = run(q, k, v, lens, pads, split=split, grid=grid, how=how, paged=paged)
+    assert torch.equal(out[at], alone[0]), "the output's bits depend on the batch"
+    assert torch.equal(lse[at], alone_lse[0]), "the LSE's bits depend on the batch"
+
+
+def test_every_sequence_is_right():
+    """Ragged lengths over several splits and both merge levels, with a window and sinks."""
+    gen = torch.Generator().manual_seed(3)
+    lens, cap = [700, 0, 33, 257], 704
+    q, k, v = rnd(gen, 4, 2, HQ, D), rnd(gen, 4, cap, HKV, D), rnd(gen, 4, cap, HKV, D)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    sinks = torch.randn(HQ, generator=gen).to(DEVICE)
+    split = tile_size(D, DTYPE, 2 * HQ // HKV)
+    for window in [(-1, -1), (300, 0)]:
+        out, lse = leanattn.decode(q, k, v, seqlens, window_size=window, sinks=sinks, num_programs=7,
+                                   batch_invariant=True, split_size=split, return_lse=True)
+        ref, ref_lse = reference(q, k, v, seqlens, window_size=window, sinks=sinks)
+        assert_close(out, lse, ref, ref_lse)
+
+
+def test_split_size_errors():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = rnd(gen, 1, 1, HQ, D), rnd(gen, 1, 64, HKV, D), rnd(gen, 1, 64, HKV, D)
+    tile = tile_size(D, DTYPE, HQ // HKV)
+    with pytest.raises(ValueError, match="split_size is the split of batch_invariant=True"):
+        leanattn.decode(q, k, v, split_size=tile)
+    for bad in (tile + tile // 2, 0, -tile):
+        with pytest.raises(ValueError, match=rf"split_size must be a positive multiple of .*tile \({tile} tokens\)"):
+            leanattn.decode(q, k, v, batch_invariant=True, split_size=bad)
+    with pytest.raises(TypeError, match="batch_invariant must be a bool"):
+        leanattn.decode(q, k, v, batch_invariant=1)
+    with pytest.raises(ValueError, match=f"split_size must be .*tile \\({tile} tokens\\)"):
+        leanattn.DecodeWrapper(HQ, HKV, D, DTYPE, DEVICE, batch_invariant=True, split_size=tile + 1)
+    # A plan dealt in tiles is not a plan dealt in splits.
+    plan = leanattn.plan_decode(None, 64, batch=1, q_heads=HQ, kv_heads=HKV, head_dim=D, kv_dtype=DTYPE,
+                                device=DEVICE)
+    with pytest.raises(ValueError, match="plan was made for another call: split_size"):
+        leanattn.decode(q, k, v, plan=plan, batch_invariant=True, split_size=tile)
+
+
+def test_custom_op_takes_the_split():
+    """The op torch.compile traces carries the split: its result is the eager call's bits."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = rnd(gen, 2, 1, HQ, D), rnd(gen, 2, 300, HKV, D), rnd(gen, 2, 300, HKV, D)
+    seqlens = torch.tensor([300, 120], dtype=torch.int32, device=DEVICE)
+    split = tile_size(D, DTYPE, HQ // HKV) * 2
+    want = leanattn.decode(q, k, v, seqlens, num_programs=3, batch_invariant=True, split_size=split)
+    out = torch.full_like(q, float("nan"))
+    torch.ops.leanattn.decode_into(q, k, v, out, None, seqlens, None, D**-0.5, 3, split=split)
+    assert torch.equal(out, want)
