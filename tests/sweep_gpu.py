@@ -59,7 +59,9 @@ KV_DTYPES = {"same": None, "e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m
 Q_LENS = (1, 1, 1, 2, 4, 16)  # q_len x group stays within the kernel's 128 rows (groups <= 8)
 HEAD_DIMS = (64, 80, 96, 128, 256)
 GROUPS = (1, 2, 4, 5, 7, 8)
-PAGE_SIZES = (0, 0, 1, 16, 64, 256)  # 0: a dense cache (contiguous or strided, drawn per case)
+# 0: a dense cache (contiguous or strided, drawn per case). Pages of powers of two and not: 3 and
+# 24 split the GPU's 64/128-key tiles unevenly, 100 and 129 span more than one.
+PAGE_SIZES = (0, 0, 0, 1, 3, 16, 24, 64, 100, 129, 256)
 KV_HEADS = (1, 2, 4, 8)
 GRIDS = (None, 1, 7, 97, 1000)
 # Elements (batch x capacity x kv_heads x head_dim) of one K cache: 64 MiB in 16-bit floats, so K,

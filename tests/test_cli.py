@@ -23,9 +23,9 @@ REFUSED = [
     ("1x32k@8/0", "multiple of kv heads"),             # no kv heads
     ("1x32k@32/8:d=72", "head dim must be one of"),    # unsupported head dim
     ("1x32k@32/8:d=512", "head dim must be one of"),
-    ("1x32k@32/8:page=12", "power of two"),            # not a power of two
-    ("1x32k@32/8:page=512", "power of two up to"),     # over api.MAX_PAGE_SIZE
-    ("1x32k@32/8:page=0", "power of two"),             # page= written out must be a page size
+    ("1x32k@32/8:page=257", "page size must be 1 to 256"),  # one over api.MAX_PAGE_SIZE
+    ("1x32k@32/8:page=512", "page size must be 1 to"),
+    ("1x32k@32/8:page=0", "page size must be 1 to"),   # page= written out must be a page size
     ("1x32k@64/1:q=3", "q_len x (q heads / kv heads)"),  # 192 query rows > api.MAX_QUERY_ROWS
     ("1x32k@32/8:q=33", "q_len x (q heads / kv heads)"),  # 132 rows: one over
     ("1x32k@32/8:q=0", "q_len x (q heads / kv heads)"),
@@ -35,7 +35,8 @@ REFUSED = [
     ("1x32k@32/8:softcap=inf", "softcap"),
 ]
 # At the limits, on the accepted side.
-ACCEPTED = ["1x32k@128/1", "1x32k@32/8:q=32", "1x32k@32/8:page=1", "1x32k@32/8:page=256", "1x32k@32/8:d=80",
+ACCEPTED = ["1x32k@128/1", "1x32k@32/8:q=32", "1x32k@32/8:page=1", "1x32k@32/8:page=3",
+            "1x32k@32/8:page=24", "1x32k@32/8:page=129", "1x32k@32/8:page=256", "1x32k@32/8:d=80",
             "1x32k@32/8:win=0", "1x32k@32/8:softcap=0", "8x32k@32/8:fp8:page=16:sinks:q=4:win=4k:softcap=30"]
 
 
@@ -109,8 +110,8 @@ AGREEMENT = [
     ("1x1k@8/0", True, dict(q_heads=8, kv_heads=0)),
     ("1x1k@32/8:d=72", True, dict(head_dim=72)),
     ("1x1k@32/8:d=80", False, dict(head_dim=80)),
-    ("1x1k@32/8:page=12", True, dict(page_size=12)),
-    ("1x1k@32/8:page=512", True, dict(page_size=512)),
+    ("1x1k@32/8:page=12", False, dict(page_size=12)),
+    ("1x1k@32/8:page=257", True, dict(page_size=257)),
     ("1x1k@32/8:page=256", False, dict(page_size=256)),
     ("1x1k@64/1:q=3", True, dict(q_heads=64, kv_heads=1, q_len=3)),
     ("1x1k@128/1", False, dict(q_heads=128, kv_heads=1)),
@@ -137,7 +138,7 @@ def test_limits_are_read_from_the_library(monkeypatch):
     """The parser reads the library's limits, not copies: lowering them moves the parser's."""
     parse_shape("1x1k@32/8:page=256:d=80:q=32")
     monkeypatch.setattr(leanattn, "MAX_PAGE_SIZE", 128)
-    with pytest.raises(ValueError, match="up to 128"):
+    with pytest.raises(ValueError, match="1 to 128"):
         parse_shape("1x1k@32/8:page=256")
     monkeypatch.setattr(leanattn, "SUPPORTED_HEAD_DIMS", (64, 128))
     with pytest.raises(ValueError, match="head dim"):

@@ -1,14 +1,17 @@
-"""Paged KV cache: shuffled pages, every page size, against the contiguous path and the reference."""
+"""Paged KV cache: shuffled pages, every page size (powers of two or not, smaller than a tile or
+not dividing it), against the contiguous path and the reference."""
 
 import pytest
 import torch
 
 import leanattn
+from leanattn._checks import check_page_strides
 
 from _util import DEVICE, ON_GPU, assert_close, make_inputs, poisoned_like, reference, tile_size, to_paged
 
 
-@pytest.mark.parametrize("page_size", [1, 8, 16, 32, 64, 128, 256])
+# Interpreter tiles are 32 keys: 3 and 24 split them unevenly, 100 and 129 span several.
+@pytest.mark.parametrize("page_size", [1, 3, 8, 16, 24, 32, 64, 100, 128, 129, 256])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_paged_matches_contiguous_and_reference(page_size, dtype):
     t = tile_size(64, dtype, 4)
@@ -47,12 +50,102 @@ def test_paged_bad_inputs():
     for kw, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             leanattn.decode(q, kp, vp, sl, **kw)
-    bad_pages = torch.randn(4, 24, 2, 64, dtype=torch.float16, device=DEVICE)
-    with pytest.raises(ValueError, match="power of two"):
-        leanattn.decode(q, bad_pages, bad_pages, sl, block_table=table)
-    big_pages = torch.randn(2, 512, 2, 64, dtype=torch.float16, device=DEVICE)
-    with pytest.raises(ValueError, match="power of two up to 256"):
-        leanattn.decode(q, big_pages, big_pages, sl, block_table=table)
+    for size in (0, 257, 512):
+        pages = torch.randn(4, size, 2, 64, dtype=torch.float16, device=DEVICE)
+        with pytest.raises(ValueError, match=rf"page_size \(k_cache.shape\[1\]\) must be 1 to 256, got {size}"):
+            leanattn.decode(q, pages, pages, sl, block_table=table)
     other = torch.device("meta") if DEVICE.type != "cuda" else torch.device("cpu")
     with pytest.raises(ValueError, match="one device"):
         leanattn.decode(q, kp, vp, sl, block_table=table.to(other))
+
+
+def _queries(batch: int, q_len: int, q_heads: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, q_len, q_heads, 64, generator=gen).to(torch.float16).to(DEVICE)
+
+
+@pytest.mark.parametrize("page_size", [3, 24, 100])
+def test_odd_pages_with_query_tokens_window_and_leftpad(page_size):
+    """Three query tokens of a group of 4, left padding and a sliding window (or none) on pages
+    that split the tiles unevenly: the reference's output, bitwise the contiguous cache's with
+    the same values, and bitwise ``DecodeWrapper.run``'s."""
+    t = tile_size(64, torch.float16, 12)
+    lens = [0, 5, t + 7, 3 * t + 11]
+    q, k, v, sl = make_inputs(lens, 8, 2, 64, torch.float16, cache_len=3 * t + 11, seed=page_size)
+    q = _queries(len(lens), 3, 8, seed=page_size)
+    pad = torch.tensor([0, 2, 9, t + 3], dtype=torch.int32, device=DEVICE)
+    kp, vp, table = to_paged(k, v, lens, page_size, seed=page_size)
+    for window in ((-1, -1), (t // 2 + 5, 0)):
+        kw = dict(cache_leftpad=pad, window_size=window)
+        out = poisoned_like(q)
+        _, lse = leanattn.decode(q, kp, vp, sl, block_table=table, out=out, return_lse=True, num_programs=5, **kw)
+        assert_close(out, lse, *reference(q, k, v, sl, **kw))
+        contiguous, c_lse = leanattn.decode(q, k, v, sl, return_lse=True, num_programs=5, **kw)
+        assert torch.equal(out, contiguous) and torch.equal(lse, c_lse)
+        w = leanattn.DecodeWrapper(8, 2, 64, torch.float16, DEVICE, max_q_len=3, num_programs=5)
+        w.plan(sl, table.shape[1] * page_size, cache_leftpad=pad, q_len=3, window_size=window)
+        w_out, w_lse = w.run(q, kp, vp, block_table=table, return_lse=True)
+        assert torch.equal(w_out, out) and torch.equal(w_lse, lse)
+
+
+@pytest.mark.parametrize("page_size", [5, 24, 100])
+def test_odd_page_out_of_range_id_poisons_only_the_rows_that_attend_to_it(page_size):
+    """Sequence 0 is one key past a page boundary, so its last slot holds the newest key alone.
+    A bad id there makes NaN only the second of two causal query tokens (the first does not see
+    that key); in slot 0, with a window of 20 that starts past slot 0, or left padding that skips
+    it, it changes nothing; with left padding one short of skipping it, every row is NaN. The
+    clean sequence 1 stays bitwise as it was."""
+    n = page_size * (1 + -(-22 // page_size)) + 1  # slot 0 ends before the window of 20 starts
+    lens = [n, n - 3]
+    q, k, v, sl = make_inputs(lens, 8, 2, 64, torch.float16, cache_len=n, seed=page_size)
+    q = _queries(2, 2, 8, seed=page_size + 1)
+    kp, vp, table = to_paged(k, v, lens, page_size, seed=page_size)
+    last = (n - 1) // page_size
+
+    def call(slot: int, **kw):
+        tab = table.clone()
+        if slot >= 0:
+            tab[0, slot] = kp.shape[0] + 2 if slot else -1
+        out = poisoned_like(q)
+        _, lse = leanattn.decode(q, kp, vp, sl, block_table=tab, out=out, return_lse=True, num_programs=3, **kw)
+        return out, lse
+
+    good_out, good_lse = call(-1)
+    assert_close(good_out, good_lse, *reference(q, k, v, sl))
+    out, lse = call(last)
+    assert torch.isnan(out[0, 1]).all() and torch.isnan(lse[0, :, 1]).all()
+    assert torch.equal(out[0, 0], good_out[0, 0]) and torch.equal(lse[0, :, 0], good_lse[0, :, 0])
+    assert torch.equal(out[1], good_out[1]) and torch.equal(lse[1], good_lse[1])
+    for kw in (dict(window_size=(20, 0)), dict(cache_leftpad=torch.tensor([page_size, 0], dtype=torch.int32,
+                                                                            device=DEVICE))):
+        good = call(-1, **kw)
+        assert_close(*good, *reference(q, k, v, sl, **kw))
+        bad = call(0, **kw)
+        assert torch.equal(bad[0], good[0]) and torch.equal(bad[1], good[1])
+    pad = torch.tensor([page_size - 1, 0], dtype=torch.int32, device=DEVICE)
+    good_out, good_lse = call(-1, cache_leftpad=pad)  # the padding moves the shares: a baseline of its own
+    out, lse = call(0, cache_leftpad=pad)
+    assert torch.isnan(out[0]).all() and torch.isnan(lse[0]).all() and torch.isfinite(good_out[0]).all()
+    assert torch.equal(out[1], good_out[1]) and torch.equal(lse[1], good_lse[1])
+
+
+def test_page_row_stride_past_int32_is_refused():
+    """A slot's offset within its page is int32 in the kernel: pages whose last slot starts 2^31
+    elements or more into the page are refused, naming the cache and its stride; one element
+    less of stride passes (meta tensors: no memory)."""
+    meta = torch.device("meta")
+    q = torch.empty(1, 1, 4, 64, dtype=torch.float16, device=meta)
+    table = torch.zeros(1, 1, dtype=torch.int32, device=meta)
+    for page_size in (3, 256):
+        stride = -(-(2**31) // (page_size - 1))  # the least with (page_size - 1) * stride >= 2^31
+
+        def pages(row_stride: int) -> torch.Tensor:
+            return torch.empty_strided((2, page_size, 2, 64), (page_size * row_stride, row_stride, 64, 1),
+                                       dtype=torch.float16, device=meta)
+
+        wide, narrow = pages(stride), pages(stride - 1)
+        with pytest.raises(ValueError, match=rf"k_cache.stride\(1\) = {stride} puts slot {page_size - 1} "):
+            leanattn.decode(q, wide, narrow, block_table=table)
+        with pytest.raises(ValueError, match=rf"v_cache.stride\(1\) = {stride} puts slot {page_size - 1} "):
+            leanattn.decode(q, narrow, wide, block_table=table)
+        check_page_strides(narrow, narrow)

@@ -120,6 +120,16 @@ def check_pages(
                           f"[0, num_pages={num_pages}) (sequence {at[0]}, slot {at[1]}, a live slot)")
 
 
+def check_page_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """The kernel adds a row's offset within its page, slot x stride(1) with slot < page_size, in
+    int32 (the page's own offset is int64): pages (num_pages, page_size, kv_heads, head_dim) whose
+    row stride puts the last slot 2^31 elements or more into its page are refused."""
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if (t.shape[1] - 1) * t.stride(1) >= 2**31:
+            fail(ValueError, f"{name}.stride(1) = {t.stride(1)} puts slot {t.shape[1] - 1} of a page 2^31 elements "
+                              f"or more into it (strides {t.stride()}): lay each page out in one block")
+
+
 def validate(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -177,8 +187,9 @@ def validate(
         if block_table.stride(-1) != 1 and block_table.shape[1] > 1:
             fail(ValueError, f"block_table must have unit stride on its last dim, got strides {block_table.stride()}")
         page_size = k_shape[1]
-        if page_size < 1 or page_size > MAX_PAGE_SIZE or page_size & (page_size - 1):
-            fail(ValueError, f"page_size (k_cache.shape[1]) must be a power of two up to {MAX_PAGE_SIZE}, got {page_size}")
+        if page_size < 1 or page_size > MAX_PAGE_SIZE:
+            fail(ValueError, f"page_size (k_cache.shape[1]) must be 1 to {MAX_PAGE_SIZE}, got {page_size}")
+        check_page_strides(k_cache, v_cache)
         others.append(("block_table", block_table))
     if out is not None:
         check_tensor("out", out)

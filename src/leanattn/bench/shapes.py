@@ -92,12 +92,12 @@ class Shape:
 
 
 def _page_size_ok(page_size: int) -> bool:
-    """The page sizes ``leanattn.decode`` takes: powers of two up to ``leanattn.MAX_PAGE_SIZE``."""
-    return 1 <= page_size <= leanattn.MAX_PAGE_SIZE and page_size & (page_size - 1) == 0
+    """The page sizes ``leanattn.decode`` takes: 1 to ``leanattn.MAX_PAGE_SIZE``."""
+    return 1 <= page_size <= leanattn.MAX_PAGE_SIZE
 
 
 def _page_error(page_size: int) -> str:
-    return f"page size must be a power of two up to {leanattn.MAX_PAGE_SIZE}, got page={page_size}"
+    return f"page size must be 1 to {leanattn.MAX_PAGE_SIZE}, got page={page_size}"
 
 
 def check_shape(shape: Shape) -> None:

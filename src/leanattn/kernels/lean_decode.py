@@ -90,7 +90,10 @@ def _attend_tiles(
 
     Loading K/V (contiguous or paged, any dtype, converted to DOT_DTYPE in registers) is the first
     stage of a tile, ``_score_mod`` the second, the online softmax the third. Paged: a live token
-    whose page number is outside [0, num_pages) is never read."""
+    whose page number is outside [0, num_pages) is never read. PAGE_SIZE is any size from 1 to
+    256: a tile may span several pages or a part of one, each token finds its own page and slot
+    (``//`` and ``%`` by the constant compile to shifts, and to integer multiplies and shifts
+    when it is not a power of two: no division instruction)."""
     offs_n = tl.arange(0, TILE)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask_d = offs_d < HEAD_DIM
