@@ -529,3 +529,32 @@ def test_e2e_host_profile_smoke():
     assert done.returncode == 0, done.stderr[-2000:]
     assert "=== leanattn:" in done.stdout and "=== e2e_null:" in done.stdout
     assert "transformers.py" in done.stdout and "(attention_forward)" in done.stdout  # the callee breakdown
+
+
+def test_batch_invariant_name():
+    """A registered batch-invariant name: a sequence's decode output is the same bits alone and
+    left-padded in a batch with others (and right); the default name is registered too."""
+    assert lt.NAME_BATCH_INVARIANT in transformers.AttentionInterface._global_mapping
+    lt.register("leanattn_split_64", batch_invariant=True, split_size=64)
+    forward = transformers.AttentionInterface._global_mapping["leanattn_split_64"]
+    gen = torch.Generator().manual_seed(4)
+    n, pad = 200, 37
+    q0 = torch.randn(1, 4, 1, 64, generator=gen).to(DEVICE, torch.bfloat16)
+    k0, v0 = (torch.randn(1, 2, n, 64, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(2))
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    alone, _ = forward(module, q0, k0, v0, torch.ones(1, 1, 1, n, dtype=torch.bool, device=DEVICE), scaling=0.1)
+    q = torch.randn(3, 4, 1, 64, generator=gen).to(DEVICE, torch.bfloat16)
+    k, v = (torch.randn(3, 2, n + pad, 64, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(2))
+    q[1], k[1, :, pad:], v[1, :, pad:] = q0[0], k0[0], v0[0]
+    mask = torch.ones(3, 1, 1, n + pad, dtype=torch.bool, device=DEVICE)
+    mask[1, ..., :pad] = False
+    mask[2, ..., 90:] = False
+    lt.calls.clear()
+    out, _ = forward(module, q, k, v, mask, scaling=0.1)
+    assert dict(lt.calls) == {lt.NAME: 1}
+    assert torch.equal(out[1], alone[0])
+    ref = _reference_for(mask, q, k, v)
+    assert (out.double() - ref).abs().max().item() < 2e-2
+    with pytest.raises(ValueError, match="split_size must be a positive multiple"):
+        lt.register("leanattn_bad", batch_invariant=True, split_size=0)

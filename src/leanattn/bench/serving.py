@@ -103,12 +103,17 @@ def make_layers(shape: Shape, device: torch.device, layers: int) -> Layers:
 Prepared = tuple[Callable[[], torch.Tensor], Callable[[], object]]
 
 
+def invariance(shape: Shape) -> dict:
+    """leanattn's batch-invariant arguments for ``shape`` (none without ``split=``)."""
+    return {"batch_invariant": True, "split_size": shape.split} if shape.split else {}
+
+
 def leanattn_step(shape: Shape, ls: Layers, config: leanattn.KernelConfig | None = None) -> Prepared:
     """``DecodeWrapper`` planned once per step and run per layer (with ``config``, if given);
     ``step.wrapper`` is the wrapper."""
     x0 = ls.first
     w = leanattn.DecodeWrapper(shape.q_heads, shape.kv_heads, shape.head_dim, shape.dtype, x0.q.device,
-                               kv_dtype=x0.k.dtype, max_q_len=shape.q_len, config=config)
+                               kv_dtype=x0.k.dtype, max_q_len=shape.q_len, config=config, **invariance(shape))
     capacity = x0.k.shape[1] * (x0.block_table.shape[1] if x0.block_table is not None else 1)
     outs = [torch.empty_like(x.q) for x in ls.xs]
     features = ls.features(shape)
@@ -130,7 +135,7 @@ def leanattn_step(shape: Shape, ls: Layers, config: leanattn.KernelConfig | None
 def _leanattn_decode(shape: Shape, ls: Layers) -> Prepared:
     """The one-shot ``leanattn.decode`` per layer (each call locates its own share)."""
     outs = [torch.empty_like(x.q) for x in ls.xs]
-    features = ls.features(shape)
+    features = ls.features(shape) | invariance(shape)
 
     def call(x: Inputs, out: torch.Tensor) -> None:
         leanattn.decode(x.q, x.k, x.v, x.seqlens, block_table=x.block_table, out=out, **features)
@@ -204,6 +209,10 @@ def _flashinfer(tensor_cores: bool):
         workspace = torch.zeros(128 * 2**20, dtype=torch.uint8, device=dev)
         opts = dict(q_data_type=shape.dtype, kv_data_type=x0.k.dtype, sm_scale=x0.scale,
                     window_left=shape.window, logits_soft_cap=shape.softcap or None)
+        if shape.split:
+            if not tensor_cores or shape.q_len > 1 or shape.split % ps:
+                raise Unsupported("fixed split: tensor-core decode of one query token, whole pages")
+            opts["fixed_split_size"] = shape.split // ps  # in pages
         try:
             if shape.q_len == 1:
                 wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(

@@ -5,7 +5,8 @@ long) or an explicit ``+``-joined list of lengths for a ragged batch; lengths ta
 Options: ``d=N`` (head dim, default 128), ``fp16``/``bf16`` (default bf16), ``page=N`` (paged
 cache with that page size); model features (``leanattn bench --mode graph`` only): ``fp8`` (an
 fp8 e4m3 cache), ``q=N`` (N query tokens per sequence), ``win=N`` (a causal sliding window of N
-keys before each query), ``softcap=X``, ``sinks``. Examples: ``1x32k@32/8``,
+keys before each query), ``softcap=X``, ``sinks``, ``split=N`` (leanattn in batch-invariant mode
+with N tokens per split; FlashInfer's tensor-core decode with the same fixed split). Examples: ``1x32k@32/8``,
 ``4x16k@16/16:d=64``, ``1k+2k+4k@32/8:page=16``, ``1x128k@32/8:win=4k``, ``8x32k@32/8:fp8:page=16``.
 
 A shape ``leanattn.decode`` would refuse is refused here too, checked against the library's own
@@ -40,13 +41,14 @@ class Shape:
     window: int = -1  # keys before each query it sees; -1: all
     softcap: float = 0.0
     sinks: bool = False
+    split: int = 0  # batch-invariant mode's tokens per split; 0: off
 
     def __post_init__(self) -> None:
         check_shape(self)
 
     @property
     def has_features(self) -> bool:
-        return self.fp8 or self.q_len > 1 or self.window >= 0 or self.softcap > 0 or self.sinks
+        return self.fp8 or self.q_len > 1 or self.window >= 0 or self.softcap > 0 or self.sinks or self.split > 0
 
     def seen(self, length: int) -> int:
         """Keys of a sequence of ``length`` that some query sees."""
@@ -81,6 +83,7 @@ class Shape:
         opts += f":win={_fmt_len(self.window)}" if self.window >= 0 else ""
         opts += f":softcap={self.softcap:g}" if self.softcap else ""
         opts += ":sinks" if self.sinks else ""
+        opts += f":split={self.split}" if self.split else ""
         return f"{lens}@{self.q_heads}/{self.kv_heads}{opts}"
 
     @property
@@ -122,6 +125,9 @@ def check_shape(shape: Shape) -> None:
                          f"{shape.q_heads}/{shape.kv_heads} heads: {rows}")
     if shape.window < -1:
         raise ValueError(f"window must be >= 0 keys (-1: none), got win={shape.window}")
+    if shape.split < 0 or shape.split % 128:
+        raise ValueError(f"split must be a positive multiple of 128 tokens (every launch config's tile divides it), "
+                         f"got split={shape.split}")
     if not math.isfinite(shape.softcap) or shape.softcap < 0:
         raise ValueError(f"softcap must be a finite number >= 0 (0: off), got softcap={shape.softcap:g}")
 
@@ -169,6 +175,8 @@ def parse_shape(text: str) -> Shape:
                 kw["softcap"] = float(opt[8:])
             elif opt == "sinks":
                 kw["sinks"] = True
+            elif opt.startswith("split="):
+                kw["split"] = int(opt[6:])
             else:
                 raise ValueError(f"unknown option {opt!r}")
     except ValueError as e:
