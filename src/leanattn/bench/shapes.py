@@ -9,7 +9,7 @@ keys before each query), ``softcap=X``, ``sinks``. Examples: ``1x32k@32/8``,
 ``4x16k@16/16:d=64``, ``1k+2k+4k@32/8:page=16``, ``1x128k@32/8:win=4k``, ``8x32k@32/8:fp8:page=16``.
 
 A shape ``leanattn.decode`` would refuse is refused here too, checked against the library's own
-limits (``leanattn.MAX_PAGE_SIZE`` and its neighbours), so a bad ``--shapes`` fails before any GPU work.
+limits (``leanattn.MAX_PAGE_SIZE``, ``leanattn.max_query_rows`` and their neighbours), so a bad ``--shapes`` fails before any GPU work.
 """
 
 from __future__ import annotations
@@ -117,8 +117,9 @@ def check_shape(shape: Shape) -> None:
     if shape.page_size != 0 and not _page_size_ok(shape.page_size):
         raise ValueError(_page_error(shape.page_size))
     rows = shape.q_len * (shape.q_heads // shape.kv_heads)
-    if shape.q_len < 1 or rows > leanattn.MAX_QUERY_ROWS:
-        raise ValueError(f"q_len x (q heads / kv heads) must be 1 to {leanattn.MAX_QUERY_ROWS}, got q={shape.q_len} with "
+    most = leanattn.max_query_rows(shape.head_dim)
+    if shape.q_len < 1 or rows > most:
+        raise ValueError(f"q_len x (q heads / kv heads) must be 1 to {most} at d={shape.head_dim}, got q={shape.q_len} with "
                          f"{shape.q_heads}/{shape.kv_heads} heads: {rows}")
     if shape.window < -1:
         raise ValueError(f"window must be >= 0 keys (-1: none), got win={shape.window}")
