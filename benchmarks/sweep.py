@@ -16,8 +16,9 @@ import triton.testing
 import leanattn
 from leanattn.bench.peers import make_inputs
 from leanattn.bench.shapes import parse_shape
+from leanattn.kernels.config import next_pow2
 
-SHAPES = "1x32k@8/1 1x4k@32/8 1x128k@32/8 1x512k@32/8 8x32k@32/8 32x4k@32/8 1x16k@32/32 1x256k@32/32 4x16k@16/16:d=64 4x16k@32/8:d=256 1k+2k+4k+8k+16k+32k+64k+128k@32/8 8x32k@32/8:page=16"
+SHAPES = "1x32k@8/1 1x4k@32/8 1x128k@32/8 1x512k@32/8 8x32k@32/8 32x4k@32/8 1x16k@32/32 1x256k@32/32 4x16k@16/16:d=64 4x16k@32/8:d=256 4x8k@32/8:d=512 1k+2k+4k+8k+16k+32k+64k+128k@32/8 8x32k@32/8:page=16"
 
 
 def main() -> None:
@@ -39,7 +40,9 @@ def main() -> None:
             out = torch.empty_like(x.q)
             best = None
             for tile, warps, stages, pps, share in itertools.product(args.tiles, args.warps, args.stages, args.pps, args.shares):
-                if shape.head_dim > 128 and tile * stages > 256:
+                # Wide heads: no more than 256 KiB of 16-bit K+V tiles over all stages (64 x 256 tiles
+                # take 64 KiB a stage): beyond, the config cannot fit shared memory.
+                if shape.head_dim > 128 and tile * stages * next_pow2(shape.head_dim) > 256 * 256:
                     continue
                 cfg = leanattn.KernelConfig(tile, warps, stages, pps, share)
 

@@ -67,11 +67,11 @@ def ping(rank: int, world: int) -> int:
     return int(x.item())
 
 
-def replicated(rank: int, world: int, dtype: str, paged: bool) -> None:
+def replicated(rank: int, world: int, dtype: str, paged: bool, head_dim: int = 64) -> None:
     """Two layers with one plan, a rerun, then a new plan with shorter lengths (same buffers)."""
     dt = DTYPES[dtype]
-    cp = ContextParallelDecode(None, 12, 4, 64, dt, device())
-    layers = [build(rank, world, LENS, 12, 4, 64, dt, seed) for seed in (1, 2)]
+    cp = ContextParallelDecode(None, 12, 4, head_dim, dt, device())
+    layers = [build(rank, world, LENS, 12, 4, head_dim, dt, seed) for seed in (1, 2)]
     local = layers[0][-1]
     table = None
     caches = []

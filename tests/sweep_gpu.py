@@ -56,8 +56,10 @@ from _util import LSE_TOL, TOL  # noqa: E402
 ON_GPU = torch.cuda.is_available()
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 KV_DTYPES = {"same": None, "e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
-Q_LENS = (1, 1, 1, 2, 4, 16)  # q_len x group stays within the kernel's 128 rows (groups <= 8)
-HEAD_DIMS = (64, 80, 96, 128, 256)
+# q_len x group stays within the kernel's 128 rows (groups <= 8); at d=512 (16 rows) a variant's
+# q_len is cut to fit its group (draw_pool).
+Q_LENS = (1, 1, 1, 2, 4, 16)
+HEAD_DIMS = (32, 64, 80, 96, 128, 192, 256, 512)
 GROUPS = (1, 2, 4, 5, 7, 8)
 # 0: a dense cache (contiguous or strided, drawn per case). Pages of powers of two and not: 3 and
 # 24 split the GPU's 64/128-key tiles unevenly, 100 and 129 span more than one.
@@ -207,6 +209,7 @@ def draw_pool(seed: int, size: int) -> list[Variant]:
     for d, g, dt, page, seqlens, pad, lse, api, grids, table, q_len, cache, window, causal, cap, sinks in zip(*columns):
         # An LSE stride class that some kv_heads gives this group.
         lse_class = rng.choice(sorted({int_class(g * kv) for kv in KV_HEADS})) if lse else "-"
+        q_len = min(q_len, leanattn.max_query_rows(d) // g)
         pool.append(Variant(d, g, dt, page, seqlens, pad, lse, api, grids, lse_class, table if page else "-",
                             q_len, cache, window, causal, cap, sinks))
     return pool

@@ -35,7 +35,10 @@ def test_suite_covers_the_issue_shapes():
     for need in ("1x512k@32/32", "64x2k@32/8", "16x8k@64/8", "1x32k@8/1", "4x16k@16/16:d=64",
                  "1k+2k+4k+8k+16k+32k+64k+128k@32/8", "8x32k@32/8:page=1", "8x32k@32/8:page=64"):
         assert need in names
-    assert any(s.head_dim == 256 for s in default_suite()) and any(s.dtype == torch.float16 for s in default_suite())
+    assert {s.head_dim for s in default_suite()} >= {32, 64, 128, 192, 256, 512}
+    assert any(s.dtype == torch.float16 for s in default_suite())
+    # d=512 at the bandwidth target's size: at least 256 MiB of K and V a call.
+    assert all(s.kv_bytes >= 256 * 2**20 for s in default_suite() if s.head_dim == 512)
 
 
 def test_summary_speedup_and_report():

@@ -22,7 +22,9 @@ REFUSED = [
     ("1x32k@32/7", "multiple of kv heads"),            # q_heads not a multiple of kv_heads
     ("1x32k@8/0", "multiple of kv heads"),             # no kv heads
     ("1x32k@32/8:d=72", "head dim must be one of"),    # unsupported head dim
-    ("1x32k@32/8:d=512", "head dim must be one of"),
+    ("1x32k@32/8:d=1024", "head dim must be one of"),
+    ("1x32k@32/8:d=48", "head dim must be one of"),
+    ("1x32k@32/2:d=512:q=2", "must be 1 to 16 at d=512"),  # 32 rows > leanattn.max_query_rows(512)
     ("1x32k@32/8:page=257", "page size must be 1 to 256"),  # one over api.MAX_PAGE_SIZE
     ("1x32k@32/8:page=512", "page size must be 1 to"),
     ("1x32k@32/8:page=0", "page size must be 1 to"),   # page= written out must be a page size
@@ -37,6 +39,7 @@ REFUSED = [
 # At the limits, on the accepted side.
 ACCEPTED = ["1x32k@128/1", "1x32k@32/8:q=32", "1x32k@32/8:page=1", "1x32k@32/8:page=3",
             "1x32k@32/8:page=24", "1x32k@32/8:page=129", "1x32k@32/8:page=256", "1x32k@32/8:d=80",
+            "1x32k@32/8:d=32", "1x32k@32/8:d=192:q=16", "1x32k@32/16:d=512:q=8", "1x32k@16/1:d=512:fp8",
             "1x32k@32/8:win=0", "1x32k@32/8:softcap=0", "8x32k@32/8:fp8:page=16:sinks:q=4:win=4k:softcap=30"]
 
 
@@ -143,7 +146,7 @@ def test_limits_are_read_from_the_library(monkeypatch):
     monkeypatch.setattr(leanattn, "SUPPORTED_HEAD_DIMS", (64, 128))
     with pytest.raises(ValueError, match="head dim"):
         parse_shape("1x1k@32/8:d=80")
-    monkeypatch.setattr(leanattn, "MAX_QUERY_ROWS", 64)
+    monkeypatch.setattr(leanattn, "max_query_rows", lambda head_dim: 64)
     with pytest.raises(ValueError, match="1 to 64"):
         parse_shape("1x1k@32/8:q=32")
 

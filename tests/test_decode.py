@@ -37,7 +37,7 @@ def test_ragged_edges(dtype, programs):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 96, 128, 192, 256, 512])
 def test_head_dims(dtype, head_dim):
     t = tile_size(head_dim, dtype, 4)
     lens = [2 * t + 3, t // 2] if not ON_GPU else [5000, 77, 1]

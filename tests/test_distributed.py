@@ -27,9 +27,9 @@ def cluster(request):
     c.close(force=c.broken)
 
 
-@pytest.mark.parametrize("dtype,paged", [("bf16", False), ("fp16", True)])
-def test_replicated_matches_reference(cluster, dtype, paged):
-    cluster.check("replicated", dtype, paged)
+@pytest.mark.parametrize("dtype,paged,head_dim", [("bf16", False, 64), ("fp16", True, 64), ("bf16", True, 512)])
+def test_replicated_matches_reference(cluster, dtype, paged, head_dim):
+    cluster.check("replicated", dtype, paged, head_dim)
 
 
 def test_scatter_heads(cluster):

@@ -162,3 +162,30 @@ def test_merge_orders_partials_before_tickets():
                 f"no barrier before the ticket: {lines[max(0, i - 12):i + 1]}"
         checked += 1
     assert checked > 0
+
+
+# (head_dim, q_heads, kv_heads, q_len): each new head dim at one query row a kv head and at its
+# most (leanattn.max_query_rows), heads long enough to be split over the default grid.
+NEW_HEAD_DIMS = [(32, 32, 8, 1), (32, 32, 2, 8), (192, 32, 8, 1), (192, 64, 8, 16), (512, 32, 8, 1),
+                 (512, 16, 1, 1), (512, 32, 16, 8)]
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("d,hq,hkv,q_len", NEW_HEAD_DIMS)
+def test_new_head_dims_compile_without_spills(d, hq, hkv, q_len, kv_dtype):
+    """Head dims 32, 192 and 512 compile for 16-bit and fp8 caches with the heuristic's config,
+    without register spills, and give the reference's values (DecodeWrapper, then decode)."""
+    lens = [20000, 3001, 1, 0]
+    _, k, v, sl = make_inputs(lens, hq, hkv, d, torch.bfloat16, seed=16)
+    q = torch.randn(len(lens), q_len, hq, d, generator=torch.Generator().manual_seed(17)).to(torch.bfloat16).cuda()
+    k, v = k.to(kv_dtype), v.to(kv_dtype)
+    kw = dict(k_scale=torch.rand(hkv, device=q.device) + 0.5, v_scale=0.5) if kv_dtype.itemsize == 1 else {}
+    w = leanattn.DecodeWrapper(hq, hkv, d, torch.bfloat16, q.device, kv_dtype=kv_dtype, max_q_len=q_len)
+    w.plan(sl, k.shape[1], q_len=q_len)
+    out = w.run(q, k, v, **kw)
+    w.run(q, k, v, **kw)  # the second run launches the compiled kernel directly
+    direct, lse = leanattn.decode(q, k, v, sl, return_lse=True, **kw)
+    assert torch.equal(out, direct), "the wrapper and decode (one grid) differ"
+    assert_close(out, lse, *reference(q, k, v, sl, **kw))
+    report = [(c.n_regs, c.n_spills, c.metadata.shared) for c in w.compiled_kernels]
+    assert report and all(spills == 0 for _, spills, _ in report), f"(registers, spills, shared bytes): {report}"

@@ -103,7 +103,7 @@ def test_pool_covers_every_axis_within_few_kernels():
         assert c.batch * c.kv_heads * v.head_dim * (c.capacity - slack) <= sweep_gpu.CACHE_ELEMENTS
         assert all(0 <= n for n in c.lens) and len(c.lens) == c.batch
         assert (c.window_size != [-1, -1]) == v.window and (c.softcap > 0) == v.softcap
-        assert (c.scales != "-") == (v.kv != "same") and v.q_len * v.group <= leanattn.MAX_QUERY_ROWS
+        assert (c.scales != "-") == (v.kv != "same") and v.q_len * v.group <= leanattn.max_query_rows(v.head_dim)
 
 
 def test_paging_copies_owned_slots_and_fills_the_rest_with_garbage():

@@ -27,11 +27,12 @@ LOGIT_ATOL = {torch.bfloat16: 0.15, torch.float16: 0.03, torch.float32: 0.0}
 INIT_RANGE = 0.2
 
 
-def tiny_model(family: str, kv_heads: int, dtype: torch.dtype, **extra) -> torch.nn.Module:
-    """A random (LAYERS-layer, hidden 64) causal LM of ``family`` with 4 query heads of dim 64."""
+def tiny_model(family: str, kv_heads: int, dtype: torch.dtype, head_dim: int = 64, **extra) -> torch.nn.Module:
+    """A random (LAYERS-layer, hidden 64) causal LM of ``family`` with 4 query heads of dim
+    ``head_dim``."""
     common = dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
-        num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=64,
+        num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=head_dim,
         initializer_range=INIT_RANGE, pad_token_id=0, **extra,
     )
     config = {
@@ -123,6 +124,16 @@ def test_greedy_matches_sdpa(family, kv_heads, dtype, cache):
     kw = {"cache_implementation": "static"} if cache == "static" else {}
     run_both(model, ids, mask, dtype, **kw)
     expect_calls(NEW_TOKENS - 1)
+
+
+@pytest.mark.parametrize("head_dim", [32, 192, 512])
+def test_head_dims(head_dim):
+    """Small and wide heads, group 2. At d=512 a 9-token prefill is 18 query rows a kv head, over
+    the kernel's 16 there: it goes to SDPA, the one-token steps to leanattn."""
+    model = tiny_model("llama", 2, torch.bfloat16, head_dim=head_dim)
+    ids, mask = prompts([9, 9])
+    run_both(model, ids, mask, torch.bfloat16)
+    expect_calls(NEW_TOKENS - 1, prefill_on="sdpa: prefill" if head_dim == 512 else lt.NAME)
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
@@ -494,6 +505,20 @@ def test_decode_refusal(kwargs, reason):
     assert lt.decode_refusal(few, k, k, None, 0.0, {"is_causal": False}) == "not causal"
     many = torch.zeros(1, 4, lt.MAX_QUERY_TOKENS + 1, 64, dtype=torch.bfloat16, device=DEVICE)
     assert lt.decode_refusal(many, k, k, None, 0.0, {}) == "prefill"
+    # Head dims: 32 to 512 run on leanattn; d=512 takes 16 query rows a kv head.
+    for d in (32, 192, 512):
+        kd = torch.zeros(1, 2, 6, d, dtype=torch.bfloat16, device=DEVICE)
+        assert lt.decode_refusal(torch.zeros(1, 4, 1, d, dtype=torch.bfloat16, device=DEVICE), kd, kd, None, 0.0, {}) is None
+    k512 = torch.zeros(1, 1, 6, 512, dtype=torch.bfloat16, device=DEVICE)
+
+    def q512(heads: int, q_len: int) -> torch.Tensor:
+        return torch.zeros(1, heads, q_len, 512, dtype=torch.bfloat16, device=DEVICE)
+
+    assert lt.decode_refusal(q512(32, 1), k512, k512, None, 0.0, {}) == "32 query rows a kv head: the kernel takes 16 at head_dim 512"
+    assert lt.decode_refusal(q512(8, 2), k512, k512, None, 0.0, {}) is None  # 16 rows
+    assert lt.decode_refusal(q512(8, 3), k512, k512, None, 0.0, {}) == "prefill"  # 24 rows
+    k48 = torch.zeros(1, 2, 6, 48, dtype=torch.bfloat16, device=DEVICE)
+    assert lt.decode_refusal(q[..., :48], k48, k48, None, 0.0, {}).startswith("head_dim 48/48/48")
     assert lt.decode_refusal(few, k, k, torch.ones(1, 1, 1, 6, dtype=torch.bool, device=DEVICE), 0.0, {}) == "attention mask of shape (1, 1, 1, 6)"
     assert lt.decode_refusal(q, k, k, torch.zeros(1, 1, 1, 6, device=DEVICE), 0.0, {}) == "attention mask is not a boolean tensor"
 

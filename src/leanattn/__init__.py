@@ -12,7 +12,7 @@ if not _torch.cuda.is_available():
 from . import reference, schedule
 from .api import (
     FP8_DTYPES, MAX_PAGE_SIZE, MAX_QUERY_ROWS, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, KernelConfig, choose_config,
-    decode, default_num_programs, plan_decode, reserve_workspace,
+    decode, default_num_programs, max_query_rows, plan_decode, reserve_workspace,
 )
 from .wrapper import DecodeWrapper
 from .merge import merge_states
@@ -20,5 +20,5 @@ from . import distributed  # noqa: E402  (needs merge_states, decode and DecodeW
 
 __all__ = ["decode", "plan_decode", "DecodeWrapper", "reference", "schedule", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS"]
 __all__ += ["merge_states", "distributed", "reserve_workspace", "KernelConfig", "choose_config", "default_num_programs",
-            "FP8_DTYPES", "MAX_QUERY_ROWS", "MAX_PAGE_SIZE"]
+            "FP8_DTYPES", "MAX_QUERY_ROWS", "max_query_rows", "MAX_PAGE_SIZE"]
 __version__ = "0.1.0"

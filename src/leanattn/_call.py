@@ -41,7 +41,10 @@ def padded_sizes(head_dim: int, rows: int) -> tuple[int, int, int, bool]:
     merge_rows = next_pow2(rows)  # partials keep only the real rows
     head_dim_pad = next_pow2(head_dim)
     # A merge step loads 8 partials at once when they fit in 64 fp32 registers a thread of four
-    # warps, else 4 (the merge's latency is its number of steps).
+    # warps, else 4 (the merge's latency is its number of steps). At d=512, whose kernels take
+    # at most 16 rows (kernels/config.py), 8 at once up to 2 rows (8 x 2 x 512 floats); 4
+    # partials of 16 rows are 4 x 16 x 512 / 256 = 128 registers a thread of its 8 warps, plus
+    # the running sum's 32: within the main loop's ~250.
     return rows_pad, merge_rows, head_dim_pad, 8 * merge_rows * head_dim_pad <= 64 * 128
 
 

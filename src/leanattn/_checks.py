@@ -11,16 +11,24 @@ import math
 
 import torch
 
-from .kernels.config import check_kernel_device
+from .kernels.config import ROW_LIMITS, check_kernel_device
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-# Query rows of one kv head (q_len x group) the kernel packs into one block.
+# Query rows of one kv head (q_len x group) the kernel packs into one block, at most: fewer at
+# head dims whose registers hold fewer (max_query_rows).
 MAX_QUERY_ROWS = 128
-SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
+# The kernel pads the head dim to a power of two and masks the padding (80, 96 -> 128; 192 -> 256).
+SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128, 192, 256, 512)
 MAX_PAGE_SIZE = 256
 # Tokens per split in batch-invariant mode unless split_size says otherwise (docs/decisions.md).
 DEFAULT_SPLIT_SIZE = 512
+
+
+def max_query_rows(head_dim: int) -> int:
+    """The most query rows of a kv head (q_len x group) the kernel takes at ``head_dim``:
+    ``MAX_QUERY_ROWS``, or fewer where registers require it (16 at head dim 512)."""
+    return min(MAX_QUERY_ROWS, ROW_LIMITS.get(head_dim, MAX_QUERY_ROWS))
 
 
 def fail(kind: type[Exception], msg: str) -> None:
@@ -167,9 +175,11 @@ def validate(
     kv_heads = k_shape[2]
     if kv_heads == 0 or q_heads % kv_heads != 0:
         fail(ValueError, f"q_heads ({q_heads}) must be a positive multiple of kv_heads ({kv_heads})")
-    if q_len < 1 or q_len * (q_heads // kv_heads) > MAX_QUERY_ROWS:
-        fail(ValueError, f"q_len x (q_heads / kv_heads) must be in [1, {MAX_QUERY_ROWS}]: q_len {q_len} with a group of "
-                          f"{q_heads // kv_heads} gives {q_len * (q_heads // kv_heads)} (q shape {tuple(q.shape)})")
+    group, most = q_heads // kv_heads, max_query_rows(head_dim)
+    if q_len < 1 or q_len * group > most:
+        why = f" at head_dim {head_dim} (its fp32 accumulator and q fill the registers)" if most < MAX_QUERY_ROWS else ""
+        fail(ValueError, f"q_len x (q_heads / kv_heads) must be in [1, {most}]{why}: q_len {q_len} with a group of "
+                          f"{group} gives {q_len * group} (q shape {tuple(q.shape)})")
     if not paged and k_shape[0] != batch:
         fail(ValueError, f"k_cache must be {layout} with batch {batch} like q, got {tuple(k_shape)}")
     device = q.device

@@ -12,7 +12,8 @@ from . import _call, ops
 from ._checks import (
     FP8_DTYPES, MAX_PAGE_SIZE, MAX_QUERY_ROWS, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, capacity_of,
     check_finite_values, check_layer_shape, check_lengths, check_lse_out, check_num_programs, check_pages,
-    check_plan_lengths, check_tile_count, fail, refuse_grad, softmax_scale_of, split_of, validate,
+    check_plan_lengths, check_tile_count, fail, max_query_rows, refuse_grad, softmax_scale_of, split_of,
+    validate,
 )
 from ._features import resolve_features, window_bounds
 from ._launch import default_num_programs
@@ -22,7 +23,7 @@ from .kernels import config as kernels_config
 from .kernels.config import KernelConfig
 
 __all__ = ["decode", "plan_decode", "reserve_workspace", "choose_config", "default_num_programs", "KernelConfig",
-           "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES", "FP8_DTYPES", "MAX_QUERY_ROWS", "MAX_PAGE_SIZE"]
+           "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES", "FP8_DTYPES", "MAX_QUERY_ROWS", "max_query_rows", "MAX_PAGE_SIZE"]
 
 
 def choose_config(head_dim: int, kv_dtype: torch.dtype, rows: int) -> KernelConfig:

@@ -7,10 +7,10 @@ cache with that page size); model features (``leanattn bench --mode graph`` only
 fp8 e4m3 cache), ``q=N`` (N query tokens per sequence), ``win=N`` (a causal sliding window of N
 keys before each query), ``softcap=X``, ``sinks``, ``split=N`` (leanattn in batch-invariant mode
 with N tokens per split; FlashInfer's tensor-core decode with the same fixed split). Examples: ``1x32k@32/8``,
-``4x16k@16/16:d=64``, ``1k+2k+4k@32/8:page=16``, ``1x128k@32/8:win=4k``, ``8x32k@32/8:fp8:page=16``.
+``4x16k@16/16:d=64``, ``4x8k@32/8:d=512``, ``1k+2k+4k@32/8:page=16``, ``1x128k@32/8:win=4k``, ``8x32k@32/8:fp8:page=16``.
 
 A shape ``leanattn.decode`` would refuse is refused here too, checked against the library's own
-limits (``leanattn.MAX_PAGE_SIZE`` and its neighbours), so a bad ``--shapes`` fails before any GPU work.
+limits (``leanattn.MAX_PAGE_SIZE``, ``leanattn.max_query_rows`` and their neighbours), so a bad ``--shapes`` fails before any GPU work.
 """
 
 from __future__ import annotations
@@ -120,8 +120,9 @@ def check_shape(shape: Shape) -> None:
     if shape.page_size != 0 and not _page_size_ok(shape.page_size):
         raise ValueError(_page_error(shape.page_size))
     rows = shape.q_len * (shape.q_heads // shape.kv_heads)
-    if shape.q_len < 1 or rows > leanattn.MAX_QUERY_ROWS:
-        raise ValueError(f"q_len x (q heads / kv heads) must be 1 to {leanattn.MAX_QUERY_ROWS}, got q={shape.q_len} with "
+    most = leanattn.max_query_rows(shape.head_dim)
+    if shape.q_len < 1 or rows > most:
+        raise ValueError(f"q_len x (q heads / kv heads) must be 1 to {most} at d={shape.head_dim}, got q={shape.q_len} with "
                          f"{shape.q_heads}/{shape.kv_heads} heads: {rows}")
     if shape.window < -1:
         raise ValueError(f"window must be >= 0 keys (-1: none), got win={shape.window}")
@@ -195,6 +196,7 @@ _SUITE = """
 8x8k@32/8 8x32k@32/8 32x4k@32/8 64x2k@32/8 16x8k@64/8
 1x32k@8/1 1x128k@8/1 1x512k@8/1
 4x16k@16/16:d=64 4x16k@32/8:d=256
+4x16k@16/16:d=32 4x16k@16/8:d=192 4x8k@32/8:d=512 1x64k@16/8:d=512
 3x8k@40/40 3x64k@40/40
 1x32k@32/8:fp16 8x8k@32/8:fp16
 1k+2k+4k+8k+16k+32k+64k+128k@32/8
@@ -204,6 +206,6 @@ _SUITE = """
 
 
 def default_suite() -> list[Shape]:
-    """Every shape of the baseline table, plus large-batch, 70B-style GQA, head dims 64/256,
-    fp16, and paged rows."""
+    """Every shape of the baseline table, plus large-batch, 70B-style GQA, head dims 32, 64, 192,
+    256 and 512 (the 512 ones 512 MiB of K and V), fp16, and paged rows."""
     return [parse_shape(s) for s in _SUITE.split()]

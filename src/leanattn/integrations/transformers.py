@@ -101,8 +101,11 @@ def decode_refusal(
     kv_heads = key.shape[1]
     if key.shape[0] != batch or value.shape[:3] != key.shape[:3] or kv_heads == 0 or q_heads % kv_heads:
         return "key/value shapes don't match the query"
-    if q_len > MAX_QUERY_TOKENS or q_len * (q_heads // kv_heads) > leanattn.MAX_QUERY_ROWS:
+    rows, most = q_len * (q_heads // kv_heads), leanattn.max_query_rows(head_dim)
+    if q_len > MAX_QUERY_TOKENS or (q_len > 1 and rows > most):
         return "prefill"
+    if rows > most:
+        return f"{rows} query rows a kv head: the kernel takes {most} at head_dim {head_dim}"
     if q_len > 1:
         causal = kwargs.get("is_causal")
         if not (causal if causal is not None else getattr(module, "is_causal", True)):
@@ -310,6 +313,8 @@ def _reserve_decode_workspace(query: torch.Tensor, key: torch.Tensor, q_len: int
     sized = dict(batch=query.shape[0], capacity=key.shape[2]) if invariant.batch_invariant else {}
     kind = (query.device, q_heads, kv_heads, head_dim, key.dtype, q_len, invariant, *sized.values())
     if kind in _reserved or head_dim not in leanattn.SUPPORTED_HEAD_DIMS or kv_heads == 0 or q_heads % kv_heads:
+        return
+    if q_len * (q_heads // kv_heads) > leanattn.max_query_rows(head_dim):  # steps the kernel refuses
         return
     leanattn.reserve_workspace(query.device, q_heads, kv_heads, head_dim, key.dtype, q_len=q_len,
                                **invariant.kwargs, **sized)

@@ -14,7 +14,7 @@ import torch
 
 from .interpreter import interpreter_problem
 
-__all__ = ["KernelConfig", "check_kernel_device", "choose_config", "interpreting", "next_pow2"]
+__all__ = ["KernelConfig", "ROW_LIMITS", "check_kernel_device", "choose_config", "interpreting", "next_pow2"]
 
 
 @dataclass(frozen=True)
@@ -67,19 +67,67 @@ def next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+# Query rows of a kv head (q_len x group) the kernel takes, by head dim where registers hold fewer
+# than the general limit (``leanattn.max_query_rows``; the arithmetic is in choose_config's notes).
+ROW_LIMITS: dict[int, int] = {512: 16}
+
+
 def choose_config(head_dim: int, kv_dtype: torch.dtype, rows: int) -> KernelConfig:
     """Heuristic launch configuration for one (head_dim, cache dtype, query rows of a kv head:
-    q_len x group size)."""
+    q_len x group size).
+
+    Budgets of an H200 SM: 228 KiB of shared memory (227 KiB for one program), 64K 32-bit
+    registers (255 a thread at most). A stage of the K/V pipeline holds one K and one V tile:
+    2 x tile x HEAD_DIM_PAD x itemsize bytes (fp8 tiles stay 1 byte an element in shared memory:
+    they are converted to fp16 in registers, after the shared-memory load). Triton keeps
+    num_stages - 1 stages in flight (measured: 64-token 128-wide 16-bit tiles with 3 stages take
+    70 KiB, 128-token ones with 4 stages 200 KiB; benchmarks/NOTES.md); the choices below also fit
+    num_stages whole stages, the bound to keep when the compiler is not at hand.
+
+    Registers a thread, for R = max(16, rows) rows and D = HEAD_DIM_PAD: the accumulator
+    R x D fp32 spread over all threads; q, the first product's operand, 16 x D 16-bit values held
+    whole by every warp for its 16 rows below 64 rows (D / 4 registers); the scores R x tile
+    fp32. The d=128 kernel of 16 rows uses 135 registers of which q and the accumulator take 48:
+    about 90 go to addresses, masks and the pipeline whatever the head dim.
+    """
     if interpreting():
         # The interpreter runs programs one by one: few, wide tiles keep the tests fast.
         return KernelConfig(tile=32, num_warps=4, num_stages=1, programs_per_sm=1)
+    if head_dim > 256:
+        # d=512 (HEAD_DIM_PAD 512). Shared memory: 32-token tiles, 2 x 32 x 512 x 2 B = 64 KiB a
+        # stage for fp16/bf16 (32 KiB for fp8), the bytes of the d=256 config's 64-token tiles;
+        # 3 stages: 128 KiB in flight, 192 KiB even as 3 whole stages, plus q (16 x 512 x 2 B =
+        # 16 KiB) when it is staged there: 209 KiB <= 227 KiB, one program per SM. 64-token
+        # tiles (128 KiB a stage) would fit only 1 stage in flight. Registers, 8 warps (256
+        # threads, 255 each): q 16 x 512 x 2 B / (32 threads x 4 B) = 128 a thread (every warp
+        # holds the 16 rows whole: fewer warps do not shrink it), the accumulator 16 x 512 / 256
+        # = 32, the scores 16 x 32 / 256 = 2, about 90 for the rest: ~250, the budget's edge.
+        # So 16 rows at most (ROW_LIMITS): 32 rows add 32 accumulator registers (~280, spills);
+        # 4 warps would double the accumulator's share (64). fp8 uses the same tiles: 32 KiB a
+        # stage (64 KiB if they were held as fp16, the 16-bit budget). A step reads one 64 KiB
+        # K+V tile pair (16-bit), like the d=256 config, which reads at 89% of the plain-read
+        # floor (benchmarks/NOTES.md, 4 x 16k 32/8 d=256).
+        return KernelConfig(tile=32, num_warps=8, num_stages=3, programs_per_sm=1, target_share=4)
     if head_dim > 128 or rows > 32:
-        # K+V tiles of 64 x 256 take 64 KiB a stage, and over 32 query rows the accumulator
-        # takes (rows x head_dim) fp32 registers: one program per SM, more warps to issue.
+        # d=192 and 256 (HEAD_DIM_PAD 256): K+V tiles of 64 x 256 take 64 KiB a stage (128 KiB in
+        # flight, 192 KiB as 3 whole stages). Registers of 8 warps: the accumulator rows x 256 /
+        # 256 = R a thread, the scores R x 64 / 256, q 64 below 64 rows: ~174 at 16 rows, ~230
+        # at 32. Over 32 rows (any head dim here) the accumulator takes (rows x head_dim) fp32
+        # registers: at d=256 and 128 rows (MAX_QUERY_ROWS) 128 a thread and the scores 32, ~250
+        # with the rest; products of 64-row blocks can read q from shared memory, and the limit
+        # stays 128 (spills would cost time there, never results). One program per SM, more
+        # warps to issue.
         return KernelConfig(tile=64, num_warps=8, num_stages=3, programs_per_sm=1, target_share=4)
     if kv_dtype.itemsize == 1:
         # fp8: 128-token tiles move the bytes of a 64-token fp16 tile, so the per-tile work (page
         # numbers, softmax, conversions) is spread over as many bytes (docs/decisions.md, fp8).
+        # d=32 keeps them: 8 KiB a stage; 256-token tiles would double the scores' registers.
+        return KernelConfig(tile=128, num_warps=4, num_stages=3, programs_per_sm=2, target_share=4)
+    if head_dim <= 32:
+        # d=32: 128-token tiles move the bytes of d=64's 64-token tiles (2 x 128 x 32 x 2 B =
+        # 16 KiB a stage, 48 KiB as 3 whole stages, two programs an SM: 96 KiB), so the per-tile
+        # work is spread over as many bytes. Registers of 4 warps: scores 16 x 128 / 128 = 16 a
+        # thread (32 at 32 rows), q 8, the accumulator 4.
         return KernelConfig(tile=128, num_warps=4, num_stages=3, programs_per_sm=2, target_share=4)
     # fp16 and bf16 move the same bytes. The sweeps showed no clear effect of the group size up
     # to 8 rows. 64 x 128 tiles, 3 stages: 70 KiB of shared memory, so both programs of an SM
