@@ -3,14 +3,16 @@
 
     PYTHONPATH=$PWD/src python3 benchmarks/sanitize_cases.py
 
-Cases (13 leanattn kernel launches on a GPU; under a sanitizer every launch is slow):
+Cases (14 leanattn kernel launches on a GPU; under a sanitizer every launch is slow):
   1. paged cache, page 16, odd lengths (0, 1, tile +- 1, ...) and a leftpad, head_dim 128;
   2. paged cache, page 1, odd lengths;
   3. one long head split over 40 programs and merged by the two-level tree (3 arrival chunks);
   4. out-of-range page ids in live slots of two sequences: their rows and LSE NaN, the rest right;
   5. DecodeWrapper: one plan, two layers' runs, strided (HF-layout) cache with leftpad;
   6. DecodeWrapper plan + run captured in a CUDA graph, replayed twice with new lengths and block
-     tables (GPU only).
+     tables (GPU only);
+  7. fp8 paged cache with per-token K and V scales and out-of-range page ids in a live slot: the
+     scales are read at their keys' pages and slots, never outside.
 
 Inputs and float64 references are built on the CPU and copied over, so the GPU runs little but
 leanattn's kernels. Nothing is allocated inside the graph capture: with
@@ -50,11 +52,14 @@ class Run:
     def check(
         self, name: str, out: torch.Tensor, lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
         v: torch.Tensor, lens: list[int], pads: list[int] | None = None, nan_seqs: tuple[int, ...] = (),
+        **scales: torch.Tensor,
     ) -> None:
         """Compare ``out`` (B,1,Hq,D) and ``lse`` (B,Hq) with the float64 reference over the dense
-        CPU cache ``k``, ``v`` (B,N,Hkv,D); sequences in ``nan_seqs`` must be all NaN."""
+        CPU cache ``k``, ``v`` (B,N,Hkv,D) (and its CPU fp8 ``scales``); sequences in
+        ``nan_seqs`` must be all NaN."""
         ref, ref_lse = leanattn.reference.decode(
             q.double(), k.double(), v.double(), _i32(lens, "cpu"), cache_leftpad=_i32(pads, "cpu"), return_lse=True,
+            **scales,
         )
         out = out.cpu().double()
         lse = None if lse is None else lse.cpu()
@@ -211,6 +216,27 @@ def graph(run: Run, gen: torch.Generator) -> None:
         run.check(f"graph: replay {i}", out, None, q, k, v, lens)
 
 
+def fp8_token_scales(run: Run, gen: torch.Generator) -> None:
+    """Case 7: an fp8 e4m3 paged cache with per-token K and V scales (paged like the cache), an
+    out-of-range id (10^6) in a live slot of sequence 1; heads split over 9 programs. One launch."""
+    d, page, fp8 = 64, 16, torch.float8_e4m3fn
+    tile = choose_config(d, fp8, 4).tile
+    lens = [40, 3 * tile + 5, 17, 0]
+    q, k, v = _qkv(gen, lens, 8, 2, d, torch.bfloat16, 4 * tile)
+    k8, v8 = k.to(fp8), v.to(fp8)
+    scales = 10 ** (torch.rand(*k.shape[:3], 2, generator=gen) * 4 - 3)  # K's and V's, 1e-3..10
+    kp, vp, table = to_paged(k8, v8, lens, page, seed=7)
+    sp, _, _ = to_paged(scales, scales, lens, page, seed=7)  # the same pages and table
+    table[1, 1] = 10**6
+    out = _nan_out(q)
+    _, lse = leanattn.decode(q.to(DEVICE), kp.to(DEVICE), vp.to(DEVICE), _i32(lens), block_table=table.to(DEVICE),
+                             k_scale=sp[..., 0].contiguous().to(DEVICE), v_scale=sp[..., 1].contiguous().to(DEVICE),
+                             out=out, return_lse=True, num_programs=9)
+    run.launches += 1
+    run.check("fp8 per-token scales, out-of-range page id", out, lse, q, k8, v8, lens, nan_seqs=(1,),
+              k_scale=scales[..., 0].contiguous(), v_scale=scales[..., 1].contiguous())
+
+
 CASES: list[Callable[[Run, torch.Generator], None]] = [
     lambda r, g: paged(r, g, 16, 128, torch.bfloat16),
     lambda r, g: paged(r, g, 1, 64, torch.float16),
@@ -218,6 +244,7 @@ CASES: list[Callable[[Run, torch.Generator], None]] = [
     bad_pages,
     wrapper,
     graph,
+    fp8_token_scales,
 ]
 
 

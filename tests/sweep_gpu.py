@@ -15,7 +15,9 @@ draws only runtime parameters within it: batch, lengths, kv heads, grid size, ca
 check mode, CUDA-graph capture, window sizes, soft-cap values, sink logits, fp8 scales. Case
 ``i`` of seed ``S`` is drawn from ``(S, i)`` alone, so ``--case i`` reproduces it without running
 the others. The model features are compile-time axes too: q_len (1 to 16), an fp8 cache (e4m3,
-e5m2), a sliding window, causal or not, soft-capping and attention sinks.
+e5m2) and the kinds of its K and V scales (per kv head, per sequence and kv head, per token), a
+sliding window, causal or not, soft-capping and attention sinks. Per-token scales span 1e-3..10
+(engines' amax / 448 scales are small), and their rows that no call reads hold NaN.
 
 Every case writes into a NaN-poisoned output (a view inside a larger NaN buffer whose margins must
 stay NaN) and is checked per sequence against ``leanattn.reference.decode`` in float32: rows of
@@ -56,6 +58,9 @@ from _util import LSE_TOL, TOL  # noqa: E402
 ON_GPU = torch.cuda.is_available()
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 KV_DTYPES = {"same": None, "e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+# fp8 scale kinds of K and V ("K/V"): per kv head, per (sequence, kv head), per token and kv head.
+SCALE_KINDS = ("head/head", "head/head", "seq/token", "token/seq", "token/token", "head/token", "token/head",
+               "seq/seq")
 # q_len x group stays within the kernel's 128 rows (groups <= 8); at d=512 (16 rows) a variant's
 # q_len is cut to fit its group (draw_pool).
 Q_LENS = (1, 1, 1, 2, 4, 16)
@@ -99,6 +104,7 @@ class Variant:
     causal: bool = True
     softcap: bool = False
     sinks: bool = False
+    scale_kinds: str = "-"  # fp8: the kinds of K's and V's scales (SCALE_KINDS); "-" otherwise
 
     @property
     def kv_dtype(self) -> torch.dtype:
@@ -170,7 +176,7 @@ class Case:
     data_seed: int = 0
     window_size: list[int] = field(default_factory=lambda: [-1, -1])  # a list: JSON keeps it
     softcap: float = 0.0
-    scales: str = "-"  # fp8: "float" or "tensor" (per kv head) dequantisation scales
+    scales: str = "-"  # fp8: per-kv-head scales as a "float" or a "tensor" (other kinds are tensors)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -212,7 +218,10 @@ def draw_pool(seed: int, size: int) -> list[Variant]:
         q_len = min(q_len, leanattn.max_query_rows(d) // g)
         pool.append(Variant(d, g, dt, page, seqlens, pad, lse, api, grids, lse_class, table if page else "-",
                             q_len, cache, window, causal, cap, sinks))
-    return pool
+    # The fp8 variants' scale kinds, cycling through SCALE_KINDS, from a generator of their own
+    # (the other axes keep the draws they had before this axis).
+    kinds = iter(_cycle(SCALE_KINDS, sum(v.kv != "same" for v in pool), random.Random(f"pool-scales:{seed}")))
+    return [dataclasses.replace(v, scale_kinds=next(kinds)) if v.kv != "same" else v for v in pool]
 
 
 def _draw_len(rng: random.Random, tile: int, max_len: int) -> int:
@@ -381,11 +390,14 @@ class Inputs:
     table: torch.Tensor | None  # the block table (a view when its stride exceeds its width), on the device
     rng: random.Random  # for garbage ids of later steps
     features: dict = field(default_factory=dict)  # sinks and fp8 scales, as decode's keywords
+    ref_features: dict = field(default_factory=dict)  # the same for the reference's dense cache
 
 
 def features(case: Case, device: torch.device, dgen: torch.Generator) -> dict:
     """The case's feature keywords for ``leanattn.decode`` (and the reference), but for the
-    window and causal flag, which the wrapper takes at plan time."""
+    window and causal flag, which the wrapper takes at plan time. Per-token scales are dense
+    (B, N, Hkv), like the reference's cache (``build`` pages them for a paged one), NaN in the
+    rows no step of the case reads."""
     var = case.variant
     hq, hkv = var.group * case.kv_heads, case.kv_heads
     kw: dict = {}
@@ -400,7 +412,36 @@ def features(case: Case, device: torch.device, dgen: torch.Generator) -> dict:
     elif case.scales == "tensor":
         kw["k_scale"] = 0.5 + torch.rand(hkv, generator=dgen, device=device) * 1.5
         kw["v_scale"] = 0.5 + torch.rand(hkv, generator=dgen, device=device) * 1.5
+    if var.scale_kinds != "-":
+        for name, kind in zip(("k_scale", "v_scale"), var.scale_kinds.split("/")):
+            if kind == "seq":
+                kw[name] = 0.5 + torch.rand(case.batch, hkv, generator=dgen, device=device) * 1.5
+            elif kind == "token":
+                x = 10 ** (torch.rand(case.batch, case.capacity, hkv, generator=dgen, device=device) * 4 - 3)
+                kw[name] = torch.where(_read_rows(case).to(device)[..., None], x, math.nan)
     return kw
+
+
+def _read_rows(case: Case) -> torch.Tensor:
+    """Bool (batch, capacity): the cache positions some step of the case may read (the live
+    ones of the first step and of the replays)."""
+    pos = torch.arange(case.capacity)
+    rows = torch.zeros(case.batch, case.capacity, dtype=torch.bool)
+    for lens, pads in [(case.lens, case.leftpad)] + case.replays:
+        for b in range(case.batch):
+            first, end = _live(lens, pads, case.capacity, b)
+            rows[b] |= (pos >= first) & (pos < end)
+    return rows
+
+
+def page_scales(x: torch.Tensor, ids: torch.Tensor, owned: torch.Tensor, num_pages: int) -> torch.Tensor:
+    """Dense per-token scales (B, N, Hkv) in the pages of ``page_cache``'s ``ids``: (num_pages,
+    page, Hkv), NaN in the rows of pages nobody owns."""
+    batch, n, hkv = x.shape
+    slots = ids.shape[1]
+    pages = torch.full((num_pages, n // slots, hkv), math.nan, dtype=x.dtype, device=x.device)
+    pages[ids[owned].long().to(x.device)] = x.reshape(batch, slots, n // slots, hkv)[owned.to(x.device)]
+    return pages
 
 
 def build(case: Case, device: torch.device) -> Inputs:
@@ -428,13 +469,15 @@ def build(case: Case, device: torch.device) -> Inputs:
     k, v = k.to(var.kv_dtype), v.to(var.kv_dtype)
     feats = features(case, device, dgen)
     if not var.page_size:
-        return Inputs(qs, k, v, k, v, None, None, random.Random(case.data_seed), feats)
+        return Inputs(qs, k, v, k, v, None, None, random.Random(case.data_seed), feats, feats)
     page = var.page_size
     steps = [(case.lens, case.leftpad)] + case.replays
     owned = torch.zeros(b, n // page, dtype=torch.bool)
     for lens, pads in steps:
         owned |= _live_slots(lens, pads, n, page)
     kp, vp, ids = page_cache(k, v, owned, page, gen, dgen, case.strided_cache)
+    paged_feats = {name: page_scales(x, ids, owned, kp.shape[0]) if name.endswith("_scale") and
+                   isinstance(x, torch.Tensor) and x.dim() == 3 else x for name, x in feats.items()}
     rng = random.Random(case.data_seed)
     table = table_for(ids, case.lens, case.leftpad, n, page, kp.shape[0], rng)
     if case.bad_page is not None:
@@ -446,7 +489,7 @@ def build(case: Case, device: torch.device) -> Inputs:
         table = wide.to(device)[:, : n // page]
     else:
         table = table.to(device)
-    return Inputs(qs, k, v, kp, vp, ids, table, rng, feats)
+    return Inputs(qs, k, v, kp, vp, ids, table, rng, paged_feats, feats)
 
 
 def _i32(values: list[int] | None, device: torch.device) -> torch.Tensor | None:
@@ -546,7 +589,7 @@ def run_case(case: Case, device: torch.device) -> str | None:
         seq, slot, _ = case.bad_page
         k_ref = x.k.float().clone()
         k_ref[seq, slot * var.page_size : (slot + 1) * var.page_size] = math.nan
-    feats = dict(x.features, causal=var.causal, window_size=tuple(case.window_size))
+    feats = dict(x.ref_features, causal=var.causal, window_size=tuple(case.window_size))
     if not case.graph:
         for layer, q in enumerate(x.q):
             buf, out = poisoned_out(q)

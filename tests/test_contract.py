@@ -154,6 +154,59 @@ def test_fp8_non_finite_scales_and_queries(bad):
     assert_same_as_reference(out, lse, *_ref(q, k, v, sl, k_scale=ks, v_scale=vs))
 
 
+FINER_SCALE_POISONS = ["k_scale token NaN", "v_scale token NaN", "v_scale token inf", "k_scale seq inf",
+                       "token NaN past the length"]
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("bad", FINER_SCALE_POISONS)
+def test_fp8_non_finite_finer_scales(bad, paged):
+    """Per-token and per-sequence scales, two query tokens: a NaN k scale of a key poisons the
+    output and LSE of exactly the rows that see the key; a NaN v scale, like a NaN in V, the
+    outputs (not the LSEs) of every row of its head and sequence, since each reads the key (a
+    weight of 0 times NaN is NaN); a per-sequence inf k scale its sequence's rows of its head;
+    scales past a length are never read. Kernel and reference agree on every pattern."""
+    lens = [40, 0, 33]
+    _, k, v, sl = make_inputs(lens, HQ, HKV, D, torch.bfloat16, seed=12)
+    gen = torch.Generator().manual_seed(13)
+    q = torch.randn(3, 2, HQ, D, generator=gen).to(torch.bfloat16).to(DEVICE)
+    kc, vc, kw = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn), {}
+    if paged:
+        kc, vc, table = to_paged(kc, vc, lens, 16, seed=14)
+        kw["block_table"] = table
+
+    def row(b: int, pos: int) -> tuple[int, int]:
+        """Where the scales of sequence b's position pos are."""
+        return (int(kw["block_table"][b, pos // 16]), pos % 16) if paged else (b, pos)
+
+    ks = torch.rand(kc.shape[:3], generator=gen).to(DEVICE) + 0.5
+    vs = torch.rand(kc.shape[:3], generator=gen).to(DEVICE) + 0.5
+    nan_out = torch.zeros(3, 2, HQ, dtype=torch.bool, device=DEVICE)  # (batch, q_len, q_heads)
+    nan_lse = torch.zeros(3, HQ, 2, dtype=torch.bool, device=DEVICE)
+    if bad == "k_scale token NaN":
+        ks[row(0, 39) + (1,)] = math.nan  # the newest key: only query token 1 sees it
+        nan_out[0, 1, 2:], nan_lse[0, 2:, 1] = True, True
+    elif bad == "v_scale token NaN":
+        vs[row(0, 39) + (1,)] = math.nan
+        nan_out[0, :, 2:] = True
+    elif bad == "v_scale token inf":
+        vs[row(2, 20) + (0,)] = math.inf
+    elif bad == "k_scale seq inf":
+        ks = torch.rand(3, HKV, generator=gen).to(DEVICE) + 0.5
+        ks[2, 0] = math.inf
+        nan_out[2, :, :2], nan_lse[2, :2, :] = True, True
+    else:
+        ks[row(2, 33)[0], row(2, 33)[1]:] = math.nan  # the rest of sequence 2's last page, or its rows past 33
+        vs[row(2, 33)[0], row(2, 33)[1]:] = math.nan
+    out, lse = leanattn.decode(q, kc, vc, sl, k_scale=ks, v_scale=vs, return_lse=True, num_programs=3, **kw)
+    assert_same_as_reference(out, lse, *_ref(q, kc, vc, sl, k_scale=ks, v_scale=vs, **kw))
+    if bad != "v_scale token inf":
+        assert torch.equal(torch.isnan(out).all(dim=-1), nan_out) and not torch.isnan(out[~nan_out]).any()
+        assert torch.equal(torch.isnan(lse), nan_lse)
+    else:
+        assert not torch.isfinite(out[2, :, :2]).all() and torch.isfinite(out[:2]).all()
+
+
 def test_reference_bad_pages_match_the_kernel():
     """The reference poisons what the kernel poisons: the rows that see a key on a page outside
     the cache, and nothing else."""

@@ -134,7 +134,8 @@ def test_bad_feature_arguments():
         with pytest.raises(ValueError, match=msg):
             leanattn.decode(q, k, v, sl, **kw)
     k8, v8 = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
-    with pytest.raises(ValueError, match=r"k_scale must be a float or a float32 \(2,\)"):
+    with pytest.raises(ValueError, match=r"k_scale must be a float, or a float32 tensor on .* of shape \(2,\) "
+                                         r"\(per kv head\), \(2, 2\) .* or \(2, 20, 2\) \(per token"):
         leanattn.decode(q, k8, v8, sl, k_scale=torch.ones(3, device=DEVICE))
     with pytest.raises(ValueError, match=r"sinks\[1\] = nan is not finite"):
         leanattn.decode(q, k, v, sl, sinks=torch.tensor([0.0, math.nan, 0, 0], device=DEVICE), check=True)

@@ -189,3 +189,32 @@ def test_new_head_dims_compile_without_spills(d, hq, hkv, q_len, kv_dtype):
     assert_close(out, lse, *reference(q, k, v, sl, **kw))
     report = [(c.n_regs, c.n_spills, c.metadata.shared) for c in w.compiled_kernels]
     assert report and all(spills == 0 for _, spills, _ in report), f"(registers, spills, shared bytes): {report}"
+
+
+@pytest.mark.parametrize("kinds", [("token", "token"), ("seq", "token"), ("token", "head")])
+def test_fp8_finer_scales_in_fp16_products_and_cuda_graphs(kinds):
+    """Per-token scales of engines' size (1e-4..1e-2: p times them would be fp16 subnormals
+    without the per-tile power of two) through the fp16 products, in a CUDA graph whose replays
+    see new scale values written in place."""
+    lens = [3000, 0, 129, 4096]
+    q, k, v, sl = make_inputs(lens, 32, 4, 128, torch.bfloat16, seed=16)
+    k8, v8 = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
+    kp, vp, table = to_paged(k8, v8, lens, 16, seed=16)
+    gen = torch.Generator(device=q.device).manual_seed(17)
+
+    def draw(kind: str) -> torch.Tensor:
+        shape = {"head": (4,), "seq": (len(lens), 4), "token": tuple(kp.shape[:3])}[kind]
+        return 10 ** (torch.rand(shape, generator=gen, device=q.device) * 2 - 4)
+
+    ks, vs = draw(kinds[0]), draw(kinds[1])
+    out = torch.empty_like(q)
+    graph, (_, lse) = capture_cuda_graph(
+        lambda: leanattn.decode(q, kp, vp, sl, block_table=table, k_scale=ks, v_scale=vs, out=out, return_lse=True)
+    )
+    for _ in range(3):
+        ks.copy_(draw(kinds[0]))
+        vs.copy_(draw(kinds[1]))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, lse, *reference(q, kp, vp, sl, block_table=table, k_scale=ks, v_scale=vs))

@@ -86,8 +86,9 @@ def test_pool_covers_every_axis_within_few_kernels():
                          ("has_seqlens", (False, True)), ("api", ("decode", "wrapper")),
                          ("q_len", set(sweep_gpu.Q_LENS)), ("kv", tuple(sweep_gpu.KV_DTYPES)),
                          ("window", (False, True)), ("causal", (False, True)), ("softcap", (False, True)),
-                         ("sinks", (False, True))):
+                         ("sinks", (False, True)), ("scale_kinds", set(sweep_gpu.SCALE_KINDS) | {"-"})):
         assert {getattr(v, axis) for v in pool} == set(values), axis
+    assert all((v.scale_kinds == "-") == (v.kv == "same") for v in pool)
     limits = sweep_gpu.Limits()
     for i in range(2000):
         c = sweep_gpu.draw_case(7, i, pool, limits)

@@ -136,8 +136,8 @@ def constexprs(
         MERGE_ROWS=merge_rows, MERGE_WIDE=merge_wide, ARRIVE_CHUNK=ARRIVE_CHUNK,
         HAS_SEQLENS=has_seqlens, HAS_LEFTPAD=has_leftpad, HAS_WINDOW=features.has_window,
         HAS_MASK=features.has_mask, HAS_SOFTCAP=features.softcap > 0, HAS_SINKS=features.has_sinks,
-        HAS_KV_SCALE=features.fp8, PLANNED=planned, RETURN_LSE=return_lse, DOT_DTYPE=dot_dtype,
-        BLOCK_B=BLOCK_B, USE_PDL=pdl, **dict(config.constexprs),
+        K_SCALE_KIND=features.k_scale_kind, V_SCALE_KIND=features.v_scale_kind, PLANNED=planned,
+        RETURN_LSE=return_lse, DOT_DTYPE=dot_dtype, BLOCK_B=BLOCK_B, USE_PDL=pdl, **dict(config.constexprs),
     )
 
 
@@ -170,7 +170,8 @@ class Call:
         self.params = constexprs(q, k_cache, page_size, config, features, has_seqlens=has_seqlens,
                                  has_leftpad=has_leftpad, planned=planned, return_lse=lse is not None, pdl=self.pdl,
                                  split=split)
-        # Float scales are part of the key: their (kv_heads,) tensors are resolved once.
+        # Float scales are part of the key: their (kv_heads,) tensors are resolved once. Tensor
+        # scales' kinds (their dims) are part of it too, through their layouts.
         self.scales = tuple(
             None if not features.fp8 or isinstance(x, torch.Tensor) else scale_tensor(1.0 if x is None else x, kv_heads, q.device)
             for x in (k_scale, v_scale))

@@ -42,8 +42,9 @@ def check_tensor(name: str, t: object) -> torch.Tensor:
 
 
 def check_dense_vector(name: str, t: torch.Tensor) -> None:
-    """The kernels read 1-D arguments (lengths, sinks, scales, plans' rows) as packed arrays: a
-    strided or expanded view is refused rather than read as if it were packed."""
+    """The kernels read 1-D arguments (lengths, sinks, plans' rows) and fp8 scale tensors (of any
+    kind) as packed arrays: a strided or expanded view is refused rather than read as if it were
+    packed."""
     if not t.is_contiguous():
         fail(ValueError, f"{name} must be contiguous, got a view with strides {t.stride()} (shape "
                           f"{tuple(t.shape)}): pass {name}.contiguous()")
@@ -76,14 +77,56 @@ def refuse_grad(*tensors: torch.Tensor) -> None:
         )
 
 
-def check_finite_values(sinks: torch.Tensor | None, k_scale: object, v_scale: object) -> None:
-    """Host-side check (a sync) that every sink logit and fp8 dequantisation scale is finite."""
-    for name, t, what in (("sinks", sinks, "query head"), ("k_scale", k_scale, "kv head"),
-                          ("v_scale", v_scale, "kv head")):
-        if isinstance(t, torch.Tensor):
+def check_finite_values(
+    sinks: torch.Tensor | None, k_scale: object, v_scale: object, *, cache_seqlens: torch.Tensor | None,
+    cache_leftpad: torch.Tensor | None, block_table: torch.Tensor | None, batch: int, capacity: int,
+) -> None:
+    """Host-side check (a sync) that every sink logit and fp8 dequantisation scale the call reads
+    is finite. Per-token scales are checked in the live rows only (cache positions
+    [cache_leftpad, cache_seqlens) of each sequence, clamped as the kernel clamps them, through
+    ``block_table`` when paged, skipping out-of-range page ids): other rows are never read and may
+    hold anything."""
+    if isinstance(sinks, torch.Tensor):
+        at = first_bad(~torch.isfinite(sinks))
+        if at is not None:
+            fail(ValueError, f"sinks[{at[0]}] = {float(sinks[at])} is not finite (query head {at[0]})")
+    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if not isinstance(t, torch.Tensor):
+            continue
+        if t.dim() < 3:
             at = first_bad(~torch.isfinite(t))
             if at is not None:
-                fail(ValueError, f"{name}[{at[0]}] = {float(t[at])} is not finite ({what} {at[0]})")
+                what = f"kv head {at[0]}" if t.dim() == 1 else f"sequence {at[0]}, kv head {at[1]}"
+                fail(ValueError, f"{name}[{', '.join(map(str, at))}] = {float(t[at])} is not finite ({what})")
+            continue
+        live = live_positions(cache_seqlens, cache_leftpad, batch, capacity, t.device)
+        pos = torch.arange(capacity, device=t.device)
+        rows = t  # (batch, capacity, kv_heads): each sequence's rows
+        if block_table is not None:
+            page_size = t.shape[1]
+            pages = block_table[:, pos // page_size].long()
+            live &= (pages >= 0) & (pages < t.shape[0])
+            rows = t[pages.clamp(0, max(t.shape[0] - 1, 0)), pos % page_size]
+        at = first_bad(live[..., None] & ~torch.isfinite(rows))
+        if at is not None:
+            b, p, h = at
+            row = (b, p) if block_table is None else (int(pages[b, p]), p % page_size)
+            fail(ValueError, f"{name}[{row[0]}, {row[1]}, {h}] = {float(rows[at])} is not finite (sequence {b}, "
+                              f"position {p}, kv head {h}: a live row)")
+
+
+def live_positions(
+    cache_seqlens: torch.Tensor | None, cache_leftpad: torch.Tensor | None, batch: int, capacity: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """bool (batch, capacity): the live cache positions [start, end) of each sequence, with
+    start = clamp(cache_leftpad, 0, capacity) and end = clamp(cache_seqlens, start, capacity)."""
+    start = torch.zeros(batch, dtype=torch.long, device=device) if cache_leftpad is None else \
+        cache_leftpad.to(device).long().clamp(0, capacity)
+    end = torch.full((batch,), capacity, device=device) if cache_seqlens is None else \
+        torch.maximum(cache_seqlens.to(device).long().clamp(max=capacity), start)
+    pos = torch.arange(capacity, device=device)
+    return (pos[None, :] >= start[:, None]) & (pos[None, :] < end[:, None])
 
 
 def first_bad(bad: torch.Tensor) -> tuple[int, ...] | None:

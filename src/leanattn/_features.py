@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import FP8_DTYPES, check_dense_vector, check_tensor, fail
-from .kernels.lean_decode import LOG2E
+from .kernels.lean_decode import LOG2E, SCALE_HEAD, SCALE_NONE, SCALE_SEQ, SCALE_TOKEN
 
 # An unbounded window side, as an int the kernel compares with.
 UNBOUNDED = 2**30
@@ -25,7 +25,13 @@ class Features:
     has_mask: bool  # some row sees fewer than all live keys
     softcap: float  # 0: off
     has_sinks: bool
-    fp8: bool
+    k_scale_kind: int  # the kernel's K_SCALE_KIND: SCALE_NONE (fp16/bf16 cache) ... SCALE_TOKEN
+    v_scale_kind: int
+
+    @property
+    def fp8(self) -> bool:
+        """An fp8 cache: it has dequantisation scales (of any kind)."""
+        return self.k_scale_kind != SCALE_NONE
 
 
 def window_bounds(causal: bool, window_size: tuple[int, int], q_len: int) -> tuple[int, int, bool, bool]:
@@ -47,8 +53,9 @@ def resolve_features(
     sinks: torch.Tensor | None, k_scale: float | torch.Tensor | None, v_scale: float | torch.Tensor | None,
 ) -> tuple[Features, torch.Tensor | None, torch.Tensor | None]:
     """Check the model-feature arguments; return the features and the fp8 cache's
-    dequantisation scales as given, a float (default 1.0) or a float32 (kv_heads,) tensor (None
-    for fp16/bf16 caches; the launch makes tensors of floats)."""
+    dequantisation scales as given (None for fp16/bf16 caches): a float (default 1.0; the launch
+    makes (kv_heads,) tensors of floats) or a float32 tensor of one of the kinds of
+    :func:`scale_kind`."""
     q_len, q_heads = q.shape[1], q.shape[2]
     kv_heads = k_cache.shape[2]
     left, right, has_window, has_mask = window_bounds(causal, window_size, q_len)
@@ -61,30 +68,47 @@ def resolve_features(
                               f"got {sinks.dtype} {tuple(sinks.shape)} on {sinks.device}")
         check_dense_vector("sinks", sinks)
     fp8 = k_cache.dtype in FP8_DTYPES
-    scales = []
+    scales, kinds = [], []
     for name, x in (("k_scale", k_scale), ("v_scale", v_scale)):
         if not fp8:
             if x is not None:
                 fail(ValueError, f"{name} dequantises an fp8 cache; this cache is {k_cache.dtype}")
             continue
         x = 1.0 if x is None else x
-        _check_scale(name, x, kv_heads, q.device)
+        _check_scale(name, x, q, k_cache)
         scales.append(x)
-    features = Features(q_len, left, right, has_window, has_mask, float(softcap), sinks is not None, fp8)
+        kinds.append(scale_kind(x))
+    k_kind, v_kind = kinds or (SCALE_NONE, SCALE_NONE)
+    features = Features(q_len, left, right, has_window, has_mask, float(softcap), sinks is not None, int(k_kind),
+                        int(v_kind))
     return features, *(scales or (None, None))
 
 
-_SCALES: dict[tuple, torch.Tensor] = {}
+def scale_kind(x: float | torch.Tensor) -> int:
+    """The kind (the kernel's K_SCALE_KIND / V_SCALE_KIND) of a checked fp8 scale: SCALE_HEAD for a
+    float or a (kv_heads,) tensor, SCALE_SEQ for (batch, kv_heads), SCALE_TOKEN for a tensor shaped
+    like the cache without head_dim. Its number of dimensions decides, so a call key that holds
+    the scales' shapes holds their kinds."""
+    if not isinstance(x, torch.Tensor):
+        return int(SCALE_HEAD)
+    return int((SCALE_HEAD, SCALE_SEQ, SCALE_TOKEN)[x.dim() - 1])
 
 
-def _check_scale(name: str, x: object, kv_heads: int, device: torch.device) -> None:
+def _check_scale(name: str, x: object, q: torch.Tensor, k_cache: torch.Tensor) -> None:
+    batch, kv_heads, device = q.shape[0], k_cache.shape[2], q.device
+    tokens = tuple(k_cache.shape[:3])
+    kinds = (f"a float, or a float32 tensor on {device} of shape ({kv_heads},) (per kv head), ({batch}, "
+             f"{kv_heads}) (per sequence and kv head) or {tokens} (per token and kv head: k_cache's shape "
+             "without head_dim, indexed like its rows)")
     if isinstance(x, torch.Tensor):
-        if x.dtype != torch.float32 or x.shape != (kv_heads,) or x.device != device:
-            fail(ValueError, f"{name} must be a float or a float32 ({kv_heads},) tensor on {device}, one per kv "
-                              f"head, got {x.dtype} {tuple(x.shape)} on {x.device}")
+        if x.dtype != torch.float32 or x.device != device or x.shape not in ((kv_heads,), (batch, kv_heads), tokens):
+            fail(ValueError, f"{name} must be {kinds}, got {x.dtype} {tuple(x.shape)} on {x.device}")
         check_dense_vector(name, x)
     elif isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-        fail(ValueError, f"{name} must be a finite float or a float32 ({kv_heads},) tensor, got {x!r}")
+        fail(ValueError, f"{name} must be {kinds}; a float must be finite, got {x!r}")
+
+
+_SCALES: dict[tuple, torch.Tensor] = {}
 
 
 def scale_tensor(x: float | torch.Tensor, kv_heads: int, device: torch.device) -> torch.Tensor:

@@ -182,7 +182,10 @@ def decode(
         sinks: float32 (q_heads,), one sink logit per query head (in scaled-score units): the
             softmax runs over [scores, sink], the sink carrying no value.
         k_scale, v_scale: dequantisation multipliers of an fp8 cache (real K = stored K x
-            k_scale): a float or float32 (kv_heads,); default 1; refused for fp16/bf16 caches.
+            k_scale), each a float (default 1) or a float32 tensor: (kv_heads,), (batch,
+            kv_heads), or per token, shaped like the cache without head_dim ((batch, cache_len,
+            kv_heads), or (num_pages, page_size, kv_heads) when paged) and indexed like its
+            rows. The two may be of different kinds. Refused for fp16/bf16 caches.
         return_lse: also return the natural-log log-sum-exp, float32 (batch, q_heads, q_len).
         out: optional tensor like q to write into.
         lse: optional float32 (batch, q_heads, q_len) tensor, any strides, for the LSE to be
@@ -200,9 +203,10 @@ def decode(
         split_size: tokens per split with ``batch_invariant`` (default 512), a multiple of the
             launch config's tile (64 or 128 tokens; 32 under the interpreter): see the README.
         check: also validate the values of ``cache_seqlens``, ``cache_leftpad``, the live slots
-            of ``block_table``, ``sinks`` and scale tensors on the host (a device sync: not for CUDA graphs or
-            fast paths), raising ValueError naming the sequence, slot and value. Without it,
-            lengths are clamped and an out-of-range page gives NaN rows where it is attended to.
+            of ``block_table``, ``sinks`` and scale tensors (per-token ones in their live rows) on
+            the host (a device sync: not for CUDA graphs or fast paths), raising ValueError
+            naming the sequence, slot and value. Without it, lengths are clamped and an
+            out-of-range page gives NaN rows where it is attended to.
 
     Returns:
         Like q, in q's dtype, and the LSE when ``return_lse``.
@@ -215,7 +219,8 @@ def decode(
         check_lengths(cache_seqlens, cache_leftpad, capacity)
         if block_table is not None:
             check_pages(block_table, k_cache.shape[0], k_cache.shape[1], cache_seqlens, cache_leftpad)
-        check_finite_values(sinks, k_scale, v_scale)
+        check_finite_values(sinks, k_scale, v_scale, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
+                            block_table=block_table, batch=q.shape[0], capacity=capacity)
     check_num_programs(num_programs)
     _check_config(config)
     scale = softmax_scale_of(softmax_scale, q.shape[-1])

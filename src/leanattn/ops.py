@@ -42,9 +42,9 @@ def decode_into(
     split: int = 0,
 ) -> None:
     """Write decode attention into ``out`` (and ``lse``); ``num_programs`` 0 means the default.
-    Arguments as in ``leanattn.decode``; an fp8 cache's scales as (kv_heads,) tensors, or as
-    floats when the tensors are None; ``split``: tokens per split in batch-invariant mode (0:
-    off)."""
+    Arguments as in ``leanattn.decode``; an fp8 cache's scales as float32 tensors of any of
+    its kinds (the kind follows the tensor's dims), or as floats when the tensors are None;
+    ``split``: tokens per split in batch-invariant mode (0: off)."""
     window = tuple(window_size) if window_size is not None else (-1, -1)
     fp8 = k_cache.dtype in FP8_DTYPES
     k_scale = (k_scale if k_scale is not None else k_scale_value) if fp8 else None

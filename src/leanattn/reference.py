@@ -59,6 +59,11 @@ def decode(
     them. Returns q's shape in q's dtype and, with ``return_lse``, the natural-log LSE as float32
     (batch, q_heads, q_len). A query that sees no key gives zeros and LSE ``-inf`` (the sink's
     logit with sinks).
+
+    An fp8 cache's ``k_scale`` and ``v_scale`` (a float, or float32 (kv_heads,), (batch,
+    kv_heads), or per token shaped like the cache without head_dim) multiply the scores and the
+    output: a per-token k_scale each key's score column, a per-token v_scale each key's weight in
+    the weighted sum of values (not in the softmax's sum).
     """
     batch, q_len, q_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
@@ -74,12 +79,27 @@ def decode(
     left, right = window_size
     right = 0 if causal else right
 
-    def per_head(x: float | torch.Tensor | None) -> torch.Tensor:
+    def per_head(x: float | torch.Tensor | None, b: int) -> torch.Tensor:
+        """Sequence b's multiplier of each kv head's scores or output, (kv_heads, 1, 1)."""
         x = 1.0 if x is None else x
-        t = x if isinstance(x, torch.Tensor) else torch.tensor([float(x)] * kv_heads)
+        if not isinstance(x, torch.Tensor):
+            t = torch.tensor([float(x)] * kv_heads)
+        elif x.dim() == 1:
+            t = x
+        elif x.dim() == 2:
+            t = x[b]
+        else:  # per token: per_key's
+            t = torch.ones(kv_heads)
         return t.to(device=q.device, dtype=compute_dtype).view(kv_heads, 1, 1)
 
-    ks, vs = per_head(k_scale), per_head(v_scale)
+    def per_key(x: float | torch.Tensor | None, b: int, start: int, end: int) -> torch.Tensor | None:
+        """The per-token scales of sequence b's cache positions [start, end), (kv_heads, 1,
+        end - start) (zeros on pages outside the cache, like the keys); None for other kinds."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            return None
+        t = x[b, start:end] if block_table is None else gather_paged(x[..., None], block_table[b], end, start)[0][..., 0]
+        return t.to(device=q.device, dtype=compute_dtype).permute(1, 0)[:, None, :]
+
     o = torch.zeros(batch, q_len, q_heads, head_dim, dtype=compute_dtype, device=q.device)
     lse = torch.full((batch, q_heads, q_len), -math.inf, dtype=torch.float32, device=q.device)
     for b, (first, end) in enumerate(zip(firsts, ends)):
@@ -99,7 +119,10 @@ def decode(
         vb = v.to(compute_dtype).permute(1, 0, 2)
         # The scales multiply the scores and the output, not the cache, as in the kernel: the same
         # numbers for finite scales, and the same NaN and inf for the others.
-        s = (qb @ kb) * (scale * ks)
+        s = (qb @ kb) * (scale * per_head(k_scale, b))
+        ks_key, vs_key = per_key(k_scale, b, first + lo, end), per_key(v_scale, b, first + lo, end)
+        if ks_key is not None:
+            s = s * ks_key
         if softcap > 0:
             s = softcap * torch.tanh(s / softcap)
         query = torch.arange(q_len, device=q.device).repeat(group) + n - q_len  # row (g, i) -> position
@@ -121,7 +144,16 @@ def decode(
         # score makes the row's weights, output and LSE NaN.
         p = torch.where(lse_b[..., None] == -math.inf, 0.0, torch.exp(s - lse_b[..., None]))
         lse_b = torch.where(torch.isnan(p).any(dim=-1), math.nan, lse_b)
-        ob = torch.where(lse_b[..., None] == -math.inf, 0.0, (p @ vb) * vs)  # an empty row: zeros, whatever vs is
+        if vs_key is not None:
+            # A per-token v_scale weighs each value (the sink's column carries none): a NaN one
+            # reaches every row that reads its key, as a NaN in V does (a weight of 0 times NaN).
+            if sinks is not None:
+                vs_key = torch.cat([vs_key, vs_key.new_ones(kv_heads, 1, 1)], dim=-1)
+            pv = (p * vs_key) @ vb
+        else:
+            pv = p @ vb
+        # An empty row: zeros, whatever the scales are.
+        ob = torch.where(lse_b[..., None] == -math.inf, 0.0, pv * per_head(v_scale, b))
         ob = ob.view(kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3)
         o[b] = ob.reshape(q_len, q_heads, head_dim)
         lse[b] = lse_b.view(q_heads, q_len).float()

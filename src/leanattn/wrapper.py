@@ -227,7 +227,8 @@ class DecodeWrapper:
         if check:
             if block_table is not None:
                 check_pages(block_table, k_cache.shape[0], k_cache.shape[1], self._seqlens, self._leftpad)
-            check_finite_values(sinks, k_scale, v_scale)
+            check_finite_values(sinks, k_scale, v_scale, cache_seqlens=self._seqlens, cache_leftpad=self._leftpad,
+                                block_table=block_table, batch=self._batch, capacity=self._capacity)
         if self._batch > 0:
             call.launch(self._bufs, q, k_cache, v_cache, out, lse, self._seqlens, self._leftpad, block_table, sinks,
                         k_scale, v_scale, self._plan)

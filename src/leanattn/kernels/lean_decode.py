@@ -22,11 +22,31 @@ from .plan import _live_range, _num_tiles, _read_plan_row, _share_of
 LOG2E: float = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
 
+# Kinds of an fp8 cache's dequantisation scales (the kernel's K_SCALE_KIND and V_SCALE_KIND):
+# none (an fp16/bf16 cache), one per kv head, one per (sequence, kv head), and one per cache row
+# and kv head (shaped like the cache without head_dim).
+SCALE_NONE = tl.constexpr(0)
+SCALE_HEAD = tl.constexpr(1)
+SCALE_SEQ = tl.constexpr(2)
+SCALE_TOKEN = tl.constexpr(3)
+
 
 @triton.jit
 def _tanh(x):
     """tanh from exp2, exact to fp32 rounding in absolute terms (what a softmax exponent needs)."""
     return 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
+
+
+@triton.jit
+def _pow2_factors(amax, TARGET: tl.constexpr):
+    """(2^s, 2^-s) for the power of two 2^s that brings ``amax`` > 0 into [2^TARGET,
+    2^(TARGET + 1)) (s = TARGET for amax 0), s clamped to [-126, 126] so both factors are normal
+    fp32."""
+    e = tl.floor(tl.log2(tl.where(amax > 0.0, amax, 1.0)))
+    shift = tl.minimum(tl.maximum(TARGET - e, -126.0), 126.0).to(tl.int32)
+    up = ((shift + 127) << 23).to(tl.float32, bitcast=True)
+    down = ((127 - shift) << 23).to(tl.float32, bitcast=True)
+    return up, down
 
 
 @triton.jit
@@ -39,11 +59,20 @@ def _exact_fp16(x, DOT_DTYPE: tl.constexpr):
     # row) instead of pushing every other row of the group out of fp16's range.
     mag = tl.abs(x)
     amax = tl.max(tl.max(tl.where(mag < float("inf"), mag, 0.0), axis=1), axis=0)
-    e = tl.floor(tl.log2(tl.where(amax > 0.0, amax, 1.0)))
-    shift = tl.minimum(tl.maximum(13.0 - e, -126.0), 126.0).to(tl.int32)
-    up = ((shift + 127) << 23).to(tl.float32, bitcast=True)
-    down = ((127 - shift) << 23).to(tl.float32, bitcast=True)
+    up, down = _pow2_factors(amax, 13.0)
     return (x * up).to(DOT_DTYPE), down
+
+
+@triton.jit
+def _token_weights(p, v_scale):
+    """The softmax weights ``p`` (ROWS, TILE) times each key's V scale ``v_scale`` (TILE,), times
+    the power of two 2^s that brings the tile's largest finite |scale| into [1, 2), and 2^-s,
+    which undoes it on the fp32 product: the weights stay within fp16's normal range whatever
+    the scales' size (engines' per-token scales are often ~1e-3). A NaN or inf scale stays
+    non-finite and reaches every row that reads its key, as a NaN or inf in V would."""
+    mag = tl.abs(v_scale)
+    up, down = _pow2_factors(tl.max(tl.where(mag < float("inf"), mag, 0.0), axis=0), 0.0)
+    return p * (v_scale * up)[None, :], down
 
 
 @triton.jit
@@ -75,12 +104,13 @@ def _score_mod(
 
 @triton.jit
 def _attend_tiles(
-    q, K, V, BlockTable, b, h, first, length, lo, live, tile_start, tile_end, scale, softcap,
-    window_left, window_right, num_pages,
+    q, K, V, BlockTable, KScale, VScale, b, h, first, length, lo, live, tile_start, tile_end, scale, softcap,
+    window_left, window_right, num_pages, kv_heads, capacity,
     stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
     GROUP: tl.constexpr, Q_LEN: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, TILE: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, K_SCALE_KIND: tl.constexpr, V_SCALE_KIND: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     """Online softmax of the packed query rows ``q`` (ROWS, HEAD_DIM_PAD) over tiles
     ``[tile_start, tile_end)`` of head (b, h). The tiles cover cache positions ``[first, first +
@@ -93,7 +123,12 @@ def _attend_tiles(
     whose page number is outside [0, num_pages) is never read. PAGE_SIZE is any size from 1 to
     256: a tile may span several pages or a part of one, each token finds its own page and slot
     (``//`` and ``%`` by the constant compile to shifts, and to integer multiplies and shifts
-    when it is not a power of two: no division instruction)."""
+    when it is not a power of two: no division instruction).
+
+    Per-token fp8 scales (SCALE_TOKEN) are read with the tile from KScale/VScale, packed like the
+    cache's rows ((batch, capacity, kv_heads), or (num_pages, PAGE_SIZE, kv_heads)) and masked
+    like K and V: K's multiply the fp32 score columns before the score stage, V's the weights of
+    the PV product (not the row sums)."""
     offs_n = tl.arange(0, TILE)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask_d = offs_d < HEAD_DIM
@@ -125,14 +160,26 @@ def _attend_tiles(
             slot = pos % PAGE_SIZE
             k_rows = page.to(tl.int64) * stride_kb + slot * stride_kn
             v_rows = page.to(tl.int64) * stride_vb + slot * stride_vn
+            if (K_SCALE_KIND == SCALE_TOKEN) or (V_SCALE_KIND == SCALE_TOKEN):
+                s_rows = (page.to(tl.int64) * PAGE_SIZE + slot) * kv_heads + h
             next_tok = tok + TILE
             page = tl.load(table + (first + next_tok) // PAGE_SIZE,
                            mask=(next_tok < length) & (next_tok < tile_end * TILE), other=0)
+        if PAGE_SIZE == 0:
+            if (K_SCALE_KIND == SCALE_TOKEN) or (V_SCALE_KIND == SCALE_TOKEN):
+                s_rows = (b64 * capacity + pos) * kv_heads + h
         mask_nd = read[:, None] & mask_d[None, :]
         k = tl.load(K + (k_rows + h * stride_kh)[:, None] + offs_d[None, :], mask=mask_nd, other=0.0).to(DOT_DTYPE)
         v = tl.load(V + (v_rows + h * stride_vh)[:, None] + offs_d[None, :], mask=mask_nd, other=0.0).to(DOT_DTYPE)
+        if K_SCALE_KIND == SCALE_TOKEN:
+            k_scale = tl.load(KScale + s_rows, mask=read, other=0.0)
+        if V_SCALE_KIND == SCALE_TOKEN:
+            v_scale = tl.load(VScale + s_rows, mask=read, other=0.0)
         # Scores, then the online softmax.
-        s = _score_mod(tl.dot(q, tl.trans(k)), scale, softcap, lo + tok, in_range, bad, query,
+        qk = tl.dot(q, tl.trans(k))
+        if K_SCALE_KIND == SCALE_TOKEN:
+            qk = qk * k_scale[None, :]
+        s = _score_mod(qk, scale, softcap, lo + tok, in_range, bad, query,
                        window_left, window_right, HAS_SOFTCAP, HAS_MASK, PAGE_SIZE > 0)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row that has seen no valid token keeps m = -inf; shift by 0 there to avoid inf - inf.
@@ -140,7 +187,11 @@ def _attend_tiles(
         alpha = tl.exp2(m_i - m_shift)
         p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v)
+        if V_SCALE_KIND == SCALE_TOKEN:
+            w, down = _token_weights(p, v_scale)
+            acc = acc * alpha[:, None] + tl.dot(w.to(DOT_DTYPE), v) * down
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -391,21 +442,33 @@ def _merge_split(
 
 @triton.jit
 def _load_q(
-    Q, KScale, VScale, b, h, q_rows, mask_q, offs_d, stride_qb, stride_qh, scale,
-    GROUP: tl.constexpr, HAS_KV_SCALE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    Q, KScale, VScale, b, h, kv_heads, q_rows, mask_q, offs_d, stride_qb, stride_qh, scale,
+    GROUP: tl.constexpr, K_SCALE_KIND: tl.constexpr, V_SCALE_KIND: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """The packed query rows of kv head (b, h) in DOT_DTYPE, the scale of their scores and V's
     dequantisation scale.
 
-    fp8 caches: the products run in fp16. q takes fp16 by a power of two that keeps any bf16 q in
-    fp16's range (exact for every element within 2^27 of the largest finite one: _exact_fp16);
-    the softmax scale, K's scale and the inverse power scale the fp32 scores, V's scale the
-    output."""
+    fp8 caches (scale kinds other than SCALE_NONE): the products run in fp16. q takes fp16 by a
+    power of two that keeps any bf16 q in fp16's range (exact for every element within 2^27 of the
+    largest finite one: _exact_fp16); the softmax scale, K's scale and the inverse power scale the
+    fp32 scores, V's scale the output. Per-token scales are applied per tile instead
+    (_attend_tiles): here they count as 1."""
     q_ptrs = Q + b.to(tl.int64) * stride_qb + h * GROUP * stride_qh + q_rows[:, None] + offs_d[None, :]
-    if HAS_KV_SCALE:
+    if K_SCALE_KIND != SCALE_NONE:
         q, unscale = _exact_fp16(tl.load(q_ptrs, mask=mask_q, other=0.0).to(tl.float32), DOT_DTYPE)
-        head_scale = scale * tl.load(KScale + h) * unscale
-        v_scale = tl.load(VScale + h)
+        if K_SCALE_KIND == SCALE_HEAD:
+            k_scale = tl.load(KScale + h)
+        elif K_SCALE_KIND == SCALE_SEQ:
+            k_scale = tl.load(KScale + b * kv_heads + h)
+        else:
+            k_scale = 1.0
+        head_scale = scale * k_scale * unscale
+        if V_SCALE_KIND == SCALE_HEAD:
+            v_scale = tl.load(VScale + h)
+        elif V_SCALE_KIND == SCALE_SEQ:
+            v_scale = tl.load(VScale + b * kv_heads + h)
+        else:
+            v_scale = 1.0
     else:
         q = tl.load(q_ptrs, mask=mask_q, other=0.0).to(DOT_DTYPE)
         head_scale = scale
@@ -429,7 +492,7 @@ def lean_decode_kernel(
     TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, TARGET_SHARE: tl.constexpr, SPLIT: tl.constexpr, UNIT: tl.constexpr,
     MERGE_ROWS: tl.constexpr, MERGE_WIDE: tl.constexpr, ARRIVE_CHUNK: tl.constexpr,
     HAS_SEQLENS: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_KV_SCALE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, K_SCALE_KIND: tl.constexpr, V_SCALE_KIND: tl.constexpr,
     PLANNED: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
@@ -438,7 +501,9 @@ def lean_decode_kernel(
     Q (batch, Q_LEN, q_heads, head_dim) by strides; K, V (batch, capacity, kv_heads, head_dim) by
     strides, or pages (num_pages, PAGE_SIZE, kv_heads, head_dim) with BlockTable (batch,
     max_pages) when PAGE_SIZE > 0; Out like Q; Lse (batch, q_heads, Q_LEN) float32; SeqLens and
-    LeftPad (batch,) int32; Sinks (q_heads,) float32; KScale, VScale (kv_heads,) float32.
+    LeftPad (batch,) int32; Sinks (q_heads,) float32; KScale, VScale the fp8 cache's float32
+    scales, packed, of K_SCALE_KIND and V_SCALE_KIND: (kv_heads,), (batch, kv_heads), or per
+    token (batch, capacity, kv_heads), or (num_pages, PAGE_SIZE, kv_heads) when paged.
     The Q_LEN x GROUP query rows of a kv head share each K/V tile. ``scale`` is the softmax scale
     (times log2(e) unless HAS_SOFTCAP). A row sees keys in [query - window_left, query +
     window_right]; HAS_WINDOW: tiles before every row's window are skipped (and not counted);
@@ -479,8 +544,8 @@ def lean_decode_kernel(
                                               HAS_SEQLENS, HAS_LEFTPAD, Q_LEN, HAS_WINDOW)
         n_units = _num_tiles(length, UNIT)
         t_end = tl.minimum(n_units.to(tl.int64), t + (end - g)).to(tl.int32)
-        q, head_scale, v_scale = _load_q(Q, KScale, VScale, b, h, q_rows, mask_q, offs_d, stride_qb, stride_qh,
-                                         scale, GROUP, HAS_KV_SCALE, DOT_DTYPE)
+        q, head_scale, v_scale = _load_q(Q, KScale, VScale, b, h, kv_heads, q_rows, mask_q, offs_d, stride_qb,
+                                         stride_qh, scale, GROUP, K_SCALE_KIND, V_SCALE_KIND, DOT_DTYPE)
         if SPLIT > 0:
             # Each split is attended on its own and merged in split order (_merge_split), so
             # its bits are the same whichever program takes it.
@@ -488,11 +553,12 @@ def lean_decode_kernel(
             head_first = (g - t).to(tl.int32)  # the head's split 0, as a global split index
             for u in range(t, t_end):
                 acc, m_i, l_i = _attend_tiles(
-                    q, K, V, BlockTable, b, h, first, length, lo, live, u * (SPLIT // TILE),
+                    q, K, V, BlockTable, KScale, VScale, b, h, first, length, lo, live, u * (SPLIT // TILE),
                     tl.minimum((u + 1) * (SPLIT // TILE), n_tiles), head_scale, softcap,
-                    window_left, window_right, num_pages,
+                    window_left, window_right, num_pages, kv_heads, capacity,
                     stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
-                    GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, HAS_SOFTCAP, HAS_MASK, DOT_DTYPE,
+                    GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, HAS_SOFTCAP, HAS_MASK,
+                    K_SCALE_KIND, V_SCALE_KIND, DOT_DTYPE,
                 )
                 if USE_PDL:  # as below, with the total counted in tiles
                     if (u == t_end - 1) & (g + (t_end - t) >= end) & (total * (SPLIT // TILE) <= 8 * tl.num_programs(0)):
@@ -512,10 +578,11 @@ def lean_decode_kernel(
         else:
             n_tiles = n_units
             acc, m_i, l_i = _attend_tiles(
-                q, K, V, BlockTable, b, h, first, length, lo, live, t, t_end, head_scale, softcap,
-                window_left, window_right, num_pages,
+                q, K, V, BlockTable, KScale, VScale, b, h, first, length, lo, live, t, t_end, head_scale, softcap,
+                window_left, window_right, num_pages, kv_heads, capacity,
                 stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
-                GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, HAS_SOFTCAP, HAS_MASK, DOT_DTYPE,
+                GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, HAS_SOFTCAP, HAS_MASK,
+                K_SCALE_KIND, V_SCALE_KIND, DOT_DTYPE,
             )
             if USE_PDL:
                 # Small calls let the next kernel launch once every program has streamed its last
