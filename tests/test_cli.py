@@ -35,12 +35,16 @@ REFUSED = [
     ("1x32k@32/8:softcap=-1", "softcap"),
     ("1x32k@32/8:softcap=nan", "softcap"),
     ("1x32k@32/8:softcap=inf", "softcap"),
+    ("1x32k@32/8:scales=token", "scales must be head, seq or token, with fp8"),
+    ("1x32k@32/8:fp8:scales=page", "scales must be head, seq or token"),
+    ("1x32k@32/8:split=100", "split must be a positive multiple of 128"),
 ]
 # At the limits, on the accepted side.
 ACCEPTED = ["1x32k@128/1", "1x32k@32/8:q=32", "1x32k@32/8:page=1", "1x32k@32/8:page=3",
             "1x32k@32/8:page=24", "1x32k@32/8:page=129", "1x32k@32/8:page=256", "1x32k@32/8:d=80",
             "1x32k@32/8:d=32", "1x32k@32/8:d=192:q=16", "1x32k@32/16:d=512:q=8", "1x32k@16/1:d=512:fp8",
-            "1x32k@32/8:win=0", "1x32k@32/8:softcap=0", "8x32k@32/8:fp8:page=16:sinks:q=4:win=4k:softcap=30"]
+            "1x32k@32/8:win=0", "1x32k@32/8:softcap=0", "8x32k@32/8:fp8:page=16:sinks:q=4:win=4k:softcap=30",
+            "8x32k@32/8:fp8:page=16:scales=token:split=512", "1x32k@8/1:fp8:scales=seq"]
 
 
 @pytest.fixture

@@ -59,14 +59,16 @@ class Layers:
 
     xs: list[Inputs]
     sinks: torch.Tensor | None = None
+    scales: list[dict] | None = None  # each layer's k_scale and v_scale tensors (``scales=``)
 
     @property
     def first(self) -> Inputs:
         return self.xs[0]
 
-    def features(self, shape: Shape) -> dict:
-        """The feature arguments of ``leanattn.decode`` (and the reference) for ``shape``."""
-        kw: dict = {}
+    def features(self, shape: Shape, layer: int = 0) -> dict:
+        """The feature arguments of ``leanattn.decode`` (and the reference) for ``shape``'s
+        ``layer``."""
+        kw: dict = dict(self.scales[layer]) if self.scales else {}
         if shape.window >= 0:
             kw["window_size"] = (shape.window, -1)
         if shape.softcap:
@@ -94,7 +96,15 @@ def make_layers(shape: Shape, device: torch.device, layers: int) -> Layers:
     sinks = None
     if shape.sinks:
         sinks = torch.randn(shape.q_heads, device=device, generator=gen, dtype=torch.float32)
-    return Layers(xs, sinks)
+    scales = None
+    if shape.scales:
+        lead = {"head": (), "seq": (shape.batch,), "token": tuple(x0.k.shape[:2])}[shape.scales]
+
+        def draw() -> torch.Tensor:  # scales around 1 (the cache holds N(0, 1) values)
+            return torch.rand(*lead, shape.kv_heads, device=device, generator=gen) + 0.5
+
+        scales = [{"k_scale": draw(), "v_scale": draw()} for _ in xs]
+    return Layers(xs, sinks, scales)
 
 
 # A method builds, from the shape and its layers, (step, one_call): ``step`` runs the whole step
@@ -116,17 +126,19 @@ def leanattn_step(shape: Shape, ls: Layers, config: leanattn.KernelConfig | None
                                kv_dtype=x0.k.dtype, max_q_len=shape.q_len, config=config, **invariance(shape))
     capacity = x0.k.shape[1] * (x0.block_table.shape[1] if x0.block_table is not None else 1)
     outs = [torch.empty_like(x.q) for x in ls.xs]
-    features = ls.features(shape)
-    window = features.pop("window_size", (-1, -1))
+    features = [ls.features(shape, i) for i in range(len(ls.xs))]
+    window = (-1, -1)
+    for f in features:
+        window = f.pop("window_size", window)
 
     def step() -> torch.Tensor:
         w.plan(x0.seqlens, capacity, q_len=shape.q_len, window_size=window)
-        for x, out in zip(ls.xs, outs):
-            w.run(x.q, x.k, x.v, block_table=x.block_table, out=out, **features)
+        for x, out, f in zip(ls.xs, outs, features):
+            w.run(x.q, x.k, x.v, block_table=x.block_table, out=out, **f)
         return outs[-1]
 
     def one_call() -> None:
-        w.run(x0.q, x0.k, x0.v, block_table=x0.block_table, out=outs[0], **features)
+        w.run(x0.q, x0.k, x0.v, block_table=x0.block_table, out=outs[0], **features[0])
 
     step.wrapper = w  # type: ignore[attr-defined]
     return step, one_call
@@ -135,17 +147,17 @@ def leanattn_step(shape: Shape, ls: Layers, config: leanattn.KernelConfig | None
 def _leanattn_decode(shape: Shape, ls: Layers) -> Prepared:
     """The one-shot ``leanattn.decode`` per layer (each call locates its own share)."""
     outs = [torch.empty_like(x.q) for x in ls.xs]
-    features = ls.features(shape) | invariance(shape)
+    features = [ls.features(shape, i) | invariance(shape) for i in range(len(ls.xs))]
 
-    def call(x: Inputs, out: torch.Tensor) -> None:
-        leanattn.decode(x.q, x.k, x.v, x.seqlens, block_table=x.block_table, out=out, **features)
+    def call(x: Inputs, out: torch.Tensor, f: dict) -> None:
+        leanattn.decode(x.q, x.k, x.v, x.seqlens, block_table=x.block_table, out=out, **f)
 
     def step() -> torch.Tensor:
-        for x, out in zip(ls.xs, outs):
-            call(x, out)
+        for x, out, f in zip(ls.xs, outs, features):
+            call(x, out, f)
         return outs[-1]
 
-    return step, lambda: call(ls.first, outs[0])
+    return step, lambda: call(ls.first, outs[0], features[0])
 
 
 def _sdpa(backend_name: str):
@@ -156,7 +168,7 @@ def _sdpa(backend_name: str):
             raise Unsupported("contiguous cache only")
         if shape.ragged:
             raise Unsupported("no per-sequence lengths")
-        if shape.fp8 or shape.softcap or shape.sinks:
+        if shape.fp8 or shape.softcap or shape.sinks:  # (fp8 covers scales=)
             raise Unsupported("no fp8 cache, softcap or sinks")
         backend = getattr(SDPBackend, backend_name)
         gqa = shape.q_heads != shape.kv_heads
@@ -201,8 +213,8 @@ def _flashinfer(tensor_cores: bool):
             import flashinfer
         except ImportError as e:
             raise Unsupported("flashinfer not installed") from e
-        if shape.sinks:
-            raise Unsupported("no attention sinks")
+        if shape.sinks or shape.scales:
+            raise Unsupported("no attention sinks or fp8 scale tensors")
         x0 = ls.first
         dev = x0.q.device
         ps, kvs, table, indices, indptr, last = flashinfer_pages(shape, ls.xs)
@@ -319,7 +331,7 @@ def run_serving_shape(shape: Shape, methods: list[str], device: torch.device, be
     last = ls.xs[-1]
     kw = {"block_table": last.block_table} if last.block_table is not None else {}
     ref = leanattn.reference.decode(last.q.float(), last.k, last.v, last.seqlens, compute_dtype=torch.float32,
-                                    **kw, **ls.features(shape))
+                                    **kw, **ls.features(shape, layers - 1))
     rows = []
     for method in methods:
         row = {"shape": shape.name, "family": shape.family, "ctx": max(shape.lens), "method": method,

@@ -6,7 +6,9 @@ Options: ``d=N`` (head dim, default 128), ``fp16``/``bf16`` (default bf16), ``pa
 cache with that page size); model features (``leanattn bench --mode graph`` only): ``fp8`` (an
 fp8 e4m3 cache), ``q=N`` (N query tokens per sequence), ``win=N`` (a causal sliding window of N
 keys before each query), ``softcap=X``, ``sinks``, ``split=N`` (leanattn in batch-invariant mode
-with N tokens per split; FlashInfer's tensor-core decode with the same fixed split). Examples: ``1x32k@32/8``,
+with N tokens per split; FlashInfer's tensor-core decode with the same fixed split),
+``scales=head|seq|token`` (with ``fp8``: the fp8 scales as float32 tensors per kv head, per
+(sequence, kv head) or per token and kv head, each layer its own). Examples: ``1x32k@32/8``,
 ``4x16k@16/16:d=64``, ``4x8k@32/8:d=512``, ``1k+2k+4k@32/8:page=16``, ``1x128k@32/8:win=4k``, ``8x32k@32/8:fp8:page=16``.
 
 A shape ``leanattn.decode`` would refuse is refused here too, checked against the library's own
@@ -42,13 +44,14 @@ class Shape:
     softcap: float = 0.0
     sinks: bool = False
     split: int = 0  # batch-invariant mode's tokens per split; 0: off
+    scales: str = ""  # fp8 scale tensors: "head", "seq" or "token"; "": the float 1
 
     def __post_init__(self) -> None:
         check_shape(self)
 
     @property
     def has_features(self) -> bool:
-        return self.fp8 or self.q_len > 1 or self.window >= 0 or self.softcap > 0 or self.sinks or self.split > 0
+        return self.fp8 or self.q_len > 1 or self.window >= 0 or self.softcap > 0 or self.sinks or self.split > 0 or bool(self.scales)
 
     def seen(self, length: int) -> int:
         """Keys of a sequence of ``length`` that some query sees."""
@@ -84,6 +87,7 @@ class Shape:
         opts += f":softcap={self.softcap:g}" if self.softcap else ""
         opts += ":sinks" if self.sinks else ""
         opts += f":split={self.split}" if self.split else ""
+        opts += f":scales={self.scales}" if self.scales else ""
         return f"{lens}@{self.q_heads}/{self.kv_heads}{opts}"
 
     @property
@@ -126,6 +130,8 @@ def check_shape(shape: Shape) -> None:
                          f"{shape.q_heads}/{shape.kv_heads} heads: {rows}")
     if shape.window < -1:
         raise ValueError(f"window must be >= 0 keys (-1: none), got win={shape.window}")
+    if shape.scales and (shape.scales not in ("head", "seq", "token") or not shape.fp8):
+        raise ValueError(f"scales must be head, seq or token, with fp8, got scales={shape.scales}")
     if shape.split < 0 or shape.split % 128:
         raise ValueError(f"split must be a positive multiple of 128 tokens (every launch config's tile divides it), "
                          f"got split={shape.split}")
@@ -178,6 +184,8 @@ def parse_shape(text: str) -> Shape:
                 kw["sinks"] = True
             elif opt.startswith("split="):
                 kw["split"] = int(opt[6:])
+            elif opt.startswith("scales="):
+                kw["scales"] = opt[7:]
             else:
                 raise ValueError(f"unknown option {opt!r}")
     except ValueError as e:
