@@ -116,8 +116,11 @@ def choose_config(head_dim: int, kv_dtype: torch.dtype, rows: int) -> KernelConf
         # registers: at d=256 and 128 rows (MAX_QUERY_ROWS) 128 a thread and the scores 32, ~250
         # with the rest; products of 64-row blocks can read q from shared memory, and the limit
         # stays 128 (spills would cost time there, never results). One program per SM, more
-        # warps to issue.
-        return KernelConfig(tile=64, num_warps=8, num_stages=3, programs_per_sm=1, target_share=4)
+        # warps to issue. At HEAD_DIM_PAD 256 over 32 rows q's dot operand (rows x 256 x 2 bytes,
+        # 64 KiB at 128 rows) joins the stages in shared memory: 3 stages asked for 256 KiB at
+        # 128 rows (over the 227 KiB limit), so 2 stages.
+        stages = 2 if head_dim > 128 and rows > 32 else 3
+        return KernelConfig(tile=64, num_warps=8, num_stages=stages, programs_per_sm=1, target_share=4)
     if kv_dtype.itemsize == 1:
         # fp8: 128-token tiles move the bytes of a 64-token fp16 tile, so the per-tile work (page
         # numbers, softmax, conversions) is spread over as many bytes (docs/decisions.md, fp8).
