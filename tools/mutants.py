@@ -21,6 +21,7 @@ DECODE = "src/leanattn/kernels/lean_decode.py"
 MERGE = "src/leanattn/merge.py"
 WRAPPER = "src/leanattn/wrapper.py"
 CALL = "src/leanattn/_call.py"
+API = "src/leanattn/api.py"
 
 GPU_RACE = "tests/test_gpu.py::test_merge_race_stress"
 GPU_FP8 = "tests/test_gpu.py::test_fp8_extremes"
@@ -215,5 +216,18 @@ MUTANTS: list[Mutant] = [
             "*q.stride()[:3], *v_cache.stride()[:3], *k_cache.stride()[:3], *out.stride()[:3],"),
         ("tests/test_decode.py",), k="hf_layout",
         why="the launch would read K's strides for V",
+    ),
+    Mutant(
+        "decode-known-key-drops-causal",
+        one(API, "key = (_call.layout_of(*tensors), softmax_scale, causal, window_size,",
+            "key = (_call.layout_of(*tensors), softmax_scale, window_size,"),
+        ("tests/test_known_layouts.py",),
+        why="a non-causal call of a layout seen causal would reuse the causal kernel call",
+    ),
+    Mutant(
+        "decode-known-skips-plan-check",
+        one(API, "            check_plan(plan, q, num_programs, known.plan_key)", "            pass"),
+        ("tests/test_known_layouts.py",),
+        why="a plan made for another call would be used on a known layout",
     ),
 ]

@@ -220,21 +220,22 @@ def decode_into(
     sinks: torch.Tensor | None, k_scale: float | torch.Tensor | None, v_scale: float | torch.Tensor | None,
     plan: torch.Tensor | None, features: Features, softmax_scale: float, num_programs: int | None,
     config: KernelConfig | None, causal: bool, window_size: tuple[int, int], split: int,
-) -> None:
+) -> tuple[Call, int] | None:
     """``leanattn.decode``'s launch (eager, or inside its custom op), on the device's shared
     workspace: config (``config`` or the heuristic's), grid (the plan's rows, ``num_programs``
     or the default), buffers and key, then the key's :class:`Call`. ``split``: tokens per split
-    in batch-invariant mode (a multiple of the config's tile), else 0."""
+    in batch-invariant mode (a multiple of the config's tile), else 0. Returns the Call and the
+    workspace slots it needs (None for an empty batch: nothing to launch)."""
     batch, q_len, q_heads, head_dim = q.shape
     if batch == 0:
-        return
+        return None
     rows = q_len * (q_heads // k_cache.shape[2])
     config = config or heuristic(head_dim, k_cache.dtype, rows)
     programs = plan.shape[0] if plan is not None else grid(q.device, config, num_programs)
     capacity = capacity_of(k_cache, block_table)
     kv_heads = k_cache.shape[2]
-    bufs = buffers(workspace_for(q.device), q.device, slots(programs, split, batch, kv_heads, capacity), head_dim,
-                   rows)
+    need = slots(programs, split, batch, kv_heads, capacity)
+    bufs = buffers(workspace_for(q.device), q.device, need, head_dim, rows)
     lengths = (layout_of(cache_seqlens, cache_leftpad, plan), batch, capacity, programs, config, causal,
                tuple(window_size), softmax_scale, split)
     key = call_key(q, k_cache, v_cache, out, lse, block_table, sinks, k_scale, v_scale, features.softcap, lengths)
@@ -247,3 +248,4 @@ def decode_into(
             config=config, split=split)
     call.launch(bufs, q, k_cache, v_cache, out, lse, cache_seqlens, cache_leftpad, block_table, sinks, k_scale,
                 v_scale, plan)
+    return call, need

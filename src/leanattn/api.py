@@ -6,6 +6,8 @@ Each checks its arguments (``_checks``, ``_features``), then builds and launches
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from . import _call, ops
@@ -131,6 +133,53 @@ def plan_decode(
     return plan
 
 
+class _Known(NamedTuple):
+    """What a call of an already-checked argument layout needs (see :func:`_arguments_key`)."""
+
+    call: _call.Call
+    slots: int  # workspace slots
+    rows: int  # query rows of a kv head
+    fp8: bool
+    capacity: int
+    plan_key: tuple | None  # what the call's plan must have been made for
+
+
+# Calls of decode by the layout of their arguments: every check of decode but the per-call ones
+# (grad, values, the plan's identity) depends only on that, so a layout seen before skips them.
+_KNOWN: dict[tuple, _Known] = {}
+
+
+def _arguments_key(
+    q, k_cache, v_cache, cache_seqlens, block_table, cache_leftpad, softmax_scale, causal, window_size, softcap, sinks,
+    k_scale, v_scale, return_lse, out, lse, num_programs, plan, config, batch_invariant, split_size,
+) -> tuple | None:
+    """Everything decode's checks and its kernel call depend on in its arguments but the values
+    of tensors: shapes, strides, dtypes, devices, 16-byte alignment, the options. None for
+    arguments it can't describe (not tensors, unhashable options): the full checks say why."""
+    try:
+        tensors = (q, k_cache, v_cache, out, lse, cache_seqlens, cache_leftpad, block_table, sinks, plan,
+                   k_scale if isinstance(k_scale, torch.Tensor) else None,
+                   v_scale if isinstance(v_scale, torch.Tensor) else None)
+        key = (_call.layout_of(*tensors), softmax_scale, causal, window_size, softcap, return_lse, num_programs,
+               config, batch_invariant, split_size,
+               None if isinstance(k_scale, torch.Tensor) else (type(k_scale), k_scale),
+               None if isinstance(v_scale, torch.Tensor) else (type(v_scale), v_scale))
+        hash(key)
+    except (AttributeError, TypeError):
+        return None
+    return key
+
+
+def _check_values(q, k_cache, cache_seqlens, cache_leftpad, block_table, sinks, k_scale, v_scale,
+                  capacity: int) -> None:
+    """``check=True``'s host-side checks of the values (a device sync)."""
+    check_lengths(cache_seqlens, cache_leftpad, capacity)
+    if block_table is not None:
+        check_pages(block_table, k_cache.shape[0], k_cache.shape[1], cache_seqlens, cache_leftpad)
+    check_finite_values(sinks, k_scale, v_scale, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
+                        block_table=block_table, batch=q.shape[0], capacity=capacity)
+
+
 def decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -211,16 +260,33 @@ def decode(
     Returns:
         Like q, in q's dtype, and the LSE when ``return_lse``.
     """
+    compiling = torch.compiler.is_compiling()
+    key = None if compiling else _arguments_key(
+        q, k_cache, v_cache, cache_seqlens, block_table, cache_leftpad, softmax_scale, causal, window_size, softcap,
+        sinks, k_scale, v_scale, return_lse, out, lse, num_programs, plan, config, batch_invariant, split_size)
+    known = _KNOWN.get(key) if key is not None else None
+    if known is not None:  # arguments of a layout checked before: only the per-call checks
+        refuse_grad(q, k_cache, v_cache)
+        if check:
+            _check_values(q, k_cache, cache_seqlens, cache_leftpad, block_table, sinks, k_scale, v_scale, known.capacity)
+        if plan is not None:
+            check_plan(plan, q, num_programs, known.plan_key)
+        result = torch.empty_like(q) if out is None else out
+        if return_lse and lse is None:
+            lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
+        bufs = _call.buffers(workspace_for(q.device), q.device, known.slots, q.shape[3], known.rows)
+        fp8_default = 1.0 if known.fp8 else None
+        known.call.launch(bufs, q, k_cache, v_cache, result, lse, cache_seqlens, cache_leftpad, block_table, sinks,
+                          fp8_default if k_scale is None else k_scale, fp8_default if v_scale is None else v_scale,
+                          plan)
+        return (result, lse) if return_lse else result
+
     validate(q, k_cache, v_cache, cache_seqlens, block_table, out, cache_leftpad)
     refuse_grad(q, k_cache, v_cache)
     features, ks, vs = resolve_features(q, k_cache, causal, window_size, softcap, sinks, k_scale, v_scale)
     capacity = capacity_of(k_cache, block_table)
     if check:
-        check_lengths(cache_seqlens, cache_leftpad, capacity)
-        if block_table is not None:
-            check_pages(block_table, k_cache.shape[0], k_cache.shape[1], cache_seqlens, cache_leftpad)
-        check_finite_values(sinks, k_scale, v_scale, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
-                            block_table=block_table, batch=q.shape[0], capacity=capacity)
+        _check_values(q, k_cache, cache_seqlens, cache_leftpad, block_table, sinks, k_scale, v_scale, capacity)
     check_num_programs(num_programs)
     _check_config(config)
     scale = softmax_scale_of(softmax_scale, q.shape[-1])
@@ -229,23 +295,28 @@ def decode(
     if batch_invariant or split_size is not None:
         rows = q.shape[1] * (q.shape[2] // k_cache.shape[2])
         split = split_of(batch_invariant, split_size, (config or choose_config(q.shape[3], k_cache.dtype, rows)).tile)
+    made_for = None
     if plan is not None:
         batch, q_len, q_heads, head_dim = q.shape
-        check_plan(plan, q, num_programs, plan_key(
-            batch, capacity, q_len, q_heads, k_cache.shape[2], head_dim, k_cache.dtype, features.window_left,
-            cache_seqlens is not None, cache_leftpad is not None, config, split))
+        made_for = plan_key(batch, capacity, q_len, q_heads, k_cache.shape[2], head_dim, k_cache.dtype,
+                            features.window_left, cache_seqlens is not None, cache_leftpad is not None, config, split)
+        check_plan(plan, q, num_programs, made_for)
     result = torch.empty_like(q) if out is None else out
     if return_lse and lse is None:
         lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
-    if torch.compiler.is_compiling():
+    if compiling:
         tensors = [x if isinstance(x, torch.Tensor) else None for x in (ks, vs)]
         floats = [x if isinstance(x, (int, float)) else 1.0 for x in (ks, vs)]
         ops.decode_into(q, k_cache, v_cache, result, lse, cache_seqlens, block_table, scale, num_programs or 0,
                         cache_leftpad, causal, list(window_size), float(softcap), sinks, *tensors, *floats, plan,
                         split)
     else:
-        _call.decode_into(q, k_cache, v_cache, result, lse, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
-                          block_table=block_table, sinks=sinks, k_scale=ks, v_scale=vs, plan=plan, features=features,
-                          softmax_scale=scale, num_programs=num_programs, config=config, causal=causal,
-                          window_size=window_size, split=split)
+        launched = _call.decode_into(
+            q, k_cache, v_cache, result, lse, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
+            block_table=block_table, sinks=sinks, k_scale=ks, v_scale=vs, plan=plan, features=features,
+            softmax_scale=scale, num_programs=num_programs, config=config, causal=causal, window_size=window_size,
+            split=split)
+        if launched is not None and key is not None:
+            _KNOWN[key] = _Known(*launched, q.shape[1] * (q.shape[2] // k_cache.shape[2]), features.fp8, capacity,
+                                 made_for)
     return (result, lse) if return_lse else result
