@@ -94,7 +94,7 @@ MUTANTS: list[Mutant] = [
     # --- the decode kernel (lean_decode.py) -----------------------------------------------------
     Mutant(
         "decode-merge-by-pid-not-last-arriver",
-        one(DECODE, "if arrived == chunk_last - chunk_first:", "if pid == chunk_last:"),
+        one(DECODE, "if arrived == chunk_last - chunk_first:", "if member == chunk_last:"),
         (GPU_RACE,), gpu=True,
         why="the chunk's last program may merge before the others stored their partials",
     ),
@@ -103,8 +103,8 @@ MUTANTS: list[Mutant] = [
         (
             Edit(DECODE, 'arrived = tl.atomic_add(ChunkTickets + chunk_slot, 1, sem="acq_rel"',
                  'arrived = tl.atomic_add(ChunkTickets + chunk_slot, 1, sem="relaxed"'),
-            Edit(DECODE, 'arrived = tl.atomic_add(Tickets + first_prog, 1, sem="acq_rel"',
-                 'arrived = tl.atomic_add(Tickets + first_prog, 1, sem="relaxed"'),
+            Edit(DECODE, 'arrived = tl.atomic_add(Tickets + first, 1, sem="acq_rel"',
+                 'arrived = tl.atomic_add(Tickets + first, 1, sem="relaxed"'),
             Edit(DECODE, "tl.debug_barrier()", None, lines=2),
         ),
         ("tests/test_gpu.py::test_merge_orders_partials_before_tickets", GPU_RACE), gpu=True,
@@ -113,7 +113,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "decode-fp8-prescale-16",
-        one(DECODE, "13.0 - e", "16.0 - e"),
+        one(DECODE, "up, down = _pow2_factors(amax, 13.0)", "up, down = _pow2_factors(amax, 16.0)"),
         (GPU_FP8,), gpu=True,
         why="q scaled to [2^16, 2^18) overflows fp16 (the interpreter's fp32 dots hide it)",
     ),
@@ -165,13 +165,13 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "decode-head-ticket-never-reset",
-        one(DECODE, "tl.atomic_xchg(Tickets + first_prog, 0", None),
+        one(DECODE, "tl.atomic_xchg(Tickets + first, 0", None),
         ("tests/test_decode.py",), k="chunk or tickets_back_at_zero",
         why="the next call's count on that ticket would start from a stale value",
     ),
     Mutant(
         "decode-one-chunk-test-off-by-one",
-        one(DECODE, "if last_prog - first_prog < ARRIVE_CHUNK:", "if last_prog - first_prog <= ARRIVE_CHUNK:"),
+        one(DECODE, "if last - first < ARRIVE_CHUNK:", "if last - first <= ARRIVE_CHUNK:"),
         ("tests/test_decode.py",), k="one_head_over_chunk_boundaries",
         why="a head of ARRIVE_CHUNK + 1 programs would be written by its first chunk alone",
     ),

@@ -300,7 +300,7 @@ def _combine4(acc, m_i, l_i, a0, m0, l0, a1, m1, l1, a2, m2, l2, a3, m3, l3):
 def _merge_partials(
     WsAcc, WsStats, p_first, p_last, first_prog, head_first, total, programs,
     STEP: tl.constexpr, WIDE: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BY_SLOT: tl.constexpr = False,
+    BY_SLOT: tl.constexpr,
 ):
     """Merge the partials of programs p_first, p_first + STEP, ... up to p_last (BY_SLOT: of
     those workspace slots), in that order, four per step, or eight when WIDE. Each step issues all its loads before any of its math, so
@@ -340,41 +340,45 @@ def _store_partial(
 
 
 @triton.jit
-def _merge_split_head(
+def _arrive_and_merge(
     WsAcc, WsStats, Tickets, ChunkTickets, Out, Lse, Sinks, acc, m_i, l_i, v_scale,
-    pid, b, h, g, start, t, n_tiles, total, programs,
+    b, h, slot, member, first, last, head_first, total, programs,
     stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
     GROUP: tl.constexpr, Q_LEN: tl.constexpr, ROWS: tl.constexpr, MERGE_ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MERGE_WIDE: tl.constexpr, ARRIVE_CHUNK: tl.constexpr,
-    RETURN_LSE: tl.constexpr, HAS_SINKS: tl.constexpr,
+    RETURN_LSE: tl.constexpr, HAS_SINKS: tl.constexpr, BY_SLOT: tl.constexpr,
 ):
-    """Program ``pid`` covered tiles ``[t, ...)`` of head (b, h) (global tile ``g``), not all of
-    them: leave its partial (acc, m, l), count its arrival, and merge if it is the last.
+    """Member ``member`` of a head cut among members ``first ... last`` leaves its partial (acc,
+    m, l) in workspace slot ``slot``, counts its arrival, and merges if it is the last.
 
-    The merge is a two-level tree of last arrivers, so no program waits: the contributors are
-    cut into chunks of ARRIVE_CHUNK consecutive programs; the last arriver of a chunk merges the
-    chunk's partials (at most ARRIVE_CHUNK) into its first member's slot; the last chunk to finish
-    merges the chunks' sums (one per chunk) in program order and writes the head. A chunk ticket
-    has at most ARRIVE_CHUNK contenders, the head ticket one per chunk."""
-    _store_partial(WsAcc, WsStats, 2 * pid + (g != start).to(tl.int32), acc, m_i, l_i,
-                   ROWS, MERGE_ROWS, HEAD_DIM_PAD)
-    head_first = g - t
-    first_prog = (((head_first + 1) * programs - 1) // total).to(tl.int32)
-    last_prog = (((head_first + n_tiles) * programs - 1) // total).to(tl.int32)
-    chunk_first = first_prog + (pid - first_prog) // ARRIVE_CHUNK * ARRIVE_CHUNK
-    chunk_last = tl.minimum(chunk_first + ARRIVE_CHUNK - 1, last_prog)
+    The members are programs (their slots from ``_partial_slot``, for the head whose tile 0 is
+    global tile ``head_first``), or with BY_SLOT the head's splits in batch-invariant mode (member
+    = slot = global split index: what is summed, and in which order, then depends only on the
+    head's length, never on which program computed a split or when).
+
+    The merge is a two-level tree of last arrivers, so no program waits: the members are cut
+    into chunks of ARRIVE_CHUNK consecutive ones; the last arriver of a chunk merges the chunk's
+    partials in member order into its first member's slot; the last chunk to finish merges the
+    chunks' sums in member order and writes the head. A chunk ticket has at most ARRIVE_CHUNK
+    contenders, the head ticket (index ``first``) one per chunk."""
+    _store_partial(WsAcc, WsStats, slot, acc, m_i, l_i, ROWS, MERGE_ROWS, HEAD_DIM_PAD)
+    chunk_first = first + (member - first) // ARRIVE_CHUNK * ARRIVE_CHUNK
+    chunk_last = tl.minimum(chunk_first + ARRIVE_CHUNK - 1, last)
     # A chunk is named by its first member's slot for this head (unique per head and chunk).
-    chunk_slot = _partial_slot(chunk_first, first_prog, head_first, total, programs)
+    if BY_SLOT:
+        chunk_slot = chunk_first
+    else:
+        chunk_slot = _partial_slot(chunk_first, first, head_first, total, programs)
     # Every thread's partial stores must be ordered before the ticket (release).
     tl.debug_barrier()
     arrived = tl.atomic_add(ChunkTickets + chunk_slot, 1, sem="acq_rel", scope="gpu")
     if arrived == chunk_last - chunk_first:
         tl.atomic_xchg(ChunkTickets + chunk_slot, 0, sem="relaxed", scope="gpu")
         acc_c, m_c, l_c = _merge_partials(
-            WsAcc, WsStats, chunk_first, chunk_last, first_prog, head_first, total, programs,
-            1, MERGE_WIDE, MERGE_ROWS, HEAD_DIM_PAD,
+            WsAcc, WsStats, chunk_first, chunk_last, first, head_first, total, programs,
+            1, MERGE_WIDE, MERGE_ROWS, HEAD_DIM_PAD, BY_SLOT,
         )
-        if last_prog - first_prog < ARRIVE_CHUNK:  # one chunk: it is the whole head
+        if last - first < ARRIVE_CHUNK:  # one chunk: it is the whole head
             _write_output(Out, Lse, Sinks, b, h, acc_c, m_c, l_c, v_scale,
                           stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
                           GROUP, Q_LEN, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE, HAS_SINKS)
@@ -382,59 +386,14 @@ def _merge_split_head(
             # The chunk's members have all been read: its first slot takes the chunk's sum.
             _store_partial(WsAcc, WsStats, chunk_slot, acc_c, m_c, l_c, MERGE_ROWS, MERGE_ROWS, HEAD_DIM_PAD)
             tl.debug_barrier()
-            arrived = tl.atomic_add(Tickets + first_prog, 1, sem="acq_rel", scope="gpu")
-            if arrived == (last_prog - first_prog) // ARRIVE_CHUNK:
-                # Last chunk of the head: merge the chunks' sums in program order.
-                tl.atomic_xchg(Tickets + first_prog, 0, sem="relaxed", scope="gpu")
+            arrived = tl.atomic_add(Tickets + first, 1, sem="acq_rel", scope="gpu")
+            if arrived == (last - first) // ARRIVE_CHUNK:
+                # Last chunk of the head: merge the chunks' sums in member order.
+                tl.atomic_xchg(Tickets + first, 0, sem="relaxed", scope="gpu")
                 acc_m, m_m, l_m = _merge_partials(
-                    WsAcc, WsStats, first_prog, last_prog, first_prog, head_first, total, programs,
-                    ARRIVE_CHUNK, MERGE_WIDE, MERGE_ROWS, HEAD_DIM_PAD,
+                    WsAcc, WsStats, first, last, first, head_first, total, programs,
+                    ARRIVE_CHUNK, MERGE_WIDE, MERGE_ROWS, HEAD_DIM_PAD, BY_SLOT,
                 )
-                _write_output(Out, Lse, Sinks, b, h, acc_m, m_m, l_m, v_scale,
-                              stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
-                              GROUP, Q_LEN, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE, HAS_SINKS)
-
-
-@triton.jit
-def _merge_split(
-    WsAcc, WsStats, Tickets, ChunkTickets, Out, Lse, Sinks, acc, m_i, l_i, v_scale,
-    b, h, head_first, u, n_splits,
-    stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
-    GROUP: tl.constexpr, Q_LEN: tl.constexpr, ROWS: tl.constexpr, MERGE_ROWS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MERGE_WIDE: tl.constexpr, ARRIVE_CHUNK: tl.constexpr,
-    RETURN_LSE: tl.constexpr, HAS_SINKS: tl.constexpr,
-):
-    """Batch-invariant mode: split ``u`` of the ``n_splits`` of head (b, h), whose split 0 owns
-    workspace slot ``head_first``: leave its partial in slot ``head_first + u``, count its
-    arrival, and merge if it is the last.
-
-    The tree of :func:`_merge_split_head` over splits instead of programs: chunks of ARRIVE_CHUNK
-    consecutive splits, then the chunks, each merged in split order. What is summed, and in which
-    order, depends only on the head's length, never on which program computed a split or when:
-    a sequence's bits don't depend on the batch it rides in or on the grid."""
-    _store_partial(WsAcc, WsStats, head_first + u, acc, m_i, l_i, ROWS, MERGE_ROWS, HEAD_DIM_PAD)
-    chunk_first = head_first + u // ARRIVE_CHUNK * ARRIVE_CHUNK
-    chunk_last = tl.minimum(chunk_first + ARRIVE_CHUNK - 1, head_first + n_splits - 1)
-    # Every thread's partial stores must be ordered before the ticket (release).
-    tl.debug_barrier()
-    arrived = tl.atomic_add(ChunkTickets + chunk_first, 1, sem="acq_rel", scope="gpu")
-    if arrived == chunk_last - chunk_first:
-        tl.atomic_xchg(ChunkTickets + chunk_first, 0, sem="relaxed", scope="gpu")
-        acc_c, m_c, l_c = _merge_partials(WsAcc, WsStats, chunk_first, chunk_last, 0, 0, 0, 0,
-                                          1, MERGE_WIDE, MERGE_ROWS, HEAD_DIM_PAD, True)
-        if n_splits <= ARRIVE_CHUNK:  # one chunk: it is the whole head
-            _write_output(Out, Lse, Sinks, b, h, acc_c, m_c, l_c, v_scale,
-                          stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
-                          GROUP, Q_LEN, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE, HAS_SINKS)
-        else:
-            # The chunk's splits have all been read: its first slot takes the chunk's sum.
-            _store_partial(WsAcc, WsStats, chunk_first, acc_c, m_c, l_c, MERGE_ROWS, MERGE_ROWS, HEAD_DIM_PAD)
-            tl.debug_barrier()
-            arrived = tl.atomic_add(Tickets + head_first, 1, sem="acq_rel", scope="gpu")
-            if arrived == (n_splits - 1) // ARRIVE_CHUNK:
-                tl.atomic_xchg(Tickets + head_first, 0, sem="relaxed", scope="gpu")
-                acc_m, m_m, l_m = _merge_partials(WsAcc, WsStats, head_first, head_first + n_splits - 1, 0, 0, 0, 0,
-                                                  ARRIVE_CHUNK, MERGE_WIDE, MERGE_ROWS, HEAD_DIM_PAD, True)
                 _write_output(Out, Lse, Sinks, b, h, acc_m, m_m, l_m, v_scale,
                               stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
                               GROUP, Q_LEN, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE, HAS_SINKS)
@@ -547,7 +506,7 @@ def lean_decode_kernel(
         q, head_scale, v_scale = _load_q(Q, KScale, VScale, b, h, kv_heads, q_rows, mask_q, offs_d, stride_qb,
                                          stride_qh, scale, GROUP, K_SCALE_KIND, V_SCALE_KIND, DOT_DTYPE)
         if SPLIT > 0:
-            # Each split is attended on its own and merged in split order (_merge_split), so
+            # Each split is attended on its own and merged in split order (_arrive_and_merge), so
             # its bits are the same whichever program takes it.
             n_tiles = _num_tiles(length, TILE)
             head_first = (g - t).to(tl.int32)  # the head's split 0, as a global split index
@@ -568,12 +527,12 @@ def lean_decode_kernel(
                                   stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
                                   GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE, HAS_SINKS)
                 else:
-                    _merge_split(
+                    _arrive_and_merge(
                         WsAcc, WsStats, Tickets, ChunkTickets, Out, Lse, Sinks, acc, m_i, l_i, v_scale,
-                        b, h, head_first, u, n_units,
+                        b, h, head_first + u, head_first + u, head_first, head_first + n_units - 1, 0, 0, 0,
                         stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
                         GROUP, Q_LEN, ROWS, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, MERGE_WIDE, ARRIVE_CHUNK, RETURN_LSE,
-                        HAS_SINKS,
+                        HAS_SINKS, True,
                     )
         else:
             n_tiles = n_units
@@ -596,12 +555,16 @@ def lean_decode_kernel(
                               stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
                               GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE, HAS_SINKS)
             else:
-                _merge_split_head(
+                # Program pid covered tiles [t, t_end) of the head, not all of them.
+                head_first = g - t
+                _arrive_and_merge(
                     WsAcc, WsStats, Tickets, ChunkTickets, Out, Lse, Sinks, acc, m_i, l_i, v_scale,
-                    pid, b, h, g, start, t, n_tiles, total, programs,
+                    b, h, 2 * pid + (g != start).to(tl.int32), pid,
+                    (((head_first + 1) * programs - 1) // total).to(tl.int32),
+                    (((head_first + n_tiles) * programs - 1) // total).to(tl.int32), head_first, total, programs,
                     stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
                     GROUP, Q_LEN, ROWS, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, MERGE_WIDE, ARRIVE_CHUNK, RETURN_LSE,
-                    HAS_SINKS,
+                    HAS_SINKS, False,
                 )
 
         g += (t_end - t).to(tl.int64)
