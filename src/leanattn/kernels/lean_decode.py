@@ -342,26 +342,40 @@ def _store_partial(
 @triton.jit
 def _arrive_and_merge(
     WsAcc, WsStats, Tickets, ChunkTickets, Out, Lse, Sinks, acc, m_i, l_i, v_scale,
-    b, h, slot, member, first, last, head_first, total, programs,
+    b, h, pid, u, g, start, t, n, total, programs,
     stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
     GROUP: tl.constexpr, Q_LEN: tl.constexpr, ROWS: tl.constexpr, MERGE_ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MERGE_WIDE: tl.constexpr, ARRIVE_CHUNK: tl.constexpr,
     RETURN_LSE: tl.constexpr, HAS_SINKS: tl.constexpr, BY_SLOT: tl.constexpr,
 ):
-    """Member ``member`` of a head cut among members ``first ... last`` leaves its partial (acc,
-    m, l) in workspace slot ``slot``, counts its arrival, and merges if it is the last.
+    """A member of a head cut among several leaves its partial (acc, m, l), counts its arrival,
+    and merges if it is the last. The head's unit ``t`` is global unit ``g`` (its unit 0 is
+    global unit g - t); it has ``n`` units.
 
-    The members are programs (their slots from ``_partial_slot``, for the head whose tile 0 is
-    global tile ``head_first``), or with BY_SLOT the head's splits in batch-invariant mode (member
-    = slot = global split index: what is summed, and in which order, then depends only on the
-    head's length, never on which program computed a split or when).
+    The members are the programs covering the head's tiles (program ``pid``, whose share started
+    at global tile ``start``, here; their slots from ``_partial_slot``), or with BY_SLOT the
+    head's ``n`` splits in batch-invariant mode (split ``u`` here; member = slot = global split
+    index: what is summed, and in which order, then depends only on the head's length, never on
+    which program computed a split or when).
 
     The merge is a two-level tree of last arrivers, so no program waits: the members are cut
     into chunks of ARRIVE_CHUNK consecutive ones; the last arriver of a chunk merges the chunk's
     partials in member order into its first member's slot; the last chunk to finish merges the
     chunks' sums in member order and writes the head. A chunk ticket has at most ARRIVE_CHUNK
     contenders, the head ticket (index ``first``) one per chunk."""
-    _store_partial(WsAcc, WsStats, slot, acc, m_i, l_i, ROWS, MERGE_ROWS, HEAD_DIM_PAD)
+    if BY_SLOT:
+        first = (g - t).to(tl.int32)
+        member = first + u
+        _store_partial(WsAcc, WsStats, member, acc, m_i, l_i, ROWS, MERGE_ROWS, HEAD_DIM_PAD)
+        head_first = first
+        last = first + n - 1
+    else:
+        member = pid
+        _store_partial(WsAcc, WsStats, 2 * pid + (g != start).to(tl.int32), acc, m_i, l_i,
+                       ROWS, MERGE_ROWS, HEAD_DIM_PAD)
+        head_first = g - t
+        first = (((head_first + 1) * programs - 1) // total).to(tl.int32)
+        last = (((head_first + n) * programs - 1) // total).to(tl.int32)
     chunk_first = first + (member - first) // ARRIVE_CHUNK * ARRIVE_CHUNK
     chunk_last = tl.minimum(chunk_first + ARRIVE_CHUNK - 1, last)
     # A chunk is named by its first member's slot for this head (unique per head and chunk).
@@ -400,6 +414,19 @@ def _arrive_and_merge(
 
 
 @triton.jit
+def _head_scale(Scale, b, h, kv_heads, KIND: tl.constexpr):
+    """Kv head (b, h)'s dequantisation scale for a per-head or per-(sequence, head) KIND; 1 for
+    per-token scales (applied per tile)."""
+    if KIND == SCALE_HEAD:
+        x = tl.load(Scale + h)
+    elif KIND == SCALE_SEQ:
+        x = tl.load(Scale + b * kv_heads + h)
+    else:
+        x = 1.0
+    return x
+
+
+@triton.jit
 def _load_q(
     Q, KScale, VScale, b, h, kv_heads, q_rows, mask_q, offs_d, stride_qb, stride_qh, scale,
     GROUP: tl.constexpr, K_SCALE_KIND: tl.constexpr, V_SCALE_KIND: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -415,19 +442,8 @@ def _load_q(
     q_ptrs = Q + b.to(tl.int64) * stride_qb + h * GROUP * stride_qh + q_rows[:, None] + offs_d[None, :]
     if K_SCALE_KIND != SCALE_NONE:
         q, unscale = _exact_fp16(tl.load(q_ptrs, mask=mask_q, other=0.0).to(tl.float32), DOT_DTYPE)
-        if K_SCALE_KIND == SCALE_HEAD:
-            k_scale = tl.load(KScale + h)
-        elif K_SCALE_KIND == SCALE_SEQ:
-            k_scale = tl.load(KScale + b * kv_heads + h)
-        else:
-            k_scale = 1.0
-        head_scale = scale * k_scale * unscale
-        if V_SCALE_KIND == SCALE_HEAD:
-            v_scale = tl.load(VScale + h)
-        elif V_SCALE_KIND == SCALE_SEQ:
-            v_scale = tl.load(VScale + b * kv_heads + h)
-        else:
-            v_scale = 1.0
+        head_scale = scale * _head_scale(KScale, b, h, kv_heads, K_SCALE_KIND) * unscale
+        v_scale = _head_scale(VScale, b, h, kv_heads, V_SCALE_KIND)
     else:
         q = tl.load(q_ptrs, mask=mask_q, other=0.0).to(DOT_DTYPE)
         head_scale = scale
@@ -509,7 +525,6 @@ def lean_decode_kernel(
             # Each split is attended on its own and merged in split order (_arrive_and_merge), so
             # its bits are the same whichever program takes it.
             n_tiles = _num_tiles(length, TILE)
-            head_first = (g - t).to(tl.int32)  # the head's split 0, as a global split index
             for u in range(t, t_end):
                 acc, m_i, l_i = _attend_tiles(
                     q, K, V, BlockTable, KScale, VScale, b, h, first, length, lo, live, u * (SPLIT // TILE),
@@ -529,7 +544,7 @@ def lean_decode_kernel(
                 else:
                     _arrive_and_merge(
                         WsAcc, WsStats, Tickets, ChunkTickets, Out, Lse, Sinks, acc, m_i, l_i, v_scale,
-                        b, h, head_first + u, head_first + u, head_first, head_first + n_units - 1, 0, 0, 0,
+                        b, h, pid, u, g, start, t, n_units, total, programs,
                         stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
                         GROUP, Q_LEN, ROWS, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, MERGE_WIDE, ARRIVE_CHUNK, RETURN_LSE,
                         HAS_SINKS, True,
@@ -556,12 +571,9 @@ def lean_decode_kernel(
                               GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE, HAS_SINKS)
             else:
                 # Program pid covered tiles [t, t_end) of the head, not all of them.
-                head_first = g - t
                 _arrive_and_merge(
                     WsAcc, WsStats, Tickets, ChunkTickets, Out, Lse, Sinks, acc, m_i, l_i, v_scale,
-                    b, h, 2 * pid + (g != start).to(tl.int32), pid,
-                    (((head_first + 1) * programs - 1) // total).to(tl.int32),
-                    (((head_first + n_tiles) * programs - 1) // total).to(tl.int32), head_first, total, programs,
+                    b, h, pid, 0, g, start, t, n_tiles, total, programs,
                     stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
                     GROUP, Q_LEN, ROWS, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, MERGE_WIDE, ARRIVE_CHUNK, RETURN_LSE,
                     HAS_SINKS, False,
