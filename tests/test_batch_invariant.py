@@ -34,7 +34,7 @@ def run(
     table = None
     if paged:
         k, v, table = to_paged(k, v, seqlens.tolist(), PAGE, seed=grid)
-    capacity = leanattn._checks.capacity_of(k, table)
+    capacity = k.shape[1] if table is None else table.shape[1] * k.shape[1]
     kw = dict(batch_invariant=True, split_size=split)
     if how == "wrapper":
         w = leanattn.DecodeWrapper(HQ, HKV, D, DTYPE, DEVICE, max_q_len=q_len, num_programs=grid, **kw)

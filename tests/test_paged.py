@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import leanattn
-from leanattn._checks import check_page_strides
+from leanattn._testing import check_page_strides
 
 from _util import DEVICE, ON_GPU, assert_close, make_inputs, poisoned_like, reference, tile_size, to_paged
 
