@@ -61,7 +61,7 @@ def run(
     paged=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-# Over 16 splits of one head: the two-level merge (chunks of splits, then the chunks).
+# Over 16 splits of one head under the interpreter (32-token tiles): the two-level merge.
 @example(length=690, q_len=1, splits_per=1, companions=[5, 300], at=1, pad=7, grid=40, how="decode",
          paged=False, seed=1)
 def test_a_sequence_has_the_same_bits_in_any_batch(length, q_len, splits_per, companions, at, pad, grid, how,
@@ -93,18 +93,22 @@ def test_a_sequence_has_the_same_bits_in_any_batch(length, q_len, splits_per, co
 
 
 def test_every_sequence_is_right():
-    """Ragged lengths over several splits and both merge levels, with a window and sinks."""
+    """Ragged lengths, one head over 16 splits (both merge levels, on any device's tile), with a
+    window and sinks; the long sequence's bits alone equal its bits in the batch."""
     gen = torch.Generator().manual_seed(3)
-    lens, cap = [700, 0, 33, 257], 704
+    split = tile_size(D, DTYPE, 2 * HQ // HKV)
+    lens = [20 * split + 5, 0, 33, 257]
+    cap = lens[0] + 3
     q, k, v = rnd(gen, 4, 2, HQ, D), rnd(gen, 4, cap, HKV, D), rnd(gen, 4, cap, HKV, D)
     seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     sinks = torch.randn(HQ, generator=gen).to(DEVICE)
-    split = tile_size(D, DTYPE, 2 * HQ // HKV)
-    for window in [(-1, -1), (300, 0)]:
-        out, lse = leanattn.decode(q, k, v, seqlens, window_size=window, sinks=sinks, num_programs=7,
-                                   batch_invariant=True, split_size=split, return_lse=True)
+    for window in [(-1, -1), (8 * split, 0)]:
+        kw = dict(window_size=window, sinks=sinks, batch_invariant=True, split_size=split, return_lse=True)
+        out, lse = leanattn.decode(q, k, v, seqlens, num_programs=7, **kw)
         ref, ref_lse = reference(q, k, v, seqlens, window_size=window, sinks=sinks)
         assert_close(out, lse, ref, ref_lse)
+        alone, alone_lse = leanattn.decode(q[:1], k[:1], v[:1], seqlens[:1], num_programs=40, **kw)
+        assert torch.equal(alone[0], out[0]) and torch.equal(alone_lse[0], lse[0])
 
 
 def test_split_size_errors():

@@ -184,3 +184,14 @@ def test_bad_scales_are_refused_by_name():
     for check in (False, True):
         with pytest.raises(ValueError, match=r"v_scale must be contiguous.*strides"):
             leanattn.decode(q, k8, v8, sl, v_scale=strided, check=check)
+
+
+def test_check_with_token_scales_and_no_pages():
+    """An empty page pool and empty sequences: nothing is read, and check=True says nothing."""
+    q = torch.randn(2, 1, 4, 64).to(torch.bfloat16).to(DEVICE)
+    k = torch.empty(0, 16, 2, 64, dtype=torch.float8_e4m3fn, device=DEVICE)
+    table = torch.zeros(2, 3, dtype=torch.int32, device=DEVICE)
+    lens = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    scales = torch.ones(0, 16, 2, device=DEVICE)
+    out = leanattn.decode(q, k, k, lens, block_table=table, k_scale=scales, v_scale=scales, check=True)
+    assert torch.equal(out, torch.zeros_like(out))

@@ -53,3 +53,14 @@ def test_known_paged_layout_with_new_pages():
         kp, vp, table = to_paged(k, v, lens, 16, seed=seed)
         out, lse = leanattn.decode(q, kp, vp, sl, block_table=table, return_lse=True)
         assert_close(out, lse, *reference(q, k, v, sl))
+
+
+def test_known_layout_keeps_the_option_types():
+    """A known layout's options are checked for their types too: True, not 1; an int split."""
+    q, k, v, sl = make_inputs([40, 12], HQ, HKV, D, torch.bfloat16, cache_len=64, seed=11)
+    tile = leanattn.choose_config(D, torch.bfloat16, HQ // HKV).tile
+    leanattn.decode(q, k, v, sl, batch_invariant=True, split_size=tile)
+    with pytest.raises(TypeError, match="batch_invariant must be a bool"):
+        leanattn.decode(q, k, v, sl, batch_invariant=1, split_size=tile)
+    with pytest.raises(ValueError, match="split_size must be a positive multiple"):
+        leanattn.decode(q, k, v, sl, batch_invariant=True, split_size=float(tile))

@@ -219,8 +219,8 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "decode-known-key-drops-causal",
-        one(API, "key = (_call.layout_of(*tensors), softmax_scale, causal, window_size,",
-            "key = (_call.layout_of(*tensors), softmax_scale, window_size,"),
+        one(API, "options = tuple((type(x), x) for x in (softmax_scale, causal, softcap,",
+            "options = tuple((type(x), x) for x in (softmax_scale, softcap,"),
         ("tests/test_known_layouts.py",),
         why="a non-causal call of a layout seen causal would reuse the causal kernel call",
     ),

@@ -103,6 +103,8 @@ def check_finite_values(
         pos = torch.arange(capacity, device=t.device)
         rows = t  # (batch, capacity, kv_heads): each sequence's rows
         if block_table is not None:
+            if t.shape[0] == 0:  # no pages: no row is read (every live slot is out of range)
+                continue
             page_size = t.shape[1]
             pages = block_table[:, pos // page_size].long()
             live &= (pages >= 0) & (pages < t.shape[0])

@@ -160,8 +160,10 @@ def _arguments_key(
         tensors = (q, k_cache, v_cache, out, lse, cache_seqlens, cache_leftpad, block_table, sinks, plan,
                    k_scale if isinstance(k_scale, torch.Tensor) else None,
                    v_scale if isinstance(v_scale, torch.Tensor) else None)
-        key = (_call.layout_of(*tensors), softmax_scale, causal, window_size, softcap, return_lse, num_programs,
-               config, batch_invariant, split_size,
+        # Options with their types: 1 == True and 32.0 == 32, but the checks take only one.
+        options = tuple((type(x), x) for x in (softmax_scale, causal, softcap, return_lse, num_programs,
+                                               batch_invariant, split_size))
+        key = (_call.layout_of(*tensors), options, window_size, config,
                None if isinstance(k_scale, torch.Tensor) else (type(k_scale), k_scale),
                None if isinstance(v_scale, torch.Tensor) else (type(v_scale), v_scale))
         hash(key)
@@ -210,7 +212,8 @@ def decode(
     Args:
         q: (batch, q_len, q_heads, head_dim), fp16 or bf16: the q_len newest tokens of each
             sequence (the last q_len of its live keys, as after flash-attn's KV append);
-            q_len x (q_heads / kv_heads) <= 128.
+            q_len x (q_heads / kv_heads) <= ``leanattn.max_query_rows(head_dim)`` (128; 16 at
+            head_dim 512).
         k_cache, v_cache: (batch, cache_len, kv_heads, head_dim) with any strides but a unit last
             stride; or, with ``block_table``, pages (num_pages, page_size, kv_heads, head_dim).
             fp16/bf16 like q, or both fp8 (float8_e4m3fn / float8_e5m2) with k_scale/v_scale.
@@ -246,11 +249,13 @@ def decode(
         config: a :class:`KernelConfig` to launch with instead of the heuristic's
             (:func:`choose_config`); a plan must be made with the same one. Eager calls only.
         batch_invariant: each (sequence, kv head) is cut into splits of ``split_size`` tokens
-            from its first live key, each split is attended alone and a head's splits merge in
+            from the first key its queries see (its first live key, or with a window the
+            window's start), each split is attended alone and a head's splits merge in
             split order: a sequence's output and LSE are the same bits whatever else is in the
             batch, whatever the grid, with or without a plan, paged or not.
         split_size: tokens per split with ``batch_invariant`` (default 512), a multiple of the
-            launch config's tile (64 or 128 tokens; 32 under the interpreter): see the README.
+            launch config's tile (``choose_config(...).tile``: 32, 64 or 128 tokens, so any
+            multiple of 128 fits; 32 under the interpreter): see the README.
         check: also validate the values of ``cache_seqlens``, ``cache_leftpad``, the live slots
             of ``block_table``, ``sinks`` and scale tensors (per-token ones in their live rows) on
             the host (a device sync: not for CUDA graphs or fast paths), raising ValueError

@@ -40,7 +40,7 @@ class DecodeWrapper:
         device: where everything lives (a CUDA device, or the CPU under Triton's interpreter).
         kv_dtype: the caches' dtype: ``dtype`` (default), or float8_e4m3fn / float8_e5m2.
         max_q_len: the most query tokens per sequence a step will have (the workspace is sized
-            for it); q_len x (q_heads / kv_heads) <= 128.
+            for it); q_len x (q_heads / kv_heads) <= ``leanattn.max_query_rows(head_dim)``.
         num_programs: persistent grid size; default SMs x programs per SM of the launch config
             that ``leanattn.decode`` picks for the planned q_len.
         softmax_scale: default ``head_dim ** -0.5``.

@@ -364,7 +364,7 @@ def _arrive_and_merge(
     chunks' sums in member order and writes the head. A chunk ticket has at most ARRIVE_CHUNK
     contenders, the head ticket (index ``first``) one per chunk."""
     if BY_SLOT:
-        first = (g - t).to(tl.int32)
+        first = g - t  # int64: slots x rows x head_dim may pass 2^31 with many splits
         member = first + u
         _store_partial(WsAcc, WsStats, member, acc, m_i, l_i, ROWS, MERGE_ROWS, HEAD_DIM_PAD)
         head_first = first
