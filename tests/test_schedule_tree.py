@@ -1,8 +1,8 @@
 """``schedule.merge_tree`` against the kernel's merge arithmetic, in pure Python (no kernel runs).
 
-``kernel_arrival`` transcribes what ``lean_decode_kernel`` computes for a split segment (its
-store slot, ``first_prog``, ``last_prog``, ``chunk_first``, ``chunk_last``, ``chunk_slot``, and
-``_partial_slot``); ``test_kernel_lines_are_transcribed`` checks the kernel source still has those
+``kernel_arrival`` transcribes what ``lean_decode_kernel`` computes for a split segment in the
+default mode (``_arrive_and_merge``'s store slot, ``first``, ``last``, ``chunk_first``,
+``chunk_last``, ``chunk_slot``, and ``_partial_slot``); ``test_kernel_lines_are_transcribed`` checks the kernel source still has those
 lines. The model must agree with the transcription on every split segment of many partitions, and
 ``simulate`` plays the kernel's arrival protocol with that arithmetic, all heads' arrivals
 interleaved in random orders: every head is written once from all its partials in program order,
@@ -26,18 +26,19 @@ KERNELS = Path(leanattn.__file__).parent / "kernels"
 KERNEL_LINES = (
     "_store_partial(WsAcc, WsStats, 2 * pid + (g != start).to(tl.int32),",
     "head_first = g - t",
-    "first_prog = (((head_first + 1) * programs - 1) // total).to(tl.int32)",
-    "last_prog = (((head_first + n_tiles) * programs - 1) // total).to(tl.int32)",
-    "chunk_first = first_prog + (pid - first_prog) // ARRIVE_CHUNK * ARRIVE_CHUNK",
-    "chunk_last = tl.minimum(chunk_first + ARRIVE_CHUNK - 1, last_prog)",
-    "chunk_slot = _partial_slot(chunk_first, first_prog, head_first, total, programs)",
+    "first = (((head_first + 1) * programs - 1) // total).to(tl.int32)",
+    "last = (((head_first + n) * programs - 1) // total).to(tl.int32)",
+    "member = pid",
+    "chunk_first = first + (member - first) // ARRIVE_CHUNK * ARRIVE_CHUNK",
+    "chunk_last = tl.minimum(chunk_first + ARRIVE_CHUNK - 1, last)",
+    "chunk_slot = _partial_slot(chunk_first, first, head_first, total, programs)",
     "p_start = p * total // programs",
     "return 2 * p + ((p == first_prog) & (p_start < head_first)).to(tl.int32)",
     "arrived = tl.atomic_add(ChunkTickets + chunk_slot, 1,",
     "if arrived == chunk_last - chunk_first:",
-    "if last_prog - first_prog < ARRIVE_CHUNK:",
-    "arrived = tl.atomic_add(Tickets + first_prog, 1,",
-    "if arrived == (last_prog - first_prog) // ARRIVE_CHUNK:",
+    "if last - first < ARRIVE_CHUNK:",
+    "arrived = tl.atomic_add(Tickets + first, 1,",
+    "if arrived == (last - first) // ARRIVE_CHUNK:",
 )
 
 
