@@ -27,14 +27,17 @@ def device() -> torch.device:
 
 
 def build(rank: int, world: int, lens: list[int], hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int,
-          page: int = PAGE):
-    """Full q, k, v, lengths (identical on every rank: one seed, one device type), and this rank's
-    slice: a contiguous local cache holding its pages back to back, and its local lengths."""
+          page: int = PAGE, q_len: int = 1, pads: list[int] | None = None):
+    """Full q (batch, q_len, hq, d), k, v, lengths (identical on every rank: one seed, one device
+    type), and this rank's slice: a contiguous local cache holding its pages back to back, and
+    its local lengths. ``pads``: positions before them (left padding) hold large garbage."""
     dev = device()
     gen = torch.Generator(device=dev).manual_seed(seed)
     batch, n = len(lens), max(max(lens), 1)
     q, k, v = (torch.randn(*s, generator=gen, device=dev).to(dtype) for s in
-               ((batch, 1, hq, d), (batch, n, hkv, d), (batch, n, hkv, d)))
+               ((batch, q_len, hq, d), (batch, n, hkv, d), (batch, n, hkv, d)))
+    for b, pad in enumerate(pads or []):
+        k[b, :pad], v[b, :pad] = 3e4, -3e4
     full = torch.tensor(lens, dtype=torch.int32, device=dev)
     local = round_robin_lengths(full, world, rank, page)
     tok = torch.arange(n, device=dev)
@@ -159,6 +162,54 @@ def mismatch(rank: int, world: int, kind: str) -> None:
         cp.plan(torch.zeros(3, dtype=torch.int32, device=dev), 16, check=False)
     else:
         raise KeyError(kind)
+
+
+# Global positions (several query tokens, leftpad, windows): ragged lengths with a page size of 16
+# over 2 or 3 ranks. The second sequence's queries (34, 35, 36) lie on rank 0's last page; its
+# leftpad 35 leaves the first query before every key (zeros, LSE -inf); the third is shorter
+# than q_len (its first queries see nothing).
+POS_LENS = [150, 37, 1]
+POS_PADS = [20, 35, 0]
+
+
+def positions(rank: int, world: int, dtype: str, paged: bool, q_len: int, window: tuple[int, int],
+              leftpad: bool, causal: bool = True, lens: list[int] = POS_LENS, hq: int = 8, hkv: int = 2,
+              head_dim: int = 64, page: int = PAGE) -> None:
+    """plan(seqlens=, page_size=): against the float64 reference and leanattn.decode on the whole
+    cache, the same bits on every rank, the one-shot function, and a re-plan with new lengths
+    written in place (check=False, as a CUDA graph replays it)."""
+    dt = DTYPES[dtype]
+    pads = POS_PADS[: len(lens)] if leftpad else None
+    q, k, v, full, lk, lv, local = build(rank, world, lens, hq, hkv, head_dim, dt, seed=7, page=page, q_len=q_len,
+                                         pads=pads)
+    pad_t = None if pads is None else torch.tensor(pads, dtype=torch.int32, device=device())
+    table = None
+    if paged:
+        lk, lv, table = to_paged(lk, lv, local.tolist(), page, seed=rank)
+    capacity = lk.shape[1] if table is None else table.shape[1] * page
+    cp = ContextParallelDecode(None, hq, hkv, head_dim, dt, device())
+    kw = dict(cache_leftpad=pad_t, causal=causal, window_size=window)
+    cp.plan(None, capacity, q_len=q_len, block_table=table, seqlens=full, page_size=page, **kw)
+    out, lse = cp.run(q, lk, lv, return_lse=True)
+    assert out.shape == q.shape and lse.shape == (len(lens), hq, q_len)
+    ref, ref_lse = reference(q, k, v, full, **kw)
+    assert_close(out, lse, ref, ref_lse)
+    single, single_lse = leanattn.decode(q, k, v, full, return_lse=True, **kw)
+    assert rel_err(out, single) < 1.5e-2, "far from leanattn.decode on the whole cache"
+    assert_close(single, lse, ref, single_lse)  # the LSEs agree (-inf where empty)
+    assert same_on_every_rank(out) and same_on_every_rank(lse), "ranks differ"
+    oneshot_out = leanattn.distributed.decode(q, lk, lv, block_table=table, seqlens=full, page_size=page, **kw)
+    assert torch.equal(oneshot_out, out), "the one-shot function differs from plan and run"
+
+    # The next step without the exchange: global lengths (and pads) changed in place, the local
+    # cache unchanged (each new global prefix is a local prefix).
+    full.copy_(torch.tensor([max(n - 5, 0) for n in lens], dtype=torch.int32))
+    if pad_t is not None:
+        pad_t.copy_(torch.tensor([p + 3 for p in pads], dtype=torch.int32))  # (garbage stays padding)
+    cp.plan(None, capacity, q_len=q_len, block_table=table, seqlens=full, page_size=page, check=False, **kw)
+    out, lse = cp.run(q, lk, lv, return_lse=True)
+    assert_close(out, lse, *reference(q, k, v, full, **kw))
+    assert same_on_every_rank(out), "ranks differ"
 
 
 # -- GPU (NCCL) ------------------------------------------------------------------------------------
