@@ -156,6 +156,17 @@ def mismatch(rank: int, world: int, kind: str) -> None:
     elif kind == "unchecked_first":
         cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, dev)
         cp.plan(torch.zeros(2, dtype=torch.int32, device=dev), 16, check=False)
+    elif kind == "q_len_local":  # several query tokens need global positions
+        cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, dev)
+        cp.plan(torch.zeros(2, dtype=torch.int32, device=dev), 16, q_len=3)
+    elif kind == "page_size":
+        cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, dev)
+        cp.plan(None, 16, q_len=2, seqlens=torch.zeros(2, dtype=torch.int32, device=dev), page_size=32 if last else 16)
+    elif kind == "unchecked_window":
+        cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, dev)
+        seqlens = torch.zeros(2, dtype=torch.int32, device=dev)
+        cp.plan(None, 16, q_len=2, seqlens=seqlens, page_size=16)
+        cp.plan(None, 16, q_len=2, seqlens=seqlens, page_size=16, window_size=(8, -1), check=False)
     elif kind == "unchecked_batch":
         cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, dev)
         cp.plan(torch.zeros(2, dtype=torch.int32, device=dev), 16)
@@ -210,6 +221,21 @@ def positions(rank: int, world: int, dtype: str, paged: bool, q_len: int, window
     out, lse = cp.run(q, lk, lv, return_lse=True)
     assert_close(out, lse, *reference(q, k, v, full, **kw))
     assert same_on_every_rank(out), "ranks differ"
+
+
+def switch_q_len(rank: int, world: int) -> None:
+    """One ContextParallelDecode alternating plain decode steps (local lengths) and steps of three
+    query tokens (global lengths): each step as the reference on the whole cache."""
+    q, k, v, full, lk, lv, local = build(rank, world, [100, 37], 8, 2, 64, torch.float16, seed=9, q_len=3)
+    cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, device())
+    for q_len in (1, 3, 1):
+        qs = q[:, -q_len:]
+        if q_len == 1:
+            cp.plan(local, lk.shape[1])
+        else:
+            cp.plan(None, lk.shape[1], q_len=q_len, seqlens=full, page_size=PAGE)
+        out, lse = cp.run(qs, lk, lv, return_lse=True)
+        assert_close(out, lse, *reference(qs, k, v, full))
 
 
 # -- GPU (NCCL) ------------------------------------------------------------------------------------
@@ -273,4 +299,40 @@ def gpu_graph(rank: int, world: int, paged: bool) -> None:
         assert torch.isfinite(out).all() and torch.isfinite(eager).all(), f"step {step}: NaN/inf output"
         assert torch.equal(out, eager) and torch.equal(lse, eager_lse), f"replay {step} differs from eager"
         assert_close(out, lse, *reference(q, k, v, new_full))
+        assert same_on_every_rank(out), "ranks differ"
+
+
+def gpu_graph_positions(rank: int, world: int, q_len: int, window: tuple[int, int]) -> None:
+    """plan(seqlens=, page_size=, cache_leftpad=) captured with a run: replays with new global
+    lengths and pads written in place equal eager runs with them, bit for bit."""
+    cap = 8192
+    lens = [cap, cap // 2, 3, cap - 7]
+    q, k, v, _, lk, lv, local = build(rank, world, [cap] * len(lens), 32, 8, 128, torch.bfloat16, seed=8, page=64,
+                                      q_len=q_len)
+    full = torch.tensor(lens, dtype=torch.int32, device=device())
+    pads = torch.zeros(len(lens), dtype=torch.int32, device=device())
+    capacity = lk.shape[1]
+    kw = dict(cache_leftpad=pads, window_size=window)
+    cp = ContextParallelDecode(None, 32, 8, 128, torch.bfloat16, device())
+    cp.plan(None, capacity, q_len=q_len, seqlens=full, page_size=64, **kw)
+    out = torch.empty_like(q)
+    cp.run(q, lk, lv, out=out)  # compiles and warms NCCL before the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        cp.plan(None, capacity, q_len=q_len, seqlens=full, page_size=64, check=False, **kw)
+        _, lse = cp.run(q, lk, lv, out=out, return_lse=True)
+    steps = (([0, 0, 0, 0], [0, 0, 0, 0]), (lens, [0, 100, 0, 4000]), ([1, cap, 0, 4000], [0, 0, 0, 3999]),
+             ([cap // 3, 17, cap, 64], [5, 15, 0, 0]))
+    for step, (new, new_pads) in enumerate(steps):
+        full.copy_(torch.tensor(new, dtype=torch.int32))
+        pads.copy_(torch.tensor(new_pads, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        cp.plan(None, capacity, q_len=q_len, seqlens=full, page_size=64, check=False, **kw)
+        eager, eager_lse = cp.run(q, lk, lv, return_lse=True)
+        assert torch.isfinite(out).all() and torch.isfinite(eager).all(), f"step {step}: NaN/inf output"
+        assert torch.equal(out, eager) and torch.equal(lse, eager_lse), f"replay {step} differs from eager"
+        assert_close(out, lse, *reference(q, k, v, full, **kw))
         assert same_on_every_rank(out), "ranks differ"

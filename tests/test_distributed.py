@@ -36,6 +36,22 @@ def test_scatter_heads(cluster):
     cluster.check("scatter")
 
 
+@pytest.mark.parametrize("q_len,window,leftpad,causal,paged", [
+    (3, (-1, -1), False, True, False),
+    (3, (7, -1), True, True, True),  # a window across the ranks' pages, left padding, a paged cache
+    (1, (5, -1), True, True, False),  # one query token with a window and leftpad
+    (3, (4, 2), False, False, False),  # not causal: keys after a query, within the window
+], ids=["q3", "q3-window-leftpad-paged", "q1-window-leftpad", "q3-noncausal-window"])
+def test_global_positions_match_one_device(cluster, q_len, window, leftpad, causal, paged):
+    """plan(seqlens=, page_size=): several query tokens, leftpad and windows over each key's
+    position in the whole sequence, as leanattn.decode and the reference on the whole cache."""
+    cluster.check("positions", "bf16", paged, q_len, window, leftpad, causal)
+
+
+def test_plain_and_several_query_tokens_alternate(cluster):
+    cluster.check("switch_q_len")
+
+
 def test_oneshot(cluster):
     errors = cluster.check("oneshot")
     assert all(e < 1.5e-2 for e in errors), errors
@@ -47,6 +63,9 @@ def test_oneshot(cluster):
     ("local", "ValueError", "rejected their own arguments"),
     ("unchecked_first", "RuntimeError", "earlier checked plan"),
     ("unchecked_batch", "ValueError", "must keep the checked (batch, q_len)"),
+    ("q_len_local", "ValueError", "pass seqlens= (global lengths) and page_size="),
+    ("page_size", "ValueError", "disagree on page_size"),
+    ("unchecked_window", "ValueError", "must keep the checked (page_size, cache_leftpad given, causal, window_size)"),
 ])
 def test_inconsistent_plans_raise_everywhere(cluster, kind, error, words):
     outcomes = cluster.run("mismatch", kind, timeout=90)

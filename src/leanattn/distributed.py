@@ -321,6 +321,7 @@ class ContextParallelDecode:
         self.heads_out = self.q_heads // self.world_size if self.scatter_heads else self.q_heads
         # Built by the first plan, where a bad shape becomes an error on every rank, not a hang.
         self._wrapper: DecodeWrapper | None = None
+        self._retired: list[DecodeWrapper] = []  # wrappers outgrown by a longer q_len
         self._buffers: dict[tuple[int, int], _Buffers] = {}
         self._checked: tuple | None = None  # what the last checked plan agreed on
         self._planned: tuple[int, int, torch.Tensor | None, _Buffers] | None = None
@@ -337,6 +338,9 @@ class ContextParallelDecode:
         if isinstance(q_len, bool) or not isinstance(q_len, int) or q_len < 1:
             return f"q_len must be a positive int, got {q_len!r}", 0
         if self._wrapper is None or self._wrapper.max_q_len < q_len:
+            if self._wrapper is not None:
+                # A CUDA graph captured with it still reads its plan and workspace: keep them.
+                self._retired.append(self._wrapper)
             try:  # its workspace is sized for the longest q_len planned so far
                 self._wrapper = DecodeWrapper(self.q_heads, self.kv_heads, self.head_dim, self.dtype, self.device,
                                               max_q_len=q_len, num_programs=self.num_programs,
