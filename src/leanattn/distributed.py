@@ -278,8 +278,9 @@ class ContextParallelDecode:
     CUDA graphs: run each layer once eagerly first (that compiles the kernels and warms NCCL),
     then capture ``plan(..., check=False)`` followed by the layers' ``run``. The graph reads the
     ``local_seqlens`` (or ``seqlens`` and ``cache_leftpad``) and ``block_table`` tensors planned
-    at capture: to replay with new lengths, write them into those tensors (capturing only the runs works too if ``plan(..., check=False)``
-    is called eagerly before each replay).
+    at capture: to replay with new lengths, write them into those tensors (capturing only the
+    runs works too if ``plan(..., check=False)`` is called eagerly before each replay). Plan the
+    longest q_len before capturing: a longer one grows the local attention's workspace.
 
     Args:
         group: the process group (``None``: the default group). Its backend must handle tensors
@@ -329,7 +330,7 @@ class ContextParallelDecode:
     # -- plan -----------------------------------------------------------------------------------
 
     def _local_error(self, local_seqlens: torch.Tensor | None, capacity: int, batch: int | None, q_len: int,
-                     block_table: torch.Tensor | None, positions: _Positions | None) -> tuple[str | None, int]:
+                     block_table: torch.Tensor | None, positions: _Positions) -> tuple[str | None, int]:
         """This rank's own argument problems (a message or None) and the batch size."""
         if self.scatter_heads and self.q_heads % self.world_size:
             return f"scatter_heads needs q_heads ({self.q_heads}) divisible by the world size ({self.world_size})", 0
@@ -457,6 +458,8 @@ class ContextParallelDecode:
         if not check:
             if self._checked is None:
                 raise RuntimeError("plan(check=False) needs an earlier checked plan of the same shapes")
+            if positions.active and not isinstance(seqlens, torch.Tensor):
+                raise ValueError("plan(check=False) of a plan with page_size needs seqlens, as checked")
             given = local_seqlens if local_seqlens is not None else seqlens
             n = given.shape[0] if isinstance(given, torch.Tensor) else batch
             if (n, q_len) != self._checked[:2]:
