@@ -27,14 +27,17 @@ def device() -> torch.device:
 
 
 def build(rank: int, world: int, lens: list[int], hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int,
-          page: int = PAGE):
-    """Full q, k, v, lengths (identical on every rank: one seed, one device type), and this rank's
-    slice: a contiguous local cache holding its pages back to back, and its local lengths."""
+          page: int = PAGE, q_len: int = 1, pads: list[int] | None = None):
+    """Full q (batch, q_len, hq, d), k, v, lengths (identical on every rank: one seed, one device
+    type), and this rank's slice: a contiguous local cache holding its pages back to back, and
+    its local lengths. ``pads``: positions before them (left padding) hold large garbage."""
     dev = device()
     gen = torch.Generator(device=dev).manual_seed(seed)
     batch, n = len(lens), max(max(lens), 1)
     q, k, v = (torch.randn(*s, generator=gen, device=dev).to(dtype) for s in
-               ((batch, 1, hq, d), (batch, n, hkv, d), (batch, n, hkv, d)))
+               ((batch, q_len, hq, d), (batch, n, hkv, d), (batch, n, hkv, d)))
+    for b, pad in enumerate(pads or []):
+        k[b, :pad], v[b, :pad] = 3e4, -3e4
     full = torch.tensor(lens, dtype=torch.int32, device=dev)
     local = round_robin_lengths(full, world, rank, page)
     tok = torch.arange(n, device=dev)
@@ -153,12 +156,86 @@ def mismatch(rank: int, world: int, kind: str) -> None:
     elif kind == "unchecked_first":
         cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, dev)
         cp.plan(torch.zeros(2, dtype=torch.int32, device=dev), 16, check=False)
+    elif kind == "q_len_local":  # several query tokens need global positions
+        cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, dev)
+        cp.plan(torch.zeros(2, dtype=torch.int32, device=dev), 16, q_len=3)
+    elif kind == "page_size":
+        cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, dev)
+        cp.plan(None, 16, q_len=2, seqlens=torch.zeros(2, dtype=torch.int32, device=dev), page_size=32 if last else 16)
+    elif kind == "unchecked_window":
+        cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, dev)
+        seqlens = torch.zeros(2, dtype=torch.int32, device=dev)
+        cp.plan(None, 16, q_len=2, seqlens=seqlens, page_size=16)
+        cp.plan(None, 16, q_len=2, seqlens=seqlens, page_size=16, window_size=(8, -1), check=False)
     elif kind == "unchecked_batch":
         cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, dev)
         cp.plan(torch.zeros(2, dtype=torch.int32, device=dev), 16)
         cp.plan(torch.zeros(3, dtype=torch.int32, device=dev), 16, check=False)
     else:
         raise KeyError(kind)
+
+
+# Global positions (several query tokens, leftpad, windows): ragged lengths with a page size of 16
+# over 2 or 3 ranks. The second sequence's queries (34, 35, 36) lie on rank 0's last page; its
+# leftpad 35 leaves the first query before every key (zeros, LSE -inf); the third is shorter
+# than q_len (its first queries see nothing).
+POS_LENS = [150, 37, 1]
+POS_PADS = [20, 35, 0]
+
+
+def positions(rank: int, world: int, dtype: str, paged: bool, q_len: int, window: tuple[int, int],
+              leftpad: bool, causal: bool = True, lens: list[int] = POS_LENS, hq: int = 8, hkv: int = 2,
+              head_dim: int = 64, page: int = PAGE) -> None:
+    """plan(seqlens=, page_size=): against the float64 reference and leanattn.decode on the whole
+    cache, the same bits on every rank, the one-shot function, and a re-plan with new lengths
+    written in place (check=False, as a CUDA graph replays it)."""
+    dt = DTYPES[dtype]
+    pads = POS_PADS[: len(lens)] if leftpad else None
+    q, k, v, full, lk, lv, local = build(rank, world, lens, hq, hkv, head_dim, dt, seed=7, page=page, q_len=q_len,
+                                         pads=pads)
+    pad_t = None if pads is None else torch.tensor(pads, dtype=torch.int32, device=device())
+    table = None
+    if paged:
+        lk, lv, table = to_paged(lk, lv, local.tolist(), page, seed=rank)
+    capacity = lk.shape[1] if table is None else table.shape[1] * page
+    cp = ContextParallelDecode(None, hq, hkv, head_dim, dt, device())
+    kw = dict(cache_leftpad=pad_t, causal=causal, window_size=window)
+    cp.plan(None, capacity, q_len=q_len, block_table=table, seqlens=full, page_size=page, **kw)
+    out, lse = cp.run(q, lk, lv, return_lse=True)
+    assert out.shape == q.shape and lse.shape == (len(lens), hq, q_len)
+    ref, ref_lse = reference(q, k, v, full, **kw)
+    assert_close(out, lse, ref, ref_lse)
+    single, single_lse = leanattn.decode(q, k, v, full, return_lse=True, **kw)
+    assert rel_err(out, single) < 1.5e-2, "far from leanattn.decode on the whole cache"
+    assert_close(single, lse, ref, single_lse)  # the LSEs agree (-inf where empty)
+    assert same_on_every_rank(out) and same_on_every_rank(lse), "ranks differ"
+    oneshot_out = leanattn.distributed.decode(q, lk, lv, block_table=table, seqlens=full, page_size=page, **kw)
+    assert torch.equal(oneshot_out, out), "the one-shot function differs from plan and run"
+
+    # The next step without the exchange: global lengths (and pads) changed in place, the local
+    # cache unchanged (each new global prefix is a local prefix).
+    full.copy_(torch.tensor([max(n - 5, 0) for n in lens], dtype=torch.int32))
+    if pad_t is not None:
+        pad_t.copy_(torch.tensor([p + 3 for p in pads], dtype=torch.int32))  # (garbage stays padding)
+    cp.plan(None, capacity, q_len=q_len, block_table=table, seqlens=full, page_size=page, check=False, **kw)
+    out, lse = cp.run(q, lk, lv, return_lse=True)
+    assert_close(out, lse, *reference(q, k, v, full, **kw))
+    assert same_on_every_rank(out), "ranks differ"
+
+
+def switch_q_len(rank: int, world: int) -> None:
+    """One ContextParallelDecode alternating plain decode steps (local lengths) and steps of three
+    query tokens (global lengths): each step as the reference on the whole cache."""
+    q, k, v, full, lk, lv, local = build(rank, world, [100, 37], 8, 2, 64, torch.float16, seed=9, q_len=3)
+    cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, device())
+    for q_len in (1, 3, 1):
+        qs = q[:, -q_len:]
+        if q_len == 1:
+            cp.plan(local, lk.shape[1])
+        else:
+            cp.plan(None, lk.shape[1], q_len=q_len, seqlens=full, page_size=PAGE)
+        out, lse = cp.run(qs, lk, lv, return_lse=True)
+        assert_close(out, lse, *reference(qs, k, v, full))
 
 
 # -- GPU (NCCL) ------------------------------------------------------------------------------------
@@ -222,4 +299,40 @@ def gpu_graph(rank: int, world: int, paged: bool) -> None:
         assert torch.isfinite(out).all() and torch.isfinite(eager).all(), f"step {step}: NaN/inf output"
         assert torch.equal(out, eager) and torch.equal(lse, eager_lse), f"replay {step} differs from eager"
         assert_close(out, lse, *reference(q, k, v, new_full))
+        assert same_on_every_rank(out), "ranks differ"
+
+
+def gpu_graph_positions(rank: int, world: int, q_len: int, window: tuple[int, int]) -> None:
+    """plan(seqlens=, page_size=, cache_leftpad=) captured with a run: replays with new global
+    lengths and pads written in place equal eager runs with them, bit for bit."""
+    cap = 8192
+    lens = [cap, cap // 2, 3, cap - 7]
+    q, k, v, _, lk, lv, local = build(rank, world, [cap] * len(lens), 32, 8, 128, torch.bfloat16, seed=8, page=64,
+                                      q_len=q_len)
+    full = torch.tensor(lens, dtype=torch.int32, device=device())
+    pads = torch.zeros(len(lens), dtype=torch.int32, device=device())
+    capacity = lk.shape[1]
+    kw = dict(cache_leftpad=pads, window_size=window)
+    cp = ContextParallelDecode(None, 32, 8, 128, torch.bfloat16, device())
+    cp.plan(None, capacity, q_len=q_len, seqlens=full, page_size=64, **kw)
+    out = torch.empty_like(q)
+    cp.run(q, lk, lv, out=out)  # compiles and warms NCCL before the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        cp.plan(None, capacity, q_len=q_len, seqlens=full, page_size=64, check=False, **kw)
+        _, lse = cp.run(q, lk, lv, out=out, return_lse=True)
+    steps = (([0, 0, 0, 0], [0, 0, 0, 0]), (lens, [0, 100, 0, 4000]), ([1, cap, 0, 4000], [0, 0, 0, 3999]),
+             ([cap // 3, 17, cap, 64], [5, 15, 0, 0]))
+    for step, (new, new_pads) in enumerate(steps):
+        full.copy_(torch.tensor(new, dtype=torch.int32))
+        pads.copy_(torch.tensor(new_pads, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        cp.plan(None, capacity, q_len=q_len, seqlens=full, page_size=64, check=False, **kw)
+        eager, eager_lse = cp.run(q, lk, lv, return_lse=True)
+        assert torch.isfinite(out).all() and torch.isfinite(eager).all(), f"step {step}: NaN/inf output"
+        assert torch.equal(out, eager) and torch.equal(lse, eager_lse), f"replay {step} differs from eager"
+        assert_close(out, lse, *reference(q, k, v, full, **kw))
         assert same_on_every_rank(out), "ranks differ"

@@ -26,6 +26,30 @@ def test_matches_single_gpu(cluster, scatter_heads):
     cluster.check("gpu_matches_single", scatter_heads, timeout=600)
 
 
+@pytest.mark.parametrize("q_len,window,leftpad,causal,paged", [
+    (3, (-1, -1), False, True, False),
+    (3, (7, -1), True, True, True),
+    (1, (5, -1), True, True, False),
+    (3, (4, 2), False, False, False),
+], ids=["q3", "q3-window-leftpad-paged", "q1-window-leftpad", "q3-noncausal-window"])
+def test_global_positions_match_one_device(cluster, q_len, window, leftpad, causal, paged):
+    """The CPU suite's scenarios (test_distributed.py) over NCCL, compiled kernels."""
+    cluster.check("positions", "bf16", paged, q_len, window, leftpad, causal, timeout=600)
+
+
+@pytest.mark.parametrize("q_len,window,paged", [(4, (-1, -1), False), (16, (4096, -1), True), (2, (100, -1), False)])
+def test_global_positions_long(cluster, q_len, window, paged):
+    """Long ragged sequences (128k), group 4, head dim 128, dealt pages of 64, leftpad: against one
+    GPU running leanattn on the whole cache and the float64 reference, the same bits on both ranks."""
+    cluster.check("positions", "bf16", paged, q_len, window, True, True, [131072, 77777, 1], 32, 8, 128, 64,
+                  timeout=600)
+
+
+@pytest.mark.parametrize("q_len,window", [(4, (-1, -1)), (8, (1000, -1))])
+def test_cuda_graph_replay_global_positions(cluster, q_len, window):
+    cluster.check("gpu_graph_positions", q_len, window, timeout=600)
+
+
 @pytest.mark.parametrize("paged", [False, True])
 def test_cuda_graph_replay(cluster, paged):
     cluster.check("gpu_graph", paged, timeout=600)

@@ -111,9 +111,11 @@ def unit_of(config: KernelConfig, split: int) -> tuple[int, int]:
 def constexprs(
     q: torch.Tensor, k_cache: torch.Tensor, page_size: int, config: KernelConfig, features: Features, *,
     has_seqlens: bool, has_leftpad: bool, planned: bool, return_lse: bool, pdl: bool, split: int,
+    has_bounds: bool = False,
 ) -> dict:
     """The compile-time parameters of the kernel for one call (``split``: tokens per split in
-    batch-invariant mode, else 0)."""
+    batch-invariant mode, else 0; ``has_bounds``: per-query key bounds replace the window's,
+    see ``DecodeWrapper._plan_bounded``)."""
     _, q_len, q_heads, head_dim = q.shape
     group = q_heads // k_cache.shape[2]
     rows, merge_rows, head_dim_pad, merge_wide = padded_sizes(head_dim, q_len * group)
@@ -136,7 +138,8 @@ def constexprs(
         MERGE_ROWS=merge_rows, MERGE_WIDE=merge_wide, ARRIVE_CHUNK=ARRIVE_CHUNK,
         HAS_SEQLENS=has_seqlens, HAS_LEFTPAD=has_leftpad, HAS_WINDOW=features.has_window,
         HAS_MASK=features.has_mask, HAS_SOFTCAP=features.softcap > 0, HAS_SINKS=features.has_sinks,
-        K_SCALE_KIND=features.k_scale_kind, V_SCALE_KIND=features.v_scale_kind, PLANNED=planned,
+        K_SCALE_KIND=features.k_scale_kind, V_SCALE_KIND=features.v_scale_kind, HAS_BOUNDS=has_bounds,
+        PLANNED=planned,
         RETURN_LSE=return_lse, DOT_DTYPE=dot_dtype, BLOCK_B=BLOCK_B, USE_PDL=pdl, **dict(config.constexprs),
     )
 
@@ -157,7 +160,7 @@ class Call:
         lse: torch.Tensor | None, *, block_table: torch.Tensor | None, k_scale: float | torch.Tensor | None,
         v_scale: float | torch.Tensor | None, has_seqlens: bool, has_leftpad: bool, planned: bool,
         features: Features, softmax_scale: float, batch: int, capacity: int, programs: int, config: KernelConfig,
-        split: int,
+        split: int, has_bounds: bool = False,
     ) -> None:
         kv_heads = k_cache.shape[2]
         if block_table is None:
@@ -169,7 +172,7 @@ class Call:
         self.pdl = pdl_of(config, q.device)
         self.params = constexprs(q, k_cache, page_size, config, features, has_seqlens=has_seqlens,
                                  has_leftpad=has_leftpad, planned=planned, return_lse=lse is not None, pdl=self.pdl,
-                                 split=split)
+                                 split=split, has_bounds=has_bounds)
         # Float scales are part of the key: their (kv_heads,) tensors are resolved once. Tensor
         # scales' kinds (their dims) are part of it too, through their layouts.
         self.scales = tuple(
@@ -189,11 +192,13 @@ class Call:
         out: torch.Tensor, lse: torch.Tensor | None, cache_seqlens: torch.Tensor | None,
         cache_leftpad: torch.Tensor | None, block_table: torch.Tensor | None, sinks: torch.Tensor | None,
         k_scale: torch.Tensor | float | None, v_scale: torch.Tensor | float | None, plan: torch.Tensor | None,
+        bounds: torch.Tensor | None = None,
     ) -> None:
         """Launch on the workspace ``bufs`` (acc, stats, head tickets, chunk tickets) for tensors
         of this call's key, writing ``out`` (and ``lse`` (batch, q_heads, q_len) when given).
         ``plan`` (rows = the grid) gives each program its share; without it each program locates
-        its own."""
+        its own. ``bounds``: int32 (batch, q_len, 2) key bounds of each query token, for a call
+        built with ``has_bounds``."""
         acc, stats, tickets, chunk_tickets = bufs
         if self.features.fp8:
             k_scale = self.scales[0] if self.scales[0] is not None else k_scale
@@ -205,7 +210,7 @@ class Call:
             cache_seqlens if cache_seqlens is not None else tickets,
             cache_leftpad if cache_leftpad is not None else tickets,
             block_table if block_table is not None else tickets, sinks if sinks is not None else acc, k_scale,
-            v_scale, plan if plan is not None else tickets, acc, stats, tickets, chunk_tickets, *self.fixed,
+            v_scale, bounds if bounds is not None else tickets, plan if plan is not None else tickets, acc, stats, tickets, chunk_tickets, *self.fixed,
         )
         self.hit = launch(self.kernel, self.programs, args, self.params, self.config, self.pdl, self.device, self.hit)
 

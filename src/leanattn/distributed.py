@@ -24,9 +24,26 @@ contiguous ranges (rank r holding tokens [r N / W, (r + 1) N / W)) because:
   such a cache already allocates in. A contiguous (batch, cache_len, ...) cache works too: a
   rank's cache then holds its pages back to back.
 
-Only the local lengths and block tables depend on this choice; :class:`ContextParallelDecode`
-takes whatever each rank holds, so callers with another layout (ranges from a ring-attention
-prefill, say) can use it unchanged.
+For one query token per sequence (plain decode) only the local lengths and block tables depend
+on this choice: :class:`ContextParallelDecode` takes whatever each rank holds (``plan(local_seqlens,
+...)``), so callers with another layout (ranges from a ring-attention prefill, say) can use it
+unchanged.
+
+Global positions: several query tokens, leftpad, windows
+--------------------------------------------------------
+Several query tokens (speculative decoding's verification step), ``cache_leftpad`` and
+``window_size`` mask keys by their position in the whole sequence, which a rank's slice does not
+keep. Given the global lengths and the dealt page size instead of the local lengths
+(``plan(None, ..., seqlens=, page_size=)``), the plan recovers them: a rank's keys are in
+increasing global position, so the keys a query at global position P may see (causal, window
+(wl, wr)) are a contiguous range of the rank's keys, ``[held(max(P - wl, leftpad)),
+held(min(P + wr + 1, seqlen)))``, where ``held(x)`` counts the rank's tokens at global positions
+below ``x`` (:func:`round_robin_lengths` of ``x``). The plan computes these bounds for every
+(sequence, query token) with torch ops on the device (no host sync, capturable in a CUDA graph)
+and the kernel masks each query row with them. Keys before the first query's range are skipped
+whole: the rank's live range starts there (a local leftpad), so the partition deals no tile of
+them. A rank holding no key a query may see gives that row zeros and LSE -inf, which the merge
+ignores.
 
 The merge
 ---------
@@ -48,7 +65,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ._checks import SUPPORTED_DTYPES, check_plan_lengths
+from ._checks import SUPPORTED_DTYPES, check_per_sequence, check_plan_lengths, check_tensor, fail
+from ._features import window_bounds
 from .merge import merge_states_into
 from .wrapper import DecodeWrapper
 
@@ -60,7 +78,8 @@ _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2}
 _MAGIC = 0x1EA7C0DE
 # Fields of the metadata every rank's plan contributes; all must agree.
 _FIELDS = ("magic", "world_size", "batch", "q_len", "q_heads", "kv_heads", "head_dim", "dtype",
-           "scatter_heads", "softmax_scale_bits", "local_error")
+           "scatter_heads", "softmax_scale_bits", "page_size", "cache_leftpad", "causal", "window_left",
+           "window_right", "local_error")
 
 
 def round_robin_lengths(seqlens: torch.Tensor, world_size: int, rank: int, page_size: int) -> torch.Tensor:
@@ -76,12 +95,53 @@ def round_robin_lengths(seqlens: torch.Tensor, world_size: int, rank: int, page_
     """
     if page_size < 1 or world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need page_size >= 1 and 0 <= rank < world_size, got {page_size}, {rank}, {world_size}")
-    n = seqlens.to(torch.int64).clamp_min(0)
+    return _held_before(seqlens.to(torch.int64), world_size, rank, page_size).to(torch.int32)
+
+
+def _held_before(x: torch.Tensor, world_size: int, rank: int, page_size: int) -> torch.Tensor:
+    """int64, shaped like ``x``: tokens at global positions below ``x`` (int64) that ``rank`` holds."""
+    n = x.clamp_min(0)
     full, rem = n // page_size, n % page_size
     # Full pages j < full with j % world_size == rank, then the partial last page if it is ours.
     mine = torch.div(full - rank + world_size - 1, world_size, rounding_mode="floor").clamp_min(0)
     tail = torch.where(full % world_size == rank, rem, torch.zeros_like(rem))
-    return (mine * page_size + tail).to(torch.int32)
+    return mine * page_size + tail
+
+
+def _key_bounds(
+    seqlens: torch.Tensor, cache_leftpad: torch.Tensor | None, world_size: int, rank: int, page_size: int,
+    q_len: int, window_left: int, window_right: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What ``rank`` attends over for queries at the last ``q_len`` global positions of each
+    sequence, when pages of ``page_size`` are dealt round-robin (device ops, no host sync).
+
+    Args:
+        seqlens, cache_leftpad: int (batch,) where each sequence's live tokens end and start in
+            the whole sequence (leftpad None: 0); the queries are the last q_len live positions.
+        window_left, window_right: query position P sees global positions [P - window_left,
+            P + window_right] (``_features.window_bounds``' values: causal is window_right 0,
+            unbounded sides are ``UNBOUNDED``).
+
+    Returns:
+        int32 (batch,) local end and local start of the live keys the rank attends over (its
+        positions, pages back to back; the start skips the rank's keys no query sees), and
+        int32 (batch, q_len, 2): each query token's local keys [lo, hi), numbered from that
+        start (lo == hi: none).
+    """
+    held = lambda x: _held_before(x, world_size, rank, page_size)  # noqa: E731
+    start = seqlens.new_zeros(seqlens.shape, dtype=torch.int64) if cache_leftpad is None else \
+        cache_leftpad.to(torch.int64).clamp_min(0)
+    end = torch.maximum(seqlens.to(torch.int64), start)
+    pos = end[:, None] - q_len + torch.arange(q_len, device=seqlens.device)  # (batch, q_len) query positions
+    first = torch.maximum(pos - window_left, start[:, None])
+    last = torch.maximum(torch.minimum(pos + window_right + 1, end[:, None]), first)  # exclusive
+    local_start = held(start)
+    lo, hi = held(first) - local_start[:, None], held(last) - local_start[:, None]
+    # The first query's range starts first (ranges move forward with the query): no query sees a
+    # key before it, so the live range starts there.
+    skip = lo[:, 0]
+    bounds = torch.stack((lo - skip[:, None], hi - skip[:, None]), dim=-1)
+    return held(end).to(torch.int32), (local_start + skip).to(torch.int32), bounds.to(torch.int32)
 
 
 def round_robin_slot(positions: torch.Tensor, world_size: int, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,6 +167,11 @@ class _Buffers:
     lse_parts: torch.Tensor  # (world, B, H_out, T) float32 view of recv
     staging: torch.Tensor | None  # scattered: (B, T, H, D) local output before it is dealt out
     lse_scratch: torch.Tensor  # (B, H_out, T) merged LSE when the caller doesn't want it
+    # Global positions (plan(seqlens=...)): the local attention's lengths and key bounds, written
+    # by every plan in place (a CUDA graph replays the plan into them).
+    local_end: torch.Tensor  # int32 (B,)
+    local_start: torch.Tensor  # int32 (B,)
+    bounds: torch.Tensor  # int32 (B, T, 2)
 
 
 def _words(elements: int, dtype: torch.dtype) -> int:
@@ -134,6 +199,57 @@ def _all_gather(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup |
     fn(out.view(-1), inp.view(-1), group=group)
 
 
+@dataclass
+class _Positions:
+    """``plan``'s global-position arguments (see :meth:`ContextParallelDecode.plan`)."""
+
+    seqlens: torch.Tensor | None
+    page_size: int | None
+    cache_leftpad: torch.Tensor | None
+    causal: bool
+    window_size: tuple[int, int]
+
+    @property
+    def active(self) -> bool:
+        """Lengths given globally (seqlens and page_size), not per rank."""
+        return self.seqlens is not None or self.page_size is not None
+
+    def given(self) -> list[str]:
+        """The arguments that need global positions among those given."""
+        return [name for name, on in (("cache_leftpad", self.cache_leftpad is not None),
+                                      ("window_size", tuple(self.window_size) != (-1, -1))) if on]
+
+    def check(self, device: torch.device) -> int:
+        """Raise ValueError or TypeError naming a bad argument; return the batch size."""
+        if self.seqlens is None or self.page_size is None:
+            fail(ValueError, "seqlens (global lengths) and page_size (the round-robin page size) go together, "
+                             f"got {'seqlens' if self.page_size is None else 'page_size'} alone")
+        if isinstance(self.page_size, bool) or not isinstance(self.page_size, int) or self.page_size < 1:
+            fail(ValueError, f"page_size must be a positive int, got {self.page_size!r}")
+        check_tensor("seqlens", self.seqlens)
+        if self.seqlens.dim() != 1:
+            fail(ValueError, f"seqlens must be an int32 (batch,) tensor, got shape {tuple(self.seqlens.shape)}")
+        n = self.seqlens.shape[0]
+        for name, t in (("seqlens", self.seqlens), ("cache_leftpad", self.cache_leftpad)):
+            if t is not None:
+                check_per_sequence(name, t, n)
+                if t.device != device:
+                    fail(ValueError, f"{name} is on {t.device}, the plan on {device}")
+        if not isinstance(self.causal, bool):
+            fail(TypeError, f"causal must be a bool, got {type(self.causal).__name__}")
+        window_bounds(self.causal, self.window_size, 1)
+        return n
+
+    def fields(self) -> tuple[int, ...]:
+        """(page_size, cache_leftpad given, causal, window left, window right), as the ranks compare
+        them (-1s when they are not ints: the argument check reports those)."""
+        try:
+            left, right = (int(w) for w in self.window_size)
+            return int(self.page_size or 0), int(self.cache_leftpad is not None), int(bool(self.causal)), left, right
+        except (TypeError, ValueError):
+            return (-1,) * 5
+
+
 class ContextParallelDecode:
     """Decode attention over a KV cache split across the ranks of a process group.
 
@@ -143,6 +259,10 @@ class ContextParallelDecode:
         cp.plan(local_seqlens, capacity)       # once per step: checks every rank agrees
         for layer in layers:
             out = cp.run(q, k_cache[layer], v_cache[layer])   # (batch, 1, q_heads, head_dim)
+
+    With several query tokens per sequence (or leftpad, or a window), plan with the global
+    lengths and the round-robin page size instead, so that keys are masked by their position in
+    the whole sequence: ``cp.plan(None, capacity, q_len=4, seqlens=seqlens, page_size=64)``.
 
     Each rank's local attention is a :class:`leanattn.DecodeWrapper`: the plan deals the rank's
     tiles to its programs once per step, and every layer's run reuses that.
@@ -157,9 +277,10 @@ class ContextParallelDecode:
 
     CUDA graphs: run each layer once eagerly first (that compiles the kernels and warms NCCL),
     then capture ``plan(..., check=False)`` followed by the layers' ``run``. The graph reads the
-    ``local_seqlens`` and ``block_table`` tensors planned at capture: to replay with new lengths,
-    write them into those tensors (capturing only the runs works too if ``plan(..., check=False)``
-    is called eagerly before each replay).
+    ``local_seqlens`` (or ``seqlens`` and ``cache_leftpad``) and ``block_table`` tensors planned
+    at capture: to replay with new lengths, write them into those tensors (capturing only the
+    runs works too if ``plan(..., check=False)`` is called eagerly before each replay). Plan the
+    longest q_len before capturing: a longer one grows the local attention's workspace.
 
     Args:
         group: the process group (``None``: the default group). Its backend must handle tensors
@@ -201,6 +322,7 @@ class ContextParallelDecode:
         self.heads_out = self.q_heads // self.world_size if self.scatter_heads else self.q_heads
         # Built by the first plan, where a bad shape becomes an error on every rank, not a hang.
         self._wrapper: DecodeWrapper | None = None
+        self._retired: list[DecodeWrapper] = []  # wrappers outgrown by a longer q_len
         self._buffers: dict[tuple[int, int], _Buffers] = {}
         self._checked: tuple | None = None  # what the last checked plan agreed on
         self._planned: tuple[int, int, torch.Tensor | None, _Buffers] | None = None
@@ -208,24 +330,58 @@ class ContextParallelDecode:
     # -- plan -----------------------------------------------------------------------------------
 
     def _local_error(self, local_seqlens: torch.Tensor | None, capacity: int, batch: int | None, q_len: int,
-                     block_table: torch.Tensor | None) -> tuple[str | None, int]:
+                     block_table: torch.Tensor | None, positions: _Positions) -> tuple[str | None, int]:
         """This rank's own argument problems (a message or None) and the batch size."""
         if self.scatter_heads and self.q_heads % self.world_size:
             return f"scatter_heads needs q_heads ({self.q_heads}) divisible by the world size ({self.world_size})", 0
         if self.dtype not in SUPPORTED_DTYPES:
             return f"dtype must be float16 or bfloat16, got {self.dtype}", 0
-        if self._wrapper is None:
-            try:
+        if isinstance(q_len, bool) or not isinstance(q_len, int) or q_len < 1:
+            return f"q_len must be a positive int, got {q_len!r}", 0
+        if self._wrapper is None or self._wrapper.max_q_len < q_len:
+            if self._wrapper is not None:
+                # A CUDA graph captured with it still reads its plan and workspace: keep them.
+                self._retired.append(self._wrapper)
+            try:  # its workspace is sized for the longest q_len planned so far
                 self._wrapper = DecodeWrapper(self.q_heads, self.kv_heads, self.head_dim, self.dtype, self.device,
-                                              num_programs=self.num_programs, softmax_scale=self.softmax_scale)
+                                              max_q_len=q_len, num_programs=self.num_programs,
+                                              softmax_scale=self.softmax_scale)
             except (ValueError, TypeError) as e:
                 return str(e), 0
-        # The buffers and the merge take any q_len, but the causal mask of several query tokens
-        # needs each key's position in the whole sequence, which a rank's slice does not keep.
-        if q_len != 1:
-            return f"q_len must be 1 (one query token per sequence), got {q_len}", 0
         if not isinstance(capacity, int) or capacity < 0:
             return f"capacity must be a non-negative int, got {capacity!r}", 0
+        if not positions.active:
+            # Local lengths: any split of the tokens, but no key's global position.
+            if q_len != 1 or positions.given():
+                got = ", ".join([f"q_len {q_len}"] + positions.given())
+                return "q_len > 1, cache_leftpad and window_size mask keys by their position in the whole " \
+                       "sequence: pass seqlens= (global lengths) and page_size= (the round-robin page size) " \
+                       f"instead of local_seqlens (got {got})", 0
+            error, n = self._local_lengths_error(local_seqlens, capacity, batch)
+        else:
+            if local_seqlens is not None:
+                return "give local_seqlens (any split of the tokens, one query token) or seqlens with page_size " \
+                       "(round-robin pages, global positions), not both", 0
+            try:
+                n = positions.check(self.device)
+            except (ValueError, TypeError) as e:
+                return str(e), 0
+            error = None if batch is None or batch == n else f"batch ({batch}) differs from seqlens' length ({n})"
+        if error is not None:
+            return error, n
+        if block_table is not None and (
+            not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2
+            or block_table.shape[0] != n or block_table.device != self.device
+            or (block_table.stride(-1) != 1 and block_table.shape[1] > 1)
+        ):
+            return f"block_table must be int32 (batch={n}, max_pages) on {self.device} with a unit last stride, " \
+                   f"got {block_table.dtype} {tuple(block_table.shape)} on {block_table.device}, strides " \
+                   f"{block_table.stride()}", n
+        return None, n
+
+    def _local_lengths_error(self, local_seqlens: torch.Tensor | None, capacity: int,
+                             batch: int | None) -> tuple[str | None, int]:
+        """Problems of ``plan``'s local lengths (a message or None) and the batch size."""
         if local_seqlens is None:
             if batch is None or batch < 0:
                 return "give local_seqlens, or batch when every rank uses its full cache capacity", 0
@@ -240,14 +396,6 @@ class ContextParallelDecode:
             check_plan_lengths("ContextParallelDecode.plan", local_seqlens, None, n, capacity, self.device)
         except (ValueError, TypeError) as e:
             return f"local_seqlens: {e}", n
-        if block_table is not None and (
-            not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2
-            or block_table.shape[0] != n or block_table.device != self.device
-            or (block_table.stride(-1) != 1 and block_table.shape[1] > 1)
-        ):
-            return f"block_table must be int32 (batch={n}, max_pages) on {self.device} with a unit last stride, " \
-                   f"got {block_table.dtype} {tuple(block_table.shape)} on {block_table.device}, strides " \
-                   f"{block_table.stride()}", n
         return None, n
 
     def plan(
@@ -258,51 +406,99 @@ class ContextParallelDecode:
         batch: int | None = None,
         q_len: int = 1,
         block_table: torch.Tensor | None = None,
+        seqlens: torch.Tensor | None = None,
+        page_size: int | None = None,
+        cache_leftpad: torch.Tensor | None = None,
+        causal: bool = True,
+        window_size: tuple[int, int] = (-1, -1),
         check: bool = True,
     ) -> None:
-        """Set this step's local lengths (and block table), check every rank agrees, and plan the
+        """Set this step's lengths (and block table), check every rank agrees, and plan the
         local attention.
 
         With ``check`` (the default) a collective over the group: every rank must call it. It
-        raises ValueError on every rank if the ranks' shapes, dtype, heads, scale or mode differ,
-        or if any rank's arguments are bad. With ``check=False``: no collective and no host sync
-        (so it can be captured in a CUDA graph); the batch and q_len must be those of the last
-        checked plan, on every rank.
+        raises ValueError on every rank if the ranks' shapes, dtype, heads, scale, mode, page
+        size or window differ, or if any rank's arguments are bad. With ``check=False``: no
+        collective and no host sync (so it can be captured in a CUDA graph); the batch, q_len,
+        page size, window and which lengths are given must be those of the last checked plan,
+        on every rank.
+
+        The lengths come one of two ways:
+
+        - ``local_seqlens``: the tokens of each sequence this rank holds, however they were
+          dealt. One query token per sequence (``q_len=1``), no leftpad, no window: every key
+          a rank holds is visible, so its global position does not matter.
+        - ``seqlens`` and ``page_size``: the global lengths, with tokens dealt by pages of
+          ``page_size`` round-robin (:func:`round_robin_lengths`; page j on rank j % world).
+          The plan derives the local lengths and each key's global position, so it takes
+          ``q_len`` up to :func:`leanattn.decode`'s limit (q_len x q_heads / kv_heads <= 128; 16
+          at head dim 512), bottom-right causal over the whole sequence (the queries are the
+          last q_len positions of each sequence), ``cache_leftpad`` and ``window_size`` in
+          global positions: the results of :func:`leanattn.decode` on the whole cache.
 
         Args:
             local_seqlens: int32 (batch,) tokens of each sequence this rank holds (0 is fine),
-                on ``device``; ``None`` means ``capacity`` for every sequence (then pass ``batch``).
+                on ``device``; ``None`` means ``capacity`` for every sequence (then pass
+                ``batch``), and must be ``None`` with ``seqlens`` (the plan derives them).
             capacity: positions per sequence of this rank's cache: its ``cache_len``, or
                 ``max_pages * page_size`` when paged. Ranks may differ.
-            batch: the batch size, when ``local_seqlens`` is None.
-            q_len: query tokens per sequence (1: decode).
+            batch: the batch size, when no lengths tensor is given.
+            q_len: query tokens per sequence (1: decode; more needs ``seqlens``).
             block_table: int32 (batch, max_pages) of this rank's paged cache, or None.
+            seqlens: int32 (batch,) global lengths on ``device``, the same on every rank.
+            page_size: tokens per dealt page (not the paged cache's page size, which may differ).
+            cache_leftpad: int32 (batch,) global position where each sequence's live tokens
+                start (the same on every rank); the rank's cache holds its pages of the padding
+                too. Needs ``seqlens``.
+            causal, window_size: as in :func:`leanattn.decode`, over global positions; a
+                bounded window (or ``causal=False`` with q_len > 1) needs ``seqlens``.
             check: exchange and check the metadata (see above).
         """
+        positions = _Positions(seqlens, page_size, cache_leftpad, causal, window_size)
         if not check:
             if self._checked is None:
                 raise RuntimeError("plan(check=False) needs an earlier checked plan of the same shapes")
-            n = local_seqlens.shape[0] if isinstance(local_seqlens, torch.Tensor) else batch
+            if positions.active and not isinstance(seqlens, torch.Tensor):
+                raise ValueError("plan(check=False) of a plan with page_size needs seqlens, as checked")
+            given = local_seqlens if local_seqlens is not None else seqlens
+            n = given.shape[0] if isinstance(given, torch.Tensor) else batch
             if (n, q_len) != self._checked[:2]:
                 raise ValueError(f"plan(check=False) must keep the checked (batch, q_len) {self._checked[:2]}, "
                                  f"got {(n, q_len)}")
+            if positions.fields() != self._checked[2]:
+                raise ValueError("plan(check=False) must keep the checked (page_size, cache_leftpad given, causal, "
+                                 f"window_size) {self._checked[2]}, got {positions.fields()}")
             batch = n
         else:
-            error, batch = self._local_error(local_seqlens, capacity, batch, q_len, block_table)
-            self._exchange_metadata(error, batch, q_len)
-            self._checked = (batch, q_len)
+            error, batch = self._local_error(local_seqlens, capacity, batch, q_len, block_table, positions)
+            self._exchange_metadata(error, batch, q_len, positions)
+            self._checked = (batch, q_len, positions.fields())
         key = (batch, q_len)
         if key not in self._buffers:
             self._buffers[key] = self._allocate(batch, q_len)
-        self._wrapper.plan(local_seqlens, capacity, batch=batch)
-        self._planned = (batch, q_len, block_table, self._buffers[key])
+        buf = self._buffers[key]
+        if not positions.active:
+            self._wrapper.plan(local_seqlens, capacity, batch=batch)
+        else:
+            left, right, _, _ = window_bounds(causal, window_size, q_len)
+            end, start, bounds = _key_bounds(seqlens, cache_leftpad, self.world_size, self.rank, page_size, q_len,
+                                             left, right)
+            buf.local_end.copy_(end)
+            buf.local_start.copy_(start)
+            buf.bounds.copy_(bounds)
+            # The bounds replace the window's rows (causal=False, no window: no mask of its own).
+            self._wrapper._plan_bounded(buf.local_end, capacity, batch=batch, cache_leftpad=buf.local_start,
+                                        q_len=q_len, causal=False, window_size=(-1, -1), check=False,
+                                        bounds=buf.bounds)
+        self._planned = (batch, q_len, block_table, buf)
 
-    def _exchange_metadata(self, error: str | None, batch: int, q_len: int) -> None:
+    def _exchange_metadata(self, error: str | None, batch: int, q_len: int, positions: _Positions) -> None:
         """All-gather every rank's metadata and raise the same ValueError everywhere on a mismatch
         or on any rank's own error (after the exchange, so no rank is left waiting in it)."""
         scale_bits = struct.unpack("<q", struct.pack("<d", self.softmax_scale))[0]
+        fields = positions.fields() if error is None else (0, 0, 0, 0, 0)  # may not be ints when bad
         mine = [_MAGIC, self.world_size, batch, q_len, self.q_heads, self.kv_heads, self.head_dim,
-                _DTYPE_CODES.get(self.dtype, 0), int(self.scatter_heads), scale_bits, int(error is not None)]
+                _DTYPE_CODES.get(self.dtype, 0), int(self.scatter_heads), scale_bits, *fields, int(error is not None)]
         meta = torch.tensor(mine, dtype=torch.int64, device=self.device)
         gathered = torch.empty(self.world_size, len(mine), dtype=torch.int64, device=self.device)
         _all_gather(gathered, meta, self.group)
@@ -320,6 +516,8 @@ class ContextParallelDecode:
     def _allocate(self, batch: int, q_len: int) -> _Buffers:
         w, h, d, dt = self.world_size, self.q_heads, self.head_dim, self.dtype
         kw = dict(dtype=torch.float32, device=self.device)
+        ints = dict(dtype=torch.int32, device=self.device)
+        positions = (torch.zeros(batch, **ints), torch.zeros(batch, **ints), torch.zeros(batch, q_len, 2, **ints))
         if not self.scatter_heads:
             shape_o, shape_l = (batch, q_len, h, d), (batch, h, q_len)
             words = _words(math.prod(shape_o), dt) + _words(math.prod(shape_l), torch.float32)
@@ -328,7 +526,7 @@ class ContextParallelDecode:
             o_send, lse_send = pack_views(send, 1, words, shape_o, shape_l, dt)
             o_parts, lse_parts = pack_views(recv, w, words, shape_o, shape_l, dt)
             return _Buffers(send, recv, o_send[0], lse_send[0], o_parts, lse_parts, None,
-                            torch.empty(shape_l, **kw))
+                            torch.empty(shape_l, **kw), *positions)
         # Scattered: the send buffer is W records, record p holding the heads rank p merges.
         hc = h // w
         shape_o, shape_l = (batch, q_len, hc, d), (batch, hc, q_len)
@@ -338,7 +536,8 @@ class ContextParallelDecode:
         o_send, lse_send = pack_views(send, w, words, shape_o, shape_l, dt)
         o_parts, lse_parts = pack_views(recv, w, words, shape_o, shape_l, dt)
         staging = torch.empty(batch, q_len, h, d, dtype=dt, device=self.device)
-        return _Buffers(send, recv, o_send, lse_send, o_parts, lse_parts, staging, torch.empty(shape_l, **kw))
+        return _Buffers(send, recv, o_send, lse_send, o_parts, lse_parts, staging, torch.empty(shape_l, **kw),
+                        *positions)
 
     # -- run ------------------------------------------------------------------------------------
 
@@ -432,16 +631,24 @@ def decode(
     *,
     group: dist.ProcessGroup | None = None,
     block_table: torch.Tensor | None = None,
+    seqlens: torch.Tensor | None = None,
+    page_size: int | None = None,
+    cache_leftpad: torch.Tensor | None = None,
+    causal: bool = True,
+    window_size: tuple[int, int] = (-1, -1),
     softmax_scale: float | None = None,
     return_lse: bool = False,
     scatter_heads: bool = False,
     num_programs: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One-shot context-parallel decode: plan and run in one call (a collective; every rank of
-    ``group`` calls it). Shapes as in :class:`ContextParallelDecode`; for many layers or CUDA
-    graphs build one and call ``plan`` once per step and ``run`` per layer instead."""
+    ``group`` calls it). Shapes and arguments as in :class:`ContextParallelDecode` and its
+    ``plan`` (q_len > 1, ``cache_leftpad`` and windows need ``seqlens`` and ``page_size``
+    instead of ``local_seqlens``); for many layers or CUDA graphs build one and call ``plan``
+    once per step and ``run`` per layer instead."""
     cp = ContextParallelDecode(group, q.shape[2], k_cache.shape[2], q.shape[3], q.dtype, q.device,
                                scatter_heads=scatter_heads, softmax_scale=softmax_scale, num_programs=num_programs)
     capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
-    cp.plan(local_seqlens, capacity, batch=q.shape[0], q_len=q.shape[1], block_table=block_table)
+    cp.plan(local_seqlens, capacity, batch=q.shape[0], q_len=q.shape[1], block_table=block_table, seqlens=seqlens,
+            page_size=page_size, cache_leftpad=cache_leftpad, causal=causal, window_size=window_size)
     return cp.run(q, k_cache, v_cache, return_lse=return_lse)

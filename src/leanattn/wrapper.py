@@ -101,6 +101,7 @@ class DecodeWrapper:
         self._plan = torch.zeros(most, PLAN_FIELDS.value, dtype=torch.int32, device=device)
         self._seqlens: torch.Tensor | None = None
         self._leftpad: torch.Tensor | None = None
+        self._bounds: torch.Tensor | None = None
         self._capacity = 0
         self._batch = -1
         self._q_len = 1
@@ -144,6 +145,20 @@ class DecodeWrapper:
         ``run`` reads the lengths from the same tensors again: change them only between steps,
         and plan again after changing them.
         """
+        self._plan_bounded(cache_seqlens, capacity, batch=batch, cache_leftpad=cache_leftpad, q_len=q_len,
+                           causal=causal, window_size=window_size, check=check, bounds=None)
+
+    def _plan_bounded(
+        self, cache_seqlens: torch.Tensor | None, capacity: int, *, batch: int | None,
+        cache_leftpad: torch.Tensor | None, q_len: int, causal: bool, window_size: tuple[int, int], check: bool,
+        bounds: torch.Tensor | None,
+    ) -> None:
+        """:meth:`plan`, plus ``bounds``: None, or int32 (batch, q_len, 2) contiguous on the
+        device, query token j of sequence b seeing keys ``[bounds[b, j, 0], bounds[b, j, 1])``
+        numbered from the sequence's first live key (cache_leftpad), in place of the window's
+        rows (plan with ``causal=False`` and no window). Context-parallel decode gives them:
+        there a key's place in the whole sequence is not its place in the rank's cache. Read by
+        the runs like the lengths; the partition ignores them."""
         batch, _ = check_plan_lengths("DecodeWrapper.plan", cache_seqlens, cache_leftpad, batch, capacity, self.device)
         if not isinstance(q_len, int) or not 1 <= q_len <= self.max_q_len:
             fail(ValueError, f"q_len must be in [1, max_q_len={self.max_q_len}], got {q_len!r}")
@@ -162,9 +177,10 @@ class DecodeWrapper:
                 self.head_dim, self.max_q_len * (self.q_heads // self.kv_heads))
         self._seqlens, self._leftpad, self._capacity, self._batch = cache_seqlens, cache_leftpad, capacity, batch
         self._q_len, self._causal, self._window_size = q_len, causal, tuple(window_size)
+        self._bounds = bounds
         # The plan's part of the runs' call key (see _call.call_key).
-        self._plan_layout = (_call.layout_of(cache_seqlens, cache_leftpad), batch, capacity, q_len, self.num_programs,
-                             self._config, causal, self._window_size, self._split)
+        self._plan_layout = (_call.layout_of(cache_seqlens, cache_leftpad, bounds), batch, capacity, q_len,
+                             self.num_programs, self._config, causal, self._window_size, self._split)
         launch_plan(self._plan, self.num_programs, cache_seqlens, cache_leftpad, batch, self.kv_heads, capacity, q_len,
                     window_left, has_window, *_call.unit_of(self._config, self._split),
                     _call.pdl_of(self._config, self.device))
@@ -223,7 +239,8 @@ class DecodeWrapper:
                 q, k_cache, v_cache, out, lse, block_table=block_table, k_scale=k_scale, v_scale=v_scale,
                 has_seqlens=self._seqlens is not None, has_leftpad=self._leftpad is not None, planned=True,
                 features=features, softmax_scale=self.softmax_scale, batch=self._batch, capacity=self._capacity,
-                programs=self.num_programs, config=self._config, split=self._split)
+                programs=self.num_programs, config=self._config, split=self._split,
+                has_bounds=self._bounds is not None)
         if check:
             if block_table is not None:
                 check_pages(block_table, k_cache.shape[0], k_cache.shape[1], self._seqlens, self._leftpad)
@@ -231,7 +248,7 @@ class DecodeWrapper:
                                 block_table=block_table, batch=self._batch, capacity=self._capacity)
         if self._batch > 0:
             call.launch(self._bufs, q, k_cache, v_cache, out, lse, self._seqlens, self._leftpad, block_table, sinks,
-                        k_scale, v_scale, self._plan)
+                        k_scale, v_scale, self._plan, self._bounds)
         return (out, lse) if return_lse else out
 
     def _check(self, q, k_cache, v_cache, block_table, out) -> None:

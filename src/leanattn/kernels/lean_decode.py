@@ -77,8 +77,8 @@ def _token_weights(p, v_scale):
 
 @triton.jit
 def _score_mod(
-    qk, scale, softcap, key, in_range, bad, query, window_left, window_right,
-    HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, PAGED: tl.constexpr,
+    qk, scale, softcap, key, in_range, bad, query, window_left, window_right, key_lo, key_hi,
+    HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BOUNDS: tl.constexpr, PAGED: tl.constexpr,
 ):
     """Scores in log2 units from the raw products ``qk`` (ROWS, TILE), then every mask.
 
@@ -86,9 +86,10 @@ def _score_mod(
     softcap), flash-attn's convention, before the softmax), else already times log2(e).
     ``key`` (TILE,) numbers the keys from the sequence's first live key, ``query`` (ROWS,) is each
     row's query position in the same numbering: a row sees keys in [query - window_left, query +
-    window_right] (causal: window_right = 0). Keys past the live range or outside a row's window
-    give -inf; keys a row sees on an out-of-range page (``bad``) NaN, which poisons that row as
-    the API promises."""
+    window_right] (causal: window_right = 0). HAS_BOUNDS: a row sees keys in [key_lo, key_hi)
+    (ROWS,), same numbering, instead (context parallel: bounds from each key's position in the
+    whole sequence). Keys past the live range or outside a row's window give -inf; keys a row
+    sees on an out-of-range page (``bad``) NaN, which poisons that row as the API promises."""
     if HAS_SOFTCAP:
         s = _tanh(qk * (scale / softcap)) * (softcap * 1.4426950408889634)
     else:
@@ -96,6 +97,8 @@ def _score_mod(
     keep = in_range[None, :]
     if HAS_MASK:
         keep = keep & (key[None, :] >= query[:, None] - window_left) & (key[None, :] <= query[:, None] + window_right)
+    if HAS_BOUNDS:
+        keep = keep & (key[None, :] >= key_lo[:, None]) & (key[None, :] < key_hi[:, None])
     s = tl.where(keep, s, float("-inf"))
     if PAGED:
         s = tl.where(keep & bad[None, :], float("nan"), s)
@@ -104,19 +107,20 @@ def _score_mod(
 
 @triton.jit
 def _attend_tiles(
-    q, K, V, BlockTable, KScale, VScale, b, h, first, length, lo, live, tile_start, tile_end, scale, softcap,
+    q, K, V, BlockTable, KScale, VScale, Bounds, b, h, first, length, lo, live, tile_start, tile_end, scale, softcap,
     window_left, window_right, num_pages, kv_heads, capacity,
     stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
     GROUP: tl.constexpr, Q_LEN: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, TILE: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, K_SCALE_KIND: tl.constexpr, V_SCALE_KIND: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BOUNDS: tl.constexpr, K_SCALE_KIND: tl.constexpr,
+    V_SCALE_KIND: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """Online softmax of the packed query rows ``q`` (ROWS, HEAD_DIM_PAD) over tiles
     ``[tile_start, tile_end)`` of head (b, h). The tiles cover cache positions ``[first, first +
     length)``, keys ``lo ...`` of the ``live`` live keys (see plan._live_range). Row r is query
     token r // GROUP of head h * GROUP + r % GROUP. Returns unnormalised (acc, m, l), m in log2
-    units.
+    units. HAS_BOUNDS: Bounds int32 (batch, Q_LEN, 2) holds each query token's keys [lo, hi),
+    numbered as ``_score_mod``'s ``key``, in place of the window's.
 
     Loading K/V (contiguous or paged, any dtype, converted to DOT_DTYPE in registers) is the first
     stage of a tile, ``_score_mod`` the second, the online softmax the third. Paged: a live token
@@ -134,6 +138,14 @@ def _attend_tiles(
     mask_d = offs_d < HEAD_DIM
     rows = tl.arange(0, ROWS)
     query = live - Q_LEN + rows // GROUP  # each row's position, in keys
+    if HAS_BOUNDS:
+        # Padding rows (past Q_LEN * GROUP) see nothing; they are never written.
+        bound = Bounds + (b.to(tl.int64) * Q_LEN + rows // GROUP) * 2
+        key_lo = tl.load(bound, mask=rows < Q_LEN * GROUP, other=0)
+        key_hi = tl.load(bound + 1, mask=rows < Q_LEN * GROUP, other=0)
+    else:
+        key_lo = query
+        key_hi = query
     m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((ROWS,), dtype=tl.float32)
     acc = tl.zeros((ROWS, HEAD_DIM_PAD), dtype=tl.float32)
@@ -180,7 +192,8 @@ def _attend_tiles(
         if K_SCALE_KIND == SCALE_TOKEN:
             qk = qk * k_scale[None, :]
         s = _score_mod(qk, scale, softcap, lo + tok, in_range, bad, query,
-                       window_left, window_right, HAS_SOFTCAP, HAS_MASK, PAGE_SIZE > 0)
+                       window_left, window_right, key_lo, key_hi, HAS_SOFTCAP, HAS_MASK, HAS_BOUNDS,
+                       PAGE_SIZE > 0)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row that has seen no valid token keeps m = -inf; shift by 0 there to avoid inf - inf.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -453,7 +466,7 @@ def _load_q(
 
 @triton.jit(do_not_specialize=["batch", "kv_heads", "capacity", "num_pages", "window_left", "window_right"])
 def lean_decode_kernel(
-    Q, K, V, Out, Lse, SeqLens, LeftPad, BlockTable, Sinks, KScale, VScale,
+    Q, K, V, Out, Lse, SeqLens, LeftPad, BlockTable, Sinks, KScale, VScale, Bounds,
     Plan, WsAcc, WsStats, Tickets, ChunkTickets,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kn, stride_kh,
@@ -468,8 +481,8 @@ def lean_decode_kernel(
     MERGE_ROWS: tl.constexpr, MERGE_WIDE: tl.constexpr, ARRIVE_CHUNK: tl.constexpr,
     HAS_SEQLENS: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, K_SCALE_KIND: tl.constexpr, V_SCALE_KIND: tl.constexpr,
-    PLANNED: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    HAS_BOUNDS: tl.constexpr, PLANNED: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Decode attention over a persistent grid.
 
@@ -482,7 +495,8 @@ def lean_decode_kernel(
     The Q_LEN x GROUP query rows of a kv head share each K/V tile. ``scale`` is the softmax scale
     (times log2(e) unless HAS_SOFTCAP). A row sees keys in [query - window_left, query +
     window_right]; HAS_WINDOW: tiles before every row's window are skipped (and not counted);
-    HAS_MASK: the per-row bounds are applied.
+    HAS_MASK: the per-row bounds are applied. HAS_BOUNDS: Bounds int32 (batch, Q_LEN, 2) gives
+    each query token's keys [lo, hi) instead, numbered from the sequence's first live key.
     Shares are dealt in units of UNIT tokens: TILE, or SPLIT > 0 (batch-invariant mode: each
     split of SPLIT tokens, a multiple of TILE, is attended alone and the splits of a head merge
     in split order). With PLANNED, program p reads its share from Plan[p] (written by
@@ -527,11 +541,11 @@ def lean_decode_kernel(
             n_tiles = _num_tiles(length, TILE)
             for u in range(t, t_end):
                 acc, m_i, l_i = _attend_tiles(
-                    q, K, V, BlockTable, KScale, VScale, b, h, first, length, lo, live, u * (SPLIT // TILE),
+                    q, K, V, BlockTable, KScale, VScale, Bounds, b, h, first, length, lo, live, u * (SPLIT // TILE),
                     tl.minimum((u + 1) * (SPLIT // TILE), n_tiles), head_scale, softcap,
                     window_left, window_right, num_pages, kv_heads, capacity,
                     stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
-                    GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, HAS_SOFTCAP, HAS_MASK,
+                    GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, HAS_SOFTCAP, HAS_MASK, HAS_BOUNDS,
                     K_SCALE_KIND, V_SCALE_KIND, DOT_DTYPE,
                 )
                 if USE_PDL:  # as below, with the total counted in tiles
@@ -552,10 +566,10 @@ def lean_decode_kernel(
         else:
             n_tiles = n_units
             acc, m_i, l_i = _attend_tiles(
-                q, K, V, BlockTable, KScale, VScale, b, h, first, length, lo, live, t, t_end, head_scale, softcap,
-                window_left, window_right, num_pages, kv_heads, capacity,
+                q, K, V, BlockTable, KScale, VScale, Bounds, b, h, first, length, lo, live, t, t_end, head_scale,
+                softcap, window_left, window_right, num_pages, kv_heads, capacity,
                 stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
-                GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, HAS_SOFTCAP, HAS_MASK,
+                GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, HAS_SOFTCAP, HAS_MASK, HAS_BOUNDS,
                 K_SCALE_KIND, V_SCALE_KIND, DOT_DTYPE,
             )
             if USE_PDL:
