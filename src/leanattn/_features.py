@@ -57,7 +57,6 @@ def resolve_features(
     makes (kv_heads,) tensors of floats) or a float32 tensor of one of the kinds of
     :func:`scale_kind`."""
     q_len, q_heads = q.shape[1], q.shape[2]
-    kv_heads = k_cache.shape[2]
     left, right, has_window, has_mask = window_bounds(causal, window_size, q_len)
     if not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
         fail(ValueError, f"softcap must be a finite float >= 0 (0: off), got {softcap!r}")

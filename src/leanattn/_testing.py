@@ -7,6 +7,7 @@ from ._features import window_bounds
 from ._launch import DIRECT_LAUNCH_ERROR
 from ._plan import launch_plan
 from ._workspace import WORKSPACES, workspace_for
+from .distributed._layout import key_bounds
 from .kernels.interpreter import MIN_INTERPRETER_TRITON, triton_version
 from .kernels.lean_decode import lean_decode_kernel
 from .kernels.plan import BLOCK_B, PLAN_FIELDS, _live_range as live_range, _plan_row as plan_row
@@ -15,4 +16,4 @@ from .kernels.plan import _share_of as share_of, lean_plan_kernel
 __all__ = ["ARRIVE_CHUNK", "BLOCK_B", "DIRECT_LAUNCH_ERROR", "MIN_INTERPRETER_TRITON", "PLAN_FIELDS", "WORKSPACES", "check_page_strides",
            "launch_plan",
            "lean_decode_kernel", "lean_plan_kernel", "live_range", "plan_row", "share_of", "triton_version",
-           "window_bounds", "workspace_for"]
+           "key_bounds", "window_bounds", "workspace_for"]

@@ -1,253 +1,29 @@
-"""Context-parallel decode: every rank holds a slice of each sequence's KV cache.
-
-Each rank attends with the LSE over the tokens it holds (a :class:`leanattn.DecodeWrapper`, the
-kernel of :func:`leanattn.decode` planned once per step), then the ranks
-exchange their (output, LSE) partials through one torch.distributed collective and merge them
-exactly with :func:`leanattn.merge_states` (NCCL on GPUs, gloo on CPUs). Attention over a set of
-keys does not depend on their order, so the merge is exact however the tokens are dealt; a rank
-that holds nothing of a sequence gives zeros with LSE -inf there, and the merge ignores it.
-
-How tokens are dealt: round-robin pages
----------------------------------------
-Token ``i`` of a sequence lies on page ``i // page_size``, and page ``j`` lives on rank
-``j % world_size`` (at local page ``j // world_size``). :func:`round_robin_lengths` gives each
-rank's local lengths and :func:`round_robin_slot` where a new token goes. We chose this over
-contiguous ranges (rank r holding tokens [r N / W, (r + 1) N / W)) because:
-
-- **Appending.** Decode appends one token per step. With contiguous ranges every append of a
-  sequence lands on the rank that holds its tail, which fills up and falls behind until the
-  ranges are re-cut (moving KV between GPUs). Dealt pages rotate the appends through the ranks
-  with nothing ever moved.
-- **Balance for ragged lengths.** Every sequence is spread over the ranks to within one page, so
-  each rank holds about 1/W of the batch's tokens whatever the mix of lengths, at every step.
-- **Paged caches.** Each rank keeps its own page pool and block table; dealing pages is the unit
-  such a cache already allocates in. A contiguous (batch, cache_len, ...) cache works too: a
-  rank's cache then holds its pages back to back.
-
-For one query token per sequence (plain decode) only the local lengths and block tables depend
-on this choice: :class:`ContextParallelDecode` takes whatever each rank holds (``plan(local_seqlens,
-...)``), so callers with another layout (ranges from a ring-attention prefill, say) can use it
-unchanged.
-
-Global positions: several query tokens, leftpad, windows
---------------------------------------------------------
-Several query tokens (speculative decoding's verification step), ``cache_leftpad`` and
-``window_size`` mask keys by their position in the whole sequence, which a rank's slice does not
-keep. Given the global lengths and the dealt page size instead of the local lengths
-(``plan(None, ..., seqlens=, page_size=)``), the plan recovers them: a rank's keys are in
-increasing global position, so the keys a query at global position P may see (causal, window
-(wl, wr)) are a contiguous range of the rank's keys, ``[held(max(P - wl, leftpad)),
-held(min(P + wr + 1, seqlen)))``, where ``held(x)`` counts the rank's tokens at global positions
-below ``x`` (:func:`round_robin_lengths` of ``x``). The plan computes these bounds for every
-(sequence, query token) with torch ops on the device (no host sync, capturable in a CUDA graph)
-and the kernel masks each query row with them. Keys before the first query's range are skipped
-whole: the rank's live range starts there (a local leftpad), so the partition deals no tile of
-them. A rank holding no key a query may see gives that row zeros and LSE -inf, which the merge
-ignores.
-
-The merge
----------
-Replicated output (default): every rank packs its partial output and its LSE into one fp32
-buffer (the output in q's dtype and the LSE: the kernel writes both there directly, and the
-output goes at half the bytes of fp32), ``all_gather`` collects the W buffers, and every
-rank merges the same gathered bytes in rank order with the same kernel: the result is bitwise
-identical on every rank and from run to run. With ``scatter_heads=True`` each rank instead
-sends each peer the peer's share of the heads (``all_to_all``, the reduce-scatter shape) and
-gets back only its own q_heads / W heads, merged the same way: 1/W of the merge traffic and work.
-"""
+"""``ContextParallelDecode`` and ``decode``: attention over a KV cache dealt across the ranks of a
+process group (see the package's docstring)."""
 
 from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from ._checks import SUPPORTED_DTYPES, check_per_sequence, check_plan_lengths, check_tensor, fail
-from ._features import window_bounds
-from .merge import merge_states_into
-from .wrapper import DecodeWrapper
+from .._checks import SUPPORTED_DTYPES, check_plan_lengths
+from .._features import window_bounds
+from ..merge import merge_states_into
+from ..wrapper import DecodeWrapper
+from ._exchange import Buffers, all_gather, pack_views, padded_words
+from ._layout import Positions, key_bounds
 
-__all__ = ["ContextParallelDecode", "decode", "round_robin_lengths", "round_robin_slot"]
+__all__ = ["ContextParallelDecode", "decode"]
 
-# Words of 4 bytes each packed part is padded to: aligned parts let the merge load 16 bytes at once.
-_ALIGN_WORDS = 16
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2}
 _MAGIC = 0x1EA7C0DE
 # Fields of the metadata every rank's plan contributes; all must agree.
 _FIELDS = ("magic", "world_size", "batch", "q_len", "q_heads", "kv_heads", "head_dim", "dtype",
            "scatter_heads", "softmax_scale_bits", "page_size", "cache_leftpad", "causal", "window_left",
            "window_right", "local_error")
-
-
-def round_robin_lengths(seqlens: torch.Tensor, world_size: int, rank: int, page_size: int) -> torch.Tensor:
-    """Tokens of each sequence that ``rank`` holds when pages are dealt round-robin.
-
-    Args:
-        seqlens: int (batch,) global lengths, on any device (no host sync).
-        world_size, rank: the group's size and this rank.
-        page_size: tokens per dealt page.
-
-    Returns:
-        int32 (batch,) local lengths; they sum over the ranks to ``seqlens``.
-    """
-    if page_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need page_size >= 1 and 0 <= rank < world_size, got {page_size}, {rank}, {world_size}")
-    return _held_before(seqlens.to(torch.int64), world_size, rank, page_size).to(torch.int32)
-
-
-def _held_before(x: torch.Tensor, world_size: int, rank: int, page_size: int) -> torch.Tensor:
-    """int64, shaped like ``x``: tokens at global positions below ``x`` (int64) that ``rank`` holds."""
-    n = x.clamp_min(0)
-    full, rem = n // page_size, n % page_size
-    # Full pages j < full with j % world_size == rank, then the partial last page if it is ours.
-    mine = torch.div(full - rank + world_size - 1, world_size, rounding_mode="floor").clamp_min(0)
-    tail = torch.where(full % world_size == rank, rem, torch.zeros_like(rem))
-    return mine * page_size + tail
-
-
-def _key_bounds(
-    seqlens: torch.Tensor, cache_leftpad: torch.Tensor | None, world_size: int, rank: int, page_size: int,
-    q_len: int, window_left: int, window_right: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What ``rank`` attends over for queries at the last ``q_len`` global positions of each
-    sequence, when pages of ``page_size`` are dealt round-robin (device ops, no host sync).
-
-    Args:
-        seqlens, cache_leftpad: int (batch,) where each sequence's live tokens end and start in
-            the whole sequence (leftpad None: 0); the queries are the last q_len live positions.
-        window_left, window_right: query position P sees global positions [P - window_left,
-            P + window_right] (``_features.window_bounds``' values: causal is window_right 0,
-            unbounded sides are ``UNBOUNDED``).
-
-    Returns:
-        int32 (batch,) local end and local start of the live keys the rank attends over (its
-        positions, pages back to back; the start skips the rank's keys no query sees), and
-        int32 (batch, q_len, 2): each query token's local keys [lo, hi), numbered from that
-        start (lo == hi: none).
-    """
-    held = lambda x: _held_before(x, world_size, rank, page_size)  # noqa: E731
-    start = seqlens.new_zeros(seqlens.shape, dtype=torch.int64) if cache_leftpad is None else \
-        cache_leftpad.to(torch.int64).clamp_min(0)
-    end = torch.maximum(seqlens.to(torch.int64), start)
-    pos = end[:, None] - q_len + torch.arange(q_len, device=seqlens.device)  # (batch, q_len) query positions
-    first = torch.maximum(pos - window_left, start[:, None])
-    last = torch.maximum(torch.minimum(pos + window_right + 1, end[:, None]), first)  # exclusive
-    local_start = held(start)
-    lo, hi = held(first) - local_start[:, None], held(last) - local_start[:, None]
-    # The first query's range starts first (ranges move forward with the query): no query sees a
-    # key before it, so the live range starts there.
-    skip = lo[:, 0]
-    bounds = torch.stack((lo - skip[:, None], hi - skip[:, None]), dim=-1)
-    return held(end).to(torch.int32), (local_start + skip).to(torch.int32), bounds.to(torch.int32)
-
-
-def round_robin_slot(positions: torch.Tensor, world_size: int, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Owner rank and local position of global token positions (where to append a new token).
-
-    Returns two int64 tensors shaped like ``positions``: the rank, and the position in that
-    rank's local sequence (its pages back to back).
-    """
-    pos = positions.to(torch.int64)
-    page = pos // page_size
-    return page % world_size, (page // world_size) * page_size + pos % page_size
-
-
-@dataclass
-class _Buffers:
-    """Collective buffers for one (batch, q_len), allocated once and reused by every run."""
-
-    send: torch.Tensor  # fp32: this rank's packed partial, one record (replicated) or one per rank (scattered)
-    recv: torch.Tensor  # fp32 (world, record words): the record every rank sent here
-    o_send: torch.Tensor  # view of send where the local output goes (replicated: (B, T, H, D))
-    lse_send: torch.Tensor  # view of send where the local LSE goes (replicated: (B, H, T))
-    o_parts: torch.Tensor  # (world, B, T, H_out, D) view of recv, in q's dtype
-    lse_parts: torch.Tensor  # (world, B, H_out, T) float32 view of recv
-    staging: torch.Tensor | None  # scattered: (B, T, H, D) local output before it is dealt out
-    lse_scratch: torch.Tensor  # (B, H_out, T) merged LSE when the caller doesn't want it
-    # Global positions (plan(seqlens=...)): the local attention's lengths and key bounds, written
-    # by every plan in place (a CUDA graph replays the plan into them).
-    local_end: torch.Tensor  # int32 (B,)
-    local_start: torch.Tensor  # int32 (B,)
-    bounds: torch.Tensor  # int32 (B, T, 2)
-
-
-def _words(elements: int, dtype: torch.dtype) -> int:
-    """fp32 words holding ``elements`` of ``dtype``, rounded up to the alignment."""
-    nbytes = elements * dtype.itemsize
-    return -(-nbytes // (4 * _ALIGN_WORDS)) * _ALIGN_WORDS
-
-
-def pack_views(buf: torch.Tensor, parts: int, part_words: int, shape_o: tuple, shape_l: tuple,
-                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views of ``parts`` packed records in the fp32 buffer ``buf``: outputs (parts, *shape_o) in
-    ``dtype`` at the start of each record, LSEs (parts, *shape_l) fp32 after them."""
-    n_o, n_l = math.prod(shape_o), math.prod(shape_l)
-    words = buf.view(parts, part_words)
-    o = words.view(dtype)[:, :n_o].unflatten(1, shape_o)
-    off = _words(n_o, dtype)
-    lse = words[:, off : off + n_l].unflatten(1, shape_l)
-    return o, lse
-
-
-def _all_gather(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup | None) -> None:
-    # all_gather_single is the newer name; all_gather_into_tensor the one older releases have.
-    # Flat buffers: gloo wants the output as one dimension, world * input size.
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(out.view(-1), inp.view(-1), group=group)
-
-
-@dataclass
-class _Positions:
-    """``plan``'s global-position arguments (see :meth:`ContextParallelDecode.plan`)."""
-
-    seqlens: torch.Tensor | None
-    page_size: int | None
-    cache_leftpad: torch.Tensor | None
-    causal: bool
-    window_size: tuple[int, int]
-
-    @property
-    def active(self) -> bool:
-        """Lengths given globally (seqlens and page_size), not per rank."""
-        return self.seqlens is not None or self.page_size is not None
-
-    def given(self) -> list[str]:
-        """The arguments that need global positions among those given."""
-        return [name for name, on in (("cache_leftpad", self.cache_leftpad is not None),
-                                      ("window_size", tuple(self.window_size) != (-1, -1))) if on]
-
-    def check(self, device: torch.device) -> int:
-        """Raise ValueError or TypeError naming a bad argument; return the batch size."""
-        if self.seqlens is None or self.page_size is None:
-            fail(ValueError, "seqlens (global lengths) and page_size (the round-robin page size) go together, "
-                             f"got {'seqlens' if self.page_size is None else 'page_size'} alone")
-        if isinstance(self.page_size, bool) or not isinstance(self.page_size, int) or self.page_size < 1:
-            fail(ValueError, f"page_size must be a positive int, got {self.page_size!r}")
-        check_tensor("seqlens", self.seqlens)
-        if self.seqlens.dim() != 1:
-            fail(ValueError, f"seqlens must be an int32 (batch,) tensor, got shape {tuple(self.seqlens.shape)}")
-        n = self.seqlens.shape[0]
-        for name, t in (("seqlens", self.seqlens), ("cache_leftpad", self.cache_leftpad)):
-            if t is not None:
-                check_per_sequence(name, t, n)
-                if t.device != device:
-                    fail(ValueError, f"{name} is on {t.device}, the plan on {device}")
-        if not isinstance(self.causal, bool):
-            fail(TypeError, f"causal must be a bool, got {type(self.causal).__name__}")
-        window_bounds(self.causal, self.window_size, 1)
-        return n
-
-    def fields(self) -> tuple[int, ...]:
-        """(page_size, cache_leftpad given, causal, window left, window right), as the ranks compare
-        them (-1s when they are not ints: the argument check reports those)."""
-        try:
-            left, right = (int(w) for w in self.window_size)
-            return int(self.page_size or 0), int(self.cache_leftpad is not None), int(bool(self.causal)), left, right
-        except (TypeError, ValueError):
-            return (-1,) * 5
 
 
 class ContextParallelDecode:
@@ -323,14 +99,14 @@ class ContextParallelDecode:
         # Built by the first plan, where a bad shape becomes an error on every rank, not a hang.
         self._wrapper: DecodeWrapper | None = None
         self._retired: list[DecodeWrapper] = []  # wrappers outgrown by a longer q_len
-        self._buffers: dict[tuple[int, int], _Buffers] = {}
+        self._buffers: dict[tuple[int, int], Buffers] = {}
         self._checked: tuple | None = None  # what the last checked plan agreed on
-        self._planned: tuple[int, int, torch.Tensor | None, _Buffers] | None = None
+        self._planned: tuple[int, int, torch.Tensor | None, Buffers] | None = None
 
     # -- plan -----------------------------------------------------------------------------------
 
     def _local_error(self, local_seqlens: torch.Tensor | None, capacity: int, batch: int | None, q_len: int,
-                     block_table: torch.Tensor | None, positions: _Positions) -> tuple[str | None, int]:
+                     block_table: torch.Tensor | None, positions: Positions) -> tuple[str | None, int]:
         """This rank's own argument problems (a message or None) and the batch size."""
         if self.scatter_heads and self.q_heads % self.world_size:
             return f"scatter_heads needs q_heads ({self.q_heads}) divisible by the world size ({self.world_size})", 0
@@ -454,7 +230,7 @@ class ContextParallelDecode:
                 bounded window (or ``causal=False`` with q_len > 1) needs ``seqlens``.
             check: exchange and check the metadata (see above).
         """
-        positions = _Positions(seqlens, page_size, cache_leftpad, causal, window_size)
+        positions = Positions(seqlens, page_size, cache_leftpad, causal, window_size)
         if not check:
             if self._checked is None:
                 raise RuntimeError("plan(check=False) needs an earlier checked plan of the same shapes")
@@ -481,7 +257,7 @@ class ContextParallelDecode:
             self._wrapper.plan(local_seqlens, capacity, batch=batch)
         else:
             left, right, _, _ = window_bounds(causal, window_size, q_len)
-            end, start, bounds = _key_bounds(seqlens, cache_leftpad, self.world_size, self.rank, page_size, q_len,
+            end, start, bounds = key_bounds(seqlens, cache_leftpad, self.world_size, self.rank, page_size, q_len,
                                              left, right)
             buf.local_end.copy_(end)
             buf.local_start.copy_(start)
@@ -492,7 +268,7 @@ class ContextParallelDecode:
                                         bounds=buf.bounds)
         self._planned = (batch, q_len, block_table, buf)
 
-    def _exchange_metadata(self, error: str | None, batch: int, q_len: int, positions: _Positions) -> None:
+    def _exchange_metadata(self, error: str | None, batch: int, q_len: int, positions: Positions) -> None:
         """All-gather every rank's metadata and raise the same ValueError everywhere on a mismatch
         or on any rank's own error (after the exchange, so no rank is left waiting in it)."""
         scale_bits = struct.unpack("<q", struct.pack("<d", self.softmax_scale))[0]
@@ -501,7 +277,7 @@ class ContextParallelDecode:
                 _DTYPE_CODES.get(self.dtype, 0), int(self.scatter_heads), scale_bits, *fields, int(error is not None)]
         meta = torch.tensor(mine, dtype=torch.int64, device=self.device)
         gathered = torch.empty(self.world_size, len(mine), dtype=torch.int64, device=self.device)
-        _all_gather(gathered, meta, self.group)
+        all_gather(gathered, meta, self.group)
         rows = gathered.tolist()  # the one host sync, once per checked plan
         if error is not None:
             raise ValueError(f"ContextParallelDecode.plan on rank {self.rank}: {error}")
@@ -513,30 +289,30 @@ class ContextParallelDecode:
             table = "; ".join(f"{_FIELDS[i]}: " + ", ".join(f"rank {r}={row[i]}" for r, row in enumerate(rows)) for i in differ)
             raise ValueError(f"ContextParallelDecode.plan: the ranks disagree on {table}")
 
-    def _allocate(self, batch: int, q_len: int) -> _Buffers:
+    def _allocate(self, batch: int, q_len: int) -> Buffers:
         w, h, d, dt = self.world_size, self.q_heads, self.head_dim, self.dtype
         kw = dict(dtype=torch.float32, device=self.device)
         ints = dict(dtype=torch.int32, device=self.device)
         positions = (torch.zeros(batch, **ints), torch.zeros(batch, **ints), torch.zeros(batch, q_len, 2, **ints))
         if not self.scatter_heads:
             shape_o, shape_l = (batch, q_len, h, d), (batch, h, q_len)
-            words = _words(math.prod(shape_o), dt) + _words(math.prod(shape_l), torch.float32)
+            words = padded_words(math.prod(shape_o), dt) + padded_words(math.prod(shape_l), torch.float32)
             send = torch.zeros(words, **kw)
             recv = torch.zeros(w, words, **kw)
             o_send, lse_send = pack_views(send, 1, words, shape_o, shape_l, dt)
             o_parts, lse_parts = pack_views(recv, w, words, shape_o, shape_l, dt)
-            return _Buffers(send, recv, o_send[0], lse_send[0], o_parts, lse_parts, None,
+            return Buffers(send, recv, o_send[0], lse_send[0], o_parts, lse_parts, None,
                             torch.empty(shape_l, **kw), *positions)
         # Scattered: the send buffer is W records, record p holding the heads rank p merges.
         hc = h // w
         shape_o, shape_l = (batch, q_len, hc, d), (batch, hc, q_len)
-        words = _words(math.prod(shape_o), dt) + _words(math.prod(shape_l), torch.float32)
+        words = padded_words(math.prod(shape_o), dt) + padded_words(math.prod(shape_l), torch.float32)
         send = torch.zeros(w * words, **kw)
         recv = torch.zeros(w, words, **kw)
         o_send, lse_send = pack_views(send, w, words, shape_o, shape_l, dt)
         o_parts, lse_parts = pack_views(recv, w, words, shape_o, shape_l, dt)
         staging = torch.empty(batch, q_len, h, d, dtype=dt, device=self.device)
-        return _Buffers(send, recv, o_send, lse_send, o_parts, lse_parts, staging, torch.empty(shape_l, **kw),
+        return Buffers(send, recv, o_send, lse_send, o_parts, lse_parts, staging, torch.empty(shape_l, **kw),
                         *positions)
 
     # -- run ------------------------------------------------------------------------------------
@@ -613,7 +389,7 @@ class ContextParallelDecode:
         :meth:`attend` packed and merge the W partials into ``out``, ``lse_out``."""
         buf, w = self._planned[-1], self.world_size
         if buf.staging is None:
-            _all_gather(buf.recv, buf.send, self.group)  # the run wrote O and the LSE into send
+            all_gather(buf.recv, buf.send, self.group)  # the run wrote O and the LSE into send
         else:
             hc = self.heads_out
             # Record p of the send buffer gets heads [p * hc, (p + 1) * hc).
