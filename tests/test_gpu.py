@@ -122,6 +122,25 @@ def test_merge_race_stress(lens, hkv, group, programs):
         assert_close(out, lse, *_fp32_reference(q, k, v, sl))
 
 
+@pytest.mark.parametrize("lens,hkv,group,programs", [
+    ([40000], 1, 8, None),  # 625 splits of 64 tokens: 40 chunks, then their sums
+    ([9000, 3, 20000, 700], 2, 4, 1000),
+])
+def test_batch_invariant_merge_race_stress(lens, hkv, group, programs):
+    """The batch-invariant merge (over splits) under the same stress: each call on a new q checked
+    against the reference, and its bits equal to those of a grid of one program per SM."""
+    q, k, v, sl = make_inputs(lens, hkv * group, hkv, 128, torch.bfloat16, seed=14)
+    split = leanattn.choose_config(128, torch.bfloat16, group).tile
+    gen = torch.Generator(device=q.device).manual_seed(15)
+    for _ in range(20):
+        q = torch.randn(q.shape, generator=gen, device=q.device).to(q.dtype)
+        kw = dict(return_lse=True, batch_invariant=True, split_size=split)
+        out, lse = leanattn.decode(q, k, v, sl, num_programs=programs, **kw)
+        assert_close(out, lse, *_fp32_reference(q, k, v, sl))
+        other, other_lse = leanattn.decode(q, k, v, sl, num_programs=7, **kw)
+        assert torch.equal(out, other) and torch.equal(lse, other_lse)
+
+
 @pytest.mark.parametrize("magnitude", [1e30, 1e-30, 3e4])
 @pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_fp8_extremes(magnitude, kv_dtype):
