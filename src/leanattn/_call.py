@@ -119,6 +119,7 @@ def constexprs(
     _, q_len, q_heads, head_dim = q.shape
     group = q_heads // k_cache.shape[2]
     rows, merge_rows, head_dim_pad, merge_wide = padded_sizes(head_dim, q_len * group)
+    unit, target_share = unit_of(config, split)
     # The interpreter's bf16 dot is wrong: it computes in fp32. On the GPU the dots take q's
     # dtype, except with an fp8 cache: its tiles are converted in registers to fp16, exactly (every
     # e4m3 and e5m2 value is an fp16 value), and q (times a power of two, exactly) and p follow;
@@ -133,8 +134,7 @@ def constexprs(
         dot_dtype = tl.bfloat16
     return dict(
         GROUP=group, Q_LEN=q_len, ROWS=rows, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        TILE=config.tile, PAGE_SIZE=page_size, SPLIT=split, UNIT=unit_of(config, split)[0],
-        TARGET_SHARE=unit_of(config, split)[1],
+        TILE=config.tile, PAGE_SIZE=page_size, SPLIT=split, UNIT=unit, TARGET_SHARE=target_share,
         MERGE_ROWS=merge_rows, MERGE_WIDE=merge_wide, ARRIVE_CHUNK=ARRIVE_CHUNK,
         HAS_SEQLENS=has_seqlens, HAS_LEFTPAD=has_leftpad, HAS_WINDOW=features.has_window,
         HAS_MASK=features.has_mask, HAS_SOFTCAP=features.softcap > 0, HAS_SINKS=features.has_sinks,
