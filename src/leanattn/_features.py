@@ -8,7 +8,13 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import FP8_DTYPES, check_dense_vector, check_tensor, fail
-from .kernels.lean_decode import LOG2E, SCALE_HEAD, SCALE_NONE, SCALE_SEQ, SCALE_TOKEN
+from .kernels import lean_decode
+
+LOG2E = lean_decode.LOG2E
+# The kernel's scale kinds as plain ints, read once here: torch.compile traces this module, and
+# Dynamo cannot call int() on a tl.constexpr.
+SCALE_NONE, SCALE_HEAD, SCALE_SEQ, SCALE_TOKEN = (
+    int(lean_decode.SCALE_NONE), int(lean_decode.SCALE_HEAD), int(lean_decode.SCALE_SEQ), int(lean_decode.SCALE_TOKEN))
 
 # An unbounded window side, as an int the kernel compares with.
 UNBOUNDED = 2**30
@@ -89,8 +95,8 @@ def scale_kind(x: float | torch.Tensor) -> int:
     like the cache without head_dim. Its number of dimensions decides, so a call key that holds
     the scales' shapes holds their kinds."""
     if not isinstance(x, torch.Tensor):
-        return int(SCALE_HEAD)
-    return int((SCALE_HEAD, SCALE_SEQ, SCALE_TOKEN)[x.dim() - 1])
+        return SCALE_HEAD
+    return (SCALE_HEAD, SCALE_SEQ, SCALE_TOKEN)[x.dim() - 1]
 
 
 def _check_scale(name: str, x: object, q: torch.Tensor, k_cache: torch.Tensor) -> None:
