@@ -235,3 +235,28 @@ def test_gpu_wrapper_cuda_graph_new_lengths():
         graph.replay()
         torch.cuda.synchronize()
         check(out, None, q, kp, lengths, 512, block_table=table)
+
+
+def test_compile_fullgraph():
+    """torch.compile sees mla_decode as one custom op: no graph break, the reference's result."""
+    torch._dynamo.reset()
+    q, kv, sl = mla_inputs([70, 0, 33], 4, 80, seed=9)
+
+    def step(q, kv, sl):
+        out, lse = leanattn.mla_decode(q * 1.0, kv, sl, head_dim_v=64, return_lse=True, num_programs=5)
+        return out * 1.0, lse
+
+    out, lse = torch.compile(step, fullgraph=True, backend="aot_eager")(q, kv, sl)
+    check(out, lse, q, kv, sl, 64)
+    explanation = torch._dynamo.explain(step)(q, kv, sl)
+    assert explanation.graph_break_count == 0
+
+
+def test_custom_op_opcheck():
+    q, kv, sl = mla_inputs([40, 9], 4, 80)
+    out = torch.empty(2, 1, 4, 64, dtype=q.dtype, device=DEVICE)
+    lse = torch.empty(2, 4, 1, dtype=torch.float32, device=DEVICE)
+    torch.library.opcheck(
+        torch.ops.leanattn.mla_decode_into.default, (q, kv, out, lse, sl, None, None, 1.0, 64, 0.125, True, 3, 0),
+        test_utils=("test_schema", "test_faketensor"),
+    )

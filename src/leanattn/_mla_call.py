@@ -29,12 +29,15 @@ def heuristic(head_dim: int, head_dim_v: int, kv_dtype: torch.dtype, rows: int) 
     return choose_mla_config(head_dim, head_dim_v, kv_dtype, rows)
 
 
-@functools.lru_cache(maxsize=None)
-def blocks_of(q_len: int, q_heads: int, block_rows: int) -> tuple[int, int]:
+def packing(q_len: int, q_heads: int, block_rows: int) -> tuple[int, int]:
     """(query heads per block, blocks per request): the most heads whose q_len tokens fit in
-    ``block_rows`` rows and divide q_heads (q_len <= 16 <= block_rows, so at least one)."""
+    ``block_rows`` rows and divide q_heads (q_len <= 16 <= block_rows, so at least one). Not
+    cached, so torch.compile traces it; the launch path uses :func:`blocks_of`."""
     group = max(g for g in range(1, q_heads + 1) if q_heads % g == 0 and q_len * g <= block_rows)
     return group, q_heads // group
+
+
+blocks_of = functools.lru_cache(maxsize=None)(packing)
 
 
 def rows_of(q_len: int, q_heads: int, config: MLAConfig) -> int:

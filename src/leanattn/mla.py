@@ -18,7 +18,7 @@ from ._checks import (
 from ._features import _check_scale
 from ._plan import launch_plan
 from ._workspace import Workspace, workspace_for
-from .kernels.config import MLAConfig
+from .kernels.config import MLAConfig, choose_mla_config
 from .kernels.plan import PLAN_FIELDS
 
 __all__ = ["mla_decode", "MLAWrapper"]
@@ -115,12 +115,18 @@ def mla_decode(
     if check:
         _check_values(kv_cache, cache_seqlens, block_table, kv_scale, batch, capacity)
     scale = softmax_scale_of(softmax_scale, head_dim)
-    config = _mla_call.heuristic(head_dim, head_dim_v, kv_cache.dtype, q_len * q_heads)
+    compiling = torch.compiler.is_compiling()
+    if compiling:  # the uncached forms: torch.compile traces them
+        config = choose_mla_config(head_dim, head_dim_v, kv_cache.dtype, q_len * q_heads)
+        blocks = _mla_call.packing(q_len, q_heads, config.block_rows)[1]
+    else:
+        config = _mla_call.heuristic(head_dim, head_dim_v, kv_cache.dtype, q_len * q_heads)
+        blocks = _mla_call.blocks_of(q_len, q_heads, config.block_rows)[1]
     split = split_of(batch_invariant, split_size, config.tile)
-    check_tile_count(batch, _mla_call.blocks_of(q_len, q_heads, config.block_rows)[1], capacity, config.tile)
+    check_tile_count(batch, blocks, capacity, config.tile)
     out, lse = _outputs(q, head_dim_v, out, lse, return_lse)
     fp8 = kv_cache.dtype in FP8_DTYPES
-    if torch.compiler.is_compiling():
+    if compiling:
         ops.mla_decode_into(q, kv_cache, out, lse, cache_seqlens, block_table,
                             kv_scale if isinstance(kv_scale, torch.Tensor) else None,
                             float(kv_scale) if isinstance(kv_scale, (int, float)) else 1.0,
