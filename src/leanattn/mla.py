@@ -159,6 +159,8 @@ class MLAWrapper:
         softmax_scale: default ``head_dim ** -0.5``.
         batch_invariant, split_size: as in :func:`mla_decode` (the workspace grows with batch x
             capacity: make the largest plan before capturing a CUDA graph).
+        config: an ``MLAConfig`` (``kernels/config.py``) for every plan and run instead of the
+            heuristic's ``choose_mla_config`` (for probes of launch variants).
 
     Neither ``plan`` nor ``run`` syncs with the host or allocates (outside batch-invariant
     growth), so a CUDA graph can hold a step's plan and runs. ``run`` gives the bits of
@@ -169,6 +171,7 @@ class MLAWrapper:
         self, q_heads: int, head_dim: int, head_dim_v: int, dtype: torch.dtype, device: torch.device | str, *,
         kv_dtype: torch.dtype | None = None, max_q_len: int = 1, num_programs: int | None = None,
         softmax_scale: float | None = None, batch_invariant: bool = False, split_size: int | None = None,
+        config: MLAConfig | None = None,
     ) -> None:
         device = torch.device(device)
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -182,6 +185,9 @@ class MLAWrapper:
         validate_mla(torch.empty(1, max_q_len, q_heads, head_dim, dtype=dtype, device=device),
                      torch.empty(1, 1, 1, head_dim, dtype=kv_dtype, device=device), None, None, None, head_dim_v)
         check_num_programs(num_programs)
+        if config is not None and not isinstance(config, MLAConfig):
+            fail(TypeError, f"config must be a leanattn.kernels.config.MLAConfig, got {type(config).__name__}")
+        self._given_config = config
         self.q_heads, self.head_dim, self.head_dim_v = q_heads, head_dim, head_dim_v
         self.dtype, self.kv_dtype, self.device, self.max_q_len = dtype, kv_dtype, device, max_q_len
         self.softmax_scale = softmax_scale_of(softmax_scale, head_dim)
@@ -204,7 +210,8 @@ class MLAWrapper:
         self._calls: dict[tuple, _mla_call.MLACall] = {}
 
     def _config_for(self, q_len: int) -> MLAConfig:
-        return _mla_call.heuristic(self.head_dim, self.head_dim_v, self.kv_dtype, q_len * self.q_heads)
+        """The runs' launch config for plans of ``q_len``: the one given, else the heuristic's."""
+        return self._given_config or _mla_call.heuristic(self.head_dim, self.head_dim_v, self.kv_dtype, q_len * self.q_heads)
 
     def plan(
         self, cache_seqlens: torch.Tensor | None, capacity: int, *, batch: int | None = None, q_len: int = 1,
