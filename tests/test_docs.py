@@ -31,7 +31,8 @@ BARE: dict[str, Callable[..., Any]] = {
 }
 # Lines the README must keep: dropping one is drift too.
 REQUIRED = {"leanattn.decode", "DecodeWrapper", "plan", "run", "plan_decode", "leanattn.reserve_workspace",
-            "leanattn.merge_states"}
+            "leanattn.merge_states", "leanattn.mla_decode", "leanattn.MLAWrapper", "leanattn.MLAWrapper.plan",
+            "leanattn.MLAWrapper.run"}
 _NO_DEFAULT = None
 
 

@@ -108,6 +108,21 @@ def unit_of(config: KernelConfig, split: int) -> tuple[int, int]:
     return (split, 1) if split else (config.tile, config.target_share)
 
 
+def dot_dtype_of(config: KernelConfig, q_dtype: torch.dtype, kv_dtype: torch.dtype):
+    """The Triton dtype of the kernels' products (their DOT_DTYPE)."""
+    # The interpreter's bf16 dot is wrong: it computes in fp32. On the GPU the dots take q's
+    # dtype, except with an fp8 cache: its tiles are converted in registers to fp16, exactly (every
+    # e4m3 and e5m2 value is an fp16 value), and q (times a power of two, exactly) and p follow;
+    # products in bf16 measured slower (docs/decisions.md, fp8).
+    if interpreting():
+        return tl.float32
+    if config.dot_dtype is not None:
+        return getattr(tl, config.dot_dtype)
+    if kv_dtype.itemsize == 1 or q_dtype == torch.float16:
+        return tl.float16
+    return tl.bfloat16
+
+
 def constexprs(
     q: torch.Tensor, k_cache: torch.Tensor, page_size: int, config: KernelConfig, features: Features, *,
     has_seqlens: bool, has_leftpad: bool, planned: bool, return_lse: bool, pdl: bool, split: int,
@@ -120,18 +135,7 @@ def constexprs(
     group = q_heads // k_cache.shape[2]
     rows, merge_rows, head_dim_pad, merge_wide = padded_sizes(head_dim, q_len * group)
     unit, target_share = unit_of(config, split)
-    # The interpreter's bf16 dot is wrong: it computes in fp32. On the GPU the dots take q's
-    # dtype, except with an fp8 cache: its tiles are converted in registers to fp16, exactly (every
-    # e4m3 and e5m2 value is an fp16 value), and q (times a power of two, exactly) and p follow;
-    # products in bf16 measured slower (docs/decisions.md, fp8).
-    if interpreting():
-        dot_dtype = tl.float32
-    elif config.dot_dtype is not None:
-        dot_dtype = getattr(tl, config.dot_dtype)
-    elif k_cache.dtype.itemsize == 1 or q.dtype == torch.float16:
-        dot_dtype = tl.float16
-    else:
-        dot_dtype = tl.bfloat16
+    dot_dtype = dot_dtype_of(config, q.dtype, k_cache.dtype)
     return dict(
         GROUP=group, Q_LEN=q_len, ROWS=rows, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         TILE=config.tile, PAGE_SIZE=page_size, SPLIT=split, UNIT=unit, TARGET_SHARE=target_share,

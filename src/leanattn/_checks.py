@@ -67,10 +67,10 @@ def check_per_sequence(name: str, t: object, batch: int) -> None:
     check_dense_vector(name, t)
 
 
-def refuse_grad(*tensors: torch.Tensor) -> None:
-    """leanattn computes no gradients: refuse inputs that would silently detach a graph."""
+def refuse_grad(*tensors: torch.Tensor, names: tuple[str, ...] = ("q", "k_cache", "v_cache")) -> None:
+    """leanattn computes no gradients: refuse inputs (``names``) that would silently detach a graph."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        names = [n for n, t in zip(("q", "k_cache", "v_cache"), tensors) if t.requires_grad]
+        names = [n for n, t in zip(names, tensors) if t.requires_grad]
         raise RuntimeError(
             f"leanattn has no backward pass, and {', '.join(names)} require grad: call it under "
             "torch.no_grad() or torch.inference_mode(), or detach the inputs"
@@ -173,11 +173,25 @@ def check_pages(
                           f"[0, num_pages={num_pages}) (sequence {at[0]}, slot {at[1]}, a live slot)")
 
 
-def check_page_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+def check_block_table(block_table: object, batch: int, cache_name: str, page_size: int) -> None:
+    """``block_table`` is int32 (batch, max_pages_per_seq) with a unit last stride, for pages of
+    ``page_size`` (``cache_name``.shape[1]) rows, 1 to MAX_PAGE_SIZE."""
+    check_tensor("block_table", block_table)
+    if block_table.dtype != torch.int32:
+        fail(TypeError, f"block_table must be int32, got {block_table.dtype}")
+    if block_table.dim() != 2 or block_table.shape[0] != batch:
+        fail(ValueError, f"block_table must be (batch={batch}, max_pages_per_seq), got {tuple(block_table.shape)}")
+    if block_table.stride(-1) != 1 and block_table.shape[1] > 1:
+        fail(ValueError, f"block_table must have unit stride on its last dim, got strides {block_table.stride()}")
+    if page_size < 1 or page_size > MAX_PAGE_SIZE:
+        fail(ValueError, f"page_size ({cache_name}.shape[1]) must be 1 to {MAX_PAGE_SIZE}, got {page_size}")
+
+
+def check_page_strides(k_cache: torch.Tensor, v_cache: torch.Tensor, names: tuple[str, str] = ("k_cache", "v_cache")) -> None:
     """The kernel adds a row's offset within its page, slot x stride(1) with slot < page_size, in
     int32 (the page's own offset is int64): pages (num_pages, page_size, kv_heads, head_dim) whose
     row stride puts the last slot 2^31 elements or more into its page are refused."""
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+    for name, t in zip(names, (k_cache, v_cache)):
         if (t.shape[1] - 1) * t.stride(1) >= 2**31:
             fail(ValueError, f"{name}.stride(1) = {t.stride(1)} puts slot {t.shape[1] - 1} of a page 2^31 elements "
                               f"or more into it (strides {t.stride()}): lay each page out in one block")
@@ -234,16 +248,7 @@ def validate(
             check_per_sequence(name, t, batch)
             others.append((name, t))
     if paged:
-        check_tensor("block_table", block_table)
-        if block_table.dtype != torch.int32:
-            fail(TypeError, f"block_table must be int32, got {block_table.dtype}")
-        if block_table.dim() != 2 or block_table.shape[0] != batch:
-            fail(ValueError, f"block_table must be (batch={batch}, max_pages_per_seq), got {tuple(block_table.shape)}")
-        if block_table.stride(-1) != 1 and block_table.shape[1] > 1:
-            fail(ValueError, f"block_table must have unit stride on its last dim, got strides {block_table.stride()}")
-        page_size = k_shape[1]
-        if page_size < 1 or page_size > MAX_PAGE_SIZE:
-            fail(ValueError, f"page_size (k_cache.shape[1]) must be 1 to {MAX_PAGE_SIZE}, got {page_size}")
+        check_block_table(block_table, batch, "k_cache", k_shape[1])
         check_page_strides(k_cache, v_cache)
         others.append(("block_table", block_table))
     if out is not None:
@@ -256,6 +261,66 @@ def validate(
         others.append(("out", out))
     check_kernel_device("q", device)
     if any(t.device != device for _, t in others):
+        listing = ", ".join(f"{n} on {t.device}" for n, t in [("q", q), *others])
+        fail(ValueError, f"all tensors must be on one device, got {listing}")
+
+
+# MLA: query tokens of a request at most, and the widest cache row (latent + rope values).
+MLA_MAX_Q_LEN = 16
+MLA_MAX_HEAD_DIM = 1024
+
+
+def validate_mla(
+    q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Tensor | None, block_table: torch.Tensor | None,
+    out: torch.Tensor | None, head_dim_v: int,
+) -> None:
+    """``leanattn.mla_decode``'s argument checks: ValueError/TypeError naming the argument."""
+    for name, t in (("q", q), ("kv_cache", kv_cache)):
+        check_tensor(name, t)
+        if t.dim() != 4:
+            fail(ValueError, f"{name} must be 4-D, got shape {tuple(t.shape)}")
+        allowed = SUPPORTED_DTYPES if name == "q" else SUPPORTED_DTYPES + FP8_DTYPES
+        if t.dtype not in allowed:
+            kinds = "float16 or bfloat16" + ("" if name == "q" else ", or float8_e4m3fn / float8_e5m2")
+            fail(TypeError, f"{name} must be {kinds}, got {t.dtype}")
+        if t.stride(-1) != 1 and t.numel():
+            fail(ValueError, f"{name} must have unit stride on its last dim, got strides {t.stride()}")
+    batch, q_len, q_heads, head_dim = q.shape
+    paged = block_table is not None
+    layout = "(num_pages, page_size, 1, head_dim)" if paged else "(batch, cache_len, 1, head_dim)"
+    if kv_cache.dtype not in FP8_DTYPES and kv_cache.dtype != q.dtype:
+        fail(TypeError, f"q and a float16/bfloat16 kv_cache must share one dtype, got {q.dtype} and {kv_cache.dtype}")
+    if head_dim % 16 or not 16 <= head_dim <= MLA_MAX_HEAD_DIM:
+        fail(ValueError, f"head_dim (q.shape[3]) must be a multiple of 16 in [16, {MLA_MAX_HEAD_DIM}], got {head_dim}")
+    if isinstance(head_dim_v, bool) or not isinstance(head_dim_v, int) or head_dim_v % 16 or not 16 <= head_dim_v <= head_dim:
+        fail(ValueError, f"head_dim_v must be a multiple of 16 in [16, head_dim={head_dim}], got {head_dim_v!r}")
+    if kv_cache.shape[2] != 1 or kv_cache.shape[3] != head_dim:
+        fail(ValueError, f"kv_cache must be {layout} with one latent head and head_dim {head_dim} like q, "
+                          f"got {tuple(kv_cache.shape)}")
+    if q_heads < 1 or not 1 <= q_len <= MLA_MAX_Q_LEN:
+        fail(ValueError, f"q must have q_len in [1, {MLA_MAX_Q_LEN}] and at least one head, got shape {tuple(q.shape)}")
+    if not paged and kv_cache.shape[0] != batch:
+        fail(ValueError, f"kv_cache must be {layout} with batch {batch} like q, got {tuple(kv_cache.shape)}")
+    others = [("kv_cache", kv_cache)]
+    if cache_seqlens is not None:
+        check_per_sequence("cache_seqlens", cache_seqlens, batch)
+        others.append(("cache_seqlens", cache_seqlens))
+    if paged:
+        check_block_table(block_table, batch, "kv_cache", kv_cache.shape[1])
+        check_page_strides(kv_cache, kv_cache, ("kv_cache", "kv_cache"))
+        others.append(("block_table", block_table))
+    if out is not None:
+        check_tensor("out", out)
+        want = (batch, q_len, q_heads, head_dim_v)
+        if tuple(out.shape) != want or out.dtype != q.dtype:
+            fail(ValueError, f"out must be {want} {q.dtype} (batch, q_len, q_heads, head_dim_v), got "
+                              f"{tuple(out.shape)} {out.dtype}")
+        if out.stride(-1) != 1:
+            fail(ValueError, f"out must have unit stride on its last dim, got strides {out.stride()}")
+        check_no_broadcast("out", out)
+        others.append(("out", out))
+    check_kernel_device("q", q.device)
+    if any(t.device != q.device for _, t in others):
         listing = ", ".join(f"{n} on {t.device}" for n, t in [("q", q), *others])
         fail(ValueError, f"all tensors must be on one device, got {listing}")
 

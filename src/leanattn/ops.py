@@ -1,4 +1,4 @@
-"""``leanattn::decode_into`` and ``leanattn::plan_shares`` as torch custom ops, so compiled models
+"""``leanattn::decode_into``, ``leanattn::mla_decode_into`` and ``leanattn::plan_shares`` as torch custom ops, so compiled models
 keep the calls in one graph. Each launches through the same code as the eager path (``_call``,
 ``_plan``); arguments arrive validated by ``leanattn.decode`` and ``leanattn.plan_decode``."""
 
@@ -8,14 +8,15 @@ from typing import Optional
 
 import torch
 
-from . import _call
+from . import _call, _mla_call
 from ._checks import FP8_DTYPES
 from ._features import resolve_features
 from ._launch import grid_size, use_pdl
 from ._plan import launch_plan
+from ._workspace import workspace_for
 from .kernels.plan import PLAN_FIELDS
 
-__all__ = ["decode_into", "plan_shares"]
+__all__ = ["decode_into", "mla_decode_into", "plan_shares"]
 
 
 @torch.library.custom_op("leanattn::decode_into", mutates_args=("out", "lse"))
@@ -96,3 +97,36 @@ def _plan_shares_fake(cache_seqlens, cache_leftpad, batch, kv_heads, capacity, q
                       target_share, programs_per_sm, num_programs, device) -> torch.Tensor:
     programs = num_programs or grid_size(device, programs_per_sm)
     return torch.empty(programs, PLAN_FIELDS.value, dtype=torch.int32, device=device)
+
+
+@torch.library.custom_op("leanattn::mla_decode_into", mutates_args=("out", "lse"))
+def mla_decode_into(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    out: torch.Tensor,
+    lse: Optional[torch.Tensor],
+    cache_seqlens: Optional[torch.Tensor],
+    block_table: Optional[torch.Tensor],
+    kv_scale: Optional[torch.Tensor],
+    kv_scale_value: float,
+    head_dim_v: int,
+    softmax_scale: float,
+    causal: bool,
+    num_programs: int,
+    split: int,
+) -> None:
+    """Write MLA decode into ``out`` (and ``lse``); ``num_programs`` 0 means the default grid.
+    Arguments as in ``leanattn.mla_decode``, validated there; an fp8 cache's scale as a float32
+    tensor, or as a float when the tensor is None; ``split``: tokens per split in batch-invariant
+    mode (0: off)."""
+    fp8 = kv_cache.dtype in FP8_DTYPES
+    scale = (kv_scale if kv_scale is not None else kv_scale_value) if fp8 else None
+    _mla_call.mla_decode_into(q, kv_cache, out, lse, cache_seqlens=cache_seqlens, block_table=block_table,
+                              kv_scale=scale, head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal,
+                              num_programs=num_programs or None, split=split, workspace=workspace_for(q.device))
+
+
+@mla_decode_into.register_fake
+def _mla_decode_into_fake(q, kv_cache, out, lse, cache_seqlens, block_table, kv_scale, kv_scale_value, head_dim_v,
+                          softmax_scale, causal, num_programs, split) -> None:
+    return None

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-__all__ = ["decode", "gather_paged", "merge_states"]
+__all__ = ["decode", "gather_paged", "merge_states", "mla_decode"]
 
 
 def gather_paged(
@@ -66,7 +66,7 @@ def decode(
     the weighted sum of values (not in the softmax's sum).
     """
     batch, q_len, q_heads, head_dim = q.shape
-    kv_heads = k_cache.shape[2]
+    kv_heads, head_dim_v = k_cache.shape[2], v_cache.shape[3]  # V may be narrower (MLA)
     group = q_heads // kv_heads
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
     if block_table is None:
@@ -100,7 +100,7 @@ def decode(
         t = x[b, start:end] if block_table is None else gather_paged(x[..., None], block_table[b], end, start)[0][..., 0]
         return t.to(device=q.device, dtype=compute_dtype).permute(1, 0)[:, None, :]
 
-    o = torch.zeros(batch, q_len, q_heads, head_dim, dtype=compute_dtype, device=q.device)
+    o = torch.zeros(batch, q_len, q_heads, head_dim_v, dtype=compute_dtype, device=q.device)
     lse = torch.full((batch, q_heads, q_len), -math.inf, dtype=torch.float32, device=q.device)
     for b, (first, end) in enumerate(zip(firsts, ends)):
         n = end - first
@@ -138,7 +138,7 @@ def decode(
         if sinks is not None:
             sink = sinks.to(compute_dtype).view(kv_heads, group, 1).expand(kv_heads, group, q_len)
             s = torch.cat([s, sink.reshape(kv_heads, group * q_len, 1)], dim=-1)
-            vb = torch.cat([vb, vb.new_zeros(kv_heads, 1, head_dim)], dim=1)
+            vb = torch.cat([vb, vb.new_zeros(kv_heads, 1, head_dim_v)], dim=1)
         lse_b = torch.logsumexp(s, dim=-1)  # (kv_heads, group * q_len)
         # A row that sees no key (LSE -inf) gets zeros; NaN and +inf stay visible: a NaN or +inf
         # score makes the row's weights, output and LSE NaN.
@@ -154,14 +154,38 @@ def decode(
             pv = p @ vb
         # An empty row: zeros, whatever the scales are.
         ob = torch.where(lse_b[..., None] == -math.inf, 0.0, pv * per_head(v_scale, b))
-        ob = ob.view(kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3)
-        o[b] = ob.reshape(q_len, q_heads, head_dim)
+        ob = ob.view(kv_heads, group, q_len, head_dim_v).permute(2, 0, 1, 3)
+        o[b] = ob.reshape(q_len, q_heads, head_dim_v)
         lse[b] = lse_b.view(q_heads, q_len).float()
     result = o.to(q.dtype)
     if out is not None:
         out.copy_(result)
         result = out
     return (result, lse) if return_lse else result
+
+
+def mla_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor | None = None,
+    *,
+    block_table: torch.Tensor | None = None,
+    head_dim_v: int = 512,
+    softmax_scale: float | None = None,
+    causal: bool = True,
+    kv_scale: float | torch.Tensor | None = None,
+    return_lse: bool = False,
+    compute_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Exact MLA decode in ``compute_dtype``, as :func:`leanattn.mla_decode`: :func:`decode` with
+    the one latent head as K and its first ``head_dim_v`` columns as V (a view, as the kernel
+    reads them). q (batch, q_len, q_heads, head_dim); kv_cache (batch, cache_len, 1, head_dim) or
+    pages with ``block_table``; ``kv_scale`` dequantises an fp8 cache's scores and values alike.
+    Returns (batch, q_len, q_heads, head_dim_v) in q's dtype, and the float32 LSE (batch, q_heads,
+    q_len) with ``return_lse``."""
+    return decode(q, kv_cache, kv_cache[..., :head_dim_v], cache_seqlens, block_table=block_table,
+                  softmax_scale=softmax_scale, causal=causal, k_scale=kv_scale, v_scale=kv_scale,
+                  return_lse=return_lse, compute_dtype=compute_dtype)
 
 
 def merge_states(

@@ -1,0 +1,151 @@
+"""The one builder of an MLA-kernel call (``kernels/mla_decode.py``), as ``_call`` is decode's.
+
+From validated arguments it derives the launch config, the packing of query heads into blocks,
+the grid, the workspace buffers, the kernel's arguments and compile-time parameters, and the key
+of the compiled kernel. ``leanattn.mla_decode``, ``MLAWrapper.run`` and the custom op launch
+through an :class:`MLACall`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import _call
+from ._checks import capacity_of
+from ._features import scale_kind, scale_tensor
+from ._launch import launch
+from ._workspace import Workspace
+from .kernels.config import MLAConfig, choose_mla_config, next_pow2
+from .kernels.lean_decode import LOG2E
+from .kernels.mla_decode import mla_decode_kernel
+from .kernels.plan import BLOCK_B
+
+
+@functools.lru_cache(maxsize=None)
+def heuristic(head_dim: int, head_dim_v: int, kv_dtype: torch.dtype, rows: int) -> MLAConfig:
+    """The launch heuristic's config for ``rows`` (q_len x q_heads) query rows of a request."""
+    return choose_mla_config(head_dim, head_dim_v, kv_dtype, rows)
+
+
+def packing(q_len: int, q_heads: int, block_rows: int) -> tuple[int, int]:
+    """(query heads per block, blocks per request): the most heads whose q_len tokens fit in
+    ``block_rows`` rows and divide q_heads (q_len <= 16 <= block_rows, so at least one). Not
+    cached, so torch.compile traces it; the launch path uses :func:`blocks_of`."""
+    group = max(g for g in range(1, q_heads + 1) if q_heads % g == 0 and q_len * g <= block_rows)
+    return group, q_heads // group
+
+
+blocks_of = functools.lru_cache(maxsize=None)(packing)
+
+
+def rows_of(q_len: int, q_heads: int, config: MLAConfig) -> int:
+    """Query rows of a block (q_len x heads per block): what the workspace's partials hold."""
+    return q_len * blocks_of(q_len, q_heads, config.block_rows)[0]
+
+
+class MLACall:
+    """The MLA kernel call for one key (see :func:`mla_decode_into`), built once: compile-time
+    parameters, grid and every argument fixed by the key; :meth:`launch` fills in the tensors."""
+
+    __slots__ = ("programs", "device", "config", "pdl", "params", "scale", "fixed", "hit", "blocks", "fp8")
+
+    def __init__(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None, *,
+        block_table: torch.Tensor | None, kv_scale: float | torch.Tensor | None, has_seqlens: bool,
+        planned: bool, causal: bool, softmax_scale: float, head_dim_v: int, batch: int, capacity: int,
+        programs: int, config: MLAConfig, split: int,
+    ) -> None:
+        _, q_len, q_heads, head_dim = q.shape
+        group, self.blocks = blocks_of(q_len, q_heads, config.block_rows)
+        rows, merge_rows, dv_pad, merge_wide = _call.padded_sizes(head_dim_v, q_len * group)
+        if block_table is None:
+            page_size, stride_btb, num_pages = 0, 0, 0
+        else:
+            page_size, stride_btb, num_pages = kv_cache.shape[1], block_table.stride(0), kv_cache.shape[0]
+        self.programs, self.device, self.config = programs, q.device, config
+        self.pdl = _call.pdl_of(config, q.device)
+        self.fp8 = kv_cache.dtype.itemsize == 1
+        unit, target_share = _call.unit_of(config, split)
+        self.params = dict(
+            GROUP=group, Q_LEN=q_len, ROWS=rows, DV=head_dim_v, DV_PAD=dv_pad, DR=head_dim - head_dim_v,
+            DR_PAD=max(16, next_pow2(head_dim - head_dim_v)), TILE=config.tile, PAGE_SIZE=page_size,
+            TARGET_SHARE=target_share, SPLIT=split, UNIT=unit, MERGE_ROWS=merge_rows, MERGE_WIDE=merge_wide,
+            ARRIVE_CHUNK=_call.ARRIVE_CHUNK, HAS_SEQLENS=has_seqlens,
+            HAS_MASK=causal and q_len > 1, SCALE_KIND=scale_kind(kv_scale) if self.fp8 else 0, PLANNED=planned,
+            RETURN_LSE=lse is not None, DOT_DTYPE=_call.dot_dtype_of(config, q.dtype, kv_cache.dtype),
+            BLOCK_B=BLOCK_B, USE_PDL=self.pdl, **dict(config.constexprs),
+        )
+        # A float scale is part of the key: its (1,) tensor is made once.
+        self.scale = scale_tensor(1.0 if kv_scale is None else kv_scale, 1, q.device) \
+            if self.fp8 and not isinstance(kv_scale, torch.Tensor) else None
+        self.fixed = (
+            *q.stride()[:3], *kv_cache.stride()[:2], *out.stride()[:3],
+            *(lse.stride() if lse is not None else (0, 0, 0)), stride_btb,
+            batch, self.blocks, capacity, num_pages, softmax_scale * LOG2E,
+        )
+        self.hit: tuple | None = None
+
+    def launch(
+        self, bufs: tuple[torch.Tensor, ...], q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor,
+        lse: torch.Tensor | None, cache_seqlens: torch.Tensor | None, block_table: torch.Tensor | None,
+        kv_scale: torch.Tensor | float | None, plan: torch.Tensor | None,
+    ) -> None:
+        """Launch on the workspace ``bufs`` (acc, stats, head tickets, chunk tickets) for tensors
+        of this call's key; ``plan`` (rows = the grid) gives each program its share."""
+        acc, stats, tickets, chunk_tickets = bufs
+        scale = (self.scale if self.scale is not None else kv_scale) if self.fp8 else acc
+        args = (
+            q, kv_cache, out, lse if lse is not None else acc,
+            cache_seqlens if cache_seqlens is not None else tickets,
+            block_table if block_table is not None else tickets, scale,
+            plan if plan is not None else tickets, acc, stats, tickets, chunk_tickets, *self.fixed,
+        )
+        kernel = self.config.kernel or mla_decode_kernel
+        self.hit = launch(kernel, self.programs, args, self.params, self.config, self.pdl, self.device, self.hit)
+
+
+def call_key(
+    q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None,
+    cache_seqlens: torch.Tensor | None, block_table: torch.Tensor | None, kv_scale: object, plan: torch.Tensor | None,
+    rest: tuple,
+) -> tuple:
+    """Everything the compiled kernel depends on in a call (the tensors' layouts and 16-byte
+    alignment, the scale's kind or value) plus ``rest``, the caller's part (head_dim_v, scale,
+    causal, batch, capacity, grid, config, split)."""
+    scale = _call.layout_of(kv_scale) if isinstance(kv_scale, torch.Tensor) else (type(kv_scale), kv_scale)
+    return _call.layout_of(q, kv_cache, out, lse, cache_seqlens, block_table, plan), scale, rest
+
+
+# leanattn.mla_decode's calls by call key (each MLAWrapper keeps its own).
+_MLA_CALLS: dict[tuple, MLACall] = {}
+
+
+def mla_decode_into(
+    q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None, *,
+    cache_seqlens: torch.Tensor | None, block_table: torch.Tensor | None, kv_scale: float | torch.Tensor | None,
+    head_dim_v: int, softmax_scale: float, causal: bool, num_programs: int | None, split: int,
+    workspace: Workspace,
+) -> None:
+    """``leanattn.mla_decode``'s launch (eager, or inside its custom op) on ``workspace``: the
+    heuristic's config, the default or given grid, buffers and key, then the key's
+    :class:`MLACall`. ``split``: tokens per split in batch-invariant mode, else 0."""
+    batch, q_len, q_heads, head_dim = q.shape
+    if batch == 0:
+        return
+    config = heuristic(head_dim, head_dim_v, kv_cache.dtype, q_len * q_heads)
+    programs = _call.grid(q.device, config, num_programs)
+    capacity = capacity_of(kv_cache, block_table)
+    blocks = blocks_of(q_len, q_heads, config.block_rows)[1]
+    bufs = _call.buffers(workspace, q.device, _call.slots(programs, split, batch, blocks, capacity), head_dim_v,
+                         rows_of(q_len, q_heads, config))
+    key = call_key(q, kv_cache, out, lse, cache_seqlens, block_table, kv_scale, None,
+                   (head_dim_v, softmax_scale, causal, batch, capacity, programs, split))
+    call = _MLA_CALLS.get(key)
+    if call is None:
+        call = _MLA_CALLS[key] = MLACall(
+            q, kv_cache, out, lse, block_table=block_table, kv_scale=kv_scale, has_seqlens=cache_seqlens is not None,
+            planned=False, causal=causal, softmax_scale=softmax_scale, head_dim_v=head_dim_v, batch=batch,
+            capacity=capacity, programs=programs, config=config, split=split)
+    call.launch(bufs, q, kv_cache, out, lse, cache_seqlens, block_table, kv_scale, None)

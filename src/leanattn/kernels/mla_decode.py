@@ -1,0 +1,247 @@
+"""Multi-head latent attention (MLA) decode: DeepSeek-style, one latent KV head for every query head.
+
+Each cache row holds D values: the latent part (the first DV, which is also V) and the rope part
+(the remaining DR = D - DV). A tile of keys is loaded once as its latent and rope columns; the
+scores are q_latent . k_latent + q_rope . k_rope, and the values are the latent columns already
+in registers: no byte of the cache is read twice.
+
+The query rows of a request are packed like decode packs a GQA group: a block holds the Q_LEN
+tokens of GROUP consecutive query heads (row r: token r // GROUP, head h * GROUP + r % GROUP), and
+the q_heads / GROUP blocks of a request are the "kv heads" of the stream-K partition
+(``kernels/plan.py``): tiles of (request, block, keys) are dealt over a persistent grid, so
+several blocks stream the same cache (as FlashMLA's 64-row blocks do at 128 heads). A block cut
+by a share boundary is merged exactly by decode's last-arriver tree (``lean_decode``'s
+``_arrive_and_merge``), with no waiting.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from .lean_decode import (
+    SCALE_NONE, SCALE_TOKEN, _arrive_and_merge, _head_scale, _pow2_factors, _score_mod, _token_weights,
+    _write_output,
+)
+from .plan import _live_range, _num_tiles, _read_plan_row, _share_of
+
+# A causal row sees every key before it: the window's left side, unbounded.
+_UNBOUNDED = tl.constexpr(2**30)
+
+
+@triton.jit
+def _mla_load_q(
+    Q, KScale, b, h, q_rows, real, stride_qb, stride_qh, scale,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, DR: tl.constexpr,
+    DR_PAD: tl.constexpr, SCALE_KIND: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """Block h's packed query rows of request b as (latent (ROWS, DV_PAD), rope (ROWS, DR_PAD)) in
+    DOT_DTYPE, the scale of their scores and the output's dequantisation scale.
+
+    fp8 caches: the products run in fp16; q takes it by one power of two for both parts (their
+    products are summed), which keeps any bf16 q in fp16's range (as decode's ``_exact_fp16``),
+    undone on the fp32 scores."""
+    offs_v = tl.arange(0, DV_PAD)
+    offs_r = tl.arange(0, DR_PAD)
+    base = Q + b.to(tl.int64) * stride_qb + h * GROUP * stride_qh + q_rows
+    q_l = tl.load(base[:, None] + offs_v[None, :], mask=real[:, None] & (offs_v < DV)[None, :], other=0.0)
+    q_r = tl.load(base[:, None] + DV + offs_r[None, :], mask=real[:, None] & (offs_r < DR)[None, :], other=0.0)
+    if SCALE_KIND != SCALE_NONE:
+        q_l = q_l.to(tl.float32)
+        q_r = q_r.to(tl.float32)
+        mag_l = tl.abs(q_l)
+        mag_r = tl.abs(q_r)
+        # Only finite values set the power: an inf or NaN row stays non-finite on its own.
+        amax = tl.maximum(tl.max(tl.max(tl.where(mag_l < float("inf"), mag_l, 0.0), axis=1), axis=0),
+                          tl.max(tl.max(tl.where(mag_r < float("inf"), mag_r, 0.0), axis=1), axis=0))
+        up, down = _pow2_factors(amax, 13.0)
+        q_l = q_l * up
+        q_r = q_r * up
+        kv_scale = _head_scale(KScale, b, 0, 1, SCALE_KIND)
+        head_scale = scale * kv_scale * down
+    else:
+        head_scale = scale
+        kv_scale = 1.0
+    return q_l.to(DOT_DTYPE), q_r.to(DOT_DTYPE), head_scale, kv_scale
+
+
+@triton.jit
+def _mla_attend(
+    q_l, q_r, KV, BlockTable, KScale, b, length, live, tile_start, tile_end, scale, num_pages, capacity,
+    stride_kb, stride_kn, stride_btb,
+    GROUP: tl.constexpr, Q_LEN: tl.constexpr, ROWS: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+    DR: tl.constexpr, DR_PAD: tl.constexpr, TILE: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    HAS_MASK: tl.constexpr, SCALE_KIND: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """Online softmax of the packed rows (q_l, q_r) over key tiles ``[tile_start, tile_end)`` of
+    request b, whose ``length`` live keys are cache positions [0, length) (``live`` = length).
+    Returns unnormalised (acc (ROWS, DV_PAD), m, l), m in log2 units.
+
+    Per tile: the latent columns (TILE, DV_PAD) and rope columns (TILE, DR_PAD) of the keys are
+    loaded once; both products run on tensor cores (``tl.dot``); V is the latent load. Paged
+    caches find each key's page in BlockTable (read one tile ahead); a live key on a page outside
+    [0, num_pages) is never read and NaNs the rows that see it. Per-token scales (SCALE_TOKEN)
+    multiply the score columns and the weights of the PV product, as in decode."""
+    offs_n = tl.arange(0, TILE)
+    offs_v = tl.arange(0, DV_PAD)
+    offs_r = tl.arange(0, DR_PAD)
+    rows = tl.arange(0, ROWS)
+    query = live - Q_LEN + rows // GROUP  # each row's position, in keys
+    m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((ROWS,), dtype=tl.float32)
+    acc = tl.zeros((ROWS, DV_PAD), dtype=tl.float32)
+    b64 = b.to(tl.int64)
+    table = BlockTable + b64 * stride_btb
+    bad = offs_n < 0
+    if PAGE_SIZE > 0:
+        tok = tile_start * TILE + offs_n
+        page = tl.load(table + tok // PAGE_SIZE, mask=tok < length, other=0)
+    for tile in range(tile_start, tile_end):
+        tok = tile * TILE + offs_n
+        in_range = tok < length
+        read = in_range
+        if PAGE_SIZE == 0:
+            k_rows = b64 * stride_kb + tok.to(tl.int64) * stride_kn
+            if SCALE_KIND == SCALE_TOKEN:
+                s_rows = b64 * capacity + tok
+        else:
+            bad = in_range & ((page < 0) | (page >= num_pages))
+            read = in_range & ~bad
+            slot = tok % PAGE_SIZE
+            k_rows = page.to(tl.int64) * stride_kb + slot * stride_kn
+            if SCALE_KIND == SCALE_TOKEN:
+                s_rows = page.to(tl.int64) * PAGE_SIZE + slot
+            next_tok = tok + TILE
+            page = tl.load(table + next_tok // PAGE_SIZE, mask=(next_tok < length) & (next_tok < tile_end * TILE),
+                           other=0)
+        kv = tl.load(KV + k_rows[:, None] + offs_v[None, :], mask=read[:, None] & (offs_v < DV)[None, :],
+                     other=0.0).to(DOT_DTYPE)
+        qk = tl.dot(q_l, tl.trans(kv))
+        if DR > 0:
+            k_r = tl.load(KV + k_rows[:, None] + DV + offs_r[None, :], mask=read[:, None] & (offs_r < DR)[None, :],
+                          other=0.0).to(DOT_DTYPE)
+            qk = tl.dot(q_r, tl.trans(k_r), acc=qk)
+        if SCALE_KIND == SCALE_TOKEN:
+            token_scale = tl.load(KScale + s_rows, mask=read, other=0.0)
+            qk = qk * token_scale[None, :]
+        s = _score_mod(qk, scale, 0.0, tok, in_range, bad, query, _UNBOUNDED, 0, query, query,
+                       False, HAS_MASK, False, PAGE_SIZE > 0)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: no inf - inf
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if SCALE_KIND == SCALE_TOKEN:
+            w, down = _token_weights(p, token_scale)
+            acc = acc * alpha[:, None] + tl.dot(w.to(DOT_DTYPE), kv) * down
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), kv)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=["batch", "blocks", "capacity", "num_pages"])
+def mla_decode_kernel(
+    Q, KV, Out, Lse, SeqLens, BlockTable, KScale, Plan, WsAcc, WsStats, Tickets, ChunkTickets,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kn,
+    stride_ob, stride_ot, stride_oh,
+    stride_lb, stride_lh, stride_lt,
+    stride_btb,
+    batch, blocks, capacity, num_pages, scale,
+    GROUP: tl.constexpr, Q_LEN: tl.constexpr, ROWS: tl.constexpr,
+    DV: tl.constexpr, DV_PAD: tl.constexpr, DR: tl.constexpr, DR_PAD: tl.constexpr,
+    TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, TARGET_SHARE: tl.constexpr, SPLIT: tl.constexpr, UNIT: tl.constexpr,
+    MERGE_ROWS: tl.constexpr, MERGE_WIDE: tl.constexpr, ARRIVE_CHUNK: tl.constexpr,
+    HAS_SEQLENS: tl.constexpr, HAS_MASK: tl.constexpr, SCALE_KIND: tl.constexpr, PLANNED: tl.constexpr,
+    RETURN_LSE: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """MLA decode over a persistent grid.
+
+    Q (batch, Q_LEN, q_heads, DV + DR) by strides; KV (batch, capacity, 1, DV + DR) by strides (row
+    stride stride_kn), or pages (num_pages, PAGE_SIZE, 1, DV + DR) with BlockTable (batch,
+    max_pages) when PAGE_SIZE > 0; Out (batch, Q_LEN, q_heads, DV); Lse (batch, q_heads, Q_LEN)
+    float32; SeqLens (batch,) int32; KScale an fp8 cache's float32 scale of SCALE_KIND: (1,),
+    (batch, 1) or per token (packed like the cache's rows). ``blocks`` = q_heads / GROUP blocks
+    of Q_LEN x GROUP rows per request are the partition's heads. ``scale`` is the softmax scale
+    times log2(e). HAS_MASK: bottom-right causal rows (Q_LEN > 1). Units of UNIT tokens are
+    dealt: TILE, or SPLIT (batch-invariant mode, as in ``lean_decode_kernel``). Workspace as
+    ``lean_decode_kernel``'s, with DV_PAD columns.
+    """
+    if USE_PDL:
+        gdc_wait()  # q, the cache and the plan may come from the kernel before
+    pid = tl.program_id(0)
+    if PLANNED:
+        total, programs, start, end, b, h, t = _read_plan_row(Plan, pid)
+    else:
+        total, programs, start, end, b, h, t = _share_of(
+            SeqLens, SeqLens, batch, blocks, capacity, 0, pid, tl.num_programs(0),
+            HAS_SEQLENS, False, Q_LEN, False, UNIT, TARGET_SHARE, BLOCK_B,
+        )
+    if pid >= programs:
+        return
+
+    rows = tl.arange(0, ROWS)
+    real = rows < Q_LEN * GROUP
+    q_rows = (rows // GROUP) * stride_qt + (rows % GROUP) * stride_qh
+
+    g = start
+    while g < end:
+        _, length, _, live = _live_range(SeqLens, SeqLens, b, b >= 0, capacity, 0, HAS_SEQLENS, False, Q_LEN, False)
+        n_units = _num_tiles(length, UNIT)
+        t_end = tl.minimum(n_units.to(tl.int64), t + (end - g)).to(tl.int32)
+        q_l, q_r, head_scale, v_scale = _mla_load_q(Q, KScale, b, h, q_rows, real, stride_qb, stride_qh, scale,
+                                                    GROUP, ROWS, DV, DV_PAD, DR, DR_PAD, SCALE_KIND, DOT_DTYPE)
+        if SPLIT > 0:
+            # Each split alone, merged in split order: its bits do not depend on the program.
+            n_tiles = _num_tiles(length, TILE)
+            for u in range(t, t_end):
+                acc, m_i, l_i = _mla_attend(
+                    q_l, q_r, KV, BlockTable, KScale, b, length, live, u * (SPLIT // TILE),
+                    tl.minimum((u + 1) * (SPLIT // TILE), n_tiles), head_scale, num_pages, capacity,
+                    stride_kb, stride_kn, stride_btb,
+                    GROUP, Q_LEN, ROWS, DV, DV_PAD, DR, DR_PAD, TILE, PAGE_SIZE, HAS_MASK, SCALE_KIND, DOT_DTYPE,
+                )
+                if n_units == 1:
+                    _write_output(Out, Lse, Lse, b, h, acc, m_i, l_i, v_scale,
+                                  stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                                  GROUP, Q_LEN, ROWS, DV, DV_PAD, RETURN_LSE, False)
+                else:
+                    _arrive_and_merge(
+                        WsAcc, WsStats, Tickets, ChunkTickets, Out, Lse, Lse, acc, m_i, l_i, v_scale,
+                        b, h, pid, u, g, start, t, n_units, total, programs,
+                        stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                        GROUP, Q_LEN, ROWS, MERGE_ROWS, DV, DV_PAD, MERGE_WIDE, ARRIVE_CHUNK, RETURN_LSE,
+                        False, True,
+                    )
+        else:
+            acc, m_i, l_i = _mla_attend(
+                q_l, q_r, KV, BlockTable, KScale, b, length, live, t, t_end, head_scale, num_pages, capacity,
+                stride_kb, stride_kn, stride_btb,
+                GROUP, Q_LEN, ROWS, DV, DV_PAD, DR, DR_PAD, TILE, PAGE_SIZE, HAS_MASK, SCALE_KIND, DOT_DTYPE,
+            )
+            if USE_PDL:
+                # As in decode: small calls let the next kernel launch once every program has
+                # streamed its last tile.
+                if (g + (t_end - t) >= end) & (total <= 8 * tl.num_programs(0)):
+                    gdc_launch_dependents()
+            if (t == 0) & (t_end == n_units):
+                _write_output(Out, Lse, Lse, b, h, acc, m_i, l_i, v_scale,
+                              stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                              GROUP, Q_LEN, ROWS, DV, DV_PAD, RETURN_LSE, False)
+            else:
+                _arrive_and_merge(
+                    WsAcc, WsStats, Tickets, ChunkTickets, Out, Lse, Lse, acc, m_i, l_i, v_scale,
+                    b, h, pid, 0, g, start, t, n_units, total, programs,
+                    stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                    GROUP, Q_LEN, ROWS, MERGE_ROWS, DV, DV_PAD, MERGE_WIDE, ARRIVE_CHUNK, RETURN_LSE,
+                    False, False,
+                )
+
+        g += (t_end - t).to(tl.int64)
+        t = 0
+        h += 1
+        if h == blocks:
+            h = 0
+            b += 1

@@ -1,0 +1,262 @@
+"""MLA decode (leanattn.mla_decode, MLAWrapper) against the float64 reference: contiguous and paged
+caches, ragged and empty sequences, several query tokens, split and merged blocks, fp8 scales,
+bad pages, argument errors; GPU cases at DeepSeek-V3's shapes (576 / 512)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import leanattn
+import leanattn._mla_call
+from leanattn._mla_call import blocks_of
+
+from _util import DEVICE, ON_GPU, TOL, LSE_TOL, rel_err, to_paged
+
+FP8 = torch.float8_e4m3fn
+
+
+def mla_inputs(lens, q_heads, head_dim, *, q_len=1, dtype=torch.bfloat16, cache_len=None, seed=0):
+    """Random q (batch, q_len, q_heads, head_dim), kv_cache (batch, cache_len, 1, head_dim) and lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    n = cache_len or max(max(lens), 1)
+    q = torch.randn(len(lens), q_len, q_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    kv = torch.randn(len(lens), n, 1, head_dim, generator=gen).to(dtype).to(DEVICE)
+    return q, kv, torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+
+
+def paged(kv, lens, page_size, seed=0):
+    kp, _, table = to_paged(kv, kv, lens, page_size, seed=seed)
+    return kp, table
+
+
+def check(out, lse, q, kv, sl, dv, **kw):
+    """Output written, finite, within the dtype's tolerance of the float64 reference; LSE too."""
+    ref, ref_lse = leanattn.reference.mla_decode(q.double(), kv.double() if kv.dtype.itemsize > 1 else kv, sl,
+                                                 head_dim_v=dv, return_lse=True, **kw)
+    assert out.shape == (*q.shape[:3], dv)
+    assert torch.isfinite(out).all(), "output has NaN/inf: unwritten or broken elements"
+    err = rel_err(out, ref)
+    assert err < TOL[out.dtype], f"relative error {err:.3e}"
+    if lse is not None:
+        empty = torch.isinf(ref_lse)
+        assert torch.equal(torch.isinf(lse), empty)
+        if (~empty).any():
+            assert (lse[~empty] - ref_lse[~empty]).abs().max().item() < LSE_TOL
+
+
+# (lens, q_heads, head_dim, head_dim_v, q_len)
+CASES = [
+    ([70, 0, 131], 4, 80, 64, 1),  # ragged with an empty sequence
+    ([45, 97], 8, 80, 64, 2),  # two query tokens, causal
+    ([150], 2, 64, 48, 1),  # head_dim_v not a power of two
+    ([33, 64], 6, 64, 64, 3),  # no rope part; 3 tokens x 6 heads
+]
+
+
+@pytest.mark.parametrize("programs", [None, 3, 7])
+@pytest.mark.parametrize("lens,hq,d,dv,q_len", CASES)
+def test_contiguous(lens, hq, d, dv, q_len, programs):
+    q, kv, sl = mla_inputs(lens, hq, d, q_len=q_len)
+    out, lse = leanattn.mla_decode(q, kv, sl, head_dim_v=dv, return_lse=True, num_programs=programs)
+    check(out, lse, q, kv, sl, dv)
+
+
+@pytest.mark.parametrize("page_size", [16, 7])
+def test_paged(page_size):
+    lens = [90, 0, 41]
+    q, kv, sl = mla_inputs(lens, 4, 80, q_len=2, seed=1)
+    kp, table = paged(kv, lens, page_size)
+    out, lse = leanattn.mla_decode(q, kp, sl, block_table=table, head_dim_v=64, return_lse=True, num_programs=5)
+    check(out, lse, q, kp, sl, 64, block_table=table)
+
+
+def test_not_causal_scale_and_out():
+    lens = [60, 20]
+    q, kv, sl = mla_inputs(lens, 4, 80, q_len=2, seed=2)
+    out = torch.full((2, 2, 4, 64), math.nan, dtype=q.dtype, device=DEVICE)
+    lse = torch.full((2, 4, 2), math.nan, device=DEVICE)
+    got, got_lse = leanattn.mla_decode(q, kv, sl, head_dim_v=64, causal=False, softmax_scale=0.3, out=out, lse=lse,
+                                       return_lse=True)
+    assert got is out and got_lse is lse
+    check(out, lse, q, kv, sl, 64, causal=False, softmax_scale=0.3)
+
+
+def test_deepseek_shape_short_cache():
+    """576 values a token, V its first 512; 128 heads: two blocks of 64 rows on one cache."""
+    lens = [40, 7]
+    q, kv, sl = mla_inputs(lens, 128, 576, seed=3)
+    config = leanattn._mla_call.heuristic(576, 512, kv.dtype, 128)
+    assert blocks_of(1, 128, config.block_rows) == (64, 2)
+    out, lse = leanattn.mla_decode(q, kv, sl, softmax_scale=192**-0.5, return_lse=True, num_programs=3)
+    check(out, lse, q, kv, sl, 512, softmax_scale=192**-0.5)
+
+
+def test_blocks_split_and_merge_bitwise():
+    """A block cut among many programs is merged exactly; the same call twice gives the same bits."""
+    q, kv, sl = mla_inputs([200, 150], 8, 80, q_len=1, seed=4)
+    a = leanattn.mla_decode(q, kv, sl, head_dim_v=64, num_programs=11)
+    b = leanattn.mla_decode(q, kv, sl, head_dim_v=64, num_programs=11)
+    assert torch.equal(a, b)
+    check(a, None, q, kv, sl, 64)
+
+
+def test_batch_invariant():
+    q, kv, sl = mla_inputs([130, 70, 0], 4, 80, seed=5)
+    kw = dict(head_dim_v=64, batch_invariant=True, split_size=64, return_lse=True)
+    out, lse = leanattn.mla_decode(q, kv, sl, num_programs=4, **kw)
+    check(out, lse, q, kv, sl, 64)
+    alone, alone_lse = leanattn.mla_decode(q[:1], kv[:1], sl[:1], num_programs=9, **kw)
+    assert torch.equal(alone, out[:1]) and torch.equal(alone_lse, lse[:1])
+
+
+@pytest.mark.parametrize("kind", ["float", "token"])
+@pytest.mark.parametrize("paged_cache", [False, True])
+def test_fp8(kind, paged_cache):
+    lens = [75, 30]
+    q, kv, sl = mla_inputs(lens, 4, 80, q_len=2, seed=6)
+    kv8 = kv.to(FP8)
+    kw = {}
+    if paged_cache:
+        kv8, table = paged(kv8, lens, 16)
+        kw["block_table"] = table
+    if kind == "float":
+        scale = 0.6
+    else:
+        gen = torch.Generator().manual_seed(6)
+        scale = (10 ** (torch.rand(tuple(kv8.shape[:3]), generator=gen) * 4 - 3)).to(DEVICE)
+    out, lse = leanattn.mla_decode(q, kv8, sl, head_dim_v=64, kv_scale=scale, return_lse=True, **kw)
+    check(out, lse, q, kv8, sl, 64, kv_scale=scale, **kw)
+
+
+def test_bad_page_gives_nan_rows():
+    lens = [50, 40]
+    q, kv, sl = mla_inputs(lens, 4, 80, seed=7)
+    kp, table = paged(kv, lens, 16)
+    table[1, 1] = 10**6  # a live slot of sequence 1
+    out = leanattn.mla_decode(q, kp, sl, block_table=table, head_dim_v=64)
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()
+    with pytest.raises(ValueError, match=r"block_table\[1, 1\]"):
+        leanattn.mla_decode(q, kp, sl, block_table=table, head_dim_v=64, check=True)
+
+
+def test_wrapper_matches_function():
+    lens = [120, 0, 33]
+    q, kv, sl = mla_inputs(lens, 4, 80, q_len=2, seed=8)
+    kp, table = paged(kv, lens, 16)
+    w = leanattn.MLAWrapper(4, 80, 64, torch.bfloat16, DEVICE, max_q_len=2, num_programs=6)
+    w.plan(sl, table.shape[1] * 16, q_len=2)
+    out, lse = w.run(q, kp, block_table=table, return_lse=True)
+    check(out, lse, q, kp, sl, 64, block_table=table)
+    direct, direct_lse = leanattn.mla_decode(q, kp, sl, block_table=table, head_dim_v=64, return_lse=True,
+                                             num_programs=6)
+    assert torch.equal(out, direct) and torch.equal(lse, direct_lse)
+    with pytest.raises(ValueError, match="planned for q_len 2"):
+        w.run(q[:, :1], kp, block_table=table)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(head_dim_v=72), "head_dim_v must be a multiple of 16"),
+    (dict(head_dim_v=96), r"head_dim_v must be a multiple of 16 in \[16, head_dim=80\]"),
+    (dict(kv=lambda kv: kv.expand(-1, -1, 2, -1)), "one latent head"),
+    (dict(kv=lambda kv: kv[..., :64]), "head_dim 80 like q"),
+    (dict(q=lambda q: q.expand(-1, 17, -1, -1)), r"q_len in \[1, 16\]"),
+    (dict(q=lambda q: q.float()), "q must be float16 or bfloat16"),
+    (dict(sl=lambda sl: sl.long()), "cache_seqlens must be int32"),
+    (dict(kv_scale=0.5), "kv_scale dequantises an fp8 kv_cache"),
+    (dict(out=lambda q: torch.empty(*q.shape, dtype=q.dtype)), r"out must be \(2, 1, 4, 64\)"),
+])
+def test_errors(change, match):
+    q, kv, sl = mla_inputs([10, 5], 4, 80)
+    q = change.get("q", lambda x: x)(q)
+    kv = change.get("kv", lambda x: x)(kv)
+    sl = change.get("sl", lambda x: x)(sl)
+    kw = {"head_dim_v": change.get("head_dim_v", 64)}
+    if "kv_scale" in change:
+        kw["kv_scale"] = change["kv_scale"]
+    if "out" in change:
+        kw["out"] = change["out"](q)
+    with pytest.raises((ValueError, TypeError), match=match):
+        leanattn.mla_decode(q, kv, sl, **kw)
+
+
+def test_lengths_checked():
+    q, kv, sl = mla_inputs([10, 5], 4, 80)
+    with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = 99"):
+        leanattn.mla_decode(q, kv, torch.tensor([3, 99], dtype=torch.int32, device=DEVICE), head_dim_v=64, check=True)
+
+
+# GPU: DeepSeek-V3's shapes (576 = 512 latent + 64 rope), the real grid.
+GPU_CASES = [
+    ([32768], 16, 1), ([32768, 1, 0, 20000], 128, 1), ([4096] * 16, 16, 1), ([8192] * 4, 128, 1),
+    ([1152] * 32, 128, 1), ([3000, 17, 12345], 16, 2), ([5000, 300], 64, 4),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("page_size", [0, 64, 1])
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("lens,hq,q_len", GPU_CASES)
+def test_gpu_deepseek(lens, hq, q_len, fp8, page_size):
+    q, kv, sl = mla_inputs(lens, hq, 576, q_len=q_len, seed=len(lens))
+    kw = {}
+    if fp8:
+        kv = kv.to(FP8)
+        kw["kv_scale"] = 0.8
+    if page_size:
+        kv, kw["block_table"] = paged(kv, lens, page_size)
+    out, lse = leanattn.mla_decode(q, kv, sl, softmax_scale=192**-0.5, return_lse=True, **kw)
+    check(out, lse, q, kv, sl, 512, softmax_scale=192**-0.5, **kw)
+    again, again_lse = leanattn.mla_decode(q, kv, sl, softmax_scale=192**-0.5, return_lse=True, **kw)
+    assert torch.equal(again, out) and torch.equal(again_lse, lse)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+def test_gpu_wrapper_cuda_graph_new_lengths():
+    """Plan and several layers' runs in one CUDA graph; replays with new lengths match the reference."""
+    cap, batch, hq = 8192, 4, 128
+    q, kv, sl = mla_inputs([cap] * batch, hq, 576, seed=11)
+    kp, table = paged(kv, [cap] * batch, 64)
+    w = leanattn.MLAWrapper(hq, 576, 512, torch.bfloat16, DEVICE)
+    out = torch.empty(batch, 1, hq, 512, dtype=torch.bfloat16, device=DEVICE)
+    lengths = sl.clone()
+    w.plan(lengths, cap)
+    w.run(q, kp, block_table=table, out=out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w.plan(lengths, cap)
+        w.run(q, kp, block_table=table, out=out)
+    for new in ([cap, 1, 0, 4000], [17, 8000, 3, 2]):
+        lengths.copy_(torch.tensor(new, dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        check(out, None, q, kp, lengths, 512, block_table=table)
+
+
+def test_compile_fullgraph():
+    """torch.compile sees mla_decode as one custom op: no graph break, the reference's result."""
+    torch._dynamo.reset()
+    q, kv, sl = mla_inputs([70, 0, 33], 4, 80, seed=9)
+
+    def step(q, kv, sl):
+        out, lse = leanattn.mla_decode(q * 1.0, kv, sl, head_dim_v=64, return_lse=True, num_programs=5)
+        return out * 1.0, lse
+
+    out, lse = torch.compile(step, fullgraph=True, backend="aot_eager")(q, kv, sl)
+    check(out, lse, q, kv, sl, 64)
+    explanation = torch._dynamo.explain(step)(q, kv, sl)
+    assert explanation.graph_break_count == 0
+
+
+def test_custom_op_opcheck():
+    q, kv, sl = mla_inputs([40, 9], 4, 80)
+    out = torch.empty(2, 1, 4, 64, dtype=q.dtype, device=DEVICE)
+    lse = torch.empty(2, 4, 1, dtype=torch.float32, device=DEVICE)
+    torch.library.opcheck(
+        torch.ops.leanattn.mla_decode_into.default, (q, kv, out, lse, sl, None, None, 1.0, 64, 0.125, True, 3, 0),
+        test_utils=("test_schema", "test_faketensor"),
+    )
