@@ -329,3 +329,49 @@ def test_compare_reads_the_committed_results():
         result = tool.compare(record, record)
         assert result["lines"] and not any(ln["flagged"] for ln in result["lines"])
         assert all(ln["ratio"] == 1.0 for ln in result["lines"] if ln["ratio"] is not None)
+
+
+class _ReplayedStep:
+    """A stand-in for a captured CUDA graph on the CPU: a replay runs the step again."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def replay(self) -> None:
+        self.step()
+
+
+def test_serving_shape_append_flow_on_the_cpu(monkeypatch):
+    """run_serving_shape with the graph replaced by re-running the step (interpreter): leanattn's
+    two methods see the appended token; a method that misses it gets a FAILED row with both
+    errors and no time; the plain pattern has no such check."""
+    from leanattn.bench import serving
+
+    monkeypatch.setattr(serving, "capture_cuda_graph", lambda step: (_ReplayedStep(step), step()))
+    monkeypatch.setattr(serving, "layer_count", lambda shape: 2)
+    monkeypatch.setattr(serving, "host_us", lambda one_call, context=None: 4.0)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+
+    def early(shape, ls):  # reads q but stops one key short: the newest token is never seen
+        def layer(i):
+            x = ls.xs[i]
+            return leanattn.decode(x.q, x.k, x.v, x.seqlens - 1, block_table=x.block_table)
+
+        return serving.Prepared(layer, lambda: None)
+
+    monkeypatch.setitem(serving.SERVING_METHODS, "early", early)
+    shape = parse_shape("2x96@8/2:d=32:page=16")
+    rows = {r["method"]: r for r in serving.run_serving_shape(shape, ["leanattn", "leanattn_decode", "early"], CPU,
+                                                             "append", rounds=2, bench=lambda fn: (fn(), 0.5)[1])}
+    for m in ("leanattn", "leanattn_decode"):
+        r = rows[m]
+        assert r["rel_err"] < TOLERANCE < r["rel_err_without_append"] and r["pattern"] == "append", r
+        assert r["ms"] == 0.25 and r["round_ms"] == [0.25, 0.25] and r["host_us"] == 4.0 and r["append_us"] == 250.0
+    assert rows["early"]["status"].startswith("FAILED: early: off the reference with the appended token by")
+    assert "ms" not in rows["early"]
+    plain = {r["method"]: r for r in serving.run_serving_shape(shape, ["leanattn", "early"], CPU, "plain", rounds=1,
+                                                              bench=lambda fn: 1.0)}
+    assert plain["leanattn"]["rel_err"] < TOLERANCE and "append_us" not in plain["leanattn"]
+    assert plain["early"]["ms"] == 0.5 and "status" not in plain["early"]  # per layer
+    with pytest.raises(ValueError, match="pattern must be one of append, plain"):
+        serving.run_serving_shape(shape, ["leanattn"], CPU, "sideways")

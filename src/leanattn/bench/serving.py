@@ -158,7 +158,8 @@ def leanattn_step(shape: Shape, ls: Layers, config: leanattn.KernelConfig | None
 
     def layer(i: int) -> torch.Tensor:
         x = ls.xs[i]
-        return w.run(x.q, x.k, x.v, block_table=x.block_table, out=outs[i], **features[i])
+        w.run(x.q, x.k, x.v, block_table=x.block_table, out=outs[i], **features[i])
+        return outs[i]
 
     return Prepared(layer, lambda: layer(0), begin=begin, wrapper=w)
 
@@ -170,7 +171,8 @@ def _leanattn_decode(shape: Shape, ls: Layers) -> Prepared:
 
     def layer(i: int) -> torch.Tensor:
         x = ls.xs[i]
-        return leanattn.decode(x.q, x.k, x.v, x.seqlens, block_table=x.block_table, out=outs[i], **features[i])
+        leanattn.decode(x.q, x.k, x.v, x.seqlens, block_table=x.block_table, out=outs[i], **features[i])
+        return outs[i]
 
     return Prepared(layer, lambda: layer(0))
 
