@@ -36,6 +36,7 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 import leanattn.integrations.transformers as lt  # noqa: E402  (registers "leanattn")
+from leanattn.bench.rounds import median_round, take_turns  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AttentionInterface, StaticCache  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
@@ -169,8 +170,8 @@ def plan(args) -> list[Row]:
 
 def run(args) -> list[Row]:
     """Every job of :func:`plan`. A shape's eager jobs run together, in ``args.rounds``
-    interleaved rounds of ``args.steps`` steps per backend, each job's time the median of its
-    rounds: eager steps are host-bound, and the host's speed drifts by more than the differences
+    rounds of ``args.steps`` steps per backend in which the backends take turns
+    (``leanattn.bench.rounds``), each job's time its median round: eager steps are host-bound, and the host's speed drifts by more than the differences
     between backends over a run of such jobs one after another. A compiled job runs alone (its
     compilation takes tens of seconds): its steps are GPU-bound."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -205,31 +206,35 @@ def run(args) -> list[Row]:
             status = None
         for job in group:
             job.status = status or "ok"
-        times: dict[int, list[float]] = {id(j): [] for j in group}
-        for _ in range(args.rounds if first.mode == "eager" else 1):
-            for job in group:
-                if job.status != "ok":
-                    continue
-                begun = time.perf_counter()
-                try:
-                    model.set_attn_implementation(job.impl)
-                    forward = compiled_forward(model, device, job.impl) if job.mode == "compiled" else model.forward
-                    lt.calls.clear()
-                    times[id(job)].append(time_decode(model, forward, job.batch, job.context, args.warmup, args.steps))
-                    # Eager calls are counted: a leanattn row whose steps went to SDPA must say so.
-                    if job.impl == lt.NAME and job.mode == "eager" and set(lt.calls) != {lt.NAME}:
-                        job.status = f"calls: {dict(lt.calls)}"
-                except Exception as e:  # out of memory, a backend refusing the shape, ...
-                    job.status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-                finally:
-                    job.seconds = round(job.seconds + time.perf_counter() - begun, 1)
-                    gc.collect()
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-        for job in group:
+
+        def measure(i: int) -> float | None:
+            """One timed run of the group's job ``i`` (None once it has failed)."""
+            job = group[i]
+            if job.status != "ok":
+                return None
+            begun = time.perf_counter()
+            try:
+                model.set_attn_implementation(job.impl)
+                forward = compiled_forward(model, device, job.impl) if job.mode == "compiled" else model.forward
+                lt.calls.clear()
+                ms = time_decode(model, forward, job.batch, job.context, args.warmup, args.steps)
+                # Eager calls are counted: a leanattn row whose steps went to SDPA must say so.
+                if job.impl == lt.NAME and job.mode == "eager" and set(lt.calls) != {lt.NAME}:
+                    job.status = f"calls: {dict(lt.calls)}"
+                return ms
+            except Exception as e:  # out of memory, a backend refusing the shape, ...
+                job.status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                return None
+            finally:
+                job.seconds = round(job.seconds + time.perf_counter() - begun, 1)
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+        times = take_turns(range(len(group)), args.rounds if first.mode == "eager" else 1, measure)
+        for i, job in enumerate(group):
             if job.status == "ok":
-                ordered = sorted(times[id(job)])
-                job.ms = ordered[len(ordered) // 2]
+                job.ms = median_round(times[i])
                 job.tokens_per_s = job.batch * 1e3 / job.ms
             if bar is not None:
                 bar.update(1)

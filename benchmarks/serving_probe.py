@@ -18,8 +18,9 @@ import torch
 
 import leanattn
 from leanattn.bench.peers import capture_cuda_graph
+from leanattn.bench.rounds import host_us
 from leanattn.bench.run import bench_median
-from leanattn.bench.serving import host_us, layer_count, leanattn_step, make_layers
+from leanattn.bench.serving import layer_count, leanattn_step, make_layers, make_step
 from leanattn.bench.shapes import parse_shape
 
 
@@ -32,18 +33,18 @@ def launch_config(shape_text: str, **changes) -> leanattn.KernelConfig:
 
 
 def graph_step(shape_text: str, config: leanattn.KernelConfig | None = None) -> dict:
-    """The bench's leanattn method (plan once, run each layer) on ``shape_text`` with ``config``,
-    captured in a CUDA graph: µs per call, the last layer's inputs and output, the wrapper and its
-    compiled kernel's registers, spills and shared memory."""
+    """The bench's leanattn method (plan once, run each layer; the plain pattern) on ``shape_text``
+    with ``config``, captured in a CUDA graph: µs per call, the last layer's inputs and output, the
+    wrapper and its compiled kernel's registers, spills and shared memory."""
     shape = parse_shape(shape_text)
     layers = layer_count(shape)
     ls = make_layers(shape, torch.device("cuda"), layers)
-    step, one_call = leanattn_step(shape, ls, config)
-    w = step.wrapper
-    graph, last = capture_cuda_graph(step)
+    prepared = leanattn_step(shape, ls, config)
+    w = prepared.wrapper
+    graph, last = capture_cuda_graph(make_step(prepared, layers))
     us = bench_median(graph.replay) / layers * 1e3
     compiled = w.compiled_kernels[-1] if w.compiled_kernels else None
-    return dict(us=us, shape=shape, layers=ls, last=last, wrapper=w, one_call=one_call, graph=graph,
+    return dict(us=us, shape=shape, layers=ls, last=last, wrapper=w, one_call=prepared.one_call, graph=graph,
                 compiled=compiled, regs=getattr(compiled, "n_regs", None), spills=getattr(compiled, "n_spills", None),
                 smem=compiled.metadata.shared if compiled is not None else None)
 

@@ -164,12 +164,57 @@ def test_valid_arguments_reach_the_gpu_check(gpu_probe, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["bench", "--methods", "nope"], "unknown methods ['nope']"),
     (["bench", "--shapes", "1x1k@32/8:q=2"], "need --mode graph"),
+    (["bench", "--suite", "serving", "--shapes", "1x1k@8/8"], "--shapes or --suite, not both"),
+    (["bench", "--pattern", "plain"], "--pattern is for --mode graph"),
+    (["bench", "--mode", "graph", "--pattern", "sideways"], "invalid choice: 'sideways'"),
+    (["bench", "--suite", "everything"], "invalid choice: 'everything'"),
+    (["bench", "--rounds", "0"], "must be an integer >= 1, got '0'"),
+    (["bench", "--rounds", "two"], "must be an integer >= 1, got 'two'"),
 ])
 def test_other_argument_errors_come_before_the_gpu_check(argv, message, gpu_probe, capsys):
     assert _exit_code(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "needs a CUDA GPU" not in err
     assert not gpu_probe
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["bench"], (None, "eager", None, "append", 5)),
+    (["bench", "--mode", "graph"], (None, "graph", None, "append", 5)),
+    (["bench", "--mode", "graph", "--suite", "serving-full", "--pattern", "plain", "--rounds", "3"],
+     (None, "graph", "serving-full", "plain", 3)),
+    (["bench", "--suite", "serving", "--rounds", "7"], (None, "eager", "serving", "append", 7)),
+])
+def test_bench_flags_reach_the_run(argv, expected, monkeypatch):
+    """Valid --suite, --pattern and --rounds reach the run as given (a stand-in runs nothing)."""
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cli, "_bench", lambda shapes, methods, out, mode, suite, pattern, rounds:
+                        seen.append((shapes, mode, suite, pattern, rounds)) or 0)
+    assert _exit_code(argv) == 0
+    assert seen == [expected]
+    assert cli.DEFAULT_SUITES == {"eager": "eager", "graph": "serving"}
+
+
+def test_bench_exits_1_when_an_output_missed_the_appended_token(monkeypatch, capsys):
+    """The run's record (a stand-in for the GPU run) has one failed check: the exit status is 1
+    and the failure is printed; the graph run gets the serving suite by default."""
+    from leanattn.bench import run as run_mod
+
+    asked = {}
+
+    def fake_run(shapes, methods, device, checkpoint=None, mode="eager", pattern="append", rounds=5, suite=None):
+        asked.update(names=[s.name for s in shapes], mode=mode, pattern=pattern, rounds=rounds, suite=suite)
+        row = dict(shape="1x32k@8/1", family="f", ctx=1, kv_bytes=2**24, layers=32, mode="graph", pattern=pattern)
+        return {"gpu": "G", "copy_gbs": 1.0, "datasheet_gbs": None, "rows": [
+            {**row, "method": "leanattn", "ms": 0.01, "host_us": 9.0},
+            {**row, "method": "sdpa_cudnn", "status": "FAILED: sdpa_cudnn: off the reference by 4.0e-01"}]}
+
+    monkeypatch.setattr(run_mod, "run_suite", fake_run)
+    assert cli._bench(None, ["leanattn", "sdpa_cudnn"], None, "graph") == 1
+    assert asked["mode"] == "graph" and asked["suite"] == "serving" and asked["pattern"] == "append"
+    assert "1x4k@32/8:page=16" in asked["names"] and len(asked["names"]) <= 30
+    assert "sdpa_cudnn: FAILED: sdpa_cudnn: off the reference by 4.0e-01" in capsys.readouterr().err
 
 
 def test_version(capsys):

@@ -15,6 +15,8 @@ import torch
 import leanattn
 
 from .peers import METHODS, OWN, Unsupported, make_inputs
+from .rounds import bench_round, host_calls, host_us, median_round, take_turns
+from .serving import NOT_PEERS
 from .shapes import Shape
 
 __all__ = ["run_suite", "datasheet_peak", "copy_bandwidth"]
@@ -43,8 +45,8 @@ def datasheet_peak(name: str) -> float | None:
 def bench_median(fn, rep_ms: int = 40, repeats: int = 3) -> float:
     """Milliseconds: the lowest of ``repeats`` medians of ``do_bench``, which flushes L2 before
     every timed call. Calls of tens of microseconds show whole runs 2-3x slower than the next run
-    of the same call; the lowest median keeps one such run from deciding a row. Every method is
-    timed this way."""
+    of the same call; the lowest median keeps one such run from deciding it. For one thing timed
+    alone (copy bandwidth, probes); a suite's methods take turns instead (``leanattn.bench.rounds``)."""
     import triton.testing
 
     return min(float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")) for _ in range(repeats))
@@ -90,13 +92,16 @@ def _progress(total: int):
 
 def run_suite(
     shapes: Iterable[Shape], methods: Iterable[str], device: torch.device, checkpoint: Path | None = None,
-    mode: str = "eager",
+    mode: str = "eager", pattern: str = "append", rounds: int = 5, suite: str | None = None,
 ) -> dict:
     """Time every method on every shape. Returns the full record (also what the JSON holds);
     with ``checkpoint``, the record so far is written there after every shape.
 
     ``mode``: "eager" times single calls with L2 flushed; "graph" times a CUDA graph of a decode
-    step's layers (see ``leanattn.bench.serving``)."""
+    step's layers with ``pattern`` "append" or "plain" (see ``leanattn.bench.serving``). Either
+    way a shape's methods take turns over ``rounds`` rounds and each row reports its median
+    round, with host µs per eager call measured the same way. ``suite``: the suite's name, kept
+    in the record."""
     shapes, methods = list(shapes), list(methods)
     props = torch.cuda.get_device_properties(device)
     copy = copy_bandwidth(device)
@@ -114,6 +119,9 @@ def run_suite(
             "flashinfer": _version("flashinfer"),
         },
         "mode": mode,
+        "rounds": rounds,
+        **({"pattern": pattern} if mode == "graph" else {}),
+        **({"suite": suite} if suite else {}),
         "copy_gbs": copy / 1e9,
         "datasheet_gbs": peak / 1e9 if peak else None,
         "rows": [],
@@ -123,39 +131,52 @@ def run_suite(
         if mode == "graph":
             from .serving import run_serving_shape
 
-            bar.set_description(f"{shape.name} (graph)")
-            record["rows"] += run_serving_shape(shape, methods, device, bench_median)
-            bar.update(len(methods))
-            if checkpoint is not None:
-                checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                checkpoint.write_text(json.dumps(record, indent=1))
-            continue
-        if shape.has_features:
-            raise ValueError(f"{shape.name}: model-feature options (fp8, q=, win=, softcap=, sinks) need --mode graph")
-        x = make_inputs(shape, device)
-        kw = {"block_table": x.block_table} if x.block_table is not None else {}
-        ref = leanattn.reference.decode(x.q.float(), x.k, x.v, x.seqlens, compute_dtype=torch.float32, **kw)[:, 0]
-        for method in methods:
-            bar.set_description(f"{shape.name} {method}")
-            row = {"shape": shape.name, "family": shape.family, "ctx": max(shape.lens), "method": method,
-                   "kv_bytes": shape.kv_bytes}
-            try:
-                fn = METHODS[method](shape, x)
-                row["rel_err"] = _rel_err(fn(), ref)
-                row["ms"] = bench_median(fn)
-                row["gbs"] = shape.kv_bytes / (row["ms"] * 1e-3) / 1e9
-                row["pct_peak"] = 100 * row["gbs"] * 1e9 / peak if peak else None
-            except Unsupported as e:
-                row["status"] = str(e)
-            record["rows"].append(row)
-            bar.update(1)
-        del x, ref
-        torch.cuda.empty_cache()
+            bar.set_description(f"{shape.name} (graph, {pattern})")
+            record["rows"] += run_serving_shape(shape, methods, device, pattern, rounds)
+        else:
+            bar.set_description(f"{shape.name} (eager)")
+            record["rows"] += _eager_shape(shape, methods, device, peak, rounds)
+        bar.update(len(methods))
         if checkpoint is not None:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             checkpoint.write_text(json.dumps(record, indent=1))
     bar.close()
     return record
+
+
+def _eager_shape(shape: Shape, methods: list[str], device: torch.device, peak: float | None, rounds: int) -> list[dict]:
+    """Rows for one shape in eager mode: every method checked against the float32 reference,
+    then timed in ``rounds`` rounds of turns (L2 flushed before each timed call), then its host
+    µs per call in as many rounds."""
+    if shape.has_features:
+        raise ValueError(f"{shape.name}: model-feature options (fp8, q=, win=, softcap=, sinks) need --mode graph")
+    x = make_inputs(shape, device)
+    kw = {"block_table": x.block_table} if x.block_table is not None else {}
+    ref = leanattn.reference.decode(x.q.float(), x.k, x.v, x.seqlens, compute_dtype=torch.float32, **kw)[:, 0]
+    rows, ready = {}, {}
+    for method in methods:
+        row = {"shape": shape.name, "family": shape.family, "ctx": max(shape.lens), "method": method,
+               "kv_bytes": shape.kv_bytes, "mode": "eager"}
+        rows[method] = row
+        try:
+            fn = METHODS[method](shape, x)
+            row["rel_err"] = _rel_err(fn(), ref)
+            ready[method] = fn
+        except Unsupported as e:
+            row["status"] = str(e)
+    names = list(ready)
+    times = take_turns(names, rounds, lambda m: bench_round(ready[m]))
+    hosts = take_turns(names, rounds, lambda m: host_us(ready[m], host_calls(median_round(times[m]))))
+    for m in names:
+        row = rows[m]
+        row["ms"] = median_round(times[m])
+        row["round_ms"] = times[m]
+        row["gbs"] = shape.kv_bytes / (row["ms"] * 1e-3) / 1e9
+        row["pct_peak"] = 100 * row["gbs"] * 1e9 / peak if peak else None
+        row["host_us"] = median_round(hosts[m])
+    del x, ref, ready
+    torch.cuda.empty_cache()
+    return list(rows.values())
 
 
 def _version(mod: str) -> str | None:
@@ -180,6 +201,7 @@ def summarize(record: dict) -> list[dict]:
                 "rel_err": own.get("rel_err"), "graph_ms": rows.get("leanattn_graph", {}).get("ms"),
                 "best_peer": best[0] if best else None, "best_peer_gbs": best[1]["gbs"] if best else None,
                 "speedup": best[1]["ms"] / own["ms"] if best and own.get("ms") else None,
+                "host_us": own.get("host_us"), "best_peer_host_us": best[1].get("host_us") if best else None,
                 "peers": {m: (r.get("gbs"), r.get("status"), r.get("rel_err")) for m, r in rows.items() if m not in OWN}}
         lines.append(line)
     return lines
@@ -199,11 +221,14 @@ def _header(record: dict) -> str:
 def markdown(record: dict) -> str:
     lines = summarize(record)
     peers = [m for m in dict.fromkeys(r["method"] for r in record["rows"]) if m not in OWN]
-    head = _header(record) + "GB/s = K+V bytes read once / median time.\n\n"
+    head = _header(record) + (f"GB/s = K+V bytes read once / time; each method's time is its median of "
+                              f"{record.get('rounds', 1)} rounds in which the methods take turns (L2 flushed before "
+                              f"each timed call); host µs = wall time per eager call, leanattn / best peer.\n\n")
     for run in record.get("runs", []):
         head += f"- run {run['date']}: {run['shapes']} (copy {run['copy_gbs']:.0f} GB/s)\n"
     head += "\n" if record.get("runs") else ""
-    cols = ["shape", "KV MiB", "leanattn µs", "GB/s", "% peak", "graph µs", "best peer", "speedup"] + [f"{p} GB/s" for p in peers] + ["rel err"]
+    cols = (["shape", "KV MiB", "leanattn µs", "GB/s", "% peak", "graph µs", "best peer", "speedup", "host µs"]
+            + [f"{p} GB/s" for p in peers] + ["rel err"])
     out = [head, "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     speedups = []
     for ln in lines:
@@ -211,7 +236,8 @@ def markdown(record: dict) -> str:
             speedups.append(ln["speedup"])
         cells = [f"`{ln['shape']}`", f"{ln['kv_mib']:.0f}", _fmt(ln["ms"] and ln["ms"] * 1e3, ".1f"), _fmt(ln["gbs"], ".0f"),
                  _fmt(ln["pct_peak"], ".0f"), _fmt(ln["graph_ms"] and ln["graph_ms"] * 1e3, ".1f"),
-                 ln["best_peer"] or "–", _fmt(ln["speedup"], ".2f")]
+                 ln["best_peer"] or "–", _fmt(ln["speedup"], ".2f"),
+                 f"{_fmt(ln['host_us'], '.1f')} / {_fmt(ln['best_peer_host_us'], '.1f')}"]
         for p in peers:
             gbs, status, _ = ln["peers"].get(p, (None, "not run", None))
             cells.append(_fmt(gbs, ".0f") if gbs is not None else f"({status})" if status else "–")
@@ -233,6 +259,51 @@ def terminal_table(record: dict) -> str:
                    f"{_fmt(ln['graph_ms'] and ln['graph_ms'] * 1e3, '9.1f'):>9}  {(ln['best_peer'] or '–'):<14}"
                    f"{_fmt(ln['best_peer_gbs'], '6.0f'):>6}{_fmt(ln['speedup'], '8.2f'):>8}{_fmt(ln['rel_err'], '9.1e'):>9}")
     return "\n".join(out)
+
+
+def serving_markdown(record: dict) -> str:
+    """The serving table: µs per call in graph replay for every method, speedup over the best
+    peer, the floor, host µs per eager call, and (append pattern) the appends' µs; then every
+    failed check."""
+    by_shape: dict[str, dict[str, dict]] = {}
+    for row in record["rows"]:
+        by_shape.setdefault(row["shape"], {})[row["method"]] = row
+    methods = list(dict.fromkeys(r["method"] for r in record["rows"]))
+    appended = any(r.get("pattern") == "append" for r in record["rows"])
+    cols = (["shape", "KV MiB", "layers"] + [f"{m} µs" for m in methods] + ["vs best peer"]
+            + (["append µs"] if appended else []) + ["host µs: " + ", ".join(methods)])
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    speedups = []
+    for shape, rows in by_shape.items():
+        first = next(iter(rows.values()))
+        cells = [f"`{shape}`", f"{first['kv_bytes'] / 2**20:.0f}", str(first["layers"])]
+        for m in methods:
+            r = rows.get(m, {})
+            status = r.get("status", "not run")
+            cells.append(f"{r['ms'] * 1e3:.1f}" if "ms" in r else "FAILED" if status.startswith("FAILED") else f"({status})")
+        own = rows.get("leanattn", {}).get("ms")
+        peers = [r["ms"] for m, r in rows.items() if m not in NOT_PEERS and "ms" in r]
+        speed = min(peers) / own if own and peers else None
+        if speed:
+            speedups.append(speed)
+        cells.append(f"{speed:.2f}" if speed else "–")
+        if appended:
+            us = next((r["append_us"] for r in rows.values() if "append_us" in r), None)
+            cells.append(f"{us:.1f}" if us is not None else "–")
+        cells.append(" / ".join(f"{rows[m]['host_us']:.1f}" if "host_us" in rows.get(m, {}) else "–" for m in methods))
+        out.append("| " + " | ".join(cells) + " |")
+    if speedups:
+        gm = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
+        out.append(f"\nGeometric mean over the best peer: {gm:.2f}x over {len(speedups)} shapes; minimum {min(speedups):.2f}x.")
+    failed = failures(record)
+    if failed:
+        out.append("\nFailed checks:\n" + "\n".join(f"- `{r['shape']}` {r['method']}: {r['status']}" for r in failed))
+    return "\n".join(out) + "\n"
+
+
+def failures(record: dict) -> list[dict]:
+    """The rows whose output failed its check (the appended token not seen)."""
+    return [r for r in record["rows"] if str(r.get("status", "")).startswith("FAILED")]
 
 
 def plot(record: dict, path: Path) -> None:
@@ -278,8 +349,6 @@ def write(record: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(record, indent=1))
     if record.get("mode") == "graph":
-        from .serving import serving_markdown
-
         (out_dir / "results.md").write_text(_header(record) + "\n\n" + serving_markdown(record))
         return
     (out_dir / "results.md").write_text(markdown(record))

@@ -6,7 +6,14 @@ on its own KV cache. Here a step is ``layers`` such calls, each layer with its o
 an engine captures it: leanattn plans inside the graph and runs every layer from the plan;
 FlashInfer plans on the host before capture (its plan is a host function) and runs inside; SDPA
 is called per layer. A plain-read floor (a Triton kernel that only streams each layer's K and V
-bytes) is captured the same way. Times are per call: replay time over ``layers``.
+bytes) is captured the same way. Times are per call: replay time over ``layers``; the methods take
+turns over rounds and each reports its median round (``leanattn.bench.rounds``).
+
+Two patterns: ``append`` (the default), where before each layer's attention a small kernel writes
+that layer's newest K/V token and a fresh q (``leanattn.bench.append``) and every method's output
+is checked to include them, as in a model step; and ``plain``, the layers' attention back to back.
+Under ``append`` the per-call time includes the append kernel's (each row also has ``append_us``,
+the appends alone replayed the same way).
 
 Host cost per call is the wall time of back-to-back eager calls of one layer, no sync, over
 their number: what a call costs the CPU when nothing is captured.
@@ -14,10 +21,9 @@ their number: what a call costs the CPU when nothing is captured.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import time
-from dataclasses import dataclass, replace
+import sys
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -26,26 +32,17 @@ import triton.language as tl
 
 import leanattn
 
+from .append import AppendNotSeen, check_seen, launch_append, make_appends, token_rows
 from .peers import Inputs, Unsupported, _reason, capture_cuda_graph, flashinfer_pages, make_inputs
-from .shapes import Shape, parse_shape
+from .rounds import bench_round, host_us, median_round, take_turns
+from .shapes import Shape
 
-__all__ = ["SERVING_METHODS", "layer_count", "run_serving_shape", "serving_suite"]
+__all__ = ["PATTERNS", "SERVING_METHODS", "Prepared", "layer_count", "make_step", "run_serving_shape"]
+
+PATTERNS = ("append", "plain")
 
 # Bytes a replay touches at least (K+V of all its layers), so nothing stays in L2.
 _MIN_STEP_BYTES = 512 * 2**20
-
-# Tensor-parallel shards, as an engine sees them per GPU: 8/1 or 32/8 heads, batch 1-64,
-# contexts 2k-128k, 16-256 MiB of KV per call; each also paged (page 16).
-_SERVING = """
-1x32k@8/1 1x4k@32/8 4x8k@8/1 1x128k@8/1 64x2k@8/1 1x32k@32/8 8x8k@32/8 16x4k@64/8
-"""
-
-
-def serving_suite(paged: bool = True) -> list[Shape]:
-    """The TP-shard shapes, contiguous and (with ``paged``) with pages of 16 tokens."""
-    shapes = [parse_shape(s) for s in _SERVING.split()]
-    return shapes + ([replace(s, page_size=16) for s in shapes] if paged else [])
-
 
 def layer_count(shape: Shape) -> int:
     """Layers per captured step: enough that a replay reads >= 512 MiB, 4 to 32."""
@@ -107,10 +104,36 @@ def make_layers(shape: Shape, device: torch.device, layers: int) -> Layers:
     return Layers(xs, sinks, scales)
 
 
-# A method builds, from the shape and its layers, (step, one_call): ``step`` runs the whole step
-# (what is captured) and returns the last layer's output (batch, q_heads, head_dim); ``one_call``
-# runs one layer eagerly, for the host cost.
-Prepared = tuple[Callable[[], torch.Tensor], Callable[[], object]]
+@dataclass
+class Prepared:
+    """A method ready to run a decode step: ``layer(i)`` runs layer i's attention and returns its
+    output (batch, q_len, q_heads, head_dim; the floor returns its sums); ``begin()``, if any,
+    runs once per step before the layers (leanattn's plan); ``one_call()`` runs layer 0 eagerly,
+    for the host cost, inside ``context()`` if given; ``wrapper``: leanattn's DecodeWrapper;
+    ``keep``: what must live as long as the graph."""
+
+    layer: Callable[[int], torch.Tensor]
+    one_call: Callable[[], object]
+    begin: Callable[[], object] | None = None
+    context: Callable[[], object] | None = None
+    wrapper: leanattn.DecodeWrapper | None = None
+    keep: tuple = field(default_factory=tuple)
+
+
+def make_step(prepared: Prepared, layers: int, append: Callable[[int], None] | None = None) -> Callable[[], torch.Tensor]:
+    """One decode step of ``layers`` layers (what is captured): ``begin``, then per layer
+    ``append(i)`` (if given) and the layer's attention. Returns the last layer's output."""
+
+    def step() -> torch.Tensor:
+        if prepared.begin is not None:
+            prepared.begin()
+        for i in range(layers):
+            if append is not None:
+                append(i)
+            out = prepared.layer(i)
+        return out
+
+    return step
 
 
 def invariance(shape: Shape) -> dict:
@@ -119,8 +142,7 @@ def invariance(shape: Shape) -> dict:
 
 
 def leanattn_step(shape: Shape, ls: Layers, config: leanattn.KernelConfig | None = None) -> Prepared:
-    """``DecodeWrapper`` planned once per step and run per layer (with ``config``, if given);
-    ``step.wrapper`` is the wrapper."""
+    """``DecodeWrapper`` planned once per step and run per layer (with ``config``, if given)."""
     x0 = ls.first
     w = leanattn.DecodeWrapper(shape.q_heads, shape.kv_heads, shape.head_dim, shape.dtype, x0.q.device,
                                kv_dtype=x0.k.dtype, max_q_len=shape.q_len, config=config, **invariance(shape))
@@ -131,17 +153,15 @@ def leanattn_step(shape: Shape, ls: Layers, config: leanattn.KernelConfig | None
     for f in features:
         window = f.pop("window_size", window)
 
-    def step() -> torch.Tensor:
+    def begin() -> None:
         w.plan(x0.seqlens, capacity, q_len=shape.q_len, window_size=window)
-        for x, out, f in zip(ls.xs, outs, features):
-            w.run(x.q, x.k, x.v, block_table=x.block_table, out=out, **f)
-        return outs[-1]
 
-    def one_call() -> None:
-        w.run(x0.q, x0.k, x0.v, block_table=x0.block_table, out=outs[0], **features[0])
+    def layer(i: int) -> torch.Tensor:
+        x = ls.xs[i]
+        w.run(x.q, x.k, x.v, block_table=x.block_table, out=outs[i], **features[i])
+        return outs[i]
 
-    step.wrapper = w  # type: ignore[attr-defined]
-    return step, one_call
+    return Prepared(layer, lambda: layer(0), begin=begin, wrapper=w)
 
 
 def _leanattn_decode(shape: Shape, ls: Layers) -> Prepared:
@@ -149,15 +169,12 @@ def _leanattn_decode(shape: Shape, ls: Layers) -> Prepared:
     outs = [torch.empty_like(x.q) for x in ls.xs]
     features = [ls.features(shape, i) | invariance(shape) for i in range(len(ls.xs))]
 
-    def call(x: Inputs, out: torch.Tensor, f: dict) -> None:
-        leanattn.decode(x.q, x.k, x.v, x.seqlens, block_table=x.block_table, out=out, **f)
+    def layer(i: int) -> torch.Tensor:
+        x = ls.xs[i]
+        leanattn.decode(x.q, x.k, x.v, x.seqlens, block_table=x.block_table, out=outs[i], **features[i])
+        return outs[i]
 
-    def step() -> torch.Tensor:
-        for x, out, f in zip(ls.xs, outs, features):
-            call(x, out, f)
-        return outs[-1]
-
-    return step, lambda: call(ls.first, outs[0], features[0])
+    return Prepared(layer, lambda: layer(0))
 
 
 def _sdpa(backend_name: str):
@@ -186,23 +203,20 @@ def _sdpa(backend_name: str):
                 keep &= key >= query - shape.window
             mask = keep[None, None]
 
-        def step() -> torch.Tensor:
-            with sdpa_kernel(backend):
-                for q, k, v in views:
-                    o = sdpa(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-            return o.transpose(1, 2)
+        def call(i: int) -> torch.Tensor:
+            q, k, v = views[i]
+            return sdpa(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa).transpose(1, 2)
 
-        def one_call() -> None:
-            q, k, v = views[0]
-            sdpa(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        def layer(i: int) -> torch.Tensor:
+            with sdpa_kernel(backend):
+                return call(i)
 
         try:
-            step()
+            layer(0)
         except RuntimeError as e:
             raise Unsupported(_reason("refused", e, 80)) from e
-        # The backend is chosen once around the timed loop, as an engine would configure it.
-        one_call.context = lambda: sdpa_kernel(backend)  # type: ignore[attr-defined]
-        return step, one_call
+        # The backend is chosen once around the timed eager loop, as an engine would configure it.
+        return Prepared(layer, lambda: call(0), context=lambda: sdpa_kernel(backend))
 
     return prepare
 
@@ -242,21 +256,16 @@ def _flashinfer(tensor_cores: bool):
             qs = [x.q.reshape(-1, shape.q_heads, shape.head_dim) for x in ls.xs]
             outs = [torch.empty_like(q) for q in qs]
 
-            def step() -> torch.Tensor:
-                for q, kv, out in zip(qs, kvs, outs):
-                    wrapper.run(q, kv, out=out)
-                return outs[-1].view(shape.batch, shape.q_len, shape.q_heads, shape.head_dim)
+            def layer(i: int) -> torch.Tensor:
+                wrapper.run(qs[i], kvs[i], out=outs[i])
+                return outs[i].view(shape.batch, shape.q_len, shape.q_heads, shape.head_dim)
 
-            def one_call() -> None:
-                wrapper.run(qs[0], kvs[0], out=outs[0])
-
-            step()
+            layer(0)
         except Unsupported:
             raise
         except Exception as e:  # JIT or shape errors
             raise Unsupported(_reason(f"error: {type(e).__name__}", e, 60)) from e
-        step.keep = (workspace, indices, indptr, last, table)  # type: ignore[attr-defined]
-        return step, one_call
+        return Prepared(layer, lambda: layer(0), keep=(workspace, indices, indptr, last, table))
 
     return prepare
 
@@ -283,16 +292,13 @@ def _floor(shape: Shape, ls: Layers) -> Prepared:
     flats = [(x.k.reshape(-1)[:half], x.v.reshape(-1)[:half]) for x in ls.xs]
     n_per = -(-half // programs // block) * block
 
-    def call(k: torch.Tensor, v: torch.Tensor) -> None:
+    def layer(i: int) -> torch.Tensor:
+        k, v = flats[i]
         _read_kernel[(programs,)](k, y, n_per, half, BLOCK=block, num_warps=8)
         _read_kernel[(programs,)](v, y[programs:], n_per, half, BLOCK=block, num_warps=8)
-
-    def step() -> torch.Tensor:
-        for k, v in flats:
-            call(k, v)
         return y
 
-    return step, lambda: call(*flats[0])
+    return Prepared(layer, lambda: layer(0))
 
 
 SERVING_METHODS: dict[str, Callable[[Shape, Layers], Prepared]] = {
@@ -308,81 +314,101 @@ SERVING_METHODS: dict[str, Callable[[Shape, Layers], Prepared]] = {
 NOT_PEERS = ("leanattn", "leanattn_decode", "read_floor")
 
 
-def host_us(one_call: Callable[[], object], calls: int = 200) -> float:
-    """Wall microseconds per call of ``calls`` back-to-back eager calls, no sync between them."""
-    ctx = getattr(one_call, "context", None)
-    with ctx() if ctx else contextlib.nullcontext():
-        for _ in range(10):
-            one_call()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            one_call()
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-    return (t1 - t0) / calls * 1e6
-
-
-def run_serving_shape(shape: Shape, methods: list[str], device: torch.device, bench: Callable) -> list[dict]:
-    """Rows for one shape: per-call µs in graph replay, host µs, error of the last layer.
-    ``bench(fn)`` times ``fn`` in milliseconds."""
+def run_serving_shape(shape: Shape, methods: list[str], device: torch.device, pattern: str = "append",
+                      rounds: int = 5, bench: Callable[[Callable[[], object]], float] = bench_round) -> list[dict]:
+    """Rows for one shape: per-call µs in graph replay (each method's median of ``rounds`` rounds
+    in which the methods take turns; ``bench(fn)`` times ``fn`` in milliseconds), host µs, and the
+    error of the last layer's output. With ``pattern`` "append", each row's ``status`` says
+    "FAILED: ..." (and it has no time) when its output misses the appended token."""
+    if pattern not in PATTERNS:
+        raise ValueError(f"pattern must be one of {', '.join(PATTERNS)}, got {pattern!r}")
     layers = layer_count(shape)
     ls = make_layers(shape, device, layers)
-    last = ls.xs[-1]
-    kw = {"block_table": last.block_table} if last.block_table is not None else {}
-    ref = leanattn.reference.decode(last.q.float(), last.k, last.v, last.seqlens, compute_dtype=torch.float32,
-                                    **kw, **ls.features(shape, layers - 1))
-    rows = []
+    appends = make_appends(shape, ls.xs) if pattern == "append" else None
+    append = None if appends is None else (lambda i: launch_append(shape, ls.xs[i], appends.fresh[i]))
+    refs = _references(shape, ls, appends)
+    rows, ready = {}, {}
     for method in methods:
         row = {"shape": shape.name, "family": shape.family, "ctx": max(shape.lens), "method": method,
-               "kv_bytes": shape.kv_bytes, "layers": layers, "mode": "graph"}
+               "kv_bytes": shape.kv_bytes, "layers": layers, "mode": "graph", "pattern": pattern}
+        rows[method] = row
         try:
-            step, one_call = SERVING_METHODS[method](shape, ls)
-            graph, result = capture_cuda_graph(step)
+            prepared = SERVING_METHODS[method](shape, ls)
+            graph, result = capture_cuda_graph(make_step(prepared, layers, append))
+            if appends is not None:  # the checked replay must write the new tokens itself
+                for x, stale in zip(ls.xs, appends.stale):
+                    launch_append(shape, x, stale)
             graph.replay()
             torch.cuda.synchronize()
             if method != "read_floor":
-                out = result.reshape(ref.shape).float()
-                row["rel_err"] = ((out - ref).norm() / ref.norm()).item() if torch.isfinite(out).all() else math.inf
-            row["ms"] = bench(graph.replay) / layers
-            row["gbs"] = shape.kv_bytes / (row["ms"] * 1e-3) / 1e9
-            row["host_us"] = host_us(one_call)
+                if appends is None:
+                    row["rel_err"] = _rel_err(result, refs[0])
+                else:
+                    row["rel_err"], row["rel_err_without_append"] = check_seen(method, result, *refs)
             if method == "leanattn":
-                row["direct_launch"] = bool(step.wrapper.compiled_kernels)  # type: ignore[attr-defined]
-            del graph, result, step, one_call
+                row["direct_launch"] = bool(prepared.wrapper.compiled_kernels)
+            ready[method] = (graph, result, prepared)
         except Unsupported as e:
             row["status"] = str(e)
-        rows.append(row)
-    del ls, ref
+        except AppendNotSeen as e:
+            row["status"] = f"FAILED: {e}"
+            print(f"{shape.name}: {row['status']}", file=sys.stderr)
+    names = list(ready)
+    times = take_turns(names, rounds, lambda m: bench(ready[m][0].replay) / layers)
+    hosts = take_turns(names, rounds, lambda m: host_us(ready[m][2].one_call, context=ready[m][2].context))
+    append_us = _append_us(shape, ls, appends, bench) if appends is not None and names else None
+    for m in names:
+        row = rows[m]
+        row["ms"] = median_round(times[m])
+        row["round_ms"] = times[m]
+        row["gbs"] = shape.kv_bytes / (row["ms"] * 1e-3) / 1e9
+        row["host_us"] = median_round(hosts[m])
+        if append_us is not None:
+            row["append_us"] = append_us
+    del ready, ls, refs
     torch.cuda.empty_cache()
-    return rows
+    return list(rows.values())
 
 
-def serving_markdown(record: dict) -> str:
-    """The serving table: µs per call in graph replay for every method, speedup over the best
-    peer, the floor, and host µs per eager call."""
-    by_shape: dict[str, dict[str, dict]] = {}
-    for row in record["rows"]:
-        by_shape.setdefault(row["shape"], {})[row["method"]] = row
-    methods = list(dict.fromkeys(r["method"] for r in record["rows"]))
-    cols = ["shape", "KV MiB", "layers"] + [f"{m} µs" for m in methods] + ["vs best peer", "host µs: " + ", ".join(methods)]
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    speedups = []
-    for shape, rows in by_shape.items():
-        first = next(iter(rows.values()))
-        cells = [f"`{shape}`", f"{first['kv_bytes'] / 2**20:.0f}", str(first["layers"])]
-        for m in methods:
-            r = rows.get(m, {})
-            cells.append(f"{r['ms'] * 1e3:.1f}" if "ms" in r else f"({r.get('status', 'not run')})")
-        own = rows.get("leanattn", {}).get("ms")
-        peers = [r["ms"] for m, r in rows.items() if m not in NOT_PEERS and "ms" in r]
-        speed = min(peers) / own if own and peers else None
-        if speed:
-            speedups.append(speed)
-        cells.append(f"{speed:.2f}" if speed else "–")
-        cells.append(" / ".join(f"{rows[m]['host_us']:.1f}" if "host_us" in rows.get(m, {}) else "–" for m in methods))
-        out.append("| " + " | ".join(cells) + " |")
-    if speedups:
-        gm = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
-        out.append(f"\nGeometric mean over the best peer: {gm:.2f}x over {len(speedups)} shapes; minimum {min(speedups):.2f}x.")
-    return "\n".join(out) + "\n"
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out = out.reshape(ref.shape).float()
+    return ((out - ref).norm() / ref.norm()).item() if torch.isfinite(out).all() else math.inf
+
+
+def _reference(shape: Shape, ls: Layers, layer: int, q: torch.Tensor) -> torch.Tensor:
+    """float32 attention of ``q`` over layer ``layer``'s cache as it is now."""
+    x = ls.xs[layer]
+    kw = {"block_table": x.block_table} if x.block_table is not None else {}
+    return leanattn.reference.decode(q.float(), x.k, x.v, x.seqlens, compute_dtype=torch.float32, **kw,
+                                     **ls.features(shape, layer))
+
+
+def _references(shape: Shape, ls: Layers, appends) -> tuple[torch.Tensor, ...]:
+    """The last layer's reference outputs: (as the inputs are,) for the plain pattern; (with the
+    appended token, with the fresh q but the stale token) for the append pattern, which leaves
+    the last layer as the replays will (the fresh token in place). Raises RuntimeError when the
+    append kernel did not write the token."""
+    last = len(ls.xs) - 1
+    x = ls.xs[last]
+    if appends is None:
+        return (_reference(shape, ls, last, x.q),)
+    q, k, v = appends.fresh[last]
+    _, stale_k, stale_v = appends.stale[last]
+    launch_append(shape, x, (q, stale_k, stale_v))
+    without = _reference(shape, ls, last, q)
+    launch_append(shape, x, (q, k, v))
+    got_k, got_v, live = token_rows(shape, x)
+    written = [torch.equal(got[live].float(), want.to(x.k.dtype)[live].float()) for got, want in ((got_k, k), (got_v, v))]
+    if not all(written) or not torch.equal(x.q, q):
+        raise RuntimeError(f"{shape.name}: the append kernel did not write the new token into the cache and q")
+    return _reference(shape, ls, last, q), without
+
+
+def _append_us(shape: Shape, ls: Layers, appends, bench: Callable) -> float:
+    """Microseconds per layer of the append kernels alone, replayed from a graph as in a step."""
+    def step() -> None:
+        for x, token in zip(ls.xs, appends.fresh):
+            launch_append(shape, x, token)
+
+    graph, _ = capture_cuda_graph(step)
+    return median_round([bench(graph.replay) for _ in range(3)]) / len(ls.xs) * 1e3

@@ -24,7 +24,7 @@ import torch
 
 import leanattn
 
-__all__ = ["Shape", "parse_shape", "default_suite"]
+__all__ = ["SUITES", "Shape", "default_suite", "parse_shape", "suite"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _SYNTAX = "expected LENS@HQ/HKV[:opt...], e.g. 1x32k@32/8:d=128:bf16:page=16"
@@ -212,8 +212,48 @@ _SUITE = """
 1k+2k+4k+8k+16k+32k+64k+128k@32/8:page=16
 """
 
+# Head dims 64, 80, 96 and 256 and groups 3, 5, 6 and 7 (q heads per kv head), contiguous and
+# paged, 20-256 MiB: what the table above leaves out.
+_COVERAGE = """
+4x16k@40/8:d=64 16x4k@14/2:d=64:page=16
+1x32k@8/8:d=80 4x8k@16/8:d=80:page=16
+1x64k@7/1:d=96 4x16k@24/8:d=96:page=64
+4x8k@10/2 16x2k@12/2:page=16
+4x8k@56/8:d=256 2x16k@10/2:d=256:page=16
+"""
+
+# One GPU's share of a model under tensor parallelism, 16-256 MiB of KV per call: the issue's
+# d=128 shards (8/1, 32/8, 64/8), four of them paged; groups 3, 5, 6 and 7 at d=128; and head dims
+# 64, 80, 96 and 256, each contiguous and paged, with groups 1 to 8 among them.
+_SERVING = """
+1x32k@8/1 1x4k@32/8 4x8k@8/1 1x128k@8/1 64x2k@8/1 1x32k@32/8 8x8k@32/8 16x4k@64/8
+1x32k@8/1:page=16 1x4k@32/8:page=16 64x2k@8/1:page=16 8x8k@32/8:page=64
+2x32k@7/1 4x8k@10/2 16x2k@12/2:page=16 8x4k@24/8
+1x64k@8/1:d=64 4x16k@40/8:d=64 16x4k@14/2:d=64:page=16
+1x64k@4/1:d=80 1x32k@8/8:d=80 4x8k@16/8:d=80:page=16
+1x64k@7/1:d=96 8x4k@16/16:d=96 4x16k@24/8:d=96:page=64
+1x16k@8/1:d=256 4x8k@16/8:d=256 2x16k@10/2:d=256:page=16 4x8k@56/8:d=256
+"""
+
+# name: (what it is, its shapes' text)
+SUITES: dict[str, tuple[str, str]] = {
+    "eager": ("the baseline table, large batches, head dims 32-512, fp16, paged and ragged rows, and every "
+              "head dim 64-256 and group 1-8 (the --mode eager default)", _SUITE + _COVERAGE),
+    "serving": ("tensor-parallel shards of 16-256 MiB: head dims 64, 80, 96, 128, 256, groups 1-8, contiguous "
+                "and paged (the --mode graph default)", _SERVING),
+    "serving-full": ("the eager suite and the serving suite together", _SUITE + _COVERAGE + _SERVING),
+}
+
+
+def suite(name: str) -> list[Shape]:
+    """The shapes of the suite ``name`` (a key of ``SUITES``), each once, in order."""
+    if name not in SUITES:
+        raise ValueError(f"suite must be one of {', '.join(SUITES)}, got {name!r}")
+    return [parse_shape(s) for s in dict.fromkeys(SUITES[name][1].split())]
+
 
 def default_suite() -> list[Shape]:
-    """Every shape of the baseline table, plus large-batch, 70B-style GQA, head dims 32, 64, 192,
-    256 and 512 (the 512 ones 512 MiB of K and V), fp16, and paged rows."""
-    return [parse_shape(s) for s in _SUITE.split()]
+    """The eager suite: every shape of the baseline table, plus large-batch, 70B-style GQA, head
+    dims 32, 64, 80, 96, 192, 256 and 512 (the 512 ones 512 MiB of K and V), groups 1 to 8, fp16,
+    and paged rows."""
+    return suite("eager")
