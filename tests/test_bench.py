@@ -375,3 +375,12 @@ def test_serving_shape_append_flow_on_the_cpu(monkeypatch):
     assert plain["early"]["ms"] == 0.5 and "status" not in plain["early"]  # per layer
     with pytest.raises(ValueError, match="pattern must be one of append, plain"):
         serving.run_serving_shape(shape, ["leanattn"], CPU, "sideways")
+
+
+def test_flashinfer_tensor_core_decode_is_refused_at_head_dims_where_it_faults():
+    from leanattn.bench.peers import refuse_flashinfer_head_dim
+
+    refuse_flashinfer_head_dim(parse_shape("1x4k@32/8:d=128"), tensor_cores=True)
+    refuse_flashinfer_head_dim(parse_shape("1x4k@32/8:d=80"), tensor_cores=False)
+    with pytest.raises(Unsupported, match="head dim 80"):
+        refuse_flashinfer_head_dim(parse_shape("1x4k@32/8:d=80"), tensor_cores=True)

@@ -184,9 +184,24 @@ def test_merge_orders_partials_before_tickets():
 
 
 # (head_dim, q_heads, kv_heads, q_len): each new head dim at one query row a kv head and at its
-# most (leanattn.max_query_rows), heads long enough to be split over the default grid.
-NEW_HEAD_DIMS = [(32, 32, 8, 1), (32, 32, 2, 8), (192, 32, 8, 1), (192, 64, 8, 16), (512, 32, 8, 1),
+# most without spills (d=192 and 256 spill above 32 rows: WIDE_HEADS_MANY_ROWS), heads long
+# enough to be split over the default grid.
+NEW_HEAD_DIMS = [(32, 32, 8, 1), (32, 32, 2, 8), (192, 32, 8, 1), (192, 64, 8, 4), (512, 32, 8, 1),
                  (512, 16, 1, 1), (512, 32, 16, 8)]
+# HEAD_DIM_PAD 256 at leanattn.max_query_rows (128): the accumulator alone takes 128 registers a
+# thread and the kernel spills (measured on an H200: 148 spill stores at 64 rows, ~540 at 128);
+# the values must still be the reference's.
+WIDE_HEADS_MANY_ROWS = [(192, 64, 8, 16), (256, 64, 8, 16)]
+
+
+@pytest.mark.parametrize("d,hq,hkv,q_len", WIDE_HEADS_MANY_ROWS)
+def test_wide_heads_at_most_query_rows_are_exact(d, hq, hkv, q_len):
+    lens = [9000, 3001, 1, 0]
+    _, k, v, sl = make_inputs(lens, hq, hkv, d, torch.bfloat16, seed=18)
+    q = torch.randn(len(lens), q_len, hq, d, generator=torch.Generator().manual_seed(19)).to(torch.bfloat16).cuda()
+    assert q_len * hq // hkv == leanattn.max_query_rows(d)
+    out, lse = leanattn.decode(q, k, v, sl, return_lse=True)
+    assert_close(out, lse, *reference(q, k, v, sl))
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2])

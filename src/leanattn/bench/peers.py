@@ -193,12 +193,25 @@ def flashinfer_pages(shape: Shape, xs: list[Inputs]) -> tuple:
     return ps, kvs, table, indices, indptr, last
 
 
+# FlashInfer 0.5.0's tensor-core decode ran into an illegal memory access at head dim 80 on an
+# H200 (which leaves the process's CUDA context unusable, so every later row would fail), and
+# refused 32, 192 and 512 with an error: it is run only at the head dims where it gave results.
+FLASHINFER_TC_HEAD_DIMS = (64, 128, 256)
+
+
+def refuse_flashinfer_head_dim(shape: Shape, tensor_cores: bool) -> None:
+    """Raise Unsupported for a head dim FlashInfer's tensor-core decode must not be run at."""
+    if tensor_cores and shape.head_dim not in FLASHINFER_TC_HEAD_DIMS:
+        raise Unsupported(f"tensor-core decode at head dim {shape.head_dim} (runs at {FLASHINFER_TC_HEAD_DIMS} only)")
+
+
 def _flashinfer(tensor_cores: bool):
     def prepare(shape: Shape, x: Inputs) -> Callable[[], torch.Tensor]:
         try:
             import flashinfer
         except ImportError as e:
             raise Unsupported("flashinfer not installed") from e
+        refuse_flashinfer_head_dim(shape, tensor_cores)
         ps, ((k, v),), table, indices, indptr, last = flashinfer_pages(shape, [x])
         workspace = torch.zeros(256 * 2**20, dtype=torch.uint8, device=x.q.device)
         wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=tensor_cores)

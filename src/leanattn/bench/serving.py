@@ -33,7 +33,7 @@ import triton.language as tl
 import leanattn
 
 from .append import AppendNotSeen, check_seen, launch_append, make_appends, token_rows
-from .peers import Inputs, Unsupported, _reason, capture_cuda_graph, flashinfer_pages, make_inputs
+from .peers import Inputs, Unsupported, _reason, capture_cuda_graph, flashinfer_pages, make_inputs, refuse_flashinfer_head_dim
 from .rounds import bench_round, host_us, median_round, take_turns
 from .shapes import Shape
 
@@ -229,6 +229,7 @@ def _flashinfer(tensor_cores: bool):
             raise Unsupported("flashinfer not installed") from e
         if shape.sinks or shape.scales:
             raise Unsupported("no attention sinks or fp8 scale tensors")
+        refuse_flashinfer_head_dim(shape, tensor_cores)
         x0 = ls.first
         dev = x0.q.device
         ps, kvs, table, indices, indptr, last = flashinfer_pages(shape, ls.xs)

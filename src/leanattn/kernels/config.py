@@ -114,9 +114,11 @@ def choose_config(head_dim: int, kv_dtype: torch.dtype, rows: int) -> KernelConf
         # flight, 192 KiB as 3 whole stages). Registers of 8 warps: the accumulator rows x 256 /
         # 256 = R a thread, the scores R x 64 / 256, q 64 below 64 rows: ~174 at 16 rows, ~230
         # at 32. Over 32 rows (any head dim here) the accumulator takes (rows x head_dim) fp32
-        # registers: at d=256 and 128 rows (MAX_QUERY_ROWS) 128 a thread and the scores 32, ~250
-        # with the rest; products of 64-row blocks can read q from shared memory, and the limit
-        # stays 128 (spills would cost time there, never results). One program per SM, more
+        # registers: at d=256 and 128 rows (MAX_QUERY_ROWS) 128 a thread and the scores 32, more
+        # than the rest leaves. Measured on an H200 at HEAD_DIM_PAD 256: 148 spill stores at 64
+        # rows, ~540 at 128 rows (32-token tiles or 3 stages change little; 4 warps triple them),
+        # none at 32 rows and below. The limit stays 128: spills cost time there, never results
+        # (tests/test_gpu.py checks the values at 128 rows). One program per SM, more
         # warps to issue. At HEAD_DIM_PAD 256 over 32 rows q's dot operand (rows x 256 x 2 bytes,
         # 64 KiB at 128 rows) joins the stages in shared memory: 3 stages asked for 256 KiB at
         # 128 rows (over the 227 KiB limit), so 2 stages.
