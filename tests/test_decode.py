@@ -225,3 +225,19 @@ def test_workspace_tickets_back_at_zero_and_old_buffers_kept():
     for programs in (1, 4, 13, 60):
         leanattn.decode(q, k, v, sl, num_programs=programs)
         assert (ws.tickets == 0).all()
+
+
+def test_workspace_views_follow_the_buffers_when_they_grow():
+    """A size asked for before returns the same views (one lookup), and after the buffers are
+    replaced by larger ones, views of the new buffers, never of the retired ones."""
+    from leanattn._workspace import Workspace
+
+    ws = Workspace()
+    small = ws.get(torch.device("cpu"), 8, 4, 64)
+    assert ws.get(torch.device("cpu"), 8, 4, 64) is small
+    ws.get(torch.device("cpu"), 64, 16, 128)  # grows every buffer
+    again = ws.get(torch.device("cpu"), 8, 4, 64)
+    assert again[0] is ws.acc and again[1] is ws.stats
+    assert again[2].data_ptr() == ws.tickets.data_ptr() and again[2].numel() == 8
+    assert again[3].data_ptr() == ws.tickets[8:].data_ptr()
+    assert all(a is not b for a, b in zip(again, small))

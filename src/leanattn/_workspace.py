@@ -55,8 +55,14 @@ class Workspace:
         # Buffers replaced by larger ones stay alive: a CUDA graph captured earlier still
         # reads and writes them on every replay.
         self.retired: list[tuple[torch.Tensor, ...]] = []
+        # The views get() returned, by (slots, rows, cols): a call of a known size takes one dict
+        # lookup (decode's host path); emptied when the buffers are replaced.
+        self.views: dict[tuple[int, int, int], tuple[torch.Tensor, ...]] = {}
 
     def get(self, device: torch.device, slots: int, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
+        views = self.views.get((slots, rows, cols))
+        if views is not None:
+            return views
         chunk = -(-slots // 4) * 4
         need = (slots * rows * cols, slots * 2 * rows, chunk + slots)  # acc, stats, tickets
         have = (0, 0, 0) if self.acc is None else (self.acc.numel(), self.stats.numel(), self.tickets.numel())
@@ -69,6 +75,7 @@ class Workspace:
                 )
             if self.acc is not None:
                 self.retired.append((self.acc, self.stats, self.tickets))
+            self.views.clear()
             sizes = tuple(max(n, h) for n, h in zip(need, have))
             self.acc, self.stats, self.tickets = outside_graph_pools(device, lambda: (
                 torch.empty(sizes[0], dtype=torch.float32, device=device),
@@ -78,7 +85,8 @@ class Workspace:
         # Head tickets first, then the chunk tickets (see the kernel's two-level arrival count),
         # from a 16-byte boundary: Triton specialises pointers on it, so any grid size reuses
         # one compiled kernel.
-        return self.acc, self.stats, self.tickets[:slots], self.tickets[chunk : chunk + slots]
+        views = self.views[(slots, rows, cols)] = (self.acc, self.stats, self.tickets[:slots], self.tickets[chunk : chunk + slots])
+        return views
 
 
 # One workspace per device for leanattn.decode: calls on different streams of a device must not
