@@ -22,6 +22,8 @@ MERGE = "src/leanattn/merge.py"
 WRAPPER = "src/leanattn/wrapper.py"
 CALL = "src/leanattn/_call.py"
 API = "src/leanattn/api.py"
+WORKSPACE = "src/leanattn/_workspace.py"
+MLA = "src/leanattn/kernels/mla_decode.py"
 
 GPU_RACE = "tests/test_gpu.py::test_merge_race_stress"
 GPU_FP8 = "tests/test_gpu.py::test_fp8_extremes"
@@ -206,7 +208,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "wrapper-plan-layout-drops-q_len",
-        one(WRAPPER, "batch, capacity, q_len, self.num_programs,", "batch, capacity, self.num_programs,"),
+        one(WRAPPER, "cache_leftpad, bounds), batch, capacity, q_len,", "cache_leftpad, bounds), batch, capacity,"),
         ("tests/test_wrapper.py",), k="seen_layout",
         why="a run of a layout seen before would skip the check against a re-plan of another q_len",
     ),
@@ -229,5 +231,17 @@ MUTANTS: list[Mutant] = [
         one(API, "            check_plan(plan, q, num_programs, known.plan_key)", "            pass"),
         ("tests/test_known_layouts.py",),
         why="a plan made for another call would be used on a known layout",
+    ),
+    Mutant(
+        "workspace-keeps-views-after-growth",
+        one(WORKSPACE, "            self.views.clear()", "            pass"),
+        ("tests/test_decode.py",), k="workspace_views",
+        why="a call of a size seen before would get views of retired buffers",
+    ),
+    Mutant(
+        "mla-drops-rope-scores",
+        one(MLA, "qk = tl.dot(q_r, tl.trans(k_r), acc=qk)", "qk = qk"),
+        ("tests/test_mla.py",),
+        why="the scores would leave out the rope columns' product",
     ),
 ]
