@@ -197,6 +197,20 @@ def check_page_strides(k_cache: torch.Tensor, v_cache: torch.Tensor, names: tupl
                               f"or more into it (strides {t.stride()}): lay each page out in one block")
 
 
+def check_operands(*named: tuple[str, torch.Tensor]) -> None:
+    """q and the caches: tensors, 4-D, a supported dtype (fp8 for caches only), unit last stride."""
+    for name, t in named:
+        check_tensor(name, t)
+        if t.dim() != 4:
+            fail(ValueError, f"{name} must be 4-D, got shape {tuple(t.shape)}")
+        allowed = SUPPORTED_DTYPES if name == "q" else SUPPORTED_DTYPES + FP8_DTYPES
+        if t.dtype not in allowed:
+            kinds = "float16 or bfloat16" + ("" if name == "q" else ", or float8_e4m3fn / float8_e5m2")
+            fail(TypeError, f"{name} must be {kinds}, got {t.dtype}")
+        if t.stride(-1) != 1 and t.numel():
+            fail(ValueError, f"{name} must have unit stride on its last dim, got strides {t.stride()}")
+
+
 def validate(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -207,16 +221,7 @@ def validate(
     cache_leftpad: torch.Tensor | None = None,
 ) -> None:
     """Raise ValueError/TypeError naming the argument for every input the kernel can't take."""
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        check_tensor(name, t)
-        if t.dim() != 4:
-            fail(ValueError, f"{name} must be 4-D, got shape {tuple(t.shape)}")
-        allowed = SUPPORTED_DTYPES if name == "q" else SUPPORTED_DTYPES + FP8_DTYPES
-        if t.dtype not in allowed:
-            kinds = "float16 or bfloat16" + ("" if name == "q" else ", or float8_e4m3fn / float8_e5m2")
-            fail(TypeError, f"{name} must be {kinds}, got {t.dtype}")
-        if t.stride(-1) != 1 and t.numel():
-            fail(ValueError, f"{name} must have unit stride on its last dim, got strides {t.stride()}")
+    check_operands(("q", q), ("k_cache", k_cache), ("v_cache", v_cache))
     batch, q_len, q_heads, head_dim = q.shape
     k_shape = k_cache.shape
     paged = block_table is not None
@@ -275,16 +280,7 @@ def validate_mla(
     out: torch.Tensor | None, head_dim_v: int,
 ) -> None:
     """``leanattn.mla_decode``'s argument checks: ValueError/TypeError naming the argument."""
-    for name, t in (("q", q), ("kv_cache", kv_cache)):
-        check_tensor(name, t)
-        if t.dim() != 4:
-            fail(ValueError, f"{name} must be 4-D, got shape {tuple(t.shape)}")
-        allowed = SUPPORTED_DTYPES if name == "q" else SUPPORTED_DTYPES + FP8_DTYPES
-        if t.dtype not in allowed:
-            kinds = "float16 or bfloat16" + ("" if name == "q" else ", or float8_e4m3fn / float8_e5m2")
-            fail(TypeError, f"{name} must be {kinds}, got {t.dtype}")
-        if t.stride(-1) != 1 and t.numel():
-            fail(ValueError, f"{name} must have unit stride on its last dim, got strides {t.stride()}")
+    check_operands(("q", q), ("kv_cache", kv_cache))
     batch, q_len, q_heads, head_dim = q.shape
     paged = block_table is not None
     layout = "(num_pages, page_size, 1, head_dim)" if paged else "(batch, cache_len, 1, head_dim)"
