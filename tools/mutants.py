@@ -221,8 +221,8 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "decode-known-key-drops-causal",
-        one(API, "options = tuple((type(x), x) for x in (softmax_scale, causal, softcap,",
-            "options = tuple((type(x), x) for x in (softmax_scale, softcap,"),
+        one(API, "options = (type(softmax_scale), softmax_scale, type(causal), causal, type(softcap), softcap,",
+            "options = (type(softmax_scale), softmax_scale, type(softcap), softcap,"),
         ("tests/test_known_layouts.py",),
         why="a non-causal call of a layout seen causal would reuse the causal kernel call",
     ),

@@ -77,9 +77,9 @@ def pdl_of(config: KernelConfig, device: torch.device) -> bool:
 
 def layout_of(*tensors: torch.Tensor | None) -> tuple:
     """Shapes, strides, dtypes, devices and 16-byte alignment of tensors (None stays None)."""
-    return tuple(
+    return tuple([
         None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0) for t in tensors
-    )
+    ])
 
 
 def call_key(

@@ -161,8 +161,10 @@ def _arguments_key(
                    k_scale if isinstance(k_scale, torch.Tensor) else None,
                    v_scale if isinstance(v_scale, torch.Tensor) else None)
         # Options with their types: 1 == True and 32.0 == 32, but the checks take only one.
-        options = tuple((type(x), x) for x in (softmax_scale, causal, softcap, return_lse, num_programs,
-                                               batch_invariant, split_size))
+        # (Written out, not a generator: this runs on every call.)
+        options = (type(softmax_scale), softmax_scale, type(causal), causal, type(softcap), softcap,
+                   type(return_lse), return_lse, type(num_programs), num_programs,
+                   type(batch_invariant), batch_invariant, type(split_size), split_size)
         key = (_call.layout_of(*tensors), options, window_size, config,
                None if isinstance(k_scale, torch.Tensor) else (type(k_scale), k_scale),
                None if isinstance(v_scale, torch.Tensor) else (type(v_scale), v_scale))
