@@ -69,12 +69,15 @@ def check_per_sequence(name: str, t: object, batch: int) -> None:
 
 def refuse_grad(*tensors: torch.Tensor, names: tuple[str, ...] = ("q", "k_cache", "v_cache")) -> None:
     """leanattn computes no gradients: refuse inputs (``names``) that would silently detach a graph."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        names = [n for n, t in zip(names, tensors) if t.requires_grad]
-        raise RuntimeError(
-            f"leanattn has no backward pass, and {', '.join(names)} require grad: call it under "
-            "torch.no_grad() or torch.inference_mode(), or detach the inputs"
-        )
+    if not torch.is_grad_enabled():
+        return
+    for t in tensors:  # a loop, not any(generator): this runs on every call
+        if t.requires_grad:
+            names = [n for n, t in zip(names, tensors) if t.requires_grad]
+            raise RuntimeError(
+                f"leanattn has no backward pass, and {', '.join(names)} require grad: call it under "
+                "torch.no_grad() or torch.inference_mode(), or detach the inputs"
+            )
 
 
 def check_finite_values(
