@@ -260,3 +260,20 @@ def test_custom_op_opcheck():
         torch.ops.leanattn.mla_decode_into.default, (q, kv, out, lse, sl, None, None, 1.0, 64, 0.125, True, 3, 0),
         test_utils=("test_schema", "test_faketensor"),
     )
+
+
+def test_wrapper_workspace_fits_every_planned_q_len():
+    """A plan of any q_len up to max_q_len fits the wrapper's workspace: with 17 heads a block
+    holds 17 rows at q_len 1 and 4 at q_len 4, but 34 at q_len 2 (merged partials of 64 rows)."""
+    lens = [100, 70]
+    q, kv, sl = mla_inputs(lens, 17, 32, q_len=2, seed=11)
+    w = leanattn.MLAWrapper(17, 32, 16, torch.bfloat16, DEVICE, max_q_len=4, num_programs=5)
+    w.plan(sl, kv.shape[1], q_len=2)
+    config = w._config
+    group = blocks_of(2, 17, config.block_rows)[0]
+    _, merge_rows, dv_pad, _ = leanattn._call.padded_sizes(16, 2 * group)
+    acc, stats = w._bufs[:2]
+    assert acc.numel() >= 2 * w.num_programs * merge_rows * dv_pad
+    assert stats.numel() >= 2 * w.num_programs * 2 * merge_rows
+    out, lse = w.run(q, kv, return_lse=True)
+    check(out, lse, q, kv, sl, 16)

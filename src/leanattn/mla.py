@@ -193,12 +193,14 @@ class MLAWrapper:
         self.softmax_scale = softmax_scale_of(softmax_scale, head_dim)
         self._grid = num_programs
         self._batch_invariant, self._split_size = batch_invariant, split_size
-        configs = [self._config_for(n) for n in (1, max_q_len)]
+        q_lens = range(1, max_q_len + 1)
+        configs = [self._config_for(n) for n in q_lens]
         for config in configs:
             split_of(batch_invariant, split_size, config.tile)
         most = max(_call.grid(device, c, num_programs) for c in configs)
-        # Rows of a block grow with q_len: the largest q_len's blocks bound every plan's.
-        self._rows = max(_mla_call.rows_of(n, q_heads, c) for n, c in zip((1, max_q_len), configs))
+        # A block's rows are not monotonic in q_len (17 heads: 17 rows at q_len 1, 34 at 2, 4
+        # at 4, one head a block): every q_len a plan may take bounds the workspace's rows.
+        self._rows = max(_mla_call.rows_of(n, q_heads, c) for n, c in zip(q_lens, configs))
         self._workspace = Workspace()
         self._bufs = _call.buffers(self._workspace, device, _call.slots(most, 0, 0, 0, 0), head_dim_v, self._rows)
         self._plan = torch.zeros(most, PLAN_FIELDS.value, dtype=torch.int32, device=device)
