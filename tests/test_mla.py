@@ -277,3 +277,20 @@ def test_wrapper_workspace_fits_every_planned_q_len():
     assert stats.numel() >= 2 * w.num_programs * 2 * merge_rows
     out, lse = w.run(q, kv, return_lse=True)
     check(out, lse, q, kv, sl, 16)
+
+
+@pytest.mark.parametrize("paged_cache", [False, True])
+def test_check_names_kv_scale(paged_cache):
+    """check=True refuses a non-finite per-token scale in a live row, naming kv_scale (the
+    argument mla_decode takes), not decode's k_scale."""
+    lens = [20, 9]
+    q, kv, sl = mla_inputs(lens, 4, 80, seed=12)
+    kv8 = kv.to(FP8)
+    kw = {}
+    if paged_cache:
+        kv8, kw["block_table"] = paged(kv8, lens, 16)
+    scale = torch.ones(tuple(kv8.shape[:3]), device=DEVICE)
+    pos = (1, 3, 0) if not paged_cache else (int(kw["block_table"][1, 0]), 3, 0)
+    scale[pos] = math.nan
+    with pytest.raises(ValueError, match=r"^kv_scale\["):
+        leanattn.mla_decode(q, kv8, sl, head_dim_v=64, kv_scale=scale, check=True, **kw)

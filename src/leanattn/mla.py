@@ -40,7 +40,7 @@ def _check_values(kv_cache, cache_seqlens, block_table, kv_scale, batch: int, ca
     if block_table is not None:
         check_pages(block_table, kv_cache.shape[0], kv_cache.shape[1], cache_seqlens, None)
     check_finite_values(None, kv_scale, None, cache_seqlens=cache_seqlens, cache_leftpad=None,
-                        block_table=block_table, batch=batch, capacity=capacity)
+                        block_table=block_table, batch=batch, capacity=capacity, scale_names=("kv_scale", ""))
 
 
 def _outputs(q, head_dim_v, out, lse, return_lse) -> tuple[torch.Tensor, torch.Tensor | None]:
