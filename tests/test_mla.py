@@ -294,3 +294,11 @@ def test_check_names_kv_scale(paged_cache):
     scale[pos] = math.nan
     with pytest.raises(ValueError, match=r"^kv_scale\["):
         leanattn.mla_decode(q, kv8, sl, head_dim_v=64, kv_scale=scale, check=True, **kw)
+
+
+def test_bad_kv_scale_message_names_kv_cache():
+    """A kv_scale of a wrong shape is described against kv_cache's shape, by kv_cache's name."""
+    q, kv, sl = mla_inputs([10, 5], 4, 80)
+    with pytest.raises(ValueError, match=r"^kv_scale must be .*\(2, 10, 1\) \(per token and kv head: kv_cache's shape") as e:
+        leanattn.mla_decode(q, kv.to(FP8), sl, head_dim_v=64, kv_scale=torch.ones(3, device=DEVICE))
+    assert "k_cache's" not in str(e.value).replace("kv_cache's", "")

@@ -29,7 +29,7 @@ def _check_options(q: torch.Tensor, kv_cache: torch.Tensor, kv_scale: object, ca
     if not isinstance(causal, bool):
         fail(TypeError, f"causal must be a bool, got {type(causal).__name__}")
     if kv_cache.dtype in FP8_DTYPES:
-        _check_scale("kv_scale", 1.0 if kv_scale is None else kv_scale, q, kv_cache)
+        _check_scale("kv_scale", 1.0 if kv_scale is None else kv_scale, q, kv_cache, "kv_cache")
     elif kv_scale is not None:
         fail(ValueError, f"kv_scale dequantises an fp8 kv_cache; this cache is {kv_cache.dtype}")
 
