@@ -302,3 +302,13 @@ def test_bad_kv_scale_message_names_kv_cache():
     with pytest.raises(ValueError, match=r"^kv_scale must be .*\(2, 10, 1\) \(per token and kv head: kv_cache's shape") as e:
         leanattn.mla_decode(q, kv.to(FP8), sl, head_dim_v=64, kv_scale=torch.ones(3, device=DEVICE))
     assert "k_cache's" not in str(e.value).replace("kv_cache's", "")
+
+
+@pytest.mark.parametrize("block_rows", [8, 0])
+def test_wrapper_refuses_config_with_too_few_block_rows(block_rows):
+    """A block holds every query token of at least one head: fewer than 16 rows is refused by name."""
+    from leanattn.kernels.config import MLAConfig
+
+    config = MLAConfig(tile=32, num_warps=4, num_stages=1, programs_per_sm=1, block_rows=block_rows)
+    with pytest.raises(ValueError, match=r"config\.block_rows must be"):
+        leanattn.MLAWrapper(4, 64, 32, torch.bfloat16, DEVICE, max_q_len=16, config=config)

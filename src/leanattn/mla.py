@@ -12,8 +12,8 @@ import torch
 
 from . import _call, _mla_call, ops
 from ._checks import (
-    FP8_DTYPES, capacity_of, check_finite_values, check_lengths, check_lse_out, check_num_programs, check_pages,
-    check_plan_lengths, check_tile_count, fail, refuse_grad, softmax_scale_of, split_of, validate_mla,
+    FP8_DTYPES, MLA_MAX_Q_LEN, capacity_of, check_finite_values, check_lengths, check_lse_out, check_num_programs,
+    check_pages, check_plan_lengths, check_tile_count, fail, refuse_grad, softmax_scale_of, split_of, validate_mla,
 )
 from ._features import _check_scale
 from ._plan import launch_plan
@@ -187,6 +187,10 @@ class MLAWrapper:
         check_num_programs(num_programs)
         if config is not None and not isinstance(config, MLAConfig):
             fail(TypeError, f"config must be a leanattn.kernels.config.MLAConfig, got {type(config).__name__}")
+        if config is not None and (not isinstance(config.block_rows, int) or config.block_rows < MLA_MAX_Q_LEN):
+            # A block packs all q_len tokens of at least one head (_mla_call.packing).
+            fail(ValueError, f"config.block_rows must be an int >= {MLA_MAX_Q_LEN} (the most query tokens), "
+                             f"got {config.block_rows!r}")
         self._given_config = config
         self.q_heads, self.head_dim, self.head_dim_v = q_heads, head_dim, head_dim_v
         self.dtype, self.kv_dtype, self.device, self.max_q_len = dtype, kv_dtype, device, max_q_len
