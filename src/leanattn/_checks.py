@@ -83,10 +83,10 @@ def check_finite_values(
     scale_names: tuple[str, str] = ("k_scale", "v_scale"),
 ) -> None:
     """Host-side check (a sync) that every sink logit and fp8 dequantisation scale the call reads
-    is finite; errors name the scales ``scale_names``. Per-token scales are checked in the live rows only (cache positions
-    [cache_leftpad, cache_seqlens) of each sequence, clamped as the kernel clamps them, through
-    ``block_table`` when paged, skipping out-of-range page ids): other rows are never read and may
-    hold anything."""
+    is finite; errors name the scales ``scale_names``. Per-token scales are checked in the live
+    rows only (cache positions [cache_leftpad, cache_seqlens) of each sequence, clamped as the
+    kernel clamps them, through ``block_table`` when paged, skipping out-of-range page ids): other
+    rows are never read and may hold anything."""
     if isinstance(sinks, torch.Tensor):
         at = first_bad(~torch.isfinite(sinks))
         if at is not None:
