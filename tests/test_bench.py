@@ -384,3 +384,21 @@ def test_flashinfer_tensor_core_decode_is_refused_at_head_dims_where_it_faults()
     refuse_flashinfer_head_dim(parse_shape("1x4k@32/8:d=80"), tensor_cores=False)
     with pytest.raises(Unsupported, match="head dim 80"):
         refuse_flashinfer_head_dim(parse_shape("1x4k@32/8:d=80"), tensor_cores=True)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 6, 7])
+def test_take_turns_balances_who_runs_right_after_whom(n):
+    """Over a full cycle of rounds (n for an even number of methods, 2n for an odd one), each
+    method runs first equally often and follows every other method equally often within a
+    round: a method that heats the GPU or moves its clocks does not always precede the same one."""
+    order: list[int] = []
+    names = list(range(n))
+    rounds = n if n % 2 == 0 else 2 * n
+    rounds_mod.take_turns(names, rounds, lambda m: order.append(m))
+    runs = [order[r * n:(r + 1) * n] for r in range(rounds)]
+    assert all(sorted(run) == names for run in runs)
+    firsts = [run[0] for run in runs]
+    assert all(firsts.count(m) == rounds // n for m in names)
+    pairs = [(a, b) for run in runs for a, b in zip(run, run[1:])]
+    want = 1 if n % 2 == 0 else 2
+    assert all(pairs.count((a, b)) == want for a in names for b in names if a != b), pairs

@@ -260,3 +260,55 @@ def test_custom_op_opcheck():
         torch.ops.leanattn.mla_decode_into.default, (q, kv, out, lse, sl, None, None, 1.0, 64, 0.125, True, 3, 0),
         test_utils=("test_schema", "test_faketensor"),
     )
+
+
+def test_wrapper_workspace_fits_every_planned_q_len():
+    """A plan of any q_len up to max_q_len fits the wrapper's workspace: with 17 heads a block
+    holds 17 rows at q_len 1 and 4 at q_len 4, but 34 at q_len 2 (merged partials of 64 rows)."""
+    lens = [100, 70]
+    q, kv, sl = mla_inputs(lens, 17, 32, q_len=2, seed=11)
+    w = leanattn.MLAWrapper(17, 32, 16, torch.bfloat16, DEVICE, max_q_len=4, num_programs=5)
+    w.plan(sl, kv.shape[1], q_len=2)
+    config = w._config
+    group = blocks_of(2, 17, config.block_rows)[0]
+    _, merge_rows, dv_pad, _ = leanattn._call.padded_sizes(16, 2 * group)
+    acc, stats = w._bufs[:2]
+    assert acc.numel() >= 2 * w.num_programs * merge_rows * dv_pad
+    assert stats.numel() >= 2 * w.num_programs * 2 * merge_rows
+    out, lse = w.run(q, kv, return_lse=True)
+    check(out, lse, q, kv, sl, 16)
+
+
+@pytest.mark.parametrize("paged_cache", [False, True])
+def test_check_names_kv_scale(paged_cache):
+    """check=True refuses a non-finite per-token scale in a live row, naming kv_scale (the
+    argument mla_decode takes), not decode's k_scale."""
+    lens = [20, 9]
+    q, kv, sl = mla_inputs(lens, 4, 80, seed=12)
+    kv8 = kv.to(FP8)
+    kw = {}
+    if paged_cache:
+        kv8, kw["block_table"] = paged(kv8, lens, 16)
+    scale = torch.ones(tuple(kv8.shape[:3]), device=DEVICE)
+    pos = (1, 3, 0) if not paged_cache else (int(kw["block_table"][1, 0]), 3, 0)
+    scale[pos] = math.nan
+    with pytest.raises(ValueError, match=r"^kv_scale\["):
+        leanattn.mla_decode(q, kv8, sl, head_dim_v=64, kv_scale=scale, check=True, **kw)
+
+
+def test_bad_kv_scale_message_names_kv_cache():
+    """A kv_scale of a wrong shape is described against kv_cache's shape, by kv_cache's name."""
+    q, kv, sl = mla_inputs([10, 5], 4, 80)
+    with pytest.raises(ValueError, match=r"^kv_scale must be .*\(2, 10, 1\) \(per token and kv head: kv_cache's shape") as e:
+        leanattn.mla_decode(q, kv.to(FP8), sl, head_dim_v=64, kv_scale=torch.ones(3, device=DEVICE))
+    assert "k_cache's" not in str(e.value).replace("kv_cache's", "")
+
+
+@pytest.mark.parametrize("block_rows", [8, 0])
+def test_wrapper_refuses_config_with_too_few_block_rows(block_rows):
+    """A block holds every query token of at least one head: fewer than 16 rows is refused by name."""
+    from leanattn.kernels.config import MLAConfig
+
+    config = MLAConfig(tile=32, num_warps=4, num_stages=1, programs_per_sm=1, block_rows=block_rows)
+    with pytest.raises(ValueError, match=r"config\.block_rows must be"):
+        leanattn.MLAWrapper(4, 64, 32, torch.bfloat16, DEVICE, max_q_len=16, config=config)

@@ -83,17 +83,18 @@ def refuse_grad(*tensors: torch.Tensor, names: tuple[str, ...] = ("q", "k_cache"
 def check_finite_values(
     sinks: torch.Tensor | None, k_scale: object, v_scale: object, *, cache_seqlens: torch.Tensor | None,
     cache_leftpad: torch.Tensor | None, block_table: torch.Tensor | None, batch: int, capacity: int,
+    scale_names: tuple[str, str] = ("k_scale", "v_scale"),
 ) -> None:
     """Host-side check (a sync) that every sink logit and fp8 dequantisation scale the call reads
-    is finite. Per-token scales are checked in the live rows only (cache positions
-    [cache_leftpad, cache_seqlens) of each sequence, clamped as the kernel clamps them, through
-    ``block_table`` when paged, skipping out-of-range page ids): other rows are never read and may
-    hold anything."""
+    is finite; errors name the scales ``scale_names``. Per-token scales are checked in the live
+    rows only (cache positions [cache_leftpad, cache_seqlens) of each sequence, clamped as the
+    kernel clamps them, through ``block_table`` when paged, skipping out-of-range page ids): other
+    rows are never read and may hold anything."""
     if isinstance(sinks, torch.Tensor):
         at = first_bad(~torch.isfinite(sinks))
         if at is not None:
             fail(ValueError, f"sinks[{at[0]}] = {float(sinks[at])} is not finite (query head {at[0]})")
-    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+    for name, t in zip(scale_names, (k_scale, v_scale)):
         if not isinstance(t, torch.Tensor):
             continue
         if t.dim() < 3:

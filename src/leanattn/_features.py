@@ -99,11 +99,13 @@ def scale_kind(x: float | torch.Tensor) -> int:
     return (SCALE_HEAD, SCALE_SEQ, SCALE_TOKEN)[x.dim() - 1]
 
 
-def _check_scale(name: str, x: object, q: torch.Tensor, k_cache: torch.Tensor) -> None:
+def _check_scale(name: str, x: object, q: torch.Tensor, k_cache: torch.Tensor, cache_name: str = "k_cache") -> None:
+    """``x`` is a finite float or a float32 scale tensor of one of ``scale_kind``'s kinds for the
+    cache ``k_cache``, named ``cache_name`` in errors."""
     batch, kv_heads, device = q.shape[0], k_cache.shape[2], q.device
     tokens = tuple(k_cache.shape[:3])
     kinds = (f"a float, or a float32 tensor on {device} of shape ({kv_heads},) (per kv head), ({batch}, "
-             f"{kv_heads}) (per sequence and kv head) or {tokens} (per token and kv head: k_cache's shape "
+             f"{kv_heads}) (per sequence and kv head) or {tokens} (per token and kv head: {cache_name}'s shape "
              "without head_dim, indexed like its rows)")
     if isinstance(x, torch.Tensor):
         if x.dtype != torch.float32 or x.device != device or x.shape not in ((kv_heads,), (batch, kv_heads), tokens):

@@ -12,8 +12,8 @@ import torch
 
 from . import _call, _mla_call, ops
 from ._checks import (
-    FP8_DTYPES, capacity_of, check_finite_values, check_lengths, check_lse_out, check_num_programs, check_pages,
-    check_plan_lengths, check_tile_count, fail, refuse_grad, softmax_scale_of, split_of, validate_mla,
+    FP8_DTYPES, MLA_MAX_Q_LEN, capacity_of, check_finite_values, check_lengths, check_lse_out, check_num_programs,
+    check_pages, check_plan_lengths, check_tile_count, fail, refuse_grad, softmax_scale_of, split_of, validate_mla,
 )
 from ._features import _check_scale
 from ._plan import launch_plan
@@ -29,7 +29,7 @@ def _check_options(q: torch.Tensor, kv_cache: torch.Tensor, kv_scale: object, ca
     if not isinstance(causal, bool):
         fail(TypeError, f"causal must be a bool, got {type(causal).__name__}")
     if kv_cache.dtype in FP8_DTYPES:
-        _check_scale("kv_scale", 1.0 if kv_scale is None else kv_scale, q, kv_cache)
+        _check_scale("kv_scale", 1.0 if kv_scale is None else kv_scale, q, kv_cache, "kv_cache")
     elif kv_scale is not None:
         fail(ValueError, f"kv_scale dequantises an fp8 kv_cache; this cache is {kv_cache.dtype}")
 
@@ -40,7 +40,7 @@ def _check_values(kv_cache, cache_seqlens, block_table, kv_scale, batch: int, ca
     if block_table is not None:
         check_pages(block_table, kv_cache.shape[0], kv_cache.shape[1], cache_seqlens, None)
     check_finite_values(None, kv_scale, None, cache_seqlens=cache_seqlens, cache_leftpad=None,
-                        block_table=block_table, batch=batch, capacity=capacity)
+                        block_table=block_table, batch=batch, capacity=capacity, scale_names=("kv_scale", ""))
 
 
 def _outputs(q, head_dim_v, out, lse, return_lse) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -187,18 +187,24 @@ class MLAWrapper:
         check_num_programs(num_programs)
         if config is not None and not isinstance(config, MLAConfig):
             fail(TypeError, f"config must be a leanattn.kernels.config.MLAConfig, got {type(config).__name__}")
+        if config is not None and (not isinstance(config.block_rows, int) or config.block_rows < MLA_MAX_Q_LEN):
+            # A block packs all q_len tokens of at least one head (_mla_call.packing).
+            fail(ValueError, f"config.block_rows must be an int >= {MLA_MAX_Q_LEN} (the most query tokens), "
+                             f"got {config.block_rows!r}")
         self._given_config = config
         self.q_heads, self.head_dim, self.head_dim_v = q_heads, head_dim, head_dim_v
         self.dtype, self.kv_dtype, self.device, self.max_q_len = dtype, kv_dtype, device, max_q_len
         self.softmax_scale = softmax_scale_of(softmax_scale, head_dim)
         self._grid = num_programs
         self._batch_invariant, self._split_size = batch_invariant, split_size
-        configs = [self._config_for(n) for n in (1, max_q_len)]
+        q_lens = range(1, max_q_len + 1)
+        configs = [self._config_for(n) for n in q_lens]
         for config in configs:
             split_of(batch_invariant, split_size, config.tile)
         most = max(_call.grid(device, c, num_programs) for c in configs)
-        # Rows of a block grow with q_len: the largest q_len's blocks bound every plan's.
-        self._rows = max(_mla_call.rows_of(n, q_heads, c) for n, c in zip((1, max_q_len), configs))
+        # A block's rows are not monotonic in q_len (17 heads: 17 rows at q_len 1, 34 at 2, 4
+        # at 4, one head a block): every q_len a plan may take bounds the workspace's rows.
+        self._rows = max(_mla_call.rows_of(n, q_heads, c) for n, c in zip(q_lens, configs))
         self._workspace = Workspace()
         self._bufs = _call.buffers(self._workspace, device, _call.slots(most, 0, 0, 0, 0), head_dim_v, self._rows)
         self._plan = torch.zeros(most, PLAN_FIELDS.value, dtype=torch.int32, device=device)

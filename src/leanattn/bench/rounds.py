@@ -15,21 +15,37 @@ from typing import Callable, Hashable, Sequence, TypeVar
 
 import torch
 
-__all__ = ["bench_round", "host_calls", "host_us", "median_round", "take_turns"]
+__all__ = ["bench_round", "host_calls", "host_us", "median_round", "take_turns", "turn_order"]
 
 K = TypeVar("K", bound=Hashable)
 
 
+def turn_order(n: int, r: int) -> list[int]:
+    """The order of ``n`` names in round ``r``: row r of a Williams design. Row r is the sequence
+    0, 1, n-1, 2, n-2, ... shifted by r (mod n), reversed in every other block of n rounds when n
+    is odd. Over n rounds (2n when n is odd) each name runs first equally often and runs right
+    after each other name equally often (a plain rotation would keep each name's predecessor)."""
+    seq, lo, hi = [0], 1, n - 1
+    while len(seq) < n:
+        seq.append(lo)
+        lo += 1
+        if len(seq) < n:
+            seq.append(hi)
+            hi -= 1
+    row = [(r + x) % n for x in seq]
+    return row[::-1] if n % 2 and (r // n) % 2 else row
+
+
 def take_turns(names: Sequence[K], rounds: int, measure: Callable[[K], float | None]) -> dict[K, list[float]]:
-    """``rounds`` rounds in which each of ``names`` is measured once, in turn; round r starts at
-    name r (mod their number), so no name always runs first or right after another one. Returns
-    each name's samples in round order (a ``measure`` returning None adds no sample)."""
+    """``rounds`` rounds in which each of ``names`` is measured once, in turn, in the orders of
+    :func:`turn_order`, so no name always runs first or right after another one. Returns each
+    name's samples in round order (a ``measure`` returning None adds no sample)."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     samples: dict[K, list[float]] = {n: [] for n in names}
     for r in range(rounds):
-        for i in range(len(names)):
-            name = names[(r + i) % len(names)]
+        for i in turn_order(len(names), r):
+            name = names[i]
             value = measure(name)
             if value is not None:
                 samples[name].append(value)
