@@ -248,3 +248,9 @@ def test_a_seen_layout_still_checks_the_plan():
     w.plan(sl, k.shape[1], q_len=1, window_size=(31, -1))
     with pytest.raises(ValueError, match="planned for q_len 1"):
         w.run(q2, k, v)
+
+
+@pytest.mark.parametrize("q_heads,kv_heads", [(0, 8), (8, 0), (12, 8)])
+def test_wrapper_refuses_head_counts_decode_refuses(q_heads, kv_heads):
+    with pytest.raises(ValueError, match=r"q_heads \(\d+\) must be a positive multiple of kv_heads"):
+        leanattn.DecodeWrapper(q_heads, kv_heads, 64, torch.bfloat16, DEVICE)

@@ -241,7 +241,7 @@ def validate(
     if k_shape[3] != head_dim:
         fail(ValueError, f"k_cache must be {layout} with head_dim {head_dim} like q, got {tuple(k_shape)}")
     kv_heads = k_shape[2]
-    if kv_heads == 0 or q_heads % kv_heads != 0:
+    if kv_heads == 0 or q_heads == 0 or q_heads % kv_heads != 0:
         fail(ValueError, f"q_heads ({q_heads}) must be a positive multiple of kv_heads ({kv_heads})")
     group, most = q_heads // kv_heads, max_query_rows(head_dim)
     if q_len < 1 or q_len * group > most:
