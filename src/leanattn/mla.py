@@ -243,11 +243,13 @@ class MLAWrapper:
             fail(TypeError, f"causal must be a bool, got {type(causal).__name__}")
         if check:
             check_lengths(cache_seqlens, None, capacity)
-        self._config = self._config_for(q_len)
-        self.num_programs = _call.grid(self.device, self._config, self._grid)
-        blocks = _mla_call.blocks_of(q_len, self.q_heads, self._config.block_rows)[1]
-        check_tile_count(batch, blocks, capacity, self._config.tile)
-        self._split = split_of(self._batch_invariant, self._split_size, self._config.tile)
+        # Every check before any state changes: a refused plan leaves the last one in force.
+        config = self._config_for(q_len)
+        blocks = _mla_call.blocks_of(q_len, self.q_heads, config.block_rows)[1]
+        check_tile_count(batch, blocks, capacity, config.tile)
+        split = split_of(self._batch_invariant, self._split_size, config.tile)
+        self._config, self._split = config, split
+        self.num_programs = _call.grid(self.device, config, self._grid)
         if self._split:  # one workspace slot per split
             self._bufs = _call.buffers(
                 self._workspace, self.device, _call.slots(self.num_programs, self._split, batch, blocks, capacity),

@@ -167,10 +167,12 @@ class DecodeWrapper:
         window_left, _, has_window, _ = window_bounds(causal, window_size, q_len)
         if check:
             check_lengths(cache_seqlens, cache_leftpad, capacity)
-        self._config = self._config_for(q_len)
-        self.num_programs = _call.grid(self.device, self._config, self._grid)
-        check_tile_count(batch, self.kv_heads, capacity, self._config.tile)
-        self._split = split_of(self._batch_invariant, self._split_size, self._config.tile)
+        # Every check before any state changes: a refused plan leaves the last one in force.
+        config = self._config_for(q_len)
+        check_tile_count(batch, self.kv_heads, capacity, config.tile)
+        split = split_of(self._batch_invariant, self._split_size, config.tile)
+        self._config, self._split = config, split
+        self.num_programs = _call.grid(self.device, config, self._grid)
         if self._split:  # one workspace slot per split
             self._bufs = _call.buffers(
                 self._workspace, self.device, _call.slots(self.num_programs, self._split, batch, self.kv_heads, capacity),
