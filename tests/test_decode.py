@@ -230,7 +230,7 @@ def test_workspace_tickets_back_at_zero_and_old_buffers_kept():
 def test_workspace_views_follow_the_buffers_when_they_grow():
     """A size asked for before returns the same views (one lookup), and after the buffers are
     replaced by larger ones, views of the new buffers, never of the retired ones."""
-    from leanattn._workspace import Workspace
+    from leanattn._testing import Workspace
 
     ws = Workspace()
     small = ws.get(torch.device("cpu"), 8, 4, 64)

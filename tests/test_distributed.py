@@ -112,7 +112,7 @@ def _visible_local_keys(n, pad, q_len, world, rank, page, left, right):
 @pytest.mark.parametrize("world,page", [(1, 16), (2, 16), (3, 4), (4, 1)])
 def test_key_bounds_match_a_global_position_mask(world, page):
     """The plan's per-query bounds over a rank's keys against each key's global position."""
-    from leanattn._features import window_bounds
+    from leanattn._testing import window_bounds
     from leanattn._testing import key_bounds as _key_bounds
 
     gen = torch.Generator().manual_seed(world * 100 + page)

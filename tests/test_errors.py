@@ -80,3 +80,28 @@ def test_empty_batch():
     q0, k0, v0, sl0 = q[:0], k[:0], v[:0], sl[:0]
     out, lse = leanattn.decode(q0, k0, v0, sl0, return_lse=True)
     assert out.shape == q0.shape and lse.shape == (0, 4, 1)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_head_offsets_past_int32_are_refused(paged):
+    """A kv head's offset is int32 in the kernel: a heads-outermost cache whose last head starts
+    2^31 elements or more after the first is refused, naming the cache and its stride; one element
+    less of stride passes the check (meta tensors: no memory)."""
+    meta = torch.device("meta")
+    q = torch.empty(2, 1, 8, 64, dtype=torch.float16, device=meta)
+    heads = 4
+    stride = -(-(2**31) // (heads - 1))  # the least with (heads - 1) * stride >= 2^31
+    table = torch.zeros(2, 1, dtype=torch.int32, device=meta) if paged else None
+
+    def cache(head_stride: int) -> torch.Tensor:
+        shape = (2, 16, heads, 64)  # (batch or pages, cache_len or page_size, kv_heads, head_dim)
+        return torch.empty_strided(shape, (16 * 64, 64, head_stride, 1), dtype=torch.float16, device=meta)
+
+    wide, narrow = cache(stride), cache(stride - 1)
+    with pytest.raises(ValueError, match=rf"k_cache.stride\(2\) = {stride} puts kv head {heads - 1} "):
+        leanattn.decode(q, wide, narrow, block_table=table)
+    with pytest.raises(ValueError, match=rf"v_cache.stride\(2\) = {stride} puts kv head {heads - 1} "):
+        leanattn.decode(q, narrow, wide, block_table=table)
+    from leanattn._testing import check_head_strides
+
+    check_head_strides(narrow, narrow)

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import leanattn
-import leanattn._mla_call
-from leanattn._mla_call import blocks_of
+from leanattn._testing import blocks_of, mla_heuristic
 
 from _util import DEVICE, ON_GPU, TOL, LSE_TOL, rel_err, to_paged
 
@@ -88,7 +87,7 @@ def test_deepseek_shape_short_cache():
     """576 values a token, V its first 512; 128 heads: two blocks of 64 rows on one cache."""
     lens = [40, 7]
     q, kv, sl = mla_inputs(lens, 128, 576, seed=3)
-    config = leanattn._mla_call.heuristic(576, 512, kv.dtype, 128)
+    config = mla_heuristic(576, 512, kv.dtype, 128)
     assert blocks_of(1, 128, config.block_rows) == (64, 2)
     out, lse = leanattn.mla_decode(q, kv, sl, softmax_scale=192**-0.5, return_lse=True, num_programs=3)
     check(out, lse, q, kv, sl, 512, softmax_scale=192**-0.5)

@@ -201,6 +201,18 @@ def check_page_strides(k_cache: torch.Tensor, v_cache: torch.Tensor, names: tupl
                               f"or more into it (strides {t.stride()}): lay each page out in one block")
 
 
+def check_head_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """The kernel adds a kv head's offset, head x stride(2), in int32 (the row's offset is int64):
+    caches whose last kv head starts 2^31 elements or more after the first (a heads-outermost
+    cache, e.g. (kv_heads, batch, cache_len, head_dim) permuted, over 2^31 elements) are
+    refused rather than read at wrapped addresses."""
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if (t.shape[2] - 1) * t.stride(2) >= 2**31:
+            fail(ValueError, f"{name}.stride(2) = {t.stride(2)} puts kv head {t.shape[2] - 1} 2^31 elements or more "
+                              f"after head 0 (strides {t.stride()}): keep a token's kv heads together, e.g. "
+                              "(batch, cache_len, kv_heads, head_dim) contiguous")
+
+
 def check_operands(*named: tuple[str, torch.Tensor]) -> None:
     """q and the caches: tensors, 4-D, a supported dtype (fp8 for caches only), unit last stride."""
     for name, t in named:
@@ -256,6 +268,7 @@ def validate(
         if t is not None:
             check_per_sequence(name, t, batch)
             others.append((name, t))
+    check_head_strides(k_cache, v_cache)
     if paged:
         check_block_table(block_table, batch, "k_cache", k_shape[1])
         check_page_strides(k_cache, v_cache)
