@@ -244,4 +244,10 @@ MUTANTS: list[Mutant] = [
         ("tests/test_mla.py",),
         why="the scores would leave out the rope columns' product",
     ),
+    Mutant(
+        "checks-skip-head-strides",
+        one("src/leanattn/_checks.py", "    check_head_strides(k_cache, v_cache)", "    pass"),
+        ("tests/test_errors.py",), k="head_offsets",
+        why="a heads-outermost cache over 2^31 elements would be read at wrapped int32 head offsets",
+    ),
 ]
