@@ -396,6 +396,19 @@ def check_plan_lengths(
     return batch, device
 
 
+def check_planned(q: torch.Tensor, cache_name: str, cache: torch.Tensor, block_table: torch.Tensor | None,
+                  batch: int, q_len: int, capacity: int) -> None:
+    """A wrapper's run against its plan: q's batch and q_len, and the cache's capacity."""
+    if q.shape[0] != batch:
+        fail(ValueError, f"planned for batch {batch}, got q of batch {q.shape[0]}")
+    if q.shape[1] != q_len:
+        fail(ValueError, f"planned for q_len {q_len}, got q of q_len {q.shape[1]}")
+    got = capacity_of(cache, block_table)
+    if got != capacity:
+        what = f"{cache_name}.shape[1]" if block_table is None else "block_table.shape[1] * page_size"
+        fail(ValueError, f"planned for capacity {capacity}, got {what} = {got}")
+
+
 def check_tile_count(batch: int, kv_heads: int, capacity: int, tile: int) -> None:
     """The kernels count tiles in int32."""
     if batch * kv_heads * max(1, -(-capacity // tile)) >= 2**31:

@@ -13,7 +13,7 @@ import torch
 from . import _call, _mla_call, ops
 from ._checks import (
     FP8_DTYPES, MLA_MAX_Q_LEN, capacity_of, check_finite_values, check_lengths, check_lse_out, check_num_programs,
-    check_pages, check_plan_lengths, check_tile_count, fail, refuse_grad, softmax_scale_of, split_of, validate_mla,
+    check_pages, check_plan_lengths, check_planned, check_tile_count, fail, refuse_grad, softmax_scale_of, split_of, validate_mla,
 )
 from ._features import _check_scale
 from ._plan import launch_plan
@@ -312,11 +312,4 @@ class MLAWrapper:
         if shape != want:
             fail(ValueError, f"this MLAWrapper is for (q_heads, head_dim, dtype, kv_dtype, device) = {want}, "
                               f"got {shape}")
-        if q.shape[0] != self._batch:
-            fail(ValueError, f"planned for batch {self._batch}, got q of batch {q.shape[0]}")
-        if q.shape[1] != self._q_len:
-            fail(ValueError, f"planned for q_len {self._q_len}, got q of q_len {q.shape[1]}")
-        capacity = capacity_of(kv_cache, block_table)
-        if capacity != self._capacity:
-            what = "kv_cache.shape[1]" if block_table is None else "block_table.shape[1] * page_size"
-            fail(ValueError, f"planned for capacity {self._capacity}, got {what} = {capacity}")
+        check_planned(q, "kv_cache", kv_cache, block_table, self._batch, self._q_len, self._capacity)

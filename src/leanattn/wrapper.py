@@ -19,8 +19,8 @@ import torch
 
 from . import _call
 from ._checks import (
-    capacity_of, check_finite_values, check_layer_shape, check_lengths, check_lse_out, check_num_programs,
-    check_pages, check_plan_lengths, check_tile_count, fail, refuse_grad, softmax_scale_of, split_of, validate,
+    check_finite_values, check_layer_shape, check_lengths, check_lse_out, check_num_programs,
+    check_pages, check_plan_lengths, check_planned, check_tile_count, fail, refuse_grad, softmax_scale_of, split_of, validate,
 )
 from ._features import resolve_features, window_bounds
 from ._plan import launch_plan
@@ -261,11 +261,4 @@ class DecodeWrapper:
         if shape != want:
             fail(ValueError, "this DecodeWrapper is for (q_heads, kv_heads, head_dim, dtype, kv_dtype, device) = "
                   f"{want}, got {shape}")
-        if q.shape[0] != self._batch:
-            fail(ValueError, f"planned for batch {self._batch}, got q of batch {q.shape[0]}")
-        if q.shape[1] != self._q_len:
-            fail(ValueError, f"planned for q_len {self._q_len}, got q of q_len {q.shape[1]}")
-        capacity = capacity_of(k_cache, block_table)
-        if capacity != self._capacity:
-            what = "k_cache.shape[1]" if block_table is None else "block_table.shape[1] * page_size"
-            fail(ValueError, f"planned for capacity {self._capacity}, got {what} = {capacity}")
+        check_planned(q, "k_cache", k_cache, block_table, self._batch, self._q_len, self._capacity)
