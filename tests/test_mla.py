@@ -311,3 +311,15 @@ def test_wrapper_refuses_config_with_too_few_block_rows(block_rows):
     config = MLAConfig(tile=32, num_warps=4, num_stages=1, programs_per_sm=1, block_rows=block_rows)
     with pytest.raises(ValueError, match=r"config\.block_rows must be"):
         leanattn.MLAWrapper(4, 64, 32, torch.bfloat16, DEVICE, max_q_len=16, config=config)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_q_len=17), r"^max_q_len must be in \[1, 16\], got 17"),
+    (dict(max_q_len=0), r"^max_q_len must be in \[1, 16\], got 0"),
+    (dict(q_heads=0), r"^q_heads must be at least 1, got 0"),
+])
+def test_wrapper_errors_name_its_arguments(kwargs, match):
+    args = dict(q_heads=4, head_dim=64, head_dim_v=32, dtype=torch.bfloat16, device=DEVICE)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        leanattn.MLAWrapper(**args)

@@ -181,6 +181,10 @@ class MLAWrapper:
         kv_dtype = dtype if kv_dtype is None else kv_dtype
         if not isinstance(q_heads, int) or not isinstance(head_dim, int) or not isinstance(max_q_len, int):
             fail(TypeError, "q_heads, head_dim and max_q_len must be ints")
+        if q_heads < 1:
+            fail(ValueError, f"q_heads must be at least 1, got {q_heads}")
+        if not 1 <= max_q_len <= MLA_MAX_Q_LEN:
+            fail(ValueError, f"max_q_len must be in [1, {MLA_MAX_Q_LEN}], got {max_q_len}")
         # The layers' shape, checked as mla_decode checks it, on probes of batch 1.
         validate_mla(torch.empty(1, max_q_len, q_heads, head_dim, dtype=dtype, device=device),
                      torch.empty(1, 1, 1, head_dim, dtype=kv_dtype, device=device), None, None, None, head_dim_v)
