@@ -357,6 +357,17 @@ def check_num_programs(num_programs: object) -> None:
         fail(ValueError, f"num_programs must be a positive int, got {num_programs!r}")
 
 
+def wrapper_device(device: torch.device | str, owner: str) -> torch.device:
+    """A wrapper's device with its index filled in; refused while a CUDA graph is being captured
+    (the wrapper allocates its buffers when made)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        fail(RuntimeError, f"create the {owner} before capturing a CUDA graph: it allocates its buffers")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def check_layer_shape(
     q_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, kv_dtype: torch.dtype, q_len: int,
     device: torch.device,

@@ -13,7 +13,8 @@ import torch
 from . import _call, _mla_call, ops
 from ._checks import (
     FP8_DTYPES, MLA_MAX_Q_LEN, capacity_of, check_finite_values, check_lengths, check_lse_out, check_num_programs,
-    check_pages, check_plan_lengths, check_planned, check_tile_count, fail, refuse_grad, softmax_scale_of, split_of, validate_mla,
+    check_pages, check_plan_lengths, check_planned, check_tile_count, fail, refuse_grad, softmax_scale_of, split_of,
+    wrapper_device, validate_mla,
 )
 from ._features import _check_scale
 from ._plan import launch_plan
@@ -173,11 +174,7 @@ class MLAWrapper:
         softmax_scale: float | None = None, batch_invariant: bool = False, split_size: int | None = None,
         config: MLAConfig | None = None,
     ) -> None:
-        device = torch.device(device)
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            fail(RuntimeError, "create the MLAWrapper before capturing a CUDA graph: it allocates its buffers")
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = wrapper_device(device, "MLAWrapper")
         kv_dtype = dtype if kv_dtype is None else kv_dtype
         if not isinstance(q_heads, int) or not isinstance(head_dim, int) or not isinstance(max_q_len, int):
             fail(TypeError, "q_heads, head_dim and max_q_len must be ints")

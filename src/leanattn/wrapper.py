@@ -20,7 +20,8 @@ import torch
 from . import _call
 from ._checks import (
     check_finite_values, check_layer_shape, check_lengths, check_lse_out, check_num_programs,
-    check_pages, check_plan_lengths, check_planned, check_tile_count, fail, refuse_grad, softmax_scale_of, split_of, validate,
+    check_pages, check_plan_lengths, check_planned, check_tile_count, fail, refuse_grad, softmax_scale_of, split_of,
+    wrapper_device, validate,
 )
 from ._features import resolve_features, window_bounds
 from ._plan import launch_plan
@@ -72,11 +73,7 @@ class DecodeWrapper:
         batch_invariant: bool = False,
         split_size: int | None = None,
     ) -> None:
-        device = torch.device(device)
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            fail(RuntimeError, "create the DecodeWrapper before capturing a CUDA graph: it allocates its buffers")
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = wrapper_device(device, "DecodeWrapper")
         kv_dtype = dtype if kv_dtype is None else kv_dtype
         check_layer_shape(q_heads, kv_heads, head_dim, dtype, kv_dtype, max_q_len, device)
         check_num_programs(num_programs)
