@@ -101,6 +101,7 @@ from leanattn.bench.peers import Unsupported  # noqa: E402
 from leanattn.bench.run import failures, serving_markdown  # noqa: E402
 from leanattn.bench.serving import _references, make_layers  # noqa: E402
 from leanattn.bench.shapes import SUITES, suite  # noqa: E402
+from _util import DEVICE, ON_GPU  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -136,7 +137,7 @@ def test_append_kernel_writes_the_newest_token_and_q(text):
     block table when paged) hold the new K and V, q holds the new q, nothing else changed; and
     writing the stale values back restores the inputs exactly."""
     shape = parse_shape(text)
-    ls = make_layers(shape, CPU, 2)
+    ls = make_layers(shape, DEVICE, 2)
     appends = make_appends(shape, ls.xs)
     x = ls.xs[1]
     before = (x.q.clone(), x.k.clone(), x.v.clone())
@@ -157,7 +158,7 @@ def test_append_kernel_writes_the_newest_token_and_q(text):
             idx = (int(x.block_table[b, row // shape.page_size]), row % shape.page_size) if shape.page_size else (b, row)
             want_k[idx], want_v[idx] = k[b, t], v[b, t]
     assert torch.equal(x.k, want_k) and torch.equal(x.v, want_v)
-    assert torch.equal(ls.xs[0].k, make_layers(shape, CPU, 1).xs[0].k)  # other layers untouched
+    assert torch.equal(ls.xs[0].k, make_layers(shape, DEVICE, 1).xs[0].k)  # other layers untouched
     launch_append(shape, x, appends.stale[1])
     assert all(torch.equal(a, b) for a, b in zip((x.q, x.k, x.v), before))
 
@@ -175,7 +176,7 @@ def test_reference_check_sees_whether_the_token_was_read(text):
     newest key leans toward its queries); leanattn run after the append passes the check, and
     the same call on the stale token fails it, naming the method and the error."""
     shape = parse_shape(text)
-    ls = make_layers(shape, CPU, 2)
+    ls = make_layers(shape, DEVICE, 2)
     appends = make_appends(shape, ls.xs)
     with_token, without = _references(shape, ls, appends)
     assert ((with_token - without).norm() / with_token.norm()).item() > 10 * TOLERANCE
@@ -341,6 +342,7 @@ class _ReplayedStep:
         self.step()
 
 
+@pytest.mark.skipif(ON_GPU, reason="stands a re-run step in for the CUDA graph; the GPU runs the bench itself")
 def test_serving_shape_append_flow_on_the_cpu(monkeypatch):
     """run_serving_shape with the graph replaced by re-running the step (interpreter): leanattn's
     two methods see the appended token; a method that misses it gets a FAILED row with both
