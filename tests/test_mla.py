@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import leanattn
-from leanattn._testing import blocks_of, mla_heuristic
+from leanattn._testing import blocks_of, mla_heuristic, mla_tma_view
 
 from _util import DEVICE, ON_GPU, TOL, LSE_TOL, rel_err, to_paged
 
@@ -63,7 +63,9 @@ def test_contiguous(lens, hq, d, dv, q_len, programs):
     check(out, lse, q, kv, sl, dv)
 
 
-@pytest.mark.parametrize("page_size", [16, 7])
+# Under the interpreter tiles are 32 keys: pages of 32 and 64 take the TMA loop (a tile within a
+# page, 64: two tiles a page), 16 and 7 the pointer loop.
+@pytest.mark.parametrize("page_size", [16, 7, 32, 64])
 def test_paged(page_size):
     lens = [90, 0, 41]
     q, kv, sl = mla_inputs(lens, 4, 80, q_len=2, seed=1)
@@ -130,15 +132,42 @@ def test_fp8(kind, paged_cache):
     check(out, lse, q, kv8, sl, 64, kv_scale=scale, **kw)
 
 
-def test_bad_page_gives_nan_rows():
+@pytest.mark.parametrize("page_size", [16, 32])
+def test_bad_page_gives_nan_rows(page_size):
     lens = [50, 40]
     q, kv, sl = mla_inputs(lens, 4, 80, seed=7)
-    kp, table = paged(kv, lens, 16)
+    kp, table = paged(kv, lens, page_size)
     table[1, 1] = 10**6  # a live slot of sequence 1
     out = leanattn.mla_decode(q, kp, sl, block_table=table, head_dim_v=64)
     assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()
     with pytest.raises(ValueError, match=r"block_table\[1, 1\]"):
         leanattn.mla_decode(q, kp, sl, block_table=table, head_dim_v=64, check=True)
+
+
+def test_tma_view_takes_row_tiles_of_16_bit_caches_only():
+    """The TMA loop's 2-D view: contiguous 16-bit caches and pages of a multiple of the tile;
+    not fp8, smaller pages, unevenly spaced rows or rope widths that are not powers of two."""
+    kv = torch.zeros(3, 96, 1, 80, dtype=torch.bfloat16, device=DEVICE)
+    assert mla_tma_view(kv, 0, 64, 32) == (3 * 96, 80, 64, 32)
+    assert mla_tma_view(kv, 96, 64, 32) == (3 * 96, 80, 64, 32)
+    assert mla_tma_view(kv, 96, 64, 64) is None  # a 64-key tile would cross pages of 96
+    assert mla_tma_view(kv.to(FP8), 0, 64, 32) is None
+    assert mla_tma_view(kv, 0, 56, 32) is None  # rope 24
+    wide = torch.zeros(3, 100, 1, 80, dtype=torch.bfloat16, device=DEVICE)
+    assert mla_tma_view(wide[:, :96], 0, 64, 32) is None  # rows of the batch 100 apart, not 96
+
+
+def test_strided_cache_takes_the_pointer_loop_and_is_exact():
+    """A cache viewed out of a longer one (rows not evenly spaced across the batch) is read by
+    pointers, with the same results as its contiguous copy."""
+    lens = [60, 33]
+    q, kv, sl = mla_inputs(lens, 4, 80, cache_len=90, seed=8)
+    view = kv[:, :64]
+    assert mla_tma_view(view, 0, 64, mla_heuristic(80, 64, view.dtype, 4).tile) is None
+    out, lse = leanattn.mla_decode(q, view, sl, head_dim_v=64, return_lse=True)
+    check(out, lse, q, view, sl, 64)
+    same, same_lse = leanattn.mla_decode(q, view.contiguous(), sl, head_dim_v=64, return_lse=True)
+    assert rel_err(same, out) < TOL[out.dtype] and (same_lse - lse).abs().max().item() < LSE_TOL
 
 
 def test_wrapper_matches_function():

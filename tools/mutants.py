@@ -245,6 +245,25 @@ MUTANTS: list[Mutant] = [
         why="the scores would leave out the rope columns' product",
     ),
     Mutant(
+        "mla-tma-drops-rope-scores",
+        one(MLA, "qk = tl.dot(KRDesc.load([row, DV]).to(DOT_DTYPE), q_rt, acc=qk)", "qk = qk"),
+        ("tests/test_mla.py",),
+        why="the TMA loop's scores would leave out the rope columns' product",
+    ),
+    Mutant(
+        "mla-tma-reads-bad-pages",
+        one(MLA, "            s = tl.where(keep & bad_page, float(\"nan\"), s)", "            s = s"),
+        ("tests/test_mla.py",), k="bad_page",
+        why="a live key on an out-of-range page would be read as row 0's values instead of NaN-ing its rows",
+    ),
+    Mutant(
+        "mla-tma-tile-offset-in-page",
+        one(MLA, "row = tl.where(bad_page, 0, page * PAGE_SIZE + (tile * TILE) % PAGE_SIZE)",
+            "row = tl.where(bad_page, 0, page * PAGE_SIZE)"),
+        ("tests/test_mla.py",), k="paged",
+        why="every tile of a page larger than a tile would read the page's first tile",
+    ),
+    Mutant(
         "checks-skip-head-strides",
         one("src/leanattn/_checks.py", "    check_head_strides(k_cache, v_cache)", "    pass"),
         ("tests/test_errors.py",), k="head_offsets",

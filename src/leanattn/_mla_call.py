@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import _call
 from ._checks import capacity_of
@@ -49,7 +50,7 @@ class MLACall:
     """The MLA kernel call for one key (see :func:`mla_decode_into`), built once: compile-time
     parameters, grid and every argument fixed by the key; :meth:`launch` fills in the tensors."""
 
-    __slots__ = ("programs", "device", "config", "pdl", "params", "scale", "fixed", "hit", "blocks", "fp8")
+    __slots__ = ("programs", "device", "config", "pdl", "params", "scale", "fixed", "hit", "blocks", "fp8", "tma")
 
     def __init__(
         self, q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None, *,
@@ -64,6 +65,8 @@ class MLACall:
             page_size, stride_btb, num_pages = 0, 0, 0
         else:
             page_size, stride_btb, num_pages = kv_cache.shape[1], block_table.stride(0), kv_cache.shape[0]
+        # (rows, row stride) of the cache's 2-D view when the TMA loop can take it, else None.
+        self.tma = tma_view(kv_cache, page_size, head_dim_v, config.tile) if config.tma else None
         self.programs, self.device, self.config = programs, q.device, config
         self.pdl = _call.pdl_of(config, q.device)
         self.fp8 = kv_cache.dtype.itemsize == 1
@@ -75,7 +78,7 @@ class MLACall:
             ARRIVE_CHUNK=_call.ARRIVE_CHUNK, HAS_SEQLENS=has_seqlens,
             HAS_MASK=causal and q_len > 1, SCALE_KIND=scale_kind(kv_scale) if self.fp8 else 0, PLANNED=planned,
             RETURN_LSE=lse is not None, DOT_DTYPE=_call.dot_dtype_of(config, q.dtype, kv_cache.dtype),
-            BLOCK_B=BLOCK_B, USE_PDL=self.pdl, **dict(config.constexprs),
+            BLOCK_B=BLOCK_B, USE_PDL=self.pdl, USE_TMA=self.tma is not None, **dict(config.constexprs),
         )
         # A float scale is part of the key: its (1,) tensor is made once.
         self.scale = scale_tensor(1.0 if kv_scale is None else kv_scale, 1, q.device) \
@@ -96,14 +99,42 @@ class MLACall:
         of this call's key; ``plan`` (rows = the grid) gives each program its share."""
         acc, stats, tickets, chunk_tickets = bufs
         scale = (self.scale if self.scale is not None else kv_scale) if self.fp8 else acc
+        if self.tma is not None:
+            # A descriptor holds the cache's address: made for each call (each layer's cache).
+            rows, stride, dv, tile = self.tma
+            width = kv_cache.shape[-1]
+            kv_desc = TensorDescriptor(kv_cache, [rows, width], [stride, 1], [tile, dv])
+            kr_desc = TensorDescriptor(kv_cache, [rows, width], [stride, 1], [tile, width - dv])
+        else:
+            kv_desc = kr_desc = kv_cache
         args = (
-            q, kv_cache, out, lse if lse is not None else acc,
+            q, kv_cache, kv_desc, kr_desc, out, lse if lse is not None else acc,
             cache_seqlens if cache_seqlens is not None else tickets,
             block_table if block_table is not None else tickets, scale,
             plan if plan is not None else tickets, acc, stats, tickets, chunk_tickets, *self.fixed,
         )
         kernel = self.config.kernel or mla_decode_kernel
         self.hit = launch(kernel, self.programs, args, self.params, self.config, self.pdl, self.device, self.hit)
+
+
+def tma_view(kv_cache: torch.Tensor, page_size: int, head_dim_v: int, tile: int) -> tuple | None:
+    """(rows, row stride, head_dim_v, tile) of the 2-D view (rows, head_dim) of ``kv_cache``
+    that the kernel's TMA loop reads a tile of, or None when it cannot: the cache is not 16-bit,
+    its latent or rope width is not a power of two of at least 16, its rows are not evenly
+    spaced with 16-byte aligned starts, or a tile would cross a page (``page_size`` not a
+    multiple of ``tile``)."""
+    n, per, _, width = kv_cache.shape
+    rope = width - head_dim_v
+    if kv_cache.element_size() != 2 or page_size % tile or kv_cache.stride(-1) != 1:
+        return None
+    if any(w < 16 or w & (w - 1) for w in (head_dim_v, rope)):
+        return None
+    stride = kv_cache.stride(1)
+    if (stride * 2) % 16 or kv_cache.data_ptr() % 16 or (n > 1 and kv_cache.stride(0) != per * stride):
+        return None
+    if n * per >= 2**31:
+        return None
+    return n * per, stride, head_dim_v, tile
 
 
 def call_key(

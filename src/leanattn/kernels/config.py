@@ -145,43 +145,48 @@ def choose_config(head_dim: int, kv_dtype: torch.dtype, rows: int) -> KernelConf
 @dataclass(frozen=True)
 class MLAConfig(KernelConfig):
     """How the MLA decode kernel is launched: a :class:`KernelConfig` plus the query rows of a
-    block (``block_rows``: 16 or 64; a block packs the q_len tokens of as many query heads as fit,
-    and a request's blocks are dealt as the partition's heads)."""
+    block (``block_rows``: 16, 32 or 64; a block packs the q_len tokens of as many query heads as
+    fit, and a request's blocks are dealt as the partition's heads); ``tma``: take the TMA tile
+    loop where the call's cache allows it (16-bit, tiles within pages; ``kernels/mla_decode.py``),
+    else the pointer loop, with the same warps and stages."""
 
     block_rows: int = 16
+    tma: bool = False
 
 
 def choose_mla_config(head_dim: int, head_dim_v: int, kv_dtype: torch.dtype, rows: int) -> MLAConfig:
     """Heuristic MLA launch configuration for a cache of ``head_dim`` values a token (latent
     ``head_dim_v`` then rope) and ``rows`` = q_len x q_heads query rows of a request.
 
-    Memory-bound calls (rows <= 16) take 16-row blocks, so the products do no more than 16 rows'
-    work per key (at 64 rows, a 16-head call would need ~580 TFLOPS to read at 4.8 TB/s); larger
-    ones 64-row blocks, the M of one Hopper warpgroup product (FlashMLA's block), so 128 heads are
-    2 blocks streaming the same cache.
+    Blocks of 16 rows up to 16, 32 up to 32, else 64: the products do no more rows' work per key
+    than the call has, and 128 heads are 2 blocks streaming the same cache.
 
-    Expected budgets at head_dim 576 / head_dim_v 512 on an H200 (to be confirmed by the compile
-    report of ``benchmarks/mla.py --probe``):
-    - 16-row blocks, 8 warps, 32-token tiles, 3 stages (decode's d=512 config): shared memory
-      32 x 576 x 2 B = 36 KiB a stage, 108 KiB as 3 whole stages. Registers a thread: q held
-      whole by each warp for the 16-row products, 16 x 576 x 2 B / 128 B = 144; the accumulator
-      16 x 512 / 256 = 32; scores 2; ~90 for addresses, masks and the pipeline: ~270, at the
-      255 limit (a small spill is possible; decode's d=512 kernel, with q 128, fits).
-    - 64-row blocks, 8 warps (two warpgroups sharing M=64, each half of the 512 columns), 64-token
-      tiles, 2 stages: shared memory 72 KiB a stage, 144 KiB in whole stages plus q as the first
-      product's shared operand (64 x 576 x 2 B = 72 KiB): 216 KiB <= 227 KiB. Registers: the
-      accumulator 64 x 512 / 256 = 128, scores 64 x 64 / 256 = 16, p 8, ~60 else: ~210.
-    - The merge of a split block (lean_decode's helpers) holds 4 partials of rows x 512 fp32 at
-      once: at 64 rows 512 registers a thread, so it spills (it runs once per split block; the
-      main loop's allocation is unaffected).
-    fp8 caches use the same tiles (half the bytes a stage; converted to fp16 in registers)."""
-    block_rows = 16 if rows <= 16 else 64
+    Latent 512, 16-bit caches: 64-token tiles. Measured on an H200 (benchmarks/NOTES.md, MLA):
+    - Up to 32 rows, the pointer loop with 8 warps, 3 stages at 16 rows (3 x 72 KiB of tiles; q
+      held in registers) and 2 at 32: at 16 x 4k, 16 heads, 45.3 µs against 53.4 with 32-token
+      tiles and 62.5 with the TMA loop; at 4 x 8k, 32 heads, 85.6 against the TMA loop's 129.1
+      (4 warps; its merge of 512-wide partials spills, a suspect not yet confirmed).
+    - 64 rows (compute-bound), the TMA loop with 8 warps (two warpgroups split the value
+      columns) and 2 stages (3 do not fit with q in shared memory): at 64 x 4k, 128 heads, 674
+      µs against 1013 for the pointer loop's 64-row blocks, which spill. Where the cache does not
+      allow it, the pointer loop with 8 warps and 2 stages.
+    fp8 caches keep 32-token tiles at 16 rows (8 warps, 3 stages), 64 above (the pointer loop:
+    their tiles are converted to fp16 in registers). Under the interpreter, small tiles and the
+    TMA loop where it applies, so both loops are tested there."""
+    block_rows = 16 if rows <= 16 else 32 if rows <= 32 else 64
     if interpreting():
-        return MLAConfig(tile=32, num_warps=4, num_stages=1, programs_per_sm=1, block_rows=block_rows)
-    if next_pow2(head_dim_v) >= 512:
+        return MLAConfig(tile=32, num_warps=4, num_stages=1, programs_per_sm=1, block_rows=block_rows, tma=True)
+    wide = next_pow2(head_dim_v) >= 512
+    if wide and kv_dtype.itemsize == 2:
+        if block_rows <= 32:
+            return MLAConfig(tile=64, num_warps=8, num_stages=3 if block_rows == 16 else 2, programs_per_sm=1,
+                             target_share=4, block_rows=block_rows)
+        return MLAConfig(tile=64, num_warps=8, num_stages=2, programs_per_sm=1, target_share=4, block_rows=64,
+                         tma=True)
+    if wide:
         if block_rows == 16:
             return MLAConfig(tile=32, num_warps=8, num_stages=3, programs_per_sm=1, target_share=4, block_rows=16)
-        return MLAConfig(tile=64, num_warps=8, num_stages=2, programs_per_sm=1, target_share=4, block_rows=64)
+        return MLAConfig(tile=64, num_warps=8, num_stages=2, programs_per_sm=1, target_share=4, block_rows=block_rows)
     # Narrower latents (down to the 16-wide ones tests use): 64-token tiles, 4 warps for 16 rows.
     return MLAConfig(tile=64, num_warps=4 if block_rows == 16 else 8, num_stages=2, programs_per_sm=1,
                      target_share=4, block_rows=block_rows)

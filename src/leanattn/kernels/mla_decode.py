@@ -3,7 +3,12 @@
 Each cache row holds D values: the latent part (the first DV, which is also V) and the rope part
 (the remaining DR = D - DV). A tile of keys is loaded once as its latent and rope columns; the
 scores are q_latent . k_latent + q_rope . k_rope, and the values are the latent columns already
-in registers: no byte of the cache is read twice.
+in registers (or shared memory): no byte of the cache is read twice.
+
+Two tile loops compute the same thing. Where the launch config asks for it (64-row blocks), 16-bit
+caches whose tiles are whole rows of a 2-D view (contiguous, or pages of a multiple of the tile)
+take ``_mla_attend_tma``: bulk tensor-descriptor copies and both products transposed, so neither
+addresses nor q sit in registers. Every other call takes ``_mla_attend``: a pointer per element.
 
 The query rows of a request are packed like decode packs a GQA group: a block holds the Q_LEN
 tokens of GROUP consecutive query heads (row r: token r // GROUP, head h * GROUP + r % GROUP), and
@@ -141,9 +146,93 @@ def _mla_attend(
     return acc, m_i, l_i
 
 
+@triton.jit
+def _mla_attend_tma(
+    q_l, q_r, KVDesc, KRDesc, BlockTable, b, length, live, tile_start, tile_end, scale, num_pages, capacity,
+    stride_btb,
+    GROUP: tl.constexpr, Q_LEN: tl.constexpr, ROWS: tl.constexpr, DV: tl.constexpr, DR: tl.constexpr,
+    TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """``_mla_attend`` for 16-bit caches whose tiles are whole rows of a 2-D view: the cache's
+    rows (batch x capacity, or num_pages x PAGE_SIZE with PAGE_SIZE a multiple of TILE, so a tile
+    lies in one page), DV latent then DR rope columns. KVDesc and KRDesc are tensor descriptors of
+    that view with blocks (TILE, DV) and (TILE, DR): each tile is two bulk copies (TMA on
+    Hopper), so no thread holds an address per element, the registers go to the accumulator.
+
+    Both products are computed transposed (swap-AB), keys and value columns as their M: scores
+    (TILE, ROWS) = k . q^T, output (DV, ROWS) += v^T . p^T. A Hopper warpgroup product has M =
+    64, so a tile of 64 keys fills it whatever the rows (the N), the warps split keys and value
+    columns instead of repeating the rows' work, and q is a shared-memory operand. Returns
+    (acc (ROWS, DV), m, l) as ``_mla_attend``."""
+    offs_n = tl.arange(0, TILE)
+    query = live - Q_LEN + tl.arange(0, ROWS) // GROUP  # each row's position, in keys
+    m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((ROWS,), dtype=tl.float32)
+    acc = tl.zeros((DV, ROWS), dtype=tl.float32)
+    q_lt = tl.trans(q_l)
+    q_rt = tl.trans(q_r)
+    table = BlockTable + b.to(tl.int64) * stride_btb
+    if PAGE_SIZE > 0:
+        page = tl.load(table + (tile_start * TILE) // PAGE_SIZE)
+    for tile in range(tile_start, tile_end):
+        tok = tile * TILE + offs_n
+        in_range = tok < length
+        if PAGE_SIZE == 0:
+            row = b * capacity + tile * TILE
+            bad_page = False
+        else:
+            bad_page = (page < 0) | (page >= num_pages)
+            # A bad page is never read (its keys NaN the rows below); row 0 stands in.
+            row = tl.where(bad_page, 0, page * PAGE_SIZE + (tile * TILE) % PAGE_SIZE)
+            next_tok = (tile + 1) * TILE
+            page = tl.load(table + next_tok // PAGE_SIZE, mask=(next_tok < length) & (tile + 1 < tile_end), other=0)
+        kv = KVDesc.load([row, 0]).to(DOT_DTYPE)
+        qk = tl.dot(kv, q_lt)
+        if DR > 0:
+            qk = tl.dot(KRDesc.load([row, DV]).to(DOT_DTYPE), q_rt, acc=qk)
+        # Keys past the live range or after a row's query give -inf; live keys on a bad page NaN.
+        keep = in_range[:, None]
+        if HAS_MASK:
+            keep = keep & (tok[:, None] <= query[None, :])
+        s = tl.where(keep, qk * scale, float("-inf"))
+        if PAGE_SIZE > 0:
+            s = tl.where(keep & bad_page, float("nan"), s)
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: no inf - inf
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(s - m_shift[None, :])
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(kv), p.to(DOT_DTYPE))
+        m_i = m_new
+    return tl.trans(acc), m_i, l_i
+
+
+@triton.jit
+def _mla_tiles(
+    q_l, q_r, KV, KVDesc, KRDesc, BlockTable, KScale, b, length, live, tile_start, tile_end, scale, num_pages,
+    capacity, stride_kb, stride_kn, stride_btb,
+    GROUP: tl.constexpr, Q_LEN: tl.constexpr, ROWS: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+    DR: tl.constexpr, DR_PAD: tl.constexpr, TILE: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    HAS_MASK: tl.constexpr, SCALE_KIND: tl.constexpr, DOT_DTYPE: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """Key tiles ``[tile_start, tile_end)`` of request b: by tensor descriptors (USE_TMA) or by
+    pointers."""
+    if USE_TMA:
+        return _mla_attend_tma(
+            q_l, q_r, KVDesc, KRDesc, BlockTable, b, length, live, tile_start, tile_end, scale, num_pages, capacity,
+            stride_btb, GROUP, Q_LEN, ROWS, DV, DR, TILE, PAGE_SIZE, HAS_MASK, DOT_DTYPE,
+        )
+    else:
+        return _mla_attend(
+            q_l, q_r, KV, BlockTable, KScale, b, length, live, tile_start, tile_end, scale, num_pages, capacity,
+            stride_kb, stride_kn, stride_btb,
+            GROUP, Q_LEN, ROWS, DV, DV_PAD, DR, DR_PAD, TILE, PAGE_SIZE, HAS_MASK, SCALE_KIND, DOT_DTYPE,
+        )
+
+
 @triton.jit(do_not_specialize=["batch", "blocks", "capacity", "num_pages"])
 def mla_decode_kernel(
-    Q, KV, Out, Lse, SeqLens, BlockTable, KScale, Plan, WsAcc, WsStats, Tickets, ChunkTickets,
+    Q, KV, KVDesc, KRDesc, Out, Lse, SeqLens, BlockTable, KScale, Plan, WsAcc, WsStats, Tickets, ChunkTickets,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kn,
     stride_ob, stride_ot, stride_oh,
@@ -156,12 +245,14 @@ def mla_decode_kernel(
     MERGE_ROWS: tl.constexpr, MERGE_WIDE: tl.constexpr, ARRIVE_CHUNK: tl.constexpr,
     HAS_SEQLENS: tl.constexpr, HAS_MASK: tl.constexpr, SCALE_KIND: tl.constexpr, PLANNED: tl.constexpr,
     RETURN_LSE: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """MLA decode over a persistent grid.
 
     Q (batch, Q_LEN, q_heads, DV + DR) by strides; KV (batch, capacity, 1, DV + DR) by strides (row
     stride stride_kn), or pages (num_pages, PAGE_SIZE, 1, DV + DR) with BlockTable (batch,
-    max_pages) when PAGE_SIZE > 0; Out (batch, Q_LEN, q_heads, DV); Lse (batch, q_heads, Q_LEN)
+    max_pages) when PAGE_SIZE > 0. USE_TMA: KVDesc and KRDesc describe KV's rows as a 2-D tensor
+    (``_mla_attend_tma``), else they are unused. Out (batch, Q_LEN, q_heads, DV); Lse (batch, q_heads, Q_LEN)
     float32; SeqLens (batch,) int32; KScale an fp8 cache's float32 scale of SCALE_KIND: (1,),
     (batch, 1) or per token (packed like the cache's rows). ``blocks`` = q_heads / GROUP blocks
     of Q_LEN x GROUP rows per request are the partition's heads. ``scale`` is the softmax scale
@@ -197,11 +288,12 @@ def mla_decode_kernel(
             # Each split alone, merged in split order: its bits do not depend on the program.
             n_tiles = _num_tiles(length, TILE)
             for u in range(t, t_end):
-                acc, m_i, l_i = _mla_attend(
-                    q_l, q_r, KV, BlockTable, KScale, b, length, live, u * (SPLIT // TILE),
+                acc, m_i, l_i = _mla_tiles(
+                    q_l, q_r, KV, KVDesc, KRDesc, BlockTable, KScale, b, length, live, u * (SPLIT // TILE),
                     tl.minimum((u + 1) * (SPLIT // TILE), n_tiles), head_scale, num_pages, capacity,
                     stride_kb, stride_kn, stride_btb,
                     GROUP, Q_LEN, ROWS, DV, DV_PAD, DR, DR_PAD, TILE, PAGE_SIZE, HAS_MASK, SCALE_KIND, DOT_DTYPE,
+                    USE_TMA,
                 )
                 if n_units == 1:
                     _write_output(Out, Lse, Lse, b, h, acc, m_i, l_i, v_scale,
@@ -216,10 +308,10 @@ def mla_decode_kernel(
                         False, True,
                     )
         else:
-            acc, m_i, l_i = _mla_attend(
-                q_l, q_r, KV, BlockTable, KScale, b, length, live, t, t_end, head_scale, num_pages, capacity,
-                stride_kb, stride_kn, stride_btb,
-                GROUP, Q_LEN, ROWS, DV, DV_PAD, DR, DR_PAD, TILE, PAGE_SIZE, HAS_MASK, SCALE_KIND, DOT_DTYPE,
+            acc, m_i, l_i = _mla_tiles(
+                q_l, q_r, KV, KVDesc, KRDesc, BlockTable, KScale, b, length, live, t, t_end, head_scale, num_pages,
+                capacity, stride_kb, stride_kn, stride_btb,
+                GROUP, Q_LEN, ROWS, DV, DV_PAD, DR, DR_PAD, TILE, PAGE_SIZE, HAS_MASK, SCALE_KIND, DOT_DTYPE, USE_TMA,
             )
             if USE_PDL:
                 # As in decode: small calls let the next kernel launch once every program has
