@@ -210,6 +210,36 @@ def test_errors(change, match):
         leanattn.mla_decode(q, kv, sl, **kw)
 
 
+# cache_leftpad: the live keys of each sequence are cache positions [leftpad, seqlen). Contiguous
+# caches take the TMA loop under the interpreter, pages of 32 the pointer loop (a left pad need not
+# be tile-aligned), pages of 16 the pointer loop anyway.
+@pytest.mark.parametrize("page_size", [0, 32, 16])
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_cache_leftpad(page_size, q_len):
+    lens, pads = [90, 70, 0, 40], [7, 0, 0, 40]  # a pad inside a tile, none, empty, all padding
+    q, kv, sl = mla_inputs(lens, 4, 80, q_len=q_len, cache_len=96, seed=12)
+    pad = torch.tensor(pads, dtype=torch.int32, device=DEVICE)
+    kw = {}
+    if page_size:
+        kv, kw["block_table"] = paged(kv, [96] * 4, page_size)
+    out, lse = leanattn.mla_decode(q, kv, sl, cache_leftpad=pad, head_dim_v=64, return_lse=True, num_programs=5,
+                                   **kw)
+    check(out, lse, q, kv, sl, 64, cache_leftpad=pad, **kw)
+    # The padded keys are never read: poisoning them changes nothing.
+    poisoned = kv.clone()
+    for b, p in enumerate(pads):
+        for t in range(p):
+            row = (int(kw["block_table"][b, t // page_size]), t % page_size) if page_size else (b, t)
+            poisoned[row] = math.nan
+    again = leanattn.mla_decode(q, poisoned, sl, cache_leftpad=pad, head_dim_v=64, num_programs=5, **kw)
+    assert torch.equal(again, out)
+    w = leanattn.MLAWrapper(4, 80, 64, torch.bfloat16, DEVICE, max_q_len=3, num_programs=5)
+    w.plan(sl, 96, q_len=q_len, cache_leftpad=pad)
+    assert torch.equal(w.run(q, kv, **kw), out)
+    with pytest.raises(ValueError, match=r"cache_leftpad\[3\] = 41"):
+        leanattn.mla_decode(q, kv, sl, cache_leftpad=pad + (pad == 40).int(), head_dim_v=64, check=True, **kw)
+
+
 def test_lengths_checked():
     q, kv, sl = mla_inputs([10, 5], 4, 80)
     with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = 99"):
@@ -285,7 +315,7 @@ def test_custom_op_opcheck():
     out = torch.empty(2, 1, 4, 64, dtype=q.dtype, device=DEVICE)
     lse = torch.empty(2, 4, 1, dtype=torch.float32, device=DEVICE)
     torch.library.opcheck(
-        torch.ops.leanattn.mla_decode_into.default, (q, kv, out, lse, sl, None, None, 1.0, 64, 0.125, True, 3, 0),
+        torch.ops.leanattn.mla_decode_into.default, (q, kv, out, lse, sl, None, None, None, 1.0, 64, 0.125, True, 3, 0),
         test_utils=("test_schema", "test_faketensor"),
     )
 

@@ -264,6 +264,18 @@ MUTANTS: list[Mutant] = [
         why="every tile of a page larger than a tile would read the page's first tile",
     ),
     Mutant(
+        "mla-ignores-leftpad",
+        one(MLA, "        pos = first + tok  # cache positions", "        pos = tok  # cache positions"),
+        ("tests/test_mla.py",), k="leftpad",
+        why="the pointer loop would read a left-padded sequence's keys from position 0",
+    ),
+    Mutant(
+        "mla-tma-ignores-leftpad",
+        one(MLA, "row = b * capacity + first + tile * TILE", "row = b * capacity + tile * TILE"),
+        ("tests/test_mla.py",), k="leftpad",
+        why="the TMA loop would read a left-padded sequence's keys from position 0",
+    ),
+    Mutant(
         "checks-skip-head-strides",
         one("src/leanattn/_checks.py", "    check_head_strides(k_cache, v_cache)", "    pass"),
         ("tests/test_errors.py",), k="head_offsets",

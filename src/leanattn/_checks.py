@@ -294,7 +294,7 @@ MLA_MAX_HEAD_DIM = 1024
 
 def validate_mla(
     q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Tensor | None, block_table: torch.Tensor | None,
-    out: torch.Tensor | None, head_dim_v: int,
+    out: torch.Tensor | None, head_dim_v: int, cache_leftpad: torch.Tensor | None = None,
 ) -> None:
     """``leanattn.mla_decode``'s argument checks: ValueError/TypeError naming the argument."""
     check_operands(("q", q), ("kv_cache", kv_cache))
@@ -318,6 +318,9 @@ def validate_mla(
     if cache_seqlens is not None:
         check_per_sequence("cache_seqlens", cache_seqlens, batch)
         others.append(("cache_seqlens", cache_seqlens))
+    if cache_leftpad is not None:
+        check_per_sequence("cache_leftpad", cache_leftpad, batch)
+        others.append(("cache_leftpad", cache_leftpad))
     if paged:
         check_block_table(block_table, batch, "kv_cache", kv_cache.shape[1])
         check_page_strides(kv_cache, kv_cache, ("kv_cache", "kv_cache"))

@@ -54,7 +54,7 @@ class MLACall:
 
     def __init__(
         self, q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None, *,
-        block_table: torch.Tensor | None, kv_scale: float | torch.Tensor | None, has_seqlens: bool,
+        block_table: torch.Tensor | None, kv_scale: float | torch.Tensor | None, has_seqlens: bool, has_leftpad: bool,
         planned: bool, causal: bool, softmax_scale: float, head_dim_v: int, batch: int, capacity: int,
         programs: int, config: MLAConfig, split: int,
     ) -> None:
@@ -66,7 +66,9 @@ class MLACall:
         else:
             page_size, stride_btb, num_pages = kv_cache.shape[1], block_table.stride(0), kv_cache.shape[0]
         # (rows, row stride) of the cache's 2-D view when the TMA loop can take it, else None.
-        self.tma = tma_view(kv_cache, page_size, head_dim_v, config.tile) if config.tma else None
+        # A left pad need not be a multiple of the tile, so paged tiles could cross pages.
+        use_tma = config.tma and not (has_leftpad and page_size)
+        self.tma = tma_view(kv_cache, page_size, head_dim_v, config.tile) if use_tma else None
         self.programs, self.device, self.config = programs, q.device, config
         self.pdl = _call.pdl_of(config, q.device)
         self.fp8 = kv_cache.dtype.itemsize == 1
@@ -75,7 +77,7 @@ class MLACall:
             GROUP=group, Q_LEN=q_len, ROWS=rows, DV=head_dim_v, DV_PAD=dv_pad, DR=head_dim - head_dim_v,
             DR_PAD=max(16, next_pow2(head_dim - head_dim_v)), TILE=config.tile, PAGE_SIZE=page_size,
             TARGET_SHARE=target_share, SPLIT=split, UNIT=unit, MERGE_ROWS=merge_rows, MERGE_WIDE=merge_wide,
-            ARRIVE_CHUNK=_call.ARRIVE_CHUNK, HAS_SEQLENS=has_seqlens,
+            ARRIVE_CHUNK=_call.ARRIVE_CHUNK, HAS_SEQLENS=has_seqlens, HAS_LEFTPAD=has_leftpad,
             HAS_MASK=causal and q_len > 1, SCALE_KIND=scale_kind(kv_scale) if self.fp8 else 0, PLANNED=planned,
             RETURN_LSE=lse is not None, DOT_DTYPE=_call.dot_dtype_of(config, q.dtype, kv_cache.dtype),
             BLOCK_B=BLOCK_B, USE_PDL=self.pdl, USE_TMA=self.tma is not None, **dict(config.constexprs),
@@ -92,7 +94,8 @@ class MLACall:
 
     def launch(
         self, bufs: tuple[torch.Tensor, ...], q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor,
-        lse: torch.Tensor | None, cache_seqlens: torch.Tensor | None, block_table: torch.Tensor | None,
+        lse: torch.Tensor | None, cache_seqlens: torch.Tensor | None, cache_leftpad: torch.Tensor | None,
+        block_table: torch.Tensor | None,
         kv_scale: torch.Tensor | float | None, plan: torch.Tensor | None,
     ) -> None:
         """Launch on the workspace ``bufs`` (acc, stats, head tickets, chunk tickets) for tensors
@@ -110,6 +113,7 @@ class MLACall:
         args = (
             q, kv_cache, kv_desc, kr_desc, out, lse if lse is not None else acc,
             cache_seqlens if cache_seqlens is not None else tickets,
+            cache_leftpad if cache_leftpad is not None else tickets,
             block_table if block_table is not None else tickets, scale,
             plan if plan is not None else tickets, acc, stats, tickets, chunk_tickets, *self.fixed,
         )
@@ -139,14 +143,14 @@ def tma_view(kv_cache: torch.Tensor, page_size: int, head_dim_v: int, tile: int)
 
 def call_key(
     q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None,
-    cache_seqlens: torch.Tensor | None, block_table: torch.Tensor | None, kv_scale: object, plan: torch.Tensor | None,
-    rest: tuple,
+    cache_seqlens: torch.Tensor | None, cache_leftpad: torch.Tensor | None, block_table: torch.Tensor | None,
+    kv_scale: object, plan: torch.Tensor | None, rest: tuple,
 ) -> tuple:
     """Everything the compiled kernel depends on in a call (the tensors' layouts and 16-byte
     alignment, the scale's kind or value) plus ``rest``, the caller's part (head_dim_v, scale,
     causal, batch, capacity, grid, config, split)."""
     scale = _call.layout_of(kv_scale) if isinstance(kv_scale, torch.Tensor) else (type(kv_scale), kv_scale)
-    return _call.layout_of(q, kv_cache, out, lse, cache_seqlens, block_table, plan), scale, rest
+    return _call.layout_of(q, kv_cache, out, lse, cache_seqlens, cache_leftpad, block_table, plan), scale, rest
 
 
 # leanattn.mla_decode's calls by call key (each MLAWrapper keeps its own).
@@ -155,9 +159,9 @@ _MLA_CALLS: dict[tuple, MLACall] = {}
 
 def mla_decode_into(
     q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None, *,
-    cache_seqlens: torch.Tensor | None, block_table: torch.Tensor | None, kv_scale: float | torch.Tensor | None,
-    head_dim_v: int, softmax_scale: float, causal: bool, num_programs: int | None, split: int,
-    workspace: Workspace,
+    cache_seqlens: torch.Tensor | None, cache_leftpad: torch.Tensor | None, block_table: torch.Tensor | None,
+    kv_scale: float | torch.Tensor | None, head_dim_v: int, softmax_scale: float, causal: bool,
+    num_programs: int | None, split: int, workspace: Workspace,
 ) -> None:
     """``leanattn.mla_decode``'s launch (eager, or inside its custom op) on ``workspace``: the
     heuristic's config, the default or given grid, buffers and key, then the key's
@@ -171,12 +175,12 @@ def mla_decode_into(
     blocks = blocks_of(q_len, q_heads, config.block_rows)[1]
     bufs = _call.buffers(workspace, q.device, _call.slots(programs, split, batch, blocks, capacity), head_dim_v,
                          rows_of(q_len, q_heads, config))
-    key = call_key(q, kv_cache, out, lse, cache_seqlens, block_table, kv_scale, None,
+    key = call_key(q, kv_cache, out, lse, cache_seqlens, cache_leftpad, block_table, kv_scale, None,
                    (head_dim_v, softmax_scale, causal, batch, capacity, programs, split))
     call = _MLA_CALLS.get(key)
     if call is None:
         call = _MLA_CALLS[key] = MLACall(
             q, kv_cache, out, lse, block_table=block_table, kv_scale=kv_scale, has_seqlens=cache_seqlens is not None,
-            planned=False, causal=causal, softmax_scale=softmax_scale, head_dim_v=head_dim_v, batch=batch,
+            has_leftpad=cache_leftpad is not None, planned=False, causal=causal, softmax_scale=softmax_scale, head_dim_v=head_dim_v, batch=batch,
             capacity=capacity, programs=programs, config=config, split=split)
-    call.launch(bufs, q, kv_cache, out, lse, cache_seqlens, block_table, kv_scale, None)
+    call.launch(bufs, q, kv_cache, out, lse, cache_seqlens, cache_leftpad, block_table, kv_scale, None)

@@ -35,12 +35,12 @@ def _check_options(q: torch.Tensor, kv_cache: torch.Tensor, kv_scale: object, ca
         fail(ValueError, f"kv_scale dequantises an fp8 kv_cache; this cache is {kv_cache.dtype}")
 
 
-def _check_values(kv_cache, cache_seqlens, block_table, kv_scale, batch: int, capacity: int) -> None:
+def _check_values(kv_cache, cache_seqlens, cache_leftpad, block_table, kv_scale, batch: int, capacity: int) -> None:
     """``check=True``'s host-side checks of the lengths, live pages and scales (a device sync)."""
-    check_lengths(cache_seqlens, None, capacity)
+    check_lengths(cache_seqlens, cache_leftpad, capacity)
     if block_table is not None:
-        check_pages(block_table, kv_cache.shape[0], kv_cache.shape[1], cache_seqlens, None)
-    check_finite_values(None, kv_scale, None, cache_seqlens=cache_seqlens, cache_leftpad=None,
+        check_pages(block_table, kv_cache.shape[0], kv_cache.shape[1], cache_seqlens, cache_leftpad)
+    check_finite_values(None, kv_scale, None, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
                         block_table=block_table, batch=batch, capacity=capacity, scale_names=("kv_scale", ""))
 
 
@@ -59,6 +59,7 @@ def mla_decode(
     cache_seqlens: torch.Tensor | None,
     *,
     block_table: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
     head_dim_v: int = 512,
     softmax_scale: float | None = None,
     causal: bool = True,
@@ -83,6 +84,9 @@ def mla_decode(
         cache_seqlens: int32 (batch,), contiguous, the live length of each sequence (clamped to
             [0, capacity]); ``None`` means the capacity.
         block_table: int32 (batch, max_pages_per_seq) page indices for a paged cache.
+        cache_leftpad: int32 (batch,), where each sequence's live keys start (clamped to [0,
+            cache_seqlens]): they are cache positions [cache_leftpad, cache_seqlens), as in
+            ``decode`` (left-padded batches); ``None``: 0.
         head_dim_v: V's (and the output's) head dim: a multiple of 16, at most head_dim (512).
         softmax_scale: defaults to ``head_dim ** -0.5`` (DeepSeek passes its own).
         causal: query i of a sequence of L keys sees keys [0, L - q_len + i] (bottom-right, as
@@ -106,7 +110,7 @@ def mla_decode(
     Returns:
         (batch, q_len, q_heads, head_dim_v) in q's dtype, and the LSE when ``return_lse``.
     """
-    validate_mla(q, kv_cache, cache_seqlens, block_table, out, head_dim_v)
+    validate_mla(q, kv_cache, cache_seqlens, block_table, out, head_dim_v, cache_leftpad)
     refuse_grad(q, kv_cache, names=("q", "kv_cache"))
     _check_options(q, kv_cache, kv_scale, causal)
     check_num_programs(num_programs)
@@ -114,7 +118,7 @@ def mla_decode(
     batch, q_len, q_heads, head_dim = q.shape
     capacity = capacity_of(kv_cache, block_table)
     if check:
-        _check_values(kv_cache, cache_seqlens, block_table, kv_scale, batch, capacity)
+        _check_values(kv_cache, cache_seqlens, cache_leftpad, block_table, kv_scale, batch, capacity)
     scale = softmax_scale_of(softmax_scale, head_dim)
     compiling = torch.compiler.is_compiling()
     if compiling:  # the uncached forms: torch.compile traces them
@@ -128,13 +132,13 @@ def mla_decode(
     out, lse = _outputs(q, head_dim_v, out, lse, return_lse)
     fp8 = kv_cache.dtype in FP8_DTYPES
     if compiling:
-        ops.mla_decode_into(q, kv_cache, out, lse, cache_seqlens, block_table,
+        ops.mla_decode_into(q, kv_cache, out, lse, cache_seqlens, cache_leftpad, block_table,
                             kv_scale if isinstance(kv_scale, torch.Tensor) else None,
                             float(kv_scale) if isinstance(kv_scale, (int, float)) else 1.0,
                             head_dim_v, scale, causal, num_programs or 0, split)
     else:
         _mla_call.mla_decode_into(
-            q, kv_cache, out, lse, cache_seqlens=cache_seqlens, block_table=block_table,
+            q, kv_cache, out, lse, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad, block_table=block_table,
             kv_scale=(1.0 if kv_scale is None else kv_scale) if fp8 else None, head_dim_v=head_dim_v,
             softmax_scale=scale, causal=causal, num_programs=num_programs, split=split,
             workspace=workspace_for(q.device))
@@ -146,7 +150,7 @@ class MLAWrapper:
     :class:`leanattn.DecodeWrapper`)::
 
         w = leanattn.MLAWrapper(q_heads=128, head_dim=576, head_dim_v=512, dtype=torch.bfloat16, device="cuda")
-        w.plan(cache_seqlens, capacity)            # once per step
+        w.plan(cache_seqlens, capacity)            # once per step (cache_leftpad= for left-padded batches)
         for layer in range(num_layers):
             w.run(q[layer], kv_cache[layer], block_table=block_table, out=out[layer])
 
@@ -212,6 +216,7 @@ class MLAWrapper:
         self._config = configs[0]
         self.num_programs = _call.grid(device, self._config, num_programs)
         self._seqlens: torch.Tensor | None = None
+        self._leftpad: torch.Tensor | None = None
         self._capacity, self._batch, self._q_len, self._causal, self._split = 0, -1, 1, True, 0
         self._plan_layout: tuple = ()
         self._calls: dict[tuple, _mla_call.MLACall] = {}
@@ -222,7 +227,7 @@ class MLAWrapper:
 
     def plan(
         self, cache_seqlens: torch.Tensor | None, capacity: int, *, batch: int | None = None, q_len: int = 1,
-        causal: bool = True, check: bool = False,
+        causal: bool = True, cache_leftpad: torch.Tensor | None = None, check: bool = False,
     ) -> None:
         """Compute every program's share for this step's lengths, on the device (no host sync).
 
@@ -235,15 +240,17 @@ class MLAWrapper:
             batch: number of sequences, when ``cache_seqlens`` is ``None``.
             q_len: query tokens per sequence (at most ``max_q_len``).
             causal: as in :func:`mla_decode`.
+            cache_leftpad: int32 (batch,), where each sequence's live keys start, as in
+                :func:`mla_decode`; ``run`` reads it again (change it only between steps).
             check: validate the lengths' values on the host (a device sync).
         """
-        batch, _ = check_plan_lengths("MLAWrapper.plan", cache_seqlens, None, batch, capacity, self.device)
+        batch, _ = check_plan_lengths("MLAWrapper.plan", cache_seqlens, cache_leftpad, batch, capacity, self.device)
         if not isinstance(q_len, int) or not 1 <= q_len <= self.max_q_len:
             fail(ValueError, f"q_len must be in [1, max_q_len={self.max_q_len}], got {q_len!r}")
         if not isinstance(causal, bool):
             fail(TypeError, f"causal must be a bool, got {type(causal).__name__}")
         if check:
-            check_lengths(cache_seqlens, None, capacity)
+            check_lengths(cache_seqlens, cache_leftpad, capacity)
         # Every check before any state changes: a refused plan leaves the last one in force.
         config = self._config_for(q_len)
         blocks = _mla_call.blocks_of(q_len, self.q_heads, config.block_rows)[1]
@@ -255,11 +262,12 @@ class MLAWrapper:
             self._bufs = _call.buffers(
                 self._workspace, self.device, _call.slots(self.num_programs, self._split, batch, blocks, capacity),
                 self.head_dim_v, self._rows)
-        self._seqlens, self._capacity, self._batch, self._q_len, self._causal = (
-            cache_seqlens, capacity, batch, q_len, causal)
+        self._seqlens, self._leftpad, self._capacity, self._batch, self._q_len, self._causal = (
+            cache_seqlens, cache_leftpad, capacity, batch, q_len, causal)
         self._plan_layout = (self.head_dim_v, self.softmax_scale, causal, batch, capacity, self.num_programs,
                              self._split, q_len)
-        launch_plan(self._plan, self.num_programs, cache_seqlens, None, batch, blocks, capacity, q_len, 0, False,
+        launch_plan(self._plan, self.num_programs, cache_seqlens, cache_leftpad, batch, blocks, capacity, q_len, 0,
+                    False,
                     *_call.unit_of(self._config, self._split), _call.pdl_of(self._config, self.device))
 
     def run(
@@ -288,21 +296,21 @@ class MLAWrapper:
         out, lse = _outputs(q, self.head_dim_v, out, lse, return_lse)
         fp8 = self.kv_dtype in FP8_DTYPES
         scale = (1.0 if kv_scale is None else kv_scale) if fp8 else kv_scale
-        key = _mla_call.call_key(q, kv_cache, out, lse, self._seqlens, block_table, scale, self._plan,
-                                 self._plan_layout)
+        key = _mla_call.call_key(q, kv_cache, out, lse, self._seqlens, self._leftpad, block_table, scale,
+                                 self._plan, self._plan_layout)
         call = self._calls.get(key)
         if call is None:  # a layout not seen yet: the full checks
             self._check(q, kv_cache, block_table, out)
             _check_options(q, kv_cache, kv_scale, self._causal)
             call = self._calls[key] = _mla_call.MLACall(
                 q, kv_cache, out, lse, block_table=block_table, kv_scale=scale,
-                has_seqlens=self._seqlens is not None, planned=True, causal=self._causal,
+                has_seqlens=self._seqlens is not None, has_leftpad=self._leftpad is not None, planned=True, causal=self._causal,
                 softmax_scale=self.softmax_scale, head_dim_v=self.head_dim_v, batch=self._batch,
                 capacity=self._capacity, programs=self.num_programs, config=self._config, split=self._split)
         if check:
-            _check_values(kv_cache, self._seqlens, block_table, kv_scale, self._batch, self._capacity)
+            _check_values(kv_cache, self._seqlens, self._leftpad, block_table, kv_scale, self._batch, self._capacity)
         if self._batch > 0:
-            call.launch(self._bufs, q, kv_cache, out, lse, self._seqlens, block_table, scale, self._plan)
+            call.launch(self._bufs, q, kv_cache, out, lse, self._seqlens, self._leftpad, block_table, scale, self._plan)
         return (out, lse) if return_lse else out
 
     def _check(self, q, kv_cache, block_table, out) -> None:

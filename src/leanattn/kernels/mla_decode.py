@@ -73,14 +73,15 @@ def _mla_load_q(
 
 @triton.jit
 def _mla_attend(
-    q_l, q_r, KV, BlockTable, KScale, b, length, live, tile_start, tile_end, scale, num_pages, capacity,
+    q_l, q_r, KV, BlockTable, KScale, b, first, length, live, tile_start, tile_end, scale, num_pages, capacity,
     stride_kb, stride_kn, stride_btb,
     GROUP: tl.constexpr, Q_LEN: tl.constexpr, ROWS: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
     DR: tl.constexpr, DR_PAD: tl.constexpr, TILE: tl.constexpr, PAGE_SIZE: tl.constexpr,
     HAS_MASK: tl.constexpr, SCALE_KIND: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """Online softmax of the packed rows (q_l, q_r) over key tiles ``[tile_start, tile_end)`` of
-    request b, whose ``length`` live keys are cache positions [0, length) (``live`` = length).
+    request b, whose ``length`` live keys are cache positions [first, first + length) (``live`` =
+    length; keys are numbered from ``first``).
     Returns unnormalised (acc (ROWS, DV_PAD), m, l), m in log2 units.
 
     Per tile: the latent columns (TILE, DV_PAD) and rope columns (TILE, DR_PAD) of the keys are
@@ -101,25 +102,26 @@ def _mla_attend(
     bad = offs_n < 0
     if PAGE_SIZE > 0:
         tok = tile_start * TILE + offs_n
-        page = tl.load(table + tok // PAGE_SIZE, mask=tok < length, other=0)
+        page = tl.load(table + (first + tok) // PAGE_SIZE, mask=tok < length, other=0)
     for tile in range(tile_start, tile_end):
         tok = tile * TILE + offs_n
+        pos = first + tok  # cache positions
         in_range = tok < length
         read = in_range
         if PAGE_SIZE == 0:
-            k_rows = b64 * stride_kb + tok.to(tl.int64) * stride_kn
+            k_rows = b64 * stride_kb + pos.to(tl.int64) * stride_kn
             if SCALE_KIND == SCALE_TOKEN:
-                s_rows = b64 * capacity + tok
+                s_rows = b64 * capacity + pos
         else:
             bad = in_range & ((page < 0) | (page >= num_pages))
             read = in_range & ~bad
-            slot = tok % PAGE_SIZE
+            slot = pos % PAGE_SIZE
             k_rows = page.to(tl.int64) * stride_kb + slot * stride_kn
             if SCALE_KIND == SCALE_TOKEN:
                 s_rows = page.to(tl.int64) * PAGE_SIZE + slot
             next_tok = tok + TILE
-            page = tl.load(table + next_tok // PAGE_SIZE, mask=(next_tok < length) & (next_tok < tile_end * TILE),
-                           other=0)
+            page = tl.load(table + (first + next_tok) // PAGE_SIZE,
+                           mask=(next_tok < length) & (next_tok < tile_end * TILE), other=0)
         kv = tl.load(KV + k_rows[:, None] + offs_v[None, :], mask=read[:, None] & (offs_v < DV)[None, :],
                      other=0.0).to(DOT_DTYPE)
         qk = tl.dot(q_l, tl.trans(kv))
@@ -148,7 +150,7 @@ def _mla_attend(
 
 @triton.jit
 def _mla_attend_tma(
-    q_l, q_r, KVDesc, KRDesc, BlockTable, b, length, live, tile_start, tile_end, scale, num_pages, capacity,
+    q_l, q_r, KVDesc, KRDesc, BlockTable, b, first, length, live, tile_start, tile_end, scale, num_pages, capacity,
     stride_btb,
     GROUP: tl.constexpr, Q_LEN: tl.constexpr, ROWS: tl.constexpr, DV: tl.constexpr, DR: tl.constexpr,
     TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -158,6 +160,7 @@ def _mla_attend_tma(
     lies in one page), DV latent then DR rope columns. KVDesc and KRDesc are tensor descriptors of
     that view with blocks (TILE, DV) and (TILE, DR): each tile is two bulk copies (TMA on
     Hopper), so no thread holds an address per element, the registers go to the accumulator.
+    Paged caches need ``first`` a multiple of TILE (no cache_leftpad; the host checks).
 
     Both products are computed transposed (swap-AB), keys and value columns as their M: scores
     (TILE, ROWS) = k . q^T, output (DV, ROWS) += v^T . p^T. A Hopper warpgroup product has M =
@@ -178,7 +181,7 @@ def _mla_attend_tma(
         tok = tile * TILE + offs_n
         in_range = tok < length
         if PAGE_SIZE == 0:
-            row = b * capacity + tile * TILE
+            row = b * capacity + first + tile * TILE
             bad_page = False
         else:
             bad_page = (page < 0) | (page >= num_pages)
@@ -209,7 +212,7 @@ def _mla_attend_tma(
 
 @triton.jit
 def _mla_tiles(
-    q_l, q_r, KV, KVDesc, KRDesc, BlockTable, KScale, b, length, live, tile_start, tile_end, scale, num_pages,
+    q_l, q_r, KV, KVDesc, KRDesc, BlockTable, KScale, b, first, length, live, tile_start, tile_end, scale, num_pages,
     capacity, stride_kb, stride_kn, stride_btb,
     GROUP: tl.constexpr, Q_LEN: tl.constexpr, ROWS: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
     DR: tl.constexpr, DR_PAD: tl.constexpr, TILE: tl.constexpr, PAGE_SIZE: tl.constexpr,
@@ -219,20 +222,20 @@ def _mla_tiles(
     pointers."""
     if USE_TMA:
         return _mla_attend_tma(
-            q_l, q_r, KVDesc, KRDesc, BlockTable, b, length, live, tile_start, tile_end, scale, num_pages, capacity,
-            stride_btb, GROUP, Q_LEN, ROWS, DV, DR, TILE, PAGE_SIZE, HAS_MASK, DOT_DTYPE,
+            q_l, q_r, KVDesc, KRDesc, BlockTable, b, first, length, live, tile_start, tile_end, scale, num_pages,
+            capacity, stride_btb, GROUP, Q_LEN, ROWS, DV, DR, TILE, PAGE_SIZE, HAS_MASK, DOT_DTYPE,
         )
     else:
         return _mla_attend(
-            q_l, q_r, KV, BlockTable, KScale, b, length, live, tile_start, tile_end, scale, num_pages, capacity,
-            stride_kb, stride_kn, stride_btb,
+            q_l, q_r, KV, BlockTable, KScale, b, first, length, live, tile_start, tile_end, scale, num_pages,
+            capacity, stride_kb, stride_kn, stride_btb,
             GROUP, Q_LEN, ROWS, DV, DV_PAD, DR, DR_PAD, TILE, PAGE_SIZE, HAS_MASK, SCALE_KIND, DOT_DTYPE,
         )
 
 
 @triton.jit(do_not_specialize=["batch", "blocks", "capacity", "num_pages"])
 def mla_decode_kernel(
-    Q, KV, KVDesc, KRDesc, Out, Lse, SeqLens, BlockTable, KScale, Plan, WsAcc, WsStats, Tickets, ChunkTickets,
+    Q, KV, KVDesc, KRDesc, Out, Lse, SeqLens, LeftPad, BlockTable, KScale, Plan, WsAcc, WsStats, Tickets, ChunkTickets,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kn,
     stride_ob, stride_ot, stride_oh,
@@ -243,7 +246,8 @@ def mla_decode_kernel(
     DV: tl.constexpr, DV_PAD: tl.constexpr, DR: tl.constexpr, DR_PAD: tl.constexpr,
     TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, TARGET_SHARE: tl.constexpr, SPLIT: tl.constexpr, UNIT: tl.constexpr,
     MERGE_ROWS: tl.constexpr, MERGE_WIDE: tl.constexpr, ARRIVE_CHUNK: tl.constexpr,
-    HAS_SEQLENS: tl.constexpr, HAS_MASK: tl.constexpr, SCALE_KIND: tl.constexpr, PLANNED: tl.constexpr,
+    HAS_SEQLENS: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_MASK: tl.constexpr, SCALE_KIND: tl.constexpr,
+    PLANNED: tl.constexpr,
     RETURN_LSE: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
@@ -253,7 +257,8 @@ def mla_decode_kernel(
     stride stride_kn), or pages (num_pages, PAGE_SIZE, 1, DV + DR) with BlockTable (batch,
     max_pages) when PAGE_SIZE > 0. USE_TMA: KVDesc and KRDesc describe KV's rows as a 2-D tensor
     (``_mla_attend_tma``), else they are unused. Out (batch, Q_LEN, q_heads, DV); Lse (batch, q_heads, Q_LEN)
-    float32; SeqLens (batch,) int32; KScale an fp8 cache's float32 scale of SCALE_KIND: (1,),
+    float32; SeqLens and LeftPad (batch,) int32 (HAS_SEQLENS, HAS_LEFTPAD: each request's live
+    keys are cache positions [leftpad, seqlen), clamped as in decode); KScale an fp8 cache's float32 scale of SCALE_KIND: (1,),
     (batch, 1) or per token (packed like the cache's rows). ``blocks`` = q_heads / GROUP blocks
     of Q_LEN x GROUP rows per request are the partition's heads. ``scale`` is the softmax scale
     times log2(e). HAS_MASK: bottom-right causal rows (Q_LEN > 1). Units of UNIT tokens are
@@ -267,8 +272,8 @@ def mla_decode_kernel(
         total, programs, start, end, b, h, t = _read_plan_row(Plan, pid)
     else:
         total, programs, start, end, b, h, t = _share_of(
-            SeqLens, SeqLens, batch, blocks, capacity, 0, pid, tl.num_programs(0),
-            HAS_SEQLENS, False, Q_LEN, False, UNIT, TARGET_SHARE, BLOCK_B,
+            SeqLens, LeftPad, batch, blocks, capacity, 0, pid, tl.num_programs(0),
+            HAS_SEQLENS, HAS_LEFTPAD, Q_LEN, False, UNIT, TARGET_SHARE, BLOCK_B,
         )
     if pid >= programs:
         return
@@ -279,7 +284,8 @@ def mla_decode_kernel(
 
     g = start
     while g < end:
-        _, length, _, live = _live_range(SeqLens, SeqLens, b, b >= 0, capacity, 0, HAS_SEQLENS, False, Q_LEN, False)
+        first, length, _, live = _live_range(SeqLens, LeftPad, b, b >= 0, capacity, 0, HAS_SEQLENS, HAS_LEFTPAD,
+                                             Q_LEN, False)
         n_units = _num_tiles(length, UNIT)
         t_end = tl.minimum(n_units.to(tl.int64), t + (end - g)).to(tl.int32)
         q_l, q_r, head_scale, v_scale = _mla_load_q(Q, KScale, b, h, q_rows, real, stride_qb, stride_qh, scale,
@@ -289,7 +295,7 @@ def mla_decode_kernel(
             n_tiles = _num_tiles(length, TILE)
             for u in range(t, t_end):
                 acc, m_i, l_i = _mla_tiles(
-                    q_l, q_r, KV, KVDesc, KRDesc, BlockTable, KScale, b, length, live, u * (SPLIT // TILE),
+                    q_l, q_r, KV, KVDesc, KRDesc, BlockTable, KScale, b, first, length, live, u * (SPLIT // TILE),
                     tl.minimum((u + 1) * (SPLIT // TILE), n_tiles), head_scale, num_pages, capacity,
                     stride_kb, stride_kn, stride_btb,
                     GROUP, Q_LEN, ROWS, DV, DV_PAD, DR, DR_PAD, TILE, PAGE_SIZE, HAS_MASK, SCALE_KIND, DOT_DTYPE,
@@ -309,8 +315,8 @@ def mla_decode_kernel(
                     )
         else:
             acc, m_i, l_i = _mla_tiles(
-                q_l, q_r, KV, KVDesc, KRDesc, BlockTable, KScale, b, length, live, t, t_end, head_scale, num_pages,
-                capacity, stride_kb, stride_kn, stride_btb,
+                q_l, q_r, KV, KVDesc, KRDesc, BlockTable, KScale, b, first, length, live, t, t_end, head_scale,
+                num_pages, capacity, stride_kb, stride_kn, stride_btb,
                 GROUP, Q_LEN, ROWS, DV, DV_PAD, DR, DR_PAD, TILE, PAGE_SIZE, HAS_MASK, SCALE_KIND, DOT_DTYPE, USE_TMA,
             )
             if USE_PDL:
