@@ -145,16 +145,20 @@ def test_bad_page_gives_nan_rows(page_size):
 
 
 def test_tma_view_takes_row_tiles_of_16_bit_caches_only():
-    """The TMA loop's 2-D view: contiguous 16-bit caches and pages of a multiple of the tile;
-    not fp8, smaller pages, unevenly spaced rows or rope widths that are not powers of two."""
+    """The TMA loop's 2-D views: contiguous 16-bit caches and pages of a multiple of the tile;
+    not fp8, smaller pages, unevenly spaced rows or widths that are not powers of two; a rope
+    cache apart with its own row stride."""
     kv = torch.zeros(3, 96, 1, 80, dtype=torch.bfloat16, device=DEVICE)
-    assert mla_tma_view(kv, 0, 64, 32) == (3 * 96, 80, 64, 32)
-    assert mla_tma_view(kv, 96, 64, 32) == (3 * 96, 80, 64, 32)
-    assert mla_tma_view(kv, 96, 64, 64) is None  # a 64-key tile would cross pages of 96
-    assert mla_tma_view(kv.to(FP8), 0, 64, 32) is None
-    assert mla_tma_view(kv, 0, 56, 32) is None  # rope 24
+    assert mla_tma_view(kv, None, 0, 64, 16, 32) == (3 * 96, 32, (80, 64), (80, 16))
+    assert mla_tma_view(kv, None, 96, 64, 16, 32) == (3 * 96, 32, (80, 64), (80, 16))
+    assert mla_tma_view(kv, None, 96, 64, 16, 64) is None  # a 64-key tile would cross pages of 96
+    assert mla_tma_view(kv.to(FP8), None, 0, 64, 16, 32) is None
+    assert mla_tma_view(kv, None, 0, 56, 24, 32) is None  # rope 24
     wide = torch.zeros(3, 100, 1, 80, dtype=torch.bfloat16, device=DEVICE)
-    assert mla_tma_view(wide[:, :96], 0, 64, 32) is None  # rows of the batch 100 apart, not 96
+    assert mla_tma_view(wide[:, :96], None, 0, 64, 16, 32) is None  # rows of the batch 100 apart, not 96
+    latent, rope = kv[..., :64].contiguous(), torch.zeros(3, 96, 1, 16, dtype=torch.bfloat16, device=DEVICE)
+    assert mla_tma_view(latent, rope, 0, 64, 16, 32) == (3 * 96, 32, (64, 64), (16, 16))
+    assert mla_tma_view(latent, wide[:, :96, :, :16], 0, 64, 16, 32) is None
 
 
 def test_strided_cache_takes_the_pointer_loop_and_is_exact():
@@ -163,7 +167,7 @@ def test_strided_cache_takes_the_pointer_loop_and_is_exact():
     lens = [60, 33]
     q, kv, sl = mla_inputs(lens, 4, 80, cache_len=90, seed=8)
     view = kv[:, :64]
-    assert mla_tma_view(view, 0, 64, mla_heuristic(80, 64, view.dtype, 4).tile) is None
+    assert mla_tma_view(view, None, 0, 64, 16, mla_heuristic(80, 64, view.dtype, 4).tile) is None
     out, lse = leanattn.mla_decode(q, view, sl, head_dim_v=64, return_lse=True)
     check(out, lse, q, view, sl, 64)
     same, same_lse = leanattn.mla_decode(q, view.contiguous(), sl, head_dim_v=64, return_lse=True)
@@ -238,6 +242,44 @@ def test_cache_leftpad(page_size, q_len):
     assert torch.equal(w.run(q, kv, **kw), out)
     with pytest.raises(ValueError, match=r"cache_leftpad\[3\] = 41"):
         leanattn.mla_decode(q, kv, sl, cache_leftpad=pad + (pad == 40).int(), head_dim_v=64, check=True, **kw)
+
+
+# rope_cache: the rope part in a tensor of its own (transformers' DeepSeek cache, FlashInfer's kpe).
+# The same rows as one 576-wide cache give the same bits, through either tile loop.
+@pytest.mark.parametrize("page_size", [0, 32, 16])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_rope_cache_apart(page_size, fp8):
+    lens = [90, 0, 41]
+    q, kv, sl = mla_inputs(lens, 4, 80, q_len=2, cache_len=96, seed=13)
+    kw = {"kv_scale": 0.7} if fp8 else {}
+    if fp8:
+        kv = kv.to(FP8)
+    if page_size:
+        kv, kw["block_table"] = paged(kv, [96] * 3, page_size)
+    latent, rope = kv[..., :64].contiguous(), kv[..., 64:].contiguous()
+    pad = torch.tensor([3, 0, 40], dtype=torch.int32, device=DEVICE)
+    fused, fused_lse = leanattn.mla_decode(q, kv, sl, cache_leftpad=pad, head_dim_v=64, return_lse=True,
+                                           num_programs=5, **kw)
+    out, lse = leanattn.mla_decode(q, latent, sl, rope_cache=rope, cache_leftpad=pad, head_dim_v=64, return_lse=True,
+                                   num_programs=5, **kw)
+    assert torch.equal(out, fused) and torch.equal(lse, fused_lse)
+    check(out, lse, q, latent, sl, 64, rope_cache=rope, cache_leftpad=pad, **kw)
+    w = leanattn.MLAWrapper(4, 80, 64, torch.bfloat16, DEVICE, kv_dtype=kv.dtype, max_q_len=2, num_programs=5)
+    w.plan(sl, 96, q_len=2, cache_leftpad=pad)
+    assert torch.equal(w.run(q, latent, rope_cache=rope, **kw), out)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda kv, rope: (kv, rope[..., :8]), r"rope_cache must be \(3, 96, 1, 16\)"),
+    (lambda kv, rope: (kv, rope[:2]), r"rope_cache must be \(3, 96, 1, 16\)"),
+    (lambda kv, rope: (kv, rope.half()), "rope_cache must have kv_cache's dtype"),
+    (lambda kv, rope: (torch.cat([kv, rope], -1), rope), "kv_cache must hold the latent only"),
+])
+def test_rope_cache_errors(change, match):
+    q, kv, sl = mla_inputs([50, 20, 9], 4, 80, cache_len=96, seed=14)
+    latent, rope = change(kv[..., :64].contiguous(), kv[..., 64:].contiguous())
+    with pytest.raises((ValueError, TypeError), match=match):
+        leanattn.mla_decode(q, latent, sl, rope_cache=rope, head_dim_v=64)
 
 
 def test_lengths_checked():
@@ -315,7 +357,7 @@ def test_custom_op_opcheck():
     out = torch.empty(2, 1, 4, 64, dtype=q.dtype, device=DEVICE)
     lse = torch.empty(2, 4, 1, dtype=torch.float32, device=DEVICE)
     torch.library.opcheck(
-        torch.ops.leanattn.mla_decode_into.default, (q, kv, out, lse, sl, None, None, None, 1.0, 64, 0.125, True, 3, 0),
+        torch.ops.leanattn.mla_decode_into.default, (q, kv, None, out, lse, sl, None, None, None, 1.0, 64, 0.125, True, 3, 0),
         test_utils=("test_schema", "test_faketensor"),
     )
 

@@ -246,7 +246,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "mla-tma-drops-rope-scores",
-        one(MLA, "qk = tl.dot(KRDesc.load([row, DV]).to(DOT_DTYPE), q_rt, acc=qk)", "qk = qk"),
+        one(MLA, "qk = tl.dot(KRDesc.load([row, 0 if ROPE_APART else DV]).to(DOT_DTYPE), q_rt, acc=qk)", "qk = qk"),
         ("tests/test_mla.py",),
         why="the TMA loop's scores would leave out the rope columns' product",
     ),
@@ -274,6 +274,18 @@ MUTANTS: list[Mutant] = [
         one(MLA, "row = b * capacity + first + tile * TILE", "row = b * capacity + tile * TILE"),
         ("tests/test_mla.py",), k="leftpad",
         why="the TMA loop would read a left-padded sequence's keys from position 0",
+    ),
+    Mutant(
+        "mla-rope-apart-read-from-kv",
+        one(MLA, "k_r = tl.load(KR + r_rows[:, None] + offs_r[None, :]", "k_r = tl.load(KV + r_rows[:, None] + offs_r[None, :]"),
+        ("tests/test_mla.py",), k="rope_cache_apart",
+        why="the pointer loop would take a separate rope cache's rows from the latent cache",
+    ),
+    Mutant(
+        "mla-tma-rope-apart-column",
+        one(MLA, "KRDesc.load([row, 0 if ROPE_APART else DV])", "KRDesc.load([row, DV])"),
+        ("tests/test_mla.py",), k="rope_cache_apart",
+        why="the TMA loop would read a separate rope cache past its columns",
     ),
     Mutant(
         "checks-skip-head-strides",

@@ -72,8 +72,8 @@ def refuse_grad(*tensors: torch.Tensor, names: tuple[str, ...] = ("q", "k_cache"
     if not torch.is_grad_enabled():
         return
     for t in tensors:  # a loop, not any(generator): this runs on every call
-        if t.requires_grad:
-            names = [n for n, t in zip(names, tensors) if t.requires_grad]
+        if t is not None and t.requires_grad:
+            names = [n for n, t in zip(names, tensors) if t is not None and t.requires_grad]
             raise RuntimeError(
                 f"leanattn has no backward pass, and {', '.join(names)} require grad: call it under "
                 "torch.no_grad() or torch.inference_mode(), or detach the inputs"
@@ -295,9 +295,10 @@ MLA_MAX_HEAD_DIM = 1024
 def validate_mla(
     q: torch.Tensor, kv_cache: torch.Tensor, cache_seqlens: torch.Tensor | None, block_table: torch.Tensor | None,
     out: torch.Tensor | None, head_dim_v: int, cache_leftpad: torch.Tensor | None = None,
+    rope_cache: torch.Tensor | None = None,
 ) -> None:
     """``leanattn.mla_decode``'s argument checks: ValueError/TypeError naming the argument."""
-    check_operands(("q", q), ("kv_cache", kv_cache))
+    check_operands(("q", q), ("kv_cache", kv_cache), *([("rope_cache", rope_cache)] if rope_cache is not None else []))
     batch, q_len, q_heads, head_dim = q.shape
     paged = block_table is not None
     layout = "(num_pages, page_size, 1, head_dim)" if paged else "(batch, cache_len, 1, head_dim)"
@@ -307,14 +308,25 @@ def validate_mla(
         fail(ValueError, f"head_dim (q.shape[3]) must be a multiple of 16 in [16, {MLA_MAX_HEAD_DIM}], got {head_dim}")
     if isinstance(head_dim_v, bool) or not isinstance(head_dim_v, int) or head_dim_v % 16 or not 16 <= head_dim_v <= head_dim:
         fail(ValueError, f"head_dim_v must be a multiple of 16 in [16, head_dim={head_dim}], got {head_dim_v!r}")
-    if kv_cache.shape[2] != 1 or kv_cache.shape[3] != head_dim:
+    if rope_cache is None and (kv_cache.shape[2] != 1 or kv_cache.shape[3] != head_dim):
         fail(ValueError, f"kv_cache must be {layout} with one latent head and head_dim {head_dim} like q, "
                           f"got {tuple(kv_cache.shape)}")
+    if rope_cache is not None:
+        # The latent in kv_cache, the rope part apart: head_dim = head_dim_v + rope width.
+        if kv_cache.shape[2] != 1 or kv_cache.shape[3] != head_dim_v:
+            fail(ValueError, f"with rope_cache, kv_cache must hold the latent only: {layout[:-9]}head_dim_v="
+                              f"{head_dim_v}), got {tuple(kv_cache.shape)}")
+        want = (*kv_cache.shape[:3], head_dim - head_dim_v)
+        if head_dim == head_dim_v or tuple(rope_cache.shape) != want:
+            fail(ValueError, f"rope_cache must be {want} (kv_cache's rows, head_dim - head_dim_v = "
+                              f"{head_dim - head_dim_v} values), got {tuple(rope_cache.shape)}")
+        if rope_cache.dtype != kv_cache.dtype:
+            fail(TypeError, f"rope_cache must have kv_cache's dtype {kv_cache.dtype}, got {rope_cache.dtype}")
     if q_heads < 1 or not 1 <= q_len <= MLA_MAX_Q_LEN:
         fail(ValueError, f"q must have q_len in [1, {MLA_MAX_Q_LEN}] and at least one head, got shape {tuple(q.shape)}")
     if not paged and kv_cache.shape[0] != batch:
         fail(ValueError, f"kv_cache must be {layout} with batch {batch} like q, got {tuple(kv_cache.shape)}")
-    others = [("kv_cache", kv_cache)]
+    others = [("kv_cache", kv_cache)] + ([("rope_cache", rope_cache)] if rope_cache is not None else [])
     if cache_seqlens is not None:
         check_per_sequence("cache_seqlens", cache_seqlens, batch)
         others.append(("cache_seqlens", cache_seqlens))
@@ -324,6 +336,8 @@ def validate_mla(
     if paged:
         check_block_table(block_table, batch, "kv_cache", kv_cache.shape[1])
         check_page_strides(kv_cache, kv_cache, ("kv_cache", "kv_cache"))
+        if rope_cache is not None:
+            check_page_strides(rope_cache, rope_cache, ("rope_cache", "rope_cache"))
         others.append(("block_table", block_table))
     if out is not None:
         check_tensor("out", out)

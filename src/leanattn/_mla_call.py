@@ -53,7 +53,8 @@ class MLACall:
     __slots__ = ("programs", "device", "config", "pdl", "params", "scale", "fixed", "hit", "blocks", "fp8", "tma")
 
     def __init__(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None, *,
+        self, q: torch.Tensor, kv_cache: torch.Tensor, rope_cache: torch.Tensor | None, out: torch.Tensor,
+        lse: torch.Tensor | None, *,
         block_table: torch.Tensor | None, kv_scale: float | torch.Tensor | None, has_seqlens: bool, has_leftpad: bool,
         planned: bool, causal: bool, softmax_scale: float, head_dim_v: int, batch: int, capacity: int,
         programs: int, config: MLAConfig, split: int,
@@ -65,10 +66,11 @@ class MLACall:
             page_size, stride_btb, num_pages = 0, 0, 0
         else:
             page_size, stride_btb, num_pages = kv_cache.shape[1], block_table.stride(0), kv_cache.shape[0]
-        # (rows, row stride) of the cache's 2-D view when the TMA loop can take it, else None.
-        # A left pad need not be a multiple of the tile, so paged tiles could cross pages.
+        # The caches' 2-D views when the TMA loop can take them, else None. A left pad need not
+        # be a multiple of the tile, so paged tiles could cross pages.
         use_tma = config.tma and not (has_leftpad and page_size)
-        self.tma = tma_view(kv_cache, page_size, head_dim_v, config.tile) if use_tma else None
+        self.tma = tma_view(kv_cache, rope_cache, page_size, head_dim_v, head_dim - head_dim_v, config.tile) \
+            if use_tma else None
         self.programs, self.device, self.config = programs, q.device, config
         self.pdl = _call.pdl_of(config, q.device)
         self.fp8 = kv_cache.dtype.itemsize == 1
@@ -80,21 +82,24 @@ class MLACall:
             ARRIVE_CHUNK=_call.ARRIVE_CHUNK, HAS_SEQLENS=has_seqlens, HAS_LEFTPAD=has_leftpad,
             HAS_MASK=causal and q_len > 1, SCALE_KIND=scale_kind(kv_scale) if self.fp8 else 0, PLANNED=planned,
             RETURN_LSE=lse is not None, DOT_DTYPE=_call.dot_dtype_of(config, q.dtype, kv_cache.dtype),
-            BLOCK_B=BLOCK_B, USE_PDL=self.pdl, USE_TMA=self.tma is not None, **dict(config.constexprs),
+            BLOCK_B=BLOCK_B, USE_PDL=self.pdl, USE_TMA=self.tma is not None, ROPE_APART=rope_cache is not None,
+            **dict(config.constexprs),
         )
         # A float scale is part of the key: its (1,) tensor is made once.
         self.scale = scale_tensor(1.0 if kv_scale is None else kv_scale, 1, q.device) \
             if self.fp8 and not isinstance(kv_scale, torch.Tensor) else None
         self.fixed = (
-            *q.stride()[:3], *kv_cache.stride()[:2], *out.stride()[:3],
+            *q.stride()[:3], *kv_cache.stride()[:2], *(rope_cache if rope_cache is not None else kv_cache).stride()[:2],
+            *out.stride()[:3],
             *(lse.stride() if lse is not None else (0, 0, 0)), stride_btb,
             batch, self.blocks, capacity, num_pages, softmax_scale * LOG2E,
         )
         self.hit: tuple | None = None
 
     def launch(
-        self, bufs: tuple[torch.Tensor, ...], q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor,
-        lse: torch.Tensor | None, cache_seqlens: torch.Tensor | None, cache_leftpad: torch.Tensor | None,
+        self, bufs: tuple[torch.Tensor, ...], q: torch.Tensor, kv_cache: torch.Tensor, rope_cache: torch.Tensor | None,
+        out: torch.Tensor, lse: torch.Tensor | None, cache_seqlens: torch.Tensor | None,
+        cache_leftpad: torch.Tensor | None,
         block_table: torch.Tensor | None,
         kv_scale: torch.Tensor | float | None, plan: torch.Tensor | None,
     ) -> None:
@@ -102,16 +107,16 @@ class MLACall:
         of this call's key; ``plan`` (rows = the grid) gives each program its share."""
         acc, stats, tickets, chunk_tickets = bufs
         scale = (self.scale if self.scale is not None else kv_scale) if self.fp8 else acc
+        rope = rope_cache if rope_cache is not None else kv_cache
         if self.tma is not None:
             # A descriptor holds the cache's address: made for each call (each layer's cache).
-            rows, stride, dv, tile = self.tma
-            width = kv_cache.shape[-1]
-            kv_desc = TensorDescriptor(kv_cache, [rows, width], [stride, 1], [tile, dv])
-            kr_desc = TensorDescriptor(kv_cache, [rows, width], [stride, 1], [tile, width - dv])
+            rows, tile, (kv_stride, dv), (rope_stride, dr) = self.tma
+            kv_desc = TensorDescriptor(kv_cache, [rows, kv_cache.shape[-1]], [kv_stride, 1], [tile, dv])
+            kr_desc = TensorDescriptor(rope, [rows, rope.shape[-1]], [rope_stride, 1], [tile, dr])
         else:
             kv_desc = kr_desc = kv_cache
         args = (
-            q, kv_cache, kv_desc, kr_desc, out, lse if lse is not None else acc,
+            q, kv_cache, rope, kv_desc, kr_desc, out, lse if lse is not None else acc,
             cache_seqlens if cache_seqlens is not None else tickets,
             cache_leftpad if cache_leftpad is not None else tickets,
             block_table if block_table is not None else tickets, scale,
@@ -121,28 +126,31 @@ class MLACall:
         self.hit = launch(kernel, self.programs, args, self.params, self.config, self.pdl, self.device, self.hit)
 
 
-def tma_view(kv_cache: torch.Tensor, page_size: int, head_dim_v: int, tile: int) -> tuple | None:
-    """(rows, row stride, head_dim_v, tile) of the 2-D view (rows, head_dim) of ``kv_cache``
-    that the kernel's TMA loop reads a tile of, or None when it cannot: the cache is not 16-bit,
-    its latent or rope width is not a power of two of at least 16, its rows are not evenly
-    spaced with 16-byte aligned starts, or a tile would cross a page (``page_size`` not a
-    multiple of ``tile``)."""
-    n, per, _, width = kv_cache.shape
-    rope = width - head_dim_v
-    if kv_cache.element_size() != 2 or page_size % tile or kv_cache.stride(-1) != 1:
+def tma_view(
+    kv_cache: torch.Tensor, rope_cache: torch.Tensor | None, page_size: int, head_dim_v: int, rope_dim: int, tile: int,
+) -> tuple | None:
+    """The 2-D views (rows, width) of the caches that the kernel's TMA loop reads a tile of, as
+    (rows, tile, (kv row stride, head_dim_v), (rope row stride, rope_dim)); None when it cannot:
+    a cache is not 16-bit, the latent or rope width is not a power of two of at least 16, a
+    cache's rows are not evenly spaced with 16-byte aligned starts, or a tile would cross a page
+    (``page_size`` not a multiple of ``tile``). ``rope_cache`` None: the rope columns follow the
+    latent ones in ``kv_cache``."""
+    n, per = kv_cache.shape[:2]
+    if kv_cache.element_size() != 2 or page_size % tile or n * per >= 2**31:
         return None
-    if any(w < 16 or w & (w - 1) for w in (head_dim_v, rope)):
+    if any(w < 16 or w & (w - 1) for w in (head_dim_v, rope_dim)):
         return None
-    stride = kv_cache.stride(1)
-    if (stride * 2) % 16 or kv_cache.data_ptr() % 16 or (n > 1 and kv_cache.stride(0) != per * stride):
-        return None
-    if n * per >= 2**31:
-        return None
-    return n * per, stride, head_dim_v, tile
+    strides = []
+    for cache in (kv_cache, rope_cache if rope_cache is not None else kv_cache):
+        stride = cache.stride(1)
+        if cache.stride(-1) != 1 or (stride * 2) % 16 or cache.data_ptr() % 16 or (n > 1 and cache.stride(0) != per * stride):
+            return None
+        strides.append(stride)
+    return n * per, tile, (strides[0], head_dim_v), (strides[1], rope_dim)
 
 
 def call_key(
-    q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None,
+    q: torch.Tensor, kv_cache: torch.Tensor, rope_cache: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor | None,
     cache_seqlens: torch.Tensor | None, cache_leftpad: torch.Tensor | None, block_table: torch.Tensor | None,
     kv_scale: object, plan: torch.Tensor | None, rest: tuple,
 ) -> tuple:
@@ -150,7 +158,8 @@ def call_key(
     alignment, the scale's kind or value) plus ``rest``, the caller's part (head_dim_v, scale,
     causal, batch, capacity, grid, config, split)."""
     scale = _call.layout_of(kv_scale) if isinstance(kv_scale, torch.Tensor) else (type(kv_scale), kv_scale)
-    return _call.layout_of(q, kv_cache, out, lse, cache_seqlens, cache_leftpad, block_table, plan), scale, rest
+    layouts = _call.layout_of(q, kv_cache, rope_cache, out, lse, cache_seqlens, cache_leftpad, block_table, plan)
+    return layouts, scale, rest
 
 
 # leanattn.mla_decode's calls by call key (each MLAWrapper keeps its own).
@@ -158,7 +167,8 @@ _MLA_CALLS: dict[tuple, MLACall] = {}
 
 
 def mla_decode_into(
-    q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None, *,
+    q: torch.Tensor, kv_cache: torch.Tensor, rope_cache: torch.Tensor | None, out: torch.Tensor,
+    lse: torch.Tensor | None, *,
     cache_seqlens: torch.Tensor | None, cache_leftpad: torch.Tensor | None, block_table: torch.Tensor | None,
     kv_scale: float | torch.Tensor | None, head_dim_v: int, softmax_scale: float, causal: bool,
     num_programs: int | None, split: int, workspace: Workspace,
@@ -175,12 +185,13 @@ def mla_decode_into(
     blocks = blocks_of(q_len, q_heads, config.block_rows)[1]
     bufs = _call.buffers(workspace, q.device, _call.slots(programs, split, batch, blocks, capacity), head_dim_v,
                          rows_of(q_len, q_heads, config))
-    key = call_key(q, kv_cache, out, lse, cache_seqlens, cache_leftpad, block_table, kv_scale, None,
+    key = call_key(q, kv_cache, rope_cache, out, lse, cache_seqlens, cache_leftpad, block_table, kv_scale, None,
                    (head_dim_v, softmax_scale, causal, batch, capacity, programs, split))
     call = _MLA_CALLS.get(key)
     if call is None:
         call = _MLA_CALLS[key] = MLACall(
-            q, kv_cache, out, lse, block_table=block_table, kv_scale=kv_scale, has_seqlens=cache_seqlens is not None,
-            has_leftpad=cache_leftpad is not None, planned=False, causal=causal, softmax_scale=softmax_scale, head_dim_v=head_dim_v, batch=batch,
-            capacity=capacity, programs=programs, config=config, split=split)
-    call.launch(bufs, q, kv_cache, out, lse, cache_seqlens, cache_leftpad, block_table, kv_scale, None)
+            q, kv_cache, rope_cache, out, lse, block_table=block_table, kv_scale=kv_scale,
+            has_seqlens=cache_seqlens is not None, has_leftpad=cache_leftpad is not None, planned=False, causal=causal,
+            softmax_scale=softmax_scale, head_dim_v=head_dim_v, batch=batch, capacity=capacity, programs=programs,
+            config=config, split=split)
+    call.launch(bufs, q, kv_cache, rope_cache, out, lse, cache_seqlens, cache_leftpad, block_table, kv_scale, None)

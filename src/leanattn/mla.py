@@ -58,6 +58,7 @@ def mla_decode(
     kv_cache: torch.Tensor,
     cache_seqlens: torch.Tensor | None,
     *,
+    rope_cache: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None,
     cache_leftpad: torch.Tensor | None = None,
     head_dim_v: int = 512,
@@ -83,6 +84,11 @@ def mla_decode(
             read from the same bytes as K.
         cache_seqlens: int32 (batch,), contiguous, the live length of each sequence (clamped to
             [0, capacity]); ``None`` means the capacity.
+        rope_cache: the keys' rope part in a tensor of its own, rows like ``kv_cache``'s: (batch,
+            cache_len, 1, head_dim - head_dim_v) or pages (num_pages, page_size, 1, head_dim -
+            head_dim_v) (FlashInfer's ckv/kpe, transformers' DeepSeek cache). ``kv_cache`` then
+            holds the latent only (head_dim_v values a token). ``None``: the rope part follows the
+            latent in ``kv_cache``.
         block_table: int32 (batch, max_pages_per_seq) page indices for a paged cache.
         cache_leftpad: int32 (batch,), where each sequence's live keys start (clamped to [0,
             cache_seqlens]): they are cache positions [cache_leftpad, cache_seqlens), as in
@@ -110,8 +116,8 @@ def mla_decode(
     Returns:
         (batch, q_len, q_heads, head_dim_v) in q's dtype, and the LSE when ``return_lse``.
     """
-    validate_mla(q, kv_cache, cache_seqlens, block_table, out, head_dim_v, cache_leftpad)
-    refuse_grad(q, kv_cache, names=("q", "kv_cache"))
+    validate_mla(q, kv_cache, cache_seqlens, block_table, out, head_dim_v, cache_leftpad, rope_cache)
+    refuse_grad(q, kv_cache, rope_cache, names=("q", "kv_cache", "rope_cache"))
     _check_options(q, kv_cache, kv_scale, causal)
     check_num_programs(num_programs)
     check_lse_out(lse, q, return_lse)
@@ -132,13 +138,13 @@ def mla_decode(
     out, lse = _outputs(q, head_dim_v, out, lse, return_lse)
     fp8 = kv_cache.dtype in FP8_DTYPES
     if compiling:
-        ops.mla_decode_into(q, kv_cache, out, lse, cache_seqlens, cache_leftpad, block_table,
+        ops.mla_decode_into(q, kv_cache, rope_cache, out, lse, cache_seqlens, cache_leftpad, block_table,
                             kv_scale if isinstance(kv_scale, torch.Tensor) else None,
                             float(kv_scale) if isinstance(kv_scale, (int, float)) else 1.0,
                             head_dim_v, scale, causal, num_programs or 0, split)
     else:
         _mla_call.mla_decode_into(
-            q, kv_cache, out, lse, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad, block_table=block_table,
+            q, kv_cache, rope_cache, out, lse, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad, block_table=block_table,
             kv_scale=(1.0 if kv_scale is None else kv_scale) if fp8 else None, head_dim_v=head_dim_v,
             softmax_scale=scale, causal=causal, num_programs=num_programs, split=split,
             workspace=workspace_for(q.device))
@@ -271,8 +277,8 @@ class MLAWrapper:
                     *_call.unit_of(self._config, self._split), _call.pdl_of(self._config, self.device))
 
     def run(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, *, block_table: torch.Tensor | None = None,
-        kv_scale: float | torch.Tensor | None = None, out: torch.Tensor | None = None, return_lse: bool = False,
+        self, q: torch.Tensor, kv_cache: torch.Tensor, *, rope_cache: torch.Tensor | None = None,
+        block_table: torch.Tensor | None = None, kv_scale: float | torch.Tensor | None = None, out: torch.Tensor | None = None, return_lse: bool = False,
         lse: torch.Tensor | None = None, check: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """One layer's MLA decode over the planned lengths.
@@ -281,6 +287,8 @@ class MLAWrapper:
             q: (batch, q_len, q_heads, head_dim) in the wrapper's dtype (q_len as planned).
             kv_cache: (batch, capacity, 1, head_dim), or pages (num_pages, page_size, 1,
                 head_dim) with ``block_table`` int32 (batch, capacity / page_size).
+            rope_cache: the rope part apart, as in :func:`mla_decode` (kv_cache then holds
+                head_dim_v values a token).
             kv_scale, out, return_lse, lse: as in :func:`mla_decode`.
             check: validate the live slots of ``block_table`` and a per-token ``kv_scale`` on
                 the host (a device sync).
@@ -290,32 +298,32 @@ class MLAWrapper:
         """
         if self._batch < 0:
             fail(RuntimeError, "MLAWrapper.run before plan: call plan(cache_seqlens, capacity) once per step")
-        refuse_grad(q, kv_cache, names=("q", "kv_cache"))
+        refuse_grad(q, kv_cache, rope_cache, names=("q", "kv_cache", "rope_cache"))
         if lse is not None:
             check_lse_out(lse, q, return_lse)
         out, lse = _outputs(q, self.head_dim_v, out, lse, return_lse)
         fp8 = self.kv_dtype in FP8_DTYPES
         scale = (1.0 if kv_scale is None else kv_scale) if fp8 else kv_scale
-        key = _mla_call.call_key(q, kv_cache, out, lse, self._seqlens, self._leftpad, block_table, scale,
+        key = _mla_call.call_key(q, kv_cache, rope_cache, out, lse, self._seqlens, self._leftpad, block_table, scale,
                                  self._plan, self._plan_layout)
         call = self._calls.get(key)
         if call is None:  # a layout not seen yet: the full checks
-            self._check(q, kv_cache, block_table, out)
+            self._check(q, kv_cache, rope_cache, block_table, out)
             _check_options(q, kv_cache, kv_scale, self._causal)
             call = self._calls[key] = _mla_call.MLACall(
-                q, kv_cache, out, lse, block_table=block_table, kv_scale=scale,
+                q, kv_cache, rope_cache, out, lse, block_table=block_table, kv_scale=scale,
                 has_seqlens=self._seqlens is not None, has_leftpad=self._leftpad is not None, planned=True, causal=self._causal,
                 softmax_scale=self.softmax_scale, head_dim_v=self.head_dim_v, batch=self._batch,
                 capacity=self._capacity, programs=self.num_programs, config=self._config, split=self._split)
         if check:
             _check_values(kv_cache, self._seqlens, self._leftpad, block_table, kv_scale, self._batch, self._capacity)
         if self._batch > 0:
-            call.launch(self._bufs, q, kv_cache, out, lse, self._seqlens, self._leftpad, block_table, scale, self._plan)
+            call.launch(self._bufs, q, kv_cache, rope_cache, out, lse, self._seqlens, self._leftpad, block_table, scale, self._plan)
         return (out, lse) if return_lse else out
 
-    def _check(self, q, kv_cache, block_table, out) -> None:
+    def _check(self, q, kv_cache, rope_cache, block_table, out) -> None:
         """Every input check of :func:`mla_decode`, plus agreement with the wrapper and the plan."""
-        validate_mla(q, kv_cache, None, block_table, out, self.head_dim_v)
+        validate_mla(q, kv_cache, None, block_table, out, self.head_dim_v, None, rope_cache)
         shape = (q.shape[2], q.shape[3], q.dtype, kv_cache.dtype, q.device)
         want = (self.q_heads, self.head_dim, self.dtype, self.kv_dtype, self.device)
         if shape != want:

@@ -103,6 +103,7 @@ def _plan_shares_fake(cache_seqlens, cache_leftpad, batch, kv_heads, capacity, q
 def mla_decode_into(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
+    rope_cache: Optional[torch.Tensor],
     out: torch.Tensor,
     lse: Optional[torch.Tensor],
     cache_seqlens: Optional[torch.Tensor],
@@ -122,13 +123,13 @@ def mla_decode_into(
     mode (0: off)."""
     fp8 = kv_cache.dtype in FP8_DTYPES
     scale = (kv_scale if kv_scale is not None else kv_scale_value) if fp8 else None
-    _mla_call.mla_decode_into(q, kv_cache, out, lse, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
+    _mla_call.mla_decode_into(q, kv_cache, rope_cache, out, lse, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
                               block_table=block_table, kv_scale=scale, head_dim_v=head_dim_v,
                               softmax_scale=softmax_scale, causal=causal, num_programs=num_programs or None,
                               split=split, workspace=workspace_for(q.device))
 
 
 @mla_decode_into.register_fake
-def _mla_decode_into_fake(q, kv_cache, out, lse, cache_seqlens, cache_leftpad, block_table, kv_scale, kv_scale_value,
-                          head_dim_v, softmax_scale, causal, num_programs, split) -> None:
+def _mla_decode_into_fake(q, kv_cache, rope_cache, out, lse, cache_seqlens, cache_leftpad, block_table, kv_scale,
+                          kv_scale_value, head_dim_v, softmax_scale, causal, num_programs, split) -> None:
     return None

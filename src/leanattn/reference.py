@@ -169,6 +169,7 @@ def mla_decode(
     kv_cache: torch.Tensor,
     cache_seqlens: torch.Tensor | None = None,
     *,
+    rope_cache: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None,
     cache_leftpad: torch.Tensor | None = None,
     head_dim_v: int = 512,
@@ -181,10 +182,12 @@ def mla_decode(
     """Exact MLA decode in ``compute_dtype``, as :func:`leanattn.mla_decode`: :func:`decode` with
     the one latent head as K and its first ``head_dim_v`` columns as V (a view, as the kernel
     reads them). q (batch, q_len, q_heads, head_dim); kv_cache (batch, cache_len, 1, head_dim) or
-    pages with ``block_table``; ``cache_leftpad`` as in :func:`decode`; ``kv_scale`` dequantises an fp8 cache's scores and values alike.
+    pages with ``block_table`` (with ``rope_cache``, the keys' rope part apart and kv_cache the
+    latent only); ``cache_leftpad`` as in :func:`decode`; ``kv_scale`` dequantises an fp8 cache's scores and values alike.
     Returns (batch, q_len, q_heads, head_dim_v) in q's dtype, and the float32 LSE (batch, q_heads,
     q_len) with ``return_lse``."""
-    return decode(q, kv_cache, kv_cache[..., :head_dim_v], cache_seqlens, block_table=block_table,
+    keys = kv_cache if rope_cache is None else torch.cat([kv_cache, rope_cache], dim=-1)
+    return decode(q, keys, kv_cache[..., :head_dim_v], cache_seqlens, block_table=block_table,
                   cache_leftpad=cache_leftpad, softmax_scale=softmax_scale, causal=causal, k_scale=kv_scale, v_scale=kv_scale,
                   return_lse=return_lse, compute_dtype=compute_dtype)
 

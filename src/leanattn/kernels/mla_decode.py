@@ -73,11 +73,11 @@ def _mla_load_q(
 
 @triton.jit
 def _mla_attend(
-    q_l, q_r, KV, BlockTable, KScale, b, first, length, live, tile_start, tile_end, scale, num_pages, capacity,
-    stride_kb, stride_kn, stride_btb,
+    q_l, q_r, KV, KR, BlockTable, KScale, b, first, length, live, tile_start, tile_end, scale, num_pages, capacity,
+    stride_kb, stride_kn, stride_rb, stride_rn, stride_btb,
     GROUP: tl.constexpr, Q_LEN: tl.constexpr, ROWS: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
     DR: tl.constexpr, DR_PAD: tl.constexpr, TILE: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    HAS_MASK: tl.constexpr, SCALE_KIND: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    HAS_MASK: tl.constexpr, SCALE_KIND: tl.constexpr, DOT_DTYPE: tl.constexpr, ROPE_APART: tl.constexpr,
 ):
     """Online softmax of the packed rows (q_l, q_r) over key tiles ``[tile_start, tile_end)`` of
     request b, whose ``length`` live keys are cache positions [first, first + length) (``live`` =
@@ -85,7 +85,7 @@ def _mla_attend(
     Returns unnormalised (acc (ROWS, DV_PAD), m, l), m in log2 units.
 
     Per tile: the latent columns (TILE, DV_PAD) and rope columns (TILE, DR_PAD) of the keys are
-    loaded once; both products run on tensor cores (``tl.dot``); V is the latent load. Paged
+    loaded once (ROPE_APART: the rope columns from KR, rows by stride_rb / stride_rn); both products run on tensor cores (``tl.dot``); V is the latent load. Paged
     caches find each key's page in BlockTable (read one tile ahead); a live key on a page outside
     [0, num_pages) is never read and NaNs the rows that see it. Per-token scales (SCALE_TOKEN)
     multiply the score columns and the weights of the PV product, as in decode."""
@@ -116,6 +116,7 @@ def _mla_attend(
             bad = in_range & ((page < 0) | (page >= num_pages))
             read = in_range & ~bad
             slot = pos % PAGE_SIZE
+            page_now = page
             k_rows = page.to(tl.int64) * stride_kb + slot * stride_kn
             if SCALE_KIND == SCALE_TOKEN:
                 s_rows = page.to(tl.int64) * PAGE_SIZE + slot
@@ -126,8 +127,16 @@ def _mla_attend(
                      other=0.0).to(DOT_DTYPE)
         qk = tl.dot(q_l, tl.trans(kv))
         if DR > 0:
-            k_r = tl.load(KV + k_rows[:, None] + DV + offs_r[None, :], mask=read[:, None] & (offs_r < DR)[None, :],
-                          other=0.0).to(DOT_DTYPE)
+            if ROPE_APART:
+                if PAGE_SIZE == 0:
+                    r_rows = b64 * stride_rb + pos.to(tl.int64) * stride_rn
+                else:
+                    r_rows = page_now.to(tl.int64) * stride_rb + slot * stride_rn
+                k_r = tl.load(KR + r_rows[:, None] + offs_r[None, :], mask=read[:, None] & (offs_r < DR)[None, :],
+                              other=0.0).to(DOT_DTYPE)
+            else:
+                k_r = tl.load(KV + k_rows[:, None] + DV + offs_r[None, :],
+                              mask=read[:, None] & (offs_r < DR)[None, :], other=0.0).to(DOT_DTYPE)
             qk = tl.dot(q_r, tl.trans(k_r), acc=qk)
         if SCALE_KIND == SCALE_TOKEN:
             token_scale = tl.load(KScale + s_rows, mask=read, other=0.0)
@@ -154,11 +163,13 @@ def _mla_attend_tma(
     stride_btb,
     GROUP: tl.constexpr, Q_LEN: tl.constexpr, ROWS: tl.constexpr, DV: tl.constexpr, DR: tl.constexpr,
     TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    ROPE_APART: tl.constexpr,
 ):
     """``_mla_attend`` for 16-bit caches whose tiles are whole rows of a 2-D view: the cache's
     rows (batch x capacity, or num_pages x PAGE_SIZE with PAGE_SIZE a multiple of TILE, so a tile
     lies in one page), DV latent then DR rope columns. KVDesc and KRDesc are tensor descriptors of
-    that view with blocks (TILE, DV) and (TILE, DR): each tile is two bulk copies (TMA on
+    that view with blocks (TILE, DV) and (TILE, DR) (ROPE_APART: KRDesc is the rope tensor's
+    view, same rows, its columns from 0): each tile is two bulk copies (TMA on
     Hopper), so no thread holds an address per element, the registers go to the accumulator.
     Paged caches need ``first`` a multiple of TILE (no cache_leftpad; the host checks).
 
@@ -192,7 +203,7 @@ def _mla_attend_tma(
         kv = KVDesc.load([row, 0]).to(DOT_DTYPE)
         qk = tl.dot(kv, q_lt)
         if DR > 0:
-            qk = tl.dot(KRDesc.load([row, DV]).to(DOT_DTYPE), q_rt, acc=qk)
+            qk = tl.dot(KRDesc.load([row, 0 if ROPE_APART else DV]).to(DOT_DTYPE), q_rt, acc=qk)
         # Keys past the live range or after a row's query give -inf; live keys on a bad page NaN.
         keep = in_range[:, None]
         if HAS_MASK:
@@ -212,32 +223,33 @@ def _mla_attend_tma(
 
 @triton.jit
 def _mla_tiles(
-    q_l, q_r, KV, KVDesc, KRDesc, BlockTable, KScale, b, first, length, live, tile_start, tile_end, scale, num_pages,
-    capacity, stride_kb, stride_kn, stride_btb,
+    q_l, q_r, KV, KR, KVDesc, KRDesc, BlockTable, KScale, b, first, length, live, tile_start, tile_end, scale,
+    num_pages, capacity, stride_kb, stride_kn, stride_rb, stride_rn, stride_btb,
     GROUP: tl.constexpr, Q_LEN: tl.constexpr, ROWS: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
     DR: tl.constexpr, DR_PAD: tl.constexpr, TILE: tl.constexpr, PAGE_SIZE: tl.constexpr,
     HAS_MASK: tl.constexpr, SCALE_KIND: tl.constexpr, DOT_DTYPE: tl.constexpr, USE_TMA: tl.constexpr,
+    ROPE_APART: tl.constexpr,
 ):
     """Key tiles ``[tile_start, tile_end)`` of request b: by tensor descriptors (USE_TMA) or by
     pointers."""
     if USE_TMA:
         return _mla_attend_tma(
             q_l, q_r, KVDesc, KRDesc, BlockTable, b, first, length, live, tile_start, tile_end, scale, num_pages,
-            capacity, stride_btb, GROUP, Q_LEN, ROWS, DV, DR, TILE, PAGE_SIZE, HAS_MASK, DOT_DTYPE,
+            capacity, stride_btb, GROUP, Q_LEN, ROWS, DV, DR, TILE, PAGE_SIZE, HAS_MASK, DOT_DTYPE, ROPE_APART,
         )
     else:
         return _mla_attend(
-            q_l, q_r, KV, BlockTable, KScale, b, first, length, live, tile_start, tile_end, scale, num_pages,
-            capacity, stride_kb, stride_kn, stride_btb,
-            GROUP, Q_LEN, ROWS, DV, DV_PAD, DR, DR_PAD, TILE, PAGE_SIZE, HAS_MASK, SCALE_KIND, DOT_DTYPE,
+            q_l, q_r, KV, KR, BlockTable, KScale, b, first, length, live, tile_start, tile_end, scale, num_pages,
+            capacity, stride_kb, stride_kn, stride_rb, stride_rn, stride_btb,
+            GROUP, Q_LEN, ROWS, DV, DV_PAD, DR, DR_PAD, TILE, PAGE_SIZE, HAS_MASK, SCALE_KIND, DOT_DTYPE, ROPE_APART,
         )
 
 
 @triton.jit(do_not_specialize=["batch", "blocks", "capacity", "num_pages"])
 def mla_decode_kernel(
-    Q, KV, KVDesc, KRDesc, Out, Lse, SeqLens, LeftPad, BlockTable, KScale, Plan, WsAcc, WsStats, Tickets, ChunkTickets,
+    Q, KV, KR, KVDesc, KRDesc, Out, Lse, SeqLens, LeftPad, BlockTable, KScale, Plan, WsAcc, WsStats, Tickets, ChunkTickets,
     stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kn,
+    stride_kb, stride_kn, stride_rb, stride_rn,
     stride_ob, stride_ot, stride_oh,
     stride_lb, stride_lh, stride_lt,
     stride_btb,
@@ -249,13 +261,14 @@ def mla_decode_kernel(
     HAS_SEQLENS: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_MASK: tl.constexpr, SCALE_KIND: tl.constexpr,
     PLANNED: tl.constexpr,
     RETURN_LSE: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, ROPE_APART: tl.constexpr,
 ):
     """MLA decode over a persistent grid.
 
     Q (batch, Q_LEN, q_heads, DV + DR) by strides; KV (batch, capacity, 1, DV + DR) by strides (row
     stride stride_kn), or pages (num_pages, PAGE_SIZE, 1, DV + DR) with BlockTable (batch,
-    max_pages) when PAGE_SIZE > 0. USE_TMA: KVDesc and KRDesc describe KV's rows as a 2-D tensor
+    max_pages) when PAGE_SIZE > 0. ROPE_APART: the rope columns are KR's (same rows, by
+    stride_rb / stride_rn; KV then holds DV columns), else KV's columns DV on. USE_TMA: KVDesc and KRDesc describe KV's rows as a 2-D tensor
     (``_mla_attend_tma``), else they are unused. Out (batch, Q_LEN, q_heads, DV); Lse (batch, q_heads, Q_LEN)
     float32; SeqLens and LeftPad (batch,) int32 (HAS_SEQLENS, HAS_LEFTPAD: each request's live
     keys are cache positions [leftpad, seqlen), clamped as in decode); KScale an fp8 cache's float32 scale of SCALE_KIND: (1,),
@@ -295,11 +308,11 @@ def mla_decode_kernel(
             n_tiles = _num_tiles(length, TILE)
             for u in range(t, t_end):
                 acc, m_i, l_i = _mla_tiles(
-                    q_l, q_r, KV, KVDesc, KRDesc, BlockTable, KScale, b, first, length, live, u * (SPLIT // TILE),
-                    tl.minimum((u + 1) * (SPLIT // TILE), n_tiles), head_scale, num_pages, capacity,
-                    stride_kb, stride_kn, stride_btb,
+                    q_l, q_r, KV, KR, KVDesc, KRDesc, BlockTable, KScale, b, first, length, live,
+                    u * (SPLIT // TILE), tl.minimum((u + 1) * (SPLIT // TILE), n_tiles), head_scale, num_pages,
+                    capacity, stride_kb, stride_kn, stride_rb, stride_rn, stride_btb,
                     GROUP, Q_LEN, ROWS, DV, DV_PAD, DR, DR_PAD, TILE, PAGE_SIZE, HAS_MASK, SCALE_KIND, DOT_DTYPE,
-                    USE_TMA,
+                    USE_TMA, ROPE_APART,
                 )
                 if n_units == 1:
                     _write_output(Out, Lse, Lse, b, h, acc, m_i, l_i, v_scale,
@@ -315,9 +328,10 @@ def mla_decode_kernel(
                     )
         else:
             acc, m_i, l_i = _mla_tiles(
-                q_l, q_r, KV, KVDesc, KRDesc, BlockTable, KScale, b, first, length, live, t, t_end, head_scale,
-                num_pages, capacity, stride_kb, stride_kn, stride_btb,
+                q_l, q_r, KV, KR, KVDesc, KRDesc, BlockTable, KScale, b, first, length, live, t, t_end, head_scale,
+                num_pages, capacity, stride_kb, stride_kn, stride_rb, stride_rn, stride_btb,
                 GROUP, Q_LEN, ROWS, DV, DV_PAD, DR, DR_PAD, TILE, PAGE_SIZE, HAS_MASK, SCALE_KIND, DOT_DTYPE, USE_TMA,
+                ROPE_APART,
             )
             if USE_PDL:
                 # As in decode: small calls let the next kernel launch once every program has
