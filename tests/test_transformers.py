@@ -583,3 +583,69 @@ def test_batch_invariant_name():
     assert (out.double() - ref).abs().max().item() < 2e-2
     with pytest.raises(ValueError, match="split_size must be a positive multiple"):
         lt.register("leanattn_bad", batch_invariant=True, split_size=0)
+
+
+# --- DeepSeek-V3: decode steps on mla_decode over the latent cache ---
+
+def tiny_deepseek(dtype: torch.dtype, q_lora_rank: int | None = 32, rope_interleave: bool = True) -> torch.nn.Module:
+    """A random LAYERS-layer DeepSeek-V3 (dense MLPs, 4 heads; latent 32 + rope 16 = 48 values a
+    cached token, qk nope 16, v 16)."""
+    config = transformers.DeepseekV3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=LAYERS,
+        first_k_dense_replace=LAYERS, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=q_lora_rank,
+        kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=4,
+        num_experts_per_tok=2, n_group=1, topk_group=1, rope_interleave=rope_interleave,
+        initializer_range=INIT_RANGE, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return model.to(device=DEVICE, dtype=dtype).eval()
+
+
+@pytest.mark.parametrize("dtype,cache,q_lora_rank,interleave", [
+    (torch.float16, "dynamic", 32, True),
+    (torch.bfloat16, "static", None, False),
+])
+def test_deepseek_v3_decode_steps_run_on_mla_decode(dtype, cache, q_lora_rank, interleave):
+    """Greedy tokens equal the model's own attention's; every decode step of every layer went to
+    mla_decode; left-padded prompts (their prefills longer than MAX_QUERY_TOKENS go to SDPA)."""
+    from leanattn.integrations import transformers_mla
+
+    model = tiny_deepseek(dtype, q_lora_rank, interleave)
+    ids, mask = prompts([lt.MAX_QUERY_TOKENS + 3, 5, 9])
+    kw = {"cache_implementation": "static"} if cache == "static" else {}
+    run_both(model, ids, mask, dtype, **kw)
+    assert lt.calls[transformers_mla.PATH] == LAYERS * (NEW_TOKENS - 1)
+    assert lt.calls[transformers_mla.PATH] + lt.calls["sdpa: head_dim 32/32/16: the kernel takes "
+                                                      f"{leanattn.SUPPORTED_HEAD_DIMS}"] == sum(lt.calls.values())
+
+
+def test_deepseek_v3_short_prompt_and_mask_with_holes():
+    """A prompt of at most MAX_QUERY_TOKENS tokens is attended by mla_decode too (bottom-right
+    causal over the prompt itself); a mask the kernel can't express gives NaN rows, not wrong
+    ones."""
+    from leanattn.integrations import transformers_mla
+
+    model = tiny_deepseek(torch.float16)
+    ids, mask = prompts([6, 6])
+    run_both(model, ids, mask, torch.float16)
+    assert lt.calls[transformers_mla.PATH] == LAYERS * NEW_TOKENS
+    holes = mask.clone()
+    holes[0, 2] = 0  # padding inside sequence 0
+    model.set_attn_implementation(lt.NAME)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=holes, use_cache=True).logits
+    assert torch.isnan(logits[0]).all() and torch.isfinite(logits[1]).all()
+
+
+def test_deepseek_v3_other_names_keep_the_original_forward():
+    """A model on SDPA (or eager) never reaches mla_decode, and fp32 decode steps fall back."""
+    from leanattn.integrations import transformers_mla
+
+    model = tiny_deepseek(torch.float32)
+    ids, mask = prompts([5, 7])
+    lt.calls.clear()
+    generate(model, "sdpa", ids, mask)
+    assert transformers_mla.PATH not in lt.calls
+    generate(model, lt.NAME, ids, mask)
+    assert transformers_mla.PATH not in lt.calls and sum(lt.calls.values()) > 0

@@ -6,7 +6,9 @@
 ``model.set_attn_implementation("leanattn")`` work; ``"leanattn_batch_invariant"`` runs the
 decode steps in batch-invariant mode (``register`` names other split sizes).
 
-Decode steps run on leanattn: one query token per sequence, or up to ``MAX_QUERY_TOKENS``
+DeepSeek-V3 models (``DeepseekV3Attention``) run their decode steps on
+``leanattn.mla_decode`` over the latent cache instead (``transformers_mla``). Other models' decode
+steps run on leanattn: one query token per sequence, or up to ``MAX_QUERY_TOKENS``
 (speculative decoding's verification, short prompts), reading the cache in place: transformers
 keeps K/V as (batch, kv_heads, len, head_dim) and the kernel takes (batch, len, kv_heads,
 head_dim) with any strides, so ``key.transpose(1, 2)`` is passed, no copy. The keys each
@@ -412,6 +414,7 @@ def register(name: str, *, batch_invariant: bool = False, split_size: int | None
     invariant = Invariance(batch_invariant, split_size)
     if split_size is not None:
         split_of(batch_invariant, split_size, 1)  # the type and sign; each call checks it against its tile
+    NAMES[name] = invariant
 
     def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         return _forward(invariant, module, query, key, value, attention_mask, dropout, scaling, kwargs)
@@ -421,6 +424,13 @@ def register(name: str, *, batch_invariant: bool = False, split_size: int | None
     AttentionMaskInterface.register(name, _mask)
 
 
+# Every registered name and its mode (DeepSeek-V3's latent attention reads it at each call).
+NAMES: dict[str, Invariance] = {NAME: _DEFAULT}
 AttentionInterface.register(NAME, attention_forward)
 AttentionMaskInterface.register(NAME, _mask)
 register(NAME_BATCH_INVARIANT, batch_invariant=True)
+
+# DeepSeek-V3: decode steps on mla_decode (its module imports nothing from here).
+from .transformers_mla import install as _install_mla  # noqa: E402
+
+_install_mla(NAMES, _lengths, _count)
