@@ -649,3 +649,25 @@ def test_deepseek_v3_other_names_keep_the_original_forward():
     assert transformers_mla.PATH not in lt.calls
     generate(model, lt.NAME, ids, mask)
     assert transformers_mla.PATH not in lt.calls and sum(lt.calls.values()) > 0
+
+
+def test_deepseek_v3_compiled_static_cache_has_no_graph_break():
+    """A compiled DeepSeek-V3 decode step (static cache) keeps the absorbed path in one graph:
+    the mla_decode custom op, no SDPA."""
+    torch._dynamo.reset()
+    model = tiny_deepseek(torch.float16)
+    ids, mask = prompts([8, 5])
+    model.set_attn_implementation("sdpa")
+    ref = decode_loop(model, ids, mask, model, NEW_TOKENS)
+    model.set_attn_implementation(lt.NAME)
+    recorder = _GraphRecorder()
+    compiled = torch.compile(model, fullgraph=True, backend=recorder, dynamic=False)
+    with torch._dynamo.config.patch(recompile_limit=16):
+        got = decode_loop(model, ids, mask, compiled, NEW_TOKENS)
+    assert_same_greedy(ref, got, LOGIT_ATOL[torch.float16])
+    assert recorder.targets, "nothing was compiled"
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    for ops in recorder.targets:
+        assert ops & {torch.ops.leanattn.mla_decode_into, torch.ops.leanattn.mla_decode_into.default}, \
+            "a decode step missed mla_decode"
+        assert sdpa not in ops, "a compiled decode step fell back to SDPA"
