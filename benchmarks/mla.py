@@ -4,7 +4,8 @@
     python benchmarks/mla.py --probe        # compile report (registers, spills, shared memory)
 
 A shape is ``BATCHxCONTEXT@Q_HEADS`` with options ``:q=N`` (query tokens, default 1),
-``:page=P`` (default 64), ``:fp8`` (e4m3 cache, scale 1) and ``~`` after the context for a ragged
+``:page=P`` (default 64), ``:fp8`` (e4m3 cache, scale 1), ``:apart`` (leanattn reads the latent
+and the rope part from two tensors, ``rope_cache``, as FlashInfer does) and ``~`` after the context for a ragged
 batch (lengths drawn uniformly in [1, 2 x context], same total). The cache is DeepSeek-V3's:
 576 values a token (512 latent, 64 rope), softmax scale 1/sqrt(192).
 
@@ -45,6 +46,7 @@ class Shape:
     page: int = 64
     fp8: bool = False
     ragged: bool = False
+    apart: bool = False
 
     def lengths(self, seed: int = 0) -> list[int]:
         if not self.ragged:
@@ -56,13 +58,13 @@ class Shape:
 def parse_shape(text: str) -> Shape:
     m = re.fullmatch(r"(\d+)x(\d+)(k?)(~?)@(\d+)((?::[a-z0-9=]+)*)", text)
     if not m:
-        raise ValueError(f"shape {text!r} is not BATCHxCONTEXT[k][~]@Q_HEADS[:q=N][:page=P][:fp8]")
+        raise ValueError(f"shape {text!r} is not BATCHxCONTEXT[k][~]@Q_HEADS[:q=N][:page=P][:fp8][:apart]")
     opts = dict(o.split("=") if "=" in o else (o, "1") for o in m.group(6).split(":") if o)
-    unknown = set(opts) - {"q", "page", "fp8"}
+    unknown = set(opts) - {"q", "page", "fp8", "apart"}
     if unknown:
         raise ValueError(f"shape {text!r}: unknown options {sorted(unknown)}")
     return Shape(int(m.group(1)), int(m.group(2)) * (1024 if m.group(3) else 1), int(m.group(5)),
-                 int(opts.get("q", 1)), int(opts.get("page", 64)), "fp8" in opts, bool(m.group(4)))
+                 int(opts.get("q", 1)), int(opts.get("page", 64)), "fp8" in opts, bool(m.group(4)), "apart" in opts)
 
 
 @dataclass
@@ -101,9 +103,13 @@ def leanattn_method(shape: Shape, xs, lens, table):
     """(eager call of layer 0, serving step of every layer): mla_decode, and MLAWrapper plan + runs."""
     kw = {"kv_scale": 1.0} if shape.fp8 else {}
     capacity = table.shape[1] * shape.page
+    # :apart: the latent and the rope part as two tensors (made once, outside the timed calls).
+    caches = [(x.kv[..., :DV].contiguous(), x.kv[..., DV:].contiguous()) if shape.apart else (x.kv, None) for x in xs]
 
     def eager():
-        return leanattn.mla_decode(xs[0].q, xs[0].kv, lens, block_table=table, softmax_scale=SCALE, **kw)
+        latent, rope = caches[0]
+        return leanattn.mla_decode(xs[0].q, latent, lens, rope_cache=rope, block_table=table, softmax_scale=SCALE,
+                                   **kw)
 
     w = leanattn.MLAWrapper(shape.q_heads, D, DV, torch.bfloat16, lens.device, max_q_len=shape.q_len,
                             kv_dtype=xs[0].kv.dtype, softmax_scale=SCALE)
@@ -111,8 +117,8 @@ def leanattn_method(shape: Shape, xs, lens, table):
 
     def step():
         w.plan(lens, capacity, q_len=shape.q_len)
-        for x, o in zip(xs, outs):
-            w.run(x.q, x.kv, block_table=table, out=o, **kw)
+        for x, o, (latent, rope) in zip(xs, outs, caches):
+            w.run(x.q, latent, rope_cache=rope, block_table=table, out=o, **kw)
         return outs[0]
 
     return eager, step

@@ -424,3 +424,24 @@ def test_wrapper_errors_name_its_arguments(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         leanattn.MLAWrapper(**args)
+
+
+def test_mla_benchmark_parses_and_checks_its_rows():
+    """benchmarks/mla.py's shapes (``:apart`` reads the rope part from its own tensor) and its
+    leanattn method's eager call, checked against the reference as the bench checks it."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "mla.py"
+    spec = importlib.util.spec_from_file_location("mla_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["mla_bench"] = bench
+    spec.loader.exec_module(bench)
+    shape = bench.parse_shape("2x40@4:page=32:apart")
+    assert (shape.batch, shape.context, shape.q_heads, shape.page, shape.apart) == (2, 40, 4, 32, True)
+    with pytest.raises(ValueError, match="unknown options"):
+        bench.parse_shape("2x40@4:nope")
+    xs, lens, table, _ = bench.make_step(shape, DEVICE)
+    eager, _ = bench.leanattn_method(shape, xs[:2], lens, table)
+    assert bench.check(shape, eager(), xs[0], lens, table) < TOL[torch.bfloat16]
