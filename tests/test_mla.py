@@ -161,6 +161,48 @@ def test_tma_view_takes_row_tiles_of_16_bit_caches_only():
     assert mla_tma_view(latent, wide[:, :96, :, :16], 0, 64, 16, 32) is None
 
 
+@pytest.mark.parametrize("page_size", [0, 32])
+def test_slots_past_the_length_are_never_read(page_size):
+    """The TMA loop copies whole tiles: NaN in the dead slots after each sequence's length (the
+    rest of its tile, of its page, the next sequence's rows) must not reach the output."""
+    lens = [40, 17]
+    q, kv, sl = mla_inputs(lens, 4, 80, cache_len=64, seed=3)
+    for b, n in enumerate(lens):
+        kv[b, n:] = math.nan
+    kw = {}
+    if page_size:
+        kv, kw["block_table"] = paged(kv, lens, page_size)
+    assert mla_tma_view(kv, None, page_size, 64, 16, mla_heuristic(80, 64, kv.dtype, 4).tile) is not None
+    out, lse = leanattn.mla_decode(q, kv, sl, head_dim_v=64, return_lse=True, **kw)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    clean = torch.nan_to_num(kv, nan=0.0)
+    check(out, lse, q, clean, sl, 64, **kw)
+
+
+@pytest.mark.parametrize("page_size", [16, 32])
+def test_empty_sequences_with_an_empty_block_table(page_size):
+    """No live key: zeros and an LSE of -inf, and no block-table entry read (the table has none)."""
+    q = torch.randn(2, 1, 4, 80).to(torch.bfloat16).to(DEVICE)
+    kp = torch.randn(3, page_size, 1, 80).to(torch.bfloat16).to(DEVICE)
+    table = torch.empty((2, 0), dtype=torch.int32, device=DEVICE)
+    out, lse = leanattn.mla_decode(q, kp, torch.zeros(2, dtype=torch.int32, device=DEVICE), block_table=table,
+                                   head_dim_v=64, return_lse=True)
+    assert (out == 0).all() and torch.isinf(lse).all() and (lse < 0).all()
+
+
+def test_batch_invariant_bits_do_not_depend_on_the_cache_layout():
+    """Batch-invariant mode gives a sequence the same bits contiguous or paged, whichever tile
+    loop the layout would otherwise take."""
+    lens = [130, 70]
+    q, kv, sl = mla_inputs(lens, 4, 80, seed=5)
+    kw = dict(head_dim_v=64, batch_invariant=True, split_size=64, return_lse=True)
+    out, lse = leanattn.mla_decode(q, kv, sl, **kw)
+    for page_size in (32, 16):
+        kp, table = paged(kv, lens, page_size)
+        o, l = leanattn.mla_decode(q, kp, sl, block_table=table, **kw)
+        assert torch.equal(o, out) and torch.equal(l, lse), f"page_size {page_size}"
+
+
 def test_strided_cache_takes_the_pointer_loop_and_is_exact():
     """A cache viewed out of a longer one (rows not evenly spaced across the batch) is read by
     pointers, with the same results as its contiguous copy."""

@@ -252,7 +252,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "mla-tma-reads-bad-pages",
-        one(MLA, "            s = tl.where(keep & bad_page, float(\"nan\"), s)", "            s = s"),
+        one(MLA, "        s = tl.where(keep & bad_page, float(\"nan\"), s)", "        s = s"),
         ("tests/test_mla.py",), k="bad_page",
         why="a live key on an out-of-range page would be read as row 0's values instead of NaN-ing its rows",
     ),
@@ -286,6 +286,18 @@ MUTANTS: list[Mutant] = [
         one(MLA, "KRDesc.load([row, 0 if ROPE_APART else DV])", "KRDesc.load([row, DV])"),
         ("tests/test_mla.py",), k="rope_cache_apart",
         why="the TMA loop would read a separate rope cache past its columns",
+    ),
+    Mutant(
+        "mla-tma-keeps-dead-rows",
+        one(MLA, "        kv = tl.where(in_range[:, None], kv, 0.0)", "        kv = kv"),
+        ("tests/test_mla.py",), k="slots_past",
+        why="NaN in the dead slots after a sequence's length would reach its output through 0 x NaN",
+    ),
+    Mutant(
+        "mla-tma-in-batch-invariant-mode",
+        one("src/leanattn/_mla_call.py", "use_tma = config.tma and not split and", "use_tma = config.tma and"),
+        ("tests/test_mla.py",), k="batch_invariant_bits",
+        why="a batch-invariant sequence's bits would depend on its cache's layout",
     ),
     Mutant(
         "checks-skip-head-strides",

@@ -67,8 +67,10 @@ class MLACall:
         else:
             page_size, stride_btb, num_pages = kv_cache.shape[1], block_table.stride(0), kv_cache.shape[0]
         # The caches' 2-D views when the TMA loop can take them, else None. A left pad need not
-        # be a multiple of the tile, so paged tiles could cross pages.
-        use_tma = config.tma and not (has_leftpad and page_size)
+        # be a multiple of the tile, so paged tiles could cross pages. Batch-invariant mode
+        # takes the pointer loop always: the two loops sum in different orders, and a
+        # sequence's bits must not depend on its cache's layout.
+        use_tma = config.tma and not split and not (has_leftpad and page_size)
         self.tma = tma_view(kv_cache, rope_cache, page_size, head_dim_v, head_dim - head_dim_v, config.tile) \
             if use_tma else None
         self.programs, self.device, self.config = programs, q.device, config
@@ -136,7 +138,7 @@ def tma_view(
     (``page_size`` not a multiple of ``tile``). ``rope_cache`` None: the rope columns follow the
     latent ones in ``kv_cache``."""
     n, per = kv_cache.shape[:2]
-    if kv_cache.element_size() != 2 or page_size % tile or n * per >= 2**31:
+    if kv_cache.element_size() != 2 or page_size % tile or not 0 < n * per < 2**31:
         return None
     if any(w < 16 or w & (w - 1) for w in (head_dim_v, rope_dim)):
         return None

@@ -5,9 +5,11 @@ Each cache row holds D values: the latent part (the first DV, which is also V) a
 scores are q_latent . k_latent + q_rope . k_rope, and the values are the latent columns already
 in registers (or shared memory): no byte of the cache is read twice.
 
-Two tile loops compute the same thing. Where the launch config asks for it (64-row blocks), 16-bit
-caches whose tiles are whole rows of a 2-D view (contiguous, or pages of a multiple of the tile)
-take ``_mla_attend_tma``: bulk tensor-descriptor copies and both products transposed, so neither
+Two tile loops compute the same values (not the same bits: their sums run in different orders).
+Where the launch config asks for it (64-row blocks on a GPU, every block under the interpreter),
+16-bit caches whose tiles are whole rows of a 2-D view (contiguous, or pages of a multiple of the
+tile; ``_mla_call.tma_view`` has every condition) take ``_mla_attend_tma`` outside
+batch-invariant mode: bulk tensor-descriptor copies and both products transposed, so neither
 addresses nor q sit in registers. Every other call takes ``_mla_attend``: a pointer per element.
 
 The query rows of a request are packed like decode packs a GQA group: a block holds the Q_LEN
@@ -178,7 +180,6 @@ def _mla_attend_tma(
     64, so a tile of 64 keys fills it whatever the rows (the N), the warps split keys and value
     columns instead of repeating the rows' work, and q is a shared-memory operand. Returns
     (acc (ROWS, DV), m, l) as ``_mla_attend``."""
-    offs_n = tl.arange(0, TILE)
     query = live - Q_LEN + tl.arange(0, ROWS) // GROUP  # each row's position, in keys
     m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((ROWS,), dtype=tl.float32)
@@ -186,39 +187,68 @@ def _mla_attend_tma(
     q_lt = tl.trans(q_l)
     q_rt = tl.trans(q_r)
     table = BlockTable + b.to(tl.int64) * stride_btb
+    page = 0
     if PAGE_SIZE > 0:
-        page = tl.load(table + (tile_start * TILE) // PAGE_SIZE)
-    for tile in range(tile_start, tile_end):
-        tok = tile * TILE + offs_n
-        in_range = tok < length
-        if PAGE_SIZE == 0:
-            row = b * capacity + first + tile * TILE
-            bad_page = False
-        else:
-            bad_page = (page < 0) | (page >= num_pages)
-            # A bad page is never read (its keys NaN the rows below); row 0 stands in.
-            row = tl.where(bad_page, 0, page * PAGE_SIZE + (tile * TILE) % PAGE_SIZE)
-            next_tok = (tile + 1) * TILE
-            page = tl.load(table + next_tok // PAGE_SIZE, mask=(next_tok < length) & (tile + 1 < tile_end), other=0)
-        kv = KVDesc.load([row, 0]).to(DOT_DTYPE)
-        qk = tl.dot(kv, q_lt)
-        if DR > 0:
-            qk = tl.dot(KRDesc.load([row, 0 if ROPE_APART else DV]).to(DOT_DTYPE), q_rt, acc=qk)
-        # Keys past the live range or after a row's query give -inf; live keys on a bad page NaN.
-        keep = in_range[:, None]
-        if HAS_MASK:
-            keep = keep & (tok[:, None] <= query[None, :])
-        s = tl.where(keep, qk * scale, float("-inf"))
-        if PAGE_SIZE > 0:
-            s = tl.where(keep & bad_page, float("nan"), s)
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: no inf - inf
-        alpha = tl.exp2(m_i - m_shift)
-        p = tl.exp2(s - m_shift[None, :])
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha[None, :] + tl.dot(tl.trans(kv), p.to(DOT_DTYPE))
-        m_i = m_new
+        page = tl.load(table + (tile_start * TILE) // PAGE_SIZE, mask=tile_start * TILE < length, other=0)
+    # Whole tiles, then the one a sequence's last keys leave part-filled: a bulk copy reads the
+    # rows past the length too (dead slots, the next sequence's rows), which may hold NaN, and
+    # 0 x NaN is NaN in the PV product, so that tile's dead rows are zeroed first.
+    full_end = tl.maximum(tl.minimum(tile_end, length // TILE), tile_start)
+    for tile in range(tile_start, full_end):
+        acc, m_i, l_i, page = _mla_tma_tile(
+            acc, m_i, l_i, page, q_lt, q_rt, KVDesc, KRDesc, table, b, first, length, query, tile, tile_end, scale,
+            num_pages, capacity, DV, DR, TILE, PAGE_SIZE, HAS_MASK, DOT_DTYPE, ROPE_APART, False,
+        )
+    if full_end < tile_end:
+        acc, m_i, l_i, page = _mla_tma_tile(
+            acc, m_i, l_i, page, q_lt, q_rt, KVDesc, KRDesc, table, b, first, length, query, full_end, tile_end, scale,
+            num_pages, capacity, DV, DR, TILE, PAGE_SIZE, HAS_MASK, DOT_DTYPE, ROPE_APART, True,
+        )
     return tl.trans(acc), m_i, l_i
+
+
+@triton.jit
+def _mla_tma_tile(
+    acc, m_i, l_i, page, q_lt, q_rt, KVDesc, KRDesc, table, b, first, length, query, tile, tile_end, scale,
+    num_pages, capacity,
+    DV: tl.constexpr, DR: tl.constexpr, TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_MASK: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ROPE_APART: tl.constexpr, ZERO_DEAD: tl.constexpr,
+):
+    """One key tile of ``_mla_attend_tma``: the online-softmax update of (acc (DV, ROWS), m, l)
+    and the page of the next tile (paged caches read one tile ahead). ZERO_DEAD: zero the
+    latent rows past ``length`` before the products."""
+    tok = tile * TILE + tl.arange(0, TILE)
+    in_range = tok < length
+    if PAGE_SIZE == 0:
+        row = b * capacity + first + tile * TILE
+        bad_page = False
+    else:
+        bad_page = (page < 0) | (page >= num_pages)
+        # A bad page is never read (its keys NaN the rows below); row 0 stands in.
+        row = tl.where(bad_page, 0, page * PAGE_SIZE + (tile * TILE) % PAGE_SIZE)
+        next_tok = (tile + 1) * TILE
+        page = tl.load(table + next_tok // PAGE_SIZE, mask=(next_tok < length) & (tile + 1 < tile_end), other=0)
+    kv = KVDesc.load([row, 0]).to(DOT_DTYPE)
+    if ZERO_DEAD:
+        kv = tl.where(in_range[:, None], kv, 0.0)
+    qk = tl.dot(kv, q_lt)
+    if DR > 0:
+        qk = tl.dot(KRDesc.load([row, 0 if ROPE_APART else DV]).to(DOT_DTYPE), q_rt, acc=qk)
+    # Keys past the live range or after a row's query give -inf (a dead row's rope scores,
+    # whatever they are, are replaced); live keys on a bad page NaN.
+    keep = in_range[:, None]
+    if HAS_MASK:
+        keep = keep & (tok[:, None] <= query[None, :])
+    s = tl.where(keep, qk * scale, float("-inf"))
+    if PAGE_SIZE > 0:
+        s = tl.where(keep & bad_page, float("nan"), s)
+    m_new = tl.maximum(m_i, tl.max(s, axis=0))
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: no inf - inf
+    alpha = tl.exp2(m_i - m_shift)
+    p = tl.exp2(s - m_shift[None, :])
+    l_i = l_i * alpha + tl.sum(p, axis=0)
+    acc = acc * alpha[None, :] + tl.dot(tl.trans(kv), p.to(DOT_DTYPE))
+    return acc, m_new, l_i, page
 
 
 @triton.jit
