@@ -671,3 +671,43 @@ def test_deepseek_v3_compiled_static_cache_has_no_graph_break():
         assert ops & {torch.ops.leanattn.mla_decode_into, torch.ops.leanattn.mla_decode_into.default}, \
             "a decode step missed mla_decode"
         assert sdpa not in ops, "a compiled decode step fell back to SDPA"
+
+
+class _Adapted(torch.nn.Module):
+    """A kv_b_proj whose ``.weight`` is not the weight it applies (as LoRA or FP8Linear's)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.base = linear
+        self.weight = linear.weight
+        self.delta = torch.nn.Parameter(torch.randn_like(linear.weight) * 0.2, requires_grad=False)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.base.weight + self.delta)
+
+
+def test_deepseek_v3_adapted_kv_b_proj_keeps_the_expanded_path():
+    """Absorbing kv_b_proj needs its effective weight: a projection of another kind goes the
+    model's own way, with SDPA's tokens."""
+    from leanattn.integrations import transformers_mla
+
+    model = tiny_deepseek(torch.float16)
+    for layer in model.model.layers:
+        layer.self_attn.kv_b_proj = _Adapted(layer.self_attn.kv_b_proj)
+    ids, mask = prompts([6, 9])
+    run_both(model, ids, mask, torch.float16)
+    assert transformers_mla.PATH not in lt.calls
+
+
+def test_deepseek_v3_forward_with_autograd_takes_the_expanded_path():
+    """A short forward with grad enabled (training, or eval without no_grad) builds a cache but
+    must not reach the kernel, which has no backward: gradients flow."""
+    from leanattn.integrations import transformers_mla
+
+    model = tiny_deepseek(torch.bfloat16).train()
+    ids, mask = prompts([6, 6])
+    model.set_attn_implementation(lt.NAME)
+    lt.calls.clear()
+    model(input_ids=ids, attention_mask=mask).logits.float().sum().backward()
+    assert transformers_mla.PATH not in lt.calls
+    assert model.model.layers[0].self_attn.kv_b_proj.weight.grad is not None

@@ -300,6 +300,14 @@ MUTANTS: list[Mutant] = [
         why="a batch-invariant sequence's bits would depend on its cache's layout",
     ),
     Mutant(
+        "hf-mla-absorbs-any-kv_b_proj",
+        one("src/leanattn/integrations/transformers_mla.py",
+            "    if type(module.kv_b_proj) is not torch.nn.Linear or module.kv_b_proj.weight.dtype not in _WEIGHT_DTYPES:",
+            "    if module.kv_b_proj.weight.dtype not in _WEIGHT_DTYPES:"),
+        ("tests/test_transformers.py",), k="adapted",
+        why="a quantized or adapted kv_b_proj's raw .weight would be absorbed in place of the weight it applies",
+    ),
+    Mutant(
         "checks-skip-head-strides",
         one("src/leanattn/_checks.py", "    check_head_strides(k_cache, v_cache)", "    pass"),
         ("tests/test_errors.py",), k="head_offsets",

@@ -13,8 +13,9 @@ the cache update, then, for decode steps, absorbs ``kv_b_proj`` into the query a
     out[h]      = o_latent[h] . W_UV[h]^T        (batch, q_len, heads, v_head_dim)
 
 reading the cache in place (no expansion, no copy). The absorption products run in float32.
-Other calls (prefills, fp32, training, no cache) take the original's expanded path to
-``sdpa_attention_forward``, unchanged. Masks are read as in ``attention_forward``: each
+Other calls (prefills, fp32, autograd, no cache, a ``kv_b_proj`` that is not a plain
+``nn.Linear``: quantized or adapted, whose ``.weight`` is not the weight it applies) take the
+original's expanded path to ``sdpa_attention_forward``, unchanged. Masks are read as in ``attention_forward``: each
 sequence's first and last live key on the device, and a NaN query for a sequence whose mask
 the kernel can't express.
 """
@@ -33,6 +34,7 @@ from leanattn.kernels.config import interpreting
 __all__ = ["install", "mla_refusal"]
 
 PATH = "leanattn mla"  # the ``calls`` counter's key for decode steps taken by mla_decode
+_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def mla_refusal(module: torch.nn.Module, hidden_states: torch.Tensor, past_key_values, kwargs: dict) -> str | None:
@@ -45,6 +47,12 @@ def mla_refusal(module: torch.nn.Module, hidden_states: torch.Tensor, past_key_v
         return "prefill"
     if module.training and module.attention_dropout:
         return "dropout"
+    if torch.is_grad_enabled() and (hidden_states.requires_grad or any(p.requires_grad for p in module.parameters())):
+        return "autograd"  # the kernel has no backward; the expanded path has
+    if type(module.kv_b_proj) is not torch.nn.Linear or module.kv_b_proj.weight.dtype not in _WEIGHT_DTYPES:
+        # Absorbing needs kv_b_proj's effective weight; a quantized (FP8Linear) or adapted
+        # (LoRA) projection's .weight is not it.
+        return f"kv_b_proj is a {type(module.kv_b_proj).__name__} of {module.kv_b_proj.weight.dtype}"
     if hidden_states.dtype not in leanattn.SUPPORTED_DTYPES:
         return f"{hidden_states.dtype}: the kernel takes float16 and bfloat16"
     if hidden_states.device.type != "cuda" and not interpreting():
