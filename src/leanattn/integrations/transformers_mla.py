@@ -12,7 +12,7 @@ the cache update, then, for decode steps, absorbs ``kv_b_proj`` into the query a
     o_latent    = mla_decode([q_latent, q_rope], latent cache, rope_cache=roped-key cache)
     out[h]      = o_latent[h] . W_UV[h]^T        (batch, q_len, heads, v_head_dim)
 
-reading the cache in place (no expansion, no copy). The absorption products run in float32.
+reading the cache in place (no expansion, no copy).
 Other calls (prefills, fp32, autograd, no cache, a ``kv_b_proj`` that is not a plain
 ``nn.Linear``: quantized or adapted, whose ``.weight`` is not the weight it applies) take the
 original's expanded path to ``sdpa_attention_forward``, unchanged. Masks are read as in ``attention_forward``: each
@@ -125,9 +125,12 @@ def _absorbed(self, hidden_states, position_embeddings, attention_mask, past_key
                                               attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
         return self.o_proj(out.reshape(batch, q_len, -1).contiguous()), weights
     count(PATH)
+    # Views of kv_b_proj's weight, per head: (heads, nope, rank) and (heads, v, rank). The
+    # products run in the weight's dtype, accumulating in float32 as kv_b_proj's own does; a
+    # float32 copy of the weight would cost more than the step's attention.
     weight = self.kv_b_proj.weight.view(heads, nope + self.v_head_dim, rank)
-    w_uk, w_uv = weight[:, :nope].float(), weight[:, nope:].float()
-    q_latent = torch.einsum("bhsn,hnr->bshr", q_pass.float(), w_uk).to(q_pass.dtype)
+    w_uk, w_uv = weight[:, :nope], weight[:, nope:]
+    q_latent = torch.einsum("bhsn,hnr->bshr", q_pass.to(weight.dtype), w_uk).to(q_pass.dtype)
     q = torch.cat((q_latent, q_rot.transpose(1, 2)), dim=-1)  # (batch, q_len, heads, rank + rope)
     leftpad, seqlens, poison = lengths(attention_mask, batch, q_len, -1, q.dtype, q.device)
     if poison is not None:
@@ -135,5 +138,5 @@ def _absorbed(self, hidden_states, position_embeddings, attention_mask, past_key
     o_latent = leanattn.mla_decode(q, kv_nope.transpose(1, 2), seqlens, rope_cache=k_rot.transpose(1, 2),
                                    cache_leftpad=leftpad, head_dim_v=rank, softmax_scale=self.scaling,
                                    **invariant.kwargs)
-    out = torch.einsum("bshr,hvr->bshv", o_latent.float(), w_uv).to(hidden_states.dtype)
+    out = torch.einsum("bshr,hvr->bshv", o_latent.to(weight.dtype), w_uv).to(hidden_states.dtype)
     return self.o_proj(out.reshape(batch, q_len, heads * self.v_head_dim)), None
