@@ -1,4 +1,5 @@
-"""MLA decode on the GPU: leanattn.mla_decode / MLAWrapper against FlashInfer's MLA decode.
+"""MLA decode on the GPU: leanattn.mla_decode / MLAWrapper against FlashInfer's MLA decode and a
+split-KV Triton MLA decode of the kind engines' Triton backends carry (``mla_split_peer.py``).
 
     python benchmarks/mla.py --shapes 1x32k@16 4x8k@128 16x4k@16:fp8 128x1152@128:page=1 6x4k~@64
     python benchmarks/mla.py --probe        # compile report (registers, spills, shared memory)
@@ -160,7 +161,34 @@ def flashinfer_method(shape: Shape, xs, lens, table):
     return (lambda: call(0)), step
 
 
-METHODS = {"leanattn": leanattn_method, "flashinfer": flashinfer_method}
+def triton_split_method(shape: Shape, xs, lens, table):
+    """``mla_split_peer.split_mla_decode``: the split-KV Triton MLA decode of serving engines'
+    Triton backends (16 heads a program, 8 uniform splits, a reduce launch); one query token,
+    16-bit caches."""
+    if shape.q_len != 1 or shape.fp8:
+        raise Unsupported("one query token and a 16-bit cache only")
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+    from mla_split_peer import split_mla_decode
+
+    batch, heads = shape.batch, shape.q_heads
+    splits = 8
+    workspace = torch.empty(batch * heads * splits * (DV + 1), dtype=torch.float32, device=lens.device)
+    outs = [torch.empty(batch, 1, heads, DV, dtype=torch.bfloat16, device=lens.device) for _ in xs]
+
+    def call(i):
+        out = split_mla_decode(xs[i].q[:, 0], xs[i].kv, lens, table, head_dim_v=DV, softmax_scale=SCALE, splits=splits,
+                               workspace=workspace)
+        return out[:, None]
+
+    def step():
+        for i, o in enumerate(outs):
+            o.copy_(call(i))
+        return outs[0]
+
+    return (lambda: call(0)), step
+
+
+METHODS = {"leanattn": leanattn_method, "flashinfer": flashinfer_method, "triton_split": triton_split_method}
 
 
 def check(shape: Shape, out: torch.Tensor, x: Layer, lens, table) -> float:

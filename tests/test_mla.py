@@ -469,8 +469,9 @@ def test_wrapper_errors_name_its_arguments(kwargs, match):
 
 
 def test_mla_benchmark_parses_and_checks_its_rows():
-    """benchmarks/mla.py's shapes (``:apart`` reads the rope part from its own tensor) and its
-    leanattn method's eager call, checked against the reference as the bench checks it."""
+    """benchmarks/mla.py's shapes (``:apart`` reads the rope part from its own tensor), its
+    leanattn method's and its split-KV Triton peer's eager calls, checked against the reference
+    as the bench checks them."""
     import importlib.util
     import pathlib
     import sys
@@ -485,5 +486,8 @@ def test_mla_benchmark_parses_and_checks_its_rows():
     with pytest.raises(ValueError, match="unknown options"):
         bench.parse_shape("2x40@4:nope")
     xs, lens, table, _ = bench.make_step(shape, DEVICE)
-    eager, _ = bench.leanattn_method(shape, xs[:2], lens, table)
-    assert bench.check(shape, eager(), xs[0], lens, table) < TOL[torch.bfloat16]
+    for method in (bench.leanattn_method, bench.triton_split_method):  # leanattn and the split-KV peer
+        eager, _ = method(shape, xs[:2], lens, table)
+        assert bench.check(shape, eager(), xs[0], lens, table) < TOL[torch.bfloat16], method.__name__
+    with pytest.raises(bench.Unsupported):
+        bench.triton_split_method(bench.parse_shape("2x40@4:q=2"), xs[:2], lens, table)
