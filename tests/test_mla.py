@@ -358,6 +358,36 @@ def test_gpu_deepseek(lens, hq, q_len, fp8, page_size):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("page_size", [0, 64, 16])
+@pytest.mark.parametrize("hq", [16, 128])
+def test_gpu_dead_slots_rope_apart_and_leftpad(page_size, hq):
+    """DeepSeek-V3's shapes on the GPU's own loops (128 heads contiguous or page 64: the TMA
+    loop; 16 heads, or page 16: the pointer loop): NaN in every slot past a sequence's length
+    never reaches the output; a left pad and a rope cache apart give the reference's values, the
+    rope apart the same bits as one 576-wide cache."""
+    lens, pads = [3000, 1, 700, 0], [0, 0, 129, 0]
+    q, kv, sl = mla_inputs(lens, hq, 576, cache_len=3072, seed=21)
+    for b, n in enumerate(lens):
+        kv[b, n:] = math.nan
+    clean = torch.nan_to_num(kv, nan=0.0)
+    kw = {}
+    if page_size:
+        kv, kw["block_table"] = paged(kv, [3072] * 4, page_size)
+        clean = torch.nan_to_num(kv, nan=0.0)
+    pad = torch.tensor(pads, dtype=torch.int32, device=DEVICE)
+    scale = 192**-0.5
+    out, lse = leanattn.mla_decode(q, kv, sl, softmax_scale=scale, return_lse=True, **kw)
+    check(out, lse, q, clean, sl, 512, softmax_scale=scale, **kw)
+    padded, padded_lse = leanattn.mla_decode(q, kv, sl, cache_leftpad=pad, softmax_scale=scale, return_lse=True, **kw)
+    check(padded, padded_lse, q, clean, sl, 512, cache_leftpad=pad, softmax_scale=scale, **kw)
+    latent, rope = kv[..., :512].contiguous(), kv[..., 512:].contiguous()
+    apart, apart_lse = leanattn.mla_decode(q, latent, sl, rope_cache=rope, cache_leftpad=pad, softmax_scale=scale,
+                                           return_lse=True, **kw)
+    assert torch.equal(apart, padded) and torch.equal(apart_lse, padded_lse)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 def test_gpu_wrapper_cuda_graph_new_lengths():
     """Plan and several layers' runs in one CUDA graph; replays with new lengths match the reference."""
     cap, batch, hq = 8192, 4, 128
