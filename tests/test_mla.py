@@ -324,6 +324,28 @@ def test_rope_cache_errors(change, match):
         leanattn.mla_decode(q, latent, sl, rope_cache=rope, head_dim_v=64)
 
 
+def test_known_layouts_skip_only_the_layout_checks(monkeypatch):
+    """A call whose argument layout was checked before skips validation but not the per-call
+    checks (grad, values with check=True), and gives the same bits; a new layout is checked."""
+    import leanattn.mla as mla_module
+
+    lens = [60, 33]
+    q, kv, sl = mla_inputs(lens, 4, 80, seed=15)
+    first = leanattn.mla_decode(q, kv, sl, head_dim_v=64, num_programs=5)
+    checked, validate = [], mla_module.validate_mla
+    monkeypatch.setattr(mla_module, "validate_mla", lambda *a: checked.append(a) or validate(*a))
+    again = leanattn.mla_decode(q, kv, sl, head_dim_v=64, num_programs=5)
+    assert torch.equal(again, first) and checked == []
+    with pytest.raises(RuntimeError, match="no backward"):
+        leanattn.mla_decode(q.clone().requires_grad_(), kv, sl, head_dim_v=64, num_programs=5)
+    with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = 99"):
+        leanattn.mla_decode(q, kv, torch.tensor([3, 99], dtype=torch.int32, device=DEVICE), head_dim_v=64,
+                            num_programs=5, check=True)
+    with pytest.raises(ValueError, match="head_dim_v must be a multiple of 16"):
+        leanattn.mla_decode(q, kv, sl, head_dim_v=72, num_programs=5)
+    assert len(checked) == 1
+
+
 def test_lengths_checked():
     q, kv, sl = mla_inputs([10, 5], 4, 80)
     with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = 99"):

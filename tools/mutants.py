@@ -308,6 +308,22 @@ MUTANTS: list[Mutant] = [
         why="a quantized or adapted kv_b_proj's raw .weight would be absorbed in place of the weight it applies",
     ),
     Mutant(
+        "mla-known-layout-skips-grad",
+        one("src/leanattn/mla.py",
+            '        refuse_grad(q, kv_cache, rope_cache, names=("q", "kv_cache", "rope_cache"))  # grad is not layout',
+            "        pass"),
+        ("tests/test_mla.py",), k="known_layouts",
+        why="a tensor that requires grad would be detached silently once its layout was seen",
+    ),
+    Mutant(
+        "mla-known-layout-skips-value-checks",
+        one("src/leanattn/mla.py",
+            "            _check_values(kv_cache, cache_seqlens, cache_leftpad, block_table, kv_scale, q.shape[0], known.capacity)",
+            "            pass"),
+        ("tests/test_mla.py",), k="known_layouts",
+        why="check=True would stop checking the lengths once their layout was seen",
+    ),
+    Mutant(
         "checks-skip-head-strides",
         one("src/leanattn/_checks.py", "    check_head_strides(k_cache, v_cache)", "    pass"),
         ("tests/test_errors.py",), k="head_offsets",

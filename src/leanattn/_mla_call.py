@@ -174,19 +174,20 @@ def mla_decode_into(
     cache_seqlens: torch.Tensor | None, cache_leftpad: torch.Tensor | None, block_table: torch.Tensor | None,
     kv_scale: float | torch.Tensor | None, head_dim_v: int, softmax_scale: float, causal: bool,
     num_programs: int | None, split: int, workspace: Workspace,
-) -> None:
+) -> tuple[MLACall, int, int] | None:
     """``leanattn.mla_decode``'s launch (eager, or inside its custom op) on ``workspace``: the
     heuristic's config, the default or given grid, buffers and key, then the key's
-    :class:`MLACall`. ``split``: tokens per split in batch-invariant mode, else 0."""
+    :class:`MLACall`. ``split``: tokens per split in batch-invariant mode, else 0. Returns the
+    call and its workspace's (slots, rows), None for an empty batch."""
     batch, q_len, q_heads, head_dim = q.shape
     if batch == 0:
-        return
+        return None
     config = heuristic(head_dim, head_dim_v, kv_cache.dtype, q_len * q_heads)
     programs = _call.grid(q.device, config, num_programs)
     capacity = capacity_of(kv_cache, block_table)
     blocks = blocks_of(q_len, q_heads, config.block_rows)[1]
-    bufs = _call.buffers(workspace, q.device, _call.slots(programs, split, batch, blocks, capacity), head_dim_v,
-                         rows_of(q_len, q_heads, config))
+    slots, rows = _call.slots(programs, split, batch, blocks, capacity), rows_of(q_len, q_heads, config)
+    bufs = _call.buffers(workspace, q.device, slots, head_dim_v, rows)
     key = call_key(q, kv_cache, rope_cache, out, lse, cache_seqlens, cache_leftpad, block_table, kv_scale, None,
                    (head_dim_v, softmax_scale, causal, batch, capacity, programs, split))
     call = _MLA_CALLS.get(key)
@@ -197,3 +198,4 @@ def mla_decode_into(
             softmax_scale=softmax_scale, head_dim_v=head_dim_v, batch=batch, capacity=capacity, programs=programs,
             config=config, split=split)
     call.launch(bufs, q, kv_cache, rope_cache, out, lse, cache_seqlens, cache_leftpad, block_table, kv_scale, None)
+    return call, slots, rows

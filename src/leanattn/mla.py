@@ -8,6 +8,8 @@ persistent grid, as ``decode`` deals (sequence, kv head, keys).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from . import _call, _mla_call, ops
@@ -23,6 +25,40 @@ from .kernels.config import MLAConfig, choose_mla_config
 from .kernels.plan import PLAN_FIELDS
 
 __all__ = ["mla_decode", "MLAWrapper"]
+
+
+class _Known(NamedTuple):
+    """What a call of an already-checked argument layout needs (see :func:`_arguments_key`)."""
+
+    call: _mla_call.MLACall
+    slots: int  # workspace slots
+    rows: int  # query rows of a block
+    fp8: bool
+    capacity: int
+
+
+# mla_decode's calls by the layout of their arguments: every check but the per-call ones (grad,
+# values) depends only on it, so a layout seen before skips them (as decode's do).
+_KNOWN: dict[tuple, _Known] = {}
+
+
+def _arguments_key(
+    q, kv_cache, rope_cache, cache_seqlens, block_table, cache_leftpad, head_dim_v, softmax_scale, causal,
+    return_lse, out, lse, kv_scale, batch_invariant, num_programs, split_size,
+) -> tuple | None:
+    """Shapes, strides, dtypes, devices and 16-byte alignment of the tensors, and the options
+    with their types; None for arguments it can't describe (the full checks say why)."""
+    try:
+        scale_tensor = kv_scale if isinstance(kv_scale, torch.Tensor) else None
+        key = (_call.layout_of(q, kv_cache, rope_cache, out, lse, cache_seqlens, cache_leftpad, block_table,
+                               scale_tensor),
+               type(head_dim_v), head_dim_v, type(softmax_scale), softmax_scale, type(causal), causal,
+               type(return_lse), return_lse, type(batch_invariant), batch_invariant, type(num_programs), num_programs,
+               type(split_size), split_size, None if scale_tensor is not None else (type(kv_scale), kv_scale))
+        hash(key)
+    except (AttributeError, TypeError):
+        return None
+    return key
 
 
 def _check_options(q: torch.Tensor, kv_cache: torch.Tensor, kv_scale: object, causal: object) -> None:
@@ -116,6 +152,21 @@ def mla_decode(
     Returns:
         (batch, q_len, q_heads, head_dim_v) in q's dtype, and the LSE when ``return_lse``.
     """
+    compiling = torch.compiler.is_compiling()
+    key = None if compiling else _arguments_key(
+        q, kv_cache, rope_cache, cache_seqlens, block_table, cache_leftpad, head_dim_v, softmax_scale, causal,
+        return_lse, out, lse, kv_scale, batch_invariant, num_programs, split_size)
+    known = _KNOWN.get(key) if key is not None else None
+    if known is not None:  # arguments of a layout checked before: only the per-call checks
+        refuse_grad(q, kv_cache, rope_cache, names=("q", "kv_cache", "rope_cache"))  # grad is not layout
+        if check:
+            _check_values(kv_cache, cache_seqlens, cache_leftpad, block_table, kv_scale, q.shape[0], known.capacity)
+        out, lse = _outputs(q, head_dim_v, out, lse, return_lse)
+        bufs = _call.buffers(workspace_for(q.device), q.device, known.slots, head_dim_v, known.rows)
+        known.call.launch(bufs, q, kv_cache, rope_cache, out, lse, cache_seqlens, cache_leftpad, block_table,
+                          (1.0 if kv_scale is None else kv_scale) if known.fp8 else None, None)
+        return (out, lse) if return_lse else out
+
     validate_mla(q, kv_cache, cache_seqlens, block_table, out, head_dim_v, cache_leftpad, rope_cache)
     refuse_grad(q, kv_cache, rope_cache, names=("q", "kv_cache", "rope_cache"))
     _check_options(q, kv_cache, kv_scale, causal)
@@ -126,7 +177,6 @@ def mla_decode(
     if check:
         _check_values(kv_cache, cache_seqlens, cache_leftpad, block_table, kv_scale, batch, capacity)
     scale = softmax_scale_of(softmax_scale, head_dim)
-    compiling = torch.compiler.is_compiling()
     if compiling:  # the uncached forms: torch.compile traces them
         config = choose_mla_config(head_dim, head_dim_v, kv_cache.dtype, q_len * q_heads)
         blocks = _mla_call.packing(q_len, q_heads, config.block_rows)[1]
@@ -143,11 +193,13 @@ def mla_decode(
                             float(kv_scale) if isinstance(kv_scale, (int, float)) else 1.0,
                             head_dim_v, scale, causal, num_programs or 0, split)
     else:
-        _mla_call.mla_decode_into(
-            q, kv_cache, rope_cache, out, lse, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad, block_table=block_table,
-            kv_scale=(1.0 if kv_scale is None else kv_scale) if fp8 else None, head_dim_v=head_dim_v,
-            softmax_scale=scale, causal=causal, num_programs=num_programs, split=split,
+        launched = _mla_call.mla_decode_into(
+            q, kv_cache, rope_cache, out, lse, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
+            block_table=block_table, kv_scale=(1.0 if kv_scale is None else kv_scale) if fp8 else None,
+            head_dim_v=head_dim_v, softmax_scale=scale, causal=causal, num_programs=num_programs, split=split,
             workspace=workspace_for(q.device))
+        if launched is not None and key is not None:
+            _KNOWN[key] = _Known(*launched, fp8, capacity)
     return (out, lse) if return_lse else out
 
 
