@@ -275,9 +275,10 @@ def decode_loop(model, ids, mask, forward, steps: int) -> tuple[torch.Tensor, li
     return torch.cat(tokens, dim=1), logits
 
 
-def test_compiled_static_cache_has_no_graph_break():
+def assert_compiled_steps_keep(model, dtype: torch.dtype, op) -> None:
+    """Greedy steps of ``model`` compiled with fullgraph=True (a static cache) give SDPA's tokens,
+    and every compiled graph calls the custom op ``op`` and never SDPA."""
     torch._dynamo.reset()
-    model = tiny_model("llama", 2, torch.bfloat16)
     ids, mask = prompts([8, 5])
     model.set_attn_implementation("sdpa")
     ref = decode_loop(model, ids, mask, model, NEW_TOKENS)
@@ -287,12 +288,16 @@ def test_compiled_static_cache_has_no_graph_break():
     compiled = torch.compile(model, fullgraph=True, backend=recorder, dynamic=False)
     with torch._dynamo.config.patch(recompile_limit=16):
         got = decode_loop(model, ids, mask, compiled, NEW_TOKENS)
-    assert_same_greedy(ref, got, LOGIT_ATOL[torch.bfloat16])
+    assert_same_greedy(ref, got, LOGIT_ATOL[dtype])
     assert recorder.targets, "nothing was compiled"
     sdpa = torch.nn.functional.scaled_dot_product_attention
     for ops in recorder.targets:
-        assert ops & {torch.ops.leanattn.decode_into, torch.ops.leanattn.decode_into.default}, "a decode step missed leanattn"
+        assert ops & {op, op.default}, f"a decode step missed {op}"
         assert sdpa not in ops, "a compiled decode step fell back to SDPA"
+
+
+def test_compiled_static_cache_has_no_graph_break():
+    assert_compiled_steps_keep(tiny_model("llama", 2, torch.bfloat16), torch.bfloat16, torch.ops.leanattn.decode_into)
 
 
 def test_compiled_step_reads_the_mask_once():
@@ -654,23 +659,7 @@ def test_deepseek_v3_other_names_keep_the_original_forward():
 def test_deepseek_v3_compiled_static_cache_has_no_graph_break():
     """A compiled DeepSeek-V3 decode step (static cache) keeps the absorbed path in one graph:
     the mla_decode custom op, no SDPA."""
-    torch._dynamo.reset()
-    model = tiny_deepseek(torch.float16)
-    ids, mask = prompts([8, 5])
-    model.set_attn_implementation("sdpa")
-    ref = decode_loop(model, ids, mask, model, NEW_TOKENS)
-    model.set_attn_implementation(lt.NAME)
-    recorder = _GraphRecorder()
-    compiled = torch.compile(model, fullgraph=True, backend=recorder, dynamic=False)
-    with torch._dynamo.config.patch(recompile_limit=16):
-        got = decode_loop(model, ids, mask, compiled, NEW_TOKENS)
-    assert_same_greedy(ref, got, LOGIT_ATOL[torch.float16])
-    assert recorder.targets, "nothing was compiled"
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    for ops in recorder.targets:
-        assert ops & {torch.ops.leanattn.mla_decode_into, torch.ops.leanattn.mla_decode_into.default}, \
-            "a decode step missed mla_decode"
-        assert sdpa not in ops, "a compiled decode step fell back to SDPA"
+    assert_compiled_steps_keep(tiny_deepseek(torch.float16), torch.float16, torch.ops.leanattn.mla_decode_into)
 
 
 class _Adapted(torch.nn.Module):
