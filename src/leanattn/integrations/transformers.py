@@ -41,7 +41,8 @@ import leanattn
 from leanattn._checks import split_of
 from leanattn.kernels.config import interpreting, next_pow2
 
-__all__ = ["NAME", "NAME_BATCH_INVARIANT", "MAX_QUERY_TOKENS", "attention_forward", "decode_refusal", "live_range",
+__all__ = ["NAME", "NAME_BATCH_INVARIANT", "MAX_QUERY_TOKENS", "attention_forward", "decode_refusal", "mask_refusal",
+           "live_range",
            "calls", "register"]
 
 NAME = "leanattn"
@@ -125,12 +126,19 @@ def decode_refusal(
         return "paged cache"
     if kwargs.get("output_attentions"):
         return "output_attentions"
-    if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype != torch.bool:
-            return "attention mask is not a boolean tensor"
-        shape = attention_mask.shape
-        if len(shape) != 4 or shape[0] not in (1, batch) or shape[1] != 1 or shape[2] != q_len or shape[3] != key.shape[2]:
-            return f"attention mask of shape {tuple(shape)}"
+    return mask_refusal(attention_mask, batch, q_len, key.shape[2])
+
+
+def mask_refusal(attention_mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int) -> str | None:
+    """Why ``live_range`` can't read this mask (a short reason), or None: it takes None or a bool
+    (batch or 1, 1, q_len, kv_len) tensor."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype != torch.bool:
+        return "attention mask is not a boolean tensor"
+    shape = attention_mask.shape
+    if len(shape) != 4 or shape[0] not in (1, batch) or shape[1] != 1 or shape[2] != q_len or shape[3] != kv_len:
+        return f"attention mask of shape {tuple(shape)}"
     return None
 
 
@@ -433,4 +441,4 @@ register(NAME_BATCH_INVARIANT, batch_invariant=True)
 # DeepSeek-V3: decode steps on mla_decode (its module imports nothing from here).
 from .transformers_mla import install as _install_mla  # noqa: E402
 
-_install_mla(NAMES, _lengths, _count)
+_install_mla(NAMES, _lengths, mask_refusal, _count)

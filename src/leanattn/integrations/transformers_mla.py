@@ -12,12 +12,11 @@ the cache update, then, for decode steps, absorbs ``kv_b_proj`` into the query a
     o_latent    = mla_decode([q_latent, q_rope], latent cache, rope_cache=roped-key cache)
     out[h]      = o_latent[h] . W_UV[h]^T        (batch, q_len, heads, v_head_dim)
 
-reading the cache in place (no expansion, no copy).
-Other calls (prefills, fp32, autograd, no cache, a ``kv_b_proj`` that is not a plain
-``nn.Linear``: quantized or adapted, whose ``.weight`` is not the weight it applies) take the
-original's expanded path to ``sdpa_attention_forward``, unchanged. Masks are read as in ``attention_forward``: each
-sequence's first and last live key on the device, and a NaN query for a sequence whose mask
-the kernel can't express.
+reading the cache in place (no expansion, no copy). Other calls (prefills, fp32, autograd, no
+cache, a ``kv_b_proj`` that is not a plain ``nn.Linear``: quantized or adapted, whose ``.weight``
+is not the weight it applies) take the original's expanded path to ``sdpa_attention_forward``,
+unchanged. Masks are read as in ``attention_forward``: each sequence's first and last live key on
+the device, and a NaN query for a sequence whose mask the kernel can't express.
 """
 
 from __future__ import annotations
@@ -67,10 +66,10 @@ def mla_refusal(module: torch.nn.Module, hidden_states: torch.Tensor, past_key_v
     return None
 
 
-def install(names: dict, lengths, count) -> None:
+def install(names: dict, lengths, mask_refusal, count) -> None:
     """Give ``DeepseekV3Attention`` the forward above for models whose ``attn_implementation``
-    is in ``names`` (name -> its ``Invariance``); ``lengths`` and ``count`` are the integration's
-    mask reader and call counter. Idempotent."""
+    is in ``names`` (name -> its ``Invariance``); ``lengths``, ``mask_refusal`` and ``count`` are
+    the integration's mask reader, its check of a mask's form and its call counter. Idempotent."""
     try:
         from transformers.models.deepseek_v3 import modeling_deepseek_v3 as deepseek
     except ImportError:  # a transformers without DeepSeek-V3: nothing to route
@@ -85,15 +84,15 @@ def install(names: dict, lengths, count) -> None:
         if invariant is None or mla_refusal(self, hidden_states, past_key_values, kwargs) is not None:
             return original(self, hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
         return _absorbed(self, hidden_states, position_embeddings, attention_mask, past_key_values, invariant,
-                         lengths, count, kwargs)
+                         lengths, mask_refusal, count, kwargs)
 
     forward._leanattn = True
     forward.__doc__ = original.__doc__
     cls.forward = forward
 
 
-def _absorbed(self, hidden_states, position_embeddings, attention_mask, past_key_values, invariant, lengths, count,
-              kwargs):
+def _absorbed(self, hidden_states, position_embeddings, attention_mask, past_key_values, invariant, lengths,
+              mask_refusal, count, kwargs):
     """A decode step of ``DeepseekV3Attention``: its projections, rope and cache update as in
     transformers, then ``mla_decode`` on the latent cache. Returns (output, None)."""
     module = sys.modules[type(self).__module__]
@@ -113,13 +112,9 @@ def _absorbed(self, hidden_states, position_embeddings, attention_mask, past_key
     rotate = module.apply_rotary_pos_emb_interleave if self.config.rope_interleave else module.apply_rotary_pos_emb
     q_rot, k_rot = rotate(q_rot, k_rot, cos, sin)
     kv_nope, k_rot = past_key_values.update(kv_nope, k_rot, self.layer_idx)  # (batch, 1, kv_len, rank / rope)
-    kv_len = kv_nope.shape[2]
-    mask_ok = attention_mask is None or (
-        isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool and attention_mask.dim() == 4
-        and attention_mask.shape[0] in (1, batch) and attention_mask.shape[1] == 1
-        and tuple(attention_mask.shape[2:]) == (q_len, kv_len))
-    if not mask_ok:  # the original's expanded path, from the updated cache
-        count("sdpa: attention mask of another form")
+    reason = mask_refusal(attention_mask, batch, q_len, kv_nope.shape[2])
+    if reason is not None:  # the original's expanded path, from the updated cache
+        count(f"sdpa: {reason}")
         key_states, value_states = self.expand_kv(kv_nope, k_rot)
         out, weights = sdpa_attention_forward(self, torch.cat((q_pass, q_rot), dim=-1), key_states, value_states,
                                               attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
@@ -134,7 +129,7 @@ def _absorbed(self, hidden_states, position_embeddings, attention_mask, past_key
     q = torch.cat((q_latent, q_rot.transpose(1, 2)), dim=-1)  # (batch, q_len, heads, rank + rope)
     leftpad, seqlens, poison = lengths(attention_mask, batch, q_len, -1, q.dtype, q.device)
     if poison is not None:
-        q = q * poison.view(-1, 1, 1, 1)  # a sequence the kernel can't express: NaN rows, as in decode steps
+        q = q * poison  # (batch, 1, 1, 1): a sequence the kernel can't express gets NaN rows, as in decode steps
     o_latent = leanattn.mla_decode(q, kv_nope.transpose(1, 2), seqlens, rope_cache=k_rot.transpose(1, 2),
                                    cache_leftpad=leftpad, head_dim_v=rank, softmax_scale=self.scaling,
                                    **invariant.kwargs)
