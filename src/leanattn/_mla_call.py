@@ -101,9 +101,8 @@ class MLACall:
     def launch(
         self, bufs: tuple[torch.Tensor, ...], q: torch.Tensor, kv_cache: torch.Tensor, rope_cache: torch.Tensor | None,
         out: torch.Tensor, lse: torch.Tensor | None, cache_seqlens: torch.Tensor | None,
-        cache_leftpad: torch.Tensor | None,
-        block_table: torch.Tensor | None,
-        kv_scale: torch.Tensor | float | None, plan: torch.Tensor | None,
+        cache_leftpad: torch.Tensor | None, block_table: torch.Tensor | None, kv_scale: torch.Tensor | float | None,
+        plan: torch.Tensor | None,
     ) -> None:
         """Launch on the workspace ``bufs`` (acc, stats, head tickets, chunk tickets) for tensors
         of this call's key; ``plan`` (rows = the grid) gives each program its share."""
@@ -145,16 +144,17 @@ def tma_view(
     strides = []
     for cache in (kv_cache, rope_cache if rope_cache is not None else kv_cache):
         stride = cache.stride(1)
-        if cache.stride(-1) != 1 or (stride * 2) % 16 or cache.data_ptr() % 16 or (n > 1 and cache.stride(0) != per * stride):
+        spaced = n == 1 or cache.stride(0) == per * stride  # row r at r x stride, across batch or pages
+        if cache.stride(-1) != 1 or (stride * 2) % 16 or cache.data_ptr() % 16 or not spaced:
             return None
         strides.append(stride)
     return n * per, tile, (strides[0], head_dim_v), (strides[1], rope_dim)
 
 
 def call_key(
-    q: torch.Tensor, kv_cache: torch.Tensor, rope_cache: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor | None,
-    cache_seqlens: torch.Tensor | None, cache_leftpad: torch.Tensor | None, block_table: torch.Tensor | None,
-    kv_scale: object, plan: torch.Tensor | None, rest: tuple,
+    q: torch.Tensor, kv_cache: torch.Tensor, rope_cache: torch.Tensor | None, out: torch.Tensor,
+    lse: torch.Tensor | None, cache_seqlens: torch.Tensor | None, cache_leftpad: torch.Tensor | None,
+    block_table: torch.Tensor | None, kv_scale: object, plan: torch.Tensor | None, rest: tuple,
 ) -> tuple:
     """Everything the compiled kernel depends on in a call (the tensors' layouts and 16-byte
     alignment, the scale's kind or value) plus ``rest``, the caller's part (head_dim_v, scale,

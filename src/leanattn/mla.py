@@ -330,8 +330,8 @@ class MLAWrapper:
 
     def run(
         self, q: torch.Tensor, kv_cache: torch.Tensor, *, rope_cache: torch.Tensor | None = None,
-        block_table: torch.Tensor | None = None, kv_scale: float | torch.Tensor | None = None, out: torch.Tensor | None = None, return_lse: bool = False,
-        lse: torch.Tensor | None = None, check: bool = False,
+        block_table: torch.Tensor | None = None, kv_scale: float | torch.Tensor | None = None,
+        out: torch.Tensor | None = None, return_lse: bool = False, lse: torch.Tensor | None = None, check: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """One layer's MLA decode over the planned lengths.
 
@@ -364,13 +364,14 @@ class MLAWrapper:
             _check_options(q, kv_cache, kv_scale, self._causal)
             call = self._calls[key] = _mla_call.MLACall(
                 q, kv_cache, rope_cache, out, lse, block_table=block_table, kv_scale=scale,
-                has_seqlens=self._seqlens is not None, has_leftpad=self._leftpad is not None, planned=True, causal=self._causal,
-                softmax_scale=self.softmax_scale, head_dim_v=self.head_dim_v, batch=self._batch,
+                has_seqlens=self._seqlens is not None, has_leftpad=self._leftpad is not None, planned=True,
+                causal=self._causal, softmax_scale=self.softmax_scale, head_dim_v=self.head_dim_v, batch=self._batch,
                 capacity=self._capacity, programs=self.num_programs, config=self._config, split=self._split)
         if check:
             _check_values(kv_cache, self._seqlens, self._leftpad, block_table, kv_scale, self._batch, self._capacity)
         if self._batch > 0:
-            call.launch(self._bufs, q, kv_cache, rope_cache, out, lse, self._seqlens, self._leftpad, block_table, scale, self._plan)
+            call.launch(self._bufs, q, kv_cache, rope_cache, out, lse, self._seqlens, self._leftpad, block_table, scale,
+                        self._plan)
         return (out, lse) if return_lse else out
 
     def _check(self, q, kv_cache, rope_cache, block_table, out) -> None:

@@ -123,10 +123,10 @@ def mla_decode_into(
     mode (0: off)."""
     fp8 = kv_cache.dtype in FP8_DTYPES
     scale = (kv_scale if kv_scale is not None else kv_scale_value) if fp8 else None
-    _mla_call.mla_decode_into(q, kv_cache, rope_cache, out, lse, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
-                              block_table=block_table, kv_scale=scale, head_dim_v=head_dim_v,
-                              softmax_scale=softmax_scale, causal=causal, num_programs=num_programs or None,
-                              split=split, workspace=workspace_for(q.device))
+    _mla_call.mla_decode_into(q, kv_cache, rope_cache, out, lse, cache_seqlens=cache_seqlens,
+                              cache_leftpad=cache_leftpad, block_table=block_table, kv_scale=scale,
+                              head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal,
+                              num_programs=num_programs or None, split=split, workspace=workspace_for(q.device))
 
 
 @mla_decode_into.register_fake

@@ -183,13 +183,14 @@ def mla_decode(
     the one latent head as K and its first ``head_dim_v`` columns as V (a view, as the kernel
     reads them). q (batch, q_len, q_heads, head_dim); kv_cache (batch, cache_len, 1, head_dim) or
     pages with ``block_table`` (with ``rope_cache``, the keys' rope part apart and kv_cache the
-    latent only); ``cache_leftpad`` as in :func:`decode`; ``kv_scale`` dequantises an fp8 cache's scores and values alike.
+    latent only); ``cache_leftpad`` as in :func:`decode`; ``kv_scale`` dequantises an fp8 cache's
+    scores and values alike.
     Returns (batch, q_len, q_heads, head_dim_v) in q's dtype, and the float32 LSE (batch, q_heads,
     q_len) with ``return_lse``."""
     keys = kv_cache if rope_cache is None else torch.cat([kv_cache, rope_cache], dim=-1)
     return decode(q, keys, kv_cache[..., :head_dim_v], cache_seqlens, block_table=block_table,
-                  cache_leftpad=cache_leftpad, softmax_scale=softmax_scale, causal=causal, k_scale=kv_scale, v_scale=kv_scale,
-                  return_lse=return_lse, compute_dtype=compute_dtype)
+                  cache_leftpad=cache_leftpad, softmax_scale=softmax_scale, causal=causal, k_scale=kv_scale,
+                  v_scale=kv_scale, return_lse=return_lse, compute_dtype=compute_dtype)
 
 
 def merge_states(

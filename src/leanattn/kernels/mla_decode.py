@@ -87,10 +87,11 @@ def _mla_attend(
     Returns unnormalised (acc (ROWS, DV_PAD), m, l), m in log2 units.
 
     Per tile: the latent columns (TILE, DV_PAD) and rope columns (TILE, DR_PAD) of the keys are
-    loaded once (ROPE_APART: the rope columns from KR, rows by stride_rb / stride_rn); both products run on tensor cores (``tl.dot``); V is the latent load. Paged
-    caches find each key's page in BlockTable (read one tile ahead); a live key on a page outside
-    [0, num_pages) is never read and NaNs the rows that see it. Per-token scales (SCALE_TOKEN)
-    multiply the score columns and the weights of the PV product, as in decode."""
+    loaded once (ROPE_APART: the rope columns from KR, rows by stride_rb / stride_rn); both
+    products run on tensor cores (``tl.dot``); V is the latent load. Paged caches find each key's
+    page in BlockTable (read one tile ahead); a live key on a page outside [0, num_pages) is never
+    read and NaNs the rows that see it. Per-token scales (SCALE_TOKEN) multiply the score columns
+    and the weights of the PV product, as in decode."""
     offs_n = tl.arange(0, TILE)
     offs_v = tl.arange(0, DV_PAD)
     offs_r = tl.arange(0, DR_PAD)
@@ -277,7 +278,8 @@ def _mla_tiles(
 
 @triton.jit(do_not_specialize=["batch", "blocks", "capacity", "num_pages"])
 def mla_decode_kernel(
-    Q, KV, KR, KVDesc, KRDesc, Out, Lse, SeqLens, LeftPad, BlockTable, KScale, Plan, WsAcc, WsStats, Tickets, ChunkTickets,
+    Q, KV, KR, KVDesc, KRDesc, Out, Lse, SeqLens, LeftPad, BlockTable, KScale, Plan, WsAcc, WsStats, Tickets,
+    ChunkTickets,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kn, stride_rb, stride_rn,
     stride_ob, stride_ot, stride_oh,
@@ -298,10 +300,11 @@ def mla_decode_kernel(
     Q (batch, Q_LEN, q_heads, DV + DR) by strides; KV (batch, capacity, 1, DV + DR) by strides (row
     stride stride_kn), or pages (num_pages, PAGE_SIZE, 1, DV + DR) with BlockTable (batch,
     max_pages) when PAGE_SIZE > 0. ROPE_APART: the rope columns are KR's (same rows, by
-    stride_rb / stride_rn; KV then holds DV columns), else KV's columns DV on. USE_TMA: KVDesc and KRDesc describe KV's rows as a 2-D tensor
-    (``_mla_attend_tma``), else they are unused. Out (batch, Q_LEN, q_heads, DV); Lse (batch, q_heads, Q_LEN)
-    float32; SeqLens and LeftPad (batch,) int32 (HAS_SEQLENS, HAS_LEFTPAD: each request's live
-    keys are cache positions [leftpad, seqlen), clamped as in decode); KScale an fp8 cache's float32 scale of SCALE_KIND: (1,),
+    stride_rb / stride_rn; KV then holds DV columns), else KV's columns DV on. USE_TMA: KVDesc and
+    KRDesc describe KV's rows as a 2-D tensor (``_mla_attend_tma``), else they are unused. Out
+    (batch, Q_LEN, q_heads, DV); Lse (batch, q_heads, Q_LEN) float32; SeqLens and LeftPad (batch,)
+    int32 (HAS_SEQLENS, HAS_LEFTPAD: each request's live keys are cache positions [leftpad,
+    seqlen), clamped as in decode); KScale an fp8 cache's float32 scale of SCALE_KIND: (1,),
     (batch, 1) or per token (packed like the cache's rows). ``blocks`` = q_heads / GROUP blocks
     of Q_LEN x GROUP rows per request are the partition's heads. ``scale`` is the softmax scale
     times log2(e). HAS_MASK: bottom-right causal rows (Q_LEN > 1). Units of UNIT tokens are
