@@ -21,6 +21,8 @@ Imports without a GPU or FlashInfer (the methods that cannot run say why).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import math
 import random
 import re
@@ -100,20 +102,30 @@ class Unsupported(Exception):
     pass
 
 
-def leanattn_method(shape: Shape, xs, lens, table):
-    """(eager call of layer 0, serving step of every layer): mla_decode, and MLAWrapper plan + runs."""
+def leanattn_method(shape: Shape, xs, lens, table, gluon: bool = True):
+    """(eager call of layer 0, serving step of every layer): mla_decode, and MLAWrapper plan + runs.
+    ``gluon=False`` (method ``leanattn_triton``): the Triton kernel alone, where the heuristic's
+    config would take ``kernels/mla_gluon.py``'s kernel on Hopper; its eager call is a plan and a run."""
     kw = {"kv_scale": 1.0} if shape.fp8 else {}
     capacity = table.shape[1] * shape.page
     # :apart: the latent and the rope part as two tensors (made once, outside the timed calls).
     caches = [(x.kv[..., :DV].contiguous(), x.kv[..., DV:].contiguous()) if shape.apart else (x.kv, None) for x in xs]
+    config = None
+    if not gluon:
+        from leanattn._testing import mla_heuristic
+
+        config = dataclasses.replace(mla_heuristic(D, DV, xs[0].kv.dtype, shape.q_len * shape.q_heads), gluon=False)
+    w = leanattn.MLAWrapper(shape.q_heads, D, DV, torch.bfloat16, lens.device, max_q_len=shape.q_len,
+                            kv_dtype=xs[0].kv.dtype, softmax_scale=SCALE, config=config)
 
     def eager():
         latent, rope = caches[0]
+        if not gluon:
+            w.plan(lens, capacity, q_len=shape.q_len)
+            return w.run(xs[0].q, latent, rope_cache=rope, block_table=table, **kw)
         return leanattn.mla_decode(xs[0].q, latent, lens, rope_cache=rope, block_table=table, softmax_scale=SCALE,
                                    **kw)
 
-    w = leanattn.MLAWrapper(shape.q_heads, D, DV, torch.bfloat16, lens.device, max_q_len=shape.q_len,
-                            kv_dtype=xs[0].kv.dtype, softmax_scale=SCALE)
     outs = [torch.empty(*x.q.shape[:3], DV, dtype=torch.bfloat16, device=lens.device) for x in xs]
 
     def step():
@@ -188,7 +200,8 @@ def triton_split_method(shape: Shape, xs, lens, table):
     return (lambda: call(0)), step
 
 
-METHODS = {"leanattn": leanattn_method, "flashinfer": flashinfer_method, "triton_split": triton_split_method}
+METHODS = {"leanattn": leanattn_method, "leanattn_triton": functools.partial(leanattn_method, gluon=False),
+           "flashinfer": flashinfer_method, "triton_split": triton_split_method}
 
 
 def check(shape: Shape, out: torch.Tensor, x: Layer, lens, table) -> float:

@@ -9,8 +9,11 @@ import math
 import pytest
 import torch
 
+import dataclasses
+
 import leanattn
-from leanattn._testing import blocks_of, mla_heuristic, mla_tma_view
+from leanattn._testing import MLA_CALLS, blocks_of, gluon_serves, launch_plan, mla_heuristic, mla_tma_view
+from leanattn.kernels.mla_decode import mla_merge_kernel
 
 from _util import DEVICE, ON_GPU, TOL, LSE_TOL, rel_err, to_paged
 
@@ -161,7 +164,7 @@ def test_tma_view_takes_row_tiles_of_16_bit_caches_only():
     assert mla_tma_view(latent, wide[:, :96, :, :16], 0, 64, 16, 32) is None
 
 
-@pytest.mark.parametrize("page_size", [0, 32])
+@pytest.mark.parametrize("page_size", [0, 64])  # 64: a multiple of the tile, CPU (32) or GPU (64)
 def test_slots_past_the_length_are_never_read(page_size):
     """The TMA loop copies whole tiles: NaN in the dead slots after each sequence's length (the
     rest of its tile, of its page, the next sequence's rows) must not reach the output."""
@@ -429,6 +432,122 @@ def test_gpu_wrapper_cuda_graph_new_lengths():
         graph.replay()
         torch.cuda.synchronize()
         check(out, None, q, kp, lengths, 512, block_table=table)
+
+
+def test_merge_kernel_joins_the_cut_blocks_from_their_slots():
+    """mla_merge_kernel, the merge after kernels/mla_gluon.py's kernel on Hopper, on partials of
+    each cut share segment made in float64 and left in the slots that kernel leaves them in
+    (2 p, or 2 p + 1 for a share's later segment): the blocks that shares cut get the
+    reference's output and LSE, the others are not written."""
+    lens, hq, d, dv, tile, programs = [300, 0, 131, 64, 7, 1700], 8, 80, 64, 32, 48
+    q, kv, sl = mla_inputs(lens, hq, d, seed=13)
+    batch, capacity = len(lens), kv.shape[1]
+    plan = torch.zeros(programs, 8, dtype=torch.int32, device=DEVICE)
+    launch_plan(plan, programs, sl, None, batch, 1, capacity, 1, 0, False, tile, 1, False)
+    scale = d**-0.5
+    ws_acc = torch.zeros(3 * programs, hq, dv, dtype=torch.float32, device=DEVICE)
+    ws_stats = torch.zeros(3 * programs, 2, hq, dtype=torch.float32, device=DEVICE)
+    cut, members = set(), {}
+    for p, (total, progs, start, end, b, _, t, _) in enumerate(plan.tolist()):
+        g = start
+        while p < progs and g < end:
+            n = max(-(-lens[b] // tile), 1)
+            t_end = min(n, t + end - g)
+            if (t, t_end) != (0, n):
+                cut.add(b)
+                members[b] = members.get(b, 0) + 1
+                keys = kv[b, t * tile:min(t_end * tile, lens[b]), 0].double()
+                s = (q[b, 0].double() @ keys.T) * scale / math.log(2)  # log2 units, as the kernels
+                m = s.max(dim=1).values
+                w = torch.exp2(s - m[:, None])
+                slot = 2 * p + (g != start)
+                ws_acc[slot] = (w @ keys[:, :dv]).float()
+                ws_stats[slot, 0], ws_stats[slot, 1] = m.float(), w.sum(dim=1).float()
+            g, t, b = g + t_end - t, 0, b + 1
+    # A block of several members, and one of more than two chunks (ARRIVE_CHUNK = 16): both levels.
+    assert len(cut) < batch and min(members.values()) < 16 and max(members.values()) > 32
+    out = torch.full((batch, 1, hq, dv), 7.0, dtype=q.dtype, device=DEVICE)
+    lse = torch.full((batch, hq, 1), 7.0, dtype=torch.float32, device=DEVICE)
+    for level in (1, 2):
+        mla_merge_kernel[(programs, dv // 32)](
+            out, lse, sl, sl, plan, ws_acc, ws_stats, *out.stride()[:3], *lse.stride(), capacity,
+            GROUP=hq, Q_LEN=1, MERGE_ROWS=hq, DV_PAD=dv, TILE=tile, COLS=32, ARRIVE_CHUNK=16, LEVEL=level,
+            HAS_SEQLENS=True, HAS_LEFTPAD=False, RETURN_LSE=True, USE_PDL=False)
+        if level == 1:  # blocks of one chunk are done, the others not yet written
+            assert all((out[b] == 7.0).all().item() == (members.get(b, 0) > 16) for b in range(batch) if b in cut)
+    ref, ref_lse = leanattn.reference.mla_decode(q.double(), kv.double(), sl, head_dim_v=dv, return_lse=True)
+    for b in range(batch):
+        if b in cut:
+            assert rel_err(out[b], ref[b]) < TOL[out.dtype]
+            assert (lse[b] - ref_lse[b]).abs().max().item() < LSE_TOL
+        else:
+            assert (out[b] == 7.0).all() and (lse[b] == 7.0).all()
+
+
+GLUON = ON_GPU and gluon_serves(torch.device(DEVICE), 64, 512, 64)
+
+
+def _wrapper_run(q, kv, sl, cap, gluon, programs=None, **kw):
+    """One plan and run of an MLAWrapper whose config takes mla_gluon's kernel or not."""
+    hq = q.shape[2]
+    config = dataclasses.replace(mla_heuristic(576, 512, kv.dtype, q.shape[1] * hq), gluon=gluon)
+    w = leanattn.MLAWrapper(hq, 576, 512, q.dtype, DEVICE, max_q_len=q.shape[1], softmax_scale=192**-0.5,
+                            config=config, num_programs=programs)
+    w.plan(sl, cap, q_len=q.shape[1], cache_leftpad=kw.pop("cache_leftpad", None))
+    return w.run(q, kv, return_lse=True, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GLUON, reason="needs a Hopper GPU and Triton's Gluon")
+@pytest.mark.parametrize("hq,q_len,page_size,apart,pad,programs", [
+    (16, 1, 64, False, False, None), (128, 1, 64, False, False, None), (32, 1, 0, True, True, 7),
+    (16, 4, 128, False, False, 132), (128, 2, 0, False, True, None), (64, 1, 64, True, False, 5),
+    (8, 3, 0, False, False, None),
+])
+def test_gpu_gluon_kernel_against_the_triton_kernel(hq, q_len, page_size, apart, pad, programs):
+    """mla_gluon's kernel (Hopper) against the Triton kernel and the float64 reference at
+    DeepSeek-V3's widths: 16 to 64 rows a block, contiguous or paged, a rope cache apart, a left
+    pad, several query tokens, lengths that end inside a tile, an empty one, NaN past every
+    length, grids that cut blocks among programs (the merge kernel) or not."""
+    lens, cap = [3000, 1, 700, 0, 64, 2049], 3072
+    q, kv, sl = mla_inputs(lens, hq, 576, q_len=q_len, cache_len=cap, seed=hq + q_len)
+    for b, n in enumerate(lens):
+        kv[b, n:] = math.nan
+    kw = {}
+    if pad:
+        kw["cache_leftpad"] = torch.tensor([0, 0, 129, 0, 3, 64], dtype=torch.int32, device=DEVICE)
+    if page_size:
+        kv, kw["block_table"] = paged(kv, [cap] * len(lens), page_size)
+    clean = torch.nan_to_num(kv, nan=0.0)
+    if apart:
+        kv, kw["rope_cache"] = kv[..., :512].contiguous(), kv[..., 512:].contiguous()
+    ref_kw = {k: v for k, v in kw.items() if k != "rope_cache"}
+    out, lse = _wrapper_run(q, kv, sl, cap, True, programs, **kw)
+    check(out, lse, q, clean, sl, 512, softmax_scale=192**-0.5, **ref_kw)
+    tri, tri_lse = _wrapper_run(q, kv, sl, cap, False, programs, **kw)
+    assert rel_err(out, tri) < TOL[out.dtype]
+    assert (lse - tri_lse).nan_to_num(posinf=0.0, neginf=0.0).abs().max().item() < LSE_TOL
+    MLA_CALLS.clear()
+    eager, eager_lse = leanattn.mla_decode(q, kv, sl, softmax_scale=192**-0.5, return_lse=True, num_programs=programs,
+                                           **kw)
+    assert [c.gluon for c in MLA_CALLS.values()] == [True]
+    assert torch.equal(eager, out) and torch.equal(eager_lse, lse)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GLUON, reason="needs a Hopper GPU and Triton's Gluon")
+def test_gpu_gluon_bad_pages_nan_the_rows_that_see_them():
+    """A live key on an out-of-range page: the Gluon kernel NaNs the rows the Triton kernel
+    does (all of a one-token sequence's), reads nothing there, and leaves the others exact."""
+    lens, cap = [300, 200], 320
+    q, kv, sl = mla_inputs(lens, 128, 576, cache_len=cap, seed=4)
+    kp, table = paged(kv, [cap] * 2, 64)
+    table[1, 2] = 10**6
+    out, lse = _wrapper_run(q, kp, sl, cap, True, block_table=table)
+    tri, tri_lse = _wrapper_run(q, kp, sl, cap, False, block_table=table)
+    assert torch.isnan(out[1]).all() and torch.isnan(lse[1]).all()
+    assert torch.equal(torch.isnan(out), torch.isnan(tri)) and torch.equal(torch.isnan(lse), torch.isnan(tri_lse))
+    check(out[:1], lse[:1], q[:1], kp, sl[:1], 512, softmax_scale=192**-0.5, block_table=table[:1])
 
 
 def test_compile_fullgraph():

@@ -73,29 +73,31 @@ def _launcher_takes_metadata_in_args() -> bool:
 _C_LAUNCH = _launcher_takes_metadata_in_args()
 
 
-def run_direct(hit: tuple, grid: int, device: torch.device, args: tuple) -> None:
-    """What Triton's launcher does for ``compiled[(grid, 1, 1)](*args, *constexprs)`` with the
-    compiled kernel and constexpr values of ``hit``, without rebinding the arguments."""
+def run_direct(hit: tuple, grid: int | tuple[int, int], device: torch.device, args: tuple) -> None:
+    """What Triton's launcher does for ``compiled[(gx, gy, 1)](*args, *constexprs)`` with the
+    compiled kernel and constexpr values of ``hit``, without rebinding the arguments (``grid``:
+    gx, or (gx, gy))."""
     compiled, values = hit
+    gx, gy = grid if isinstance(grid, tuple) else (grid, 1)
     stream = current_stream_handle(device)
     enter = knobs.runtime.launch_enter_hook
-    meta = compiled.launch_metadata((grid, 1, 1), stream, *args, *values) if enter is not None else None
+    meta = compiled.launch_metadata((gx, gy, 1), stream, *args, *values) if enter is not None else None
     launcher = compiled.run
     if _C_LAUNCH and not launcher.global_scratch_size and not launcher.profile_scratch_size:
         # Triton 3.6's CudaLauncher.__call__, minus its scratch allocators (none needed here).
-        launcher.launch(grid, 1, 1, stream, compiled.function, launcher.launch_cooperative_grid,
+        launcher.launch(gx, gy, 1, stream, compiled.function, launcher.launch_cooperative_grid,
                         launcher.launch_pdl, None, None, compiled.packed_metadata, meta, enter,
                         knobs.runtime.launch_exit_hook, *args, *values)
     else:
-        launcher(grid, 1, 1, stream, compiled.function, compiled.packed_metadata, meta, enter,
+        launcher(gx, gy, 1, stream, compiled.function, compiled.packed_metadata, meta, enter,
                  knobs.runtime.launch_exit_hook, *args, *values)
 
 
 def launch(
-    kernel, grid: int, args: tuple, params: dict, config: KernelConfig, pdl: bool, device: torch.device,
-    hit: tuple | None,
+    kernel, grid: int | tuple[int, int], args: tuple, params: dict, config: KernelConfig, pdl: bool,
+    device: torch.device, hit: tuple | None,
 ) -> tuple | None:
-    """Launch ``kernel`` on ``grid`` programs with ``args`` (its non-constexpr parameters, in
+    """Launch ``kernel`` on ``grid`` programs (or a (gx, gy) grid) with ``args`` (its non-constexpr parameters, in
     order) and the compile-time parameters ``params``; returns what a later launch of the same
     specialisation passes as ``hit`` (None under the interpreter or when direct launches failed).
 
@@ -111,7 +113,8 @@ def launch(
         except (TypeError, AttributeError) as e:  # a Triton whose launcher differs: bind every time
             DIRECT_LAUNCH_ERROR.append(repr(e))
     extra = {"launch_pdl": True} if pdl else {}
-    compiled = kernel[(grid,)](*args, **params, num_warps=config.num_warps, num_stages=config.num_stages, **extra)
+    compiled = kernel[grid if isinstance(grid, tuple) else (grid,)](
+        *args, **params, num_warps=config.num_warps, num_stages=config.num_stages, **extra)
     if interpreting() or DIRECT_LAUNCH_ERROR:
         return None
     return compiled, tuple(params[n] for n in kernel.arg_names[len(args):])

@@ -8,7 +8,9 @@ through an :class:`MLACall`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
@@ -16,11 +18,13 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from . import _call
 from ._checks import capacity_of
 from ._features import scale_kind, scale_tensor
-from ._launch import launch
+from ._launch import _capability, launch
+from ._plan import launch_plan
 from ._workspace import Workspace
-from .kernels.config import MLAConfig, choose_mla_config, next_pow2
+from .kernels import mla_gluon
+from .kernels.config import MLAConfig, choose_mla_config, interpreting, next_pow2
 from .kernels.lean_decode import LOG2E
-from .kernels.mla_decode import mla_decode_kernel
+from .kernels.mla_decode import mla_decode_kernel, mla_merge_kernel
 from .kernels.plan import BLOCK_B
 
 
@@ -41,6 +45,13 @@ def packing(q_len: int, q_heads: int, block_rows: int) -> tuple[int, int]:
 blocks_of = functools.lru_cache(maxsize=None)(packing)
 
 
+def mla_slots(programs: int, split: int, batch: int, blocks: int, capacity: int) -> int:
+    """Workspace slots of an MLA call: decode's (``_call.slots``), plus a third per program
+    outside batch-invariant mode for the chunk sums of ``mla_merge_kernel`` (after mla_gluon's
+    kernel)."""
+    return _call.slots(programs, split, batch, blocks, capacity) + (0 if split else programs)
+
+
 def rows_of(q_len: int, q_heads: int, config: MLAConfig) -> int:
     """Query rows of a block (q_len x heads per block): what the workspace's partials hold."""
     return q_len * blocks_of(q_len, q_heads, config.block_rows)[0]
@@ -50,7 +61,9 @@ class MLACall:
     """The MLA kernel call for one key (see :func:`mla_decode_into`), built once: compile-time
     parameters, grid and every argument fixed by the key; :meth:`launch` fills in the tensors."""
 
-    __slots__ = ("programs", "device", "config", "pdl", "params", "scale", "fixed", "hit", "blocks", "fp8", "tma")
+    __slots__ = ("programs", "device", "config", "pdl", "params", "scale", "fixed", "hit", "blocks", "fp8", "tma",
+                 "gluon", "plan", "plan_args", "merge_params", "merge_fixed", "merge_hits", "gluon_params", "gluon_fixed",
+                 "gluon_hit")
 
     def __init__(
         self, q: torch.Tensor, kv_cache: torch.Tensor, rope_cache: torch.Tensor | None, out: torch.Tensor,
@@ -70,9 +83,13 @@ class MLACall:
         # be a multiple of the tile, so paged tiles could cross pages. Batch-invariant mode
         # takes the pointer loop always: the two loops sum in different orders, and a
         # sequence's bits must not depend on its cache's layout.
-        use_tma = config.tma and not split and not (has_leftpad and page_size)
-        self.tma = tma_view(kv_cache, rope_cache, page_size, head_dim_v, head_dim - head_dim_v, config.tile) \
-            if use_tma else None
+        view = None if split or (has_leftpad and page_size) else \
+            tma_view(kv_cache, rope_cache, page_size, head_dim_v, head_dim - head_dim_v, config.tile)
+        # Hopper: every call the TMA loop could take runs as mla_gluon's hand-pipelined kernel,
+        # then mla_merge_kernel as the merge of the blocks the shares cut, on one plan.
+        self.gluon = view is not None and config.gluon and gluon_serves(q.device, config.tile, head_dim_v,
+                                                                        head_dim - head_dim_v)
+        self.tma = view if config.tma or self.gluon else None
         self.programs, self.device, self.config = programs, q.device, config
         self.pdl = _call.pdl_of(config, q.device)
         self.fp8 = kv_cache.dtype.itemsize == 1
@@ -97,6 +114,27 @@ class MLACall:
             batch, self.blocks, capacity, num_pages, softmax_scale * LOG2E,
         )
         self.hit: tuple | None = None
+        if self.gluon:
+            self.plan = None if planned else torch.zeros(programs, 8, dtype=torch.int32, device=q.device)
+            self.plan_args = (batch, self.blocks, capacity, q_len, 0, False, unit, target_share, self.pdl)
+            self.merge_params = dict(
+                GROUP=group, Q_LEN=q_len, MERGE_ROWS=merge_rows, DV_PAD=dv_pad, TILE=config.tile, COLS=MERGE_COLS,
+                ARRIVE_CHUNK=_call.ARRIVE_CHUNK, HAS_SEQLENS=has_seqlens, HAS_LEFTPAD=has_leftpad,
+                RETURN_LSE=lse is not None, USE_PDL=self.pdl,
+            )
+            self.merge_fixed = (*out.stride()[:3], *(lse.stride() if lse is not None else (0, 0, 0)), capacity)
+            warps = 4 if rows == 16 else 8
+            self.gluon_params = dict(
+                GROUP=group, Q_LEN=q_len, ROWS=rows, MERGE_ROWS=merge_rows, DV=head_dim_v, DR=head_dim - head_dim_v,
+                TILE=config.tile, PAGE_SIZE=page_size, HAS_SEQLENS=has_seqlens, HAS_LEFTPAD=has_leftpad,
+                HAS_MASK=causal and q_len > 1, RETURN_LSE=lse is not None, ROPE_APART=rope_cache is not None,
+                WARPS=warps,
+            )
+            self.gluon_fixed = (
+                *q.stride()[:3], *out.stride()[:3], *(lse.stride() if lse is not None else (0, 0, 0)), stride_btb,
+                self.blocks, capacity, num_pages, softmax_scale * LOG2E,
+            )
+            self.merge_hits, self.gluon_hit = (None, None), None
 
     def launch(
         self, bufs: tuple[torch.Tensor, ...], q: torch.Tensor, kv_cache: torch.Tensor, rope_cache: torch.Tensor | None,
@@ -109,6 +147,9 @@ class MLACall:
         acc, stats, tickets, chunk_tickets = bufs
         scale = (self.scale if self.scale is not None else kv_scale) if self.fp8 else acc
         rope = rope_cache if rope_cache is not None else kv_cache
+        if self.gluon:
+            self._launch_gluon(bufs, q, kv_cache, rope, out, lse, cache_seqlens, cache_leftpad, block_table, plan)
+            return
         if self.tma is not None:
             # A descriptor holds the cache's address: made for each call (each layer's cache).
             rows, tile, (kv_stride, dv), (rope_stride, dr) = self.tma
@@ -125,6 +166,54 @@ class MLACall:
         )
         kernel = self.config.kernel or mla_decode_kernel
         self.hit = launch(kernel, self.programs, args, self.params, self.config, self.pdl, self.device, self.hit)
+
+    def _launch_gluon(
+        self, bufs: tuple[torch.Tensor, ...], q: torch.Tensor, kv_cache: torch.Tensor, rope: torch.Tensor,
+        out: torch.Tensor, lse: torch.Tensor | None, cache_seqlens: torch.Tensor | None,
+        cache_leftpad: torch.Tensor | None, block_table: torch.Tensor | None, plan: torch.Tensor | None,
+    ) -> None:
+        """The plan (unplanned calls), mla_gluon's attention, then the merge of cut blocks."""
+        acc, stats, tickets, _ = bufs
+        if plan is None:
+            plan = self.plan
+            launch_plan(plan, self.programs, cache_seqlens, cache_leftpad, *self.plan_args)
+        rows, tile, (kv_stride, dv), (rope_stride, dr) = self.tma
+        seqlens = cache_seqlens if cache_seqlens is not None else tickets
+        leftpad = cache_leftpad if cache_leftpad is not None else tickets
+        table = block_table if block_table is not None else tickets
+        lse_t = lse if lse is not None else acc
+        args = (
+            q, mla_gluon.descriptor(kv_cache, rows, kv_stride, tile, dv), mla_gluon.descriptor(rope, rows, rope_stride,
+                                                                                             tile, dr),
+            out, lse_t, seqlens, leftpad, table, plan, acc, stats, *self.gluon_fixed,
+        )
+        config = dataclasses.replace(self.config, num_warps=self.gluon_params["WARPS"], num_stages=1)
+        self.gluon_hit = launch(mla_gluon.mla_attend_gluon, self.programs, args, self.gluon_params, config, False,
+                                self.device, self.gluon_hit)
+        args = (out, lse_t, seqlens, leftpad, plan, acc, stats, *self.merge_fixed)
+        config = dataclasses.replace(self.config, num_warps=4, num_stages=1)
+        grid = (self.programs, self.merge_params["DV_PAD"] // MERGE_COLS)
+        self.merge_hits = tuple(
+            launch(mla_merge_kernel, grid, args, {**self.merge_params, "LEVEL": level}, config, self.pdl, self.device,
+                   hit)
+            for level, hit in zip((1, 2), self.merge_hits)
+        )
+
+
+def gluon_serves(device: torch.device, tile: int, head_dim_v: int, rope_dim: int) -> bool:
+    """Whether ``mla_gluon``'s kernel takes a call that the TMA loop could: a Hopper GPU (its
+    warpgroup products), a Triton with Gluon, 64-key tiles (the products' M), latent and rope
+    widths that are multiples of 64 (its shared-memory passes), LEANATTN_GLUON not 0 (read at
+    import)."""
+    return (_GLUON and mla_gluon.AVAILABLE and device.type == "cuda" and not interpreting()
+            and _capability(device) == 9 and tile == 64 and head_dim_v % 64 == 0 and rope_dim % 64 == 0)
+
+
+_GLUON = os.environ.get("LEANATTN_GLUON", "1") != "0"
+# Columns of a partial each program of the merge after mla_gluon's kernel takes: 16 programs
+# share a 512-wide block (64 rows x 32 columns a program: 8 registers a thread of 4 warps per
+# partial, four partials a step).
+MERGE_COLS = 32
 
 
 def tma_view(
@@ -186,7 +275,7 @@ def mla_decode_into(
     programs = _call.grid(q.device, config, num_programs)
     capacity = capacity_of(kv_cache, block_table)
     blocks = blocks_of(q_len, q_heads, config.block_rows)[1]
-    slots, rows = _call.slots(programs, split, batch, blocks, capacity), rows_of(q_len, q_heads, config)
+    slots, rows = mla_slots(programs, split, batch, blocks, capacity), rows_of(q_len, q_heads, config)
     bufs = _call.buffers(workspace, q.device, slots, head_dim_v, rows)
     key = call_key(q, kv_cache, rope_cache, out, lse, cache_seqlens, cache_leftpad, block_table, kv_scale, None,
                    (head_dim_v, softmax_scale, causal, batch, capacity, programs, split))

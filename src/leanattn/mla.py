@@ -269,7 +269,8 @@ class MLAWrapper:
         # at 4, one head a block): every q_len a plan may take bounds the workspace's rows.
         self._rows = max(_mla_call.rows_of(n, q_heads, c) for n, c in zip(q_lens, configs))
         self._workspace = Workspace()
-        self._bufs = _call.buffers(self._workspace, device, _call.slots(most, 0, 0, 0, 0), head_dim_v, self._rows)
+        self._bufs = _call.buffers(self._workspace, device, _mla_call.mla_slots(most, 0, 0, 0, 0), head_dim_v,
+                                   self._rows)
         self._plan = torch.zeros(most, PLAN_FIELDS.value, dtype=torch.int32, device=device)
         self._config = configs[0]
         self.num_programs = _call.grid(device, self._config, num_programs)
@@ -318,7 +319,8 @@ class MLAWrapper:
         self.num_programs = _call.grid(self.device, config, self._grid)
         if self._split:  # one workspace slot per split
             self._bufs = _call.buffers(
-                self._workspace, self.device, _call.slots(self.num_programs, self._split, batch, blocks, capacity),
+                self._workspace, self.device,
+                _mla_call.mla_slots(self.num_programs, self._split, batch, blocks, capacity),
                 self.head_dim_v, self._rows)
         self._seqlens, self._leftpad, self._capacity, self._batch, self._q_len, self._causal = (
             cache_seqlens, cache_leftpad, capacity, batch, q_len, causal)

@@ -28,8 +28,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .lean_decode import (
-    SCALE_NONE, SCALE_TOKEN, _arrive_and_merge, _head_scale, _pow2_factors, _score_mod, _token_weights,
-    _write_output,
+    SCALE_NONE, SCALE_TOKEN, _arrive_and_merge, _combine4, _head_scale, _partial_slot, _pow2_factors, _score_mod,
+    _token_weights, _write_output,
 )
 from .plan import _live_range, _num_tiles, _read_plan_row, _share_of
 
@@ -390,3 +390,129 @@ def mla_decode_kernel(
         if h == blocks:
             h = 0
             b += 1
+
+
+@triton.jit
+def _partial_cols(
+    WsAcc, WsStats, slot, valid, col0,
+    ROWS: tl.constexpr, DV_PAD: tl.constexpr, COLS: tl.constexpr,
+):
+    """Columns [col0, col0 + COLS) of the partial (acc, m, l) in workspace slot ``slot``; an
+    empty partial where ``valid`` is false."""
+    rows = tl.arange(0, ROWS)
+    live = (tl.zeros((ROWS,), dtype=tl.int32) + valid.to(tl.int32)) != 0  # a block mask, not a scalar
+    slot = slot.to(tl.int64)
+    m = tl.load(WsStats + slot * (2 * ROWS) + rows, mask=live, other=float("-inf"))
+    l = tl.load(WsStats + slot * (2 * ROWS) + ROWS + rows, mask=live, other=0.0)
+    ptrs = WsAcc + slot * (ROWS * DV_PAD) + rows[:, None] * DV_PAD + col0 + tl.arange(0, COLS)[None, :]
+    return tl.load(ptrs, mask=live[:, None], other=0.0), m, l
+
+
+@triton.jit
+def _merge_cols(
+    WsAcc, WsStats, k_first, k_last, first, last, head_first, total, programs, col0,
+    CHUNK_SUMS: tl.constexpr, ROWS: tl.constexpr, DV_PAD: tl.constexpr, COLS: tl.constexpr,
+    ARRIVE_CHUNK: tl.constexpr,
+):
+    """Merge, in order, columns [col0, col0 + COLS) of the partials of a block's members
+    k_first..k_last (programs; their slots by ``_partial_slot``), or with CHUNK_SUMS of its
+    chunks k_first..k_last (chunk k's sum in slot 2 G + L, L its last member, G the grid), four
+    at a time."""
+    m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((ROWS,), dtype=tl.float32)
+    acc = tl.zeros((ROWS, COLS), dtype=tl.float32)
+    for k in range(k_first, k_last + 1, 4):
+        if CHUNK_SUMS:
+            s0 = 2 * tl.num_programs(0) + tl.minimum(first + k * ARRIVE_CHUNK + ARRIVE_CHUNK - 1, last)
+            s1 = 2 * tl.num_programs(0) + tl.minimum(first + (k + 1) * ARRIVE_CHUNK + ARRIVE_CHUNK - 1, last)
+            s2 = 2 * tl.num_programs(0) + tl.minimum(first + (k + 2) * ARRIVE_CHUNK + ARRIVE_CHUNK - 1, last)
+            s3 = 2 * tl.num_programs(0) + tl.minimum(first + (k + 3) * ARRIVE_CHUNK + ARRIVE_CHUNK - 1, last)
+        else:
+            s0 = _partial_slot(k, first, head_first, total, programs)
+            s1 = _partial_slot(k + 1, first, head_first, total, programs)
+            s2 = _partial_slot(k + 2, first, head_first, total, programs)
+            s3 = _partial_slot(k + 3, first, head_first, total, programs)
+        a0, m0, l0 = _partial_cols(WsAcc, WsStats, s0, k <= k_last, col0, ROWS, DV_PAD, COLS)
+        a1, m1, l1 = _partial_cols(WsAcc, WsStats, s1, k + 1 <= k_last, col0, ROWS, DV_PAD, COLS)
+        a2, m2, l2 = _partial_cols(WsAcc, WsStats, s2, k + 2 <= k_last, col0, ROWS, DV_PAD, COLS)
+        a3, m3, l3 = _partial_cols(WsAcc, WsStats, s3, k + 3 <= k_last, col0, ROWS, DV_PAD, COLS)
+        acc, m_i, l_i = _combine4(acc, m_i, l_i, a0, m0, l0, a1, m1, l1, a2, m2, l2, a3, m3, l3)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _write_cols(
+    Out, Lse, b, h, acc, m_i, l_i, col0, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+    GROUP: tl.constexpr, Q_LEN: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, RETURN_LSE: tl.constexpr,
+):
+    """Columns [col0, col0 + COLS) of a merged block to Out; column 0's program also its LSE."""
+    if col0 == 0:
+        _write_output(Out, Lse, Lse, b, h, acc, m_i, l_i, 1.0, stride_ob, stride_ot, stride_oh, stride_lb,
+                      stride_lh, stride_lt, GROUP, Q_LEN, ROWS, COLS, COLS, RETURN_LSE, False)
+    else:
+        _write_output(Out + col0, Lse, Lse, b, h, acc, m_i, l_i, 1.0, stride_ob, stride_ot, stride_oh, stride_lb,
+                      stride_lh, stride_lt, GROUP, Q_LEN, ROWS, COLS, COLS, False, False)
+
+
+@triton.jit(do_not_specialize=["capacity"])
+def mla_merge_kernel(
+    Out, Lse, SeqLens, LeftPad, Plan, WsAcc, WsStats,
+    stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+    capacity,
+    GROUP: tl.constexpr, Q_LEN: tl.constexpr, MERGE_ROWS: tl.constexpr, DV_PAD: tl.constexpr, TILE: tl.constexpr,
+    COLS: tl.constexpr, ARRIVE_CHUNK: tl.constexpr, LEVEL: tl.constexpr, HAS_SEQLENS: tl.constexpr,
+    HAS_LEFTPAD: tl.constexpr, RETURN_LSE: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """The merge of the blocks that ``kernels/mla_gluon.py``'s shares cut, launched after it
+    twice (LEVEL 1, then 2): every partial is in its slot before it starts, so nothing waits and
+    no ticket is taken.
+
+    Grid (plan rows, DV_PAD / COLS); program (p, c) merges columns [c COLS, (c + 1) COLS), so a
+    wide block (64 rows x 512 values a partial) is merged by DV_PAD / COLS programs at once. A
+    cut block's members (the programs whose shares cover its tiles, in order) are cut into
+    chunks of ARRIVE_CHUNK. LEVEL 1: when p's share starts inside a block and p is the last
+    member of a chunk, it merges the chunk's partials in member order: into Out (and the LSE)
+    when the chunk is the whole block, else into slot 2 G + p (G the grid: the workspace's third
+    slot per program; a program ends at most one chunk). LEVEL 2: when p is a block's last member and the
+    block has several chunks, it merges their sums in order into Out. Out, Lse, SeqLens,
+    LeftPad, Plan and the workspace as in ``mla_decode_kernel``."""
+    if USE_PDL:
+        gdc_wait()  # the partials come from the kernel before
+    pid = tl.program_id(0)
+    col0 = tl.program_id(1) * COLS
+    total, programs, start, end, b, h, t = _read_plan_row(Plan, pid)
+    if (pid < programs) & (t > 0):
+        _, length, _, _ = _live_range(SeqLens, LeftPad, b, b >= 0, capacity, 0, HAS_SEQLENS, HAS_LEFTPAD, Q_LEN,
+                                      False)
+        head_first = start - t
+        n = _num_tiles(length, TILE)
+        first = (((head_first + 1) * programs - 1) // total).to(tl.int32)
+        last = (((head_first + n) * programs - 1) // total).to(tl.int32)
+        chunk_first = first + (pid - first) // ARRIVE_CHUNK * ARRIVE_CHUNK
+        if LEVEL == 1:
+            if pid == tl.minimum(chunk_first + ARRIVE_CHUNK - 1, last):
+                acc, m_i, l_i = _merge_cols(WsAcc, WsStats, chunk_first, pid, first, last, head_first, total,
+                                            programs, col0, False, MERGE_ROWS, DV_PAD, COLS, ARRIVE_CHUNK)
+                if last - first < ARRIVE_CHUNK:
+                    _write_cols(Out, Lse, b, h, acc, m_i, l_i, col0, stride_ob, stride_ot, stride_oh, stride_lb,
+                                stride_lh, stride_lt, GROUP, Q_LEN, MERGE_ROWS, COLS, RETURN_LSE)
+                else:
+                    _store_cols(WsAcc, WsStats, 2 * tl.num_programs(0) + pid, acc, m_i, l_i, col0, MERGE_ROWS, DV_PAD,
+                               COLS)
+        elif (pid == last) & (last - first >= ARRIVE_CHUNK):
+            acc, m_i, l_i = _merge_cols(WsAcc, WsStats, 0, (last - first) // ARRIVE_CHUNK, first, last, head_first,
+                                        total, programs, col0, True, MERGE_ROWS, DV_PAD, COLS, ARRIVE_CHUNK)
+            _write_cols(Out, Lse, b, h, acc, m_i, l_i, col0, stride_ob, stride_ot, stride_oh, stride_lb,
+                        stride_lh, stride_lt, GROUP, Q_LEN, MERGE_ROWS, COLS, RETURN_LSE)
+
+
+@triton.jit
+def _store_cols(WsAcc, WsStats, slot, acc, m_i, l_i, col0, ROWS: tl.constexpr, DV_PAD: tl.constexpr,
+                COLS: tl.constexpr):
+    """Columns [col0, col0 + COLS) of (acc, m, l) into workspace slot ``slot`` (every column's
+    program writes the same m and l)."""
+    rows = tl.arange(0, ROWS)
+    slot = slot.to(tl.int64)
+    tl.store(WsAcc + slot * (ROWS * DV_PAD) + rows[:, None] * DV_PAD + col0 + tl.arange(0, COLS)[None, :], acc)
+    tl.store(WsStats + slot * (2 * ROWS) + rows, m_i)
+    tl.store(WsStats + slot * (2 * ROWS) + ROWS + rows, l_i)

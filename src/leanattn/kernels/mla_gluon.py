@@ -1,0 +1,261 @@
+"""The MLA tile loop in Gluon for Hopper: the GPU fast path of ``mla_decode_kernel``'s TMA loop.
+
+Triton's pipeliner, given two buffers of 64-key tiles (three do not fit beside q in shared
+memory), issues tile t + 1's copy after tile t's products and waits for it at the top of the next
+iteration: the copy never overlaps the math. Here the loop is pipelined by hand on the same two
+buffers: tile t + 1's copy is in flight while tile t computes, and tile t + 2's is issued into
+tile t's buffer as soon as its last product is done. Same products as ``_mla_attend_tma``
+(swap-AB: scores (TILE, ROWS) = k . q^T, output (DV, ROWS) += v^T . p^T, one TMA box per part).
+
+``mla_attend_gluon`` walks a planned share like ``mla_decode_kernel`` and writes each segment:
+a whole block straight to the output, a cut one as a partial in the workspace slot the Triton
+kernel's merge expects (``2 pid``, or ``2 pid + 1`` for a share's later segment). The merge of
+cut blocks is then ``mla_decode_kernel`` with ATTEND=False: the same last-arriver tree, run
+after this kernel. No Gluon interpreter exists: the CPU and any cache this kernel does not take
+run the Triton kernel, and GPU tests compare the two.
+
+Only importable where Triton has Gluon's Hopper API (``AVAILABLE``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    AVAILABLE = True
+except ImportError:  # a Triton without Gluon: the Triton kernel serves every call
+    AVAILABLE = False
+
+if AVAILABLE:
+    LN2 = gl.constexpr(0.6931471805599453)
+
+    @gluon.jit
+    def _plan_field(row, fields, i: gl.constexpr):
+        return gl.sum(gl.where(fields == i, row, 0), axis=0)
+
+    @gluon.jit
+    def _tile_row(BlockTable, table_row, b, first, tile, live, capacity, num_pages,
+                  TILE: gl.constexpr, PAGE_SIZE: gl.constexpr):
+        """Row of tile ``tile``'s first key in the cache's 2-D view, and whether its page is out of
+        range (then row 0 stands in: the page is never read, its keys NaN the rows that see them).
+        ``live``: whether the tile holds a live key (else no block-table entry is read)."""
+        if PAGE_SIZE == 0:
+            row = b * capacity + first + tile * TILE
+            bad = row < 0  # never
+        else:
+            page = gl.load(BlockTable + table_row + (tile * TILE) // PAGE_SIZE, mask=live, other=0)
+            bad = (page < 0) | (page >= num_pages)
+            row = gl.where(bad, 0, page * PAGE_SIZE + (tile * TILE) % PAGE_SIZE)
+        return row, bad
+
+    @gluon.jit
+    def _issue(kv_desc, kr_desc, bar, kv_buf, kr_buf, row, pred,
+               DV: gl.constexpr, ROPE_APART: gl.constexpr, NBYTES: gl.constexpr):
+        mbarrier.expect(bar, NBYTES, pred=pred)
+        tma.async_copy_global_to_shared(kv_desc, [row, 0], bar, kv_buf, pred=pred)
+        tma.async_copy_global_to_shared(kr_desc, [row, 0 if ROPE_APART else DV], bar, kr_buf, pred=pred)
+
+    @gluon.jit
+    def _zero_dead_rows(buf, live_rows, COLS: gl.constexpr, CHUNK: gl.constexpr, TILE: gl.constexpr,
+                        layout: gl.constexpr):
+        """Zero the rows from ``live_rows`` on of a landed tile in shared memory: a bulk copy reads
+        past a sequence's end too, and NaN there would reach the output through 0 x NaN."""
+        keep = gl.expand_dims(gl.arange(0, TILE, layout=gl.SliceLayout(1, layout)) < live_rows, 1)
+        for c in gl.static_range(COLS // CHUNK):
+            part = buf.slice(c * CHUNK, CHUNK, dim=1)
+            x = part.load(layout)
+            part.store(gl.where(keep, x, gl.zeros_like(x)))
+
+    @gluon.jit(do_not_specialize=["blocks", "capacity", "num_pages"])
+    def mla_attend_gluon(
+        Q, kv_desc, kr_desc, Out, Lse, SeqLens, LeftPad, BlockTable, Plan, WsAcc, WsStats,
+        stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+        stride_btb, blocks, capacity, num_pages, scale,
+        GROUP: gl.constexpr, Q_LEN: gl.constexpr, ROWS: gl.constexpr, MERGE_ROWS: gl.constexpr,
+        DV: gl.constexpr, DR: gl.constexpr, TILE: gl.constexpr, PAGE_SIZE: gl.constexpr,
+        HAS_SEQLENS: gl.constexpr, HAS_LEFTPAD: gl.constexpr, HAS_MASK: gl.constexpr, RETURN_LSE: gl.constexpr,
+        ROPE_APART: gl.constexpr, WARPS: gl.constexpr,
+    ):
+        """Program ``pid``'s planned share of (request, block, 64-key tile) units, 16-bit caches.
+
+        Q (batch, Q_LEN, q_heads, DV + DR) by strides; kv_desc / kr_desc: tensor descriptors of the
+        cache's rows as a 2-D tensor with boxes (TILE, DV) and (TILE, DR) (``_mla_call.tma_view``);
+        Out (batch, Q_LEN, q_heads, DV); Lse (batch, q_heads, Q_LEN); Plan as ``lean_plan_kernel``
+        writes it for ``blocks`` blocks a request. ``scale``: softmax scale x log2(e). A block's
+        rows are packed as in ``mla_decode_kernel``; with WARPS = 8 the two warpgroups split the
+        rows of the scores and the value columns of the output."""
+        pid = gl.program_id(0)
+        WN: gl.constexpr = WARPS // 4
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, WN], instr_shape=[16, ROWS // WN, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, ROWS, 16])
+        ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
+        vec_layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+        q_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, DV], gl.bfloat16)
+        qr_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, DR], gl.bfloat16)
+        p_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TILE, ROWS], gl.bfloat16)
+        NBYTES: gl.constexpr = TILE * (DV + DR) * 2
+        dtype: gl.constexpr = kv_desc.dtype
+
+        q_smem = gl.allocate_shared_memory(dtype, [ROWS, DV], q_shared)
+        qr_smem = gl.allocate_shared_memory(dtype, [ROWS, DR], qr_shared)
+        kv_smem = gl.allocate_shared_memory(dtype, [2, TILE, DV], kv_desc.layout)
+        kr_smem = gl.allocate_shared_memory(dtype, [2, TILE, DR], kr_desc.layout)
+        p_smem = gl.allocate_shared_memory(dtype, [TILE, ROWS], p_shared)
+        bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(bars.index(i), count=1)
+        fence_async_shared()
+
+        fields = gl.arange(0, 8, layout=vec_layout)
+        plan_row = gl.load(Plan + pid * 8 + fields)
+        total = _plan_field(plan_row, fields, 0).to(gl.int64)
+        programs = _plan_field(plan_row, fields, 1)
+        start = _plan_field(plan_row, fields, 2).to(gl.int64)
+        end = _plan_field(plan_row, fields, 3).to(gl.int64)
+        b = _plan_field(plan_row, fields, 4)
+        h = _plan_field(plan_row, fields, 5)
+        t = _plan_field(plan_row, fields, 6)
+        if pid < programs:
+            # Query rows of a block, as loaded (ld_layout) and as the scores' columns (s_layout).
+            q_r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld_layout))
+            q_offs = (q_r // GROUP) * stride_qt + (q_r % GROUP) * stride_qh
+            q_real = gl.expand_dims(q_r < Q_LEN * GROUP, 1)
+            cols_v = gl.expand_dims(gl.arange(0, DV, layout=gl.SliceLayout(0, ld_layout)), 0)
+            cols_r = gl.expand_dims(gl.arange(0, DR, layout=gl.SliceLayout(0, ld_layout)), 0)
+            s_rows = gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout))
+            s_keys = gl.arange(0, TILE, layout=gl.SliceLayout(1, s_layout))
+            o_rows = gl.arange(0, ROWS, layout=gl.SliceLayout(0, o_layout))
+            o_cols = gl.arange(0, DV, layout=gl.SliceLayout(1, o_layout))
+            q_t = q_smem.permute([1, 0])
+            qr_t = qr_smem.permute([1, 0])
+            used = 0  # tiles consumed so far: tile j of the program is in buffer j % 2, phase (j // 2) & 1
+            g = start
+            while g < end:
+                if HAS_LEFTPAD:
+                    first = gl.minimum(gl.maximum(gl.load(LeftPad + b), 0), capacity)
+                else:
+                    first = 0
+                if HAS_SEQLENS:
+                    length = gl.minimum(gl.maximum(gl.load(SeqLens + b), first), capacity) - first
+                else:
+                    length = capacity - first
+                n_units = gl.maximum((length + TILE - 1) // TILE, 1)
+                t_end = gl.minimum(n_units.to(gl.int64), t + (end - g)).to(gl.int32)
+                t_live = gl.minimum(t_end, (length + TILE - 1) // TILE)  # tiles holding a live key
+                table_row = b.to(gl.int64) * stride_btb
+
+                # This block's query rows into shared memory (every product of the last segment
+                # has been waited for, by every warp).
+                gl.thread_barrier()
+                q_base = Q + b.to(gl.int64) * stride_qb + h * GROUP * stride_qh + gl.expand_dims(q_offs, 1)
+                q_smem.store(gl.load(q_base + cols_v, mask=q_real, other=0.0).to(dtype))
+                qr_smem.store(gl.load(q_base + DV + cols_r, mask=q_real, other=0.0).to(dtype))
+                fence_async_shared()
+                gl.thread_barrier()
+                for i in gl.static_range(2):
+                    live = t + i < t_live
+                    row, _ = _tile_row(BlockTable, table_row, b, first, t + i, live, capacity, num_pages, TILE,
+                                       PAGE_SIZE)
+                    buf = (used + i) % 2
+                    _issue(kv_desc, kr_desc, bars.index(buf), kv_smem.index(buf), kr_smem.index(buf), row, live, DV,
+                           ROPE_APART, NBYTES)
+
+                query = length - Q_LEN + s_rows // GROUP  # each row's position, in keys
+                acc = gl.zeros([DV, ROWS], gl.float32, o_layout)
+                m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(0, s_layout))
+                l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(0, s_layout))
+                for tile in range(t, t_live):
+                    buf = used % 2
+                    mbarrier.wait(bars.index(buf), (used // 2) & 1)
+                    used += 1
+                    kv = kv_smem.index(buf)
+                    kr = kr_smem.index(buf)
+                    live_rows = length - tile * TILE
+                    if live_rows < TILE:
+                        _zero_dead_rows(kv, live_rows, DV, 64, TILE, ld_layout)
+                        _zero_dead_rows(kr, live_rows, DR, DR, TILE, ld_layout)
+                        fence_async_shared()
+                        gl.thread_barrier()
+                    s = warpgroup_mma(kv, q_t, gl.zeros([TILE, ROWS], gl.float32, s_layout), is_async=True)
+                    s = warpgroup_mma(kr, qr_t, s, is_async=True)
+                    s = warpgroup_mma_wait(0, deps=[s])
+                    tok = tile * TILE + s_keys
+                    keep = gl.expand_dims(tok < length, 1)
+                    if HAS_MASK:
+                        keep = keep & (gl.expand_dims(tok, 1) <= gl.expand_dims(query, 0))
+                    s = gl.where(keep, s * scale, float("-inf"))
+                    if PAGE_SIZE > 0:
+                        _, bad = _tile_row(BlockTable, table_row, b, first, tile, True, capacity, num_pages, TILE,
+                                           PAGE_SIZE)
+                        s = gl.where(keep & bad, float("nan"), s)
+                    m_new = gl.maximum(m_i, gl.max(s, axis=0))
+                    m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: no inf - inf
+                    alpha = gl.exp2(m_i - m_shift)
+                    p = gl.exp2(s - gl.expand_dims(m_shift, 0))
+                    l_i = l_i * alpha + gl.sum(p, axis=0)
+                    m_i = m_new
+                    p_smem.store(p.to(dtype))
+                    fence_async_shared()
+                    gl.thread_barrier()
+                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(0, o_layout)), 0)
+                    acc = warpgroup_mma(kv.permute([1, 0]), p_smem, acc, is_async=True)
+                    acc = warpgroup_mma_wait(0, deps=[acc])
+                    gl.thread_barrier()  # both warpgroups are done with this buffer and with p
+                    live = tile + 2 < t_live
+                    row, _ = _tile_row(BlockTable, table_row, b, first, tile + 2, live, capacity, num_pages, TILE,
+                                       PAGE_SIZE)
+                    _issue(kv_desc, kr_desc, bars.index(buf), kv, kr, row, live, DV, ROPE_APART, NBYTES)
+
+                m_o = gl.convert_layout(m_i, gl.SliceLayout(0, o_layout))
+                l_o = gl.convert_layout(l_i, gl.SliceLayout(0, o_layout))
+                if (t == 0) & (t_end == n_units):
+                    # The whole block: normalised output (an empty row 0, a NaN row NaN) and LSE.
+                    empty = l_o == 0.0
+                    o = gl.where(gl.expand_dims(empty, 0), 0.0, acc / gl.expand_dims(gl.where(empty, 1.0, l_o), 0))
+                    real = o_rows < Q_LEN * GROUP
+                    qh = h * GROUP + o_rows % GROUP
+                    o_ptrs = (Out + b.to(gl.int64) * stride_ob
+                              + gl.expand_dims((o_rows // GROUP) * stride_ot + qh * stride_oh, 0)
+                              + gl.expand_dims(o_cols, 1))
+                    gl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=gl.expand_dims(real, 0))
+                    if RETURN_LSE:
+                        has_mass = l_o > 0.0
+                        lse = gl.where(has_mass, (m_o + gl.log2(gl.where(has_mass, l_o, 1.0))) * LN2,
+                                       float("-inf"))
+                        lse = gl.where(l_o != l_o, float("nan"), lse)
+                        gl.store(Lse + b.to(gl.int64) * stride_lb + qh * stride_lh + (o_rows // GROUP) * stride_lt,
+                                 lse, mask=real)
+                else:
+                    # A cut block: its partial (unnormalised acc, m, l) for the merge kernel.
+                    slot = 2 * pid + (g != start).to(gl.int32)
+                    keep_rows = o_rows < MERGE_ROWS
+                    gl.store(WsAcc + slot.to(gl.int64) * (MERGE_ROWS * DV) + gl.expand_dims(o_rows, 0) * DV
+                             + gl.expand_dims(o_cols, 1), acc, mask=gl.expand_dims(keep_rows, 0))
+                    stats = WsStats + slot * (2 * MERGE_ROWS) + o_rows
+                    gl.store(stats, m_o, mask=keep_rows)
+                    gl.store(stats + MERGE_ROWS, l_o, mask=keep_rows)
+
+                g += (t_end - t).to(gl.int64)
+                t = 0
+                h += 1
+                if h == blocks:
+                    h = 0
+                    b += 1
+        for i in gl.static_range(2):
+            mbarrier.invalidate(bars.index(i))
+
+    def descriptor(cache: torch.Tensor, rows: int, stride: int, tile: int, width: int) -> TensorDescriptor:
+        """A Gluon tensor descriptor of a 16-bit ``cache``'s rows as a (rows, cache.shape[-1])
+        tensor with boxes (tile, width)."""
+        dtype = gl.bfloat16 if cache.dtype == torch.bfloat16 else gl.float16
+        layout = gl.NVMMASharedLayout.get_default_for([tile, width], dtype)
+        return TensorDescriptor(cache, [rows, cache.shape[-1]], [stride, 1], [tile, width], layout)
