@@ -527,11 +527,39 @@ def test_gpu_gluon_kernel_against_the_triton_kernel(hq, q_len, page_size, apart,
     tri, tri_lse = _wrapper_run(q, kv, sl, cap, False, programs, **kw)
     assert rel_err(out, tri) < TOL[out.dtype]
     assert (lse - tri_lse).nan_to_num(posinf=0.0, neginf=0.0).abs().max().item() < LSE_TOL
+    # mla_decode, eager: the Gluon path where its kernel saves more than its host time (64-row
+    # blocks here), else the Triton kernel; each gives its wrapper's bits.
     MLA_CALLS.clear()
     eager, eager_lse = leanattn.mla_decode(q, kv, sl, softmax_scale=192**-0.5, return_lse=True, num_programs=programs,
                                            **kw)
-    assert [c.gluon for c in MLA_CALLS.values()] == [True]
-    assert torch.equal(eager, out) and torch.equal(eager_lse, lse)
+    (call,) = MLA_CALLS.values()
+    assert call.gluon and call.gluon_eager == (hq * q_len > 32)
+    want, want_lse = (out, lse) if call.gluon_eager else (tri, tri_lse)
+    assert torch.equal(eager, want) and torch.equal(eager_lse, want_lse)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GLUON, reason="needs a Hopper GPU and Triton's Gluon")
+def test_gpu_gluon_in_cuda_graph_capture():
+    """A 16-head mla_decode (the Triton kernel when eager) captured in a CUDA graph runs the
+    Gluon path (plan, attention, two merge launches) and replays with new lengths exactly."""
+    cap = 4096
+    q, kv, sl = mla_inputs([cap] * 2, 16, 576, seed=17)
+    kp, table = paged(kv, [cap] * 2, 64)
+    lengths = sl.clone()
+    kw = dict(block_table=table, softmax_scale=192**-0.5, return_lse=True)
+    leanattn.mla_decode(q, kp, lengths, **kw)
+    _wrapper_run(q, kp, lengths, cap, True, block_table=table)  # compiles the Gluon path's kernels
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = leanattn.mla_decode(q, kp, lengths, **kw)
+    for new in ([cap, 1], [3000, 0], [65, 4000]):
+        lengths.copy_(torch.tensor(new, dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        check(out, lse, q, kp, lengths, 512, softmax_scale=192**-0.5, block_table=table)
+    gluon, _ = _wrapper_run(q, kp, lengths, cap, True, block_table=table)
+    assert torch.equal(out, gluon) and not torch.equal(gluon, leanattn.mla_decode(q, kp, lengths, **kw)[0])
 
 
 @pytest.mark.gpu

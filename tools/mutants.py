@@ -295,9 +295,30 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "mla-tma-in-batch-invariant-mode",
-        one("src/leanattn/_mla_call.py", "use_tma = config.tma and not split and", "use_tma = config.tma and"),
+        one("src/leanattn/_mla_call.py", "view = None if split or (has_leftpad and page_size) else",
+            "view = None if (has_leftpad and page_size) else"),
         ("tests/test_mla.py",), k="batch_invariant_bits",
         why="a batch-invariant sequence's bits would depend on its cache's layout",
+    ),
+    Mutant(
+        "mla-merge-one-level",
+        one(MLA, "                if last - first < ARRIVE_CHUNK:", "                if True:"),
+        ("tests/test_mla.py",), k="merge_kernel",
+        why="a block of several chunks would be written from its chunk of the first 16 members only",
+    ),
+    Mutant(
+        "mla-merge-chunk-sum-slot",
+        one(MLA, "s1 = 2 * tl.num_programs(0) + tl.minimum(first + (k + 1) * ARRIVE_CHUNK + ARRIVE_CHUNK - 1, last)",
+            "s1 = 2 * tl.num_programs(0) + tl.minimum(first + (k + 1) * ARRIVE_CHUNK + ARRIVE_CHUNK - 2, last)"),
+        ("tests/test_mla.py",), k="merge_kernel",
+        why="the second level would read a chunk's sum from a slot no chunk wrote",
+    ),
+    Mutant(
+        "mla-merge-skips-a-member",
+        one(MLA, "acc, m_i, l_i = _merge_cols(WsAcc, WsStats, chunk_first, pid, first, last, head_first, total,",
+            "acc, m_i, l_i = _merge_cols(WsAcc, WsStats, chunk_first + 1, pid, first, last, head_first, total,"),
+        ("tests/test_mla.py",), k="merge_kernel",
+        why="a cut block's first member's tiles would be left out of its output",
     ),
     Mutant(
         "hf-mla-absorbs-any-kv_b_proj",

@@ -19,13 +19,12 @@ from . import _call
 from ._checks import capacity_of
 from ._features import scale_kind, scale_tensor
 from ._launch import _capability, launch
-from ._plan import launch_plan
 from ._workspace import Workspace
 from .kernels import mla_gluon
 from .kernels.config import MLAConfig, choose_mla_config, interpreting, next_pow2
 from .kernels.lean_decode import LOG2E
 from .kernels.mla_decode import mla_decode_kernel, mla_merge_kernel
-from .kernels.plan import BLOCK_B
+from .kernels.plan import BLOCK_B, PLAN_FIELDS, lean_plan_kernel
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,8 +61,8 @@ class MLACall:
     parameters, grid and every argument fixed by the key; :meth:`launch` fills in the tensors."""
 
     __slots__ = ("programs", "device", "config", "pdl", "params", "scale", "fixed", "hit", "blocks", "fp8", "tma",
-                 "gluon", "plan", "plan_args", "merge_params", "merge_fixed", "merge_hits", "gluon_params", "gluon_fixed",
-                 "gluon_hit")
+                 "gluon", "gluon_eager", "gluon_view", "plan", "plan_args", "plan_params", "plan_hit", "merge_params",
+                 "merge_fixed", "merge_hits", "gluon_params", "gluon_fixed", "gluon_hit", "gluon_configs")
 
     def __init__(
         self, q: torch.Tensor, kv_cache: torch.Tensor, rope_cache: torch.Tensor | None, out: torch.Tensor,
@@ -85,11 +84,15 @@ class MLACall:
         # sequence's bits must not depend on its cache's layout.
         view = None if split or (has_leftpad and page_size) else \
             tma_view(kv_cache, rope_cache, page_size, head_dim_v, head_dim - head_dim_v, config.tile)
-        # Hopper: every call the TMA loop could take runs as mla_gluon's hand-pipelined kernel,
-        # then mla_merge_kernel as the merge of the blocks the shares cut, on one plan.
-        self.gluon = view is not None and config.gluon and gluon_serves(q.device, config.tile, head_dim_v,
-                                                                        head_dim - head_dim_v)
-        self.tma = view if config.tma or self.gluon else None
+        # Hopper: a call the TMA loop could take can run as mla_gluon's hand-pipelined kernel,
+        # then mla_merge_kernel as the merge of the blocks the shares cut, on one plan (three
+        # launches, four unplanned: see launch for when).
+        self.gluon = view is not None and config.gluon is not False and gluon_serves(
+            q.device, config.tile, head_dim_v, head_dim - head_dim_v)
+        self.gluon_view = view
+        self.gluon_eager = config.gluon is True or rows == 64 or \
+            batch * capacity * head_dim * kv_cache.element_size() >= GLUON_EAGER_BYTES
+        self.tma = view if config.tma else None
         self.programs, self.device, self.config = programs, q.device, config
         self.pdl = _call.pdl_of(config, q.device)
         self.fp8 = kv_cache.dtype.itemsize == 1
@@ -115,8 +118,12 @@ class MLACall:
         )
         self.hit: tuple | None = None
         if self.gluon:
-            self.plan = None if planned else torch.zeros(programs, 8, dtype=torch.int32, device=q.device)
-            self.plan_args = (batch, self.blocks, capacity, q_len, 0, False, unit, target_share, self.pdl)
+            self.plan = None if planned else torch.zeros(programs, PLAN_FIELDS.value, dtype=torch.int32,
+                                                         device=q.device)
+            self.plan_args = (batch, self.blocks, capacity, 0)
+            self.plan_params = dict(HAS_SEQLENS=has_seqlens, HAS_LEFTPAD=has_leftpad, Q_LEN=q_len, HAS_WINDOW=False,
+                                    TILE=unit, TARGET_SHARE=target_share, BLOCK_B=BLOCK_B, USE_PDL=self.pdl)
+            self.plan_hit = None
             self.merge_params = dict(
                 GROUP=group, Q_LEN=q_len, MERGE_ROWS=merge_rows, DV_PAD=dv_pad, TILE=config.tile, COLS=MERGE_COLS,
                 ARRIVE_CHUNK=_call.ARRIVE_CHUNK, HAS_SEQLENS=has_seqlens, HAS_LEFTPAD=has_leftpad,
@@ -135,6 +142,8 @@ class MLACall:
                 self.blocks, capacity, num_pages, softmax_scale * LOG2E,
             )
             self.merge_hits, self.gluon_hit = (None, None), None
+            self.gluon_configs = (dataclasses.replace(config, num_warps=4, num_stages=1),
+                                  dataclasses.replace(config, num_warps=warps, num_stages=1))
 
     def launch(
         self, bufs: tuple[torch.Tensor, ...], q: torch.Tensor, kv_cache: torch.Tensor, rope_cache: torch.Tensor | None,
@@ -147,7 +156,10 @@ class MLACall:
         acc, stats, tickets, chunk_tickets = bufs
         scale = (self.scale if self.scale is not None else kv_scale) if self.fp8 else acc
         rope = rope_cache if rope_cache is not None else kv_cache
-        if self.gluon:
+        # The Gluon path's kernel time is the smaller everywhere, its host time the larger (about
+        # 45 µs more a call on an H200's host): taken in CUDA-graph capture always, and in eager
+        # calls where its kernel saves more (see GLUON_EAGER_BYTES).
+        if self.gluon and (self.gluon_eager or torch.cuda.is_current_stream_capturing()):
             self._launch_gluon(bufs, q, kv_cache, rope, out, lse, cache_seqlens, cache_leftpad, block_table, plan)
             return
         if self.tma is not None:
@@ -174,12 +186,14 @@ class MLACall:
     ) -> None:
         """The plan (unplanned calls), mla_gluon's attention, then the merge of cut blocks."""
         acc, stats, tickets, _ = bufs
-        if plan is None:
-            plan = self.plan
-            launch_plan(plan, self.programs, cache_seqlens, cache_leftpad, *self.plan_args)
-        rows, tile, (kv_stride, dv), (rope_stride, dr) = self.tma
         seqlens = cache_seqlens if cache_seqlens is not None else tickets
         leftpad = cache_leftpad if cache_leftpad is not None else tickets
+        small, wide = self.gluon_configs
+        if plan is None:
+            plan = self.plan
+            self.plan_hit = launch(lean_plan_kernel, self.programs, (seqlens, leftpad, plan, *self.plan_args),
+                                   self.plan_params, small, self.pdl, self.device, self.plan_hit)
+        rows, tile, (kv_stride, dv), (rope_stride, dr) = self.gluon_view
         table = block_table if block_table is not None else tickets
         lse_t = lse if lse is not None else acc
         args = (
@@ -187,16 +201,15 @@ class MLACall:
                                                                                              tile, dr),
             out, lse_t, seqlens, leftpad, table, plan, acc, stats, *self.gluon_fixed,
         )
-        config = dataclasses.replace(self.config, num_warps=self.gluon_params["WARPS"], num_stages=1)
-        self.gluon_hit = launch(mla_gluon.mla_attend_gluon, self.programs, args, self.gluon_params, config, False,
+        self.gluon_hit = launch(mla_gluon.mla_attend_gluon, self.programs, args, self.gluon_params, wide, False,
                                 self.device, self.gluon_hit)
         args = (out, lse_t, seqlens, leftpad, plan, acc, stats, *self.merge_fixed)
-        config = dataclasses.replace(self.config, num_warps=4, num_stages=1)
         grid = (self.programs, self.merge_params["DV_PAD"] // MERGE_COLS)
-        self.merge_hits = tuple(
-            launch(mla_merge_kernel, grid, args, {**self.merge_params, "LEVEL": level}, config, self.pdl, self.device,
-                   hit)
-            for level, hit in zip((1, 2), self.merge_hits)
+        self.merge_hits = (
+            launch(mla_merge_kernel, grid, args, {**self.merge_params, "LEVEL": 1}, small, self.pdl, self.device,
+                   self.merge_hits[0]),
+            launch(mla_merge_kernel, grid, args, {**self.merge_params, "LEVEL": 2}, small, self.pdl, self.device,
+                   self.merge_hits[1]),
         )
 
 
@@ -210,6 +223,11 @@ def gluon_serves(device: torch.device, tile: int, head_dim_v: int, rope_dim: int
 
 
 _GLUON = os.environ.get("LEANATTN_GLUON", "1") != "0"
+# Eager calls (outside CUDA-graph capture) take mla_gluon's kernel for 64-row blocks (2.3-2.6x
+# the Triton kernel's time saved at 64-128 heads) or caches of at least this many bytes (16-32
+# rows: it saves 10-20%, about 16 µs at 144 MiB on an H200, less than its extra host time
+# below ~512 MiB); MLAConfig(gluon=True) takes it always, gluon=False never.
+GLUON_EAGER_BYTES = 512 * 2**20
 # Columns of a partial each program of the merge after mla_gluon's kernel takes: 16 programs
 # share a 512-wide block (64 rows x 32 columns a program: 8 registers a thread of 4 warps per
 # partial, four partials a step).

@@ -19,6 +19,8 @@ Only importable where Triton has Gluon's Hopper API (``AVAILABLE``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -256,6 +258,10 @@ if AVAILABLE:
     def descriptor(cache: torch.Tensor, rows: int, stride: int, tile: int, width: int) -> TensorDescriptor:
         """A Gluon tensor descriptor of a 16-bit ``cache``'s rows as a (rows, cache.shape[-1])
         tensor with boxes (tile, width)."""
-        dtype = gl.bfloat16 if cache.dtype == torch.bfloat16 else gl.float16
-        layout = gl.NVMMASharedLayout.get_default_for([tile, width], dtype)
-        return TensorDescriptor(cache, [rows, cache.shape[-1]], [stride, 1], [tile, width], layout)
+        return TensorDescriptor(cache, [rows, cache.shape[-1]], [stride, 1], [tile, width],
+                                _box_layout(tile, width, cache.dtype == torch.bfloat16))
+
+    @functools.lru_cache(maxsize=None)
+    def _box_layout(tile: int, width: int, bf16: bool):
+        # Made once per box: computing it is most of a descriptor's host time.
+        return gl.NVMMASharedLayout.get_default_for([tile, width], gl.bfloat16 if bf16 else gl.float16)
