@@ -12,7 +12,7 @@ import torch
 import dataclasses
 
 import leanattn
-from leanattn._testing import MLA_CALLS, blocks_of, gluon_serves, launch_plan, mla_heuristic, mla_tma_view
+from leanattn._testing import MLA_CALLS, MLA_KNOWN, blocks_of, gluon_serves, launch_plan, mla_heuristic, mla_tma_view
 from leanattn.kernels.mla_decode import mla_merge_kernel
 
 from _util import DEVICE, ON_GPU, TOL, LSE_TOL, rel_err, to_paged
@@ -484,7 +484,26 @@ def test_merge_kernel_joins_the_cut_blocks_from_their_slots():
             assert (out[b] == 7.0).all() and (lse[b] == 7.0).all()
 
 
-GLUON = ON_GPU and gluon_serves(torch.device(DEVICE), 64, 512, 64)
+def test_gluon_serves_only_shapes_it_fits(monkeypatch):
+    """The Hopper path's own limits, as if on a Hopper GPU: 64-key tiles, latent and rope widths
+    multiples of 64, a latent of at least 128, q + two tiles + p within 227 KiB of shared memory."""
+    import leanattn._mla_call as mla_call
+
+    monkeypatch.setattr(mla_call, "_capability", lambda device: 9)
+    monkeypatch.setattr(mla_call, "interpreting", lambda: False)
+    cuda = torch.device("cuda", 0)
+    on = mla_call._GLUON and mla_call.mla_gluon.AVAILABLE  # LEANATTN_GLUON, a Triton with Gluon
+    assert gluon_serves(cuda, 64, 512, 64, 64) == on and gluon_serves(cuda, 64, 512, 64, 16) == on
+    assert gluon_serves(cuda, 64, 256, 64, 64) == on
+    assert not gluon_serves(cuda, 64, 512, 128, 64)  # 250 KiB of shared memory at 64 rows
+    assert not gluon_serves(cuda, 64, 64, 64, 16)  # latent 64: under two warpgroups' M
+    assert not gluon_serves(cuda, 32, 512, 64, 16)  # 32-key tiles
+    assert not gluon_serves(cuda, 64, 512, 32, 16)  # rope 32
+    monkeypatch.setattr(mla_call, "_capability", lambda device: 10)
+    assert not gluon_serves(cuda, 64, 512, 64, 64)  # no warpgroup products on Blackwell
+
+
+GLUON = ON_GPU and gluon_serves(torch.device(DEVICE), 64, 512, 64, 64)
 
 
 def _wrapper_run(q, kv, sl, cap, gluon, programs=None, **kw):
@@ -530,6 +549,7 @@ def test_gpu_gluon_kernel_against_the_triton_kernel(hq, q_len, page_size, apart,
     # mla_decode, eager: the Gluon path where its kernel saves more than its host time (64-row
     # blocks here), else the Triton kernel; each gives its wrapper's bits.
     MLA_CALLS.clear()
+    MLA_KNOWN.clear()
     eager, eager_lse = leanattn.mla_decode(q, kv, sl, softmax_scale=192**-0.5, return_lse=True, num_programs=programs,
                                            **kw)
     (call,) = MLA_CALLS.values()
@@ -541,15 +561,19 @@ def test_gpu_gluon_kernel_against_the_triton_kernel(hq, q_len, page_size, apart,
 @pytest.mark.gpu
 @pytest.mark.skipif(not GLUON, reason="needs a Hopper GPU and Triton's Gluon")
 def test_gpu_gluon_in_cuda_graph_capture():
-    """A 16-head mla_decode (the Triton kernel when eager) captured in a CUDA graph runs the
-    Gluon path (plan, attention, two merge launches) and replays with new lengths exactly."""
+    """A 16-head mla_decode (the Triton kernel when eager) captured in a CUDA graph after one
+    eager call runs the Gluon path (plan, attention, two merge launches; the eager call loaded
+    their binaries, which capture cannot) and replays with new lengths exactly."""
     cap = 4096
     q, kv, sl = mla_inputs([cap] * 2, 16, 576, seed=17)
     kp, table = paged(kv, [cap] * 2, 64)
     lengths = sl.clone()
     kw = dict(block_table=table, softmax_scale=192**-0.5, return_lse=True)
+    MLA_CALLS.clear()
+    MLA_KNOWN.clear()
     leanattn.mla_decode(q, kp, lengths, **kw)
-    _wrapper_run(q, kp, lengths, cap, True, block_table=table)  # compiles the Gluon path's kernels
+    (call,) = MLA_CALLS.values()
+    assert call.gluon and not call.gluon_eager and call.gluon_loaded
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out, lse = leanattn.mla_decode(q, kp, lengths, **kw)
@@ -559,7 +583,7 @@ def test_gpu_gluon_in_cuda_graph_capture():
         torch.cuda.synchronize()
         check(out, lse, q, kp, lengths, 512, softmax_scale=192**-0.5, block_table=table)
     gluon, _ = _wrapper_run(q, kp, lengths, cap, True, block_table=table)
-    assert torch.equal(out, gluon) and not torch.equal(gluon, leanattn.mla_decode(q, kp, lengths, **kw)[0])
+    assert torch.equal(out, gluon)
 
 
 @pytest.mark.gpu

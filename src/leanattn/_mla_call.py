@@ -19,7 +19,7 @@ from . import _call
 from ._checks import capacity_of
 from ._features import scale_kind, scale_tensor
 from ._launch import _capability, launch
-from ._workspace import Workspace
+from ._workspace import Workspace, outside_graph_pools
 from .kernels import mla_gluon
 from .kernels.config import MLAConfig, choose_mla_config, interpreting, next_pow2
 from .kernels.lean_decode import LOG2E
@@ -61,7 +61,7 @@ class MLACall:
     parameters, grid and every argument fixed by the key; :meth:`launch` fills in the tensors."""
 
     __slots__ = ("programs", "device", "config", "pdl", "params", "scale", "fixed", "hit", "blocks", "fp8", "tma",
-                 "gluon", "gluon_eager", "gluon_view", "plan", "plan_args", "plan_params", "plan_hit", "merge_params",
+                 "gluon", "gluon_eager", "gluon_loaded", "gluon_view", "plan", "plan_args", "plan_params", "plan_hit", "merge_params",
                  "merge_fixed", "merge_hits", "gluon_params", "gluon_fixed", "gluon_hit", "gluon_configs")
 
     def __init__(
@@ -88,7 +88,8 @@ class MLACall:
         # then mla_merge_kernel as the merge of the blocks the shares cut, on one plan (three
         # launches, four unplanned: see launch for when).
         self.gluon = view is not None and config.gluon is not False and gluon_serves(
-            q.device, config.tile, head_dim_v, head_dim - head_dim_v)
+            q.device, config.tile, head_dim_v, head_dim - head_dim_v, rows)
+        self.gluon_loaded = False
         self.gluon_view = view
         self.gluon_eager = config.gluon is True or rows == 64 or \
             batch * capacity * head_dim * kv_cache.element_size() >= GLUON_EAGER_BYTES
@@ -118,8 +119,9 @@ class MLACall:
         )
         self.hit: tuple | None = None
         if self.gluon:
-            self.plan = None if planned else torch.zeros(programs, PLAN_FIELDS.value, dtype=torch.int32,
-                                                         device=q.device)
+            # Made outside any CUDA graph's private pool: the call outlives the step.
+            self.plan = None if planned else outside_graph_pools(q.device, lambda: (
+                torch.zeros(programs, PLAN_FIELDS.value, dtype=torch.int32, device=q.device),))[0]
             self.plan_args = (batch, self.blocks, capacity, 0)
             self.plan_params = dict(HAS_SEQLENS=has_seqlens, HAS_LEFTPAD=has_leftpad, Q_LEN=q_len, HAS_WINDOW=False,
                                     TILE=unit, TARGET_SHARE=target_share, BLOCK_B=BLOCK_B, USE_PDL=self.pdl)
@@ -159,9 +161,15 @@ class MLACall:
         # The Gluon path's kernel time is the smaller everywhere, its host time the larger (about
         # 45 µs more a call on an H200's host): taken in CUDA-graph capture always, and in eager
         # calls where its kernel saves more (see GLUON_EAGER_BYTES).
+        # Bits therefore depend on the mode for the calls the eager rule sends to the Triton kernel.
         if self.gluon and (self.gluon_eager or torch.cuda.is_current_stream_capturing()):
             self._launch_gluon(bufs, q, kv_cache, rope, out, lse, cache_seqlens, cache_leftpad, block_table, plan)
             return
+        if self.gluon and not self.gluon_loaded:
+            # A kernel's binary is loaded at its first launch, which CUDA refuses inside graph
+            # capture: the Gluon path runs once here, eagerly, so that a later capture finds
+            # its kernels loaded. The Triton kernel's launch below writes the call's results.
+            self._launch_gluon(bufs, q, kv_cache, rope, out, lse, cache_seqlens, cache_leftpad, block_table, plan)
         if self.tma is not None:
             # A descriptor holds the cache's address: made for each call (each layer's cache).
             rows, tile, (kv_stride, dv), (rope_stride, dr) = self.tma
@@ -185,6 +193,7 @@ class MLACall:
         cache_leftpad: torch.Tensor | None, block_table: torch.Tensor | None, plan: torch.Tensor | None,
     ) -> None:
         """The plan (unplanned calls), mla_gluon's attention, then the merge of cut blocks."""
+        self.gluon_loaded = True
         acc, stats, tickets, _ = bufs
         seqlens = cache_seqlens if cache_seqlens is not None else tickets
         leftpad = cache_leftpad if cache_leftpad is not None else tickets
@@ -213,13 +222,17 @@ class MLACall:
         )
 
 
-def gluon_serves(device: torch.device, tile: int, head_dim_v: int, rope_dim: int) -> bool:
+def gluon_serves(device: torch.device, tile: int, head_dim_v: int, rope_dim: int, rows: int) -> bool:
     """Whether ``mla_gluon``'s kernel takes a call that the TMA loop could: a Hopper GPU (its
     warpgroup products), a Triton with Gluon, 64-key tiles (the products' M), latent and rope
-    widths that are multiples of 64 (its shared-memory passes), LEANATTN_GLUON not 0 (read at
-    import)."""
+    widths that are multiples of 64 (its shared-memory passes), a latent of at least 128 (the
+    output product's M over two warpgroups), q, two tiles and p within a block's shared memory,
+    LEANATTN_GLUON not 0 (read at import)."""
+    width = head_dim_v + rope_dim
+    shared = 2 * (rows * width + 2 * tile * width + tile * rows) + 2048  # bf16; barriers, reductions
     return (_GLUON and mla_gluon.AVAILABLE and device.type == "cuda" and not interpreting()
-            and _capability(device) == 9 and tile == 64 and head_dim_v % 64 == 0 and rope_dim % 64 == 0)
+            and _capability(device) == 9 and tile == 64 and head_dim_v % 64 == 0 and rope_dim % 64 == 0
+            and head_dim_v >= 128 and shared <= 232448)
 
 
 _GLUON = os.environ.get("LEANATTN_GLUON", "1") != "0"
