@@ -387,7 +387,7 @@ def test_gpu_deepseek(lens, hq, q_len, fp8, page_size):
 @pytest.mark.parametrize("hq", [16, 128])
 def test_gpu_dead_slots_rope_apart_and_leftpad(page_size, hq):
     """DeepSeek-V3's shapes on the GPU's own loops (128 heads contiguous or page 64: the TMA
-    loop; 16 heads, or page 16: the pointer loop): NaN in every slot past a sequence's length
+    loop, on Hopper the Gluon kernel; 16 heads, eager, or page 16: the pointer loop): NaN in every slot past a sequence's length
     never reaches the output; a left pad and a rope cache apart give the reference's values, the
     rope apart the same bits as one 576-wide cache."""
     lens, pads = [3000, 1, 700, 0], [0, 0, 129, 0]
@@ -546,14 +546,14 @@ def test_gpu_gluon_kernel_against_the_triton_kernel(hq, q_len, page_size, apart,
     tri, tri_lse = _wrapper_run(q, kv, sl, cap, False, programs, **kw)
     assert rel_err(out, tri) < TOL[out.dtype]
     assert (lse - tri_lse).nan_to_num(posinf=0.0, neginf=0.0).abs().max().item() < LSE_TOL
-    # mla_decode, eager: the Gluon path where its kernel saves more than its host time (64-row
-    # blocks here), else the Triton kernel; each gives its wrapper's bits.
+    # mla_decode, eager: the Gluon path where its kernel saves more than its host time (32- and
+    # 64-row blocks here), else the Triton kernel; each gives its wrapper's bits.
     MLA_CALLS.clear()
     MLA_KNOWN.clear()
     eager, eager_lse = leanattn.mla_decode(q, kv, sl, softmax_scale=192**-0.5, return_lse=True, num_programs=programs,
                                            **kw)
     (call,) = MLA_CALLS.values()
-    assert call.gluon and call.gluon_eager == (hq * q_len > 32)
+    assert call.gluon and call.gluon_eager == (hq * q_len > 16)
     want, want_lse = (out, lse) if call.gluon_eager else (tri, tri_lse)
     assert torch.equal(eager, want) and torch.equal(eager_lse, want_lse)
 

@@ -61,8 +61,9 @@ class MLACall:
     parameters, grid and every argument fixed by the key; :meth:`launch` fills in the tensors."""
 
     __slots__ = ("programs", "device", "config", "pdl", "params", "scale", "fixed", "hit", "blocks", "fp8", "tma",
-                 "gluon", "gluon_eager", "gluon_loaded", "gluon_view", "plan", "plan_args", "plan_params", "plan_hit", "merge_params",
-                 "merge_fixed", "merge_hits", "gluon_params", "gluon_fixed", "gluon_hit", "gluon_configs")
+                 "gluon", "gluon_eager", "gluon_loaded", "gluon_view", "gluon_params", "gluon_fixed", "gluon_hit",
+                 "gluon_configs", "plan", "plan_args", "plan_params", "plan_hit", "merge_params", "merge_fixed",
+                 "merge_hits")
 
     def __init__(
         self, q: torch.Tensor, kv_cache: torch.Tensor, rope_cache: torch.Tensor | None, out: torch.Tensor,
@@ -91,7 +92,7 @@ class MLACall:
             q.device, config.tile, head_dim_v, head_dim - head_dim_v, rows)
         self.gluon_loaded = False
         self.gluon_view = view
-        self.gluon_eager = config.gluon is True or rows == 64 or \
+        self.gluon_eager = config.gluon is True or rows >= 32 or \
             batch * capacity * head_dim * kv_cache.element_size() >= GLUON_EAGER_BYTES
         self.tma = view if config.tma else None
         self.programs, self.device, self.config = programs, q.device, config
@@ -158,10 +159,10 @@ class MLACall:
         acc, stats, tickets, chunk_tickets = bufs
         scale = (self.scale if self.scale is not None else kv_scale) if self.fp8 else acc
         rope = rope_cache if rope_cache is not None else kv_cache
-        # The Gluon path's kernel time is the smaller everywhere, its host time the larger (about
-        # 45 µs more a call on an H200's host): taken in CUDA-graph capture always, and in eager
-        # calls where its kernel saves more (see GLUON_EAGER_BYTES).
-        # Bits therefore depend on the mode for the calls the eager rule sends to the Triton kernel.
+        # The Gluon path's kernel time is the smaller on every shape measured, its host time the
+        # larger (about 40 µs more a call on an H200's host): taken in CUDA-graph capture always,
+        # and in eager calls where its kernel saves more (see GLUON_EAGER_BYTES). Bits therefore
+        # depend on the mode for the calls the eager rule sends to the Triton kernel.
         if self.gluon and (self.gluon_eager or torch.cuda.is_current_stream_capturing()):
             self._launch_gluon(bufs, q, kv_cache, rope, out, lse, cache_seqlens, cache_leftpad, block_table, plan)
             return
@@ -236,14 +237,15 @@ def gluon_serves(device: torch.device, tile: int, head_dim_v: int, rope_dim: int
 
 
 _GLUON = os.environ.get("LEANATTN_GLUON", "1") != "0"
-# Eager calls (outside CUDA-graph capture) take mla_gluon's kernel for 64-row blocks (2.3-2.6x
-# the Triton kernel's time saved at 64-128 heads) or caches of at least this many bytes (16-32
-# rows: it saves 10-20%, about 16 µs at 144 MiB on an H200, less than its extra host time
-# below ~512 MiB); MLAConfig(gluon=True) takes it always, gluon=False never.
+# Eager calls (outside CUDA-graph capture) take mla_gluon's kernel for blocks of 32 or 64 rows
+# (2.2-3.2x faster than the Triton kernel at 32-128 heads on an H200; about even on eager 36 MiB
+# calls, which are host-bound) or, at 16 rows, caches of at least this many bytes (it saves
+# 5-20% there, 16 µs at 144 MiB, less than its extra host time below about 512 MiB);
+# MLAConfig(gluon=True) takes it always, gluon=False never.
 GLUON_EAGER_BYTES = 512 * 2**20
 # Columns of a partial each program of the merge after mla_gluon's kernel takes: 16 programs
-# share a 512-wide block (64 rows x 32 columns a program: 8 registers a thread of 4 warps per
-# partial, four partials a step).
+# share a 512-wide block (64 rows x 32 columns: 16 registers a thread of 4 warps a partial,
+# four partials a step, no spills).
 MERGE_COLS = 32
 
 
