@@ -10,10 +10,12 @@ tile t's buffer as soon as its last product is done. Same products as ``_mla_att
 ``mla_attend_gluon`` walks a planned share like ``mla_decode_kernel`` and writes each segment:
 a whole block straight to the output, a cut one as a partial in the workspace slot the Triton
 kernel's merge expects (``2 pid``, or ``2 pid + 1`` for a share's later segment). The merge of
-cut blocks is then ``mla_decode.mla_merge_kernel``, launched after this kernel. No Gluon interpreter exists: the CPU and any cache this kernel does not take
-run the Triton kernel, and GPU tests compare the two.
+cut blocks is then ``mla_decode.mla_merge_kernel``, launched after this kernel. No Gluon
+interpreter exists: the CPU and every call this kernel does not take run the Triton kernel, and
+GPU tests compare the two.
 
-Only importable where Triton has Gluon's Hopper API (``AVAILABLE``).
+Its kernel is defined only where Triton has Gluon's Hopper API (``AVAILABLE``); the module
+imports everywhere.
 """
 
 from __future__ import annotations
