@@ -62,7 +62,7 @@ class MLACall:
 
     __slots__ = ("programs", "device", "config", "pdl", "params", "scale", "fixed", "hit", "blocks", "fp8", "tma",
                  "gluon", "gluon_eager", "gluon_loaded", "gluon_view", "gluon_params", "gluon_fixed", "gluon_hit",
-                 "gluon_configs", "plan", "plan_args", "plan_params", "plan_hit", "merge_params", "merge_fixed",
+                 "gluon_configs", "plan", "plan_args", "plan_params", "plan_hit", "merge_params", "merge_grid", "merge_fixed",
                  "merge_hits")
 
     def __init__(
@@ -127,11 +127,14 @@ class MLACall:
             self.plan_params = dict(HAS_SEQLENS=has_seqlens, HAS_LEFTPAD=has_leftpad, Q_LEN=q_len, HAS_WINDOW=False,
                                     TILE=unit, TARGET_SHARE=target_share, BLOCK_B=BLOCK_B, USE_PDL=self.pdl)
             self.plan_hit = None
-            self.merge_params = dict(
+            merge_params = dict(
                 GROUP=group, Q_LEN=q_len, MERGE_ROWS=merge_rows, DV_PAD=dv_pad, TILE=config.tile, COLS=MERGE_COLS,
                 ARRIVE_CHUNK=_call.ARRIVE_CHUNK, HAS_SEQLENS=has_seqlens, HAS_LEFTPAD=has_leftpad,
                 RETURN_LSE=lse is not None, USE_PDL=self.pdl,
             )
+            # The two merge launches' parameters (LEVEL 1, then 2) and grid, made once.
+            self.merge_params = tuple({**merge_params, "LEVEL": level} for level in (1, 2))
+            self.merge_grid = (programs, dv_pad // MERGE_COLS)
             self.merge_fixed = (*out.stride()[:3], *(lse.stride() if lse is not None else (0, 0, 0)), capacity)
             warps = 4 if rows == 16 else 8
             self.gluon_params = dict(
@@ -214,12 +217,9 @@ class MLACall:
         self.gluon_hit = launch(mla_gluon.mla_attend_gluon, self.programs, args, self.gluon_params, wide, False,
                                 self.device, self.gluon_hit)
         args = (out, lse_t, seqlens, leftpad, plan, acc, stats, *self.merge_fixed)
-        grid = (self.programs, self.merge_params["DV_PAD"] // MERGE_COLS)
-        self.merge_hits = (
-            launch(mla_merge_kernel, grid, args, {**self.merge_params, "LEVEL": 1}, small, self.pdl, self.device,
-                   self.merge_hits[0]),
-            launch(mla_merge_kernel, grid, args, {**self.merge_params, "LEVEL": 2}, small, self.pdl, self.device,
-                   self.merge_hits[1]),
+        self.merge_hits = tuple(
+            launch(mla_merge_kernel, self.merge_grid, args, params, small, self.pdl, self.device, hit)
+            for params, hit in zip(self.merge_params, self.merge_hits)
         )
 
 
