@@ -1,126 +1,139 @@
-"""Where a call's time goes, per program: timestamps from inside the kernel (GPU only).
+"""Where a serving call's time goes, per program: the decode kernel's own timestamps (GPU only).
 
-Builds a copy of the decode kernel that records ``%globaltimer`` when each program starts, when it
-has located its share, after its last tile and when it exits, plus the SM it ran on, and prints
-per-phase statistics over repeated calls (L2 flushed before each):
+The kernel built with ``TIMELINE`` (``KernelConfig(constexprs=(("TIMELINE", True),))``) writes
+``%globaltimer`` at six events per program (kernels/lean_decode.py, ``EV_*``). Here it runs in
+serving mode: ``DecodeWrapper`` planned once per step and run per layer, every layer after the
+append kernel that writes its newest token and q, the step replayed from a CUDA graph. The
+stamps read after a replay are the last layer's call. In the same run: the same step without
+stamps, SDPA on cuDNN and the plain read of the same bytes (``leanattn.bench.serving``).
 
-    python benchmarks/timeline.py --shapes 1x32k@8/1 8x32k@32/8
+    python benchmarks/timeline.py --shapes 1x32k@8/1 1x4k@32/8 4x8k@8/1 --out DIR
 
-Columns, in microseconds from the first program's start: ``locate`` (start -> share located,
-median), ``stream`` (located -> last tile done, median and max), ``tail`` (last tile -> exit: partial
-stores, arrival counting and any merge; median and max), ``end`` (exit; 10th percentile, median,
-max). The kernel's span is the max ``end``; compare it with the event-timed call.
+Columns, microseconds from the call's first program start (median over replays; "max": over
+programs, then the median over replays): ``start`` (the last program's start: launch skew),
+``waited`` (gdc_wait's end, median and max: the append kernel's finish), ``share`` (plan row read),
+``1st tile`` (the first tile's scores: the first bytes' latency), ``streamed`` (the last tile's
+scores, median and max), ``ticket`` (a cut head's member drew its chunk ticket, median), ``end``
+(exit, median), ``span`` (the last exit); for the last program to exit, ``last ticket`` (its last
+tile to its ticket: the partial's stores and the atomic) and ``last merge`` (its ticket to its
+exit: the merge and the output's stores). ``call`` is the per-call replay time, which also holds
+the append kernel and the gaps between kernels. ``--variants`` stamps other configs (tile,
+stages, warps, grid) in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import json
 import statistics
 import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 import leanattn
-from leanattn.bench.peers import make_inputs
-from leanattn.bench.shapes import parse_shape
+from leanattn._testing import wrapper_calls
+from leanattn.bench.append import launch_append, make_appends
+from leanattn.bench.peers import capture_cuda_graph
+from leanattn.bench.rounds import bench_round
+from leanattn.bench.serving import layer_count, leanattn_step, make_layers, make_step, run_serving_shape
+from leanattn.bench.shapes import Shape, parse_shape
+from leanattn.kernels.lean_decode import EVENTS
 
-_STAMPS = '''
-@triton.jit
-def _stamp(Lse, batch, stride_lb, pid, k):
-    """Low 32 bits of %globaltimer (ns) into the int32 area after the LSE block."""
-    t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
-    tl.store(Lse.to(tl.pointer_type(tl.int32)) + batch * stride_lb + pid * 8 + k, t.to(tl.int32))
-    if k == 0:
-        sm = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=True, pack=1)
-        tl.store(Lse.to(tl.pointer_type(tl.int32)) + batch * stride_lb + pid * 8 + 7, sm)
-
-'''
+EV_START, EV_WAITED, EV_SHARE, EV_FIRST_TILE, EV_LAST_TILE, EV_TICKET, EV_EXIT = range(EVENTS)
 
 
-def instrumented_kernel():
-    """The decode kernel with four timestamps per program (see the module docstring)."""
-    src = Path(leanattn.__file__).with_name("kernels").joinpath("lean_decode.py").read_text()
-
-    def insert_after(text: str, anchor: str, line: str) -> str:
-        i = text.index(anchor) + len(anchor)
-        return text[:i] + line + text[i:]
-
-    src = src.replace("@triton.jit\ndef _attend_tiles", _STAMPS.lstrip("\n") + "\n@triton.jit\ndef _attend_tiles", 1)
-    stamp = "_stamp(Lse, batch, stride_lb, pid, {})\n"
-    src = insert_after(src, "    pid = tl.program_id(0)\n", "    " + stamp.format(0))
-    src = src.replace("    if pid >= programs:\n", "    " + stamp.format(1) + "    if pid >= programs:\n", 1)
-    call = src.index("acc, m_i, l_i = _attend_tiles(")
-    indent = src[src.rindex("\n", 0, call) + 1 : call]
-    src = insert_after(src, src[call : src.index(")\n", call) + 2], indent + stamp.format(2))
-    src = src.rstrip("\n") + "\n    " + stamp.format(3)
-    path = Path(tempfile.mkdtemp()) / "lean_decode_timed.py"
-    path.write_text(src)
-    # A module of the kernels package, so the copy's relative imports find the real modules.
-    spec = importlib.util.spec_from_file_location("leanattn.kernels.lean_decode_timed", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.lean_decode_kernel
+def phases(stamps: torch.Tensor) -> dict[str, float]:
+    """Per-call statistics in µs from one call's stamps (programs, EVENTS) int64 ns; programs
+    without a share (no exit stamp) are left out. ``last ticket`` and ``last merge``: the last
+    program to exit, from its last tile to its ticket and from its ticket to its exit (0 when it
+    drew no ticket)."""
+    ran = stamps[stamps[:, EV_EXIT] != 0]
+    rel = (ran - ran[:, EV_START].min()).double() / 1e3
+    cut = ran[:, EV_TICKET] != 0
+    last = rel[rel[:, EV_EXIT].argmax()]
+    drew = bool(ran[rel[:, EV_EXIT].argmax(), EV_TICKET] != 0)
+    return {
+        "programs": float(len(ran)),
+        "start": rel[:, EV_START].max().item(),
+        "waited": rel[:, EV_WAITED].median().item(), "waited max": rel[:, EV_WAITED].max().item(),
+        "share": rel[:, EV_SHARE].median().item(),
+        "1st tile": rel[:, EV_FIRST_TILE].median().item(),
+        "streamed": rel[:, EV_LAST_TILE].median().item(), "streamed max": rel[:, EV_LAST_TILE].max().item(),
+        "ticket": rel[cut, EV_TICKET].median().item() if cut.any() else 0.0,
+        "end": rel[:, EV_EXIT].median().item(), "span": rel[:, EV_EXIT].max().item(),
+        "last ticket": (last[EV_TICKET] - last[EV_LAST_TILE]).item() if drew else 0.0,
+        "last merge": (last[EV_EXIT] - last[EV_TICKET]).item() if drew else 0.0,
+    }
 
 
-def timeline(text: str, reps: int, kernel) -> dict[str, float]:
-    """Median over ``reps`` calls of each per-call statistic, in microseconds, with ``kernel``."""
-    shape = parse_shape(text)
-    x = make_inputs(shape, torch.device("cuda"))
-    out = torch.empty_like(x.q)
-    heuristic = leanattn.choose_config(shape.head_dim, x.k.dtype, shape.q_heads // shape.kv_heads)
-    config = replace(heuristic, kernel=kernel)
-    grid = leanattn.default_num_programs(x.q.device, config)
-    lse_area = shape.batch * shape.q_heads
-    buf = torch.zeros(lse_area + 8 * grid, dtype=torch.float32, device=x.q.device)
-    flush = torch.empty(256 * 2**20, dtype=torch.int8, device=x.q.device)
-    calls = []
-    for i in range(reps + 2):
-        flush.zero_()
-        buf.zero_()
-        # The LSE block, then the timestamps the instrumented kernel writes after it.
-        lse = buf[:lse_area].view(shape.batch, shape.q_heads, 1)
-        leanattn.decode(x.q, x.k, x.v, x.seqlens, block_table=x.block_table, softmax_scale=x.scale, out=out,
-                        lse=lse, return_lse=True, num_programs=grid, config=config)
-        torch.cuda.synchronize()
-        if i >= 2:  # the first calls compile and warm up
-            calls.append(buf[lse_area:].view(torch.int32).view(grid, 8).long().cpu())
+def variant(text: str) -> tuple[dict[str, int], int | None]:
+    """``"tile=128,num_stages=2,programs=66"``: KernelConfig fields to replace and the grid
+    (``programs``; None: the default)."""
+    fields = dict(kv.split("=") for kv in text.split(",") if kv)
+    programs = fields.pop("programs", None)
+    return {k: int(v) for k, v in fields.items()}, None if programs is None else int(programs)
+
+
+def timeline(shape: Shape, replays: int, changes: dict[str, int], programs: int | None) -> dict[str, float]:
+    """Median over ``replays`` graph replays of each statistic of :func:`phases`, and ``call``:
+    the stamped step's per-call µs; the heuristic's config with ``changes``, on ``programs``
+    programs (None: the config's grid)."""
+    device = torch.device("cuda")
+    layers = layer_count(shape)
+    ls = make_layers(shape, device, layers)
+    appends = make_appends(shape, ls.xs)
+    base = leanattn.choose_config(shape.head_dim, ls.first.k.dtype, shape.q_len * shape.q_heads // shape.kv_heads)
+    config = replace(base, constexprs=(("TIMELINE", True),), **changes)
+    prepared = leanattn_step(shape, ls, config=config, num_programs=programs)
+    graph, _ = capture_cuda_graph(make_step(prepared, layers, lambda i: launch_append(shape, ls.xs[i],
+                                                                                       appends.fresh[i])))
+    (call,) = wrapper_calls(prepared.wrapper)  # every layer has the same call key
     stats: dict[str, list[float]] = {}
-    for t in calls:
-        ran = t[t[:, 3] != 0]
-        rel = ((ran[:, :4] - ran[:, 0].min()) % 2**32).double() / 1e3  # wraps of the low 32 bits
-        start, located, streamed, end = rel.unbind(1)
-        phases = {
-            "programs": float(len(ran)), "locate": (located - start).median(),
-            "stream": (streamed - located).median(), "stream max": (streamed - located).max(),
-            "tail": (end - streamed).median(), "tail max": (end - streamed).max(),
-            "end p10": end.quantile(0.1), "end": end.median(), "end max": end.max(),
-        }
-        for k, v in phases.items():
-            stats.setdefault(k, []).append(float(v))
-    return {k: statistics.median(v) for k, v in stats.items()}
+    for _ in range(replays + 2):
+        call.timeline.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        for k, v in phases(call.timeline.cpu()).items():
+            stats.setdefault(k, []).append(v)
+    row = {k: statistics.median(v[2:]) for k, v in stats.items()}  # the first replays warm up
+    row["call"] = bench_round(graph.replay) / layers * 1e3
+    return row
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=["1x32k@8/1", "1x4k@32/8", "8x32k@32/8"])
-    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--shapes", nargs="+", default=["1x32k@8/1", "1x4k@32/8", "4x8k@8/1"])
+    parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--variants", nargs="+", default=[""],
+                        help="configs to stamp, each a row: the heuristic's with KernelConfig fields replaced "
+                             "(\"num_stages=6,tile=128\"), and programs=N for the grid; \"\": the heuristic's")
+    parser.add_argument("--out", type=Path, help="also write timeline.json here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("timeline.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    kernel = instrumented_kernel()
-    print(f"{torch.cuda.get_device_name()}; microseconds from the first program's start, median of {args.reps} calls")
-    rows = [(text, timeline(text, args.reps, kernel)) for text in args.shapes]
-    keys = list(rows[0][1])
-    width = max(len(text) for text, _ in rows) + 2
-    print(f"{'shape':<{width}}" + "".join(f"{k:>11}" for k in keys))
-    for text, r in rows:
-        print(f"{text:<{width}}" + "".join(f"{r[k]:>11.0f}" if k == "programs" else f"{r[k]:>11.2f}" for k in keys))
+    device = torch.device("cuda")
+    rows = []
+    for text in args.shapes:
+        shape = parse_shape(text)
+        peers = run_serving_shape(shape, ["leanattn", "sdpa_cudnn", "read_floor"], device)
+        same_run = {f"{p['method']} µs": p.get("ms", float("nan")) * 1e3 for p in peers}
+        same_run["append µs"] = peers[0].get("append_us", float("nan"))
+        for v in args.variants:
+            rows.append({"shape": f"{text} {v}".strip(), **timeline(shape, args.replays, *variant(v)), **same_run})
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "timeline.json").write_text(json.dumps(rows, indent=1))
+    print(f"{torch.cuda.get_device_name()}; serving mode (append pattern, graph replay); µs from the call's first "
+          f"program start, median of {args.replays} replays")
+    keys = [k for k in rows[0] if k != "shape"]
+    width = max(len(r["shape"]) for r in rows) + 2
+    print(f"{'shape':<{width}}" + "".join(f"{k:>14}" for k in keys))
+    for r in rows:
+        print(f"{r['shape']:<{width}}" + "".join(f"{r[k]:>14.0f}" if k == "programs" else f"{r[k]:>14.2f}"
+                                                 for k in keys))
     return 0
 
 

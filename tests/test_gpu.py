@@ -252,3 +252,36 @@ def test_fp8_finer_scales_in_fp16_products_and_cuda_graphs(kinds):
         graph.replay()
         torch.cuda.synchronize()
         assert_close(out, lse, *reference(q, kp, vp, sl, block_table=table, k_scale=ks, v_scale=vs))
+
+
+@pytest.mark.parametrize("planned", [False, True])
+def test_timeline_stamps_are_ordered_and_change_no_bits(planned):
+    """The TIMELINE probe: every program with a share stamps its events in order (the ticket only
+    where it left a partial), a program without one stamps none past its start and wait, and
+    the output's bits are the plain kernel's."""
+    import dataclasses
+
+    from leanattn._testing import DECODE_CALLS, wrapper_calls
+
+    lens = [30000, 77, 4096]
+    q, k, v, sl = make_inputs(lens, 16, 2, 128, torch.bfloat16)
+    base = leanattn.choose_config(128, k.dtype, 8)
+    timed = dataclasses.replace(base, constexprs=(("TIMELINE", True),))
+    plain = leanattn.decode(q, k, v, sl, num_programs=300, config=base)
+    if planned:
+        w = leanattn.DecodeWrapper(16, 2, 128, torch.bfloat16, q.device, config=timed, num_programs=300)
+        w.plan(sl, k.shape[1])
+        out = w.run(q, k, v)
+        (call,) = wrapper_calls(w)
+    else:
+        out = leanattn.decode(q, k, v, sl, num_programs=300, config=timed)
+        (call,) = [c for c in DECODE_CALLS.values() if c.timeline is not None]
+    assert torch.equal(out, plain)
+    stamps = call.timeline.cpu()
+    ran = stamps[:, 6] != 0
+    assert 0 < ran.sum() <= 300 and (stamps[:, 0] != 0).all()
+    cut = ran & (stamps[:, 5] != 0)
+    assert 0 < cut.sum() < ran.sum()  # 30000 is cut among many programs; 77 is not
+    assert (stamps[cut].diff(dim=1) >= 0).all()
+    assert (stamps[ran & ~cut][:, [0, 1, 2, 3, 4, 6]].diff(dim=1) >= 0).all()
+    assert (stamps[~ran][:, 2:] == 0).all()

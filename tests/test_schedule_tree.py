@@ -16,8 +16,12 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
+import triton
+import triton.language as tl
 
 import leanattn
+from leanattn.kernels.lean_decode import _floor_div
 from leanattn.schedule import ARRIVE_CHUNK, merge_tree, plan
 
 KERNELS = Path(leanattn.__file__).parent / "kernels"
@@ -26,14 +30,15 @@ KERNELS = Path(leanattn.__file__).parent / "kernels"
 KERNEL_LINES = (
     "_store_partial(WsAcc, WsStats, 2 * pid + (g != start).to(tl.int32),",
     "head_first = g - t",
-    "first = (((head_first + 1) * programs - 1) // total).to(tl.int32)",
-    "last = (((head_first + n) * programs - 1) // total).to(tl.int32)",
+    "first = _floor_div((head_first + 1) * programs - 1, total).to(tl.int32)",
+    "last = _floor_div((head_first + n) * programs - 1, total).to(tl.int32)",
+    "first_odd = _first_odd(first, head_first, total, programs)",
     "member = pid",
     "chunk_first = first + (member - first) // ARRIVE_CHUNK * ARRIVE_CHUNK",
     "chunk_last = tl.minimum(chunk_first + ARRIVE_CHUNK - 1, last)",
-    "chunk_slot = _partial_slot(chunk_first, first, head_first, total, programs)",
-    "p_start = p * total // programs",
-    "return 2 * p + ((p == first_prog) & (p_start < head_first)).to(tl.int32)",
+    "chunk_slot = _partial_slot(chunk_first, first, first_odd)",
+    "return _floor_div(first_prog.to(tl.int64) * total, programs.to(tl.int64)) < head_first",
+    "return 2 * p + ((p == first_prog) & first_odd).to(tl.int32)",
     "arrived = tl.atomic_add(ChunkTickets + chunk_slot, 1,",
     "if arrived == chunk_last - chunk_first:",
     "if last - first < ARRIVE_CHUNK:",
@@ -52,16 +57,49 @@ def test_kernel_lines_are_transcribed():
     assert not missing, f"the kernel's merge arithmetic changed; update this file's transcription: {missing}"
 
 
+@triton.jit
+def _divide(X, D, Q, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(Q + i, _floor_div(tl.load(X + i), tl.load(D + i)))
+
+
+def test_floor_div_is_exact():
+    """The kernels' ``_floor_div`` (a truncated fp64 quotient) is x // d on the values next to
+    multiples of d, up to x = 2^53 - 1, for divisors from 1 to 2^31 (on the GPU when there is
+    one: its division must round correctly)."""
+    rng = random.Random(0)
+    xs, ds = [], []
+    for d in [1, 3, 7, 128, 1000003, 2**31 - 1, 2**31] + [rng.randint(1, 2**31) for _ in range(9)]:
+        for k in [0, 1, 2, 2**20 + 1, (2**53 - 1) // d - 1, (2**53 - 1) // d]:
+            for dx in (-1, 0, 1):
+                x = k * d + dx
+                if 0 <= x < 2**53:
+                    xs.append(x)
+                    ds.append(d)
+    n = triton.next_power_of_2(len(xs))
+    xs += [0] * (n - len(xs))
+    ds += [1] * (n - len(ds))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, d = torch.tensor(xs, dtype=torch.int64, device=device), torch.tensor(ds, dtype=torch.int64, device=device)
+    q = torch.empty_like(x)
+    _divide[(1,)](x, d, q, N=n)
+    assert torch.equal(q, x // d)
+
+
 def test_chunk_is_the_launchers():
     from leanattn._testing import ARRIVE_CHUNK as launched  # what the launcher passes the kernel
 
     assert ARRIVE_CHUNK == launched
 
 
-def k_partial_slot(p, first_prog, head_first, total, programs):
+def k_first_odd(first_prog, head_first, total, programs):
+    """The kernel's ``_first_odd`` (``_floor_div`` is exact: test_floor_div_is_exact)."""
+    return first_prog * total // programs < head_first
+
+
+def k_partial_slot(p, first_prog, first_odd):
     """The kernel's ``_partial_slot``."""
-    p_start = p * total // programs
-    return 2 * p + int((p == first_prog) & (p_start < head_first))
+    return 2 * p + int((p == first_prog) & first_odd)
 
 
 def kernel_arrival(pid, g, t, n_tiles, total, programs, chunk):
@@ -74,7 +112,8 @@ def kernel_arrival(pid, g, t, n_tiles, total, programs, chunk):
     last_prog = ((head_first + n_tiles) * programs - 1) // total
     chunk_first = first_prog + (pid - first_prog) // chunk * chunk
     chunk_last = min(chunk_first + chunk - 1, last_prog)
-    chunk_slot = k_partial_slot(chunk_first, first_prog, head_first, total, programs)
+    first_odd = k_first_odd(first_prog, head_first, total, programs)
+    chunk_slot = k_partial_slot(chunk_first, first_prog, first_odd)
     return dict(store_slot=store_slot, head_first=head_first, first_prog=first_prog, last_prog=last_prog,
                 chunk_first=chunk_first, chunk_last=chunk_last, chunk_slot=chunk_slot)
 
@@ -112,7 +151,7 @@ def simulate(s, chunk, rng):
     def merge(head, p_first, p_last, step, a):
         merged = ()
         for p in range(p_first, p_last + 1, step):
-            owner, part = slots[k_partial_slot(p, a["first_prog"], a["head_first"], s.total_tiles, P)]
+            owner, part = slots[k_partial_slot(p, a["first_prog"], k_first_odd(a["first_prog"], a["head_first"], s.total_tiles, P))]
             assert owner == head, f"head {head} read a partial of head {owner}"
             merged += part
         return merged

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ def test_run_bitwise_equals_decode(dtype, paged, leftpad):
             kc, vc, table = to_paged(k, v, [cap] * len(lens), 16, seed=layer)
             kw = {"block_table": table}
         if w is None:
-            w = _wrapper(q, k, programs)
+            w = _wrapper(q, k, programs, paged=paged)
             w.plan(sl, cap, cache_leftpad=pad)
         out = poisoned_like(q)
         res, lse = w.run(q, kc, vc, out=out, return_lse=True, **kw)
@@ -124,7 +125,7 @@ def test_plan_decode_equals_the_wrapper_and_decode(cache):
     out, lse = leanattn.decode(q, kc, vc, sl, plan=plan, return_lse=True, **features, **kw)
     again, again_lse = leanattn.decode(q, kc, vc, sl, num_programs=5, return_lse=True, **features, **kw)
     assert torch.equal(out, again) and torch.equal(lse, again_lse)
-    w = _wrapper(q, k, 5, max_q_len=2, kv_dtype=kv_dtype)
+    w = _wrapper(q, k, 5, max_q_len=2, kv_dtype=kv_dtype, paged=bool(kw))
     w.plan(sl, cap, q_len=2, **features)
     assert torch.equal(out, w.run(q, kc, vc, **kw))
     assert_close(out, lse, *reference(q, k.to(q.dtype), v.to(q.dtype), sl, **features))
@@ -254,3 +255,21 @@ def test_a_seen_layout_still_checks_the_plan():
 def test_wrapper_refuses_head_counts_decode_refuses(q_heads, kv_heads):
     with pytest.raises(ValueError, match=r"q_heads \(\d+\) must be a positive multiple of kv_heads"):
         leanattn.DecodeWrapper(q_heads, kv_heads, 64, torch.bfloat16, DEVICE)
+
+
+def test_a_run_on_the_other_kind_of_cache_warns_once_and_stays_exact():
+    """A wrapper made for contiguous caches that runs a paged one (or the other way round) warns
+    once, naming the flag, and still equals decode on the planned config."""
+    lens = [70, 5]
+    q, k, v, sl = make_inputs(lens, 8, 2, 64, torch.float16, cache_len=96)
+    kp, vp, table = to_paged(k, v, [96] * 2, 16)
+    for paged, run in ((False, dict(k_cache=kp, v_cache=vp, block_table=table)), (True, dict(k_cache=k, v_cache=v))):
+        w = _wrapper(q, k, 4, paged=paged)
+        w.plan(sl, 96)
+        with pytest.warns(UserWarning, match=f"paged={not paged}"):
+            first = w.run(q, **run)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            again = w.run(q, **run, out=torch.empty_like(q))  # a new layout, no second warning
+        assert torch.equal(first, again)
+        assert_close(first, None, *reference(q, k, v, sl))

@@ -179,9 +179,16 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "decode-partial-slot-off-by-one",
-        one(DECODE, "(p == first_prog) & (p_start < head_first)", "(p == first_prog) & (p_start <= head_first)"),
+        one(DECODE, "programs.to(tl.int64)) < head_first", "programs.to(tl.int64)) <= head_first"),
         ("tests/test_decode.py",), k="ragged_edges or chunk",
         why="a head starting exactly at its first program's share start would read slot 2p + 1",
+    ),
+    Mutant(
+        "decode-floor-div-fp32",
+        one(DECODE, "return (x.to(tl.float64) / d.to(tl.float64)).to(tl.int64)",
+            "return (x.to(tl.float32) / d.to(tl.float32)).to(tl.int64)"),
+        ("tests/test_schedule_tree.py",), k="floor_div",
+        why="an fp32 quotient rounds x / d to the next integer for large x: the wrong first or last program",
     ),
     Mutant(
         "decode-window-left-bound-off-by-one",

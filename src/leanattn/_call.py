@@ -19,7 +19,7 @@ from ._features import Features, kernel_scale, scale_tensor
 from ._launch import default_num_programs, launch, use_pdl
 from ._workspace import Workspace, workspace_for
 from .kernels.config import KernelConfig, choose_config, interpreting, next_pow2
-from .kernels.lean_decode import lean_decode_kernel
+from .kernels.lean_decode import EVENTS, lean_decode_kernel
 from .kernels.plan import BLOCK_B
 
 # Most programs that count their arrival on one chunk ticket (contention on one address grows
@@ -28,9 +28,10 @@ ARRIVE_CHUNK = 16
 
 
 @functools.lru_cache(maxsize=None)
-def heuristic(head_dim: int, kv_dtype: torch.dtype, rows: int) -> KernelConfig:
-    """The launch heuristic's config for ``rows`` (q_len x group) query rows of a kv head."""
-    return choose_config(head_dim, kv_dtype, rows)
+def heuristic(head_dim: int, kv_dtype: torch.dtype, rows: int, paged: bool) -> KernelConfig:
+    """The launch heuristic's config for ``rows`` (q_len x group) query rows of a kv head of a
+    contiguous or ``paged`` cache."""
+    return choose_config(head_dim, kv_dtype, rows, paged)
 
 
 @functools.lru_cache(maxsize=None)
@@ -144,8 +145,8 @@ def constexprs(
         HAS_MASK=features.has_mask, HAS_SOFTCAP=features.softcap > 0, HAS_SINKS=features.has_sinks,
         K_SCALE_KIND=features.k_scale_kind, V_SCALE_KIND=features.v_scale_kind, HAS_BOUNDS=has_bounds,
         PLANNED=planned,
-        RETURN_LSE=return_lse, DOT_DTYPE=dot_dtype, BLOCK_B=BLOCK_B, USE_PDL=pdl, **dict(config.constexprs),
-    )
+        RETURN_LSE=return_lse, DOT_DTYPE=dot_dtype, BLOCK_B=BLOCK_B, USE_PDL=pdl, TIMELINE=False,
+    ) | dict(config.constexprs)
 
 
 class Call:
@@ -157,7 +158,8 @@ class Call:
     ``leanattn.decode`` keep them in a dict, so a step's host path is one dict lookup and one
     launch (small calls are host-bound)."""
 
-    __slots__ = ("features", "kernel", "programs", "device", "config", "pdl", "params", "scales", "fixed", "hit")
+    __slots__ = ("features", "kernel", "programs", "device", "config", "pdl", "params", "scales", "fixed", "hit",
+                 "timeline")
 
     def __init__(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
@@ -190,6 +192,13 @@ class Call:
             kernel_scale(softmax_scale, features), features.softcap,
         )
         self.hit: tuple | None = None
+        # A probe's per-program stamps (config.constexprs with ("TIMELINE", True)): see
+        # kernels/lean_decode.py's EV_* events. The last launch's stamps; zero where none.
+        self.timeline: torch.Tensor | None = None
+        if self.params["TIMELINE"]:
+            if interpreting():
+                raise ValueError("TIMELINE stamps read the GPU's %globaltimer: the interpreter has none")
+            self.timeline = torch.zeros(programs, EVENTS, dtype=torch.int64, device=q.device)
 
     def launch(
         self, bufs: tuple[torch.Tensor, ...], q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -214,7 +223,8 @@ class Call:
             cache_seqlens if cache_seqlens is not None else tickets,
             cache_leftpad if cache_leftpad is not None else tickets,
             block_table if block_table is not None else tickets, sinks if sinks is not None else acc, k_scale,
-            v_scale, bounds if bounds is not None else tickets, plan if plan is not None else tickets, acc, stats, tickets, chunk_tickets, *self.fixed,
+            v_scale, bounds if bounds is not None else tickets, plan if plan is not None else tickets, acc, stats, tickets, chunk_tickets,
+            self.timeline if self.timeline is not None else tickets, *self.fixed,
         )
         self.hit = launch(self.kernel, self.programs, args, self.params, self.config, self.pdl, self.device, self.hit)
 
@@ -239,7 +249,7 @@ def decode_into(
     if batch == 0:
         return None
     rows = q_len * (q_heads // k_cache.shape[2])
-    config = config or heuristic(head_dim, k_cache.dtype, rows)
+    config = config or heuristic(head_dim, k_cache.dtype, rows, block_table is not None)
     programs = plan.shape[0] if plan is not None else grid(q.device, config, num_programs)
     capacity = capacity_of(k_cache, block_table)
     kv_heads = k_cache.shape[2]

@@ -1,7 +1,7 @@
 """The internals that tests and tools reach, gathered in one place. Not API: names here may change
 with any release; everything a user needs is in ``leanattn``."""
 
-from ._call import ARRIVE_CHUNK
+from ._call import _DECODE_CALLS as DECODE_CALLS, ARRIVE_CHUNK
 from ._checks import check_head_strides, check_page_strides
 from ._features import window_bounds
 from ._launch import DIRECT_LAUNCH_ERROR
@@ -16,7 +16,12 @@ from .kernels.lean_decode import lean_decode_kernel
 from .kernels.plan import BLOCK_B, PLAN_FIELDS, _live_range as live_range, _plan_row as plan_row
 from .kernels.plan import _share_of as share_of, lean_plan_kernel
 
-__all__ = ["ARRIVE_CHUNK", "BLOCK_B", "DIRECT_LAUNCH_ERROR", "MIN_INTERPRETER_TRITON", "MLA_CALLS", "MLA_KNOWN", "PLAN_FIELDS", "WORKSPACES", "check_head_strides", "check_page_strides", "Workspace", "blocks_of", "gluon_serves", "mla_heuristic", "mla_tma_view",
+__all__ = ["ARRIVE_CHUNK", "DECODE_CALLS", "wrapper_calls", "BLOCK_B", "DIRECT_LAUNCH_ERROR", "MIN_INTERPRETER_TRITON", "MLA_CALLS", "MLA_KNOWN", "PLAN_FIELDS", "WORKSPACES", "check_head_strides", "check_page_strides", "Workspace", "blocks_of", "gluon_serves", "mla_heuristic", "mla_tma_view",
            "launch_plan",
            "lean_decode_kernel", "lean_plan_kernel", "live_range", "plan_row", "share_of", "triton_version",
            "key_bounds", "window_bounds", "workspace_for"]
+
+
+def wrapper_calls(wrapper) -> list:
+    """The kernel calls (``_call.Call``) a ``DecodeWrapper`` has built, one per call key."""
+    return list(wrapper._calls.values())

@@ -28,11 +28,12 @@ __all__ = ["decode", "plan_decode", "reserve_workspace", "choose_config", "defau
            "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES", "FP8_DTYPES", "MAX_QUERY_ROWS", "max_query_rows", "MAX_PAGE_SIZE"]
 
 
-def choose_config(head_dim: int, kv_dtype: torch.dtype, rows: int) -> KernelConfig:
-    """The launch heuristic's config for a cache of ``kv_dtype`` with ``head_dim``, and ``rows``
-    (q_len x group) query rows of a kv head: what ``decode`` uses without ``config=``. Not
-    cached, so torch.compile traces it (plan_decode) without a warning; the launch path caches it."""
-    return kernels_config.choose_config(head_dim, kv_dtype, rows)
+def choose_config(head_dim: int, kv_dtype: torch.dtype, rows: int, paged: bool = False) -> KernelConfig:
+    """The launch heuristic's config for a cache of ``kv_dtype`` with ``head_dim``, ``rows``
+    (q_len x group) query rows of a kv head, contiguous or ``paged`` (a block table): what
+    ``decode`` uses without ``config=``. Not cached, so torch.compile traces it (plan_decode)
+    without a warning; the launch path caches it."""
+    return kernels_config.choose_config(head_dim, kv_dtype, rows, paged)
 
 
 def _check_config(config: object) -> None:
@@ -46,7 +47,7 @@ def _check_config(config: object) -> None:
 def reserve_workspace(
     device: torch.device | str, q_heads: int, kv_heads: int, head_dim: int, kv_dtype: torch.dtype, *,
     q_len: int = 1, num_programs: int | None = None, batch_invariant: bool = False, split_size: int | None = None,
-    batch: int = 0, capacity: int = 0,
+    batch: int = 0, capacity: int = 0, paged: bool = False,
 ) -> None:
     """Allocate now the workspace :func:`decode` needs for calls of this shape on ``device``
     (with ``batch_invariant``: for up to ``batch`` sequences of up to ``capacity`` tokens).
@@ -57,7 +58,7 @@ def reserve_workspace(
     """
     device = torch.device(device)
     rows = q_len * (q_heads // kv_heads)
-    config = choose_config(head_dim, kv_dtype, rows)
+    config = choose_config(head_dim, kv_dtype, rows, paged)
     programs = _call.grid(device, config, num_programs)
     split = split_of(batch_invariant, split_size, config.tile)
     if split and (batch < 1 or capacity < 1):
@@ -85,6 +86,7 @@ def plan_decode(
     config: KernelConfig | None = None,
     batch_invariant: bool = False,
     split_size: int | None = None,
+    paged: bool = False,
 ) -> torch.Tensor:
     """Every program's share of a decode step, for ``decode(..., plan=plan)`` in each layer.
 
@@ -103,6 +105,8 @@ def plan_decode(
         device: where the plan lives; defaults to the lengths' device (required without them).
         config: the runs' :class:`KernelConfig`, when they pass one (eager code only).
         batch_invariant, split_size: as the runs pass them (the shares are dealt in splits).
+        paged: whether the runs pass a ``block_table`` (paged caches take another launch config,
+            whose grid the plan must have; a plan made otherwise still gives exact results).
 
     Returns:
         int32 (programs, 8): the plan, whose rows are the grid of the runs. A plan describes
@@ -122,7 +126,7 @@ def plan_decode(
     q_dtype = kv_dtype if kv_dtype in SUPPORTED_DTYPES else torch.float16  # an fp8 cache takes either
     check_layer_shape(q_heads, kv_heads, head_dim, q_dtype, kv_dtype, q_len, device)
     window_left, _, has_window, _ = window_bounds(causal, window_size, q_len)
-    launch = config or choose_config(head_dim, kv_dtype, q_len * (q_heads // kv_heads))
+    launch = config or choose_config(head_dim, kv_dtype, q_len * (q_heads // kv_heads), paged)
     check_tile_count(batch, kv_heads, capacity, launch.tile)
     split = split_of(batch_invariant, split_size, launch.tile)
     plan = ops.plan_shares(cache_seqlens, cache_leftpad, batch, kv_heads, capacity, q_len, window_left, has_window,
@@ -301,7 +305,8 @@ def decode(
     split = 0
     if batch_invariant or split_size is not None:
         rows = q.shape[1] * (q.shape[2] // k_cache.shape[2])
-        split = split_of(batch_invariant, split_size, (config or choose_config(q.shape[3], k_cache.dtype, rows)).tile)
+        split = split_of(batch_invariant, split_size,
+                         (config or choose_config(q.shape[3], k_cache.dtype, rows, block_table is not None)).tile)
     made_for = None
     if plan is not None:
         batch, q_len, q_heads, head_dim = q.shape

@@ -15,6 +15,8 @@ can capture a plan together with the layers' runs and each replay re-plans for t
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from . import _call
@@ -50,6 +52,9 @@ class DecodeWrapper:
         batch_invariant, split_size: as in :func:`leanattn.decode`: each sequence's results are
             the same bits whatever rides with it. Its workspace grows with batch x capacity:
             make the largest plan before capturing a CUDA graph.
+        paged: the runs take paged caches (``block_table``). Paged and contiguous caches have
+            different launch configs, so plans differ; a run of the other kind gives exact
+            results on the planned config, with a warning (once) that it is not its own.
 
     The wrapper owns its workspace and plan buffers (allocated here; in batch-invariant mode
     grown by a plan that needs more), so calls of different wrappers may run concurrently on
@@ -72,6 +77,7 @@ class DecodeWrapper:
         config: KernelConfig | None = None,
         batch_invariant: bool = False,
         split_size: int | None = None,
+        paged: bool = False,
     ) -> None:
         device = wrapper_device(device, "DecodeWrapper")
         kv_dtype = dtype if kv_dtype is None else kv_dtype
@@ -85,7 +91,7 @@ class DecodeWrapper:
         group = q_heads // kv_heads
         # The launch config (and with it the default grid) follows q_len x group, as in decode, so
         # each plan picks its own; the buffers are sized for the largest grid and q_len.
-        self._grid, self._given_config = num_programs, config
+        self._grid, self._given_config, self.paged = num_programs, config, paged
         self._config = self._config_for(1)
         self.num_programs = _call.grid(device, self._config, num_programs)
         most = max(self.num_programs, _call.grid(device, self._config_for(max_q_len), num_programs))
@@ -107,10 +113,12 @@ class DecodeWrapper:
         # Runs by call key (checked, with their features resolved); the buffers above are the
         # wrapper's own, so they need no place in the key (the plan's grid and config are in it).
         self._calls: dict[tuple, _call.Call] = {}
+        self._told = False  # warned of a run with the other kind of cache
 
     def _config_for(self, q_len: int) -> KernelConfig:
         """The runs' launch config for plans of ``q_len``: the one given, else the heuristic's."""
-        return self._given_config or _call.heuristic(self.head_dim, self.kv_dtype, q_len * (self.q_heads // self.kv_heads))
+        return self._given_config or _call.heuristic(self.head_dim, self.kv_dtype, q_len * (self.q_heads // self.kv_heads),
+                                                     self.paged)
 
     @property
     def compiled_kernels(self) -> list:
@@ -232,6 +240,11 @@ class DecodeWrapper:
         call = self._calls.get(key)
         if call is None:  # a layout not seen yet: the full checks
             self._check(q, k_cache, v_cache, block_table, out)
+            if (block_table is not None) != self.paged and self._given_config is None and not self._told:
+                self._told = True
+                kind = "a paged" if block_table is not None else "a contiguous"
+                warnings.warn(f"DecodeWrapper(paged={self.paged}) ran {kind} cache: exact, on the other kind's launch "
+                              f"config; make the wrapper with paged={not self.paged} for its own", stacklevel=2)
             features, _, _ = resolve_features(q, k_cache, self._causal, self._window_size, softcap, sinks,
                                               k_scale, v_scale)
             call = self._calls[key] = _call.Call(

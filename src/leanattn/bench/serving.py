@@ -141,11 +141,14 @@ def invariance(shape: Shape) -> dict:
     return {"batch_invariant": True, "split_size": shape.split} if shape.split else {}
 
 
-def leanattn_step(shape: Shape, ls: Layers, config: leanattn.KernelConfig | None = None) -> Prepared:
-    """``DecodeWrapper`` planned once per step and run per layer (with ``config``, if given)."""
+def leanattn_step(shape: Shape, ls: Layers, config: leanattn.KernelConfig | None = None,
+                  num_programs: int | None = None) -> Prepared:
+    """``DecodeWrapper`` planned once per step and run per layer (with ``config`` and
+    ``num_programs``, if given)."""
     x0 = ls.first
     w = leanattn.DecodeWrapper(shape.q_heads, shape.kv_heads, shape.head_dim, shape.dtype, x0.q.device,
-                               kv_dtype=x0.k.dtype, max_q_len=shape.q_len, config=config, **invariance(shape))
+                               kv_dtype=x0.k.dtype, max_q_len=shape.q_len, config=config, num_programs=num_programs,
+                               paged=x0.block_table is not None, **invariance(shape))
     capacity = x0.k.shape[1] * (x0.block_table.shape[1] if x0.block_table is not None else 1)
     outs = [torch.empty_like(x.q) for x in ls.xs]
     features = [ls.features(shape, i) for i in range(len(ls.xs))]

@@ -114,14 +114,16 @@ class ContextParallelDecode:
             return f"dtype must be float16 or bfloat16, got {self.dtype}", 0
         if isinstance(q_len, bool) or not isinstance(q_len, int) or q_len < 1:
             return f"q_len must be a positive int, got {q_len!r}", 0
-        if self._wrapper is None or self._wrapper.max_q_len < q_len:
+        paged = block_table is not None
+        if self._wrapper is None or self._wrapper.max_q_len < q_len or self._wrapper.paged != paged:
             if self._wrapper is not None:
                 # A CUDA graph captured with it still reads its plan and workspace: keep them.
                 self._retired.append(self._wrapper)
-            try:  # its workspace is sized for the longest q_len planned so far
+            try:  # its workspace is sized for the longest q_len planned so far; paged or not
                 self._wrapper = DecodeWrapper(self.q_heads, self.kv_heads, self.head_dim, self.dtype, self.device,
-                                              max_q_len=q_len, num_programs=self.num_programs,
-                                              softmax_scale=self.softmax_scale)
+                                              max_q_len=max(q_len, self._wrapper.max_q_len if self._wrapper else 1),
+                                              num_programs=self.num_programs, softmax_scale=self.softmax_scale,
+                                              paged=paged)
             except (ValueError, TypeError) as e:
                 return str(e), 0
         if not isinstance(capacity, int) or capacity < 0:

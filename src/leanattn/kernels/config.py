@@ -73,9 +73,9 @@ def next_pow2(n: int) -> int:
 ROW_LIMITS: dict[int, int] = {512: 16}
 
 
-def choose_config(head_dim: int, kv_dtype: torch.dtype, rows: int) -> KernelConfig:
+def choose_config(head_dim: int, kv_dtype: torch.dtype, rows: int, paged: bool = False) -> KernelConfig:
     """Heuristic launch configuration for one (head_dim, cache dtype, query rows of a kv head:
-    q_len x group size).
+    q_len x group size, whether the cache is paged).
 
     Budgets of an H200 SM: 228 KiB of shared memory (227 KiB for one program), 64K 32-bit
     registers (255 a thread at most). A stage of the K/V pipeline holds one K and one V tile:
@@ -136,9 +136,18 @@ def choose_config(head_dim: int, kv_dtype: torch.dtype, rows: int) -> KernelConf
         # thread (32 at 32 rows), q 8, the accumulator 4.
         return KernelConfig(tile=128, num_warps=4, num_stages=3, programs_per_sm=2, target_share=4)
     # fp16 and bf16 move the same bytes. The sweeps showed no clear effect of the group size up
-    # to 8 rows. 64 x 128 tiles, 3 stages: 70 KiB of shared memory, so both programs of an SM
-    # are resident. Paged caches add a dependent page-number load per tile; two programs per SM
-    # hide it.
+    # to 8 rows. HEAD_DIM_PAD 128 (d = 80, 96, 128): 64 x 128 tiles, 32 KiB a stage; one program
+    # an SM with 6 stages (192 KiB) keeps 5 tiles in flight, where two with 3 stages kept 2 each:
+    # a 16 MiB call's programs (4 tiles each) have every byte requested from their start, and
+    # on larger calls one program's chain of tiles still outruns the bytes. Measured in serving
+    # mode on an H200 (benchmarks/NOTES.md, the timeline): 1 x 32k 8/1 16.8 -> 15.1 µs, 16 x 4k
+    # 64/8 84.6 -> 76.2, 8 x 8k 32/8 80.6 -> 79.9; 6 stages with two programs an SM (the second
+    # not resident) 87.7 there, 4 stages with one 96.3. Only d=128: d=80 lost 10% (1 x 32k 8/8)
+    # and d=96 4% (8 x 4k 16/16) in the same run; d=64 (16 KiB stages) was not measured. Paged
+    # caches keep two programs of 3 stages: each tile's K/V addresses wait on a page number
+    # (read a tile ahead), and one program an SM lost 15-49% on every paged shape measured.
+    if head_dim == 128 and not paged:
+        return KernelConfig(tile=64, num_warps=4, num_stages=6, programs_per_sm=1, target_share=4)
     return KernelConfig(tile=64, num_warps=4, num_stages=3, programs_per_sm=2, target_share=4)
 
 

@@ -31,6 +31,30 @@ SCALE_SEQ = tl.constexpr(2)
 SCALE_TOKEN = tl.constexpr(3)
 
 
+# Events of a program's timeline (TIMELINE=True): its start, the end of gdc_wait, its share
+# known, its first tile's scores computed, its last tile's, its chunk ticket drawn (a member of
+# a cut head: the last one it leaves a partial for), its exit. Slots of a (programs,
+# EVENTS) int64 tensor of %globaltimer nanoseconds; a program with no share writes none.
+EV_START = tl.constexpr(0)
+EV_WAITED = tl.constexpr(1)
+EV_SHARE = tl.constexpr(2)
+EV_FIRST_TILE = tl.constexpr(3)
+EV_LAST_TILE = tl.constexpr(4)
+EV_TICKET = tl.constexpr(5)
+EV_EXIT = tl.constexpr(6)
+EVENTS = 7
+_EVENTS = tl.constexpr(EVENTS)
+
+
+@triton.jit
+def _stamp(Timeline, pid, event: tl.constexpr, after):
+    """Write %globaltimer to Timeline[pid, event] once ``after`` (an int32 scalar) is computed:
+    taking it as an operand keeps the read behind the loads and math it depends on."""
+    now = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [after], dtype=tl.int64, is_pure=False,
+                                    pack=1)
+    tl.store(Timeline + pid * _EVENTS + event, now)
+
+
 @triton.jit
 def _tanh(x):
     """tanh from exp2, exact to fp32 rounding in absolute terms (what a softmax exponent needs)."""
@@ -113,7 +137,7 @@ def _attend_tiles(
     GROUP: tl.constexpr, Q_LEN: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, TILE: tl.constexpr, PAGE_SIZE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BOUNDS: tl.constexpr, K_SCALE_KIND: tl.constexpr,
-    V_SCALE_KIND: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    V_SCALE_KIND: tl.constexpr, DOT_DTYPE: tl.constexpr, Timeline, pid, stamp_first, TIMELINE: tl.constexpr,
 ):
     """Online softmax of the packed query rows ``q`` (ROWS, HEAD_DIM_PAD) over tiles
     ``[tile_start, tile_end)`` of head (b, h). The tiles cover cache positions ``[first, first +
@@ -132,7 +156,10 @@ def _attend_tiles(
     Per-token fp8 scales (SCALE_TOKEN) are read with the tile from KScale/VScale, packed like the
     cache's rows ((batch, capacity, kv_heads), or (num_pages, PAGE_SIZE, kv_heads)) and masked
     like K and V: K's multiply the fp32 score columns before the score stage, V's the weights of
-    the PV product (not the row sums)."""
+    the PV product (not the row sums).
+
+    TIMELINE: with ``stamp_first``, the first tile's scores stamp EV_FIRST_TILE of program
+    ``pid`` in Timeline."""
     offs_n = tl.arange(0, TILE)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask_d = offs_d < HEAD_DIM
@@ -195,6 +222,9 @@ def _attend_tiles(
                        window_left, window_right, key_lo, key_hi, HAS_SOFTCAP, HAS_MASK, HAS_BOUNDS,
                        PAGE_SIZE > 0)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        if TIMELINE:
+            if stamp_first & (tile == tile_start):
+                _stamp(Timeline, pid, EV_FIRST_TILE, tl.max(m_new, axis=0).to(tl.int32, bitcast=True))
         # A row that has seen no valid token keeps m = -inf; shift by 0 there to avoid inf - inf.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_shift)
@@ -247,28 +277,44 @@ def _write_output(
 
 
 @triton.jit
-def _partial_slot(p, first_prog, head_first, total, programs):
-    """Workspace slot of program p's partial for the head whose tile 0 is global tile head_first:
-    2p, or 2p + 1 when the head is not the first of p's share (only possible for the head's first
-    program, whose share then started before the head)."""
-    p_start = p * total // programs  # int64: total is int64
-    return 2 * p + ((p == first_prog) & (p_start < head_first)).to(tl.int32)
+def _floor_div(x, d):
+    """x // d for int64 0 <= x < 2^53 and 0 < d < 2^53: the truncated fp64 quotient. Exact: x
+    and d are exact in fp64, and when x / d is not an integer it lies at least 1 / d below the
+    next one while rounding moves it by at most (x / d) 2^-53 < 1 / d (div.rn.f64 is correctly
+    rounded). A 64-bit integer division is a long subroutine on the GPU, and the merge's path
+    would wait on several before its first load."""
+    return (x.to(tl.float64) / d.to(tl.float64)).to(tl.int64)
+
+
+@triton.jit
+def _first_odd(first_prog, head_first, total, programs):
+    """Whether the head whose tile 0 is global tile head_first keeps its first program's
+    partial in that program's second slot (the share started before the head)."""
+    return _floor_div(first_prog.to(tl.int64) * total, programs.to(tl.int64)) < head_first
+
+
+@triton.jit
+def _partial_slot(p, first_prog, first_odd):
+    """Workspace slot of program p's partial for a head whose first program is first_prog: 2p,
+    or 2p + 1 for first_prog when ``first_odd`` (see ``_first_odd``)."""
+    return 2 * p + ((p == first_prog) & first_odd).to(tl.int32)
 
 
 @triton.jit
 def _load_partial(
-    WsAcc, WsStats, p, first_prog, last_prog, head_first, total, programs,
+    WsAcc, WsStats, p, first_prog, last_prog, first_odd,
     ROWS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BY_SLOT: tl.constexpr,
 ):
-    """Partial (acc, m, l) of program p for the head starting at tile head_first (BY_SLOT: the
-    partial in slot p); an empty partial when p is past last_prog."""
+    """Partial (acc, m, l) of program p for a head whose first program is first_prog (slots by
+    ``_partial_slot``; BY_SLOT: the partial in slot p); an empty partial when p is past
+    last_prog."""
     rows = tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     valid = (tl.zeros((ROWS,), dtype=tl.int32) + p) <= last_prog  # a block mask, not a scalar
     if BY_SLOT:
         src = p
     else:
-        src = _partial_slot(p, first_prog, head_first, total, programs)
+        src = _partial_slot(p, first_prog, first_odd)
     stats = WsStats + src * (2 * ROWS) + rows
     m = tl.load(stats, mask=valid, other=float("-inf"), cache_modifier=".cg")
     l = tl.load(stats + ROWS, mask=valid, other=0.0, cache_modifier=".cg")
@@ -279,17 +325,17 @@ def _load_partial(
 
 @triton.jit
 def _load4(
-    WsAcc, WsStats, p, first_prog, p_last, head_first, total, programs,
+    WsAcc, WsStats, p, first_prog, p_last, first_odd,
     STEP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BY_SLOT: tl.constexpr,
 ):
     """Partials of programs p, p + STEP, p + 2 STEP, p + 3 STEP: (acc, m, l) four times."""
-    a0, m0, l0 = _load_partial(WsAcc, WsStats, p, first_prog, p_last, head_first, total, programs, ROWS, HEAD_DIM_PAD,
+    a0, m0, l0 = _load_partial(WsAcc, WsStats, p, first_prog, p_last, first_odd, ROWS, HEAD_DIM_PAD,
                                BY_SLOT)
-    a1, m1, l1 = _load_partial(WsAcc, WsStats, p + STEP, first_prog, p_last, head_first, total, programs, ROWS, HEAD_DIM_PAD,
+    a1, m1, l1 = _load_partial(WsAcc, WsStats, p + STEP, first_prog, p_last, first_odd, ROWS, HEAD_DIM_PAD,
                                BY_SLOT)
-    a2, m2, l2 = _load_partial(WsAcc, WsStats, p + 2 * STEP, first_prog, p_last, head_first, total, programs, ROWS, HEAD_DIM_PAD,
+    a2, m2, l2 = _load_partial(WsAcc, WsStats, p + 2 * STEP, first_prog, p_last, first_odd, ROWS, HEAD_DIM_PAD,
                                BY_SLOT)
-    a3, m3, l3 = _load_partial(WsAcc, WsStats, p + 3 * STEP, first_prog, p_last, head_first, total, programs, ROWS, HEAD_DIM_PAD,
+    a3, m3, l3 = _load_partial(WsAcc, WsStats, p + 3 * STEP, first_prog, p_last, first_odd, ROWS, HEAD_DIM_PAD,
                                BY_SLOT)
     return a0, m0, l0, a1, m1, l1, a2, m2, l2, a3, m3, l3
 
@@ -311,7 +357,7 @@ def _combine4(acc, m_i, l_i, a0, m0, l0, a1, m1, l1, a2, m2, l2, a3, m3, l3):
 
 @triton.jit
 def _merge_partials(
-    WsAcc, WsStats, p_first, p_last, first_prog, head_first, total, programs,
+    WsAcc, WsStats, p_first, p_last, first_prog, first_odd,
     STEP: tl.constexpr, WIDE: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BY_SLOT: tl.constexpr,
 ):
@@ -324,15 +370,15 @@ def _merge_partials(
     if WIDE:
         for p in range(p_first, p_last + 1, 8 * STEP):
             a0, m0, l0, a1, m1, l1, a2, m2, l2, a3, m3, l3 = _load4(
-                WsAcc, WsStats, p, first_prog, p_last, head_first, total, programs, STEP, ROWS, HEAD_DIM_PAD, BY_SLOT)
+                WsAcc, WsStats, p, first_prog, p_last, first_odd, STEP, ROWS, HEAD_DIM_PAD, BY_SLOT)
             a4, m4, l4, a5, m5, l5, a6, m6, l6, a7, m7, l7 = _load4(
-                WsAcc, WsStats, p + 4 * STEP, first_prog, p_last, head_first, total, programs, STEP, ROWS, HEAD_DIM_PAD, BY_SLOT)
+                WsAcc, WsStats, p + 4 * STEP, first_prog, p_last, first_odd, STEP, ROWS, HEAD_DIM_PAD, BY_SLOT)
             acc, m_i, l_i = _combine4(acc, m_i, l_i, a0, m0, l0, a1, m1, l1, a2, m2, l2, a3, m3, l3)
             acc, m_i, l_i = _combine4(acc, m_i, l_i, a4, m4, l4, a5, m5, l5, a6, m6, l6, a7, m7, l7)
     else:
         for p in range(p_first, p_last + 1, 4 * STEP):
             a0, m0, l0, a1, m1, l1, a2, m2, l2, a3, m3, l3 = _load4(
-                WsAcc, WsStats, p, first_prog, p_last, head_first, total, programs, STEP, ROWS, HEAD_DIM_PAD, BY_SLOT)
+                WsAcc, WsStats, p, first_prog, p_last, first_odd, STEP, ROWS, HEAD_DIM_PAD, BY_SLOT)
             acc, m_i, l_i = _combine4(acc, m_i, l_i, a0, m0, l0, a1, m1, l1, a2, m2, l2, a3, m3, l3)
     return acc, m_i, l_i
 
@@ -359,7 +405,7 @@ def _arrive_and_merge(
     stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
     GROUP: tl.constexpr, Q_LEN: tl.constexpr, ROWS: tl.constexpr, MERGE_ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MERGE_WIDE: tl.constexpr, ARRIVE_CHUNK: tl.constexpr,
-    RETURN_LSE: tl.constexpr, HAS_SINKS: tl.constexpr, BY_SLOT: tl.constexpr,
+    RETURN_LSE: tl.constexpr, HAS_SINKS: tl.constexpr, BY_SLOT: tl.constexpr, Timeline, TIMELINE: tl.constexpr,
 ):
     """A member of a head cut among several leaves its partial (acc, m, l), counts its arrival,
     and merges if it is the last. The head's unit ``t`` is global unit ``g`` (its unit 0 is
@@ -380,29 +426,32 @@ def _arrive_and_merge(
         first = g - t  # int64: slots x rows x head_dim may pass 2^31 with many splits
         member = first + u
         _store_partial(WsAcc, WsStats, member, acc, m_i, l_i, ROWS, MERGE_ROWS, HEAD_DIM_PAD)
-        head_first = first
         last = first + n - 1
+        first_odd = False
     else:
         member = pid
         _store_partial(WsAcc, WsStats, 2 * pid + (g != start).to(tl.int32), acc, m_i, l_i,
                        ROWS, MERGE_ROWS, HEAD_DIM_PAD)
         head_first = g - t
-        first = (((head_first + 1) * programs - 1) // total).to(tl.int32)
-        last = (((head_first + n) * programs - 1) // total).to(tl.int32)
+        first = _floor_div((head_first + 1) * programs - 1, total).to(tl.int32)
+        last = _floor_div((head_first + n) * programs - 1, total).to(tl.int32)
+        first_odd = _first_odd(first, head_first, total, programs)
     chunk_first = first + (member - first) // ARRIVE_CHUNK * ARRIVE_CHUNK
     chunk_last = tl.minimum(chunk_first + ARRIVE_CHUNK - 1, last)
     # A chunk is named by its first member's slot for this head (unique per head and chunk).
     if BY_SLOT:
         chunk_slot = chunk_first
     else:
-        chunk_slot = _partial_slot(chunk_first, first, head_first, total, programs)
+        chunk_slot = _partial_slot(chunk_first, first, first_odd)
     # Every thread's partial stores must be ordered before the ticket (release).
     tl.debug_barrier()
     arrived = tl.atomic_add(ChunkTickets + chunk_slot, 1, sem="acq_rel", scope="gpu")
+    if TIMELINE:
+        _stamp(Timeline, pid, EV_TICKET, arrived)
     if arrived == chunk_last - chunk_first:
         tl.atomic_xchg(ChunkTickets + chunk_slot, 0, sem="relaxed", scope="gpu")
         acc_c, m_c, l_c = _merge_partials(
-            WsAcc, WsStats, chunk_first, chunk_last, first, head_first, total, programs,
+            WsAcc, WsStats, chunk_first, chunk_last, first, first_odd,
             1, MERGE_WIDE, MERGE_ROWS, HEAD_DIM_PAD, BY_SLOT,
         )
         if last - first < ARRIVE_CHUNK:  # one chunk: it is the whole head
@@ -418,7 +467,7 @@ def _arrive_and_merge(
                 # Last chunk of the head: merge the chunks' sums in member order.
                 tl.atomic_xchg(Tickets + first, 0, sem="relaxed", scope="gpu")
                 acc_m, m_m, l_m = _merge_partials(
-                    WsAcc, WsStats, first, last, first, head_first, total, programs,
+                    WsAcc, WsStats, first, last, first, first_odd,
                     ARRIVE_CHUNK, MERGE_WIDE, MERGE_ROWS, HEAD_DIM_PAD, BY_SLOT,
                 )
                 _write_output(Out, Lse, Sinks, b, h, acc_m, m_m, l_m, v_scale,
@@ -467,7 +516,7 @@ def _load_q(
 @triton.jit(do_not_specialize=["batch", "kv_heads", "capacity", "num_pages", "window_left", "window_right"])
 def lean_decode_kernel(
     Q, K, V, Out, Lse, SeqLens, LeftPad, BlockTable, Sinks, KScale, VScale, Bounds,
-    Plan, WsAcc, WsStats, Tickets, ChunkTickets,
+    Plan, WsAcc, WsStats, Tickets, ChunkTickets, Timeline,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -482,7 +531,7 @@ def lean_decode_kernel(
     HAS_SEQLENS: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, K_SCALE_KIND: tl.constexpr, V_SCALE_KIND: tl.constexpr,
     HAS_BOUNDS: tl.constexpr, PLANNED: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr, TIMELINE: tl.constexpr,
 ):
     """Decode attention over a persistent grid.
 
@@ -505,12 +554,17 @@ def lean_decode_kernel(
     and ChunkTickets int32, zero between calls (the last arriver on each ticket puts it back);
     S = 2 * grid slots, grid head tickets and 2 * grid chunk tickets, or with SPLIT one slot and
     ticket of each kind per split of the call.
+    TIMELINE (a probe, GPU only): Timeline (grid, EVENTS) int64 takes each program's EV_* stamps.
     """
+    pid = tl.program_id(0)
+    if TIMELINE:
+        _stamp(Timeline, pid, EV_START, pid)
     if USE_PDL:
         # Launched early behind the previous kernel (programmatic dependent launch): wait for it
         # to finish before reading anything it may have written (q, the cache, the plan).
         gdc_wait()
-    pid = tl.program_id(0)
+    if TIMELINE:
+        _stamp(Timeline, pid, EV_WAITED, pid)
     if PLANNED:
         total, programs, start, end, b, h, t = _read_plan_row(Plan, pid)
     else:
@@ -520,6 +574,8 @@ def lean_decode_kernel(
         )
     if pid >= programs:
         return
+    if TIMELINE:
+        _stamp(Timeline, pid, EV_SHARE, (end - start).to(tl.int32))
 
     rows = tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -546,8 +602,11 @@ def lean_decode_kernel(
                     window_left, window_right, num_pages, kv_heads, capacity,
                     stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
                     GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, HAS_SOFTCAP, HAS_MASK, HAS_BOUNDS,
-                    K_SCALE_KIND, V_SCALE_KIND, DOT_DTYPE,
+                    K_SCALE_KIND, V_SCALE_KIND, DOT_DTYPE, Timeline, pid, (g == start) & (u == t), TIMELINE,
                 )
+                if TIMELINE:
+                    if (u == t_end - 1) & (g + (t_end - t) >= end):
+                        _stamp(Timeline, pid, EV_LAST_TILE, tl.max(m_i, axis=0).to(tl.int32, bitcast=True))
                 if USE_PDL:  # as below, with the total counted in tiles
                     if (u == t_end - 1) & (g + (t_end - t) >= end) & (total * (SPLIT // TILE) <= 8 * tl.num_programs(0)):
                         gdc_launch_dependents()
@@ -561,7 +620,7 @@ def lean_decode_kernel(
                         b, h, pid, u, g, start, t, n_units, total, programs,
                         stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
                         GROUP, Q_LEN, ROWS, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, MERGE_WIDE, ARRIVE_CHUNK, RETURN_LSE,
-                        HAS_SINKS, True,
+                        HAS_SINKS, True, Timeline, TIMELINE,
                     )
         else:
             n_tiles = n_units
@@ -570,8 +629,11 @@ def lean_decode_kernel(
                 softcap, window_left, window_right, num_pages, kv_heads, capacity,
                 stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
                 GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, HAS_SOFTCAP, HAS_MASK, HAS_BOUNDS,
-                K_SCALE_KIND, V_SCALE_KIND, DOT_DTYPE,
+                K_SCALE_KIND, V_SCALE_KIND, DOT_DTYPE, Timeline, pid, g == start, TIMELINE,
             )
+            if TIMELINE:
+                if g + (t_end - t) >= end:
+                    _stamp(Timeline, pid, EV_LAST_TILE, tl.max(m_i, axis=0).to(tl.int32, bitcast=True))
             if USE_PDL:
                 # Small calls let the next kernel launch once every program has streamed its last
                 # tile, so its launch overlaps the merges. Large calls leave it to their exit: there
@@ -590,7 +652,7 @@ def lean_decode_kernel(
                     b, h, pid, 0, g, start, t, n_tiles, total, programs,
                     stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
                     GROUP, Q_LEN, ROWS, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, MERGE_WIDE, ARRIVE_CHUNK, RETURN_LSE,
-                    HAS_SINKS, False,
+                    HAS_SINKS, False, Timeline, TIMELINE,
                 )
 
         g += (t_end - t).to(tl.int64)
@@ -599,3 +661,5 @@ def lean_decode_kernel(
         if h == kv_heads:
             h = 0
             b += 1
+    if TIMELINE:
+        _stamp(Timeline, pid, EV_EXIT, pid)

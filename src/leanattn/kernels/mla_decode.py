@@ -28,7 +28,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .lean_decode import (
-    SCALE_NONE, SCALE_TOKEN, _arrive_and_merge, _combine4, _head_scale, _partial_slot, _pow2_factors, _score_mod,
+    SCALE_NONE, SCALE_TOKEN, _arrive_and_merge, _combine4, _first_odd, _floor_div, _head_scale, _partial_slot,
+    _pow2_factors, _score_mod,
     _token_weights, _write_output,
 )
 from .plan import _live_range, _num_tiles, _read_plan_row, _share_of
@@ -357,7 +358,7 @@ def mla_decode_kernel(
                         b, h, pid, u, g, start, t, n_units, total, programs,
                         stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
                         GROUP, Q_LEN, ROWS, MERGE_ROWS, DV, DV_PAD, MERGE_WIDE, ARRIVE_CHUNK, RETURN_LSE,
-                        False, True,
+                        False, True, Tickets, False,
                     )
         else:
             acc, m_i, l_i = _mla_tiles(
@@ -381,7 +382,7 @@ def mla_decode_kernel(
                     b, h, pid, 0, g, start, t, n_units, total, programs,
                     stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
                     GROUP, Q_LEN, ROWS, MERGE_ROWS, DV, DV_PAD, MERGE_WIDE, ARRIVE_CHUNK, RETURN_LSE,
-                    False, False,
+                    False, False, Tickets, False,
                 )
 
         g += (t_end - t).to(tl.int64)
@@ -421,6 +422,7 @@ def _merge_cols(
     m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((ROWS,), dtype=tl.float32)
     acc = tl.zeros((ROWS, COLS), dtype=tl.float32)
+    first_odd = _first_odd(first, head_first, total, programs)
     for k in range(k_first, k_last + 1, 4):
         if CHUNK_SUMS:
             s0 = 2 * tl.num_programs(0) + tl.minimum(first + k * ARRIVE_CHUNK + ARRIVE_CHUNK - 1, last)
@@ -428,10 +430,10 @@ def _merge_cols(
             s2 = 2 * tl.num_programs(0) + tl.minimum(first + (k + 2) * ARRIVE_CHUNK + ARRIVE_CHUNK - 1, last)
             s3 = 2 * tl.num_programs(0) + tl.minimum(first + (k + 3) * ARRIVE_CHUNK + ARRIVE_CHUNK - 1, last)
         else:
-            s0 = _partial_slot(k, first, head_first, total, programs)
-            s1 = _partial_slot(k + 1, first, head_first, total, programs)
-            s2 = _partial_slot(k + 2, first, head_first, total, programs)
-            s3 = _partial_slot(k + 3, first, head_first, total, programs)
+            s0 = _partial_slot(k, first, first_odd)
+            s1 = _partial_slot(k + 1, first, first_odd)
+            s2 = _partial_slot(k + 2, first, first_odd)
+            s3 = _partial_slot(k + 3, first, first_odd)
         a0, m0, l0 = _partial_cols(WsAcc, WsStats, s0, k <= k_last, col0, ROWS, DV_PAD, COLS)
         a1, m1, l1 = _partial_cols(WsAcc, WsStats, s1, k + 1 <= k_last, col0, ROWS, DV_PAD, COLS)
         a2, m2, l2 = _partial_cols(WsAcc, WsStats, s2, k + 2 <= k_last, col0, ROWS, DV_PAD, COLS)
@@ -486,8 +488,8 @@ def mla_merge_kernel(
                                       False)
         head_first = start - t
         n = _num_tiles(length, TILE)
-        first = (((head_first + 1) * programs - 1) // total).to(tl.int32)
-        last = (((head_first + n) * programs - 1) // total).to(tl.int32)
+        first = _floor_div((head_first + 1) * programs - 1, total).to(tl.int32)
+        last = _floor_div((head_first + n) * programs - 1, total).to(tl.int32)
         chunk_first = first + (pid - first) // ARRIVE_CHUNK * ARRIVE_CHUNK
         if LEVEL == 1:
             if pid == tl.minimum(chunk_first + ARRIVE_CHUNK - 1, last):
