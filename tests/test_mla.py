@@ -434,27 +434,27 @@ def test_gpu_wrapper_cuda_graph_new_lengths():
         check(out, None, q, kp, lengths, 512, block_table=table)
 
 
-def test_merge_kernel_joins_the_cut_blocks_from_their_slots():
+def _merge_cut_blocks(lens, hq, d, dv, tile, programs, target_share, seed):
     """mla_merge_kernel, the merge after kernels/mla_gluon.py's kernel on Hopper, on partials of
     each cut share segment made in float64 and left in the slots that kernel leaves them in
-    (2 p, or 2 p + 1 for a share's later segment): the blocks that shares cut get the
-    reference's output and LSE, the others are not written."""
-    lens, hq, d, dv, tile, programs = [300, 0, 131, 64, 7, 1700], 8, 80, 64, 32, 48
-    q, kv, sl = mla_inputs(lens, hq, d, seed=13)
+    (2 p, or 2 p + 1 for a share's later segment); every other workspace value NaN, so a read
+    of a slot the merge should not read shows. Launched twice on the same tickets: each launch
+    must leave every ticket zero and give the same bits; the blocks that shares cut get the
+    reference's output and LSE, the others are not written. Returns each cut block's members."""
+    q, kv, sl = mla_inputs(lens, hq, d, seed=seed)
     batch, capacity = len(lens), kv.shape[1]
     plan = torch.zeros(programs, 8, dtype=torch.int32, device=DEVICE)
-    launch_plan(plan, programs, sl, None, batch, 1, capacity, 1, 0, False, tile, 1, False)
+    launch_plan(plan, programs, sl, None, batch, 1, capacity, 1, 0, False, tile, target_share, False)
     scale = d**-0.5
-    ws_acc = torch.zeros(3 * programs, hq, dv, dtype=torch.float32, device=DEVICE)
-    ws_stats = torch.zeros(3 * programs, 2, hq, dtype=torch.float32, device=DEVICE)
-    cut, members = set(), {}
+    ws_acc = torch.full((3 * programs, hq, dv), float("nan"), dtype=torch.float32, device=DEVICE)
+    ws_stats = torch.full((3 * programs, 2, hq), float("nan"), dtype=torch.float32, device=DEVICE)
+    members = {}
     for p, (total, progs, start, end, b, _, t, _) in enumerate(plan.tolist()):
         g = start
         while p < progs and g < end:
             n = max(-(-lens[b] // tile), 1)
             t_end = min(n, t + end - g)
             if (t, t_end) != (0, n):
-                cut.add(b)
                 members[b] = members.get(b, 0) + 1
                 keys = kv[b, t * tile:min(t_end * tile, lens[b]), 0].double()
                 s = (q[b, 0].double() @ keys.T) * scale / math.log(2)  # log2 units, as the kernels
@@ -464,24 +464,66 @@ def test_merge_kernel_joins_the_cut_blocks_from_their_slots():
                 ws_acc[slot] = (w @ keys[:, :dv]).float()
                 ws_stats[slot, 0], ws_stats[slot, 1] = m.float(), w.sum(dim=1).float()
             g, t, b = g + t_end - t, 0, b + 1
-    # A block of several members, and one of more than two chunks (ARRIVE_CHUNK = 16): both levels.
-    assert len(cut) < batch and min(members.values()) < 16 and max(members.values()) > 32
-    out = torch.full((batch, 1, hq, dv), 7.0, dtype=q.dtype, device=DEVICE)
-    lse = torch.full((batch, hq, 1), 7.0, dtype=torch.float32, device=DEVICE)
-    for level in (1, 2):
-        mla_merge_kernel[(programs, dv // 32)](
-            out, lse, sl, sl, plan, ws_acc, ws_stats, *out.stride()[:3], *lse.stride(), capacity,
-            GROUP=hq, Q_LEN=1, MERGE_ROWS=hq, DV_PAD=dv, TILE=tile, COLS=32, ARRIVE_CHUNK=16, LEVEL=level,
-            HAS_SEQLENS=True, HAS_LEFTPAD=False, RETURN_LSE=True, USE_PDL=False)
-        if level == 1:  # blocks of one chunk are done, the others not yet written
-            assert all((out[b] == 7.0).all().item() == (members.get(b, 0) > 16) for b in range(batch) if b in cut)
+    columns = dv // 32
+    tickets = torch.zeros(programs * columns, dtype=torch.int32, device=DEVICE)
     ref, ref_lse = leanattn.reference.mla_decode(q.double(), kv.double(), sl, head_dim_v=dv, return_lse=True)
-    for b in range(batch):
-        if b in cut:
-            assert rel_err(out[b], ref[b]) < TOL[out.dtype]
-            assert (lse[b] - ref_lse[b]).abs().max().item() < LSE_TOL
-        else:
-            assert (out[b] == 7.0).all() and (lse[b] == 7.0).all()
+    runs = []
+    for _ in range(2):
+        out = torch.full((batch, 1, hq, dv), 7.0, dtype=q.dtype, device=DEVICE)
+        lse = torch.full((batch, hq, 1), 7.0, dtype=torch.float32, device=DEVICE)
+        mla_merge_kernel[(programs, columns)](
+            out, lse, sl, sl, plan, ws_acc, ws_stats, tickets, *out.stride()[:3], *lse.stride(), capacity,
+            GROUP=hq, Q_LEN=1, MERGE_ROWS=hq, DV_PAD=dv, TILE=tile, COLS=32, ARRIVE_CHUNK=16, HAS_SEQLENS=True,
+            HAS_LEFTPAD=False, RETURN_LSE=True, USE_PDL=False)
+        assert (tickets == 0).all(), "a ticket was not put back"
+        for b in range(batch):
+            if b in members:
+                assert rel_err(out[b], ref[b]) < TOL[out.dtype], f"block {b} of {members[b]} members"
+                assert (lse[b] - ref_lse[b]).abs().max().item() < LSE_TOL
+            else:
+                assert (out[b] == 7.0).all() and (lse[b] == 7.0).all()
+        runs.append((out, lse))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    return members
+
+
+def test_merge_kernel_joins_the_cut_blocks_from_their_slots():
+    """Ragged blocks cut among an uneven grid: a block of several members, one of more than two
+    chunks (ARRIVE_CHUNK = 16: both levels of the tree), blocks that no share cuts."""
+    members = _merge_cut_blocks([300, 0, 131, 64, 7, 1700], 8, 80, 64, 32, 48, 1, seed=13)
+    assert len(members) < 6 and min(members.values()) < 16 and max(members.values()) > 32
+
+
+def test_merge_kernel_chunk_edges():
+    """One tile a program, so blocks of exactly 16, 17 and 33 members: one chunk written at the
+    first level; a full chunk and a chunk of one member (the block's last, which draws the
+    second ticket); two full chunks and one of one member."""
+    tile = 16
+    members = _merge_cut_blocks([16 * tile, 17 * tile, 33 * tile], 4, 80, 64, tile, 66, 1, seed=5)
+    assert members == {0: 16, 1: 17, 2: 33}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="reads the compiled GPU code")
+def test_gpu_merge_kernel_orders_chunk_sums_before_tickets():
+    """The merge's memory ordering, read off its compiled code: the ticket is an acquire-release
+    atomic at GPU scope right after a block barrier (every thread's stores of the chunk's sum
+    before it), and the workspace is read past L1 (``ld.global.cg``). A race stress test
+    rarely sees a missing fence; this does."""
+    _merge_cut_blocks([17 * 16], 4, 80, 64, 16, 17, 1, seed=6)
+    caches = mla_merge_kernel.device_caches[torch.cuda.current_device()][0].values()
+    assert caches
+    for compiled in caches:
+        lines = [line.strip() for line in compiled.asm["ptx"].splitlines()]
+        atomics = [i for i, line in enumerate(lines) if "atom." in line and ".add" in line]  # maybe predicated
+        assert len(atomics) == 1, "the chunk ticket is missing"
+        for i in atomics:
+            assert ".acq_rel" in lines[i] and ".gpu" in lines[i], f"ticket not acq_rel at GPU scope: {lines[i]}"
+            assert any("bar.sync" in line for line in lines[max(0, i - 12):i]), \
+                f"no barrier before the ticket: {lines[max(0, i - 12):i + 1]}"
+        # What the last chunk reads after its ticket is the other chunks' sums, stored from other SMs.
+        loads = [line for line in lines[atomics[0]:] if "ld.global" in line]
+        assert loads and all(".cg" in line for line in loads), f"a chunk's sum may come from a stale L1 line: {loads}"
 
 
 def test_gluon_serves_only_shapes_it_fits(monkeypatch):
@@ -562,8 +604,8 @@ def test_gpu_gluon_kernel_against_the_triton_kernel(hq, q_len, page_size, apart,
 @pytest.mark.skipif(not GLUON, reason="needs a Hopper GPU and Triton's Gluon")
 def test_gpu_gluon_in_cuda_graph_capture():
     """A 16-head mla_decode (the Triton kernel when eager) captured in a CUDA graph after one
-    eager call runs the Gluon path (plan, attention, two merge launches; the eager call loaded
-    their binaries, which capture cannot) and replays with new lengths exactly."""
+    eager call runs the Gluon path (plan, attention, merge; the eager call loaded their
+    binaries, which capture cannot) and replays with new lengths exactly."""
     cap = 4096
     q, kv, sl = mla_inputs([cap] * 2, 16, 576, seed=17)
     kp, table = paged(kv, [cap] * 2, 64)
@@ -600,6 +642,34 @@ def test_gpu_gluon_bad_pages_nan_the_rows_that_see_them():
     assert torch.isnan(out[1]).all() and torch.isnan(lse[1]).all()
     assert torch.equal(torch.isnan(out), torch.isnan(tri)) and torch.equal(torch.isnan(lse), torch.isnan(tri_lse))
     check(out[:1], lse[:1], q[:1], kp, sl[:1], 512, softmax_scale=192**-0.5, block_table=table[:1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GLUON, reason="needs a Hopper GPU and Triton's Gluon")
+def test_gpu_gluon_merge_race_stress():
+    """One block cut among the whole grid (about 128 members: eight chunks, both levels of the
+    merge), each call on a new q: a merge that read a chunk's sum before its program stored it
+    would read the previous call's, which differs. Every call is checked against the Triton
+    kernel and repeated for equal bits; every ticket is back at zero afterwards."""
+    cap = 32768
+    q, kv, sl = mla_inputs([cap], 16, 576, cache_len=cap, seed=21)
+    runs = {}
+    for gluon in (True, False):
+        config = dataclasses.replace(mla_heuristic(576, 512, kv.dtype, 16), gluon=gluon)
+        w = leanattn.MLAWrapper(16, 576, 512, q.dtype, DEVICE, softmax_scale=192**-0.5, config=config)
+        w.plan(sl, cap)
+        runs[gluon] = w
+    gen = torch.Generator(device=DEVICE).manual_seed(22)
+    for _ in range(20):
+        q = torch.randn(q.shape, generator=gen, device=DEVICE).to(q.dtype)
+        out, lse = runs[True].run(q, kv, return_lse=True)
+        again, again_lse = runs[True].run(q, kv, return_lse=True)
+        assert torch.equal(out, again) and torch.equal(lse, again_lse)
+        tri, tri_lse = runs[False].run(q, kv, return_lse=True)
+        assert rel_err(out, tri) < TOL[out.dtype]
+        assert (lse - tri_lse).abs().max().item() < LSE_TOL
+    (call,) = runs[True]._calls.values()
+    assert call.gluon and (call.merge_tickets == 0).all()
 
 
 def test_compile_fullgraph():

@@ -47,7 +47,7 @@ blocks_of = functools.lru_cache(maxsize=None)(packing)
 def mla_slots(programs: int, split: int, batch: int, blocks: int, capacity: int) -> int:
     """Workspace slots of an MLA call: decode's (``_call.slots``), plus a third per program
     outside batch-invariant mode for the chunk sums of ``mla_merge_kernel`` (after mla_gluon's
-    kernel)."""
+    kernel; its tickets are the call's own, :attr:`MLACall.merge_tickets`)."""
     return _call.slots(programs, split, batch, blocks, capacity) + (0 if split else programs)
 
 
@@ -63,7 +63,7 @@ class MLACall:
     __slots__ = ("programs", "device", "config", "pdl", "params", "scale", "fixed", "hit", "blocks", "fp8", "tma",
                  "gluon", "gluon_eager", "gluon_loaded", "gluon_view", "gluon_params", "gluon_fixed", "gluon_hit",
                  "gluon_configs", "plan", "plan_args", "plan_params", "plan_hit", "merge_params", "merge_grid", "merge_fixed",
-                 "merge_hits")
+                 "merge_tickets", "merge_hit")
 
     def __init__(
         self, q: torch.Tensor, kv_cache: torch.Tensor, rope_cache: torch.Tensor | None, out: torch.Tensor,
@@ -86,8 +86,8 @@ class MLACall:
         view = None if split or (has_leftpad and page_size) else \
             tma_view(kv_cache, rope_cache, page_size, head_dim_v, head_dim - head_dim_v, config.tile)
         # Hopper: a call the TMA loop could take can run as mla_gluon's hand-pipelined kernel,
-        # then mla_merge_kernel as the merge of the blocks the shares cut, on one plan (three
-        # launches, four unplanned: see launch for when).
+        # then mla_merge_kernel as the merge of the blocks the shares cut, on one plan (two
+        # launches, three unplanned: see launch for when).
         self.gluon = view is not None and config.gluon is not False and gluon_serves(
             q.device, config.tile, head_dim_v, head_dim - head_dim_v, rows)
         self.gluon_loaded = False
@@ -123,17 +123,20 @@ class MLACall:
             # Made outside any CUDA graph's private pool: the call outlives the step.
             self.plan = None if planned else outside_graph_pools(q.device, lambda: (
                 torch.zeros(programs, PLAN_FIELDS.value, dtype=torch.int32, device=q.device),))[0]
+            # The merge's tickets, one per (cut block, column chunk), the block named by its first
+            # member: P x 16 at a 512-wide latent, more than the workspace's 3P of a kind. Zero
+            # between launches (each is put back by the chunk that draws its last number).
+            self.merge_tickets = outside_graph_pools(q.device, lambda: (
+                torch.zeros(programs * (dv_pad // MERGE_COLS), dtype=torch.int32, device=q.device),))[0]
             self.plan_args = (batch, self.blocks, capacity, 0)
             self.plan_params = dict(HAS_SEQLENS=has_seqlens, HAS_LEFTPAD=has_leftpad, Q_LEN=q_len, HAS_WINDOW=False,
                                     TILE=unit, TARGET_SHARE=target_share, BLOCK_B=BLOCK_B, USE_PDL=self.pdl)
             self.plan_hit = None
-            merge_params = dict(
+            self.merge_params = dict(
                 GROUP=group, Q_LEN=q_len, MERGE_ROWS=merge_rows, DV_PAD=dv_pad, TILE=config.tile, COLS=MERGE_COLS,
                 ARRIVE_CHUNK=_call.ARRIVE_CHUNK, HAS_SEQLENS=has_seqlens, HAS_LEFTPAD=has_leftpad,
                 RETURN_LSE=lse is not None, USE_PDL=self.pdl,
             )
-            # The two merge launches' parameters (LEVEL 1, then 2) and grid, made once.
-            self.merge_params = tuple({**merge_params, "LEVEL": level} for level in (1, 2))
             self.merge_grid = (programs, dv_pad // MERGE_COLS)
             self.merge_fixed = (*out.stride()[:3], *(lse.stride() if lse is not None else (0, 0, 0)), capacity)
             warps = 4 if rows == 16 else 8
@@ -147,7 +150,7 @@ class MLACall:
                 *q.stride()[:3], *out.stride()[:3], *(lse.stride() if lse is not None else (0, 0, 0)), stride_btb,
                 self.blocks, capacity, num_pages, softmax_scale * LOG2E,
             )
-            self.merge_hits, self.gluon_hit = (None, None), None
+            self.merge_hit, self.gluon_hit = None, None
             self.gluon_configs = (dataclasses.replace(config, num_warps=4, num_stages=1),
                                   dataclasses.replace(config, num_warps=warps, num_stages=1))
 
@@ -216,11 +219,9 @@ class MLACall:
         )
         self.gluon_hit = launch(mla_gluon.mla_attend_gluon, self.programs, args, self.gluon_params, wide, False,
                                 self.device, self.gluon_hit)
-        args = (out, lse_t, seqlens, leftpad, plan, acc, stats, *self.merge_fixed)
-        self.merge_hits = tuple(
-            launch(mla_merge_kernel, self.merge_grid, args, params, small, self.pdl, self.device, hit)
-            for params, hit in zip(self.merge_params, self.merge_hits)
-        )
+        args = (out, lse_t, seqlens, leftpad, plan, acc, stats, self.merge_tickets, *self.merge_fixed)
+        self.merge_hit = launch(mla_merge_kernel, self.merge_grid, args, self.merge_params, small, self.pdl,
+                                self.device, self.merge_hit)
 
 
 def gluon_serves(device: torch.device, tile: int, head_dim_v: int, rope_dim: int, rows: int) -> bool:

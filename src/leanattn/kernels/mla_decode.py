@@ -399,14 +399,15 @@ def _partial_cols(
     ROWS: tl.constexpr, DV_PAD: tl.constexpr, COLS: tl.constexpr,
 ):
     """Columns [col0, col0 + COLS) of the partial (acc, m, l) in workspace slot ``slot``; an
-    empty partial where ``valid`` is false."""
+    empty partial where ``valid`` is false. Loaded past L1 (``.cg``): a chunk's sum comes from
+    another program of the same launch, and L1 is not coherent between SMs."""
     rows = tl.arange(0, ROWS)
     live = (tl.zeros((ROWS,), dtype=tl.int32) + valid.to(tl.int32)) != 0  # a block mask, not a scalar
     slot = slot.to(tl.int64)
-    m = tl.load(WsStats + slot * (2 * ROWS) + rows, mask=live, other=float("-inf"))
-    l = tl.load(WsStats + slot * (2 * ROWS) + ROWS + rows, mask=live, other=0.0)
+    m = tl.load(WsStats + slot * (2 * ROWS) + rows, mask=live, other=float("-inf"), cache_modifier=".cg")
+    l = tl.load(WsStats + slot * (2 * ROWS) + ROWS + rows, mask=live, other=0.0, cache_modifier=".cg")
     ptrs = WsAcc + slot * (ROWS * DV_PAD) + rows[:, None] * DV_PAD + col0 + tl.arange(0, COLS)[None, :]
-    return tl.load(ptrs, mask=live[:, None], other=0.0), m, l
+    return tl.load(ptrs, mask=live[:, None], other=0.0, cache_modifier=".cg"), m, l
 
 
 @triton.jit
@@ -458,26 +459,28 @@ def _write_cols(
 
 @triton.jit(do_not_specialize=["capacity"])
 def mla_merge_kernel(
-    Out, Lse, SeqLens, LeftPad, Plan, WsAcc, WsStats,
+    Out, Lse, SeqLens, LeftPad, Plan, WsAcc, WsStats, Tickets,
     stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
     capacity,
     GROUP: tl.constexpr, Q_LEN: tl.constexpr, MERGE_ROWS: tl.constexpr, DV_PAD: tl.constexpr, TILE: tl.constexpr,
-    COLS: tl.constexpr, ARRIVE_CHUNK: tl.constexpr, LEVEL: tl.constexpr, HAS_SEQLENS: tl.constexpr,
-    HAS_LEFTPAD: tl.constexpr, RETURN_LSE: tl.constexpr, USE_PDL: tl.constexpr,
+    COLS: tl.constexpr, ARRIVE_CHUNK: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+    RETURN_LSE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    """The merge of the blocks that ``kernels/mla_gluon.py``'s shares cut, launched after it
-    twice (LEVEL 1, then 2): every partial is in its slot before it starts, so nothing waits and
-    no ticket is taken.
+    """The merge of the blocks that ``kernels/mla_gluon.py``'s shares cut, one launch after it:
+    every partial is in its slot before it starts, and no program waits for another.
 
-    Grid (plan rows, DV_PAD / COLS); program (p, c) merges columns [c COLS, (c + 1) COLS), so a
-    wide block (64 rows x 512 values a partial) is merged by DV_PAD / COLS programs at once. A
-    cut block's members (the programs whose shares cover its tiles, in order) are cut into
-    chunks of ARRIVE_CHUNK. LEVEL 1: when p's share starts inside a block and p is the last
-    member of a chunk, it merges the chunk's partials in member order: into Out (and the LSE)
-    when the chunk is the whole block, else into slot 2 G + p (G the grid: the workspace's third
-    slot per program; a program ends at most one chunk). LEVEL 2: when p is a block's last member and the
-    block has several chunks, it merges their sums in order into Out. Out, Lse, SeqLens,
-    LeftPad, Plan and the workspace as in ``mla_decode_kernel``."""
+    Grid (plan rows G, DV_PAD / COLS); program (p, c) merges columns [c COLS, (c + 1) COLS), so a
+    wide block (64 rows x 512 values a partial) is merged by DV_PAD / COLS programs at once, each
+    on its own. A cut block's members (the programs whose shares cover its tiles, in order) are
+    cut into chunks of ARRIVE_CHUNK, merged by a two-level tree, as decode's
+    ``_arrive_and_merge`` but with the first level known in advance. When p's share starts inside
+    a block and p is the last member of a chunk, it merges the chunk's partials in member order:
+    into Out (and the LSE) when the chunk is the whole block, else into slot 2 G + p (the
+    workspace's third slot per program; a program ends at most one chunk), then counts the chunk
+    on the block's ticket for column chunk c (Tickets[F x DV_PAD / COLS + c], F the block's first
+    member: (G x DV_PAD / COLS,) int32, zero before and after the launch). The chunk that draws
+    the last ticket puts it back to zero and merges the chunks' sums in order into Out. Out, Lse,
+    SeqLens, LeftPad, Plan and the workspace as in ``mla_decode_kernel``."""
     if USE_PDL:
         gdc_wait()  # the partials come from the kernel before
     pid = tl.program_id(0)
@@ -491,21 +494,29 @@ def mla_merge_kernel(
         first = _floor_div((head_first + 1) * programs - 1, total).to(tl.int32)
         last = _floor_div((head_first + n) * programs - 1, total).to(tl.int32)
         chunk_first = first + (pid - first) // ARRIVE_CHUNK * ARRIVE_CHUNK
-        if LEVEL == 1:
-            if pid == tl.minimum(chunk_first + ARRIVE_CHUNK - 1, last):
-                acc, m_i, l_i = _merge_cols(WsAcc, WsStats, chunk_first, pid, first, last, head_first, total,
-                                            programs, col0, False, MERGE_ROWS, DV_PAD, COLS, ARRIVE_CHUNK)
-                if last - first < ARRIVE_CHUNK:
+        if pid == tl.minimum(chunk_first + ARRIVE_CHUNK - 1, last):
+            acc, m_i, l_i = _merge_cols(WsAcc, WsStats, chunk_first, pid, first, last, head_first, total, programs,
+                                        col0, False, MERGE_ROWS, DV_PAD, COLS, ARRIVE_CHUNK)
+            if last - first < ARRIVE_CHUNK:
+                _write_cols(Out, Lse, b, h, acc, m_i, l_i, col0, stride_ob, stride_ot, stride_oh, stride_lb,
+                            stride_lh, stride_lt, GROUP, Q_LEN, MERGE_ROWS, COLS, RETURN_LSE)
+            else:
+                # Every column chunk's program stores the same m and l: the one that reads them
+                # below sees its own column's store (ordered by its ticket) or an equal one.
+                _store_cols(WsAcc, WsStats, 2 * tl.num_programs(0) + pid, acc, m_i, l_i, col0, MERGE_ROWS, DV_PAD,
+                            COLS)
+                ticket = Tickets + first * tl.num_programs(1) + tl.program_id(1)
+                # Every thread's stores of the chunk's sum are ordered before the ticket (release);
+                # the last chunk's loads after it (acquire).
+                tl.debug_barrier()
+                arrived = tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu")
+                if arrived == (last - first) // ARRIVE_CHUNK:
+                    tl.atomic_xchg(ticket, 0, sem="relaxed", scope="gpu")  # zero for the next launch
+                    acc, m_i, l_i = _merge_cols(WsAcc, WsStats, 0, (last - first) // ARRIVE_CHUNK, first, last,
+                                                head_first, total, programs, col0, True, MERGE_ROWS, DV_PAD, COLS,
+                                                ARRIVE_CHUNK)
                     _write_cols(Out, Lse, b, h, acc, m_i, l_i, col0, stride_ob, stride_ot, stride_oh, stride_lb,
                                 stride_lh, stride_lt, GROUP, Q_LEN, MERGE_ROWS, COLS, RETURN_LSE)
-                else:
-                    _store_cols(WsAcc, WsStats, 2 * tl.num_programs(0) + pid, acc, m_i, l_i, col0, MERGE_ROWS, DV_PAD,
-                               COLS)
-        elif (pid == last) & (last - first >= ARRIVE_CHUNK):
-            acc, m_i, l_i = _merge_cols(WsAcc, WsStats, 0, (last - first) // ARRIVE_CHUNK, first, last, head_first,
-                                        total, programs, col0, True, MERGE_ROWS, DV_PAD, COLS, ARRIVE_CHUNK)
-            _write_cols(Out, Lse, b, h, acc, m_i, l_i, col0, stride_ob, stride_ot, stride_oh, stride_lb,
-                        stride_lh, stride_lt, GROUP, Q_LEN, MERGE_ROWS, COLS, RETURN_LSE)
 
 
 @triton.jit

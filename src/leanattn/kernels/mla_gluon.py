@@ -10,9 +10,10 @@ tile t's buffer as soon as its last product is done. Same products as ``_mla_att
 ``mla_attend_gluon`` walks a planned share like ``mla_decode_kernel`` and writes each segment:
 a whole block straight to the output, a cut one as a partial in the workspace slot the Triton
 kernel's merge expects (``2 pid``, or ``2 pid + 1`` for a share's later segment). The merge of
-cut blocks is then ``mla_decode.mla_merge_kernel``, launched after this kernel. No Gluon
-interpreter exists: the CPU and every call this kernel does not take run the Triton kernel, and
-GPU tests compare the two.
+cut blocks is then ``mla_decode.mla_merge_kernel``, one launch after this kernel, which each
+program lets start (programmatic dependent launch) once its first segment's tiles are done. No
+Gluon interpreter exists: the CPU and every call this kernel does not take run the Triton
+kernel, and GPU tests compare the two.
 
 Its kernel is defined only where Triton has Gluon's Hopper API (``AVAILABLE``); the module
 imports everywhere.
@@ -57,6 +58,15 @@ if AVAILABLE:
             bad = (page < 0) | (page >= num_pages)
             row = gl.where(bad, 0, page * PAGE_SIZE + (tile * TILE) % PAGE_SIZE)
         return row, bad
+
+    @gluon.jit
+    def _launch_dependents():
+        """``griddepcontrol.launch_dependents``: the next kernel, if launched with PDL (the merge),
+        may start once every program has issued it or exited; it still waits for this kernel's
+        end and memory before reading (``gdc_wait``). A no-op for a launch without PDL. The PTX
+        that Triton 3.6's ``gdc_launch_dependents`` emits: Gluon has no op of its own for it."""
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
 
     @gluon.jit
     def _issue(kv_desc, kr_desc, bar, kv_buf, kr_buf, row, pred,
@@ -218,6 +228,10 @@ if AVAILABLE:
                                        PAGE_SIZE)
                     _issue(kv_desc, kr_desc, bars.index(buf), kv, kr, row, live, DV, ROPE_APART, NBYTES)
 
+                # Tiles done: the merge may launch (the first call counts, repeats are no-ops),
+                # overlapping the writes and the other programs' last tiles. Its programs take no
+                # SM this grid still needs: they launch once every program has come this far.
+                _launch_dependents()
                 m_o = gl.convert_layout(m_i, gl.SliceLayout(0, o_layout))
                 l_o = gl.convert_layout(l_i, gl.SliceLayout(0, o_layout))
                 if (t == 0) & (t_end == n_units):
