@@ -193,7 +193,7 @@ def graph(run: Run, gen: torch.Generator) -> None:
 
     seqlens, table = _i32(steps[0]), table_for(steps[0]).to(DEVICE)
     qd, kd, vd, out = q.to(DEVICE), kp.to(DEVICE), vp.to(DEVICE), _nan_out(q)
-    w = leanattn.DecodeWrapper(hq, hkv, d, dtype, DEVICE)
+    w = leanattn.DecodeWrapper(hq, hkv, d, dtype, DEVICE, paged=True)
 
     def step() -> None:
         w.plan(seqlens, cap)

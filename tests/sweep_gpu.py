@@ -583,7 +583,7 @@ def run_case(case: Case, device: torch.device) -> str | None:
     if var.api == "wrapper":
         wrapper = leanattn.DecodeWrapper(var.group * case.kv_heads, case.kv_heads, var.head_dim, DTYPES[var.dtype],
                                          device, kv_dtype=var.kv_dtype, max_q_len=var.q_len,
-                                         num_programs=case.num_programs)
+                                         num_programs=case.num_programs, paged=var.page_size > 0)
     k_ref = x.k
     if case.bad_page is not None:
         seq, slot, _ = case.bad_page

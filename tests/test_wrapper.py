@@ -183,7 +183,7 @@ def test_graph_with_plan_and_layers_replays_new_lengths(paged):
             caches.append((k, v))
     if paged:
         kw = {"block_table": table}
-    w = leanattn.DecodeWrapper(32, 8, 128, torch.bfloat16, DEVICE)
+    w = leanattn.DecodeWrapper(32, 8, 128, torch.bfloat16, DEVICE, paged=paged)
     outs = [torch.empty_like(x[0]) for x in xs]
     lses: list[torch.Tensor] = []
 
@@ -257,13 +257,26 @@ def test_wrapper_refuses_head_counts_decode_refuses(q_heads, kv_heads):
         leanattn.DecodeWrapper(q_heads, kv_heads, 64, torch.bfloat16, DEVICE)
 
 
-def test_a_run_on_the_other_kind_of_cache_warns_once_and_stays_exact():
+def test_a_run_on_the_other_kind_of_cache_warns_once_and_stays_exact(monkeypatch):
     """A wrapper made for contiguous caches that runs a paged one (or the other way round) warns
-    once, naming the flag, and still equals decode on the planned config."""
+    once, naming the flag, where that kind's config differs from the planned one, and still
+    equals the reference; where the configs agree (the interpreter's) it says nothing."""
+    from leanattn import KernelConfig, _call
+
     lens = [70, 5]
     q, k, v, sl = make_inputs(lens, 8, 2, 64, torch.float16, cache_len=96)
     kp, vp, table = to_paged(k, v, [96] * 2, 16)
-    for paged, run in ((False, dict(k_cache=kp, v_cache=vp, block_table=table)), (True, dict(k_cache=k, v_cache=v))):
+    runs = ((False, dict(k_cache=kp, v_cache=vp, block_table=table)), (True, dict(k_cache=k, v_cache=v)))
+    for paged, run in runs:  # the heuristic's configs: one for both kinds here
+        w = _wrapper(q, k, 4, paged=paged)
+        w.plan(sl, 96)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            w.run(q, **run)
+    real = _call.heuristic
+    monkeypatch.setattr(_call, "heuristic", lambda d, dt, rows, paged: KernelConfig(
+        tile=real(d, dt, rows, paged).tile, num_warps=4, num_stages=1 if paged else 2, programs_per_sm=1))
+    for paged, run in runs:
         w = _wrapper(q, k, 4, paged=paged)
         w.plan(sl, 96)
         with pytest.warns(UserWarning, match=f"paged={not paged}"):

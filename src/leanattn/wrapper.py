@@ -52,9 +52,10 @@ class DecodeWrapper:
         batch_invariant, split_size: as in :func:`leanattn.decode`: each sequence's results are
             the same bits whatever rides with it. Its workspace grows with batch x capacity:
             make the largest plan before capturing a CUDA graph.
-        paged: the runs take paged caches (``block_table``). Paged and contiguous caches have
-            different launch configs, so plans differ; a run of the other kind gives exact
-            results on the planned config, with a warning (once) that it is not its own.
+        paged: the runs take paged caches (``block_table``). Paged and contiguous caches may
+            have different launch configs (at d=128 they do), so plans differ; a run of the
+            other kind gives exact results on the planned config, with a warning (once) where
+            its own config differs.
 
     The wrapper owns its workspace and plan buffers (allocated here; in batch-invariant mode
     grown by a plan that needs more), so calls of different wrappers may run concurrently on
@@ -115,10 +116,12 @@ class DecodeWrapper:
         self._calls: dict[tuple, _call.Call] = {}
         self._told = False  # warned of a run with the other kind of cache
 
-    def _config_for(self, q_len: int) -> KernelConfig:
-        """The runs' launch config for plans of ``q_len``: the one given, else the heuristic's."""
+    def _config_for(self, q_len: int, paged: bool | None = None) -> KernelConfig:
+        """The runs' launch config for plans of ``q_len``: the one given, else the heuristic's for
+        the wrapper's kind of cache (or ``paged``)."""
+        paged = self.paged if paged is None else paged
         return self._given_config or _call.heuristic(self.head_dim, self.kv_dtype, q_len * (self.q_heads // self.kv_heads),
-                                                     self.paged)
+                                                     paged)
 
     @property
     def compiled_kernels(self) -> list:
@@ -240,11 +243,12 @@ class DecodeWrapper:
         call = self._calls.get(key)
         if call is None:  # a layout not seen yet: the full checks
             self._check(q, k_cache, v_cache, block_table, out)
-            if (block_table is not None) != self.paged and self._given_config is None and not self._told:
+            paged = block_table is not None
+            if paged != self.paged and not self._told and self._config_for(self._q_len, paged) != self._config:
                 self._told = True
-                kind = "a paged" if block_table is not None else "a contiguous"
+                kind = "a paged" if paged else "a contiguous"
                 warnings.warn(f"DecodeWrapper(paged={self.paged}) ran {kind} cache: exact, on the other kind's launch "
-                              f"config; make the wrapper with paged={not self.paged} for its own", stacklevel=2)
+                              f"config; make the wrapper with paged={paged} for its own", stacklevel=2)
             features, _, _ = resolve_features(q, k_cache, self._causal, self._window_size, softcap, sinks,
                                               k_scale, v_scale)
             call = self._calls[key] = _call.Call(
