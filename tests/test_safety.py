@@ -202,3 +202,32 @@ def test_reserve_workspace_covers_the_calls_it_names():
     assert ws.acc is acc and torch.isfinite(out).all()
     leanattn.decode(q, k, k, num_programs=9)
     assert ws.acc is not acc
+
+
+def test_reserve_workspace_covers_paged_and_contiguous_grids(monkeypatch):
+    """Where paged and contiguous caches take different grids, reserve_workspace (which does not
+    know the kind) reserves for the larger: a paged decode after it allocates nothing."""
+    from leanattn import KernelConfig
+    from leanattn.kernels import config as kernel_config
+
+    real = kernel_config.choose_config
+
+    def two_grids(head_dim, kv_dtype, rows, paged=False):  # 3 vs 1 programs an SM, same tile
+        c = real(head_dim, kv_dtype, rows, paged)
+        return KernelConfig(c.tile, c.num_warps, c.num_stages, programs_per_sm=3 if paged else 1)
+
+    monkeypatch.setattr(kernel_config, "choose_config", two_grids)
+    monkeypatch.setattr(leanattn._call, "heuristic", lambda d, dt, rows, paged: two_grids(d, dt, rows, paged))
+    monkeypatch.setattr(leanattn._launch, "grid_size", lambda device, per_sm: 4 * per_sm)  # 4 "SMs", also on the CPU
+    dev = torch.device(DEVICE)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", torch.cuda.current_device())
+    WORKSPACES.pop(dev, None)
+    leanattn.reserve_workspace(dev, 8, 2, 64, torch.bfloat16)
+    ws = WORKSPACES[dev]
+    acc = ws.acc
+    q = torch.randn(2, 1, 8, 64, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(2, 64, 2, 64, device=dev, dtype=torch.bfloat16)
+    kp, vp, table = to_paged(k, k, [64, 64], 16)
+    out = leanattn.decode(q, kp, vp, block_table=table)
+    assert ws.acc is acc and torch.isfinite(out).all()

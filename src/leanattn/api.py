@@ -47,10 +47,11 @@ def _check_config(config: object) -> None:
 def reserve_workspace(
     device: torch.device | str, q_heads: int, kv_heads: int, head_dim: int, kv_dtype: torch.dtype, *,
     q_len: int = 1, num_programs: int | None = None, batch_invariant: bool = False, split_size: int | None = None,
-    batch: int = 0, capacity: int = 0, paged: bool = False,
+    batch: int = 0, capacity: int = 0,
 ) -> None:
     """Allocate now the workspace :func:`decode` needs for calls of this shape on ``device``
-    (with ``batch_invariant``: for up to ``batch`` sequences of up to ``capacity`` tokens).
+    (with ``batch_invariant``: for up to ``batch`` sequences of up to ``capacity`` tokens), with
+    contiguous or paged caches (their launch configs' grids may differ: the larger is reserved).
 
     The workspace is allocated on the first call that needs it. Call this (or ``decode`` once)
     before capturing a CUDA graph whose calls need it: a capture cannot allocate. torch.compile's
@@ -58,9 +59,9 @@ def reserve_workspace(
     """
     device = torch.device(device)
     rows = q_len * (q_heads // kv_heads)
-    config = choose_config(head_dim, kv_dtype, rows, paged)
-    programs = _call.grid(device, config, num_programs)
-    split = split_of(batch_invariant, split_size, config.tile)
+    configs = [choose_config(head_dim, kv_dtype, rows, paged) for paged in (False, True)]
+    programs = max(_call.grid(device, config, num_programs) for config in configs)
+    split = max(split_of(batch_invariant, split_size, config.tile) for config in configs)
     if split and (batch < 1 or capacity < 1):
         fail(ValueError, f"reserve_workspace(batch_invariant=True) needs the largest batch and capacity, got "
                          f"batch={batch}, capacity={capacity}")
