@@ -68,15 +68,20 @@ def phases(stamps: torch.Tensor) -> dict[str, float]:
     }
 
 
-def variant(text: str) -> tuple[dict[str, int], int | None]:
-    """``"tile=128,num_stages=2,programs=66"``: KernelConfig fields to replace and the grid
+def variant(text: str) -> tuple[dict[str, object], int | None]:
+    """``"tile=128,num_stages=2,programs=66,PREFETCH_TILES=4"``: KernelConfig fields to replace
+    (upper-case names: the kernel's compile-time parameters, into ``constexprs``) and the grid
     (``programs``; None: the default)."""
     fields = dict(kv.split("=") for kv in text.split(",") if kv)
     programs = fields.pop("programs", None)
-    return {k: int(v) for k, v in fields.items()}, None if programs is None else int(programs)
+    changes: dict[str, object] = {k: int(v) for k, v in fields.items() if not k.isupper()}
+    constexprs = tuple((k, int(v)) for k, v in fields.items() if k.isupper())
+    if constexprs:
+        changes["constexprs"] = constexprs
+    return changes, None if programs is None else int(programs)
 
 
-def timeline(shape: Shape, replays: int, changes: dict[str, int], programs: int | None) -> dict[str, float]:
+def timeline(shape: Shape, replays: int, changes: dict[str, object], programs: int | None) -> dict[str, float]:
     """Median over ``replays`` graph replays of each statistic of :func:`phases`, and ``call``:
     the stamped step's per-call µs; the heuristic's config with ``changes``, on ``programs``
     programs (None: the config's grid)."""
@@ -85,7 +90,9 @@ def timeline(shape: Shape, replays: int, changes: dict[str, int], programs: int 
     ls = make_layers(shape, device, layers)
     appends = make_appends(shape, ls.xs)
     base = leanattn.choose_config(shape.head_dim, ls.first.k.dtype, shape.q_len * shape.q_heads // shape.kv_heads)
-    config = replace(base, constexprs=(("TIMELINE", True),), **changes)
+    changes = dict(changes)
+    constexprs = (("TIMELINE", True),) + tuple(changes.pop("constexprs", ()))
+    config = replace(base, constexprs=constexprs, **changes)
     prepared = leanattn_step(shape, ls, config=config, num_programs=programs)
     graph, _ = capture_cuda_graph(make_step(prepared, layers, lambda i: launch_append(shape, ls.xs[i],
                                                                                        appends.fresh[i])))

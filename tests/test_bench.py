@@ -98,16 +98,20 @@ def test_timeline_phases_from_stamps():
     assert p["last ticket"] == 1 and p["last merge"] == 5
     assert tool.variant("tile=128,programs=66,num_stages=2") == ({"tile": 128, "num_stages": 2}, 66)
     assert tool.variant("") == ({}, None)
+    assert tool.variant("num_stages=6,PREFETCH_TILES=4") == ({"num_stages": 6, "constexprs": (("PREFETCH_TILES", 4),)},
+                                                             None)
 
 
-def test_timeline_stamps_need_a_gpu():
-    """The TIMELINE probe reads %globaltimer: under the interpreter it is refused, not faked."""
+@pytest.mark.parametrize("probe", [("TIMELINE", True), ("PREFETCH_TILES", 4)])
+def test_gpu_instruction_probes_are_refused_by_the_interpreter(probe):
+    """The TIMELINE stamps (%globaltimer) and the L2 prefetches are GPU instructions: under the
+    interpreter a config asking for them is refused, not faked."""
     import dataclasses
 
     q = torch.randn(1, 1, 2, 64, dtype=torch.float16)
     k = torch.randn(1, 32, 1, 64, dtype=torch.float16)
-    config = dataclasses.replace(leanattn.choose_config(64, k.dtype, 2), constexprs=(("TIMELINE", True),))
-    with pytest.raises(ValueError, match="globaltimer"):
+    config = dataclasses.replace(leanattn.choose_config(64, k.dtype, 2), constexprs=(probe,))
+    with pytest.raises(ValueError, match="interpreter has none"):
         leanattn.decode(q, k, k, torch.tensor([32], dtype=torch.int32), config=config)
 
 

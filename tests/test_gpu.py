@@ -285,3 +285,42 @@ def test_timeline_stamps_are_ordered_and_change_no_bits(planned):
     assert (stamps[cut].diff(dim=1) >= 0).all()
     assert (stamps[ran & ~cut][:, [0, 1, 2, 3, 4, 6]].diff(dim=1) >= 0).all()
     assert (stamps[~ran][:, 2:] == 0).all()
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_l2_prefetch_before_the_wait_changes_no_bits(paged):
+    """PREFETCH_TILES (L2 prefetches of the share before gdc_wait, from a plan row that may be
+    another step's): in a CUDA graph replayed with new lengths, after a kernel that writes q,
+    every output is the plain kernel's bit for bit (same grid), and exact."""
+    import dataclasses
+
+    cap, hq, hkv = 8192, 32, 8
+    q, k, v, sl = make_inputs([cap, 3000, 17], hq, hkv, 128, torch.bfloat16, seed=3)
+    kc, vc, kw = k, v, {}
+    if paged:
+        kc, vc, table = to_paged(k, v, [cap] * 3, 16)
+        kw = {"block_table": table}
+    base = leanattn.choose_config(128, k.dtype, hq // hkv, paged)
+    steps = ([cap, 3000, 17], [5, cap - 1, 4000], [cap, 0, 17])
+    outs = {}
+    for tiles in (0, 4):
+        config = dataclasses.replace(base, constexprs=(("PREFETCH_TILES", tiles),))
+        w = leanattn.DecodeWrapper(hq, hkv, 128, torch.bfloat16, q.device, config=config, paged=paged)
+        out, newest = torch.empty_like(q), torch.empty_like(q)
+
+        def step():
+            w.plan(sl, cap)  # the plan buffer holds the previous replay's shares until this runs
+            q.copy_(newest)  # the kernel before the attention writes q
+            w.run(q, kc, vc, out=out, **kw)
+
+        graph, _ = capture_cuda_graph(step)
+        outs[tiles] = []
+        for i, lens in enumerate(steps):
+            sl.copy_(torch.tensor(lens, dtype=torch.int32))
+            newest.copy_(torch.randn(q.shape, generator=torch.Generator().manual_seed(i)).to(q.dtype))
+            graph.replay()
+            torch.cuda.synchronize()
+            outs[tiles].append((out.clone(), q.clone(), sl.clone()))
+    for (plain, q0, _), (fetched, q1, lens) in zip(outs[0], outs[4]):
+        assert torch.equal(q0, q1) and torch.equal(plain, fetched)
+        assert_close(fetched, None, reference(q1, k, v, lens)[0], None)

@@ -145,7 +145,7 @@ def constexprs(
         HAS_MASK=features.has_mask, HAS_SOFTCAP=features.softcap > 0, HAS_SINKS=features.has_sinks,
         K_SCALE_KIND=features.k_scale_kind, V_SCALE_KIND=features.v_scale_kind, HAS_BOUNDS=has_bounds,
         PLANNED=planned,
-        RETURN_LSE=return_lse, DOT_DTYPE=dot_dtype, BLOCK_B=BLOCK_B, USE_PDL=pdl, TIMELINE=False,
+        RETURN_LSE=return_lse, DOT_DTYPE=dot_dtype, BLOCK_B=BLOCK_B, USE_PDL=pdl, TIMELINE=False, PREFETCH_TILES=0,
     ) | dict(config.constexprs)
 
 
@@ -195,9 +195,10 @@ class Call:
         # A probe's per-program stamps (config.constexprs with ("TIMELINE", True)): see
         # kernels/lean_decode.py's EV_* events. The last launch's stamps; zero where none.
         self.timeline: torch.Tensor | None = None
+        if interpreting() and (self.params["TIMELINE"] or self.params["PREFETCH_TILES"]):
+            raise ValueError("TIMELINE stamps and PREFETCH_TILES prefetches are GPU instructions (%globaltimer, "
+                             "prefetch.global.L2): the interpreter has none")
         if self.params["TIMELINE"]:
-            if interpreting():
-                raise ValueError("TIMELINE stamps read the GPU's %globaltimer: the interpreter has none")
             self.timeline = torch.zeros(programs, EVENTS, dtype=torch.int64, device=q.device)
 
     def launch(
