@@ -1,7 +1,7 @@
 """Where a serving call's time goes, per program: the decode kernel's own timestamps (GPU only).
 
 The kernel built with ``TIMELINE`` (``KernelConfig(constexprs=(("TIMELINE", True),))``) writes
-``%globaltimer`` at six events per program (kernels/lean_decode.py, ``EV_*``). Here it runs in
+``%globaltimer`` at seven events per program (kernels/lean_decode.py, ``EV_*``). Here it runs in
 serving mode: ``DecodeWrapper`` planned once per step and run per layer, every layer after the
 append kernel that writes its newest token and q, the step replayed from a CUDA graph. The
 stamps read after a replay are the last layer's call. In the same run: the same step without

@@ -308,3 +308,41 @@ def test_cpu_mode_names_the_triton_it_needs(monkeypatch):
     q, k, v, sl = make_inputs([20, 7], HQ, HKV, D, torch.float16, seed=23)
     with pytest.raises(RuntimeError, match=r"needs Triton >= 3\.7; this is Triton 3\.6\.0"):
         leanattn.decode(q, k, v, sl)
+
+
+def test_config_constexprs_may_set_only_the_probes():
+    """KernelConfig.constexprs sets the kernel's probe parameters (TIMELINE, PREFETCH_TILES); a
+    parameter the launch derives from the call (TILE, HEAD_DIM, ...) is refused, never
+    silently replaced (the host plans and sizes by config.tile)."""
+    import dataclasses
+
+    q = torch.randn(2, 1, 8, 64, dtype=torch.float16, device=DEVICE)
+    k = torch.randn(2, 96, 2, 64, dtype=torch.float16, device=DEVICE)
+    base = leanattn.choose_config(64, k.dtype, 4)
+    for name, value in (("TILE", base.tile // 2), ("HEAD_DIM", 32), ("GROUP", 2)):
+        with pytest.raises(ValueError, match=f"may set only TIMELINE, PREFETCH_TILES: the launch sets {name}"):
+            leanattn.decode(q, k, k, config=dataclasses.replace(base, constexprs=((name, value),)))
+
+
+def test_a_plan_is_refused_by_runs_of_another_tile(monkeypatch):
+    """A plan's shares are dealt in its launch config's tiles; where paged and contiguous caches
+    take configs of different tiles, a plan made for one kind is refused by a run of the other
+    (where they agree, as today, it runs on the other kind's grid, exactly)."""
+    from leanattn import KernelConfig
+    from leanattn.kernels import config as kernel_config
+
+    real = kernel_config.choose_config
+
+    def tiles(head_dim, kv_dtype, rows, paged=False):
+        c = real(head_dim, kv_dtype, rows, paged)
+        return KernelConfig(2 * c.tile if paged else c.tile, c.num_warps, c.num_stages, c.programs_per_sm)
+
+    q = torch.randn(2, 1, 8, 64, dtype=torch.float16, device=DEVICE)
+    k = torch.randn(2, 128, 2, 64, dtype=torch.float16, device=DEVICE)
+    sl = torch.tensor([100, 7], dtype=torch.int32, device=DEVICE)
+    plan = leanattn.plan_decode(sl, 128, q_heads=8, kv_heads=2, head_dim=64, kv_dtype=k.dtype)
+    kp, vp, table = to_paged(k, k, [128, 128], 16)
+    leanattn.decode(q, kp, vp, sl, block_table=table, plan=plan)  # same tiles: runs
+    monkeypatch.setattr(kernel_config, "choose_config", tiles)
+    with pytest.raises(ValueError, match="tile"):  # (return_lse: a layout not checked before)
+        leanattn.decode(q, kp, vp, sl, block_table=table, plan=plan, return_lse=True)

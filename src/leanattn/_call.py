@@ -124,6 +124,21 @@ def dot_dtype_of(config: KernelConfig, q_dtype: torch.dtype, kv_dtype: torch.dty
     return tl.bfloat16
 
 
+# The kernel's compile-time parameters a config's ``constexprs`` may set (probes), with their
+# defaults; every other one follows from the call, so a config naming it is refused.
+PROBES: dict[str, object] = {"TIMELINE": False, "PREFETCH_TILES": 0}
+
+
+def _probes(config: KernelConfig) -> dict:
+    """PROBES, as ``config.constexprs`` sets them."""
+    given = dict(config.constexprs)
+    bad = sorted(set(given) - set(PROBES))
+    if bad:
+        raise ValueError(f"KernelConfig.constexprs may set only {', '.join(PROBES)}: the launch sets {', '.join(bad)} "
+                         "itself from the call")
+    return PROBES | given
+
+
 def constexprs(
     q: torch.Tensor, k_cache: torch.Tensor, page_size: int, config: KernelConfig, features: Features, *,
     has_seqlens: bool, has_leftpad: bool, planned: bool, return_lse: bool, pdl: bool, split: int,
@@ -145,8 +160,8 @@ def constexprs(
         HAS_MASK=features.has_mask, HAS_SOFTCAP=features.softcap > 0, HAS_SINKS=features.has_sinks,
         K_SCALE_KIND=features.k_scale_kind, V_SCALE_KIND=features.v_scale_kind, HAS_BOUNDS=has_bounds,
         PLANNED=planned,
-        RETURN_LSE=return_lse, DOT_DTYPE=dot_dtype, BLOCK_B=BLOCK_B, USE_PDL=pdl, TIMELINE=False, PREFETCH_TILES=0,
-    ) | dict(config.constexprs)
+        RETURN_LSE=return_lse, DOT_DTYPE=dot_dtype, BLOCK_B=BLOCK_B, USE_PDL=pdl, **_probes(config),
+    )
 
 
 class Call:

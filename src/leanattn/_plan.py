@@ -41,15 +41,16 @@ def launch_plan(
 
 def plan_key(batch: int, capacity: int, q_len: int, q_heads: int, kv_heads: int, head_dim: int,
              kv_dtype: torch.dtype, window_left: int, has_seqlens: bool, has_leftpad: bool,
-             config: KernelConfig | None, split: int) -> tuple:
+             config: KernelConfig | None, split: int, tile: int) -> tuple:
     """What a plan's shares depend on besides the lengths' values; an unbounded window shows as
     -1, as the API takes it; ``config``: None for the heuristic's; ``split``: tokens per split in
-    batch-invariant mode, else 0."""
+    batch-invariant mode, else 0; ``tile``: the launch config's tile (the heuristic's depends on
+    whether the cache is paged: a plan's tiles must be its runs')."""
     window_left = -1 if window_left >= UNBOUNDED else window_left
     return (("batch", batch), ("capacity", capacity), ("q_len", q_len), ("q_heads", q_heads),
             ("kv_heads", kv_heads), ("head_dim", head_dim), ("kv_dtype", kv_dtype), ("window_left", window_left),
             ("cache_seqlens given", has_seqlens), ("cache_leftpad given", has_leftpad), ("config", config),
-            ("split_size", split or None))
+            ("split_size", split or None), ("tile", tile))
 
 
 # The plan_decode arguments each eager plan was made for (plans made under torch.compile are

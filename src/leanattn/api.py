@@ -124,6 +124,8 @@ def plan_decode(
         fail(ValueError, f"q_len must be a positive int, got {q_len!r}")
     check_num_programs(num_programs)
     _check_config(config)
+    if not isinstance(paged, bool):
+        fail(TypeError, f"paged must be a bool, got {type(paged).__name__}")
     q_dtype = kv_dtype if kv_dtype in SUPPORTED_DTYPES else torch.float16  # an fp8 cache takes either
     check_layer_shape(q_heads, kv_heads, head_dim, q_dtype, kv_dtype, q_len, device)
     window_left, _, has_window, _ = window_bounds(causal, window_size, q_len)
@@ -134,7 +136,7 @@ def plan_decode(
                            *_call.unit_of(launch, split), launch.programs_per_sm, num_programs or 0, device)
     if not torch.compiler.is_compiling():
         remember(plan, plan_key(batch, capacity, q_len, q_heads, kv_heads, head_dim, kv_dtype, window_left,
-                                cache_seqlens is not None, cache_leftpad is not None, config, split))
+                                cache_seqlens is not None, cache_leftpad is not None, config, split, launch.tile))
     return plan
 
 
@@ -311,8 +313,11 @@ def decode(
     made_for = None
     if plan is not None:
         batch, q_len, q_heads, head_dim = q.shape
+        tile = (config or choose_config(head_dim, k_cache.dtype, q_len * (q_heads // k_cache.shape[2]),
+                                        block_table is not None)).tile
         made_for = plan_key(batch, capacity, q_len, q_heads, k_cache.shape[2], head_dim, k_cache.dtype,
-                            features.window_left, cache_seqlens is not None, cache_leftpad is not None, config, split)
+                            features.window_left, cache_seqlens is not None, cache_leftpad is not None, config, split,
+                            tile)
         check_plan(plan, q, num_programs, made_for)
     result = torch.empty_like(q) if out is None else out
     if return_lse and lse is None:

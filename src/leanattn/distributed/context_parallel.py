@@ -98,7 +98,7 @@ class ContextParallelDecode:
         self.heads_out = self.q_heads // self.world_size if self.scatter_heads else self.q_heads
         # Built by the first plan, where a bad shape becomes an error on every rank, not a hang.
         self._wrapper: DecodeWrapper | None = None
-        self._retired: list[DecodeWrapper] = []  # wrappers outgrown by a longer q_len
+        self._retired: list[DecodeWrapper] = []  # wrappers outgrown by a longer q_len or another cache kind
         self._buffers: dict[tuple[int, int], Buffers] = {}
         self._checked: tuple | None = None  # what the last checked plan agreed on
         self._planned: tuple[int, int, torch.Tensor | None, Buffers] | None = None

@@ -34,7 +34,8 @@ SCALE_TOKEN = tl.constexpr(3)
 # Events of a program's timeline (TIMELINE=True): its start, the end of gdc_wait, its share
 # known, its first tile's scores computed, its last tile's, its chunk ticket drawn (a member of
 # a cut head: the last one it leaves a partial for), its exit. Slots of a (programs,
-# EVENTS) int64 tensor of %globaltimer nanoseconds; a program with no share writes none.
+# EVENTS) int64 tensor of %globaltimer nanoseconds; a program with no share writes only its
+# start and the end of its wait.
 EV_START = tl.constexpr(0)
 EV_WAITED = tl.constexpr(1)
 EV_SHARE = tl.constexpr(2)
