@@ -39,9 +39,12 @@ from leanattn.bench.peers import capture_cuda_graph
 from leanattn.bench.rounds import bench_round
 from leanattn.bench.serving import layer_count, leanattn_step, make_layers, make_step, run_serving_shape
 from leanattn.bench.shapes import Shape, parse_shape
-from leanattn.kernels.lean_decode import EVENTS
+from leanattn.kernels import lean_decode
 
-EV_START, EV_WAITED, EV_SHARE, EV_FIRST_TILE, EV_LAST_TILE, EV_TICKET, EV_EXIT = range(EVENTS)
+# The kernel's event slots (kernels/lean_decode.py, EV_*), as column indices.
+EV_START, EV_WAITED, EV_SHARE, EV_FIRST_TILE, EV_LAST_TILE, EV_TICKET, EV_EXIT = (e.value for e in (
+    lean_decode.EV_START, lean_decode.EV_WAITED, lean_decode.EV_SHARE, lean_decode.EV_FIRST_TILE,
+    lean_decode.EV_LAST_TILE, lean_decode.EV_TICKET, lean_decode.EV_EXIT))
 
 
 def phases(stamps: torch.Tensor) -> dict[str, float]:

@@ -214,7 +214,7 @@ class Call:
             raise ValueError("TIMELINE stamps and PREFETCH_TILES prefetches are GPU instructions (%globaltimer, "
                              "prefetch.global.L2): the interpreter has none")
         if self.params["TIMELINE"]:
-            self.timeline = torch.zeros(programs, EVENTS, dtype=torch.int64, device=q.device)
+            self.timeline = torch.zeros(programs, EVENTS.value, dtype=torch.int64, device=q.device)
 
     def launch(
         self, bufs: tuple[torch.Tensor, ...], q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -43,8 +43,7 @@ EV_FIRST_TILE = tl.constexpr(3)
 EV_LAST_TILE = tl.constexpr(4)
 EV_TICKET = tl.constexpr(5)
 EV_EXIT = tl.constexpr(6)
-EVENTS = 7
-_EVENTS = tl.constexpr(EVENTS)
+EVENTS = tl.constexpr(7)
 
 
 @triton.jit
@@ -53,7 +52,7 @@ def _stamp(Timeline, pid, event: tl.constexpr, after):
     taking it as an operand keeps the read behind the loads and math it depends on."""
     now = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [after], dtype=tl.int64, is_pure=False,
                                     pack=1)
-    tl.store(Timeline + pid * _EVENTS + event, now)
+    tl.store(Timeline + pid * EVENTS + event, now)
 
 
 @triton.jit
@@ -91,9 +90,14 @@ def _prefetch_share(
     lines = tl.arange(0, (HEAD_DIM + LINE - 1) // LINE) * LINE
     k_ptrs = K + (k_rows + h * stride_kh)[:, None] + lines[None, :]
     v_ptrs = V + (v_rows + h * stride_vh)[:, None] + lines[None, :]
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [k_ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [v_ptrs], dtype=tl.int32,
+    _prefetch_l2(k_ptrs)
+    _prefetch_l2(v_ptrs)
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """``prefetch.global.L2`` of every address in ``ptrs`` (its dummy result keeps the asm)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
                               is_pure=False, pack=1)
 
 
