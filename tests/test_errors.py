@@ -63,6 +63,8 @@ def test_bad_out():
 def test_bad_num_programs_and_scale():
     with pytest.raises(ValueError, match="num_programs"):
         call(BASE, num_programs=0)
+    with pytest.raises(ValueError, match="at most 2\\^22"):  # past it the merge's fp64 divisions may round
+        call(BASE, num_programs=2**22 + 1)
     with pytest.raises(ValueError, match="softmax_scale"):
         call(BASE, softmax_scale=float("nan"))
 

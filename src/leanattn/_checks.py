@@ -368,10 +368,19 @@ def check_lse_out(lse: torch.Tensor | None, q: torch.Tensor, return_lse: bool) -
     check_no_broadcast("lse", lse)
 
 
+# The most programs a grid may have: the merge finds a head's first and last programs with fp64
+# divisions (kernels/lean_decode.py, _floor_div), exact for products of tiles (< 2^31,
+# check_tile_count) and programs below 2^53.
+MAX_PROGRAMS = 2**22
+
+
 def check_num_programs(num_programs: object) -> None:
-    """``num_programs`` is None (the default grid) or a positive int."""
+    """``num_programs`` is None (the default grid) or a positive int up to MAX_PROGRAMS."""
     if num_programs is not None and (not isinstance(num_programs, int) or num_programs < 1):
         fail(ValueError, f"num_programs must be a positive int, got {num_programs!r}")
+    if num_programs is not None and num_programs > MAX_PROGRAMS:
+        fail(ValueError, f"num_programs must be at most 2^22 = {MAX_PROGRAMS} (the merge's exact arithmetic), got "
+                         f"{num_programs}")
 
 
 def wrapper_device(device: torch.device | str, owner: str) -> torch.device:

@@ -327,8 +327,9 @@ def _floor_div(x, d):
     """x // d for int64 0 <= x < 2^53 and 0 < d < 2^53: the truncated fp64 quotient. Exact: x
     and d are exact in fp64, and when x / d is not an integer it lies at least 1 / d below the
     next one while rounding moves it by at most (x / d) 2^-53 < 1 / d (div.rn.f64 is correctly
-    rounded). A 64-bit integer division is a long subroutine on the GPU, and the merge's path
-    would wait on several before its first load."""
+    rounded). The merge's operands are tiles (< 2^31) times programs (<= 2^22, the API's bound).
+    A 64-bit integer division is a long subroutine on the GPU, and the merge's path would wait on
+    several before its first load."""
     return (x.to(tl.float64) / d.to(tl.float64)).to(tl.int64)
 
 
