@@ -72,7 +72,7 @@ def phases(stamps: torch.Tensor) -> dict[str, float]:
 
 
 def variant(text: str) -> tuple[dict[str, object], int | None]:
-    """``"tile=128,num_stages=2,programs=66,PREFETCH_TILES=4"``: KernelConfig fields to replace
+    """``"tile=128,num_stages=2,programs=66"``: KernelConfig fields to replace
     (upper-case names: the kernel's compile-time parameters, into ``constexprs``) and the grid
     (``programs``; None: the default)."""
     fields = dict(kv.split("=") for kv in text.split(",") if kv)
@@ -92,7 +92,8 @@ def timeline(shape: Shape, replays: int, changes: dict[str, object], programs: i
     layers = layer_count(shape)
     ls = make_layers(shape, device, layers)
     appends = make_appends(shape, ls.xs)
-    base = leanattn.choose_config(shape.head_dim, ls.first.k.dtype, shape.q_len * shape.q_heads // shape.kv_heads)
+    base = leanattn.choose_config(shape.head_dim, ls.first.k.dtype, shape.q_len * shape.q_heads // shape.kv_heads,
+                                  ls.first.block_table is not None, shape.split > 0)
     changes = dict(changes)
     constexprs = (("TIMELINE", True),) + tuple(changes.pop("constexprs", ()))
     config = replace(base, constexprs=constexprs, **changes)

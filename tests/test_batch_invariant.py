@@ -141,3 +141,45 @@ def test_custom_op_takes_the_split():
     out = torch.full_like(q, float("nan"))
     torch.ops.leanattn.decode_into(q, k, v, out, None, seqlens, None, D**-0.5, 3, split=split)
     assert torch.equal(out, want)
+
+
+def test_batch_invariant_calls_take_their_own_launch_config(monkeypatch):
+    """On the GPU, d=128 with a contiguous cache takes one program of 6 stages an SM by default
+    and two of 3 in batch-invariant mode (whose programs all restart their pipelines at the same
+    split boundaries), with the same tile, so the mode does not change the partition's tiles;
+    decode, plan_decode and DecodeWrapper all ask the heuristic for the batch-invariant one."""
+    from leanattn.kernels import config as kernel_config
+
+    monkeypatch.setattr(kernel_config, "interpreting", lambda: False)  # the GPU's heuristic, on any machine
+    default = kernel_config.choose_config(128, torch.bfloat16, 4)
+    invariant = kernel_config.choose_config(128, torch.bfloat16, 4, batch_invariant=True)
+    assert (default.num_stages, default.programs_per_sm) == (6, 1)
+    assert (invariant.num_stages, invariant.programs_per_sm) == (3, 2) and invariant.tile == default.tile
+    for paged in (False, True):
+        for d in (64, 80, 96, 128, 256):
+            assert kernel_config.choose_config(d, torch.bfloat16, 4, paged, True).tile == \
+                kernel_config.choose_config(d, torch.bfloat16, 4, paged).tile
+    monkeypatch.undo()
+
+    split = 2 * tile_size()
+    asked = []
+    real = leanattn._call.heuristic
+
+    def recording(*args):
+        asked.append(args[-1])
+        return real(*args)
+
+    real_choose = kernel_config.choose_config
+    monkeypatch.setattr(leanattn._call, "heuristic", recording)
+    monkeypatch.setattr(kernel_config, "choose_config", lambda *args: asked.append(args[-1]) or real_choose(*args))
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = rnd(gen, 2, 1, HQ, D), rnd(gen, 2, 96, HKV, D), rnd(gen, 2, 96, HKV, D)
+    sl = torch.tensor([96, 40], dtype=torch.int32, device=DEVICE)
+    leanattn.decode(q, k, v, sl, batch_invariant=True, split_size=split)
+    plan = leanattn.plan_decode(sl, 96, q_heads=HQ, kv_heads=HKV, head_dim=D, kv_dtype=DTYPE, batch_invariant=True,
+                                split_size=split)
+    leanattn.decode(q, k, v, sl, plan=plan, batch_invariant=True, split_size=split)
+    w = leanattn.DecodeWrapper(HQ, HKV, D, DTYPE, DEVICE, batch_invariant=True, split_size=split)
+    w.plan(sl, 96)
+    w.run(q, k, v)
+    assert asked and all(flag is True for flag in asked)

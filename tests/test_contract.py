@@ -311,7 +311,7 @@ def test_cpu_mode_names_the_triton_it_needs(monkeypatch):
 
 
 def test_config_constexprs_may_set_only_the_probes():
-    """KernelConfig.constexprs sets the kernel's probe parameters (TIMELINE, PREFETCH_TILES); a
+    """KernelConfig.constexprs sets the kernel's probe parameters (TIMELINE); a
     parameter the launch derives from the call (TILE, HEAD_DIM, ...) is refused, never
     silently replaced (the host plans and sizes by config.tile)."""
     import dataclasses
@@ -320,7 +320,7 @@ def test_config_constexprs_may_set_only_the_probes():
     k = torch.randn(2, 96, 2, 64, dtype=torch.float16, device=DEVICE)
     base = leanattn.choose_config(64, k.dtype, 4)
     for name, value in (("TILE", base.tile // 2), ("HEAD_DIM", 32), ("GROUP", 2)):
-        with pytest.raises(ValueError, match=f"may set only TIMELINE, PREFETCH_TILES: the launch sets {name}"):
+        with pytest.raises(ValueError, match=f"may set only TIMELINE: the launch sets {name}"):
             leanattn.decode(q, k, k, config=dataclasses.replace(base, constexprs=((name, value),)))
 
 
@@ -333,8 +333,8 @@ def test_a_plan_is_refused_by_runs_of_another_tile(monkeypatch):
 
     real = kernel_config.choose_config
 
-    def tiles(head_dim, kv_dtype, rows, paged=False):
-        c = real(head_dim, kv_dtype, rows, paged)
+    def tiles(head_dim, kv_dtype, rows, paged=False, batch_invariant=False):
+        c = real(head_dim, kv_dtype, rows, paged, batch_invariant)
         return KernelConfig(2 * c.tile if paged else c.tile, c.num_warps, c.num_stages, c.programs_per_sm)
 
     q = torch.randn(2, 1, 8, 64, dtype=torch.float16, device=DEVICE)

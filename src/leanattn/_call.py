@@ -28,10 +28,10 @@ ARRIVE_CHUNK = 16
 
 
 @functools.lru_cache(maxsize=None)
-def heuristic(head_dim: int, kv_dtype: torch.dtype, rows: int, paged: bool) -> KernelConfig:
+def heuristic(head_dim: int, kv_dtype: torch.dtype, rows: int, paged: bool, batch_invariant: bool) -> KernelConfig:
     """The launch heuristic's config for ``rows`` (q_len x group) query rows of a kv head of a
-    contiguous or ``paged`` cache."""
-    return choose_config(head_dim, kv_dtype, rows, paged)
+    contiguous or ``paged`` cache, in the default or the ``batch_invariant`` mode."""
+    return choose_config(head_dim, kv_dtype, rows, paged, batch_invariant)
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,7 +126,7 @@ def dot_dtype_of(config: KernelConfig, q_dtype: torch.dtype, kv_dtype: torch.dty
 
 # The kernel's compile-time parameters a config's ``constexprs`` may set (probes), with their
 # defaults; every other one follows from the call, so a config naming it is refused.
-PROBES: dict[str, object] = {"TIMELINE": False, "PREFETCH_TILES": 0}
+PROBES: dict[str, object] = {"TIMELINE": False}
 
 
 def _probes(config: KernelConfig) -> dict:
@@ -210,9 +210,8 @@ class Call:
         # A probe's per-program stamps (config.constexprs with ("TIMELINE", True)): see
         # kernels/lean_decode.py's EV_* events. The last launch's stamps; zero where none.
         self.timeline: torch.Tensor | None = None
-        if interpreting() and (self.params["TIMELINE"] or self.params["PREFETCH_TILES"]):
-            raise ValueError("TIMELINE stamps and PREFETCH_TILES prefetches are GPU instructions (%globaltimer, "
-                             "prefetch.global.L2): the interpreter has none")
+        if interpreting() and self.params["TIMELINE"]:
+            raise ValueError("TIMELINE stamps are a GPU instruction (%globaltimer): the interpreter has none")
         if self.params["TIMELINE"]:
             self.timeline = torch.zeros(programs, EVENTS.value, dtype=torch.int64, device=q.device)
 
@@ -265,7 +264,7 @@ def decode_into(
     if batch == 0:
         return None
     rows = q_len * (q_heads // k_cache.shape[2])
-    config = config or heuristic(head_dim, k_cache.dtype, rows, block_table is not None)
+    config = config or heuristic(head_dim, k_cache.dtype, rows, block_table is not None, split > 0)
     programs = plan.shape[0] if plan is not None else grid(q.device, config, num_programs)
     capacity = capacity_of(k_cache, block_table)
     kv_heads = k_cache.shape[2]

@@ -28,12 +28,14 @@ __all__ = ["decode", "plan_decode", "reserve_workspace", "choose_config", "defau
            "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES", "FP8_DTYPES", "MAX_QUERY_ROWS", "max_query_rows", "MAX_PAGE_SIZE"]
 
 
-def choose_config(head_dim: int, kv_dtype: torch.dtype, rows: int, paged: bool = False) -> KernelConfig:
+def choose_config(head_dim: int, kv_dtype: torch.dtype, rows: int, paged: bool = False,
+                  batch_invariant: bool = False) -> KernelConfig:
     """The launch heuristic's config for a cache of ``kv_dtype`` with ``head_dim``, ``rows``
-    (q_len x group) query rows of a kv head, contiguous or ``paged`` (a block table): what
-    ``decode`` uses without ``config=``. Not cached, so torch.compile traces it (plan_decode)
-    without a warning; the launch path caches it."""
-    return kernels_config.choose_config(head_dim, kv_dtype, rows, paged)
+    (q_len x group) query rows of a kv head, contiguous or ``paged`` (a block table), in the
+    default or the ``batch_invariant`` mode: what ``decode`` uses without ``config=``. Not
+    cached, so torch.compile traces it (plan_decode) without a warning; the launch path caches
+    it."""
+    return kernels_config.choose_config(head_dim, kv_dtype, rows, paged, batch_invariant)
 
 
 def _check_config(config: object) -> None:
@@ -59,7 +61,7 @@ def reserve_workspace(
     """
     device = torch.device(device)
     rows = q_len * (q_heads // kv_heads)
-    configs = [choose_config(head_dim, kv_dtype, rows, paged) for paged in (False, True)]
+    configs = [choose_config(head_dim, kv_dtype, rows, paged, batch_invariant) for paged in (False, True)]
     programs = max(_call.grid(device, config, num_programs) for config in configs)
     split = max(split_of(batch_invariant, split_size, config.tile) for config in configs)
     if split and (batch < 1 or capacity < 1):
@@ -129,7 +131,7 @@ def plan_decode(
     q_dtype = kv_dtype if kv_dtype in SUPPORTED_DTYPES else torch.float16  # an fp8 cache takes either
     check_layer_shape(q_heads, kv_heads, head_dim, q_dtype, kv_dtype, q_len, device)
     window_left, _, has_window, _ = window_bounds(causal, window_size, q_len)
-    launch = config or choose_config(head_dim, kv_dtype, q_len * (q_heads // kv_heads), paged)
+    launch = config or choose_config(head_dim, kv_dtype, q_len * (q_heads // kv_heads), paged, batch_invariant)
     check_tile_count(batch, kv_heads, capacity, launch.tile)
     split = split_of(batch_invariant, split_size, launch.tile)
     plan = ops.plan_shares(cache_seqlens, cache_leftpad, batch, kv_heads, capacity, q_len, window_left, has_window,
@@ -309,12 +311,12 @@ def decode(
     if batch_invariant or split_size is not None:
         rows = q.shape[1] * (q.shape[2] // k_cache.shape[2])
         split = split_of(batch_invariant, split_size,
-                         (config or choose_config(q.shape[3], k_cache.dtype, rows, block_table is not None)).tile)
+                         (config or choose_config(q.shape[3], k_cache.dtype, rows, block_table is not None, True)).tile)
     made_for = None
     if plan is not None:
         batch, q_len, q_heads, head_dim = q.shape
         tile = (config or choose_config(head_dim, k_cache.dtype, q_len * (q_heads // k_cache.shape[2]),
-                                        block_table is not None)).tile
+                                        block_table is not None, split > 0)).tile
         made_for = plan_key(batch, capacity, q_len, q_heads, k_cache.shape[2], head_dim, k_cache.dtype,
                             features.window_left, cache_seqlens is not None, cache_leftpad is not None, config, split,
                             tile)

@@ -95,10 +95,10 @@ class DecodeWrapper:
         # The launch config (and with it the default grid) follows q_len x group, as in decode, so
         # each plan picks its own; the buffers are sized for the largest grid and q_len.
         self._grid, self._given_config, self.paged = num_programs, config, paged
+        self._batch_invariant, self._split_size = batch_invariant, split_size
         self._config = self._config_for(1)
         self.num_programs = _call.grid(device, self._config, num_programs)
         most = max(self.num_programs, _call.grid(device, self._config_for(max_q_len), num_programs))
-        self._batch_invariant, self._split_size = batch_invariant, split_size
         for q_len in (1, max_q_len):  # the configs' tiles bound the split (plan checks its own)
             split_of(batch_invariant, split_size, self._config_for(q_len).tile)
         self._split = 0
@@ -123,7 +123,7 @@ class DecodeWrapper:
         the wrapper's kind of cache (or ``paged``)."""
         paged = self.paged if paged is None else paged
         return self._given_config or _call.heuristic(self.head_dim, self.kv_dtype, q_len * (self.q_heads // self.kv_heads),
-                                                     paged)
+                                                     paged, self._batch_invariant)
 
     @property
     def compiled_kernels(self) -> list:

@@ -56,52 +56,6 @@ def _stamp(Timeline, pid, event: tl.constexpr, after):
 
 
 @triton.jit
-def _prefetch_share(
-    K, V, BlockTable, Plan, pid, batch, kv_heads, capacity, num_pages,
-    stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
-    HEAD_DIM: tl.constexpr, TILE: tl.constexpr, PAGE_SIZE: tl.constexpr, TILES: tl.constexpr,
-    LINE: tl.constexpr,
-):
-    """Warm L2 with the K and V rows of the first TILES tiles of program ``pid``'s share, as its
-    plan row reads now, before ``gdc_wait``: ``prefetch.global.L2``, one per LINE elements (128
-    bytes) of a row.
-
-    Nothing here is trusted or kept. Before the wait the plan row (and a block table) may be
-    the previous step's, this one's, or half written: every index is clamped into the cache, so a
-    wrong row only wastes a prefetch. And a prefetch cannot make data stale: it fills L2, the
-    GPU's point of coherence, never L1, so the attention's own loads after the wait see what
-    the previous kernel wrote (the newest token, q) whatever was prefetched."""
-    total, programs, start, end, b, h, t = _read_plan_row(Plan, pid)
-    b = tl.minimum(tl.maximum(b, 0), batch - 1).to(tl.int64)
-    h = tl.minimum(tl.maximum(h, 0), kv_heads - 1)
-    tiles = tl.minimum(tl.maximum(end - start, 0), TILES).to(tl.int32)
-    tok = tl.arange(0, TILES * TILE)
-    keep = tok < tiles * TILE
-    # Rows past the share's tiles prefetch its first row again (one line request, no branch).
-    pos = tl.minimum(tl.maximum(t, 0) * TILE + tl.where(keep, tok, 0), capacity - 1)
-    if PAGE_SIZE == 0:
-        k_rows = b * stride_kb + pos.to(tl.int64) * stride_kn
-        v_rows = b * stride_vb + pos.to(tl.int64) * stride_vn
-    else:
-        page = tl.load(BlockTable + b * stride_btb + pos // PAGE_SIZE, mask=keep, other=0)
-        page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
-        k_rows = page * stride_kb + (pos % PAGE_SIZE) * stride_kn
-        v_rows = page * stride_vb + (pos % PAGE_SIZE) * stride_vn
-    lines = tl.arange(0, (HEAD_DIM + LINE - 1) // LINE) * LINE
-    k_ptrs = K + (k_rows + h * stride_kh)[:, None] + lines[None, :]
-    v_ptrs = V + (v_rows + h * stride_vh)[:, None] + lines[None, :]
-    _prefetch_l2(k_ptrs)
-    _prefetch_l2(v_ptrs)
-
-
-@triton.jit
-def _prefetch_l2(ptrs):
-    """``prefetch.global.L2`` of every address in ``ptrs`` (its dummy result keeps the asm)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
 def _tanh(x):
     """tanh from exp2, exact to fp32 rounding in absolute terms (what a softmax exponent needs)."""
     return 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
@@ -578,7 +532,7 @@ def lean_decode_kernel(
     HAS_SEQLENS: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, K_SCALE_KIND: tl.constexpr, V_SCALE_KIND: tl.constexpr,
     HAS_BOUNDS: tl.constexpr, PLANNED: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr, TIMELINE: tl.constexpr, PREFETCH_TILES: tl.constexpr,
+    BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr, TIMELINE: tl.constexpr,
 ):
     """Decode attention over a persistent grid.
 
@@ -602,17 +556,10 @@ def lean_decode_kernel(
     S = 2 * grid slots, grid head tickets and 2 * grid chunk tickets, or with SPLIT one slot and
     ticket of each kind per split of the call.
     TIMELINE (a probe, GPU only): Timeline (grid, EVENTS) int64 takes each program's EV_* stamps.
-    PREFETCH_TILES > 0 (GPU only, with PLANNED and USE_PDL): before gdc_wait, warm L2 with the
-    first PREFETCH_TILES tiles of the share (``_prefetch_share``).
     """
     pid = tl.program_id(0)
     if TIMELINE:
         _stamp(Timeline, pid, EV_START, pid)
-    if (PREFETCH_TILES > 0) & PLANNED & USE_PDL:
-        # While the previous kernel finishes: what the share will read first, into L2.
-        _prefetch_share(K, V, BlockTable, Plan, pid, batch, kv_heads, capacity, num_pages,
-                        stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
-                        HEAD_DIM, TILE, PAGE_SIZE, PREFETCH_TILES, 1024 // K.dtype.element_ty.primitive_bitwidth)
     if USE_PDL:
         # Launched early behind the previous kernel (programmatic dependent launch): wait for it
         # to finish before reading anything it may have written (q, the cache, the plan).
