@@ -138,6 +138,7 @@ def _attend_tiles(
     HEAD_DIM_PAD: tl.constexpr, TILE: tl.constexpr, PAGE_SIZE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BOUNDS: tl.constexpr, K_SCALE_KIND: tl.constexpr,
     V_SCALE_KIND: tl.constexpr, DOT_DTYPE: tl.constexpr, Timeline, pid, stamp_first, TIMELINE: tl.constexpr,
+    WsAcc, WsStats, slot0, flush_last, SPLIT_TILES: tl.constexpr, MERGE_ROWS: tl.constexpr,
 ):
     """Online softmax of the packed query rows ``q`` (ROWS, HEAD_DIM_PAD) over tiles
     ``[tile_start, tile_end)`` of head (b, h). The tiles cover cache positions ``[first, first +
@@ -159,7 +160,14 @@ def _attend_tiles(
     the PV product (not the row sums).
 
     TIMELINE: with ``stamp_first``, the first tile's scores stamp EV_FIRST_TILE of program
-    ``pid`` in Timeline."""
+    ``pid`` in Timeline.
+
+    SPLIT_TILES > 0 (batch-invariant mode): the tiles are cut into splits of SPLIT_TILES tiles
+    (split u: tiles [u SPLIT_TILES, (u + 1) SPLIT_TILES)), each attended alone: at the end of
+    every split its (acc, m, l) goes to workspace slot slot0 + u (a masked store, no branch) and
+    the state restarts empty, the same arithmetic as a loop per split, while the pipeline's loads
+    run on into the next split. The range's last split is kept in registers and returned unless
+    ``flush_last``."""
     offs_n = tl.arange(0, TILE)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask_d = offs_d < HEAD_DIM
@@ -236,6 +244,14 @@ def _attend_tiles(
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v)
         m_i = m_new
+        if SPLIT_TILES > 0:
+            done = ((tile + 1) % SPLIT_TILES == 0) | (tile + 1 == tile_end)
+            done = done & ((tile + 1 < tile_end) | flush_last)
+            _store_partial(WsAcc, WsStats, slot0 + tile // SPLIT_TILES, acc, m_i, l_i, ROWS, MERGE_ROWS,
+                           HEAD_DIM_PAD, done)
+            acc = tl.where(done, 0.0, acc)
+            m_i = tl.where(done, float("-inf"), m_i)
+            l_i = tl.where(done, 0.0, l_i)
     return acc, m_i, l_i
 
 
@@ -387,13 +403,13 @@ def _merge_partials(
 @triton.jit
 def _store_partial(
     WsAcc, WsStats, slot, acc, m_i, l_i,
-    ROWS_IN: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    ROWS_IN: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, when=True,
 ):
     """Write (acc, m, l), ROWS_IN rows, to workspace slot ``slot``: the first ROWS rows (the rest
-    are padding)."""
+    are padding); nothing unless ``when``."""
     rows = tl.arange(0, ROWS_IN)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    keep = rows < ROWS
+    keep = (rows < ROWS) & when
     tl.store(WsAcc + slot * (ROWS * HEAD_DIM_PAD) + rows[:, None] * HEAD_DIM_PAD + offs_d[None, :], acc, mask=keep[:, None])
     tl.store(WsStats + slot * (2 * ROWS) + rows, m_i, mask=keep)
     tl.store(WsStats + slot * (2 * ROWS) + ROWS + rows, l_i, mask=keep)
@@ -407,9 +423,10 @@ def _arrive_and_merge(
     GROUP: tl.constexpr, Q_LEN: tl.constexpr, ROWS: tl.constexpr, MERGE_ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MERGE_WIDE: tl.constexpr, ARRIVE_CHUNK: tl.constexpr,
     RETURN_LSE: tl.constexpr, HAS_SINKS: tl.constexpr, BY_SLOT: tl.constexpr, Timeline, TIMELINE: tl.constexpr,
+    STORED: tl.constexpr = False,
 ):
-    """A member of a head cut among several leaves its partial (acc, m, l), counts its arrival,
-    and merges if it is the last. The head's unit ``t`` is global unit ``g`` (its unit 0 is
+    """A member of a head cut among several leaves its partial (acc, m, l) (STORED: it already
+    has), counts its arrival, and merges if it is the last. The head's unit ``t`` is global unit ``g`` (its unit 0 is
     global unit g - t); it has ``n`` units.
 
     The members are the programs covering the head's tiles (program ``pid``, whose share started
@@ -426,7 +443,8 @@ def _arrive_and_merge(
     if BY_SLOT:
         first = g - t  # int64: slots x rows x head_dim may pass 2^31 with many splits
         member = first + u
-        _store_partial(WsAcc, WsStats, member, acc, m_i, l_i, ROWS, MERGE_ROWS, HEAD_DIM_PAD)
+        if not STORED:
+            _store_partial(WsAcc, WsStats, member, acc, m_i, l_i, ROWS, MERGE_ROWS, HEAD_DIM_PAD)
         last = first + n - 1
         first_odd = False
     else:
@@ -594,34 +612,38 @@ def lean_decode_kernel(
                                          stride_qh, scale, GROUP, K_SCALE_KIND, V_SCALE_KIND, DOT_DTYPE)
         if SPLIT > 0:
             # Each split is attended on its own and merged in split order (_arrive_and_merge), so
-            # its bits are the same whichever program takes it.
+            # its bits are the same whichever program takes it. One tile loop runs through all of
+            # the head's splits in the share (the pipeline never drains between them) and leaves
+            # each split's partial in its slot; only then do they arrive. A head of one split is
+            # written from the registers.
             n_tiles = _num_tiles(length, TILE)
-            for u in range(t, t_end):
-                acc, m_i, l_i = _attend_tiles(
-                    q, K, V, BlockTable, KScale, VScale, Bounds, b, h, first, length, lo, live, u * (SPLIT // TILE),
-                    tl.minimum((u + 1) * (SPLIT // TILE), n_tiles), head_scale, softcap,
-                    window_left, window_right, num_pages, kv_heads, capacity,
-                    stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
-                    GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, HAS_SOFTCAP, HAS_MASK, HAS_BOUNDS,
-                    K_SCALE_KIND, V_SCALE_KIND, DOT_DTYPE, Timeline, pid, (g == start) & (u == t), TIMELINE,
-                )
-                if TIMELINE:
-                    if (u == t_end - 1) & (g + (t_end - t) >= end):
-                        _stamp(Timeline, pid, EV_LAST_TILE, tl.max(m_i, axis=0).to(tl.int32, bitcast=True))
-                if USE_PDL:  # as below, with the total counted in tiles
-                    if (u == t_end - 1) & (g + (t_end - t) >= end) & (total * (SPLIT // TILE) <= 8 * tl.num_programs(0)):
-                        gdc_launch_dependents()
-                if n_units == 1:
-                    _write_output(Out, Lse, Sinks, b, h, acc, m_i, l_i, v_scale,
-                                  stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
-                                  GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE, HAS_SINKS)
-                else:
+            acc, m_i, l_i = _attend_tiles(
+                q, K, V, BlockTable, KScale, VScale, Bounds, b, h, first, length, lo, live, t * (SPLIT // TILE),
+                tl.minimum(t_end * (SPLIT // TILE), n_tiles), head_scale, softcap,
+                window_left, window_right, num_pages, kv_heads, capacity,
+                stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
+                GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, HAS_SOFTCAP, HAS_MASK, HAS_BOUNDS,
+                K_SCALE_KIND, V_SCALE_KIND, DOT_DTYPE, Timeline, pid, g == start, TIMELINE,
+                WsAcc, WsStats, g - t, n_units > 1, SPLIT // TILE, MERGE_ROWS,
+            )
+            if TIMELINE:
+                if g + (t_end - t) >= end:
+                    _stamp(Timeline, pid, EV_LAST_TILE, tl.max(m_i, axis=0).to(tl.int32, bitcast=True))
+            if USE_PDL:  # as below, with the total counted in tiles
+                if (g + (t_end - t) >= end) & (total * (SPLIT // TILE) <= 8 * tl.num_programs(0)):
+                    gdc_launch_dependents()
+            if n_units == 1:
+                _write_output(Out, Lse, Sinks, b, h, acc, m_i, l_i, v_scale,
+                              stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                              GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE, HAS_SINKS)
+            else:
+                for u in range(t, t_end):
                     _arrive_and_merge(
                         WsAcc, WsStats, Tickets, ChunkTickets, Out, Lse, Sinks, acc, m_i, l_i, v_scale,
                         b, h, pid, u, g, start, t, n_units, total, programs,
                         stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
                         GROUP, Q_LEN, ROWS, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, MERGE_WIDE, ARRIVE_CHUNK, RETURN_LSE,
-                        HAS_SINKS, True, Timeline, TIMELINE,
+                        HAS_SINKS, True, Timeline, TIMELINE, True,
                     )
         else:
             n_tiles = n_units
@@ -631,6 +653,7 @@ def lean_decode_kernel(
                 stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_btb,
                 GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, HAS_SOFTCAP, HAS_MASK, HAS_BOUNDS,
                 K_SCALE_KIND, V_SCALE_KIND, DOT_DTYPE, Timeline, pid, g == start, TIMELINE,
+                WsAcc, WsStats, 0, False, 0, MERGE_ROWS,
             )
             if TIMELINE:
                 if g + (t_end - t) >= end:
