@@ -395,4 +395,23 @@ MUTANTS: list[Mutant] = [
         ("tests/test_errors.py",), k="head_offsets",
         why="a heads-outermost cache over 2^31 elements would be read at wrapped int32 head offsets",
     ),
+    Mutant(
+        "split-loop-keeps-state",
+        one(DECODE, "            acc = tl.where(done, 0.0, acc)", "            acc = acc"),
+        ("tests/test_batch_invariant.py",), k="every_sequence_is_right or same_bits",
+        why="a program holding several splits of a head would carry one split's sum into the next",
+    ),
+    Mutant(
+        "split-loop-keeps-last-split",
+        one(DECODE, "            done = done & ((tile + 1 < tile_end) | flush_last)",
+            "            done = done & (tile + 1 < tile_end)"),
+        ("tests/test_batch_invariant.py",), k="every_sequence_is_right or same_bits",
+        why="a share's last split of a cut head would arrive without leaving its partial",
+    ),
+    Mutant(
+        "split-arrivals-count-one",
+        one(DECODE, "    if arrived + count == chunk_last - chunk_first + 1:", "    if arrived + 1 == chunk_last - chunk_first + 1:"),
+        ("tests/test_batch_invariant.py",), k="every_sequence_is_right or same_bits",
+        why="a program's splits of one chunk arrive on one ticket: the last arriver would be misjudged",
+    ),
 ]

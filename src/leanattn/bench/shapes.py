@@ -233,6 +233,7 @@ _SERVING = """
 1x64k@4/1:d=80 1x32k@8/8:d=80 4x8k@16/8:d=80:page=16
 1x64k@7/1:d=96 8x4k@16/16:d=96 4x16k@24/8:d=96:page=64
 1x16k@8/1:d=256 4x8k@16/8:d=256 2x16k@10/2:d=256:page=16 4x8k@56/8:d=256
+1x32k@8/1:split=512 1x4k@32/8:split=256 8x8k@32/8:split=512 8x8k@32/8:split=512:page=16
 """
 
 # name: (what it is, its shapes' text)
@@ -240,7 +241,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "eager": ("the baseline table, large batches, head dims 32-512, fp16, paged and ragged rows, and every "
               "head dim 64-256 and group 1-8 (the --mode eager default)", _SUITE + _COVERAGE),
     "serving": ("tensor-parallel shards of 16-256 MiB: head dims 64, 80, 96, 128, 256, groups 1-8, contiguous "
-                "and paged (the --mode graph default)", _SERVING),
+                "and paged, and batch-invariant rows (the --mode graph default)", _SERVING),
     "serving-full": ("the eager suite and the serving suite together", _SUITE + _COVERAGE + _SERVING),
 }
 

@@ -423,10 +423,11 @@ def _arrive_and_merge(
     GROUP: tl.constexpr, Q_LEN: tl.constexpr, ROWS: tl.constexpr, MERGE_ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MERGE_WIDE: tl.constexpr, ARRIVE_CHUNK: tl.constexpr,
     RETURN_LSE: tl.constexpr, HAS_SINKS: tl.constexpr, BY_SLOT: tl.constexpr, Timeline, TIMELINE: tl.constexpr,
-    STORED: tl.constexpr = False,
+    STORED: tl.constexpr = False, count=1,
 ):
     """A member of a head cut among several leaves its partial (acc, m, l) (STORED: it already
-    has), counts its arrival, and merges if it is the last. The head's unit ``t`` is global unit ``g`` (its unit 0 is
+    has), counts its arrival, and merges if it is the last. With STORED, ``count`` consecutive
+    members of one chunk from member ``u`` on, all stored, arrive at once. The head's unit ``t`` is global unit ``g`` (its unit 0 is
     global unit g - t); it has ``n`` units.
 
     The members are the programs covering the head's tiles (program ``pid``, whose share started
@@ -464,10 +465,10 @@ def _arrive_and_merge(
         chunk_slot = _partial_slot(chunk_first, first, first_odd)
     # Every thread's partial stores must be ordered before the ticket (release).
     tl.debug_barrier()
-    arrived = tl.atomic_add(ChunkTickets + chunk_slot, 1, sem="acq_rel", scope="gpu")
+    arrived = tl.atomic_add(ChunkTickets + chunk_slot, count, sem="acq_rel", scope="gpu")
     if TIMELINE:
         _stamp(Timeline, pid, EV_TICKET, arrived)
-    if arrived == chunk_last - chunk_first:
+    if arrived + count == chunk_last - chunk_first + 1:
         tl.atomic_xchg(ChunkTickets + chunk_slot, 0, sem="relaxed", scope="gpu")
         acc_c, m_c, l_c = _merge_partials(
             WsAcc, WsStats, chunk_first, chunk_last, first, first_odd,
@@ -614,8 +615,8 @@ def lean_decode_kernel(
             # Each split is attended on its own and merged in split order (_arrive_and_merge), so
             # its bits are the same whichever program takes it. One tile loop runs through all of
             # the head's splits in the share (the pipeline never drains between them) and leaves
-            # each split's partial in its slot; only then do they arrive. A head of one split is
-            # written from the registers.
+            # each split's partial in its slot; only then do they arrive, those of a chunk on one
+            # ticket at once. A head of one split is written from the registers.
             n_tiles = _num_tiles(length, TILE)
             acc, m_i, l_i = _attend_tiles(
                 q, K, V, BlockTable, KScale, VScale, Bounds, b, h, first, length, lo, live, t * (SPLIT // TILE),
@@ -637,13 +638,14 @@ def lean_decode_kernel(
                               stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
                               GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE, HAS_SINKS)
             else:
-                for u in range(t, t_end):
+                for c in range(t // ARRIVE_CHUNK * ARRIVE_CHUNK, t_end, ARRIVE_CHUNK):
+                    u = tl.maximum(c, t)
                     _arrive_and_merge(
                         WsAcc, WsStats, Tickets, ChunkTickets, Out, Lse, Sinks, acc, m_i, l_i, v_scale,
                         b, h, pid, u, g, start, t, n_units, total, programs,
                         stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
                         GROUP, Q_LEN, ROWS, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, MERGE_WIDE, ARRIVE_CHUNK, RETURN_LSE,
-                        HAS_SINKS, True, Timeline, TIMELINE, True,
+                        HAS_SINKS, True, Timeline, TIMELINE, True, tl.minimum(c + ARRIVE_CHUNK, t_end) - u,
                     )
         else:
             n_tiles = n_units
