@@ -396,10 +396,11 @@ MUTANTS: list[Mutant] = [
         why="a heads-outermost cache over 2^31 elements would be read at wrapped int32 head offsets",
     ),
     Mutant(
-        "split-loop-keeps-state",
-        one(DECODE, "            acc = tl.where(done, 0.0, acc)", "            acc = acc"),
+        "split-loop-keeps-max",
+        one(DECODE, '            m_i = tl.where(done, float("-inf"), m_i)', "            m_i = m_i"),
         ("tests/test_batch_invariant.py",), k="every_sequence_is_right or same_bits",
-        why="a program holding several splits of a head would carry one split's sum into the next",
+        why="a program holding several splits of a head would carry one split's running max (and with it, "
+            "through alpha = 1, its sums) into the next",
     ),
     Mutant(
         "split-loop-keeps-last-split",

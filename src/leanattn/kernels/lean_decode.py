@@ -249,6 +249,9 @@ def _attend_tiles(
             done = done & ((tile + 1 < tile_end) | flush_last)
             _store_partial(WsAcc, WsStats, slot0 + tile // SPLIT_TILES, acc, m_i, l_i, ROWS, MERGE_ROWS,
                            HEAD_DIM_PAD, done)
+            # m = -inf alone would zero finite sums at the next tile (alpha = 0); the sums restart
+            # too, so a split's bits never depend on what its program attended before it (a NaN,
+            # the sign of a zero).
             acc = tl.where(done, 0.0, acc)
             m_i = tl.where(done, float("-inf"), m_i)
             l_i = tl.where(done, 0.0, l_i)
