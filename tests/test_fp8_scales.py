@@ -195,3 +195,32 @@ def test_check_with_token_scales_and_no_pages():
     scales = torch.ones(0, 16, 2, device=DEVICE)
     out = leanattn.decode(q, k, k, lens, block_table=table, k_scale=scales, v_scale=scales, check=True)
     assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_token_v_scales_of_any_spread_within_a_tile(paged):
+    """Per-token V scales 2^-20 and 2^10 side by side in every tile, where the 2^10 keys get no
+    attention (their scores sit ~136 below the others'): the output is the 2^-20 keys' values,
+    which a product in fp16 scaled to the tile's largest scale would have flushed to zero."""
+    tile = leanattn.choose_config(D, FP8, HQ // HKV).tile
+    n = 2 * tile + 5
+    gen = torch.Generator().manual_seed(31)
+    q = torch.ones(1, 1, HQ, D).to(torch.bfloat16).to(DEVICE)
+    big = (torch.arange(n) % 2 == 1).to(DEVICE)  # every other key: scale 2^10, score -128 / sqrt(D)
+    k = torch.where(big[:, None, None], -16.0, 1.0).expand(n, HKV, D)[None].to(FP8)
+    v = (torch.rand(1, n, HKV, D, generator=gen).to(DEVICE) * 8 - 4).to(FP8)
+    sl = torch.tensor([n], dtype=torch.int32, device=DEVICE)
+    v_scale = torch.where(big, 2.0**10, 2.0**-20)[None, :, None].expand(1, n, HKV).contiguous()
+    kw = {}
+    if paged:
+        k, v, table = to_paged(k, v, [n], 16, seed=31)
+        kw = {"block_table": table}
+        pages = torch.zeros(k.shape[0], 16, HKV, device=DEVICE)
+        for j in range(table.shape[1]):
+            rows = v_scale[0, j * 16:(j + 1) * 16]
+            pages[table[0, j], :rows.shape[0]] = rows
+        v_scale = pages
+    out, lse = leanattn.decode(q, k, v, sl, k_scale=1.0, v_scale=v_scale, return_lse=True, **kw)
+    ref, ref_lse = reference(q, k, v, sl, k_scale=1.0, v_scale=v_scale, **kw)
+    assert ref.abs().max() > 2.0**-24  # the small keys' values, not zero
+    assert_close(out, lse, ref, ref_lse)
