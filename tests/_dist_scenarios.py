@@ -225,17 +225,23 @@ def positions(rank: int, world: int, dtype: str, paged: bool, q_len: int, window
 
 def switch_q_len(rank: int, world: int) -> None:
     """One ContextParallelDecode alternating plain decode steps (local lengths) and steps of three
-    query tokens (global lengths): each step as the reference on the whole cache."""
+    query tokens (global lengths), on a contiguous and a paged copy of the local cache in turn:
+    each step as the reference on the whole cache. Only a longer q_len outgrows a wrapper (a
+    captured graph may still read it); switching cache kinds back and forth retires none."""
     q, k, v, full, lk, lv, local = build(rank, world, [100, 37], 8, 2, 64, torch.float16, seed=9, q_len=3)
+    kp, vp, table = to_paged(lk, lv, local.tolist(), PAGE, seed=rank)
     cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, device())
-    for q_len in (1, 3, 1):
+    for q_len, paged in ((1, False), (3, False), (1, True), (1, False), (3, True), (1, False), (1, True)):
         qs = q[:, -q_len:]
+        kc, vc, bt = (kp, vp, table) if paged else (lk, lv, None)
+        capacity = table.shape[1] * PAGE if paged else lk.shape[1]
         if q_len == 1:
-            cp.plan(local, lk.shape[1])
+            cp.plan(local, capacity, block_table=bt)
         else:
-            cp.plan(None, lk.shape[1], q_len=q_len, seqlens=full, page_size=PAGE)
-        out, lse = cp.run(qs, lk, lv, return_lse=True)
+            cp.plan(None, capacity, q_len=q_len, seqlens=full, page_size=PAGE, block_table=bt)
+        out, lse = cp.run(qs, kc, vc, return_lse=True)
         assert_close(out, lse, *reference(qs, k, v, full))
+    assert len(cp._retired) == 1 and len(cp._wrappers) == 2  # the contiguous q_len 1 wrapper only
 
 
 # -- GPU (NCCL) ------------------------------------------------------------------------------------

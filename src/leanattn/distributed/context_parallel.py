@@ -97,8 +97,12 @@ class ContextParallelDecode:
         self.num_programs = num_programs
         self.heads_out = self.q_heads // self.world_size if self.scatter_heads else self.q_heads
         # Built by the first plan, where a bad shape becomes an error on every rank, not a hang.
-        self._wrapper: DecodeWrapper | None = None
-        self._retired: list[DecodeWrapper] = []  # wrappers outgrown by a longer q_len or another cache kind
+        self._wrapper: DecodeWrapper | None = None  # the current plan's: one of _wrappers
+        self._wrappers: dict[bool, DecodeWrapper] = {}  # by cache kind (paged or not)
+        # Wrappers outgrown by a longer q_len: a CUDA graph captured with one still reads its plan
+        # and workspace. Each raises its kind's longest q_len, so they are few (q_len is bounded);
+        # switching cache kinds retires none.
+        self._retired: list[DecodeWrapper] = []
         self._buffers: dict[tuple[int, int], Buffers] = {}
         self._checked: tuple | None = None  # what the last checked plan agreed on
         self._planned: tuple[int, int, torch.Tensor | None, Buffers] | None = None
@@ -115,17 +119,18 @@ class ContextParallelDecode:
         if isinstance(q_len, bool) or not isinstance(q_len, int) or q_len < 1:
             return f"q_len must be a positive int, got {q_len!r}", 0
         paged = block_table is not None
-        if self._wrapper is None or self._wrapper.max_q_len < q_len or self._wrapper.paged != paged:
-            if self._wrapper is not None:
-                # A CUDA graph captured with it still reads its plan and workspace: keep them.
-                self._retired.append(self._wrapper)
-            try:  # its workspace is sized for the longest q_len planned so far; paged or not
-                self._wrapper = DecodeWrapper(self.q_heads, self.kv_heads, self.head_dim, self.dtype, self.device,
-                                              max_q_len=max(q_len, self._wrapper.max_q_len if self._wrapper else 1),
-                                              num_programs=self.num_programs, softmax_scale=self.softmax_scale,
-                                              paged=paged)
+        current = self._wrappers.get(paged)
+        if current is None or current.max_q_len < q_len:
+            if current is not None:
+                self._retired.append(current)
+            try:  # its workspace is sized for the longest q_len planned so far, of either kind
+                self._wrappers[paged] = DecodeWrapper(
+                    self.q_heads, self.kv_heads, self.head_dim, self.dtype, self.device,
+                    max_q_len=max([q_len] + [w.max_q_len for w in self._wrappers.values()]),
+                    num_programs=self.num_programs, softmax_scale=self.softmax_scale, paged=paged)
             except (ValueError, TypeError) as e:
                 return str(e), 0
+        self._wrapper = self._wrappers[paged]
         if not isinstance(capacity, int) or capacity < 0:
             return f"capacity must be a non-negative int, got {capacity!r}", 0
         if not positions.active:
