@@ -183,3 +183,27 @@ def test_batch_invariant_calls_take_their_own_launch_config(monkeypatch):
     w.plan(sl, 96)
     w.run(q, k, v)
     assert asked and all(flag is True for flag in asked)
+
+
+def test_multi_tile_splits_across_chunks_on_any_grid():
+    """One tile loop runs through a program's splits: splits of three tiles (the last one
+    partial), 18 of them (two chunks), behind a companion that shifts their slots, on grids whose
+    shares start inside a chunk and cross its end; every grid gives the bits of the sequence
+    decoded alone, which match the reference."""
+    tile = tile_size(D, DTYPE, HQ // HKV)
+    split = 3 * tile
+    n = 17 * split + tile + 5
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = rnd(gen, 2, 1, HQ, D), rnd(gen, 2, n + 3, HKV, D), rnd(gen, 2, n + 3, HKV, D)
+    sl = torch.tensor([40, n], dtype=torch.int32, device=DEVICE)
+    kw = dict(batch_invariant=True, split_size=split, return_lse=True)
+    alone, alone_lse = leanattn.decode(q[1:], k[1:], v[1:], sl[1:], num_programs=1, **kw)
+    assert_close(alone, alone_lse, *reference(q[1:], k[1:], v[1:], sl[1:]))
+    for grid in (2, 3, 5, 11):
+        out, lse = leanattn.decode(q, k, v, sl, num_programs=grid, **kw)
+        assert torch.equal(out[1], alone[0]) and torch.equal(lse[1], alone_lse[0]), grid
+
+
+def test_wrapper_refuses_a_batch_invariant_that_is_not_a_bool():
+    with pytest.raises(TypeError, match="batch_invariant must be a bool, got list"):
+        leanattn.DecodeWrapper(HQ, HKV, D, DTYPE, DEVICE, batch_invariant=[True])

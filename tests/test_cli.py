@@ -15,7 +15,7 @@ import torch
 
 import leanattn
 from leanattn import cli
-from leanattn.bench.shapes import parse_shape
+from leanattn.bench.shapes import parse_shape, suite
 
 # One shape per kind of refusal, with a word of what the message must say is expected.
 REFUSED = [
@@ -213,7 +213,7 @@ def test_bench_exits_1_when_an_output_missed_the_appended_token(monkeypatch, cap
     monkeypatch.setattr(run_mod, "run_suite", fake_run)
     assert cli._bench(None, ["leanattn", "sdpa_cudnn"], None, "graph") == 1
     assert asked["mode"] == "graph" and asked["suite"] == "serving" and asked["pattern"] == "append"
-    assert "1x4k@32/8:page=16" in asked["names"] and len(asked["names"]) <= 30
+    assert "1x4k@32/8:page=16" in asked["names"] and len(asked["names"]) == len(suite("serving"))
     assert "sdpa_cudnn: FAILED: sdpa_cudnn: off the reference by 4.0e-01" in capsys.readouterr().err
 
 

@@ -201,7 +201,9 @@ def test_check_with_token_scales_and_no_pages():
 def test_token_v_scales_of_any_spread_within_a_tile(paged):
     """Per-token V scales 2^-20 and 2^10 side by side in every tile, where the 2^10 keys get no
     attention (their scores sit ~136 below the others'): the output is the 2^-20 keys' values,
-    which a product in fp16 scaled to the tile's largest scale would have flushed to zero."""
+    which fp16 weights scaled to the tile's largest scale would flush to zero. The guard is on
+    the GPU (a bf16 q's bf16 weights; the interpreter's products are fp32); an fp16 q's output
+    could not hold these values anyway."""
     tile = leanattn.choose_config(D, FP8, HQ // HKV).tile
     n = 2 * tile + 5
     gen = torch.Generator().manual_seed(31)

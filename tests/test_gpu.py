@@ -225,13 +225,15 @@ def test_new_head_dims_compile_without_spills(d, hq, hkv, q_len, kv_dtype):
     assert report and all(spills == 0 for _, spills, _ in report), f"(registers, spills, shared bytes): {report}"
 
 
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kinds", [("token", "token"), ("seq", "token"), ("token", "head")])
-def test_fp8_finer_scales_in_fp16_products_and_cuda_graphs(kinds):
-    """Per-token scales of engines' size (1e-4..1e-2: p times them would be fp16 subnormals
-    without the per-tile power of two) through the fp16 products, in a CUDA graph whose replays
-    see new scale values written in place."""
+def test_fp8_finer_scales_in_fp16_products_and_cuda_graphs(kinds, q_dtype):
+    """Per-token scales of engines' size (1e-4..1e-2: p times them would be fp16 subnormals)
+    through both PV products of per-token V scales (bf16 weights with a bf16 q; fp16 weights
+    brought into range per tile with an fp16 q), in a CUDA graph whose replays see new scale
+    values written in place."""
     lens = [3000, 0, 129, 4096]
-    q, k, v, sl = make_inputs(lens, 32, 4, 128, torch.bfloat16, seed=16)
+    q, k, v, sl = make_inputs(lens, 32, 4, 128, q_dtype, seed=16)
     k8, v8 = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
     kp, vp, table = to_paged(k8, v8, lens, 16, seed=16)
     gen = torch.Generator(device=q.device).manual_seed(17)

@@ -39,8 +39,8 @@ KERNEL_LINES = (
     "chunk_slot = _partial_slot(chunk_first, first, first_odd)",
     "return _floor_div(first_prog.to(tl.int64) * total, programs.to(tl.int64)) < head_first",
     "return 2 * p + ((p == first_prog) & first_odd).to(tl.int32)",
-    "arrived = tl.atomic_add(ChunkTickets + chunk_slot, 1,",
-    "if arrived == chunk_last - chunk_first:",
+    "arrived = tl.atomic_add(ChunkTickets + chunk_slot, count,",  # count: 1 in the default mode
+    "if arrived + count == chunk_last - chunk_first + 1:",
     "if last - first < ARRIVE_CHUNK:",
     "arrived = tl.atomic_add(Tickets + first, 1,",
     "if arrived == (last - first) // ARRIVE_CHUNK:",

@@ -88,6 +88,8 @@ class DecodeWrapper:
             fail(TypeError, f"config must be a leanattn.KernelConfig, got {type(config).__name__}")
         if not isinstance(paged, bool):
             fail(TypeError, f"paged must be a bool, got {type(paged).__name__}")
+        if not isinstance(batch_invariant, bool):  # before the (cached) heuristic sees it
+            fail(TypeError, f"batch_invariant must be a bool, got {type(batch_invariant).__name__}")
         self.q_heads, self.kv_heads, self.head_dim = q_heads, kv_heads, head_dim
         self.dtype, self.kv_dtype, self.device, self.max_q_len = dtype, kv_dtype, device, max_q_len
         self.softmax_scale = softmax_scale_of(softmax_scale, head_dim)

@@ -88,6 +88,18 @@ def _exact_fp16(x, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _token_weights(p, v_scale):
+    """The softmax weights ``p`` (ROWS, TILE) times each key's V scale ``v_scale`` (TILE,), times
+    the power of two 2^s that brings the tile's largest finite |scale| into [1, 2), and 2^-s,
+    which undoes it on the fp32 product: the weights stay within fp16's normal range whatever
+    the scales' size (engines' per-token scales are often ~1e-3). A NaN or inf scale stays
+    non-finite and reaches every row that reads its key, as a NaN or inf in V would."""
+    mag = tl.abs(v_scale)
+    up, down = _pow2_factors(tl.max(tl.where(mag < float("inf"), mag, 0.0), axis=0), 0.0)
+    return p * (v_scale * up)[None, :], down
+
+
+@triton.jit
 def _score_mod(
     qk, scale, softcap, key, in_range, bad, query, window_left, window_right, key_lo, key_hi,
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BOUNDS: tl.constexpr, PAGED: tl.constexpr,
@@ -127,6 +139,7 @@ def _attend_tiles(
     HAS_SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BOUNDS: tl.constexpr, K_SCALE_KIND: tl.constexpr,
     V_SCALE_KIND: tl.constexpr, DOT_DTYPE: tl.constexpr, Timeline, pid, stamp_first, TIMELINE: tl.constexpr,
     WsAcc, WsStats, slot0, flush_last, SPLIT_TILES: tl.constexpr, MERGE_ROWS: tl.constexpr,
+    BF16_WEIGHTS: tl.constexpr,
 ):
     """Online softmax of the packed query rows ``q`` (ROWS, HEAD_DIM_PAD) over tiles
     ``[tile_start, tile_end)`` of head (b, h). The tiles cover cache positions ``[first, first +
@@ -205,7 +218,7 @@ def _attend_tiles(
                 s_rows = (b64 * capacity + pos) * kv_heads + h
         mask_nd = read[:, None] & mask_d[None, :]
         k = tl.load(K + (k_rows + h * stride_kh)[:, None] + offs_d[None, :], mask=mask_nd, other=0.0).to(DOT_DTYPE)
-        if (V_SCALE_KIND == SCALE_TOKEN) & (DOT_DTYPE == tl.float16):
+        if (V_SCALE_KIND == SCALE_TOKEN) & BF16_WEIGHTS:
             v = tl.load(V + (v_rows + h * stride_vh)[:, None] + offs_d[None, :], mask=mask_nd, other=0.0).to(tl.bfloat16)
         else:
             v = tl.load(V + (v_rows + h * stride_vh)[:, None] + offs_d[None, :], mask=mask_nd, other=0.0).to(DOT_DTYPE)
@@ -230,14 +243,16 @@ def _attend_tiles(
         p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if V_SCALE_KIND == SCALE_TOKEN:
-            # Each key's weight times its V scale, in bf16: fp32's range, so no scale is too
-            # small or too large for the product and no per-tile reduction is needed (an fp16
-            # product needed one: benchmarks/NOTES.md); V's fp8 values are exact in bf16 too.
-            w = p * v_scale[None, :]
-            if DOT_DTYPE == tl.float16:
+            if BF16_WEIGHTS:
+                # Each key's weight times its V scale, in bf16: fp32's range, so no scale is too
+                # small or too large and no per-tile reduction is needed; V's fp8 values are
+                # exact in bf16. The weights keep bf16's 8 bits, as a bf16 q's output does.
+                w = p * v_scale[None, :]
                 acc = acc * alpha[:, None] + tl.dot(w.to(tl.bfloat16), v)
             else:
-                acc = acc * alpha[:, None] + tl.dot(w.to(DOT_DTYPE), v)
+                # fp16 weights (an fp16 q's precision), the tile's scales brought into range.
+                w, down = _token_weights(p, v_scale)
+                acc = acc * alpha[:, None] + tl.dot(w.to(DOT_DTYPE), v) * down
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v)
         m_i = m_new
@@ -626,6 +641,7 @@ def lean_decode_kernel(
                 GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, HAS_SOFTCAP, HAS_MASK, HAS_BOUNDS,
                 K_SCALE_KIND, V_SCALE_KIND, DOT_DTYPE, Timeline, pid, g == start, TIMELINE,
                 WsAcc, WsStats, g - t, n_units > 1, SPLIT // TILE, MERGE_ROWS,
+                (DOT_DTYPE == tl.float16) & (Q.dtype.element_ty == tl.bfloat16),
             )
             if TIMELINE:
                 if g + (t_end - t) >= end:
@@ -656,6 +672,7 @@ def lean_decode_kernel(
                 GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, HAS_SOFTCAP, HAS_MASK, HAS_BOUNDS,
                 K_SCALE_KIND, V_SCALE_KIND, DOT_DTYPE, Timeline, pid, g == start, TIMELINE,
                 WsAcc, WsStats, 0, False, 0, MERGE_ROWS,
+                (DOT_DTYPE == tl.float16) & (Q.dtype.element_ty == tl.bfloat16),
             )
             if TIMELINE:
                 if g + (t_end - t) >= end:

@@ -29,24 +29,12 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .lean_decode import (
     SCALE_NONE, SCALE_TOKEN, _arrive_and_merge, _combine4, _first_odd, _floor_div, _head_scale, _partial_slot,
-    _pow2_factors, _score_mod, _write_output,
+    _pow2_factors, _score_mod, _token_weights, _write_output,
 )
 from .plan import _live_range, _num_tiles, _read_plan_row, _share_of
 
 # A causal row sees every key before it: the window's left side, unbounded.
 _UNBOUNDED = tl.constexpr(2**30)
-
-
-@triton.jit
-def _token_weights(p, v_scale):
-    """The softmax weights ``p`` (ROWS, TILE) times each key's V scale ``v_scale`` (TILE,), times
-    the power of two 2^s that brings the tile's largest finite |scale| into [1, 2), and 2^-s,
-    which undoes it on the fp32 product: the weights stay within fp16's normal range whatever
-    the scales' size (engines' per-token scales are often ~1e-3). A NaN or inf scale stays
-    non-finite and reaches every row that reads its key, as a NaN or inf in V would."""
-    mag = tl.abs(v_scale)
-    up, down = _pow2_factors(tl.max(tl.where(mag < float("inf"), mag, 0.0), axis=0), 0.0)
-    return p * (v_scale * up)[None, :], down
 
 
 @triton.jit
