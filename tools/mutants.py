@@ -411,7 +411,8 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "split-arrivals-count-one",
-        one(DECODE, "    if arrived + count == chunk_last - chunk_first + 1:", "    if arrived + 1 == chunk_last - chunk_first + 1:"),
+        one(DECODE, "    if arrived + count == chunk_last - chunk_first + 1:",
+            "    if arrived + 1 == chunk_last - chunk_first + 1:"),
         ("tests/test_batch_invariant.py",), k="multi_tile_splits or every_sequence_is_right",
         why="a program's splits of one chunk arrive on one ticket: the last arriver would be misjudged",
     ),

@@ -219,7 +219,8 @@ def _attend_tiles(
         mask_nd = read[:, None] & mask_d[None, :]
         k = tl.load(K + (k_rows + h * stride_kh)[:, None] + offs_d[None, :], mask=mask_nd, other=0.0).to(DOT_DTYPE)
         if (V_SCALE_KIND == SCALE_TOKEN) & BF16_WEIGHTS:
-            v = tl.load(V + (v_rows + h * stride_vh)[:, None] + offs_d[None, :], mask=mask_nd, other=0.0).to(tl.bfloat16)
+            v = tl.load(V + (v_rows + h * stride_vh)[:, None] + offs_d[None, :], mask=mask_nd,
+                        other=0.0).to(tl.bfloat16)
         else:
             v = tl.load(V + (v_rows + h * stride_vh)[:, None] + offs_d[None, :], mask=mask_nd, other=0.0).to(DOT_DTYPE)
         if K_SCALE_KIND == SCALE_TOKEN:
@@ -442,8 +443,8 @@ def _arrive_and_merge(
 ):
     """A member of a head cut among several leaves its partial (acc, m, l) (STORED: it already
     has), counts its arrival, and merges if it is the last. With STORED, ``count`` consecutive
-    members of one chunk from member ``u`` on, all stored, arrive at once. The head's unit ``t`` is global unit ``g`` (its unit 0 is
-    global unit g - t); it has ``n`` units.
+    members of one chunk from member ``u`` on, all stored, arrive at once. The head's unit ``t``
+    is global unit ``g`` (its unit 0 is global unit g - t); it has ``n`` units.
 
     The members are the programs covering the head's tiles (program ``pid``, whose share started
     at global tile ``start``, here; their slots from ``_partial_slot``), or with BY_SLOT the
