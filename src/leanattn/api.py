@@ -307,16 +307,17 @@ def decode(
     _check_config(config)
     scale = softmax_scale_of(softmax_scale, q.shape[-1])
     check_lse_out(lse, q, return_lse)
-    split = 0
-    if batch_invariant or split_size is not None:
-        rows = q.shape[1] * (q.shape[2] // k_cache.shape[2])
-        split = split_of(batch_invariant, split_size,
-                         (config or choose_config(q.shape[3], k_cache.dtype, rows, block_table is not None, True)).tile)
+    batch, q_len, q_heads, head_dim = q.shape
+    invariant = batch_invariant or split_size is not None
+    split, tile = 0, 0
+    if invariant or plan is not None:
+        # The launch config's tile (the same in both modes): the unit of a split and of a plan.
+        tile = (config or choose_config(head_dim, k_cache.dtype, q_len * (q_heads // k_cache.shape[2]),
+                                        block_table is not None, bool(invariant))).tile
+    if invariant:
+        split = split_of(batch_invariant, split_size, tile)
     made_for = None
     if plan is not None:
-        batch, q_len, q_heads, head_dim = q.shape
-        tile = (config or choose_config(head_dim, k_cache.dtype, q_len * (q_heads // k_cache.shape[2]),
-                                        block_table is not None, split > 0)).tile
         made_for = plan_key(batch, capacity, q_len, q_heads, k_cache.shape[2], head_dim, k_cache.dtype,
                             features.window_left, cache_seqlens is not None, cache_leftpad is not None, config, split,
                             tile)

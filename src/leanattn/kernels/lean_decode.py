@@ -218,11 +218,11 @@ def _attend_tiles(
                 s_rows = (b64 * capacity + pos) * kv_heads + h
         mask_nd = read[:, None] & mask_d[None, :]
         k = tl.load(K + (k_rows + h * stride_kh)[:, None] + offs_d[None, :], mask=mask_nd, other=0.0).to(DOT_DTYPE)
+        v = tl.load(V + (v_rows + h * stride_vh)[:, None] + offs_d[None, :], mask=mask_nd, other=0.0)
         if (V_SCALE_KIND == SCALE_TOKEN) & BF16_WEIGHTS:
-            v = tl.load(V + (v_rows + h * stride_vh)[:, None] + offs_d[None, :], mask=mask_nd,
-                        other=0.0).to(tl.bfloat16)
+            v = v.to(tl.bfloat16)
         else:
-            v = tl.load(V + (v_rows + h * stride_vh)[:, None] + offs_d[None, :], mask=mask_nd, other=0.0).to(DOT_DTYPE)
+            v = v.to(DOT_DTYPE)
         if K_SCALE_KIND == SCALE_TOKEN:
             k_scale = tl.load(KScale + s_rows, mask=read, other=0.0)
         if V_SCALE_KIND == SCALE_TOKEN:
