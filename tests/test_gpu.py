@@ -287,3 +287,47 @@ def test_timeline_stamps_are_ordered_and_change_no_bits(planned):
     assert (stamps[cut].diff(dim=1) >= 0).all()
     assert (stamps[ran & ~cut][:, [0, 1, 2, 3, 4, 6]].diff(dim=1) >= 0).all()
     assert (stamps[~ran][:, 2:] == 0).all()
+
+
+@pytest.mark.parametrize("d,kv_dtype,paged", [
+    (96, torch.bfloat16, False),  # 3 stages of 64 x 128 tiles: ~70 KiB, three would fit an SM
+    (64, torch.bfloat16, False),  # under 48 KiB: the limit is raised for the padded size
+    (128, torch.bfloat16, True),
+    (128, torch.float8_e4m3fn, False),
+    (128, torch.bfloat16, False),  # 6 stages: alone on its SM already
+])
+def test_launch_keeps_programs_per_sm(d, kv_dtype, paged):
+    """The driver's occupancy of the launched kernel at the dynamic shared memory it is launched
+    with is the config's programs per SM (not more, which lets the block scheduler stack programs
+    on some SMs and leave others empty; not fewer, which would leave programs waiting for a
+    second wave), and the results are exact."""
+    import ctypes
+
+    from leanattn._testing import wrapper_calls
+
+    lens = [5000, 3000]
+    q, k, v, sl = make_inputs(lens, 16, 4, d, torch.bfloat16)
+    kw, kc, vc = {}, k, v
+    if kv_dtype != torch.bfloat16:
+        kc, vc = k.to(kv_dtype), v.to(kv_dtype)
+        kw = {"k_scale": 1.0, "v_scale": 1.0}
+    capacity = k.shape[1]
+    if paged:
+        kc, vc, table = to_paged(kc, vc, lens, 16)
+        kw["block_table"] = table
+        capacity = table.shape[1] * 16
+    w = leanattn.DecodeWrapper(16, 4, d, torch.bfloat16, q.device, kv_dtype=kv_dtype, paged=paged)
+    w.plan(sl, capacity)
+    out = w.run(q, kc, vc, **kw)
+    (call,) = wrapper_calls(w)
+    compiled, _, (warps, _, shared) = call.hit
+    assert shared >= compiled.metadata.shared
+    cuda = ctypes.CDLL("libcuda.so.1")
+    blocks = ctypes.c_int(0)
+    assert cuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+        ctypes.byref(blocks), ctypes.c_void_p(compiled.function), warps * 32, shared) == 0
+    assert blocks.value == call.config.programs_per_sm
+    torch.cuda.synchronize()
+    ref = reference(q, kc, vc, sl, block_table=kw.get("block_table"), k_scale=kw.get("k_scale"),
+                    v_scale=kw.get("v_scale"))
+    assert_close(out, None, ref[0], None)

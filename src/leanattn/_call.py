@@ -241,7 +241,8 @@ class Call:
             v_scale, bounds if bounds is not None else tickets, plan if plan is not None else tickets, acc, stats, tickets, chunk_tickets,
             self.timeline if self.timeline is not None else tickets, *self.fixed,
         )
-        self.hit = launch(self.kernel, self.programs, args, self.params, self.config, self.pdl, self.device, self.hit)
+        self.hit = launch(self.kernel, self.programs, args, self.params, self.config, self.pdl, self.device, self.hit,
+                          self.config.programs_per_sm)
 
 
 # leanattn.decode's calls by call key (each DecodeWrapper keeps its own).

@@ -32,6 +32,51 @@ def _sm_count(index: int) -> int:
     return _SM_COUNTS[index]
 
 
+def resident_shared(shared: int, per_sm: int, sm_bytes: int, block_bytes: int) -> int:
+    """Dynamic shared memory (bytes) to launch a kernel that needs ``shared`` bytes with, so that
+    an SM of ``sm_bytes`` of shared memory holds at most ``per_sm`` of its programs: ``shared``, or
+    the least size of which ``per_sm + 1`` no longer fit, where one program may take that much
+    (``block_bytes``) and ``per_sm`` of them still fit with the driver's 1 KiB each
+    (``RESERVED_SHARED``).
+
+    Why: a persistent grid of SMs x ``per_sm`` programs is dealt equal shares, so it is balanced
+    only if every SM holds exactly ``per_sm`` of them. When an SM could hold more, the block
+    scheduler may stack a third program on the SMs that are free first (with PDL, while the
+    previous kernel still runs on others): measured on an H200, 16 SMs held 3 programs and 8
+    none, and the stacked programs streamed their equal shares 20% slower, which the whole call
+    waited for (benchmarks/NOTES.md)."""
+    least = sm_bytes // (per_sm + 1) + 1
+    fits = least <= block_bytes and per_sm * (least + RESERVED_SHARED) <= sm_bytes
+    return least if shared < least and fits else shared
+
+
+# Shared memory the driver reserves for each resident program (sm_80 and newer).
+RESERVED_SHARED = 1024
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_limits(device: torch.device) -> tuple[int, int]:
+    """(shared memory of an SM, the most one program may use) in bytes; an SM's is the
+    per-program maximum plus the driver's reservation where the device does not report it."""
+    props = torch.cuda.get_device_properties(device)
+    block = getattr(props, "shared_memory_per_block_optin", 0) or 227 * 1024
+    return getattr(props, "shared_memory_per_multiprocessor", 0) or block + RESERVED_SHARED, block
+
+
+def _raise_shared_limit(compiled, size: int) -> bool:
+    """Let ``compiled``'s function take ``size`` bytes of dynamic shared memory (Triton raises
+    the limit only for kernels that need over 48 KiB); False if the driver refused."""
+    import ctypes
+
+    try:
+        compiled.run  # loads the function (Triton loads it lazily)
+        cuda = ctypes.CDLL("libcuda.so.1")
+        # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+        return cuda.cuFuncSetAttribute(ctypes.c_void_p(compiled.function), 8, ctypes.c_int(size)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 def use_pdl(device: torch.device, forced: bool = False) -> bool:
     """Programmatic dependent launch: on Hopper and newer GPUs, not under the interpreter, unless
     LEANATTN_PDL=0 (read at import; ``forced`` ignores it)."""
@@ -75,9 +120,9 @@ _C_LAUNCH = _launcher_takes_metadata_in_args()
 
 def run_direct(hit: tuple, grid: int | tuple[int, int], device: torch.device, args: tuple) -> None:
     """What Triton's launcher does for ``compiled[(gx, gy, 1)](*args, *constexprs)`` with the
-    compiled kernel and constexpr values of ``hit``, without rebinding the arguments (``grid``:
-    gx, or (gx, gy))."""
-    compiled, values = hit
+    compiled kernel, constexpr values and packed metadata (warps, CTAs, dynamic shared memory)
+    of ``hit``, without rebinding the arguments (``grid``: gx, or (gx, gy))."""
+    compiled, values, packed = hit
     gx, gy = grid if isinstance(grid, tuple) else (grid, 1)
     stream = current_stream_handle(device)
     enter = knobs.runtime.launch_enter_hook
@@ -86,26 +131,40 @@ def run_direct(hit: tuple, grid: int | tuple[int, int], device: torch.device, ar
     if _C_LAUNCH and not launcher.global_scratch_size and not launcher.profile_scratch_size:
         # Triton 3.6's CudaLauncher.__call__, minus its scratch allocators (none needed here).
         launcher.launch(gx, gy, 1, stream, compiled.function, launcher.launch_cooperative_grid,
-                        launcher.launch_pdl, None, None, compiled.packed_metadata, meta, enter,
+                        launcher.launch_pdl, None, None, packed, meta, enter,
                         knobs.runtime.launch_exit_hook, *args, *values)
     else:
-        launcher(gx, gy, 1, stream, compiled.function, compiled.packed_metadata, meta, enter,
+        launcher(gx, gy, 1, stream, compiled.function, packed, meta, enter,
                  knobs.runtime.launch_exit_hook, *args, *values)
 
 
 def launch(
     kernel, grid: int | tuple[int, int], args: tuple, params: dict, config: KernelConfig, pdl: bool,
-    device: torch.device, hit: tuple | None,
+    device: torch.device, hit: tuple | None, per_sm: int = 0,
 ) -> tuple | None:
     """Launch ``kernel`` on ``grid`` programs (or a (gx, gy) grid) with ``args`` (its non-constexpr parameters, in
     order) and the compile-time parameters ``params``; returns what a later launch of the same
     specialisation passes as ``hit`` (None under the interpreter or when direct launches failed).
+    ``per_sm`` > 0: an SM holds at most that many of the programs (``resident_shared``).
 
-    ``hit`` (the compiled kernel and its constexpr values) launches directly, skipping Triton's
-    per-call argument binding, which costs more than a short decode step on the GPU: the caller
-    must only pass it for arguments Triton would specialise the same way (dtypes, 16-byte
-    alignment of every pointer, every int's == 1 / divisibility by 16 / 32-bit range).
+    ``hit`` (the compiled kernel, its constexpr values and launch metadata) launches directly,
+    skipping Triton's per-call argument binding, which costs more than a short decode step on
+    the GPU: the caller must only pass it for arguments Triton would specialise the same way
+    (dtypes, 16-byte alignment of every pointer, every int's == 1 / divisibility by 16 / 32-bit
+    range).
     """
+    if hit is None and not interpreting() and not DIRECT_LAUNCH_ERROR:
+        # Compile without launching, so that the first launch is a direct one too.
+        extra = {"launch_pdl": True} if pdl else {}
+        compiled = kernel.warmup(*args, **params, grid=grid if isinstance(grid, tuple) else (grid,),
+                                 num_warps=config.num_warps, num_stages=config.num_stages, **extra)
+        packed = compiled.packed_metadata
+        if per_sm > 0:
+            shared = resident_shared(compiled.metadata.shared, per_sm, *_shared_limits(device))
+            if shared > compiled.metadata.shared and (shared <= 48 * 1024 or compiled.metadata.shared > 48 * 1024
+                                                      or _raise_shared_limit(compiled, shared)):
+                packed = (*packed[:2], shared, *packed[3:])
+        hit = compiled, tuple(params[n] for n in kernel.arg_names[len(args):]), packed
     if hit is not None:
         try:
             run_direct(hit, grid, device, args)
@@ -113,8 +172,6 @@ def launch(
         except (TypeError, AttributeError) as e:  # a Triton whose launcher differs: bind every time
             DIRECT_LAUNCH_ERROR.append(repr(e))
     extra = {"launch_pdl": True} if pdl else {}
-    compiled = kernel[grid if isinstance(grid, tuple) else (grid,)](
+    kernel[grid if isinstance(grid, tuple) else (grid,)](
         *args, **params, num_warps=config.num_warps, num_stages=config.num_stages, **extra)
-    if interpreting() or DIRECT_LAUNCH_ERROR:
-        return None
-    return compiled, tuple(params[n] for n in kernel.arg_names[len(args):])
+    return None
