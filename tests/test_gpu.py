@@ -325,7 +325,7 @@ def test_launch_keeps_programs_per_sm(d, kv_dtype, paged):
     cuda = ctypes.CDLL("libcuda.so.1")
     blocks = ctypes.c_int(0)
     assert cuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(
-        ctypes.byref(blocks), ctypes.c_void_p(compiled.function), warps * 32, shared) == 0
+        ctypes.byref(blocks), ctypes.c_void_p(compiled.function), warps * 32, ctypes.c_size_t(shared)) == 0
     assert blocks.value == call.config.programs_per_sm
     torch.cuda.synchronize()
     ref = reference(q, kc, vc, sl, block_table=kw.get("block_table"), k_scale=kw.get("k_scale"),

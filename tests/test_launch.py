@@ -2,25 +2,27 @@
 its programs per SM (arithmetic here; the driver's occupancy of real launches in test_gpu.py)."""
 
 import pytest
+import torch
 
+from leanattn import _launch
 from leanattn._launch import RESERVED_SHARED, resident_shared
 
 H200 = (233472, 232448)  # shared memory of an SM, the most one program may take (bytes)
 
 
 @pytest.mark.parametrize("per_sm", [1, 2, 3, 4, 8])
-@pytest.mark.parametrize("shared", [0, 16 * 1024, 38 * 1024, 70 * 1024, 71680, 77825, 100 * 1024, 166 * 1024,
-                                    227 * 1024])
+@pytest.mark.parametrize("shared", [0, 16 * 1024, 38 * 1024, 70 * 1024, 71680, 77000, 77824, 77825, 100 * 1024,
+                                    166 * 1024, 227 * 1024])
 def test_resident_shared_caps_programs_per_sm(shared, per_sm):
     sm, block = H200
     got = resident_shared(shared, per_sm, sm, block)
     assert shared <= got <= max(shared, block)
     fit = sm // (got + RESERVED_SHARED)  # programs an SM holds, by shared memory
-    if (per_sm + 1) * (shared + RESERVED_SHARED) > sm:
+    if (per_sm + 1) * shared > sm:
         assert got == shared  # no more than per_sm fit already: nothing to add
     else:
-        assert fit == per_sm  # exactly per_sm: one more no longer fits, and none is lost
-        assert (per_sm + 1) * got > sm
+        assert fit == per_sm  # exactly per_sm, and none is lost to the reservations
+        assert (per_sm + 1) * got > sm  # one more does not fit even without them
 
 
 def test_resident_shared_known_values():
@@ -32,3 +34,41 @@ def test_resident_shared_known_values():
     # A cap that would cost a program (per_sm programs plus their reservations no longer fit)
     # is not applied.
     assert resident_shared(1024, 16, sm, block) == 1024
+
+
+class _Launcher:
+    """Records what Triton's launcher is called with (its C entry point and its __call__)."""
+
+    global_scratch_size = profile_scratch_size = 0
+    launch_cooperative_grid, launch_pdl = False, True
+
+    def __init__(self):
+        self.calls = []
+
+    def launch(self, *args):
+        self.calls.append(args)
+
+    def __call__(self, *args):
+        self.calls.append(args)
+
+
+@pytest.mark.parametrize("c_launch", [True, False])  # triton 3.6's launcher, and later ones'
+def test_run_direct_launches_with_the_hits_metadata(monkeypatch, c_launch):
+    """A direct launch passes the hit's packed metadata (its padded shared memory), not the
+    compiled kernel's own, with the grid, the arguments and the constexpr values."""
+
+    class Compiled:
+        run = _Launcher()
+        function = 1234
+        packed_metadata = (4, 1, 71680)
+
+        def launch_metadata(self, *args):
+            return None
+
+    monkeypatch.setattr(_launch, "current_stream_handle", lambda device: 7)
+    monkeypatch.setattr(_launch, "_C_LAUNCH", c_launch)
+    compiled = Compiled()
+    _launch.run_direct((compiled, (3,), (4, 1, 77825)), 5, torch.device("cpu"), ("a", "b"))
+    (args,) = compiled.run.calls
+    assert args[:4] == (5, 1, 1, 7) and args[-3:] == ("a", "b", 3)
+    assert (4, 1, 77825) in args and (4, 1, 71680) not in args

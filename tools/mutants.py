@@ -416,4 +416,23 @@ MUTANTS: list[Mutant] = [
         ("tests/test_batch_invariant.py",), k="multi_tile_splits or every_sequence_is_right",
         why="a program's splits of one chunk arrive on one ticket: the last arriver would be misjudged",
     ),
+    Mutant(
+        "resident-shared-one-more",
+        one("src/leanattn/_launch.py", "    least = sm_bytes // (per_sm + 1) + 1", "    least = sm_bytes // (per_sm + 2) + 1"),
+        ("tests/test_launch.py",),
+        why="the padded launch would still let one more program than the config's share an SM",
+    ),
+    Mutant(
+        "launch-drops-padding",
+        one("src/leanattn/_launch.py", "                packed = (*packed[:2], shared, *packed[3:])", "                pass"),
+        ("tests/test_gpu.py",), k="keeps_programs_per_sm", gpu=True,
+        why="the kernel would launch with only the shared memory it needs, so an SM could hold a third program",
+    ),
+    Mutant(
+        "direct-launch-own-metadata",
+        one("src/leanattn/_launch.py", "        launcher(gx, gy, 1, stream, compiled.function, packed, meta, enter,",
+            "        launcher(gx, gy, 1, stream, compiled.function, compiled.packed_metadata, meta, enter,"),
+        ("tests/test_launch.py",), k="run_direct",
+        why="direct launches would drop the padded shared memory, and the cap with it",
+    ),
 ]

@@ -6,6 +6,7 @@ import functools
 import os
 import torch
 from triton import knobs
+from triton.compiler import CompiledKernel
 
 from .kernels.config import KernelConfig, interpreting
 
@@ -35,9 +36,9 @@ def _sm_count(index: int) -> int:
 def resident_shared(shared: int, per_sm: int, sm_bytes: int, block_bytes: int) -> int:
     """Dynamic shared memory (bytes) to launch a kernel that needs ``shared`` bytes with, so that
     an SM of ``sm_bytes`` of shared memory holds at most ``per_sm`` of its programs: ``shared``, or
-    the least size of which ``per_sm + 1`` no longer fit, where one program may take that much
-    (``block_bytes``) and ``per_sm`` of them still fit with the driver's 1 KiB each
-    (``RESERVED_SHARED``).
+    the least size of which ``per_sm + 1`` exceed ``sm_bytes`` (even without the driver's
+    reservation), where one program may take that much (``block_bytes``) and ``per_sm`` of them
+    still fit with the driver's ``RESERVED_SHARED`` each; else ``shared``.
 
     Why: a persistent grid of SMs x ``per_sm`` programs is dealt equal shares, so it is balanced
     only if every SM holds exactly ``per_sm`` of them. When an SM could hold more, the block
@@ -69,7 +70,6 @@ def _raise_shared_limit(compiled, size: int) -> bool:
     import ctypes
 
     try:
-        compiled.run  # loads the function (Triton loads it lazily)
         cuda = ctypes.CDLL("libcuda.so.1")
         # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
         return cuda.cuFuncSetAttribute(ctypes.c_void_p(compiled.function), 8, ctypes.c_int(size)) == 0
@@ -138,6 +138,23 @@ def run_direct(hit: tuple, grid: int | tuple[int, int], device: torch.device, ar
                  knobs.runtime.launch_exit_hook, *args, *values)
 
 
+def _direct_hit(compiled: CompiledKernel, kernel, args: tuple, params: dict, per_sm: int,
+                device: torch.device) -> tuple:
+    """``launch``'s ``hit`` for a kernel just compiled: the compiled kernel, its constexpr values
+    and the packed launch metadata, with the dynamic shared memory that holds an SM to
+    ``per_sm`` programs (> 0)."""
+    launcher = compiled.run  # loads the function (lazily loaded): raises if it cannot be
+    if compiled.function is None:
+        launcher()  # a load that failed before: Triton keeps its error in place of the launcher
+    packed = compiled.packed_metadata
+    if per_sm > 0:
+        shared = resident_shared(compiled.metadata.shared, per_sm, *_shared_limits(device))
+        if shared > compiled.metadata.shared and (shared <= 48 * 1024 or compiled.metadata.shared > 48 * 1024
+                                                  or _raise_shared_limit(compiled, shared)):
+            packed = (*packed[:2], shared, *packed[3:])
+    return compiled, tuple(params[n] for n in kernel.arg_names[len(args):]), packed
+
+
 def launch(
     kernel, grid: int | tuple[int, int], args: tuple, params: dict, config: KernelConfig, pdl: bool,
     device: torch.device, hit: tuple | None, per_sm: int = 0,
@@ -158,13 +175,8 @@ def launch(
         extra = {"launch_pdl": True} if pdl else {}
         compiled = kernel.warmup(*args, **params, grid=grid if isinstance(grid, tuple) else (grid,),
                                  num_warps=config.num_warps, num_stages=config.num_stages, **extra)
-        packed = compiled.packed_metadata
-        if per_sm > 0:
-            shared = resident_shared(compiled.metadata.shared, per_sm, *_shared_limits(device))
-            if shared > compiled.metadata.shared and (shared <= 48 * 1024 or compiled.metadata.shared > 48 * 1024
-                                                      or _raise_shared_limit(compiled, shared)):
-                packed = (*packed[:2], shared, *packed[3:])
-        hit = compiled, tuple(params[n] for n in kernel.arg_names[len(args):]), packed
+        if isinstance(compiled, CompiledKernel):
+            hit = _direct_hit(compiled, kernel, args, params, per_sm, device)
     if hit is not None:
         try:
             run_direct(hit, grid, device, args)

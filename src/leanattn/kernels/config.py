@@ -30,7 +30,7 @@ class KernelConfig:
     tile: int  # cache tokens per LeanTile (and per inner-loop step)
     num_warps: int
     num_stages: int
-    programs_per_sm: int  # the default grid is SMs x this
+    programs_per_sm: int  # the default grid is SMs x this; a decode launch lets no more share an SM (_launch)
     target_share: int = 1  # small problems: the fewest programs whose shares stay within this
     pdl: bool | None = None  # programmatic dependent launch; None: on Hopper and newer (LEANATTN_PDL=0: off)
     dot_dtype: str | None = None  # "float16"/"bfloat16"/"float32" for the products; None: chosen per dtype
