@@ -96,15 +96,15 @@ MUTANTS: list[Mutant] = [
     # --- the decode kernel (lean_decode.py) -----------------------------------------------------
     Mutant(
         "decode-merge-by-pid-not-last-arriver",
-        one(DECODE, "if arrived == chunk_last - chunk_first:", "if member == chunk_last:"),
+        one(DECODE, "if arrived + count == chunk_last - chunk_first + 1:", "if member + count - 1 == chunk_last:"),
         (GPU_RACE,), gpu=True,
         why="the chunk's last program may merge before the others stored their partials",
     ),
     Mutant(
         "decode-relaxed-tickets-no-barriers",
         (
-            Edit(DECODE, 'arrived = tl.atomic_add(ChunkTickets + chunk_slot, 1, sem="acq_rel"',
-                 'arrived = tl.atomic_add(ChunkTickets + chunk_slot, 1, sem="relaxed"'),
+            Edit(DECODE, 'arrived = tl.atomic_add(ChunkTickets + chunk_slot, count, sem="acq_rel"',
+                 'arrived = tl.atomic_add(ChunkTickets + chunk_slot, count, sem="relaxed"'),
             Edit(DECODE, 'arrived = tl.atomic_add(Tickets + first, 1, sem="acq_rel"',
                  'arrived = tl.atomic_add(Tickets + first, 1, sem="relaxed"'),
             Edit(DECODE, "tl.debug_barrier()", None, lines=2),
@@ -424,7 +424,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "launch-drops-padding",
-        one("src/leanattn/_launch.py", "                packed = (*packed[:2], shared, *packed[3:])", "                pass"),
+        one("src/leanattn/_launch.py", "            packed = (*packed[:2], shared, *packed[3:])", "            pass"),
         ("tests/test_gpu.py",), k="keeps_programs_per_sm", gpu=True,
         why="the kernel would launch with only the shared memory it needs, so an SM could hold a third program",
     ),
