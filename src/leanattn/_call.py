@@ -174,7 +174,7 @@ class Call:
     launch (small calls are host-bound)."""
 
     __slots__ = ("features", "kernel", "programs", "device", "config", "pdl", "params", "scales", "fixed", "hit",
-                 "timeline", "per_sm")
+                 "timeline")
 
     def __init__(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
@@ -207,9 +207,6 @@ class Call:
             kernel_scale(softmax_scale, features), features.softcap,
         )
         self.hit: tuple | None = None
-        # A grid of one wave (at most SMs x programs_per_sm) is held to programs_per_sm an SM, so
-        # its equal shares land evenly; a larger grid given by hand is launched as it asks.
-        self.per_sm = config.programs_per_sm if programs <= grid(q.device, config, None) else 0
         # A probe's per-program stamps (config.constexprs with ("TIMELINE", True)): see
         # kernels/lean_decode.py's EV_* events. The last launch's stamps; zero where none.
         self.timeline: torch.Tensor | None = None
@@ -245,7 +242,7 @@ class Call:
             self.timeline if self.timeline is not None else tickets, *self.fixed,
         )
         self.hit = launch(self.kernel, self.programs, args, self.params, self.config, self.pdl, self.device, self.hit,
-                          self.per_sm)
+                          self.config.programs_per_sm)
 
 
 # leanattn.decode's calls by call key (each DecodeWrapper keeps its own).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import torch
 from triton import knobs
@@ -138,16 +139,20 @@ def run_direct(hit: tuple, grid: int | tuple[int, int], device: torch.device, ar
                  knobs.runtime.launch_exit_hook, *args, *values)
 
 
-def _direct_hit(compiled: CompiledKernel, kernel, args: tuple, params: dict, per_sm: int,
-                device: torch.device) -> tuple:
-    """``launch``'s ``hit`` for a kernel just compiled: the compiled kernel, its constexpr values
-    and the packed launch metadata, with the dynamic shared memory that holds an SM to
-    ``per_sm`` programs (> 0)."""
+def _compile(kernel, grid: tuple, args: tuple, params: dict, config: KernelConfig, pdl: bool, per_sm: int,
+             device: torch.device) -> tuple | None:
+    """Compile ``kernel`` for these arguments without launching it; ``launch``'s ``hit`` for it
+    (the compiled kernel, its constexpr values and the packed launch metadata, with the dynamic
+    shared memory that holds an SM to ``per_sm`` programs when the grid is one wave), or None
+    when Triton returns something other than a compiled kernel."""
+    compiled = kernel.warmup(*args, **params, grid=grid, **_options(config, pdl))
+    if not isinstance(compiled, CompiledKernel):
+        return None
     launcher = compiled.run  # loads the function (lazily loaded): raises if it cannot be
     if compiled.function is None:
         launcher()  # a load that failed before: Triton keeps its error in place of the launcher
     packed = compiled.packed_metadata
-    if per_sm > 0:
+    if per_sm > 0 and math.prod(grid) <= grid_size(device, per_sm):
         shared = resident_shared(compiled.metadata.shared, per_sm, *_shared_limits(device))
         if shared > compiled.metadata.shared and (shared <= 48 * 1024 or compiled.metadata.shared > 48 * 1024
                                                   or _raise_shared_limit(compiled, shared)):
@@ -162,7 +167,9 @@ def launch(
     """Launch ``kernel`` on ``grid`` programs (or a (gx, gy) grid) with ``args`` (its non-constexpr parameters, in
     order) and the compile-time parameters ``params``; returns what a later launch of the same
     specialisation passes as ``hit`` (None under the interpreter or when direct launches failed).
-    ``per_sm`` > 0: an SM holds at most that many of the programs (``resident_shared``).
+    ``per_sm`` > 0: a grid of one wave (at most SMs x ``per_sm`` programs) is held to that many
+    programs an SM (``resident_shared``), so its equal shares land evenly; a larger grid is
+    launched as it asks.
 
     ``hit`` (the compiled kernel, its constexpr values and launch metadata) launches directly,
     skipping Triton's per-call argument binding, which costs more than a short decode step on
@@ -172,18 +179,22 @@ def launch(
     """
     if hit is None and not interpreting() and not DIRECT_LAUNCH_ERROR:
         # Compile without launching, so that the first launch is a direct one too.
-        extra = {"launch_pdl": True} if pdl else {}
-        compiled = kernel.warmup(*args, **params, grid=grid if isinstance(grid, tuple) else (grid,),
-                                 num_warps=config.num_warps, num_stages=config.num_stages, **extra)
-        if isinstance(compiled, CompiledKernel):
-            hit = _direct_hit(compiled, kernel, args, params, per_sm, device)
+        hit = _compile(kernel, _grid3(grid), args, params, config, pdl, per_sm, device)
     if hit is not None:
         try:
             run_direct(hit, grid, device, args)
             return hit
         except (TypeError, AttributeError) as e:  # a Triton whose launcher differs: bind every time
             DIRECT_LAUNCH_ERROR.append(repr(e))
-    extra = {"launch_pdl": True} if pdl else {}
-    kernel[grid if isinstance(grid, tuple) else (grid,)](
-        *args, **params, num_warps=config.num_warps, num_stages=config.num_stages, **extra)
+    kernel[_grid3(grid)](*args, **params, **_options(config, pdl))
     return None
+
+
+def _grid3(grid: int | tuple[int, int]) -> tuple:
+    return grid if isinstance(grid, tuple) else (grid,)
+
+
+def _options(config: KernelConfig, pdl: bool) -> dict:
+    """Triton's launch options for ``config``."""
+    extra = {"launch_pdl": True} if pdl else {}
+    return dict(num_warps=config.num_warps, num_stages=config.num_stages, **extra)
