@@ -618,6 +618,8 @@ def lean_decode_kernel(
     real = rows < Q_LEN * GROUP
     mask_q = real[:, None] & (offs_d < HEAD_DIM)[None, :]
     q_rows = (rows // GROUP) * stride_qt + (rows % GROUP) * stride_qh
+    # Per-token V scales weigh the PV product in bf16 when q is bf16 (_attend_tiles).
+    BF16_WEIGHTS: tl.constexpr = (DOT_DTYPE == tl.float16) & (Q.dtype.element_ty == tl.bfloat16)
 
     g = start
     while g < end:
@@ -642,7 +644,7 @@ def lean_decode_kernel(
                 GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, HAS_SOFTCAP, HAS_MASK, HAS_BOUNDS,
                 K_SCALE_KIND, V_SCALE_KIND, DOT_DTYPE, Timeline, pid, g == start, TIMELINE,
                 WsAcc, WsStats, g - t, n_units > 1, SPLIT // TILE, MERGE_ROWS,
-                (DOT_DTYPE == tl.float16) & (Q.dtype.element_ty == tl.bfloat16),
+                BF16_WEIGHTS,
             )
             if TIMELINE:
                 if g + (t_end - t) >= end:
@@ -673,7 +675,7 @@ def lean_decode_kernel(
                 GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, TILE, PAGE_SIZE, HAS_SOFTCAP, HAS_MASK, HAS_BOUNDS,
                 K_SCALE_KIND, V_SCALE_KIND, DOT_DTYPE, Timeline, pid, g == start, TIMELINE,
                 WsAcc, WsStats, 0, False, 0, MERGE_ROWS,
-                (DOT_DTYPE == tl.float16) & (Q.dtype.element_ty == tl.bfloat16),
+                BF16_WEIGHTS,
             )
             if TIMELINE:
                 if g + (t_end - t) >= end:
