@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -163,9 +164,17 @@ def test_target_share_shrinks_grid_correctly(target_share):
     assert plan(lens, 2, t, 16, target_share).num_programs < 16
 
 
+def merge_config(head_dim: int, dtype: torch.dtype, rows: int, merge_kernel: bool) -> leanattn.KernelConfig:
+    """The heuristic's config, with the cut heads merged by the last arrivers' ticket tree or by
+    the merge kernel (the heuristic picks by members per head)."""
+    return dataclasses.replace(leanattn.choose_config(head_dim, dtype, rows), merge_kernel=merge_kernel)
+
+
+@pytest.mark.parametrize("merge_kernel", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_head_shared_by_several_arrival_chunks(dtype):
-    """Heads over ~50 programs each: chunks of 16 merge first, then the chunks' sums per head."""
+def test_head_shared_by_several_arrival_chunks(dtype, merge_kernel):
+    """Heads over ~50 programs each: chunks of 16 merge first, then the chunks' sums per head (or
+    the merge kernel)."""
     from leanattn._testing import ARRIVE_CHUNK
 
     t = tile_size(64, dtype, 1)
@@ -174,15 +183,16 @@ def test_head_shared_by_several_arrival_chunks(dtype):
     split = plan(lens, 2, t, 100).split_heads()
     assert max(len(s) for s in split.values()) > 2 * ARRIVE_CHUNK
     for _ in range(2):  # the second call finds every ticket back at zero
-        out, lse = run(q, k, v, sl, num_programs=100)
+        out, lse = run(q, k, v, sl, num_programs=100, config=merge_config(64, dtype, 1, merge_kernel))
         assert_close(out, lse, *reference(q, k, v, sl))
 
 
+@pytest.mark.parametrize("merge_kernel", [False, True])
 @pytest.mark.parametrize("extra", [0, 1])
 @pytest.mark.parametrize("chunks", [1, 2])
-def test_one_head_over_chunk_boundaries(chunks, extra):
+def test_one_head_over_chunk_boundaries(chunks, extra, merge_kernel):
     """One head shared by exactly 16, 17, 32 or 33 programs: a whole head in one chunk, and a
-    last chunk of one member."""
+    last chunk of one member (merge kernel: member counts past a power of two)."""
     from leanattn._testing import ARRIVE_CHUNK, workspace_for
 
     programs = chunks * ARRIVE_CHUNK + extra
@@ -191,9 +201,34 @@ def test_one_head_over_chunk_boundaries(chunks, extra):
     q, k, v, sl = make_inputs(lens, 4, 1, 64, torch.float16)
     (segs,) = plan(lens, 1, t, programs).split_heads().values()
     assert len(segs) == programs
-    out, lse = run(q, k, v, sl, num_programs=programs)
+    out, lse = run(q, k, v, sl, num_programs=programs, config=merge_config(64, torch.float16, 4, merge_kernel))
     assert_close(out, lse, *reference(q, k, v, sl))
     assert (workspace_for(q.device).tickets == 0).all()
+
+
+@pytest.mark.parametrize("q_len", [1, 2])
+def test_merge_kernel_ragged_batch(q_len):
+    """The merge kernel on a ragged batch (an empty sequence, one shorter than a tile, heads cut
+    among several programs and whole ones), d=80 (its column ranges divide 80, not 128), with
+    attention sinks and the LSE: output and LSE against the reference, and the same result as
+    the ticket tree within fp32 rounding (the two sum the partials in different orders)."""
+    from leanattn._testing import DECODE_CALLS
+
+    t = tile_size(80, torch.bfloat16, 4 * q_len)
+    lens = [9 * t + 5, 0, t - 3, 20 * t]
+    q, k, v, sl = make_inputs(lens, 8, 2, 80, torch.bfloat16, seed=5)
+    q = torch.randn(4, q_len, 8, 80, generator=torch.Generator().manual_seed(6)).to(q)
+    sinks = torch.randn(8, generator=torch.Generator().manual_seed(7)).to(q.device)
+    outs = []
+    before = set(DECODE_CALLS)
+    for merge_kernel in (False, True):
+        out, lse = run(q, k, v, sl, num_programs=12, sinks=sinks,
+                       config=merge_config(80, torch.bfloat16, 4 * q_len, merge_kernel))
+        assert_close(out, lse, *reference(q, k, v, sl, sinks=sinks))
+        outs.append((out.float(), lse))
+    assert any(DECODE_CALLS[key].merge_params is not None for key in set(DECODE_CALLS) - before)
+    assert (outs[0][0] - outs[1][0]).abs().max().item() <= 1e-2
+    assert torch.allclose(outs[0][1], outs[1][1], atol=1e-5, equal_nan=True)
 
 
 @pytest.mark.parametrize("with_seqlens", [True, False])
@@ -241,3 +276,67 @@ def test_workspace_views_follow_the_buffers_when_they_grow():
     assert again[2].data_ptr() == ws.tickets.data_ptr() and again[2].numel() == 8
     assert again[3].data_ptr() == ws.tickets[8:].data_ptr()
     assert all(a is not b for a, b in zip(again, small))
+
+
+def test_merge_kernel_rule_and_shape():
+    """Who merges in a second kernel (never batch-invariant calls, nor more heads than programs;
+    forced either way by the config; by default from ARRIVE_CHUNK members a head), and the
+    merge programs' shape: columns that divide the head dim, at most MERGE_LOAD values loaded at
+    once, every member of an average head in one step where that fits."""
+    from leanattn import _call
+    from leanattn._testing import ARRIVE_CHUNK
+
+    base = dataclasses.replace(leanattn.choose_config(128, torch.bfloat16, 8), tile=64, target_share=4)
+    rule = _call.merge_kernel_of
+    assert rule(base, 0, 1, 132, 32768) and rule(base, 0, 8, 8 * ARRIVE_CHUNK, 4096)
+    assert not rule(base, 0, 9, 8 * ARRIVE_CHUNK, 32768) and not rule(base, 0, 64, 132, 32768)
+    # 8 heads of 1k tokens: 128 tiles, so 32 programs busy (target_share 4), 4 a head
+    assert not rule(base, 0, 8, 132, 1024) and rule(base, 0, 1, 132, 4096) and not rule(base, 0, 1, 132, 2048)
+    assert not rule(base, 512, 1, 132, 32768)  # batch-invariant: merged in split order in the kernel
+    forced = dataclasses.replace(base, merge_kernel=True)
+    assert rule(forced, 0, 64, 132, 64) and not rule(forced, 0, 133, 132) and not rule(forced, 256, 1, 132)
+    assert not rule(dataclasses.replace(base, merge_kernel=False), 0, 1, 132, 32768)
+    for head_dim in (32, 64, 80, 96, 128, 192, 256, 512):
+        for rows in (1, 2, 8, 16, 64):
+            for programs, heads in ((132, 1), (264, 1), (132, 8), (264, 32), (16, 16), (1000, 3)):
+                cols, members = _call.merge_shape(head_dim, rows, programs, heads)
+                assert head_dim % cols == 0 and 4 <= cols <= 64 and members >= 1
+                assert members & (members - 1) == 0 and members * rows * cols <= max(_call.MERGE_LOAD, rows * 4)
+                average = -(-programs // heads) + 1
+                if average * rows * 4 <= _call.MERGE_LOAD:
+                    assert members >= min(programs, average)
+    assert _call.merge_shape(128, 8, 132, 1) == (4, 256)  # 128-132 members in one step
+    assert _call.merge_shape(128, 4, 132, 8) == (64, 32)  # two programs a head
+
+
+def test_merge_kernel_jobs_rewritten_every_call():
+    """The merge kernel's jobs live in the workspace across calls: a head cut in one call and
+    whole in the next must not be merged again from the first call's partials."""
+    t = tile_size(64, torch.float16, 4)
+    config = merge_config(64, torch.float16, 4, True)
+    for lens in ([30 * t, 3 * t + 1], [t - 3, 30 * t]):  # head 0 cut, then whole
+        q, k, v, sl = make_inputs(lens, 8, 2, 64, torch.float16, cache_len=30 * t)
+        out, lse = run(q, k, v, sl, num_programs=24, config=config)
+        assert_close(out, lse, *reference(q, k, v, sl))
+
+
+def test_merge_kernel_rescales_across_load_steps():
+    """A head with more members than one merge-kernel step loads (MEMBERS, sized for the average
+    head: the long head beside two short ones takes two steps or more), whose largest scores are
+    all in its last keys, so the later step's max must rescale the earlier steps' sums."""
+    from leanattn import _call
+    from leanattn._testing import DECODE_CALLS
+
+    config = merge_config(64, torch.float16, 4, True)
+    programs = 48
+    long = programs * config.target_share * config.tile - 100
+    q, k, v, sl = make_inputs([long, 40, 40], 4, 1, 64, torch.float16, seed=9)
+    k[0, -200:, 0] = (q[0, 0].float().mean(0) * 4).to(k.dtype)  # the long head's top scores, at its end
+    (segs,) = [s for h, s in plan(sl.tolist(), 1, config.tile, programs, config.target_share).split_heads().items()
+               if h == (0, 0)]
+    _, members = _call.merge_shape(64, 4, programs, 3)
+    assert len(segs) > members
+    before = set(DECODE_CALLS)
+    out, lse = run(q, k, v, sl, num_programs=programs, config=config)
+    assert_close(out, lse, *reference(q, k, v, sl))
+    assert any(DECODE_CALLS[key].merge_params["MEMBERS"] == members for key in set(DECODE_CALLS) - before)

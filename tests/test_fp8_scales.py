@@ -226,3 +226,21 @@ def test_token_v_scales_of_any_spread_within_a_tile(paged):
     ref, ref_lse = reference(q, k, v, sl, k_scale=1.0, v_scale=v_scale, **kw)
     assert ref.abs().max() > 2.0**-24  # the small keys' values, not zero
     assert_close(out, lse, ref, ref_lse)
+
+
+@pytest.mark.parametrize("v_kind", KINDS)
+def test_merge_kernel_applies_each_v_scale_kind(v_kind):
+    """The merge kernel writes the cut heads, so it dequantises V as the decode kernel would: a
+    per-head or per-(sequence, head) scale at the output, per-token ones already in the weights."""
+    import dataclasses
+
+    from leanattn._testing import DECODE_CALLS
+
+    q, kc, vc, sl, extra = fp8_case(1, False, seed=4)
+    kw = dict(extra, k_scale=scale_of("head", kc, 3, seed=5), v_scale=scale_of(v_kind, vc, 3, seed=6))
+    config = dataclasses.replace(leanattn.choose_config(D, FP8, HQ // HKV), merge_kernel=True)
+    before = set(DECODE_CALLS)
+    out = poisoned_like(q)
+    _, lse = leanattn.decode(q, kc, vc, sl, out=out, return_lse=True, num_programs=7, config=config, **kw)
+    assert any(DECODE_CALLS[key].merge_params is not None for key in set(DECODE_CALLS) - before)
+    assert_close(out, lse, *reference(q, kc, vc, sl, **kw))

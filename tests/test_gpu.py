@@ -1,5 +1,6 @@
 """GPU-only: large sizes with the real grid, a race stress test, CUDA graphs, inductor."""
 
+import dataclasses
 import random
 
 import pytest
@@ -105,20 +106,24 @@ def _fp32_reference(q, k, v, sl, **kw):
     return leanattn.reference.decode(q, k, v, sl, return_lse=True, compute_dtype=torch.float32, **kw)
 
 
+@pytest.mark.parametrize("merge_kernel", [False, True])
 @pytest.mark.parametrize("lens,hkv,group,programs", [
     ([40000], 1, 8, None),  # one head over the whole grid: 17 chunks of the merge tree
     ([9000, 3, 20000, 700], 2, 4, 1000),  # more programs than fit at once: late arrivers in later waves
     ([2048] * 16, 8, 1, 4000),
+    ([40000, 10, 10, 10], 1, 8, None),  # merge kernel: the long head's ~130 members in three steps
 ])
-def test_merge_race_stress(lens, hkv, group, programs):
-    """Split heads merged by the last arriver, each call on a new q: a merge that read a partial
-    before its program wrote it (an early merge, or stores not ordered before the ticket) would
-    read the previous call's partial, which differs. Every call is checked."""
+def test_merge_race_stress(lens, hkv, group, programs, merge_kernel):
+    """Split heads merged by the last arriver (or by the merge kernel), each call on a new q: a
+    merge that read a partial before its program wrote it (an early merge, stores not ordered
+    before the ticket, a merge kernel not waiting for the kernel before) would read the previous
+    call's partial, which differs. Every call is checked."""
     q, k, v, sl = make_inputs(lens, hkv * group, hkv, 128, torch.bfloat16, seed=12)
     gen = torch.Generator(device=q.device).manual_seed(13)
+    config = dataclasses.replace(leanattn.choose_config(128, torch.bfloat16, group), merge_kernel=merge_kernel)
     for _ in range(40):
         q = torch.randn(q.shape, generator=gen, device=q.device).to(q.dtype)
-        out, lse = leanattn.decode(q, k, v, sl, return_lse=True, num_programs=programs)
+        out, lse = leanattn.decode(q, k, v, sl, return_lse=True, num_programs=programs, config=config)
         assert_close(out, lse, *_fp32_reference(q, k, v, sl))
 
 
@@ -139,6 +144,39 @@ def test_batch_invariant_merge_race_stress(lens, hkv, group, programs):
         assert_close(out, lse, *_fp32_reference(q, k, v, sl))
         other, other_lse = leanattn.decode(q, k, v, sl, num_programs=7, **kw)
         assert torch.equal(out, other) and torch.equal(lse, other_lse)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "paged", "fp8"])
+def test_merge_kernel_in_cuda_graph_with_new_lengths(kind):
+    """Two heads over the whole grid (the heuristic merges them in the merge kernel), captured
+    once and replayed with new lengths (an empty sequence, one inside a tile, the full cache),
+    with sinks and the LSE; fp8 with a per-head K scale and a float V scale (the merge kernel
+    applies V's): every replay against the reference."""
+    from leanattn._testing import DECODE_CALLS
+
+    cap, d = 20000, 128
+    q, k, v, sl = make_inputs([cap, cap], 8, 1, d, torch.bfloat16, seed=21)
+    sinks = torch.randn(8, device=q.device)
+    kw = dict(sinks=sinks)
+    if kind == "fp8":
+        k, v = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
+        kw.update(k_scale=torch.rand(1, device=q.device) + 0.5, v_scale=0.75)
+    kc, vc = k, v
+    if kind == "paged":
+        kc, vc, table = to_paged(k, v, [cap, cap], 64)
+        kw["block_table"] = table
+    seqlens = sl.clone()
+    out = torch.empty_like(q)
+    before = set(DECODE_CALLS)
+    graph, (_, lse) = capture_cuda_graph(lambda: leanattn.decode(q, kc, vc, seqlens, out=out, return_lse=True, **kw))
+    assert any(DECODE_CALLS[key].merge_params is not None for key in set(DECODE_CALLS) - before)
+    ref_kw = {name: value for name, value in kw.items() if name != "block_table"}
+    for new in ([cap, cap], [0, cap], [37, 19000], [cap - 1, 1], [0, 0]):
+        seqlens.copy_(torch.tensor(new, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, lse, *reference(q, k, v, seqlens, **ref_kw))
 
 
 @pytest.mark.parametrize("magnitude", [1e30, 1e-30, 3e4])
@@ -166,12 +204,28 @@ def test_fp8_extremes(magnitude, kv_dtype):
 def test_merge_orders_partials_before_tickets():
     """The merge's memory ordering, read off the compiled code: each arrival ticket is an
     acquire-release atomic at GPU scope, right after a block barrier (every thread's partial
-    stores are ordered before it). A race stress test rarely sees a missing fence; this does."""
+    stores are ordered before it). A race stress test rarely sees a missing fence; this does.
+    The merge kernel reads the partials and its jobs past L1 (``.cg``): they were written from
+    other SMs by the kernel before, and L1 is not coherent."""
+    from leanattn._testing import DECODE_CALLS
+
     q, k, v, sl = make_inputs([40000], 8, 1, 128, torch.bfloat16, seed=15)
-    leanattn.decode(q, k, v, sl)  # one head split over the grid: the merge tree is compiled in
-    caches = lean_decode_kernel.device_caches[torch.cuda.current_device()][0].values()
+    base = leanattn.choose_config(128, torch.bfloat16, 8)
+    for merge_kernel in (False, True):  # one head split over the grid: both merges are compiled in
+        leanattn.decode(q, k, v, sl, config=dataclasses.replace(base, merge_kernel=merge_kernel))
+    calls = [c for c in DECODE_CALLS.values() if c.hit is not None]
+    merged = [c for c in calls if c.merge_hit is not None and not c.merge_params["HAS_SINKS"]
+              and not c.merge_params["V_SCALE_KIND"]]
+    assert merged
+    for call in merged:
+        lines = call.merge_hit[0].asm["ptx"].splitlines()
+        loads = [i for i, line in enumerate(lines) if "ld.global" in line]
+        assert loads and all(".cg" in lines[i] for i in loads), f"a partial may come from a stale L1 line: {loads}"
+        if call.merge_params["USE_PDL"]:  # launched early: nothing is read before the decode kernel is done
+            waits = [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line]
+            assert waits and waits[0] < loads[0], "the merge kernel reads before griddepcontrol.wait"
     checked = 0
-    for compiled in caches:
+    for compiled in (c.hit[0] for c in calls if not c.params["MERGE_KERNEL"]):
         lines = [line.strip() for line in compiled.asm["ptx"].splitlines()]
         atomics = [i for i, line in enumerate(lines) if "atom." in line and ".add" in line]  # maybe predicated
         assert len(atomics) >= 2, "the two arrival tickets are missing"
@@ -256,18 +310,18 @@ def test_fp8_finer_scales_in_fp16_products_and_cuda_graphs(kinds, q_dtype):
         assert_close(out, lse, *reference(q, kp, vp, sl, block_table=table, k_scale=ks, v_scale=vs))
 
 
+@pytest.mark.parametrize("merge_kernel", [False, True])
 @pytest.mark.parametrize("planned", [False, True])
-def test_timeline_stamps_are_ordered_and_change_no_bits(planned):
+def test_timeline_stamps_are_ordered_and_change_no_bits(planned, merge_kernel):
     """The TIMELINE probe: every program with a share stamps its events in order (the ticket only
     where it left a partial), a program without one stamps none past its start and wait, and
-    the output's bits are the plain kernel's."""
-    import dataclasses
+    the output's bits are the plain kernel's (the ticket tree's merge, or the merge kernel's)."""
 
     from leanattn._testing import DECODE_CALLS, wrapper_calls
 
     lens = [30000, 77, 4096]
     q, k, v, sl = make_inputs(lens, 16, 2, 128, torch.bfloat16)
-    base = leanattn.choose_config(128, k.dtype, 8)
+    base = dataclasses.replace(leanattn.choose_config(128, k.dtype, 8), merge_kernel=merge_kernel)
     timed = dataclasses.replace(base, constexprs=(("TIMELINE", True),))
     plain = leanattn.decode(q, k, v, sl, num_programs=300, config=base)
     if planned:
@@ -277,7 +331,7 @@ def test_timeline_stamps_are_ordered_and_change_no_bits(planned):
         (call,) = wrapper_calls(w)
     else:
         out = leanattn.decode(q, k, v, sl, num_programs=300, config=timed)
-        (call,) = [c for c in DECODE_CALLS.values() if c.timeline is not None]
+        (call,) = [c for c in DECODE_CALLS.values() if c.timeline is not None and c.params["MERGE_KERNEL"] == merge_kernel]
     assert torch.equal(out, plain)
     stamps = call.timeline.cpu()
     ran = stamps[:, 6] != 0

@@ -114,6 +114,45 @@ MUTANTS: list[Mutant] = [
             "the stress test; the compiled code's ordering test sees it)",
     ),
     Mutant(
+        "decode-merge-kernel-drops-last-member",
+        one(DECODE, "live = j <= last", "live = j < last"),
+        ("tests/test_decode.py",), k="merge_kernel",
+        why="the merge kernel would leave out the head's last member's partial",
+    ),
+    Mutant(
+        "decode-merge-kernel-steps-not-rescaled",
+        one(DECODE, "acc = acc * alpha[:, None] + tl.sum(a * w[:, :, None], axis=0)",
+            "acc = acc + tl.sum(a * w[:, :, None], axis=0)"),
+        ("tests/test_decode.py",), k="rescales_across_load_steps",
+        why="a head of more members than one step loads would mis-weigh the earlier steps",
+    ),
+    Mutant(
+        "decode-merge-kernel-first-slot-ignored",
+        one(DECODE, "slot = (2 * j + ((j == first) & first_odd).to(tl.int32)).to(tl.int64)",
+            "slot = (2 * j).to(tl.int64)"),
+        ("tests/test_decode.py",), k="merge_kernel",
+        why="a head whose first program's share started in the head before would merge that head's partial",
+    ),
+    Mutant(
+        "decode-merge-kernel-whole-head-job-kept",
+        one(DECODE, "tl.store(Jobs + 4 * (b * kv_heads + h), -1)", "pass"),
+        ("tests/test_decode.py",), k="jobs_rewritten",
+        why="a head whole in this call would be merged again from an earlier call's partials",
+    ),
+    Mutant(
+        "decode-merge-kernel-no-v-scale",
+        one(DECODE, "v_scale = _head_scale(VScale, b, h, kv_heads, V_SCALE_KIND)  # 1 for per-token", "v_scale = 1.0  #"),
+        ("tests/test_fp8_scales.py",), k="merge_kernel",
+        why="cut heads of an fp8 cache with per-head or per-sequence V scales would not be dequantised",
+    ),
+    Mutant(
+        "decode-merge-kernel-no-wait",
+        one(DECODE, "gdc_wait()  # the partials and Jobs come from the kernel before", "pass"),
+        ("tests/test_gpu.py::test_merge_orders_partials_before_tickets", GPU_RACE), gpu=True,
+        why="with PDL the merge would read partials and jobs before the decode kernel wrote them (a race "
+            "the stress test rarely sees; the compiled code's order test does)",
+    ),
+    Mutant(
         "decode-fp8-prescale-16",
         one(DECODE, "up, down = _pow2_factors(amax, 13.0)", "up, down = _pow2_factors(amax, 16.0)"),
         (GPU_FP8,), gpu=True,

@@ -19,12 +19,17 @@ from ._features import Features, kernel_scale, scale_tensor
 from ._launch import default_num_programs, launch, use_pdl
 from ._workspace import Workspace, workspace_for
 from .kernels.config import KernelConfig, choose_config, interpreting, next_pow2
-from .kernels.lean_decode import EVENTS, lean_decode_kernel
+from .kernels.lean_decode import EVENTS, lean_decode_kernel, lean_merge_kernel
 from .kernels.plan import BLOCK_B
 
 # Most programs that count their arrival on one chunk ticket (contention on one address grows
 # fast); the chunks' sums then meet on one ticket per head.
 ARRIVE_CHUNK = 16
+
+# The most fp32 partial values a merge-kernel program loads at once (64 registers a thread of its
+# 4 warps).
+MERGE_LOAD = 8192
+MERGE_LAUNCH = KernelConfig(tile=1, num_warps=4, num_stages=1, programs_per_sm=0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,8 +70,8 @@ def slots(programs: int, split: int, batch: int, kv_heads: int, capacity: int) -
 def buffers(
     workspace: Workspace, device: torch.device, slots: int, head_dim: int, rows: int,
 ) -> tuple[torch.Tensor, ...]:
-    """The workspace's (acc, stats, head tickets, chunk tickets) with ``slots`` slots (see
-    :func:`slots`), grown if it must be."""
+    """The workspace's (acc, stats, head tickets, chunk tickets, merge jobs) with ``slots`` slots
+    (see :func:`slots`), grown if it must be."""
     _, merge_rows, head_dim_pad, _ = padded_sizes(head_dim, rows)
     return workspace.get(device, slots, merge_rows, head_dim_pad)
 
@@ -139,14 +144,37 @@ def _probes(config: KernelConfig) -> dict:
     return PROBES | given
 
 
+def merge_kernel_of(config: KernelConfig, split: int, heads: int, programs: int, capacity: int = 0) -> bool:
+    """Whether a call of ``heads`` kv heads (batch x kv_heads) on ``programs`` over a cache of
+    ``capacity`` tokens a sequence merges its cut heads in a second kernel (``lean_merge_kernel``,
+    whose grid is the heads x column ranges): never in batch-invariant mode (``split``), nor with
+    more heads than programs (the workspace holds a job per program); by default when a head has
+    ARRIVE_CHUNK members or more on average at full capacity (the programs a share of
+    ``target_share`` tiles leaves busy, at most the grid).
+
+    Why: the kernel boundary costs about one atomic round trip (0.6-0.8 µs on an H200), and the
+    next kernel then waits for a second kernel. In the kernel, a head's last arriver merges after
+    one ticket, eight partials a load step; beyond ARRIVE_CHUNK members a chunk's last arriver
+    merges it, stores its sum and draws a second ticket, and the last one merges the sums, where
+    the merge kernel loads every member's partial in one step, a head spread over many SMs.
+    Measured (benchmarks/NOTES.md): 1-8 heads over 132-264 programs 0.4-2.7 µs faster a call,
+    heads of ~8 members 2 µs slower."""
+    if split or heads > programs:
+        return False
+    if config.merge_kernel is not None:
+        return bool(config.merge_kernel)
+    busy = min(programs, -(-heads * max(1, -(-capacity // config.tile)) // config.target_share))
+    return busy >= ARRIVE_CHUNK * heads
+
+
 def constexprs(
     q: torch.Tensor, k_cache: torch.Tensor, page_size: int, config: KernelConfig, features: Features, *,
     has_seqlens: bool, has_leftpad: bool, planned: bool, return_lse: bool, pdl: bool, split: int,
-    has_bounds: bool = False,
+    has_bounds: bool = False, batch: int = 1, programs: int = 1, capacity: int = 0,
 ) -> dict:
-    """The compile-time parameters of the kernel for one call (``split``: tokens per split in
-    batch-invariant mode, else 0; ``has_bounds``: per-query key bounds replace the window's,
-    see ``DecodeWrapper._plan_bounded``)."""
+    """The compile-time parameters of the kernel for one call of ``batch`` sequences of
+    ``capacity`` cache tokens on ``programs`` (``split``: tokens per split in batch-invariant mode, else 0; ``has_bounds``:
+    per-query key bounds replace the window's, see ``DecodeWrapper._plan_bounded``)."""
     _, q_len, q_heads, head_dim = q.shape
     group = q_heads // k_cache.shape[2]
     rows, merge_rows, head_dim_pad, merge_wide = padded_sizes(head_dim, q_len * group)
@@ -160,7 +188,33 @@ def constexprs(
         HAS_MASK=features.has_mask, HAS_SOFTCAP=features.softcap > 0, HAS_SINKS=features.has_sinks,
         K_SCALE_KIND=features.k_scale_kind, V_SCALE_KIND=features.v_scale_kind, HAS_BOUNDS=has_bounds,
         PLANNED=planned,
-        RETURN_LSE=return_lse, DOT_DTYPE=dot_dtype, BLOCK_B=BLOCK_B, USE_PDL=pdl, **_probes(config),
+        RETURN_LSE=return_lse, DOT_DTYPE=dot_dtype, BLOCK_B=BLOCK_B, USE_PDL=pdl,
+        MERGE_KERNEL=merge_kernel_of(config, split, batch * k_cache.shape[2], programs, capacity), **_probes(config),
+    )
+
+
+def merge_shape(head_dim: int, merge_rows: int, programs: int, heads: int) -> tuple[int, int]:
+    """(columns of a merge-kernel program, members it loads at once) for ``heads`` kv heads cut
+    among ``programs``: every member of a head of average length at once (a program's loads are
+    all in flight together, so its latency is its number of steps), in as few columns as fit
+    MERGE_LOAD values (fewer programs); a power of two from 4 that divides ``head_dim``."""
+    members = next_pow2(min(programs, -(-programs // heads) + 1))
+    cols = 4
+    while head_dim % (2 * cols) == 0 and members * merge_rows * 2 * cols <= MERGE_LOAD and 2 * cols <= 64:
+        cols *= 2
+    return cols, max(1, min(members, MERGE_LOAD // (merge_rows * cols)))
+
+
+def merge_constexprs(params: dict, programs: int, heads: int, features: Features) -> dict:
+    """The merge kernel's compile-time parameters for a decode call of compile-time parameters
+    ``params`` over ``heads`` kv heads on a grid of ``programs``."""
+    rows = params["MERGE_ROWS"]
+    cols, members = merge_shape(params["HEAD_DIM"], rows, programs, heads)
+    return dict(
+        GROUP=params["GROUP"], Q_LEN=params["Q_LEN"], MERGE_ROWS=rows, HEAD_DIM=params["HEAD_DIM"],
+        HEAD_DIM_PAD=params["HEAD_DIM_PAD"], COLS=cols, MEMBERS=members,
+        V_SCALE_KIND=features.v_scale_kind, RETURN_LSE=params["RETURN_LSE"], HAS_SINKS=params["HAS_SINKS"],
+        USE_PDL=params["USE_PDL"],
     )
 
 
@@ -174,7 +228,7 @@ class Call:
     launch (small calls are host-bound)."""
 
     __slots__ = ("features", "kernel", "programs", "device", "config", "pdl", "params", "scales", "fixed", "hit",
-                 "timeline")
+                 "timeline", "merge_params", "merge_grid", "merge_fixed", "merge_hit")
 
     def __init__(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
@@ -193,7 +247,8 @@ class Call:
         self.pdl = pdl_of(config, q.device)
         self.params = constexprs(q, k_cache, page_size, config, features, has_seqlens=has_seqlens,
                                  has_leftpad=has_leftpad, planned=planned, return_lse=lse is not None, pdl=self.pdl,
-                                 split=split, has_bounds=has_bounds)
+                                 split=split, has_bounds=has_bounds, batch=batch, programs=programs,
+                                 capacity=capacity)
         # Float scales are part of the key: their (kv_heads,) tensors are resolved once. Tensor
         # scales' kinds (their dims) are part of it too, through their layouts.
         self.scales = tuple(
@@ -207,6 +262,13 @@ class Call:
             kernel_scale(softmax_scale, features), features.softcap,
         )
         self.hit: tuple | None = None
+        # The merge kernel's compile-time parameters and fixed arguments, when the call has one.
+        self.merge_params = None
+        if self.params["MERGE_KERNEL"]:
+            self.merge_params = merge_constexprs(self.params, programs, batch * kv_heads, features)
+        self.merge_grid = (batch * kv_heads, self.params["HEAD_DIM"] // (self.merge_params or {"COLS": 1})["COLS"])
+        self.merge_fixed = (*out.stride()[:3], *(lse.stride() if lse is not None else (0, 0, 0)), kv_heads)
+        self.merge_hit: tuple | None = None
         # A probe's per-program stamps (config.constexprs with ("TIMELINE", True)): see
         # kernels/lean_decode.py's EV_* events. The last launch's stamps; zero where none.
         self.timeline: torch.Tensor | None = None
@@ -222,12 +284,12 @@ class Call:
         k_scale: torch.Tensor | float | None, v_scale: torch.Tensor | float | None, plan: torch.Tensor | None,
         bounds: torch.Tensor | None = None,
     ) -> None:
-        """Launch on the workspace ``bufs`` (acc, stats, head tickets, chunk tickets) for tensors
-        of this call's key, writing ``out`` (and ``lse`` (batch, q_heads, q_len) when given).
+        """Launch on the workspace ``bufs`` (acc, stats, head tickets, chunk tickets, merge jobs) for
+        tensors of this call's key, writing ``out`` (and ``lse`` (batch, q_heads, q_len) when given).
         ``plan`` (rows = the grid) gives each program its share; without it each program locates
         its own. ``bounds``: int32 (batch, q_len, 2) key bounds of each query token, for a call
         built with ``has_bounds``."""
-        acc, stats, tickets, chunk_tickets = bufs
+        acc, stats, tickets, chunk_tickets, jobs = bufs
         if self.features.fp8:
             k_scale = self.scales[0] if self.scales[0] is not None else k_scale
             v_scale = self.scales[1] if self.scales[1] is not None else v_scale
@@ -239,10 +301,15 @@ class Call:
             cache_leftpad if cache_leftpad is not None else tickets,
             block_table if block_table is not None else tickets, sinks if sinks is not None else acc, k_scale,
             v_scale, bounds if bounds is not None else tickets, plan if plan is not None else tickets, acc, stats, tickets, chunk_tickets,
-            self.timeline if self.timeline is not None else tickets, *self.fixed,
+            jobs, self.timeline if self.timeline is not None else tickets, *self.fixed,
         )
         self.hit = launch(self.kernel, self.programs, args, self.params, self.config, self.pdl, self.device, self.hit,
                           self.config.programs_per_sm)
+        if self.merge_params is not None:
+            merge_args = (jobs, acc, stats, out, lse if lse is not None else acc, sinks if sinks is not None else acc,
+                          v_scale, *self.merge_fixed)
+            self.merge_hit = launch(lean_merge_kernel, self.merge_grid, merge_args, self.merge_params, MERGE_LAUNCH, self.pdl,
+                                    self.device, self.merge_hit)
 
 
 # leanattn.decode's calls by call key (each DecodeWrapper keeps its own).

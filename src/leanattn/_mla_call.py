@@ -162,7 +162,7 @@ class MLACall:
     ) -> None:
         """Launch on the workspace ``bufs`` (acc, stats, head tickets, chunk tickets) for tensors
         of this call's key; ``plan`` (rows = the grid) gives each program its share."""
-        acc, stats, tickets, chunk_tickets = bufs
+        acc, stats, tickets, chunk_tickets = bufs[:4]
         scale = (self.scale if self.scale is not None else kv_scale) if self.fp8 else acc
         rope = rope_cache if rope_cache is not None else kv_cache
         # The Gluon path's kernel time is the smaller on every shape measured, its host time the
@@ -201,7 +201,7 @@ class MLACall:
     ) -> None:
         """The plan (unplanned calls), mla_gluon's attention, then the merge of cut blocks."""
         self.gluon_loaded = True
-        acc, stats, tickets, _ = bufs
+        acc, stats, tickets = bufs[:3]
         seqlens = cache_seqlens if cache_seqlens is not None else tickets
         leftpad = cache_leftpad if cache_leftpad is not None else tickets
         small, wide = self.gluon_configs

@@ -45,13 +45,15 @@ class Workspace:
     A call needs ``slots`` partial slots (rows x cols fp32, plus m and l) and as many head and
     chunk tickets: 2P for a grid of P programs (which uses P head tickets), or one per split in
     batch-invariant mode. Tickets are zero between calls: the merging program puts its ticket
-    back.
+    back. The merge kernel's jobs: 2 x ``slots`` int32 (4 a head, at most one head a program;
+    each call that uses them writes every head's row, so they are never zeroed).
     """
 
     def __init__(self) -> None:
         self.acc: torch.Tensor | None = None
         self.stats: torch.Tensor | None = None
         self.tickets: torch.Tensor | None = None
+        self.jobs: torch.Tensor | None = None
         # Buffers replaced by larger ones stay alive: a CUDA graph captured earlier still
         # reads and writes them on every replay.
         self.retired: list[tuple[torch.Tensor, ...]] = []
@@ -64,8 +66,8 @@ class Workspace:
         if views is not None:
             return views
         chunk = -(-slots // 4) * 4
-        need = (slots * rows * cols, slots * 2 * rows, chunk + slots)  # acc, stats, tickets
-        have = (0, 0, 0) if self.acc is None else (self.acc.numel(), self.stats.numel(), self.tickets.numel())
+        need = (slots * rows * cols, slots * 2 * rows, chunk + slots, 2 * slots)  # acc, stats, tickets, jobs
+        have = (0, 0, 0, 0) if self.acc is None else tuple(x.numel() for x in (self.acc, self.stats, self.tickets, self.jobs))
         if any(n > h for n, h in zip(need, have)):
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError(
@@ -74,18 +76,20 @@ class Workspace:
                     "capturing, or reserve it with leanattn.reserve_workspace"
                 )
             if self.acc is not None:
-                self.retired.append((self.acc, self.stats, self.tickets))
+                self.retired.append((self.acc, self.stats, self.tickets, self.jobs))
             self.views.clear()
             sizes = tuple(max(n, h) for n, h in zip(need, have))
-            self.acc, self.stats, self.tickets = outside_graph_pools(device, lambda: (
+            self.acc, self.stats, self.tickets, self.jobs = outside_graph_pools(device, lambda: (
                 torch.empty(sizes[0], dtype=torch.float32, device=device),
                 torch.empty(sizes[1], dtype=torch.float32, device=device),
                 torch.zeros(sizes[2], dtype=torch.int32, device=device),
+                torch.empty(sizes[3], dtype=torch.int32, device=device),
             ))
         # Head tickets first, then the chunk tickets (see the kernel's two-level arrival count),
         # from a 16-byte boundary: Triton specialises pointers on it, so any grid size reuses
         # one compiled kernel.
-        views = self.views[(slots, rows, cols)] = (self.acc, self.stats, self.tickets[:slots], self.tickets[chunk : chunk + slots])
+        views = self.views[(slots, rows, cols)] = (
+            self.acc, self.stats, self.tickets[:slots], self.tickets[chunk : chunk + slots], self.jobs)
         return views
 
 

@@ -130,8 +130,9 @@ class DecodeWrapper:
     @property
     def compiled_kernels(self) -> list:
         """The compiled kernels this wrapper launches directly (Triton ``CompiledKernel``s, for
-        reports of registers, spills and shared memory); empty under the interpreter."""
-        return [call.hit[0] for call in self._calls.values() if call.hit is not None]
+        reports of registers, spills and shared memory): each call's decode kernel and its merge
+        kernel if it has one; empty under the interpreter."""
+        return [hit[0] for call in self._calls.values() for hit in (call.hit, call.merge_hit) if hit is not None]
 
     def plan(
         self, cache_seqlens: torch.Tensor | None, capacity: int, *, batch: int | None = None,

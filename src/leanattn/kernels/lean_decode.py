@@ -6,7 +6,8 @@ loading each K/V tile once for the whole GQA group (the group's query rows are t
 the two ``tl.dot``s). A head whose tiles all lie in the share is normalised and written at once.
 A head cut by a share boundary leaves an fp32 partial in the workspace; the partials are merged in
 program order by a two-level tree of last arrivers (chunks of ARRIVE_CHUNK consecutive programs,
-then the chunks), and the last one writes the result. No program ever waits for another.
+then the chunks), and the last one writes the result, or (MERGE_KERNEL) by ``lean_merge_kernel``
+in a second launch. No program ever waits for another.
 
 Scores are kept in the log2 domain (``qk_scale`` includes log2(e)) so the kernel uses ``exp2``.
 """
@@ -33,7 +34,8 @@ SCALE_TOKEN = tl.constexpr(3)
 
 # Events of a program's timeline (TIMELINE=True): its start, the end of gdc_wait, its share
 # known, its first tile's scores computed, its last tile's, its chunk ticket drawn (a member of
-# a cut head: the last one it leaves a partial for), its exit. Slots of a (programs,
+# a cut head: the last one it leaves a partial for; with the merge kernel, that partial
+# stored), its exit. Slots of a (programs,
 # EVENTS) int64 tensor of %globaltimer nanoseconds; a program with no share writes only its
 # start and the end of its wait.
 EV_START = tl.constexpr(0)
@@ -552,7 +554,7 @@ def _load_q(
 @triton.jit(do_not_specialize=["batch", "kv_heads", "capacity", "num_pages", "window_left", "window_right"])
 def lean_decode_kernel(
     Q, K, V, Out, Lse, SeqLens, LeftPad, BlockTable, Sinks, KScale, VScale, Bounds,
-    Plan, WsAcc, WsStats, Tickets, ChunkTickets, Timeline,
+    Plan, WsAcc, WsStats, Tickets, ChunkTickets, Jobs, Timeline,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -567,7 +569,7 @@ def lean_decode_kernel(
     HAS_SEQLENS: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, K_SCALE_KIND: tl.constexpr, V_SCALE_KIND: tl.constexpr,
     HAS_BOUNDS: tl.constexpr, PLANNED: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr, TIMELINE: tl.constexpr,
+    BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr, TIMELINE: tl.constexpr, MERGE_KERNEL: tl.constexpr,
 ):
     """Decode attention over a persistent grid.
 
@@ -590,6 +592,11 @@ def lean_decode_kernel(
     and ChunkTickets int32, zero between calls (the last arriver on each ticket puts it back);
     S = 2 * grid slots, grid head tickets and 2 * grid chunk tickets, or with SPLIT one slot and
     ticket of each kind per split of the call.
+    MERGE_KERNEL (SPLIT = 0): the members of a cut head only leave their partials, for
+    ``lean_merge_kernel``, launched next. The program that ends head (b, h) writes its row of Jobs
+    (batch * kv_heads, 4) int32: (the head's first program, its last, whether the first one's
+    partial is in its second slot; the fourth is unused), or a first program of -1 when the head
+    was whole.
     TIMELINE (a probe, GPU only): Timeline (grid, EVENTS) int64 takes each program's EV_* stamps.
     """
     pid = tl.program_id(0)
@@ -691,6 +698,22 @@ def lean_decode_kernel(
                 _write_output(Out, Lse, Sinks, b, h, acc, m_i, l_i, v_scale,
                               stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
                               GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE, HAS_SINKS)
+                if MERGE_KERNEL:
+                    tl.store(Jobs + 4 * (b * kv_heads + h), -1)  # nothing to merge
+            elif MERGE_KERNEL:
+                # Program pid covered tiles [t, t_end) of the head, not all of them: its partial
+                # goes to its slot, and the head's last member names the head for the merge.
+                _store_partial(WsAcc, WsStats, 2 * pid + (g != start).to(tl.int32), acc, m_i, l_i,
+                               ROWS, MERGE_ROWS, HEAD_DIM_PAD)
+                if TIMELINE:
+                    _stamp(Timeline, pid, EV_TICKET, tl.max(l_i, axis=0).to(tl.int32, bitcast=True))
+                if t_end == n_tiles:
+                    head_first = g - t
+                    first = _floor_div((head_first + 1) * programs - 1, total).to(tl.int32)
+                    job = Jobs + 4 * (b * kv_heads + h)
+                    tl.store(job, first)
+                    tl.store(job + 1, pid)
+                    tl.store(job + 2, _first_odd(first, head_first, total, programs).to(tl.int32))
             else:
                 # Program pid covered tiles [t, t_end) of the head, not all of them.
                 _arrive_and_merge(
@@ -709,3 +732,69 @@ def lean_decode_kernel(
             b += 1
     if TIMELINE:
         _stamp(Timeline, pid, EV_EXIT, pid)
+
+
+@triton.jit(do_not_specialize=["kv_heads"])
+def lean_merge_kernel(
+    Jobs, WsAcc, WsStats, Out, Lse, Sinks, VScale,
+    stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+    kv_heads,
+    GROUP: tl.constexpr, Q_LEN: tl.constexpr, MERGE_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr, COLS: tl.constexpr, MEMBERS: tl.constexpr, V_SCALE_KIND: tl.constexpr,
+    RETURN_LSE: tl.constexpr, HAS_SINKS: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """The merge of the heads that ``lean_decode_kernel``'s shares cut (its MERGE_KERNEL mode), one
+    launch after it: every partial is in its slot before this starts, and no program waits.
+
+    Grid (batch * kv_heads, HEAD_DIM / COLS). Program (i, c) merges columns [c COLS, (c + 1) COLS)
+    of head i = b * kv_heads + h when Jobs[i] names its members (nothing when the head was whole):
+    the partials of decode programs Jobs[i, 0] .. Jobs[i, 1] in member order, MEMBERS at a
+    time (one load each, all in flight together: a head cut among 128 programs is one step, where
+    a chain of last arrivers costs two atomic round trips and several dependent loads), then
+    writes those columns of the head's rows, column 0's program also their LSE. Out, Lse, Sinks,
+    VScale and the workspace (WsAcc, WsStats: partial slots by ``_partial_slot``) as in
+    ``lean_decode_kernel``."""
+    if USE_PDL:
+        gdc_wait()  # the partials and Jobs come from the kernel before
+    bh = tl.program_id(0)
+    col0 = tl.program_id(1) * COLS
+    first = tl.load(Jobs + 4 * bh, cache_modifier=".cg")
+    if first >= 0:
+        last = tl.load(Jobs + 4 * bh + 1, cache_modifier=".cg")
+        first_odd = tl.load(Jobs + 4 * bh + 2, cache_modifier=".cg") != 0
+        b = bh // kv_heads
+        h = bh % kv_heads
+        rows = tl.arange(0, MERGE_ROWS)
+        cols = tl.arange(0, COLS)
+        m_i = tl.full((MERGE_ROWS,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((MERGE_ROWS,), dtype=tl.float32)
+        acc = tl.zeros((MERGE_ROWS, COLS), dtype=tl.float32)
+        for j0 in range(first, last + 1, MEMBERS):
+            j = j0 + tl.arange(0, MEMBERS)
+            live = j <= last
+            slot = (2 * j + ((j == first) & first_odd).to(tl.int32)).to(tl.int64)
+            stats = WsStats + slot[:, None] * (2 * MERGE_ROWS) + rows[None, :]
+            m = tl.load(stats, mask=live[:, None], other=float("-inf"), cache_modifier=".cg")
+            l = tl.load(stats + MERGE_ROWS, mask=live[:, None], other=0.0, cache_modifier=".cg")
+            a = tl.load(WsAcc + slot[:, None, None] * (MERGE_ROWS * HEAD_DIM_PAD)
+                        + rows[None, :, None] * HEAD_DIM_PAD + col0 + cols[None, None, :],
+                        mask=live[:, None, None], other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m_i, tl.max(m, axis=0))
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_shift)
+            w = tl.exp2(m - m_shift[None, :])
+            l_i = l_i * alpha + tl.sum(l * w, axis=0)
+            acc = acc * alpha[:, None] + tl.sum(a * w[:, :, None], axis=0)
+            m_i = m_new
+        if USE_PDL:
+            gdc_launch_dependents()
+        v_scale = _head_scale(VScale, b, h, kv_heads, V_SCALE_KIND)  # 1 for per-token scales: in the weights
+        # Out + col0 with COLS columns: the columns' slice of each row (COLS divides HEAD_DIM).
+        if col0 == 0:
+            _write_output(Out, Lse, Sinks, b, h, acc, m_i, l_i, v_scale,
+                          stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                          GROUP, Q_LEN, MERGE_ROWS, COLS, COLS, RETURN_LSE, HAS_SINKS)
+        else:
+            _write_output(Out + col0, Lse, Sinks, b, h, acc, m_i, l_i, v_scale,
+                          stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                          GROUP, Q_LEN, MERGE_ROWS, COLS, COLS, False, HAS_SINKS)
