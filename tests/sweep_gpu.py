@@ -16,7 +16,9 @@ check mode, CUDA-graph capture, window sizes, soft-cap values, sink logits, fp8 
 ``i`` of seed ``S`` is drawn from ``(S, i)`` alone, so ``--case i`` reproduces it without running
 the others. The model features are compile-time axes too: q_len (1 to 16), an fp8 cache (e4m3,
 e5m2) and the kinds of its K and V scales (per kv head, per sequence and kv head, per token), a
-sliding window, causal or not, soft-capping and attention sinks. Per-token scales span 1e-3..10
+sliding window, causal or not, soft-capping and attention sinks; and who merges the heads that
+shares cut (the heuristic's choice, or the merge kernel or the last arrivers' tree forced through
+``KernelConfig.merge_kernel``). Per-token scales span 1e-3..10
 (engines' amax / 448 scales are small), and their rows that no call reads hold NaN.
 
 Every case writes into a NaN-poisoned output (a view inside a larger NaN buffer whose margins must
@@ -61,6 +63,8 @@ KV_DTYPES = {"same": None, "e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m
 # fp8 scale kinds of K and V ("K/V"): per kv head, per (sequence, kv head), per token and kv head.
 SCALE_KINDS = ("head/head", "head/head", "seq/token", "token/seq", "token/token", "head/token", "token/head",
                "seq/seq")
+# Who merges cut heads (Variant.merge): the heuristic most often, each merge forced in some.
+MERGES = ("auto", "auto", "kernel", "tree")
 # q_len x group stays within the kernel's 128 rows (groups <= 8); at d=512 (16 rows) a variant's
 # q_len is cut to fit its group (draw_pool).
 Q_LENS = (1, 1, 1, 2, 4, 16)
@@ -105,6 +109,17 @@ class Variant:
     softcap: bool = False
     sinks: bool = False
     scale_kinds: str = "-"  # fp8: the kinds of K's and V's scales (SCALE_KINDS); "-" otherwise
+    # Who merges cut heads: the heuristic ("auto"), the merge kernel or the last arrivers' tree
+    # (KernelConfig.merge_kernel).
+    merge: str = "auto"
+
+    @property
+    def config(self) -> leanattn.KernelConfig | None:
+        """The launch config the calls pass: None for the heuristic's, else it with the merge forced."""
+        if self.merge == "auto":
+            return None
+        base = choose_config(self.head_dim, self.kv_dtype, self.q_len * self.group, paged=self.page_size > 0)
+        return dataclasses.replace(base, merge_kernel=self.merge == "kernel")
 
     @property
     def kv_dtype(self) -> torch.dtype:
@@ -221,7 +236,9 @@ def draw_pool(seed: int, size: int) -> list[Variant]:
     # The fp8 variants' scale kinds, cycling through SCALE_KINDS, from a generator of their own
     # (the other axes keep the draws they had before this axis).
     kinds = iter(_cycle(SCALE_KINDS, sum(v.kv != "same" for v in pool), random.Random(f"pool-scales:{seed}")))
-    return [dataclasses.replace(v, scale_kinds=next(kinds)) if v.kv != "same" else v for v in pool]
+    pool = [dataclasses.replace(v, scale_kinds=next(kinds)) if v.kv != "same" else v for v in pool]
+    merges = iter(_cycle(MERGES, len(pool), random.Random(f"pool-merges:{seed}")))
+    return [dataclasses.replace(v, merge=next(merges)) for v in pool]
 
 
 def _draw_len(rng: random.Random, tile: int, max_len: int) -> int:
@@ -561,7 +578,7 @@ def _call(case: Case, x: Inputs, q: torch.Tensor, out: torch.Tensor, seqlens, pa
     if var.api == "decode":
         res = leanattn.decode(q, x.kc, x.vc, seqlens, cache_leftpad=pads, out=out, return_lse=var.return_lse,
                               num_programs=case.num_programs, check=case.check, causal=var.causal,
-                              window_size=tuple(case.window_size), **kw)
+                              window_size=tuple(case.window_size), config=var.config, **kw)
     else:
         if plan:
             wrapper.plan(seqlens, case.capacity, batch=case.batch, cache_leftpad=pads, check=case.check,
@@ -583,7 +600,7 @@ def run_case(case: Case, device: torch.device) -> str | None:
     if var.api == "wrapper":
         wrapper = leanattn.DecodeWrapper(var.group * case.kv_heads, case.kv_heads, var.head_dim, DTYPES[var.dtype],
                                          device, kv_dtype=var.kv_dtype, max_q_len=var.q_len,
-                                         num_programs=case.num_programs, paged=var.page_size > 0)
+                                         num_programs=case.num_programs, paged=var.page_size > 0, config=var.config)
     k_ref = x.k
     if case.bad_page is not None:
         seq, slot, _ = case.bad_page

@@ -86,9 +86,12 @@ def test_pool_covers_every_axis_within_few_kernels():
                          ("has_seqlens", (False, True)), ("api", ("decode", "wrapper")),
                          ("q_len", set(sweep_gpu.Q_LENS)), ("kv", tuple(sweep_gpu.KV_DTYPES)),
                          ("window", (False, True)), ("causal", (False, True)), ("softcap", (False, True)),
-                         ("sinks", (False, True)), ("scale_kinds", set(sweep_gpu.SCALE_KINDS) | {"-"})):
+                         ("sinks", (False, True)), ("scale_kinds", set(sweep_gpu.SCALE_KINDS) | {"-"}),
+                         ("merge", set(sweep_gpu.MERGES))):
         assert {getattr(v, axis) for v in pool} == set(values), axis
     assert all((v.scale_kinds == "-") == (v.kv == "same") for v in pool)
+    assert all((v.config is None) == (v.merge == "auto") for v in pool)
+    assert {v.config.merge_kernel for v in pool if v.config is not None} == {False, True}
     limits = sweep_gpu.Limits()
     for i in range(2000):
         c = sweep_gpu.draw_case(7, i, pool, limits)
