@@ -16,8 +16,11 @@ programs, then the median over replays): ``start`` (the last program's start: la
 scores, median and max), ``ticket`` (a cut head's member drew its chunk ticket, median), ``end``
 (exit, median), ``span`` (the last exit); for the last program to exit, ``last ticket`` (its last
 tile to its ticket: the partial's stores and the atomic) and ``last merge`` (its ticket to its
-exit: the merge and the output's stores). ``call`` is the per-call replay time, which also holds
-the append kernel and the gaps between kernels. ``--variants`` stamps other configs (tile,
+exit: the merge and the output's stores). With the merge kernel (``KernelConfig.merge_kernel``,
+the default for heads of many programs) ``ticket`` is a member's partial stored, ``last merge``
+its exit, and the merge itself runs in the second kernel, outside ``span``. ``call`` is the
+per-call replay time, which also holds the append kernel, the merge kernel and the gaps between
+kernels. ``--variants`` stamps other configs (tile,
 stages, warps, grid) in the same run.
 """
 

@@ -644,10 +644,10 @@ def run_case(case: Case, device: torch.device) -> str | None:
 
 def compiled_kernels() -> int | None:
     """Kernels Triton has compiled in this process (None under the interpreter)."""
-    from leanattn._testing import lean_decode_kernel, lean_plan_kernel
+    from leanattn._testing import lean_decode_kernel, lean_merge_kernel, lean_plan_kernel
 
     count = 0
-    for fn in (lean_decode_kernel, lean_plan_kernel):
+    for fn in (lean_decode_kernel, lean_merge_kernel, lean_plan_kernel):
         caches = getattr(fn, "device_caches", None)
         if not isinstance(caches, dict):
             return None

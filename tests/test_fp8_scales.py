@@ -236,11 +236,15 @@ def test_merge_kernel_applies_each_v_scale_kind(v_kind):
 
     from leanattn._testing import DECODE_CALLS
 
+    from leanattn.schedule import plan
+
     q, kc, vc, sl, extra = fp8_case(1, False, seed=4)
     kw = dict(extra, k_scale=scale_of("head", kc, 3, seed=5), v_scale=scale_of(v_kind, vc, 3, seed=6))
-    config = dataclasses.replace(leanattn.choose_config(D, FP8, HQ // HKV), merge_kernel=True)
-    before = set(DECODE_CALLS)
+    # One tile a share, so the first sequence's heads (three tiles) are cut on any tile size.
+    config = dataclasses.replace(leanattn.choose_config(D, FP8, HQ // HKV), merge_kernel=True, target_share=1)
+    assert plan(sl.tolist(), HKV, config.tile, 7, 1).split_heads()
+    DECODE_CALLS.clear()
     out = poisoned_like(q)
     _, lse = leanattn.decode(q, kc, vc, sl, out=out, return_lse=True, num_programs=7, config=config, **kw)
-    assert any(DECODE_CALLS[key].merge_params is not None for key in set(DECODE_CALLS) - before)
+    assert DECODE_CALLS and all(call.merge_params is not None for call in DECODE_CALLS.values())
     assert_close(out, lse, *reference(q, kc, vc, sl, **kw))

@@ -286,3 +286,39 @@ def test_a_run_on_the_other_kind_of_cache_warns_once_and_stays_exact(monkeypatch
             again = w.run(q, **run, out=torch.empty_like(q))  # a new layout, no second warning
         assert torch.equal(first, again)
         assert_close(first, None, *reference(q, k, v, sl))
+
+
+@pytest.mark.parametrize("merge_kernel", [None, True])
+def test_empty_batch_runs_with_either_merge(merge_kernel):
+    """A step with no sequences: plan and run return an empty output, whichever merge the config
+    asks for (zero heads never take the merge kernel, whose shape is sized per head)."""
+    import dataclasses
+
+    config = dataclasses.replace(leanattn.choose_config(64, torch.float16, 4), merge_kernel=merge_kernel)
+    w = leanattn.DecodeWrapper(8, 2, 64, torch.float16, DEVICE, num_programs=16, config=config)
+    w.plan(torch.zeros(0, dtype=torch.int32, device=DEVICE), 64)
+    q = torch.randn(0, 1, 8, 64, dtype=torch.float16, device=DEVICE)
+    k = torch.randn(0, 64, 2, 64, dtype=torch.float16, device=DEVICE)
+    assert w.run(q, k, k).shape == (0, 1, 8, 64)
+
+
+def test_default_merge_follows_members_per_head():
+    """The heuristic's merge, through decode and the wrapper: one head cut among 16 programs at
+    full capacity takes the merge kernel, among 8 the last arrivers' tree; a window narrower
+    than the cache counts its width, not the capacity."""
+    from leanattn._testing import DECODE_CALLS, wrapper_calls
+
+    config = leanattn.choose_config(64, torch.float16, 4)
+    per = config.tile * config.target_share
+    for capacity, window, merged in ((16 * per, -1, True), (8 * per, -1, False), (16 * per, 8 * per - 1, False)):
+        q, k, v, sl = make_inputs([capacity - 5], 4, 1, 64, torch.float16, cache_len=capacity)
+        DECODE_CALLS.clear()
+        out = leanattn.decode(q, k, v, sl, num_programs=16, window_size=(window, 0))
+        (call,) = DECODE_CALLS.values()
+        assert call.params["MERGE_KERNEL"] is merged
+        w = _wrapper(q, k, 16)
+        w.plan(sl, capacity, window_size=(window, 0))
+        assert torch.equal(w.run(q, k, v), out)
+        (wcall,) = wrapper_calls(w)
+        assert wcall.params["MERGE_KERNEL"] is merged
+        assert_close(out, None, *reference(q, k, v, sl, window_size=(window, 0)))

@@ -145,21 +145,22 @@ def _probes(config: KernelConfig) -> dict:
 
 
 def merge_kernel_of(config: KernelConfig, split: int, heads: int, programs: int, capacity: int = 0) -> bool:
-    """Whether a call of ``heads`` kv heads (batch x kv_heads) on ``programs`` over a cache of
-    ``capacity`` tokens a sequence merges its cut heads in a second kernel (``lean_merge_kernel``,
-    whose grid is the heads x column ranges): never in batch-invariant mode (``split``), nor with
-    more heads than programs (the workspace holds a job per program); by default when a head has
-    ARRIVE_CHUNK members or more on average at full capacity (the programs a share of
-    ``target_share`` tiles leaves busy, at most the grid).
+    """Whether a call of ``heads`` kv heads (batch x kv_heads) on ``programs``, whose heads cover
+    at most ``capacity`` tokens (the cache's, or a window's width: ``covered``), merges its cut
+    heads in a second kernel (``lean_merge_kernel``, whose grid is the heads x column ranges):
+    never in batch-invariant mode (``split``), for no heads, nor with more heads than programs
+    (the workspace holds a job per program); by default when a head has ARRIVE_CHUNK members or
+    more on average at full capacity (the programs a share of ``target_share`` tiles leaves
+    busy, at most the grid).
 
     Why: the kernel boundary costs about one atomic round trip (0.6-0.8 µs on an H200), and the
     next kernel then waits for a second kernel. In the kernel, a head's last arriver merges after
     one ticket, eight partials a load step; beyond ARRIVE_CHUNK members a chunk's last arriver
     merges it, stores its sum and draws a second ticket, and the last one merges the sums, where
     the merge kernel loads every member's partial in one step, a head spread over many SMs.
-    Measured (benchmarks/NOTES.md): 1-8 heads over 132-264 programs 0.4-2.7 µs faster a call,
+    Measured (benchmarks/NOTES.md): 1-8 heads over 132-264 programs 0.2-2.6 µs faster a call,
     heads of ~8 members 2 µs slower."""
-    if split or heads > programs:
+    if split or heads == 0 or heads > programs:
         return False
     if config.merge_kernel is not None:
         return bool(config.merge_kernel)
@@ -172,9 +173,10 @@ def constexprs(
     has_seqlens: bool, has_leftpad: bool, planned: bool, return_lse: bool, pdl: bool, split: int,
     has_bounds: bool = False, batch: int = 1, programs: int = 1, capacity: int = 0,
 ) -> dict:
-    """The compile-time parameters of the kernel for one call of ``batch`` sequences of
-    ``capacity`` cache tokens on ``programs`` (``split``: tokens per split in batch-invariant mode, else 0; ``has_bounds``:
-    per-query key bounds replace the window's, see ``DecodeWrapper._plan_bounded``)."""
+    """The compile-time parameters of the kernel for one call of ``batch`` sequences whose heads
+    cover at most ``capacity`` tokens, on ``programs`` (``split``: tokens per split in
+    batch-invariant mode, else 0; ``has_bounds``: per-query key bounds replace the window's, see
+    ``DecodeWrapper._plan_bounded``)."""
     _, q_len, q_heads, head_dim = q.shape
     group = q_heads // k_cache.shape[2]
     rows, merge_rows, head_dim_pad, merge_wide = padded_sizes(head_dim, q_len * group)
@@ -191,6 +193,14 @@ def constexprs(
         RETURN_LSE=return_lse, DOT_DTYPE=dot_dtype, BLOCK_B=BLOCK_B, USE_PDL=pdl,
         MERGE_KERNEL=merge_kernel_of(config, split, batch * k_cache.shape[2], programs, capacity), **_probes(config),
     )
+
+
+def covered(capacity: int, features: Features, q_len: int) -> int:
+    """The most keys a head of a cache of ``capacity`` tokens can attend to: with a window, its
+    width (a query row sees ``window_left`` keys before it, the q_len rows together q_len - 1 more)."""
+    if features.has_window:
+        return min(capacity, features.window_left + q_len)
+    return capacity
 
 
 def merge_shape(head_dim: int, merge_rows: int, programs: int, heads: int) -> tuple[int, int]:
@@ -248,7 +258,7 @@ class Call:
         self.params = constexprs(q, k_cache, page_size, config, features, has_seqlens=has_seqlens,
                                  has_leftpad=has_leftpad, planned=planned, return_lse=lse is not None, pdl=self.pdl,
                                  split=split, has_bounds=has_bounds, batch=batch, programs=programs,
-                                 capacity=capacity)
+                                 capacity=covered(capacity, features, q.shape[1]))
         # Float scales are part of the key: their (kv_heads,) tensors are resolved once. Tensor
         # scales' kinds (their dims) are part of it too, through their layouts.
         self.scales = tuple(
@@ -308,8 +318,8 @@ class Call:
         if self.merge_params is not None:
             merge_args = (jobs, acc, stats, out, lse if lse is not None else acc, sinks if sinks is not None else acc,
                           v_scale, *self.merge_fixed)
-            self.merge_hit = launch(lean_merge_kernel, self.merge_grid, merge_args, self.merge_params, MERGE_LAUNCH, self.pdl,
-                                    self.device, self.merge_hit)
+            self.merge_hit = launch(lean_merge_kernel, self.merge_grid, merge_args, self.merge_params, MERGE_LAUNCH,
+                                    self.pdl, self.device, self.merge_hit)
 
 
 # leanattn.decode's calls by call key (each DecodeWrapper keeps its own).
