@@ -35,9 +35,8 @@ SCALE_TOKEN = tl.constexpr(3)
 # Events of a program's timeline (TIMELINE=True): its start, the end of gdc_wait, its share
 # known, its first tile's scores computed, its last tile's, its chunk ticket drawn (a member of
 # a cut head: the last one it leaves a partial for; with the merge kernel, that partial
-# stored), its exit. Slots of a (programs,
-# EVENTS) int64 tensor of %globaltimer nanoseconds; a program with no share writes only its
-# start and the end of its wait.
+# stored), its exit. Slots of a (programs, EVENTS) int64 tensor of %globaltimer nanoseconds; a
+# program with no share writes only its start and the end of its wait.
 EV_START = tl.constexpr(0)
 EV_WAITED = tl.constexpr(1)
 EV_SHARE = tl.constexpr(2)
@@ -749,8 +748,9 @@ def lean_merge_kernel(
     Grid (batch * kv_heads, HEAD_DIM / COLS). Program (i, c) merges columns [c COLS, (c + 1) COLS)
     of head i = b * kv_heads + h when Jobs[i] names its members (nothing when the head was whole):
     the partials of decode programs Jobs[i, 0] .. Jobs[i, 1] in member order, MEMBERS at a
-    time (one load each, all in flight together: a head cut among 128 programs is one step, where
-    a chain of last arrivers costs two atomic round trips and several dependent loads), then
+    time (one load each, all in flight together; MEMBERS is sized so that the call's average head
+    is one step, where a chain of last arrivers costs two atomic round trips and several
+    dependent loads), then
     writes those columns of the head's rows, column 0's program also their LSE. Out, Lse, Sinks,
     VScale and the workspace (WsAcc, WsStats: partial slots by ``_partial_slot``) as in
     ``lean_decode_kernel``."""
