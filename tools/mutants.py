@@ -128,8 +128,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "decode-merge-kernel-first-slot-ignored",
-        one(DECODE, "slot = (2 * j + ((j == first) & first_odd).to(tl.int32)).to(tl.int64)",
-            "slot = (2 * j).to(tl.int64)"),
+        one(DECODE, "slot = _partial_slot(j, first, first_odd).to(tl.int64)", "slot = (2 * j).to(tl.int64)"),
         ("tests/test_decode.py",), k="merge_kernel",
         why="a head whose first program's share started in the head before would merge that head's partial",
     ),

@@ -272,11 +272,11 @@ class Call:
             kernel_scale(softmax_scale, features), features.softcap,
         )
         self.hit: tuple | None = None
-        # The merge kernel's compile-time parameters and fixed arguments, when the call has one.
-        self.merge_params = None
+        # The merge kernel's compile-time parameters, grid and fixed arguments, when the call has one.
+        self.merge_params, self.merge_grid = None, (0, 0)
         if self.params["MERGE_KERNEL"]:
             self.merge_params = merge_constexprs(self.params, programs, batch * kv_heads, features)
-        self.merge_grid = (batch * kv_heads, self.params["HEAD_DIM"] // (self.merge_params or {"COLS": 1})["COLS"])
+            self.merge_grid = (batch * kv_heads, self.params["HEAD_DIM"] // self.merge_params["COLS"])
         self.merge_fixed = (*out.stride()[:3], *(lse.stride() if lse is not None else (0, 0, 0)), kv_heads)
         self.merge_hit: tuple | None = None
         # A probe's per-program stamps (config.constexprs with ("TIMELINE", True)): see

@@ -310,6 +310,23 @@ def _write_output(
 
 
 @triton.jit
+def _write_cols(
+    Out, Lse, Sinks, b, h, acc, m_i, l_i, v_scale, col0,
+    stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+    GROUP: tl.constexpr, Q_LEN: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, RETURN_LSE: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
+):
+    """Columns [col0, col0 + COLS) of a merged head (acc holds only those) to Out, as
+    ``_write_output`` writes whole rows; column 0's program also the LSE."""
+    if col0 == 0:
+        _write_output(Out, Lse, Sinks, b, h, acc, m_i, l_i, v_scale, stride_ob, stride_ot, stride_oh, stride_lb,
+                      stride_lh, stride_lt, GROUP, Q_LEN, ROWS, COLS, COLS, RETURN_LSE, HAS_SINKS)
+    else:
+        _write_output(Out + col0, Lse, Sinks, b, h, acc, m_i, l_i, v_scale, stride_ob, stride_ot, stride_oh,
+                      stride_lb, stride_lh, stride_lt, GROUP, Q_LEN, ROWS, COLS, COLS, False, HAS_SINKS)
+
+
+@triton.jit
 def _floor_div(x, d):
     """x // d for int64 0 <= x < 2^53 and 0 < d < 2^53: the truncated fp64 quotient. Exact: x
     and d are exact in fp64, and when x / d is not an integer it lies at least 1 / d below the
@@ -318,6 +335,15 @@ def _floor_div(x, d):
     A 64-bit integer division is a long subroutine on the GPU, and the merge's path would wait on
     several before its first load."""
     return (x.to(tl.float64) / d.to(tl.float64)).to(tl.int64)
+
+
+@triton.jit
+def _head_members(head_first, n, total, programs):
+    """(first, last) int32 program of the stream-K grid whose shares cover the head of ``n`` tiles
+    whose tile 0 is global tile ``head_first`` (``total`` tiles dealt to ``programs``)."""
+    first = _floor_div((head_first + 1) * programs - 1, total).to(tl.int32)
+    last = _floor_div((head_first + n) * programs - 1, total).to(tl.int32)
+    return first, last
 
 
 @triton.jit
@@ -467,11 +493,11 @@ def _arrive_and_merge(
         first_odd = False
     else:
         member = pid
-        _store_partial(WsAcc, WsStats, 2 * pid + (g != start).to(tl.int32), acc, m_i, l_i,
-                       ROWS, MERGE_ROWS, HEAD_DIM_PAD)
+        if not STORED:
+            _store_partial(WsAcc, WsStats, 2 * pid + (g != start).to(tl.int32), acc, m_i, l_i,
+                           ROWS, MERGE_ROWS, HEAD_DIM_PAD)
         head_first = g - t
-        first = _floor_div((head_first + 1) * programs - 1, total).to(tl.int32)
-        last = _floor_div((head_first + n) * programs - 1, total).to(tl.int32)
+        first, last = _head_members(head_first, n, total, programs)
         first_odd = _first_odd(first, head_first, total, programs)
     chunk_first = first + (member - first) // ARRIVE_CHUNK * ARRIVE_CHUNK
     chunk_last = tl.minimum(chunk_first + ARRIVE_CHUNK - 1, last)
@@ -699,29 +725,29 @@ def lean_decode_kernel(
                               GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE, HAS_SINKS)
                 if MERGE_KERNEL:
                     tl.store(Jobs + 4 * (b * kv_heads + h), -1)  # nothing to merge
-            elif MERGE_KERNEL:
+            else:
                 # Program pid covered tiles [t, t_end) of the head, not all of them: its partial
-                # goes to its slot, and the head's last member names the head for the merge.
+                # goes to its slot, for the head's last arriver or the merge kernel.
                 _store_partial(WsAcc, WsStats, 2 * pid + (g != start).to(tl.int32), acc, m_i, l_i,
                                ROWS, MERGE_ROWS, HEAD_DIM_PAD)
-                if TIMELINE:
-                    _stamp(Timeline, pid, EV_TICKET, tl.max(l_i, axis=0).to(tl.int32, bitcast=True))
-                if t_end == n_tiles:
-                    head_first = g - t
-                    first = _floor_div((head_first + 1) * programs - 1, total).to(tl.int32)
-                    job = Jobs + 4 * (b * kv_heads + h)
-                    tl.store(job, first)
-                    tl.store(job + 1, pid)
-                    tl.store(job + 2, _first_odd(first, head_first, total, programs).to(tl.int32))
-            else:
-                # Program pid covered tiles [t, t_end) of the head, not all of them.
-                _arrive_and_merge(
-                    WsAcc, WsStats, Tickets, ChunkTickets, Out, Lse, Sinks, acc, m_i, l_i, v_scale,
-                    b, h, pid, 0, g, start, t, n_tiles, total, programs,
-                    stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
-                    GROUP, Q_LEN, ROWS, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, MERGE_WIDE, ARRIVE_CHUNK, RETURN_LSE,
-                    HAS_SINKS, False, Timeline, TIMELINE,
-                )
+                if MERGE_KERNEL:
+                    if TIMELINE:
+                        _stamp(Timeline, pid, EV_TICKET, tl.max(l_i, axis=0).to(tl.int32, bitcast=True))
+                    if t_end == n_tiles:  # the head's last member names the head for the merge
+                        head_first = g - t
+                        first, _ = _head_members(head_first, n_tiles, total, programs)
+                        job = Jobs + 4 * (b * kv_heads + h)
+                        tl.store(job, first)
+                        tl.store(job + 1, pid)
+                        tl.store(job + 2, _first_odd(first, head_first, total, programs).to(tl.int32))
+                else:
+                    _arrive_and_merge(
+                        WsAcc, WsStats, Tickets, ChunkTickets, Out, Lse, Sinks, acc, m_i, l_i, v_scale,
+                        b, h, pid, 0, g, start, t, n_tiles, total, programs,
+                        stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                        GROUP, Q_LEN, ROWS, MERGE_ROWS, HEAD_DIM, HEAD_DIM_PAD, MERGE_WIDE, ARRIVE_CHUNK,
+                        RETURN_LSE, HAS_SINKS, False, Timeline, TIMELINE, True,
+                    )
 
         g += (t_end - t).to(tl.int64)
         t = 0
@@ -772,7 +798,7 @@ def lean_merge_kernel(
         for j0 in range(first, last + 1, MEMBERS):
             j = j0 + tl.arange(0, MEMBERS)
             live = j <= last
-            slot = (2 * j + ((j == first) & first_odd).to(tl.int32)).to(tl.int64)
+            slot = _partial_slot(j, first, first_odd).to(tl.int64)
             stats = WsStats + slot[:, None] * (2 * MERGE_ROWS) + rows[None, :]
             m = tl.load(stats, mask=live[:, None], other=float("-inf"), cache_modifier=".cg")
             l = tl.load(stats + MERGE_ROWS, mask=live[:, None], other=0.0, cache_modifier=".cg")
@@ -789,12 +815,6 @@ def lean_merge_kernel(
         if USE_PDL:
             gdc_launch_dependents()
         v_scale = _head_scale(VScale, b, h, kv_heads, V_SCALE_KIND)  # 1 for per-token scales: in the weights
-        # Out + col0 with COLS columns: the columns' slice of each row (COLS divides HEAD_DIM).
-        if col0 == 0:
-            _write_output(Out, Lse, Sinks, b, h, acc, m_i, l_i, v_scale,
-                          stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
-                          GROUP, Q_LEN, MERGE_ROWS, COLS, COLS, RETURN_LSE, HAS_SINKS)
-        else:
-            _write_output(Out + col0, Lse, Sinks, b, h, acc, m_i, l_i, v_scale,
-                          stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
-                          GROUP, Q_LEN, MERGE_ROWS, COLS, COLS, False, HAS_SINKS)
+        _write_cols(Out, Lse, Sinks, b, h, acc, m_i, l_i, v_scale, col0,  # COLS divides HEAD_DIM
+                    stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                    GROUP, Q_LEN, MERGE_ROWS, COLS, RETURN_LSE, HAS_SINKS)

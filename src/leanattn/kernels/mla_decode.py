@@ -28,8 +28,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .lean_decode import (
-    SCALE_NONE, SCALE_TOKEN, _arrive_and_merge, _combine4, _first_odd, _floor_div, _head_scale, _partial_slot,
-    _pow2_factors, _score_mod, _token_weights, _write_output,
+    SCALE_NONE, SCALE_TOKEN, _arrive_and_merge, _combine4, _first_odd, _floor_div, _head_members, _head_scale,
+    _partial_slot, _pow2_factors, _score_mod, _token_weights, _write_cols, _write_output,
 )
 from .plan import _live_range, _num_tiles, _read_plan_row, _share_of
 
@@ -442,20 +442,6 @@ def _merge_cols(
     return acc, m_i, l_i
 
 
-@triton.jit
-def _write_cols(
-    Out, Lse, b, h, acc, m_i, l_i, col0, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
-    GROUP: tl.constexpr, Q_LEN: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, RETURN_LSE: tl.constexpr,
-):
-    """Columns [col0, col0 + COLS) of a merged block to Out; column 0's program also its LSE."""
-    if col0 == 0:
-        _write_output(Out, Lse, Lse, b, h, acc, m_i, l_i, 1.0, stride_ob, stride_ot, stride_oh, stride_lb,
-                      stride_lh, stride_lt, GROUP, Q_LEN, ROWS, COLS, COLS, RETURN_LSE, False)
-    else:
-        _write_output(Out + col0, Lse, Lse, b, h, acc, m_i, l_i, 1.0, stride_ob, stride_ot, stride_oh, stride_lb,
-                      stride_lh, stride_lt, GROUP, Q_LEN, ROWS, COLS, COLS, False, False)
-
-
 @triton.jit(do_not_specialize=["capacity"])
 def mla_merge_kernel(
     Out, Lse, SeqLens, LeftPad, Plan, WsAcc, WsStats, Tickets,
@@ -490,15 +476,14 @@ def mla_merge_kernel(
                                       False)
         head_first = start - t
         n = _num_tiles(length, TILE)
-        first = _floor_div((head_first + 1) * programs - 1, total).to(tl.int32)
-        last = _floor_div((head_first + n) * programs - 1, total).to(tl.int32)
+        first, last = _head_members(head_first, n, total, programs)
         chunk_first = first + (pid - first) // ARRIVE_CHUNK * ARRIVE_CHUNK
         if pid == tl.minimum(chunk_first + ARRIVE_CHUNK - 1, last):
             acc, m_i, l_i = _merge_cols(WsAcc, WsStats, chunk_first, pid, first, last, head_first, total, programs,
                                         col0, False, MERGE_ROWS, DV_PAD, COLS, ARRIVE_CHUNK)
             if last - first < ARRIVE_CHUNK:
-                _write_cols(Out, Lse, b, h, acc, m_i, l_i, col0, stride_ob, stride_ot, stride_oh, stride_lb,
-                            stride_lh, stride_lt, GROUP, Q_LEN, MERGE_ROWS, COLS, RETURN_LSE)
+                _write_cols(Out, Lse, Lse, b, h, acc, m_i, l_i, 1.0, col0, stride_ob, stride_ot, stride_oh, stride_lb,
+                            stride_lh, stride_lt, GROUP, Q_LEN, MERGE_ROWS, COLS, RETURN_LSE, False)
             else:
                 # Every column chunk's program stores the same m and l: the one that reads them
                 # below sees its own column's store (ordered by its ticket) or an equal one.
@@ -514,8 +499,8 @@ def mla_merge_kernel(
                     acc, m_i, l_i = _merge_cols(WsAcc, WsStats, 0, (last - first) // ARRIVE_CHUNK, first, last,
                                                 head_first, total, programs, col0, True, MERGE_ROWS, DV_PAD, COLS,
                                                 ARRIVE_CHUNK)
-                    _write_cols(Out, Lse, b, h, acc, m_i, l_i, col0, stride_ob, stride_ot, stride_oh, stride_lb,
-                                stride_lh, stride_lt, GROUP, Q_LEN, MERGE_ROWS, COLS, RETURN_LSE)
+                    _write_cols(Out, Lse, Lse, b, h, acc, m_i, l_i, 1.0, col0, stride_ob, stride_ot, stride_oh, stride_lb,
+                                stride_lh, stride_lt, GROUP, Q_LEN, MERGE_ROWS, COLS, RETURN_LSE, False)
 
 
 @triton.jit
