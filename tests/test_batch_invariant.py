@@ -4,6 +4,8 @@ left padding; and they are right (against the float64 reference)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
@@ -24,10 +26,10 @@ def rnd(gen: torch.Generator, *shape: int) -> torch.Tensor:
 
 def run(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int], pads: list[int], *, split: int,
-    grid: int, how: str, paged: bool,
+    grid: int, how: str, paged: bool, config: leanattn.KernelConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's (out, lse) in batch-invariant mode, through ``how``: decode, decode with a plan,
-    or a DecodeWrapper."""
+    or a DecodeWrapper (``config``: the launch config, else the heuristic's)."""
     batch, q_len = q.shape[:2]
     seqlens = torch.tensor([p + n for p, n in zip(pads, lens)], dtype=torch.int32, device=DEVICE)
     leftpad = torch.tensor(pads, dtype=torch.int32, device=DEVICE)
@@ -35,7 +37,7 @@ def run(
     if paged:
         k, v, table = to_paged(k, v, seqlens.tolist(), PAGE, seed=grid)
     capacity = k.shape[1] if table is None else table.shape[1] * k.shape[1]
-    kw = dict(batch_invariant=True, split_size=split)
+    kw = dict(batch_invariant=True, split_size=split, config=config)
     if how == "wrapper":
         w = leanattn.DecodeWrapper(HQ, HKV, D, DTYPE, DEVICE, max_q_len=q_len, num_programs=grid, **kw)
         w.plan(seqlens, capacity, cache_leftpad=leftpad, q_len=q_len)
@@ -59,13 +61,16 @@ def run(
     grid=st.sampled_from([1, 5, 16, 40]),
     how=st.sampled_from(["decode", "plan", "wrapper"]),
     paged=st.booleans(),
+    merge_kernel=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 # Over 16 splits of one head under the interpreter (32-token tiles): the two-level merge.
 @example(length=690, q_len=1, splits_per=1, companions=[5, 300], at=1, pad=7, grid=40, how="decode",
-         paged=False, seed=1)
+         paged=False, merge_kernel=False, seed=1)
+@example(length=690, q_len=1, splits_per=1, companions=[5, 300], at=1, pad=7, grid=40, how="wrapper",
+         paged=True, merge_kernel=True, seed=2)
 def test_a_sequence_has_the_same_bits_in_any_batch(length, q_len, splits_per, companions, at, pad, grid, how,
-                                                    paged, seed):
+                                                    paged, merge_kernel, seed):
     split = tile_size(D, DTYPE, q_len * HQ // HKV) * splits_per
     gen = torch.Generator().manual_seed(seed)
     length = max(length, q_len)
@@ -73,7 +78,8 @@ def test_a_sequence_has_the_same_bits_in_any_batch(length, q_len, splits_per, co
     q0, k0, v0 = rnd(gen, 1, q_len, HQ, D), rnd(gen, 1, length, HKV, D), rnd(gen, 1, length, HKV, D)
 
     # Alone, on one program, unpadded and contiguous.
-    alone, alone_lse = run(q0, k0, v0, [length], [0], split=split, grid=1, how="decode", paged=False)
+    config = invariant_config(q_len * HQ // HKV, merge_kernel)
+    alone, alone_lse = run(q0, k0, v0, [length], [0], split=split, grid=1, how="decode", paged=False, config=config)
     ref, ref_lse = reference(q0, k0, v0, torch.tensor([length], dtype=torch.int32, device=DEVICE))
     assert_close(alone, alone_lse, ref, ref_lse)
 
@@ -87,14 +93,22 @@ def test_a_sequence_has_the_same_bits_in_any_batch(length, q_len, splits_per, co
     q[at] = q0[0]
     k[at, pad : pad + length] = k0[0]
     v[at, pad : pad + length] = v0[0]
-    out, lse = run(q, k, v, lens, pads, split=split, grid=grid, how=how, paged=paged)
+    out, lse = run(q, k, v, lens, pads, split=split, grid=grid, how=how, paged=paged, config=config)
     assert torch.equal(out[at], alone[0]), "the output's bits depend on the batch"
     assert torch.equal(lse[at], alone_lse[0]), "the LSE's bits depend on the batch"
 
 
-def test_every_sequence_is_right():
-    """Ragged lengths, one head over 16 splits (both merge levels, on any device's tile), with a
-    window and sinks; the long sequence's bits alone equal its bits in the batch."""
+def invariant_config(rows: int, merge_kernel: bool) -> leanattn.KernelConfig:
+    """The batch-invariant heuristic's config with the split heads merged by the merge kernel or by
+    the last arrivers' ticket tree in the decode kernel (the default)."""
+    return dataclasses.replace(leanattn.choose_config(D, DTYPE, rows, batch_invariant=True), merge_kernel=merge_kernel)
+
+
+@pytest.mark.parametrize("merge_kernel", [True, False])
+def test_every_sequence_is_right(merge_kernel):
+    """Ragged lengths, one head over 16 splits (the tree's two levels, on any device's tile), with
+    a window and sinks; the long sequence's bits alone equal its bits in the batch, with either
+    merge."""
     gen = torch.Generator().manual_seed(3)
     split = tile_size(D, DTYPE, 2 * HQ // HKV)
     lens = [20 * split + 5, 0, 33, 257]
@@ -102,8 +116,10 @@ def test_every_sequence_is_right():
     q, k, v = rnd(gen, 4, 2, HQ, D), rnd(gen, 4, cap, HKV, D), rnd(gen, 4, cap, HKV, D)
     seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     sinks = torch.randn(HQ, generator=gen).to(DEVICE)
+    config = invariant_config(2 * HQ // HKV, merge_kernel)
     for window in [(-1, -1), (8 * split, 0)]:
-        kw = dict(window_size=window, sinks=sinks, batch_invariant=True, split_size=split, return_lse=True)
+        kw = dict(window_size=window, sinks=sinks, batch_invariant=True, split_size=split, return_lse=True,
+                  config=config)
         out, lse = leanattn.decode(q, k, v, seqlens, num_programs=7, **kw)
         ref, ref_lse = reference(q, k, v, seqlens, window_size=window, sinks=sinks)
         assert_close(out, lse, ref, ref_lse)
@@ -185,18 +201,19 @@ def test_batch_invariant_calls_take_their_own_launch_config(monkeypatch):
     assert asked and all(flag is True for flag in asked)
 
 
-def test_multi_tile_splits_across_chunks_on_any_grid():
+@pytest.mark.parametrize("merge_kernel", [True, False])
+def test_multi_tile_splits_across_chunks_on_any_grid(merge_kernel):
     """One tile loop runs through a program's splits: splits of three tiles (the last one
-    partial), 18 of them (two chunks), behind a companion that shifts their slots, on grids whose
-    shares start inside a chunk and cross its end; every grid gives the bits of the sequence
-    decoded alone, which match the reference."""
+    partial), 18 of them (two chunks of the tree), behind a companion that shifts their slots, on
+    grids whose shares start inside a chunk and cross its end; every grid gives the bits of the
+    sequence decoded alone, which match the reference, with either merge."""
     tile = tile_size(D, DTYPE, HQ // HKV)
     split = 3 * tile
     n = 17 * split + tile + 5
     gen = torch.Generator().manual_seed(7)
     q, k, v = rnd(gen, 2, 1, HQ, D), rnd(gen, 2, n + 3, HKV, D), rnd(gen, 2, n + 3, HKV, D)
     sl = torch.tensor([40, n], dtype=torch.int32, device=DEVICE)
-    kw = dict(batch_invariant=True, split_size=split, return_lse=True)
+    kw = dict(batch_invariant=True, split_size=split, return_lse=True, config=invariant_config(HQ // HKV, merge_kernel))
     alone, alone_lse = leanattn.decode(q[1:], k[1:], v[1:], sl[1:], num_programs=1, **kw)
     assert_close(alone, alone_lse, *reference(q[1:], k[1:], v[1:], sl[1:]))
     for grid in (2, 3, 5, 11):
@@ -207,3 +224,47 @@ def test_multi_tile_splits_across_chunks_on_any_grid():
 def test_wrapper_refuses_a_batch_invariant_that_is_not_a_bool():
     with pytest.raises(TypeError, match="batch_invariant must be a bool, got list"):
         leanattn.DecodeWrapper(HQ, HKV, D, DTYPE, DEVICE, batch_invariant=[True])
+
+
+def test_merge_kernel_steps_keep_the_bits(monkeypatch):
+    """Batch-invariant calls asked to merge split heads in the merge kernel do so by slot, in a
+    shape that is fixed (here 4 members a load step, so 18 splits take five steps): a head whose largest scores are
+    in its last split (the last step's max rescales the earlier steps' sums) has the bits of the
+    sequence decoded alone on every grid and batch, right against the reference; the shape does
+    not follow the batch."""
+    from leanattn import _call
+    from leanattn._testing import DECODE_CALLS
+
+    monkeypatch.setattr(_call, "INVARIANT_MERGE_MEMBERS", 4)
+    DECODE_CALLS.clear()
+    split = tile_size(D, DTYPE, HQ // HKV)
+    n = 17 * split + 9
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = rnd(gen, 3, 1, HQ, D), rnd(gen, 3, n, HKV, D), rnd(gen, 3, n, HKV, D)
+    k[1, -5:] = (q[1, 0].float().reshape(HKV, HQ // HKV, D).mean(1) * 3).to(DTYPE)  # top scores at the end
+    sl = torch.tensor([7, n, 2 * split + 1], dtype=torch.int32, device=DEVICE)
+    kw = dict(batch_invariant=True, split_size=split, return_lse=True, config=invariant_config(HQ // HKV, True))
+    alone, alone_lse = leanattn.decode(q[1:2], k[1:2], v[1:2], sl[1:2], num_programs=1, **kw)
+    assert_close(alone, alone_lse, *reference(q[1:2], k[1:2], v[1:2], sl[1:2]))
+    for grid in (3, 8):
+        out, lse = leanattn.decode(q, k, v, sl, num_programs=grid, **kw)
+        assert torch.equal(out[1], alone[0]) and torch.equal(lse[1], alone_lse[0]), grid
+        assert_close(out, lse, *reference(q, k, v, sl))
+    shapes = {(c.merge_params["MEMBERS"], c.merge_params["COLS"], c.merge_params["BY_SLOT"]) for c in DECODE_CALLS.values()}
+    assert shapes == {(4, _call.INVARIANT_MERGE_COLS, True)}
+    DECODE_CALLS.clear()
+
+
+def test_merge_kernel_jobs_rewritten_every_call():
+    """Batch-invariant calls through the merge kernel: a head of several splits in one call and of
+    one split in the next (written by its program) must not be merged again from the first
+    call's partials."""
+    split = tile_size(D, DTYPE, HQ // HKV)
+    gen = torch.Generator().manual_seed(13)
+    kw = dict(batch_invariant=True, split_size=split, return_lse=True, num_programs=4,
+              config=invariant_config(HQ // HKV, True))
+    q, k, v = rnd(gen, 2, 1, HQ, D), rnd(gen, 2, 5 * split, HKV, D), rnd(gen, 2, 5 * split, HKV, D)
+    for lens in ([5 * split, 2 * split + 3], [split - 3, 5 * split]):  # sequence 0 split, then whole
+        sl = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+        out, lse = leanattn.decode(q, k, v, sl, **kw)
+        assert_close(out, lse, *reference(q, k, v, sl))

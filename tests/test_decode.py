@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import types
 
 import pytest
 import torch
@@ -279,10 +280,13 @@ def test_workspace_views_follow_the_buffers_when_they_grow():
 
 
 def test_merge_kernel_rule_and_shape():
-    """Who merges in a second kernel (never batch-invariant calls, nor more heads than programs;
-    forced either way by the config; by default from ARRIVE_CHUNK members a head), and the
-    merge programs' shape: columns that divide the head dim, at most MERGE_LOAD values loaded at
-    once, every member of an average head in one step where that fits."""
+    """Who merges in a second kernel (batch-invariant calls only when the config asks and a head
+    can have two splits, whatever the batch; otherwise never more heads than programs, forced
+    either way by the config, by default from ARRIVE_CHUNK members a head), and the merge
+    programs' shape: columns
+    that divide the head dim, at most MERGE_LOAD values loaded at once, every member of an
+    average head in one step where that fits, and in batch-invariant mode a shape that depends on
+    the head dim and rows alone."""
     from leanattn import _call
     from leanattn._testing import ARRIVE_CHUNK
 
@@ -292,8 +296,12 @@ def test_merge_kernel_rule_and_shape():
     assert not rule(base, 0, 9, 8 * ARRIVE_CHUNK, 32768) and not rule(base, 0, 64, 132, 32768)
     # 8 heads of 1k tokens: 128 tiles, so 32 programs busy (target_share 4), 4 a head
     assert not rule(base, 0, 8, 132, 1024) and rule(base, 0, 1, 132, 4096) and not rule(base, 0, 1, 132, 2048)
-    assert not rule(base, 512, 1, 132, 32768)  # batch-invariant: merged in split order in the kernel
+    # batch-invariant: the tree by default; asked for, the merge kernel on any batch and grid once
+    # a head can have two splits
     forced = dataclasses.replace(base, merge_kernel=True)
+    assert not rule(base, 512, 1, 132, 32768) and not rule(dataclasses.replace(base, merge_kernel=False), 512, 1, 132, 32768)
+    assert rule(forced, 512, 1, 132, 32768) and rule(forced, 512, 500, 132, 513) and rule(forced, 512, 9, 8, 4096)
+    assert not rule(forced, 512, 1, 132, 512) and not rule(forced, 512, 0, 132, 4096)
     assert rule(forced, 0, 64, 132, 64) and not rule(forced, 0, 133, 132) and not rule(forced, 256, 1, 132)
     assert not rule(dataclasses.replace(base, merge_kernel=False), 0, 1, 132, 32768)
     for head_dim in (32, 64, 80, 96, 128, 192, 256, 512):
@@ -307,6 +315,20 @@ def test_merge_kernel_rule_and_shape():
                     assert members >= min(programs, average)
     assert _call.merge_shape(128, 8, 132, 1) == (4, 256)  # 128-132 members in one step
     assert _call.merge_shape(128, 4, 132, 8) == (64, 32)  # two programs a head
+    # 1 x 16k at d=256 keeps 64 programs busy (of 132): one step of 64 members, not 256
+    config256 = dataclasses.replace(base, tile=32, target_share=8)
+    assert _call.busy_programs(config256, 1, 132, 16384) == 64
+    assert _call.merge_shape(256, 8, 64, 1) == (16, 64)
+    features = types.SimpleNamespace(v_scale_kind=0)  # all merge_constexprs reads of a call's features
+    for rows in (1, 4, 16, 128):
+        shapes = set()
+        for busy, heads in ((132, 1), (264, 64), (7, 3)):
+            params = dict(MERGE_ROWS=rows, HEAD_DIM=128, SPLIT=512, GROUP=rows, Q_LEN=1, HEAD_DIM_PAD=128,
+                          RETURN_LSE=False, HAS_SINKS=False, USE_PDL=False)
+            mc = _call.merge_constexprs(params, busy, heads, features)
+            assert mc["BY_SLOT"] and 128 % mc["COLS"] == 0 and mc["MEMBERS"] * rows * mc["COLS"] <= _call.MERGE_LOAD
+            shapes.add((mc["COLS"], mc["MEMBERS"]))
+        assert len(shapes) == 1
 
 
 def test_merge_kernel_jobs_rewritten_every_call():
@@ -334,7 +356,7 @@ def test_merge_kernel_rescales_across_load_steps():
     k[0, -200:, 0] = (q[0, 0].float().mean(0) * 4).to(k.dtype)  # the long head's top scores, at its end
     (segs,) = [s for h, s in plan(sl.tolist(), 1, config.tile, programs, config.target_share).split_heads().items()
                if h == (0, 0)]
-    _, members = _call.merge_shape(64, 4, programs, 3)
+    _, members = _call.merge_shape(64, 4, _call.busy_programs(config, 3, programs, k.shape[1]), 3)
     assert len(segs) > members
     DECODE_CALLS.clear()
     out, lse = run(q, k, v, sl, num_programs=programs, config=config)

@@ -134,9 +134,28 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "decode-merge-kernel-whole-head-job-kept",
-        one(DECODE, "tl.store(Jobs + 4 * (b * kv_heads + h), -1)", "pass"),
+        one(DECODE, "tl.store(Jobs + 4 * (b * kv_heads + h), -1)  # nothing to merge", "pass"),
         ("tests/test_decode.py",), k="jobs_rewritten",
         why="a head whole in this call would be merged again from an earlier call's partials",
+    ),
+    Mutant(
+        "decode-merge-kernel-invariant-whole-head-job-kept",
+        one(DECODE, "tl.store(Jobs + 4 * (b * kv_heads + h), -1)  # one split: nothing to merge", "pass"),
+        ("tests/test_batch_invariant.py",), k="jobs_rewritten",
+        why="in batch-invariant mode a head of one split would be merged again from an earlier call's partials",
+    ),
+    Mutant(
+        "decode-merge-kernel-invariant-slot-shifted",
+        one(DECODE, "slot = j.to(tl.int64)", "slot = (j + 1).to(tl.int64)"),
+        ("tests/test_batch_invariant.py",), k="merge_kernel",
+        why="batch-invariant heads would merge the next split's (or head's) partial in place of their own",
+    ),
+    Mutant(
+        "decode-merge-kernel-invariant-last-split-dropped",
+        one(DECODE, "tl.store(job + 1, (g - t + n_units - 1).to(tl.int32))",
+            "tl.store(job + 1, (g - t + n_units - 2).to(tl.int32))"),
+        ("tests/test_batch_invariant.py",), k="merge_kernel",
+        why="batch-invariant heads would lose their last split",
     ),
     Mutant(
         "decode-merge-kernel-no-v-scale",

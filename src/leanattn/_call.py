@@ -144,14 +144,28 @@ def _probes(config: KernelConfig) -> dict:
     return PROBES | given
 
 
+def busy_programs(config: KernelConfig, heads: int, programs: int, capacity: int) -> int:
+    """The programs a call of ``heads`` kv heads of at most ``capacity`` tokens keeps busy on a
+    grid of ``programs``: its tiles at full capacity over ``target_share`` tiles a share, at most
+    the grid."""
+    return min(programs, -(-heads * max(1, -(-capacity // config.tile)) // config.target_share))
+
+
 def merge_kernel_of(config: KernelConfig, split: int, heads: int, programs: int, capacity: int = 0) -> bool:
     """Whether a call of ``heads`` kv heads (batch x kv_heads) on ``programs``, whose heads cover
     at most ``capacity`` tokens (the cache's, or a window's width: ``covered``), merges its cut
-    heads in a second kernel (``lean_merge_kernel``, whose grid is the heads x column ranges):
-    never in batch-invariant mode (``split``), for no heads, nor with more heads than programs
-    (the workspace holds a job per program); by default when a head has ARRIVE_CHUNK members or
-    more on average at full capacity (the programs a share of ``target_share`` tiles leaves
-    busy, at most the grid).
+    heads in a second kernel (``lean_merge_kernel``, whose grid is the heads x column ranges), or
+    else by the last arrivers' ticket tree; ``config.merge_kernel`` forces either.
+
+    - Batch-invariant mode (``split``): the tree unless the config asks for the merge kernel (and
+      a head can have two splits). The choice must not depend on the batch, since the two merges
+      differ in their last bits; there the merge kernel's block shape depends on the head dim and
+      rows alone (``merge_constexprs``). Measured (benchmarks/NOTES.md), it wins on heads of ~64
+      splits (1 x 32k at 512 tokens, 1.5 µs) and loses up to 1.4 µs on heads of 8-16 splits and on
+      heads of 256, whose chunks the tree merges in parallel.
+    - Default mode: never for no heads, nor with more heads than programs (the workspace holds a
+      job per program); the merge kernel when a head has ARRIVE_CHUNK members or more on average
+      at full capacity (``busy_programs``).
 
     Why: the kernel boundary costs about one atomic round trip (0.6-0.8 µs on an H200), and the
     next kernel then waits for a second kernel. In the kernel, a head's last arriver merges after
@@ -160,12 +174,16 @@ def merge_kernel_of(config: KernelConfig, split: int, heads: int, programs: int,
     the merge kernel loads every member's partial in one step, a head spread over many SMs.
     Measured (benchmarks/NOTES.md): 1-8 heads over 132-264 programs 0.2-2.6 µs faster a call,
     heads of ~8 members 2 µs slower."""
-    if split or heads == 0 or heads > programs:
+    if heads == 0:
+        return False
+    if split:
+        # (With one split a head at most, every head is written by its program: no merge at all.)
+        return bool(config.merge_kernel) and capacity > split
+    if heads > programs:
         return False
     if config.merge_kernel is not None:
         return bool(config.merge_kernel)
-    busy = min(programs, -(-heads * max(1, -(-capacity // config.tile)) // config.target_share))
-    return busy >= ARRIVE_CHUNK * heads
+    return busy_programs(config, heads, programs, capacity) >= ARRIVE_CHUNK * heads
 
 
 def constexprs(
@@ -203,28 +221,40 @@ def covered(capacity: int, features: Features, q_len: int) -> int:
     return capacity
 
 
-def merge_shape(head_dim: int, merge_rows: int, programs: int, heads: int) -> tuple[int, int]:
+def merge_shape(head_dim: int, merge_rows: int, busy: int, heads: int) -> tuple[int, int]:
     """(columns of a merge-kernel program, members it loads at once) for ``heads`` kv heads cut
-    among ``programs``: every member of a head of average length at once (a program's loads are
-    all in flight together, so its latency is its number of steps), in as few columns as fit
+    among ``busy`` programs: every member of a head of average length at once (a program's loads
+    are all in flight together, so its latency is its number of steps), in as few columns as fit
     MERGE_LOAD values (fewer programs); a power of two from 4 that divides ``head_dim``."""
-    members = next_pow2(min(programs, -(-programs // heads) + 1))
+    members = next_pow2(min(busy, -(-busy // heads) + 1))
     cols = 4
     while head_dim % (2 * cols) == 0 and members * merge_rows * 2 * cols <= MERGE_LOAD and 2 * cols <= 64:
         cols *= 2
     return cols, max(1, min(members, MERGE_LOAD // (merge_rows * cols)))
 
 
-def merge_constexprs(params: dict, programs: int, heads: int, features: Features) -> dict:
+# Batch-invariant mode's merge programs: columns a program (a power of two that divides every
+# supported head dim) and the most members a load step. Constants, so that a head's sums never
+# depend on its companions: 64 members are a 32k-token head at the default split.
+INVARIANT_MERGE_COLS = 16
+INVARIANT_MERGE_MEMBERS = 64
+
+
+def merge_constexprs(params: dict, busy: int, heads: int, features: Features) -> dict:
     """The merge kernel's compile-time parameters for a decode call of compile-time parameters
-    ``params`` over ``heads`` kv heads on a grid of ``programs``."""
+    ``params`` over ``heads`` kv heads that keeps ``busy`` programs busy. In batch-invariant mode
+    (``SPLIT``) the shape is fixed by the head dim and rows alone."""
     rows = params["MERGE_ROWS"]
-    cols, members = merge_shape(params["HEAD_DIM"], rows, programs, heads)
+    if params["SPLIT"]:
+        cols = INVARIANT_MERGE_COLS
+        members = max(1, min(INVARIANT_MERGE_MEMBERS, MERGE_LOAD // (rows * cols)))
+    else:
+        cols, members = merge_shape(params["HEAD_DIM"], rows, busy, heads)
     return dict(
         GROUP=params["GROUP"], Q_LEN=params["Q_LEN"], MERGE_ROWS=rows, HEAD_DIM=params["HEAD_DIM"],
         HEAD_DIM_PAD=params["HEAD_DIM_PAD"], COLS=cols, MEMBERS=members,
         V_SCALE_KIND=features.v_scale_kind, RETURN_LSE=params["RETURN_LSE"], HAS_SINKS=params["HAS_SINKS"],
-        USE_PDL=params["USE_PDL"],
+        USE_PDL=params["USE_PDL"], BY_SLOT=params["SPLIT"] > 0,
     )
 
 
@@ -275,7 +305,9 @@ class Call:
         # The merge kernel's compile-time parameters, grid and fixed arguments, when the call has one.
         self.merge_params, self.merge_grid = None, (0, 0)
         if self.params["MERGE_KERNEL"]:
-            self.merge_params = merge_constexprs(self.params, programs, batch * kv_heads, features)
+            heads = batch * kv_heads
+            busy = busy_programs(config, heads, programs, covered(capacity, features, q.shape[1]))
+            self.merge_params = merge_constexprs(self.params, busy, heads, features)
             self.merge_grid = (batch * kv_heads, self.params["HEAD_DIM"] // self.merge_params["COLS"])
         self.merge_fixed = (*out.stride()[:3], *(lse.stride() if lse is not None else (0, 0, 0)), kv_heads)
         self.merge_hit: tuple | None = None

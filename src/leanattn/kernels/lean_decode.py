@@ -617,11 +617,11 @@ def lean_decode_kernel(
     and ChunkTickets int32, zero between calls (the last arriver on each ticket puts it back);
     S = 2 * grid slots, grid head tickets and 2 * grid chunk tickets, or with SPLIT one slot and
     ticket of each kind per split of the call.
-    MERGE_KERNEL (SPLIT = 0): the members of a cut head only leave their partials, for
-    ``lean_merge_kernel``, launched next. The program that ends head (b, h) writes its row of Jobs
-    (batch * kv_heads, 4) int32: (the head's first program, its last, whether the first one's
-    partial is in its second slot; the fourth is unused), or a first program of -1 when the head
-    was whole.
+    MERGE_KERNEL: the members of a cut head only leave their partials, for ``lean_merge_kernel``,
+    launched next. The program that ends head (b, h) writes its row of Jobs (batch * kv_heads, 4)
+    int32: (the head's first program, its last, whether the first one's partial is in its second
+    slot; the fourth is unused), or with SPLIT (its first split's slot, its last split's, 0), or
+    a first program of -1 when the head was whole.
     TIMELINE (a probe, GPU only): Timeline (grid, EVENTS) int64 takes each program's EV_* stamps.
     """
     pid = tl.program_id(0)
@@ -688,6 +688,16 @@ def lean_decode_kernel(
                 _write_output(Out, Lse, Sinks, b, h, acc, m_i, l_i, v_scale,
                               stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
                               GROUP, Q_LEN, ROWS, HEAD_DIM, HEAD_DIM_PAD, RETURN_LSE, HAS_SINKS)
+                if MERGE_KERNEL:
+                    tl.store(Jobs + 4 * (b * kv_heads + h), -1)  # one split: nothing to merge
+            elif MERGE_KERNEL:
+                # The splits' partials are in slots g - t .. g - t + n_units - 1 (split order):
+                # the program holding the last split names them for the merge kernel.
+                if t_end == n_units:
+                    job = Jobs + 4 * (b * kv_heads + h)
+                    tl.store(job, (g - t).to(tl.int32))
+                    tl.store(job + 1, (g - t + n_units - 1).to(tl.int32))
+                    tl.store(job + 2, 0)
             else:
                 for c in range(t // ARRIVE_CHUNK * ARRIVE_CHUNK, t_end, ARRIVE_CHUNK):
                     u = tl.maximum(c, t)
@@ -759,6 +769,45 @@ def lean_decode_kernel(
         _stamp(Timeline, pid, EV_EXIT, pid)
 
 
+@triton.jit
+def _load_members(
+    WsAcc, WsStats, j0, first, last, first_odd, col0,
+    MEMBERS: tl.constexpr, MERGE_ROWS: tl.constexpr, COLS: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BY_SLOT: tl.constexpr,
+):
+    """Members j0 .. j0 + MEMBERS - 1 of a head whose members are first .. last: their partials'
+    m and l (MEMBERS, MERGE_ROWS) and columns [col0, col0 + COLS) of acc (MEMBERS, MERGE_ROWS,
+    COLS), empty past ``last``. Slots by ``_partial_slot``, or with BY_SLOT the member itself."""
+    rows = tl.arange(0, MERGE_ROWS)
+    cols = tl.arange(0, COLS)
+    j = j0 + tl.arange(0, MEMBERS)
+    live = j <= last
+    if BY_SLOT:
+        slot = j.to(tl.int64)
+    else:
+        slot = _partial_slot(j, first, first_odd).to(tl.int64)
+    stats = WsStats + slot[:, None] * (2 * MERGE_ROWS) + rows[None, :]
+    m = tl.load(stats, mask=live[:, None], other=float("-inf"), cache_modifier=".cg")
+    l = tl.load(stats + MERGE_ROWS, mask=live[:, None], other=0.0, cache_modifier=".cg")
+    a = tl.load(WsAcc + slot[:, None, None] * (MERGE_ROWS * HEAD_DIM_PAD)
+                + rows[None, :, None] * HEAD_DIM_PAD + col0 + cols[None, None, :],
+                mask=live[:, None, None], other=0.0, cache_modifier=".cg")
+    return m, l, a
+
+
+@triton.jit
+def _merge_members(acc, m_i, l_i, m, l, a):
+    """Online-softmax merge of a load step's partials (m, l (MEMBERS, rows); a (MEMBERS, rows,
+    cols)) into the running (acc, m_i, l_i)."""
+    m_new = tl.maximum(m_i, tl.max(m, axis=0))
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_shift)
+    w = tl.exp2(m - m_shift[None, :])
+    l_i = l_i * alpha + tl.sum(l * w, axis=0)
+    acc = acc * alpha[:, None] + tl.sum(a * w[:, :, None], axis=0)
+    return acc, m_new, l_i
+
+
 @triton.jit(do_not_specialize=["kv_heads"])
 def lean_merge_kernel(
     Jobs, WsAcc, WsStats, Out, Lse, Sinks, VScale,
@@ -766,7 +815,7 @@ def lean_merge_kernel(
     kv_heads,
     GROUP: tl.constexpr, Q_LEN: tl.constexpr, MERGE_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, COLS: tl.constexpr, MEMBERS: tl.constexpr, V_SCALE_KIND: tl.constexpr,
-    RETURN_LSE: tl.constexpr, HAS_SINKS: tl.constexpr, USE_PDL: tl.constexpr,
+    RETURN_LSE: tl.constexpr, HAS_SINKS: tl.constexpr, USE_PDL: tl.constexpr, BY_SLOT: tl.constexpr,
 ):
     """The merge of the heads that ``lean_decode_kernel``'s shares cut (its MERGE_KERNEL mode), one
     launch after it: every partial is in its slot before this starts, and no program waits.
@@ -779,7 +828,9 @@ def lean_merge_kernel(
     dependent loads), then
     writes those columns of the head's rows, column 0's program also their LSE. Out, Lse, Sinks,
     VScale and the workspace (WsAcc, WsStats: partial slots by ``_partial_slot``) as in
-    ``lean_decode_kernel``."""
+    ``lean_decode_kernel``. BY_SLOT (its batch-invariant mode): the members are the slots Jobs[i, 0]
+    .. Jobs[i, 1], the head's splits in order; with MEMBERS, COLS and the warps fixed by the head
+    dim and rows alone, what is summed, and in which order, depends only on the head's splits."""
     if USE_PDL:
         gdc_wait()  # the partials and Jobs come from the kernel before
     bh = tl.program_id(0)
@@ -790,28 +841,19 @@ def lean_merge_kernel(
         first_odd = tl.load(Jobs + 4 * bh + 2, cache_modifier=".cg") != 0
         b = bh // kv_heads
         h = bh % kv_heads
-        rows = tl.arange(0, MERGE_ROWS)
-        cols = tl.arange(0, COLS)
         m_i = tl.full((MERGE_ROWS,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((MERGE_ROWS,), dtype=tl.float32)
         acc = tl.zeros((MERGE_ROWS, COLS), dtype=tl.float32)
-        for j0 in range(first, last + 1, MEMBERS):
-            j = j0 + tl.arange(0, MEMBERS)
-            live = j <= last
-            slot = _partial_slot(j, first, first_odd).to(tl.int64)
-            stats = WsStats + slot[:, None] * (2 * MERGE_ROWS) + rows[None, :]
-            m = tl.load(stats, mask=live[:, None], other=float("-inf"), cache_modifier=".cg")
-            l = tl.load(stats + MERGE_ROWS, mask=live[:, None], other=0.0, cache_modifier=".cg")
-            a = tl.load(WsAcc + slot[:, None, None] * (MERGE_ROWS * HEAD_DIM_PAD)
-                        + rows[None, :, None] * HEAD_DIM_PAD + col0 + cols[None, None, :],
-                        mask=live[:, None, None], other=0.0, cache_modifier=".cg")
-            m_new = tl.maximum(m_i, tl.max(m, axis=0))
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_shift)
-            w = tl.exp2(m - m_shift[None, :])
-            l_i = l_i * alpha + tl.sum(l * w, axis=0)
-            acc = acc * alpha[:, None] + tl.sum(a * w[:, :, None], axis=0)
-            m_i = m_new
+        # Each step's math waits on its own loads only: the next step's are issued before it (a
+        # head of several steps pays about one load latency, not one a step).
+        m, l, a = _load_members(WsAcc, WsStats, first, first, last, first_odd, col0,
+                                MEMBERS, MERGE_ROWS, COLS, HEAD_DIM_PAD, BY_SLOT)
+        for j0 in range(first + MEMBERS, last + 1, MEMBERS):
+            m_next, l_next, a_next = _load_members(WsAcc, WsStats, j0, first, last, first_odd, col0,
+                                                   MEMBERS, MERGE_ROWS, COLS, HEAD_DIM_PAD, BY_SLOT)
+            acc, m_i, l_i = _merge_members(acc, m_i, l_i, m, l, a)
+            m, l, a = m_next, l_next, a_next
+        acc, m_i, l_i = _merge_members(acc, m_i, l_i, m, l, a)
         if USE_PDL:
             gdc_launch_dependents()
         v_scale = _head_scale(VScale, b, h, kv_heads, V_SCALE_KIND)  # 1 for per-token scales: in the weights
