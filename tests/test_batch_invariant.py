@@ -233,10 +233,11 @@ def test_merge_kernel_steps_keep_the_bits(monkeypatch):
     sequence decoded alone on every grid and batch, right against the reference; the shape does
     not follow the batch."""
     from leanattn import _call
-    from leanattn._testing import DECODE_CALLS
+    from leanattn._testing import DECODE_CALLS, DECODE_KNOWN
 
     monkeypatch.setattr(_call, "INVARIANT_MERGE_MEMBERS", 4)
-    DECODE_CALLS.clear()
+    DECODE_CALLS.clear()  # calls built before, with the real shape, would be reused
+    DECODE_KNOWN.clear()
     split = tile_size(D, DTYPE, HQ // HKV)
     n = 17 * split + 9
     gen = torch.Generator().manual_seed(11)
@@ -252,7 +253,8 @@ def test_merge_kernel_steps_keep_the_bits(monkeypatch):
         assert_close(out, lse, *reference(q, k, v, sl))
     shapes = {(c.merge_params["MEMBERS"], c.merge_params["COLS"], c.merge_params["BY_SLOT"]) for c in DECODE_CALLS.values()}
     assert shapes == {(4, _call.INVARIANT_MERGE_COLS, True)}
-    DECODE_CALLS.clear()
+    DECODE_CALLS.clear()  # nothing built with the patched shape survives the test
+    DECODE_KNOWN.clear()
 
 
 def test_merge_kernel_jobs_rewritten_every_call():

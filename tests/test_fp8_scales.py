@@ -228,10 +228,12 @@ def test_token_v_scales_of_any_spread_within_a_tile(paged):
     assert_close(out, lse, ref, ref_lse)
 
 
+@pytest.mark.parametrize("invariant", [False, True])
 @pytest.mark.parametrize("v_kind", KINDS)
-def test_merge_kernel_applies_each_v_scale_kind(v_kind):
+def test_merge_kernel_applies_each_v_scale_kind(v_kind, invariant):
     """The merge kernel writes the cut heads, so it dequantises V as the decode kernel would: a
-    per-head or per-(sequence, head) scale at the output, per-token ones already in the weights."""
+    per-head or per-(sequence, head) scale at the output, per-token ones already in the weights;
+    in batch-invariant mode too (split heads by slot)."""
     import dataclasses
 
     from leanattn._testing import DECODE_CALLS
@@ -240,11 +242,14 @@ def test_merge_kernel_applies_each_v_scale_kind(v_kind):
 
     q, kc, vc, sl, extra = fp8_case(1, False, seed=4)
     kw = dict(extra, k_scale=scale_of("head", kc, 3, seed=5), v_scale=scale_of(v_kind, vc, 3, seed=6))
-    # One tile a share, so the first sequence's heads (three tiles) are cut on any tile size.
-    config = dataclasses.replace(leanattn.choose_config(D, FP8, HQ // HKV), merge_kernel=True, target_share=1)
+    # One tile a share (or a split), so the first sequence's heads (three tiles) are cut on any
+    # tile size.
+    config = dataclasses.replace(leanattn.choose_config(D, FP8, HQ // HKV, batch_invariant=invariant),
+                                 merge_kernel=True, target_share=1)
     assert plan(sl.tolist(), HKV, config.tile, 7, 1).split_heads()
+    mode = dict(batch_invariant=True, split_size=config.tile) if invariant else {}
     DECODE_CALLS.clear()
     out = poisoned_like(q)
-    _, lse = leanattn.decode(q, kc, vc, sl, out=out, return_lse=True, num_programs=7, config=config, **kw)
+    _, lse = leanattn.decode(q, kc, vc, sl, out=out, return_lse=True, num_programs=7, config=config, **kw, **mode)
     assert DECODE_CALLS and all(call.merge_params is not None for call in DECODE_CALLS.values())
     assert_close(out, lse, *reference(q, kc, vc, sl, **kw))

@@ -213,6 +213,9 @@ def test_merge_orders_partials_before_tickets():
     base = leanattn.choose_config(128, torch.bfloat16, 8)
     for merge_kernel in (False, True):  # one head split over the grid: both merges are compiled in
         leanattn.decode(q, k, v, sl, config=dataclasses.replace(base, merge_kernel=merge_kernel))
+    invariant = dataclasses.replace(leanattn.choose_config(128, torch.bfloat16, 8, batch_invariant=True),
+                                    merge_kernel=True)  # and the batch-invariant merge kernel (by slot)
+    leanattn.decode(q, k, v, sl, config=invariant, batch_invariant=True, split_size=512)
     calls = [c for c in DECODE_CALLS.values() if c.hit is not None]
     merged = [c for c in calls if c.merge_hit is not None and not c.merge_params["HAS_SINKS"]
               and not c.merge_params["V_SCALE_KIND"]]

@@ -160,9 +160,9 @@ def merge_kernel_of(config: KernelConfig, split: int, heads: int, programs: int,
     - Batch-invariant mode (``split``): the tree unless the config asks for the merge kernel (and
       a head can have two splits). The choice must not depend on the batch, since the two merges
       differ in their last bits; there the merge kernel's block shape depends on the head dim and
-      rows alone (``merge_constexprs``). Measured (benchmarks/NOTES.md), it wins on heads of ~64
-      splits (1 x 32k at 512 tokens, 1.5 µs) and loses up to 1.4 µs on heads of 8-16 splits and on
-      heads of 256, whose chunks the tree merges in parallel.
+      rows alone (``merge_constexprs``). Measured (benchmarks/NOTES.md), of ten shapes it was
+      faster on four (0.2-1.6 µs; 1 x 32k at 512 tokens, 64 splits a head) and slower on six
+      (0.1-1.9 µs; heads of 8, 16, 32 and 256 splits, whose chunks the tree merges in parallel).
     - Default mode: never for no heads, nor with more heads than programs (the workspace holds a
       job per program); the merge kernel when a head has ARRIVE_CHUNK members or more on average
       at full capacity (``busy_programs``).

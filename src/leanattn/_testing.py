@@ -2,6 +2,7 @@
 with any release; everything a user needs is in ``leanattn``."""
 
 from ._call import _DECODE_CALLS as DECODE_CALLS, ARRIVE_CHUNK
+from .api import _KNOWN as DECODE_KNOWN
 from ._checks import check_head_strides, check_page_strides
 from ._features import window_bounds
 from ._launch import DIRECT_LAUNCH_ERROR
@@ -16,7 +17,7 @@ from .kernels.lean_decode import lean_decode_kernel, lean_merge_kernel
 from .kernels.plan import BLOCK_B, PLAN_FIELDS, _live_range as live_range, _plan_row as plan_row
 from .kernels.plan import _share_of as share_of, lean_plan_kernel
 
-__all__ = ["ARRIVE_CHUNK", "DECODE_CALLS", "wrapper_calls", "BLOCK_B", "DIRECT_LAUNCH_ERROR", "MIN_INTERPRETER_TRITON", "MLA_CALLS", "MLA_KNOWN", "PLAN_FIELDS", "WORKSPACES", "check_head_strides", "check_page_strides", "Workspace", "blocks_of", "gluon_serves", "mla_heuristic", "mla_tma_view",
+__all__ = ["ARRIVE_CHUNK", "DECODE_CALLS", "DECODE_KNOWN", "wrapper_calls", "BLOCK_B", "DIRECT_LAUNCH_ERROR", "MIN_INTERPRETER_TRITON", "MLA_CALLS", "MLA_KNOWN", "PLAN_FIELDS", "WORKSPACES", "check_head_strides", "check_page_strides", "Workspace", "blocks_of", "gluon_serves", "mla_heuristic", "mla_tma_view",
            "launch_plan",
            "lean_decode_kernel", "lean_merge_kernel", "lean_plan_kernel", "live_range", "plan_row", "share_of", "triton_version",
            "key_bounds", "window_bounds", "workspace_for"]

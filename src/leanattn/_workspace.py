@@ -45,8 +45,9 @@ class Workspace:
     A call needs ``slots`` partial slots (rows x cols fp32, plus m and l) and as many head and
     chunk tickets: 2P for a grid of P programs (which uses P head tickets), or one per split in
     batch-invariant mode. Tickets are zero between calls: the merging program puts its ticket
-    back. The merge kernel's jobs: 2 x ``slots`` int32 (4 a head, at most one head a program;
-    each call that uses them writes every head's row, so they are never zeroed).
+    back. The merge kernel's jobs: 2 x ``slots`` int32, 4 a head (a call that uses them has at
+    least two slots a head: at most one head a program, or in batch-invariant mode two splits or
+    more; it writes every head's row, so they are never zeroed).
     """
 
     def __init__(self) -> None:

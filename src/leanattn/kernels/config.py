@@ -35,7 +35,7 @@ class KernelConfig:
     pdl: bool | None = None  # programmatic dependent launch; None: on Hopper and newer (LEANATTN_PDL=0: off)
     dot_dtype: str | None = None  # "float16"/"bfloat16"/"float32" for the products; None: chosen per dtype
     # Cut heads merged by a second kernel (lean_merge_kernel) rather than by their last arriving
-    # member; None: the heuristic's choice. Batch-invariant calls always merge in the kernel.
+    # member; None: the heuristic's choice (batch-invariant calls: in the kernel unless True).
     merge_kernel: bool | None = None
     # Extra compile-time parameters of the kernel, as (name, value) pairs (for probes), and a
     # kernel with lean_decode_kernel's parameters to launch instead (an instrumented copy, say).

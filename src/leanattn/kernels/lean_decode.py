@@ -693,6 +693,8 @@ def lean_decode_kernel(
             elif MERGE_KERNEL:
                 # The splits' partials are in slots g - t .. g - t + n_units - 1 (split order):
                 # the program holding the last split names them for the merge kernel.
+                if TIMELINE:  # the splits' partials are stored
+                    _stamp(Timeline, pid, EV_TICKET, tl.max(l_i, axis=0).to(tl.int32, bitcast=True))
                 if t_end == n_units:
                     job = Jobs + 4 * (b * kv_heads + h)
                     tl.store(job, (g - t).to(tl.int32))
