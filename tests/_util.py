@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -14,6 +15,15 @@ DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 # once, and on the GPU the softmax weights meet V in that dtype: a few ulps of it.
 TOL = {torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 LSE_TOL = 1e-3
+
+
+def merge_config(head_dim: int, dtype: torch.dtype, rows: int, merge_kernel: bool | None,
+                 batch_invariant: bool = False) -> leanattn.KernelConfig:
+    """The heuristic's config (of the default or the batch-invariant mode), with the cut heads
+    merged by the last arrivers' ticket tree (False), by the merge kernel (True) or as the
+    heuristic picks (None)."""
+    return dataclasses.replace(leanattn.choose_config(head_dim, dtype, rows, batch_invariant=batch_invariant),
+                               merge_kernel=merge_kernel)
 
 
 def tile_size(head_dim: int = 128, dtype: torch.dtype = torch.float16, group: int = 1) -> int:

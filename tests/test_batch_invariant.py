@@ -4,8 +4,6 @@ left padding; and they are right (against the float64 reference)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
@@ -13,7 +11,7 @@ from hypothesis import strategies as st
 
 import leanattn
 
-from _util import DEVICE, assert_close, reference, tile_size, to_paged
+from _util import DEVICE, assert_close, merge_config, reference, tile_size, to_paged
 
 HQ, HKV, D = 4, 2, 64
 DTYPE = torch.bfloat16
@@ -99,9 +97,8 @@ def test_a_sequence_has_the_same_bits_in_any_batch(length, q_len, splits_per, co
 
 
 def invariant_config(rows: int, merge_kernel: bool) -> leanattn.KernelConfig:
-    """The batch-invariant heuristic's config with the split heads merged by the merge kernel or by
-    the last arrivers' ticket tree in the decode kernel (the default)."""
-    return dataclasses.replace(leanattn.choose_config(D, DTYPE, rows, batch_invariant=True), merge_kernel=merge_kernel)
+    """This file's batch-invariant config, split heads merged by the merge kernel or the tree."""
+    return merge_config(D, DTYPE, rows, merge_kernel, batch_invariant=True)
 
 
 @pytest.mark.parametrize("merge_kernel", [True, False])

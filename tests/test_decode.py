@@ -12,7 +12,7 @@ import torch
 import leanattn
 from leanattn.schedule import plan
 
-from _util import ON_GPU, assert_close, make_inputs, poisoned_like, reference, tile_size
+from _util import ON_GPU, assert_close, make_inputs, merge_config, poisoned_like, reference, tile_size
 
 DTYPES = [torch.float16, torch.bfloat16]
 
@@ -163,12 +163,6 @@ def test_target_share_shrinks_grid_correctly(target_share):
     leanattn.decode(q, k, v, sl, out=out, lse=lse, return_lse=True, num_programs=16, config=cfg)
     assert_close(out, lse, *reference(q, k, v, sl))
     assert plan(lens, 2, t, 16, target_share).num_programs < 16
-
-
-def merge_config(head_dim: int, dtype: torch.dtype, rows: int, merge_kernel: bool) -> leanattn.KernelConfig:
-    """The heuristic's config, with the cut heads merged by the last arrivers' ticket tree or by
-    the merge kernel (the heuristic picks by members per head)."""
-    return dataclasses.replace(leanattn.choose_config(head_dim, dtype, rows), merge_kernel=merge_kernel)
 
 
 @pytest.mark.parametrize("merge_kernel", [False, True])

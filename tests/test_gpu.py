@@ -10,7 +10,7 @@ import leanattn
 from leanattn._testing import WORKSPACES, lean_decode_kernel
 from leanattn.bench.peers import capture_cuda_graph
 
-from _util import ON_GPU, assert_close, make_inputs, poisoned_like, reference, to_paged
+from _util import ON_GPU, assert_close, make_inputs, merge_config, poisoned_like, reference, to_paged
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")]
 
@@ -120,7 +120,7 @@ def test_merge_race_stress(lens, hkv, group, programs, merge_kernel):
     call's partial, which differs. Every call is checked."""
     q, k, v, sl = make_inputs(lens, hkv * group, hkv, 128, torch.bfloat16, seed=12)
     gen = torch.Generator(device=q.device).manual_seed(13)
-    config = dataclasses.replace(leanattn.choose_config(128, torch.bfloat16, group), merge_kernel=merge_kernel)
+    config = merge_config(128, torch.bfloat16, group, merge_kernel)
     for _ in range(40):
         q = torch.randn(q.shape, generator=gen, device=q.device).to(q.dtype)
         out, lse = leanattn.decode(q, k, v, sl, return_lse=True, num_programs=programs, config=config)
@@ -213,8 +213,7 @@ def test_merge_orders_partials_before_tickets():
     base = leanattn.choose_config(128, torch.bfloat16, 8)
     for merge_kernel in (False, True):  # one head split over the grid: both merges are compiled in
         leanattn.decode(q, k, v, sl, config=dataclasses.replace(base, merge_kernel=merge_kernel))
-    invariant = dataclasses.replace(leanattn.choose_config(128, torch.bfloat16, 8, batch_invariant=True),
-                                    merge_kernel=True)  # and the batch-invariant merge kernel (by slot)
+    invariant = merge_config(128, torch.bfloat16, 8, True, batch_invariant=True)  # the merge kernel by slot
     leanattn.decode(q, k, v, sl, config=invariant, batch_invariant=True, split_size=512)
     calls = [c for c in DECODE_CALLS.values() if c.hit is not None]
     merged = [c for c in calls if c.merge_hit is not None and not c.merge_params["HAS_SINKS"]
@@ -324,7 +323,7 @@ def test_timeline_stamps_are_ordered_and_change_no_bits(planned, merge_kernel):
 
     lens = [30000, 77, 4096]
     q, k, v, sl = make_inputs(lens, 16, 2, 128, torch.bfloat16)
-    base = dataclasses.replace(leanattn.choose_config(128, k.dtype, 8), merge_kernel=merge_kernel)
+    base = merge_config(128, k.dtype, 8, merge_kernel)
     timed = dataclasses.replace(base, constexprs=(("TIMELINE", True),))
     plain = leanattn.decode(q, k, v, sl, num_programs=300, config=base)
     if planned:

@@ -11,7 +11,7 @@ import torch
 import leanattn
 from leanattn._testing import DIRECT_LAUNCH_ERROR
 
-from _util import DEVICE, ON_GPU, assert_close, make_inputs, poisoned_like, reference, tile_size, to_paged
+from _util import DEVICE, ON_GPU, assert_close, make_inputs, merge_config, poisoned_like, reference, tile_size, to_paged
 
 
 def _wrapper(q, k, programs, **kw):
@@ -292,9 +292,7 @@ def test_a_run_on_the_other_kind_of_cache_warns_once_and_stays_exact(monkeypatch
 def test_empty_batch_runs_with_either_merge(merge_kernel):
     """A step with no sequences: plan and run return an empty output, whichever merge the config
     asks for (zero heads never take the merge kernel, whose shape is sized per head)."""
-    import dataclasses
-
-    config = dataclasses.replace(leanattn.choose_config(64, torch.float16, 4), merge_kernel=merge_kernel)
+    config = merge_config(64, torch.float16, 4, merge_kernel)
     w = leanattn.DecodeWrapper(8, 2, 64, torch.float16, DEVICE, num_programs=16, config=config)
     w.plan(torch.zeros(0, dtype=torch.int32, device=DEVICE), 64)
     q = torch.randn(0, 1, 8, 64, dtype=torch.float16, device=DEVICE)

@@ -152,8 +152,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "decode-merge-kernel-invariant-last-split-dropped",
-        one(DECODE, "tl.store(job + 1, (g - t + n_units - 1).to(tl.int32))",
-            "tl.store(job + 1, (g - t + n_units - 2).to(tl.int32))"),
+        one(DECODE, "(g - t + n_units - 1).to(tl.int32), 0)", "(g - t + n_units - 2).to(tl.int32), 0)"),
         ("tests/test_batch_invariant.py",), k="merge_kernel",
         why="batch-invariant heads would lose their last split",
     ),

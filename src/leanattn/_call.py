@@ -285,10 +285,10 @@ class Call:
         self.features, self.programs, self.device, self.config = features, programs, q.device, config
         self.kernel = config.kernel or lean_decode_kernel
         self.pdl = pdl_of(config, q.device)
+        keys = covered(capacity, features, q.shape[1])  # the most keys a head attends to
         self.params = constexprs(q, k_cache, page_size, config, features, has_seqlens=has_seqlens,
                                  has_leftpad=has_leftpad, planned=planned, return_lse=lse is not None, pdl=self.pdl,
-                                 split=split, has_bounds=has_bounds, batch=batch, programs=programs,
-                                 capacity=covered(capacity, features, q.shape[1]))
+                                 split=split, has_bounds=has_bounds, batch=batch, programs=programs, capacity=keys)
         # Float scales are part of the key: their (kv_heads,) tensors are resolved once. Tensor
         # scales' kinds (their dims) are part of it too, through their layouts.
         self.scales = tuple(
@@ -306,7 +306,7 @@ class Call:
         self.merge_params, self.merge_grid = None, (0, 0)
         if self.params["MERGE_KERNEL"]:
             heads = batch * kv_heads
-            busy = busy_programs(config, heads, programs, covered(capacity, features, q.shape[1]))
+            busy = busy_programs(config, heads, programs, keys)
             self.merge_params = merge_constexprs(self.params, busy, heads, features)
             self.merge_grid = (batch * kv_heads, self.params["HEAD_DIM"] // self.merge_params["COLS"])
         self.merge_fixed = (*out.stride()[:3], *(lse.stride() if lse is not None else (0, 0, 0)), kv_heads)

@@ -338,6 +338,17 @@ def _floor_div(x, d):
 
 
 @triton.jit
+def _write_job(Jobs, bh, first, last, flag):
+    """Row ``bh`` of the merge kernel's Jobs (4 int32 a head): its first and last member and a
+    flag (the first member's partial in its program's second slot), read by
+    ``lean_merge_kernel``."""
+    job = Jobs + 4 * bh
+    tl.store(job, first)
+    tl.store(job + 1, last)
+    tl.store(job + 2, flag)
+
+
+@triton.jit
 def _head_members(head_first, n, total, programs):
     """(first, last) int32 program of the stream-K grid whose shares cover the head of ``n`` tiles
     whose tile 0 is global tile ``head_first`` (``total`` tiles dealt to ``programs``)."""
@@ -696,10 +707,7 @@ def lean_decode_kernel(
                 if TIMELINE:  # the splits' partials are stored
                     _stamp(Timeline, pid, EV_TICKET, tl.max(l_i, axis=0).to(tl.int32, bitcast=True))
                 if t_end == n_units:
-                    job = Jobs + 4 * (b * kv_heads + h)
-                    tl.store(job, (g - t).to(tl.int32))
-                    tl.store(job + 1, (g - t + n_units - 1).to(tl.int32))
-                    tl.store(job + 2, 0)
+                    _write_job(Jobs, b * kv_heads + h, (g - t).to(tl.int32), (g - t + n_units - 1).to(tl.int32), 0)
             else:
                 for c in range(t // ARRIVE_CHUNK * ARRIVE_CHUNK, t_end, ARRIVE_CHUNK):
                     u = tl.maximum(c, t)
@@ -748,10 +756,8 @@ def lean_decode_kernel(
                     if t_end == n_tiles:  # the head's last member names the head for the merge
                         head_first = g - t
                         first, _ = _head_members(head_first, n_tiles, total, programs)
-                        job = Jobs + 4 * (b * kv_heads + h)
-                        tl.store(job, first)
-                        tl.store(job + 1, pid)
-                        tl.store(job + 2, _first_odd(first, head_first, total, programs).to(tl.int32))
+                        _write_job(Jobs, b * kv_heads + h, first, pid,
+                                   _first_odd(first, head_first, total, programs).to(tl.int32))
                 else:
                     _arrive_and_merge(
                         WsAcc, WsStats, Tickets, ChunkTickets, Out, Lse, Sinks, acc, m_i, l_i, v_scale,
