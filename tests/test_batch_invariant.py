@@ -179,12 +179,12 @@ def test_batch_invariant_calls_take_their_own_launch_config(monkeypatch):
     real = leanattn._call.heuristic
 
     def recording(*args):
-        asked.append(args[-1])
+        asked.append(args[4])  # batch_invariant
         return real(*args)
 
     real_choose = kernel_config.choose_config
     monkeypatch.setattr(leanattn._call, "heuristic", recording)
-    monkeypatch.setattr(kernel_config, "choose_config", lambda *args: asked.append(args[-1]) or real_choose(*args))
+    monkeypatch.setattr(kernel_config, "choose_config", lambda *args: asked.append(args[4]) or real_choose(*args))
     gen = torch.Generator().manual_seed(5)
     q, k, v = rnd(gen, 2, 1, HQ, D), rnd(gen, 2, 96, HKV, D), rnd(gen, 2, 96, HKV, D)
     sl = torch.tensor([96, 40], dtype=torch.int32, device=DEVICE)

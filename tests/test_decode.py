@@ -357,3 +357,51 @@ def test_merge_kernel_rescales_across_load_steps():
     assert_close(out, lse, *reference(q, k, v, sl))
     (call,) = DECODE_CALLS.values()
     assert call.merge_params["MEMBERS"] == members
+
+
+def test_calls_of_more_heads_than_sms_take_two_programs_an_sm(monkeypatch):
+    """On the GPU's heuristic, d=128 with a contiguous cache takes one program of 6 stages an SM,
+    but two of 3 when the call has more kv heads than SMs (each program's share then spans
+    several heads, each restarting the pipeline), with the same tile; nothing else depends on
+    it. decode, plan_decode and DecodeWrapper.plan all ask with the call's own count, and a plan
+    made so is run by decode."""
+    from leanattn import _call
+    from leanattn.kernels import config as kernel_config
+
+    with monkeypatch.context() as m:
+        m.setattr(kernel_config, "interpreting", lambda: False)  # the GPU's heuristic, on any machine
+        few = kernel_config.choose_config(128, torch.bfloat16, 4)
+        many = kernel_config.choose_config(128, torch.bfloat16, 4, many_heads=True)
+        assert (few.num_stages, few.programs_per_sm, many.num_stages, many.programs_per_sm) == (6, 1, 3, 2)
+        assert many.tile == few.tile
+        for d in (64, 80, 96, 256, 512):
+            for paged in (False, True):
+                assert kernel_config.choose_config(d, torch.bfloat16, 4, paged, many_heads=True) == \
+                    kernel_config.choose_config(d, torch.bfloat16, 4, paged)
+        assert kernel_config.choose_config(128, torch.bfloat16, 4, True, many_heads=True) == \
+            kernel_config.choose_config(128, torch.bfloat16, 4, True)
+    assert not _call.many_heads(torch.device("cpu"), 10**6)
+
+    asked = []
+    real = _call.heuristic
+
+    def recording(*args):
+        asked.append(args[5])
+        return real(*args)
+
+    monkeypatch.setattr(_call, "heuristic", recording)
+    monkeypatch.setattr(_call, "many_heads", lambda device, heads: heads > 3)  # a GPU of 3 SMs
+    q, k, v, sl = make_inputs([70, 33], 8, 2, 64, torch.float16)  # 4 kv heads
+    want = reference(q, k, v, sl)
+    assert_close(*run(q, k, v, sl), *want)
+    plan = leanattn.plan_decode(sl, k.shape[1], q_heads=8, kv_heads=2, head_dim=64, kv_dtype=k.dtype)
+    assert_close(*run(q, k, v, sl, plan=plan), *want)
+    w = leanattn.DecodeWrapper(8, 2, 64, torch.float16, q.device)  # sized for either config
+    asked_first = asked[:]
+    asked.clear()
+    w.plan(sl, k.shape[1])
+    assert_close(*w.run(q, k, v, return_lse=True), *want)
+    assert asked_first[:2] == [True, True] and asked == [True]
+    asked.clear()
+    assert_close(*run(q[:1], k[:1], v[:1], sl[:1]), *reference(q[:1], k[:1], v[:1], sl[:1]))
+    assert asked == [False]

@@ -81,6 +81,37 @@ def test_cuda_graph_replay_with_new_lengths(paged):
         assert_close(out, lse, *reference(q, k, v, seqlens))
 
 
+def test_wrapper_of_more_heads_than_sms_in_cuda_graph():
+    """A DecodeWrapper made with no batch in mind, planned for a call of more kv heads than SMs
+    (the heuristic's two-programs-an-SM config, a larger grid than its first plan's) inside a
+    captured graph, replayed with new lengths; then a plan of few heads on the same wrapper."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    hq, hkv, d, cap = 32, 8, 128, 1024
+    batch = sms // hkv + 3  # more kv heads than SMs
+    q, k, v, sl = make_inputs([cap] * batch, hq, hkv, d, torch.bfloat16)
+    w = leanattn.DecodeWrapper(hq, hkv, d, torch.bfloat16, q.device)
+    seqlens = torch.full((batch,), cap, dtype=torch.int32, device=q.device)
+    out = torch.empty_like(q)
+
+    def step():
+        w.plan(seqlens, cap)
+        return w.run(q, k, v, out=out, return_lse=True)
+
+    graph, (_, lse) = capture_cuda_graph(step)
+    assert w._config.programs_per_sm == 2 and w.num_programs == 2 * sms
+    rng = random.Random(5)
+    for _ in range(3):
+        seqlens.copy_(torch.tensor([rng.randint(0, cap) for _ in range(batch)], dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, lse, *reference(q, k, v, seqlens))
+    w.plan(seqlens[:2], cap)
+    assert w._config.programs_per_sm == 1
+    small, small_lse = w.run(q[:2], k[:2], v[:2], return_lse=True)
+    assert_close(small, small_lse, *reference(q[:2], k[:2], v[:2], seqlens[:2]))
+
+
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_inductor_compile(mode):
     """Compiled with the first decode call inside the compiled step: under "reduce-overhead" the

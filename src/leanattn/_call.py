@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ._checks import capacity_of
 from ._features import Features, kernel_scale, scale_tensor
-from ._launch import default_num_programs, launch, use_pdl
+from ._launch import default_num_programs, grid_size, launch, use_pdl
 from ._workspace import Workspace, workspace_for
 from .kernels.config import KernelConfig, choose_config, interpreting, next_pow2
 from .kernels.lean_decode import EVENTS, lean_decode_kernel, lean_merge_kernel
@@ -33,10 +33,18 @@ MERGE_LAUNCH = KernelConfig(tile=1, num_warps=4, num_stages=1, programs_per_sm=0
 
 
 @functools.lru_cache(maxsize=None)
-def heuristic(head_dim: int, kv_dtype: torch.dtype, rows: int, paged: bool, batch_invariant: bool) -> KernelConfig:
+def heuristic(head_dim: int, kv_dtype: torch.dtype, rows: int, paged: bool, batch_invariant: bool,
+              many_heads: bool = False) -> KernelConfig:
     """The launch heuristic's config for ``rows`` (q_len x group) query rows of a kv head of a
-    contiguous or ``paged`` cache, in the default or the ``batch_invariant`` mode."""
-    return choose_config(head_dim, kv_dtype, rows, paged, batch_invariant)
+    contiguous or ``paged`` cache, in the default or the ``batch_invariant`` mode, for a call of
+    ``many_heads`` (see :func:`many_heads`) or not."""
+    return choose_config(head_dim, kv_dtype, rows, paged, batch_invariant, many_heads)
+
+
+def many_heads(device: torch.device, heads: int) -> bool:
+    """Whether a call of ``heads`` kv heads (batch x kv_heads) has more of them than ``device``
+    has SMs (the heuristic's ``many_heads``; never on the CPU)."""
+    return device.type == "cuda" and heads > grid_size(device, 1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -374,7 +382,8 @@ def decode_into(
     if batch == 0:
         return None
     rows = q_len * (q_heads // k_cache.shape[2])
-    config = config or heuristic(head_dim, k_cache.dtype, rows, block_table is not None, split > 0)
+    config = config or heuristic(head_dim, k_cache.dtype, rows, block_table is not None, split > 0,
+                                 many_heads(q.device, batch * k_cache.shape[2]))
     programs = plan.shape[0] if plan is not None else grid(q.device, config, num_programs)
     capacity = capacity_of(k_cache, block_table)
     kv_heads = k_cache.shape[2]

@@ -29,13 +29,14 @@ __all__ = ["decode", "plan_decode", "reserve_workspace", "choose_config", "defau
 
 
 def choose_config(head_dim: int, kv_dtype: torch.dtype, rows: int, paged: bool = False,
-                  batch_invariant: bool = False) -> KernelConfig:
+                  batch_invariant: bool = False, many_heads: bool = False) -> KernelConfig:
     """The launch heuristic's config for a cache of ``kv_dtype`` with ``head_dim``, ``rows``
     (q_len x group) query rows of a kv head, contiguous or ``paged`` (a block table), in the
-    default or the ``batch_invariant`` mode: what ``decode`` uses without ``config=``. Not
+    default or the ``batch_invariant`` mode, for a call of more kv heads (batch x kv_heads) than
+    the GPU has SMs or not (``many_heads``): what ``decode`` uses without ``config=``. Not
     cached, so torch.compile traces it (plan_decode) without a warning; the launch path caches
     it."""
-    return kernels_config.choose_config(head_dim, kv_dtype, rows, paged, batch_invariant)
+    return kernels_config.choose_config(head_dim, kv_dtype, rows, paged, batch_invariant, many_heads)
 
 
 def _check_config(config: object) -> None:
@@ -53,7 +54,8 @@ def reserve_workspace(
 ) -> None:
     """Allocate now the workspace :func:`decode` needs for calls of this shape on ``device``
     (with ``batch_invariant``: for up to ``batch`` sequences of up to ``capacity`` tokens), with
-    contiguous or paged caches (their launch configs' grids may differ: the larger is reserved).
+    contiguous or paged caches, of any batch (their launch configs' grids may differ: the largest
+    is reserved).
 
     The workspace is allocated on the first call that needs it. Call this (or ``decode`` once)
     before capturing a CUDA graph whose calls need it: a capture cannot allocate. torch.compile's
@@ -61,7 +63,8 @@ def reserve_workspace(
     """
     device = torch.device(device)
     rows = q_len * (q_heads // kv_heads)
-    configs = [choose_config(head_dim, kv_dtype, rows, paged, batch_invariant) for paged in (False, True)]
+    configs = [choose_config(head_dim, kv_dtype, rows, paged, batch_invariant, many)
+               for paged in (False, True) for many in (False, True)]
     programs = max(_call.grid(device, config, num_programs) for config in configs)
     split = max(split_of(batch_invariant, split_size, config.tile) for config in configs)
     if split and (batch < 1 or capacity < 1):
@@ -131,7 +134,8 @@ def plan_decode(
     q_dtype = kv_dtype if kv_dtype in SUPPORTED_DTYPES else torch.float16  # an fp8 cache takes either
     check_layer_shape(q_heads, kv_heads, head_dim, q_dtype, kv_dtype, q_len, device)
     window_left, _, has_window, _ = window_bounds(causal, window_size, q_len)
-    launch = config or choose_config(head_dim, kv_dtype, q_len * (q_heads // kv_heads), paged, batch_invariant)
+    launch = config or choose_config(head_dim, kv_dtype, q_len * (q_heads // kv_heads), paged, batch_invariant,
+                                     _call.many_heads(device, batch * kv_heads))
     check_tile_count(batch, kv_heads, capacity, launch.tile)
     split = split_of(batch_invariant, split_size, launch.tile)
     plan = ops.plan_shares(cache_seqlens, cache_leftpad, batch, kv_heads, capacity, q_len, window_left, has_window,

@@ -100,7 +100,9 @@ class DecodeWrapper:
         self._batch_invariant, self._split_size = batch_invariant, split_size
         self._config = self._config_for(1)
         self.num_programs = _call.grid(device, self._config, num_programs)
-        most = max(self.num_programs, _call.grid(device, self._config_for(max_q_len), num_programs))
+        # Plans of any q_len and batch (whose count of kv heads may pick another config) fit.
+        most = max(_call.grid(device, self._config_for(q_len, many_heads=many), num_programs)
+                   for q_len in (1, max_q_len) for many in (False, True))
         for q_len in (1, max_q_len):  # the configs' tiles bound the split (plan checks its own)
             split_of(batch_invariant, split_size, self._config_for(q_len).tile)
         self._split = 0
@@ -113,6 +115,7 @@ class DecodeWrapper:
         self._capacity = 0
         self._batch = -1
         self._q_len = 1
+        self._many = False  # the plan's call has more kv heads than SMs
         self._causal, self._window_size = True, (-1, -1)
         self._plan_layout: tuple = ()
         # Runs by call key (checked, with their features resolved); the buffers above are the
@@ -120,12 +123,12 @@ class DecodeWrapper:
         self._calls: dict[tuple, _call.Call] = {}
         self._told = False  # warned of a run with the other kind of cache
 
-    def _config_for(self, q_len: int, paged: bool | None = None) -> KernelConfig:
-        """The runs' launch config for plans of ``q_len``: the one given, else the heuristic's for
-        the wrapper's kind of cache (or ``paged``)."""
+    def _config_for(self, q_len: int, paged: bool | None = None, many_heads: bool = False) -> KernelConfig:
+        """The runs' launch config for plans of ``q_len`` (and ``many_heads``: more kv heads than
+        SMs): the one given, else the heuristic's for the wrapper's kind of cache (or ``paged``)."""
         paged = self.paged if paged is None else paged
         return self._given_config or _call.heuristic(self.head_dim, self.kv_dtype, q_len * (self.q_heads // self.kv_heads),
-                                                     paged, self._batch_invariant)
+                                                     paged, self._batch_invariant, many_heads)
 
     @property
     def compiled_kernels(self) -> list:
@@ -181,10 +184,11 @@ class DecodeWrapper:
         if check:
             check_lengths(cache_seqlens, cache_leftpad, capacity)
         # Every check before any state changes: a refused plan leaves the last one in force.
-        config = self._config_for(q_len)
+        many = _call.many_heads(self.device, batch * self.kv_heads)
+        config = self._config_for(q_len, many_heads=many)
         check_tile_count(batch, self.kv_heads, capacity, config.tile)
         split = split_of(self._batch_invariant, self._split_size, config.tile)
-        self._config, self._split = config, split
+        self._config, self._split, self._many = config, split, many
         self.num_programs = _call.grid(self.device, config, self._grid)
         if self._split:  # one workspace slot per split
             self._bufs = _call.buffers(
@@ -249,7 +253,7 @@ class DecodeWrapper:
         if call is None:  # a layout not seen yet: the full checks
             self._check(q, k_cache, v_cache, block_table, out)
             paged = block_table is not None
-            if paged != self.paged and not self._told and self._config_for(self._q_len, paged) != self._config:
+            if paged != self.paged and not self._told and self._config_for(self._q_len, paged, self._many) != self._config:
                 self._told = True
                 kind = "a paged" if paged else "a contiguous"
                 warnings.warn(f"DecodeWrapper(paged={self.paged}) ran {kind} cache: exact, on the other kind's launch "

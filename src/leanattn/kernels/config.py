@@ -77,10 +77,11 @@ ROW_LIMITS: dict[int, int] = {512: 16}
 
 
 def choose_config(head_dim: int, kv_dtype: torch.dtype, rows: int, paged: bool = False,
-                  batch_invariant: bool = False) -> KernelConfig:
+                  batch_invariant: bool = False, many_heads: bool = False) -> KernelConfig:
     """Heuristic launch configuration for one (head_dim, cache dtype, query rows of a kv head:
-    q_len x group size, whether the cache is paged, whether the call is batch-invariant). The
-    tile never depends on ``paged`` or ``batch_invariant``, so neither changes a result's bits.
+    q_len x group size, whether the cache is paged, whether the call is batch-invariant, whether
+    it has more kv heads (batch x kv_heads) than the GPU has SMs: ``many_heads``). The tile never
+    depends on ``paged``, ``batch_invariant`` or ``many_heads``, so none changes a result's bits.
 
     Budgets of an H200 SM: 228 KiB of shared memory (227 KiB for one program), 64K 32-bit
     registers (255 a thread at most). A stage of the K/V pipeline holds one K and one V tile:
@@ -155,8 +156,12 @@ def choose_config(head_dim: int, kv_dtype: torch.dtype, rows: int, paged: bool =
     # the same moment and starts the next one's pipeline afresh, and a second program an SM keeps
     # bytes in flight meanwhile. Measured in serving mode (8 x 8k 32/8, splits of 512 / 1024 /
     # 2048 tokens): 99.9 / 91.6 / 83.6 µs with one program of 6 stages, 81.8 / 77.0 / 73.2 with
-    # two of 3 (one program of 3 or 4 stages: 115-117 at 512); calls of 16 MiB alike.
-    if head_dim == 128 and not paged and not batch_invariant:
+    # two of 3 (one program of 3 or 4 stages: 115-117 at 512); calls of 16 MiB alike. So do
+    # calls of more kv heads than SMs, for the same reason: each program's share spans several
+    # heads, and a head's tile loop starts its pipeline afresh. Measured on an H200 (eager, L2
+    # flushed; benchmarks/NOTES.md): 64 x 2k 32/8 161.9 -> 138.3 µs, 32 x 4k 32/8 155.1 -> 137.1
+    # (cuDNN 134.6 and 133.8).
+    if head_dim == 128 and not paged and not batch_invariant and not many_heads:
         return KernelConfig(tile=64, num_warps=4, num_stages=6, programs_per_sm=1, target_share=4)
     return KernelConfig(tile=64, num_warps=4, num_stages=3, programs_per_sm=2, target_share=4)
 
