@@ -96,7 +96,8 @@ def timeline(shape: Shape, replays: int, changes: dict[str, object], programs: i
     ls = make_layers(shape, device, layers)
     appends = make_appends(shape, ls.xs)
     base = leanattn.choose_config(shape.head_dim, ls.first.k.dtype, shape.q_len * shape.q_heads // shape.kv_heads,
-                                  ls.first.block_table is not None, shape.split > 0)
+                                  ls.first.block_table is not None, shape.split > 0,
+                                  leanattn._call.many_heads(device, len(shape.lens) * shape.kv_heads))
     changes = dict(changes)
     constexprs = (("TIMELINE", True),) + tuple(changes.pop("constexprs", ()))
     config = replace(base, constexprs=constexprs, **changes)

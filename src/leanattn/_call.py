@@ -382,12 +382,18 @@ def decode_into(
     if batch == 0:
         return None
     rows = q_len * (q_heads // k_cache.shape[2])
-    config = config or heuristic(head_dim, k_cache.dtype, rows, block_table is not None, split > 0,
-                                 many_heads(q.device, batch * k_cache.shape[2]))
+    kv_heads = k_cache.shape[2]
+    given = config is not None
+    many = many_heads(q.device, batch * kv_heads)
+    config = config or heuristic(head_dim, k_cache.dtype, rows, block_table is not None, split > 0, many)
     programs = plan.shape[0] if plan is not None else grid(q.device, config, num_programs)
     capacity = capacity_of(k_cache, block_table)
-    kv_heads = k_cache.shape[2]
     need = slots(programs, split, batch, kv_heads, capacity)
+    if not given and not split:
+        # The heuristic's grid follows the count of heads (many_heads): the workspace a warm-up
+        # call grows fits the other count's grid too, so a capture of another batch needs nothing.
+        other = heuristic(head_dim, k_cache.dtype, rows, block_table is not None, False, not many)
+        need = max(need, slots(grid(q.device, other, num_programs), 0, batch, kv_heads, capacity))
     bufs = buffers(workspace_for(q.device), q.device, need, head_dim, rows)
     lengths = (layout_of(cache_seqlens, cache_leftpad, plan), batch, capacity, programs, config, causal,
                tuple(window_size), softmax_scale, split)

@@ -134,12 +134,16 @@ def plan_decode(
     q_dtype = kv_dtype if kv_dtype in SUPPORTED_DTYPES else torch.float16  # an fp8 cache takes either
     check_layer_shape(q_heads, kv_heads, head_dim, q_dtype, kv_dtype, q_len, device)
     window_left, _, has_window, _ = window_bounds(causal, window_size, q_len)
-    launch = config or choose_config(head_dim, kv_dtype, q_len * (q_heads // kv_heads), paged, batch_invariant,
-                                     _call.many_heads(device, batch * kv_heads))
+    rows = q_len * (q_heads // kv_heads)
+    launch = config or choose_config(head_dim, kv_dtype, rows, paged, batch_invariant)
+    # The config for more kv heads than SMs has the same tile; the op picks its grid (no device
+    # query here, where torch.compile traces).
+    many = config or choose_config(head_dim, kv_dtype, rows, paged, batch_invariant, True)
     check_tile_count(batch, kv_heads, capacity, launch.tile)
     split = split_of(batch_invariant, split_size, launch.tile)
     plan = ops.plan_shares(cache_seqlens, cache_leftpad, batch, kv_heads, capacity, q_len, window_left, has_window,
-                           *_call.unit_of(launch, split), launch.programs_per_sm, num_programs or 0, device)
+                           *_call.unit_of(launch, split), launch.programs_per_sm, num_programs or 0, device,
+                           many.programs_per_sm)
     if not torch.compiler.is_compiling():
         remember(plan, plan_key(batch, capacity, q_len, q_heads, kv_heads, head_dim, kv_dtype, window_left,
                                 cache_seqlens is not None, cache_leftpad is not None, config, split, launch.tile))

@@ -45,7 +45,7 @@ class DecodeWrapper:
         max_q_len: the most query tokens per sequence a step will have (the workspace is sized
             for it); q_len x (q_heads / kv_heads) <= ``leanattn.max_query_rows(head_dim)``.
         num_programs: persistent grid size; default SMs x programs per SM of the launch config
-            that ``leanattn.decode`` picks for the planned q_len.
+            that ``leanattn.decode`` picks for the planned q_len and batch.
         softmax_scale: default ``head_dim ** -0.5``.
         config: a :class:`leanattn.KernelConfig` for every plan and run, instead of the
             heuristic's (``leanattn.choose_config``) for each plan's q_len.
@@ -94,8 +94,9 @@ class DecodeWrapper:
         self.dtype, self.kv_dtype, self.device, self.max_q_len = dtype, kv_dtype, device, max_q_len
         self.softmax_scale = softmax_scale_of(softmax_scale, head_dim)
         group = q_heads // kv_heads
-        # The launch config (and with it the default grid) follows q_len x group, as in decode, so
-        # each plan picks its own; the buffers are sized for the largest grid and q_len.
+        # The launch config (and with it the default grid) follows q_len x group and the count of
+        # kv heads, as in decode, so each plan picks its own; the buffers are sized for the
+        # largest grid and q_len.
         self._grid, self._given_config, self.paged = num_programs, config, paged
         self._batch_invariant, self._split_size = batch_invariant, split_size
         self._config = self._config_for(1)

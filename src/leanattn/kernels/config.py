@@ -1,7 +1,8 @@
 """Launch configuration: tile size, warps, pipeline depth and programs per SM.
 
-Chosen per (head_dim, cache dtype, query rows) by the heuristic below, never per context length or
-batch, so one compile serves every length. The numbers come from sweeps recorded in
+Chosen per (head_dim, cache dtype, query rows, cache kind, mode, and whether a call has more kv
+heads than SMs) by the heuristic below, never per context length, so one compile serves every
+length (and at most two serve every batch). The numbers come from sweeps recorded in
 ``benchmarks/NOTES.md``.
 """
 
