@@ -407,7 +407,7 @@ def test_launch_keeps_programs_per_sm(d, kv_dtype, paged):
     w.plan(sl, capacity)
     out = w.run(q, kc, vc, **kw)
     (call,) = wrapper_calls(w)
-    compiled, _, (warps, _, shared) = call.hit
+    compiled, _, (warps, _, shared), _ = call.hit
     assert shared >= compiled.metadata.shared
     cuda = ctypes.CDLL("libcuda.so.1")
     blocks = ctypes.c_int(0)

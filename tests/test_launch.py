@@ -68,7 +68,32 @@ def test_run_direct_launches_with_the_hits_metadata(monkeypatch, c_launch):
     monkeypatch.setattr(_launch, "current_stream_handle", lambda device: 7)
     monkeypatch.setattr(_launch, "_C_LAUNCH", c_launch)
     compiled = Compiled()
-    _launch.run_direct((compiled, (3,), (4, 1, 77825)), 5, torch.device("cpu"), ("a", "b"))
+    _launch.run_direct((compiled, (3,), (4, 1, 77825), ()), 5, torch.device("cpu"), ("a", "b"))
     (args,) = compiled.run.calls
     assert args[:4] == (5, 1, 1, 7) and args[-3:] == ("a", "b", 3)
     assert (4, 1, 77825) in args and (4, 1, 71680) not in args
+
+
+def test_run_direct_passes_tensors_as_addresses(monkeypatch):
+    """The hit's tensor positions go to Triton's launcher as the tensors' addresses (ints), so it
+    neither calls ``data_ptr()`` nor asks the driver about each; the launch hooks' metadata still
+    sees the tensors, and the other arguments pass unchanged."""
+    seen = []
+
+    class Compiled:
+        run = _Launcher()
+        function = 1234
+
+        def launch_metadata(self, grid, stream, *args):
+            seen.append(args)
+            return "meta"
+
+    monkeypatch.setattr(_launch, "current_stream_handle", lambda device: 7)
+    monkeypatch.setattr(_launch, "_C_LAUNCH", True)
+    monkeypatch.setattr(_launch.knobs.runtime, "launch_enter_hook", lambda *a: None)
+    x, y = torch.zeros(3), torch.ones(5)
+    compiled = Compiled()
+    _launch.run_direct((compiled, (3,), (4, 1, 0), (0, 2)), 5, torch.device("cpu"), (x, 9, y, 2.5))
+    (args,) = compiled.run.calls
+    assert args[-5:] == (x.data_ptr(), 9, y.data_ptr(), 2.5, 3)
+    assert seen[0][0] is x and seen[0][2] is y  # the hook's metadata got the tensors

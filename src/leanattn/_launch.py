@@ -121,13 +121,20 @@ _C_LAUNCH = _launcher_takes_metadata_in_args()
 
 def run_direct(hit: tuple, grid: int | tuple[int, int], device: torch.device, args: tuple) -> None:
     """What Triton's launcher does for ``compiled[(gx, gy, 1)](*args, *constexprs)`` with the
-    compiled kernel, constexpr values and packed metadata (warps, CTAs, dynamic shared memory)
-    of ``hit``, without rebinding the arguments (``grid``: gx, or (gx, gy))."""
-    compiled, values, packed = hit
+    compiled kernel, constexpr values, packed metadata (warps, CTAs, dynamic shared memory) and
+    tensor arguments' positions of ``hit``, without rebinding the arguments (``grid``: gx, or
+    (gx, gy)). The tensors go as their addresses: given a tensor, Triton's launcher calls its
+    ``data_ptr()`` and asks the driver (``cuPointerGetAttribute``) whether the device can reach
+    it, for each of up to ~20 tensors a call; the callers have checked their devices."""
+    compiled, values, packed, tensors = hit
     gx, gy = grid if isinstance(grid, tuple) else (grid, 1)
     stream = current_stream_handle(device)
     enter = knobs.runtime.launch_enter_hook
     meta = compiled.launch_metadata((gx, gy, 1), stream, *args, *values) if enter is not None else None
+    if tensors:
+        args = list(args)
+        for i in tensors:
+            args[i] = args[i].data_ptr()
     launcher = compiled.run
     if _C_LAUNCH and not launcher.global_scratch_size and not launcher.profile_scratch_size:
         # Triton 3.6's CudaLauncher.__call__, minus its scratch allocators (none needed here).
@@ -142,9 +149,10 @@ def run_direct(hit: tuple, grid: int | tuple[int, int], device: torch.device, ar
 def _compile(kernel, grid: tuple, args: tuple, params: dict, config: KernelConfig, pdl: bool, per_sm: int,
              device: torch.device) -> tuple | None:
     """Compile ``kernel`` for these arguments without launching it; ``launch``'s ``hit`` for it
-    (the compiled kernel, its constexpr values and the packed launch metadata, with the dynamic
-    shared memory that holds an SM to ``per_sm`` programs when the grid is one wave), or None
-    when Triton returns something other than a compiled kernel."""
+    (the compiled kernel, its constexpr values, the packed launch metadata, with the dynamic
+    shared memory that holds an SM to ``per_sm`` programs when the grid is one wave, and the
+    positions of ``args`` that are tensors), or None when Triton returns something other than a
+    compiled kernel."""
     compiled = kernel.warmup(*args, **params, grid=grid, **_options(config, pdl))
     if not isinstance(compiled, CompiledKernel):
         return None
@@ -157,7 +165,8 @@ def _compile(kernel, grid: tuple, args: tuple, params: dict, config: KernelConfi
         if shared > compiled.metadata.shared and (shared <= 48 * 1024 or compiled.metadata.shared > 48 * 1024
                                                   or _raise_shared_limit(compiled, shared)):
             packed = (*packed[:2], shared, *packed[3:])
-    return compiled, tuple(params[n] for n in kernel.arg_names[len(args):]), packed
+    tensors = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+    return compiled, tuple(params[n] for n in kernel.arg_names[len(args):]), packed, tensors
 
 
 def launch(
