@@ -336,13 +336,19 @@ def test_merge_kernel_jobs_rewritten_every_call():
         assert_close(out, lse, *reference(q, k, v, sl))
 
 
-def test_merge_kernel_rescales_across_load_steps():
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_merge_kernel_rescales_across_load_steps(prefetch, monkeypatch):
     """A head with more members than one merge-kernel step loads (MEMBERS, sized for the average
     head: the long head beside two short ones takes two steps or more), whose largest scores are
-    all in its last keys, so the later step's max must rescale the earlier steps' sums."""
+    all in its last keys, so the later step's max must rescale the earlier steps' sums; with each
+    step's loads issued after the previous step's math, and (a register budget twice as large)
+    before it."""
     from leanattn import _call
-    from leanattn._testing import DECODE_CALLS
+    from leanattn._testing import DECODE_CALLS, DECODE_KNOWN
 
+    if prefetch:
+        monkeypatch.setattr(_call, "MERGE_LOAD", 2 * _call.MERGE_LOAD)  # the same step, now held twice
+    DECODE_KNOWN.clear()
     config = merge_config(64, torch.float16, 4, True)
     programs = 48
     long = programs * config.target_share * config.tile - 100
@@ -356,7 +362,9 @@ def test_merge_kernel_rescales_across_load_steps():
     out, lse = run(q, k, v, sl, num_programs=programs, config=config)
     assert_close(out, lse, *reference(q, k, v, sl))
     (call,) = DECODE_CALLS.values()
-    assert call.merge_params["MEMBERS"] == members
+    assert call.merge_params["MEMBERS"] == members and call.merge_params["PREFETCH"] == prefetch
+    DECODE_CALLS.clear()  # nothing built with the patched budget survives the test
+    DECODE_KNOWN.clear()
 
 
 def test_calls_of_more_heads_than_sms_take_two_programs_an_sm(monkeypatch):

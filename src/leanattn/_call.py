@@ -26,8 +26,10 @@ from .kernels.plan import BLOCK_B
 # fast); the chunks' sums then meet on one ticket per head.
 ARRIVE_CHUNK = 16
 
-# The most fp32 partial values a merge-kernel program loads at once (64 registers a thread of its
-# 4 warps).
+# The most fp32 partial values a merge-kernel program holds at once (64 registers a thread of its
+# 4 warps): one load step, or two where the next step's loads are issued early (PREFETCH). At
+# twice this, with each value's address and its partial's m and l, programs of 16 or more rows
+# spill (sm_90, triton 3.6).
 MERGE_LOAD = 8192
 MERGE_LAUNCH = KernelConfig(tile=1, num_warps=4, num_stages=1, programs_per_sm=0)
 
@@ -263,6 +265,7 @@ def merge_constexprs(params: dict, busy: int, heads: int, features: Features) ->
         HEAD_DIM_PAD=params["HEAD_DIM_PAD"], COLS=cols, MEMBERS=members,
         V_SCALE_KIND=features.v_scale_kind, RETURN_LSE=params["RETURN_LSE"], HAS_SINKS=params["HAS_SINKS"],
         USE_PDL=params["USE_PDL"], BY_SLOT=params["SPLIT"] > 0,
+        PREFETCH=2 * members * rows * cols <= MERGE_LOAD,
     )
 
 
