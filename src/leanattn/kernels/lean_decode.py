@@ -855,11 +855,13 @@ def lean_merge_kernel(
         m_i = tl.full((MERGE_ROWS,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((MERGE_ROWS,), dtype=tl.float32)
         acc = tl.zeros((MERGE_ROWS, COLS), dtype=tl.float32)
+        # The first step's loads go out right after the job's, outside any loop (measured: one-step
+        # heads, the common case, 0.4-0.8 µs faster than in a loop of one turn).
+        m, l, a = _load_members(WsAcc, WsStats, first, first, last, first_odd, col0,
+                                MEMBERS, MERGE_ROWS, COLS, HEAD_DIM_PAD, BY_SLOT)
         if PREFETCH:
             # Each step's math waits on its own loads only: the next step's are issued before it
             # (a head of several steps pays about one load latency, not one a step).
-            m, l, a = _load_members(WsAcc, WsStats, first, first, last, first_odd, col0,
-                                    MEMBERS, MERGE_ROWS, COLS, HEAD_DIM_PAD, BY_SLOT)
             for j0 in range(first + MEMBERS, last + 1, MEMBERS):
                 m_next, l_next, a_next = _load_members(WsAcc, WsStats, j0, first, last, first_odd, col0,
                                                        MEMBERS, MERGE_ROWS, COLS, HEAD_DIM_PAD, BY_SLOT)
@@ -867,7 +869,8 @@ def lean_merge_kernel(
                 m, l, a = m_next, l_next, a_next
             acc, m_i, l_i = _merge_members(acc, m_i, l_i, m, l, a)
         else:
-            for j0 in range(first, last + 1, MEMBERS):
+            acc, m_i, l_i = _merge_members(acc, m_i, l_i, m, l, a)
+            for j0 in range(first + MEMBERS, last + 1, MEMBERS):
                 m, l, a = _load_members(WsAcc, WsStats, j0, first, last, first_odd, col0,
                                         MEMBERS, MERGE_ROWS, COLS, HEAD_DIM_PAD, BY_SLOT)
                 acc, m_i, l_i = _merge_members(acc, m_i, l_i, m, l, a)
