@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import leanattn
 
-from _util import DEVICE, assert_close, merge_config, reference, tile_size, to_paged
+from _util import DEVICE, assert_close, fresh_decode_calls, merge_config, reference, tile_size, to_paged  # noqa: F401
 
 HQ, HKV, D = 4, 2, 64
 DTYPE = torch.bfloat16
@@ -223,6 +223,7 @@ def test_wrapper_refuses_a_batch_invariant_that_is_not_a_bool():
         leanattn.DecodeWrapper(HQ, HKV, D, DTYPE, DEVICE, batch_invariant=[True])
 
 
+@pytest.mark.usefixtures("fresh_decode_calls")
 def test_merge_kernel_steps_keep_the_bits(monkeypatch):
     """Batch-invariant calls asked to merge split heads in the merge kernel do so by slot, in a
     shape that is fixed (here 4 members a load step, so 18 splits take five steps): a head whose largest scores are
@@ -230,11 +231,9 @@ def test_merge_kernel_steps_keep_the_bits(monkeypatch):
     sequence decoded alone on every grid and batch, right against the reference; the shape does
     not follow the batch."""
     from leanattn import _call
-    from leanattn._testing import DECODE_CALLS, DECODE_KNOWN
+    from leanattn._testing import DECODE_CALLS
 
     monkeypatch.setattr(_call, "INVARIANT_MERGE_MEMBERS", 4)
-    DECODE_CALLS.clear()  # calls built before, with the real shape, would be reused
-    DECODE_KNOWN.clear()
     split = tile_size(D, DTYPE, HQ // HKV)
     n = 17 * split + 9
     gen = torch.Generator().manual_seed(11)
@@ -250,8 +249,6 @@ def test_merge_kernel_steps_keep_the_bits(monkeypatch):
         assert_close(out, lse, *reference(q, k, v, sl))
     shapes = {(c.merge_params["MEMBERS"], c.merge_params["COLS"], c.merge_params["BY_SLOT"]) for c in DECODE_CALLS.values()}
     assert shapes == {(4, _call.INVARIANT_MERGE_COLS, True)}
-    DECODE_CALLS.clear()  # nothing built with the patched shape survives the test
-    DECODE_KNOWN.clear()
 
 
 def test_merge_kernel_jobs_rewritten_every_call():

@@ -12,7 +12,8 @@ import torch
 import leanattn
 from leanattn.schedule import plan
 
-from _util import ON_GPU, assert_close, make_inputs, merge_config, poisoned_like, reference, tile_size
+from _util import (ON_GPU, assert_close, fresh_decode_calls, make_inputs, merge_config, poisoned_like,  # noqa: F401
+                   reference, tile_size)
 
 DTYPES = [torch.float16, torch.bfloat16]
 
@@ -278,9 +279,10 @@ def test_merge_kernel_rule_and_shape():
     can have two splits, whatever the batch; otherwise never more heads than programs, forced
     either way by the config, by default from ARRIVE_CHUNK members a head), and the merge
     programs' shape: columns
-    that divide the head dim, at most MERGE_LOAD values loaded at once, every member of an
-    average head in one step where that fits, and in batch-invariant mode a shape that depends on
-    the head dim and rows alone."""
+    that divide the head dim, at most ``merge_load(rows)`` values loaded at once (8192 up to 8
+    rows, 4096 from 16: two steps are in flight), every member of an average head in one step
+    where that fits, and in batch-invariant mode a shape that depends on the head dim and rows
+    alone."""
     from leanattn import _call
     from leanattn._testing import ARRIVE_CHUNK
 
@@ -303,9 +305,11 @@ def test_merge_kernel_rule_and_shape():
             for programs, heads in ((132, 1), (264, 1), (132, 8), (264, 32), (16, 16), (1000, 3)):
                 cols, members = _call.merge_shape(head_dim, rows, programs, heads)
                 assert head_dim % cols == 0 and 4 <= cols <= 64 and members >= 1
-                assert members & (members - 1) == 0 and members * rows * cols <= max(_call.MERGE_LOAD, rows * 4)
+                load = _call.merge_load(rows)
+                assert load == (8192 if rows <= 8 else 4096)
+                assert members & (members - 1) == 0 and members * rows * cols <= max(load, rows * 4)
                 average = -(-programs // heads) + 1
-                if average * rows * 4 <= _call.MERGE_LOAD:
+                if average * rows * 4 <= load:
                     assert members >= min(programs, average)
     assert _call.merge_shape(128, 8, 132, 1) == (4, 256)  # 128-132 members in one step
     assert _call.merge_shape(128, 4, 132, 8) == (64, 32)  # two programs a head
@@ -313,6 +317,7 @@ def test_merge_kernel_rule_and_shape():
     config256 = dataclasses.replace(base, tile=32, target_share=8)
     assert _call.busy_programs(config256, 1, 132, 16384) == 64
     assert _call.merge_shape(256, 8, 64, 1) == (16, 64)
+    assert _call.merge_shape(128, 16, 132, 1) == (4, 64)  # 16 rows: 4096 values, not 8192
     features = types.SimpleNamespace(v_scale_kind=0)  # all merge_constexprs reads of a call's features
     for rows in (1, 4, 16, 128):
         shapes = set()
@@ -320,7 +325,7 @@ def test_merge_kernel_rule_and_shape():
             params = dict(MERGE_ROWS=rows, HEAD_DIM=128, SPLIT=512, GROUP=rows, Q_LEN=1, HEAD_DIM_PAD=128,
                           RETURN_LSE=False, HAS_SINKS=False, USE_PDL=False)
             mc = _call.merge_constexprs(params, busy, heads, features)
-            assert mc["BY_SLOT"] and 128 % mc["COLS"] == 0 and mc["MEMBERS"] * rows * mc["COLS"] <= _call.MERGE_LOAD
+            assert mc["BY_SLOT"] and 128 % mc["COLS"] == 0 and mc["MEMBERS"] * rows * mc["COLS"] <= _call.merge_load(rows)
             shapes.add((mc["COLS"], mc["MEMBERS"]))
         assert len(shapes) == 1
 
@@ -336,19 +341,13 @@ def test_merge_kernel_jobs_rewritten_every_call():
         assert_close(out, lse, *reference(q, k, v, sl))
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_merge_kernel_rescales_across_load_steps(prefetch, monkeypatch):
+def test_merge_kernel_rescales_across_load_steps():
     """A head with more members than one merge-kernel step loads (MEMBERS, sized for the average
     head: the long head beside two short ones takes two steps or more), whose largest scores are
-    all in its last keys, so the later step's max must rescale the earlier steps' sums; with each
-    step's loads issued after the previous step's math, and (a register budget twice as large)
-    before it."""
+    all in its last keys, so the later step's max must rescale the earlier steps' sums."""
     from leanattn import _call
-    from leanattn._testing import DECODE_CALLS, DECODE_KNOWN
+    from leanattn._testing import DECODE_CALLS
 
-    if prefetch:
-        monkeypatch.setattr(_call, "MERGE_LOAD", 2 * _call.MERGE_LOAD)  # the same step, now held twice
-    DECODE_KNOWN.clear()
     config = merge_config(64, torch.float16, 4, True)
     programs = 48
     long = programs * config.target_share * config.tile - 100
@@ -362,11 +361,10 @@ def test_merge_kernel_rescales_across_load_steps(prefetch, monkeypatch):
     out, lse = run(q, k, v, sl, num_programs=programs, config=config)
     assert_close(out, lse, *reference(q, k, v, sl))
     (call,) = DECODE_CALLS.values()
-    assert call.merge_params["MEMBERS"] == members and call.merge_params["PREFETCH"] == prefetch
-    DECODE_CALLS.clear()  # nothing built with the patched budget survives the test
-    DECODE_KNOWN.clear()
+    assert call.merge_params["MEMBERS"] == members
 
 
+@pytest.mark.usefixtures("fresh_decode_calls")
 def test_calls_of_more_heads_than_sms_take_two_programs_an_sm(monkeypatch):
     """On the GPU's heuristic, d=128 with a contiguous cache takes one program of 6 stages an SM,
     but two of 3 when the call has more kv heads than SMs (each program's share then spans
@@ -399,7 +397,6 @@ def test_calls_of_more_heads_than_sms_take_two_programs_an_sm(monkeypatch):
 
     monkeypatch.setattr(_call, "heuristic", recording)
     monkeypatch.setattr(_call, "many_heads", lambda device, heads: heads > 3)  # a GPU of 3 SMs
-    leanattn.api._KNOWN.clear()  # decode's layouts seen before skip the heuristic
     q, k, v, sl = make_inputs([70, 33], 8, 2, 64, torch.float16)  # 4 kv heads
     want = reference(q, k, v, sl)
     # decode asks for the call's own count first, then sizes the workspace for the other's grid.

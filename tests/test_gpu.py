@@ -112,6 +112,61 @@ def test_wrapper_of_more_heads_than_sms_in_cuda_graph():
     assert_close(small, small_lse, *reference(q[:2], k[:2], v[:2], seqlens[:2]))
 
 
+@pytest.mark.parametrize("d", [32, 64, 128, 256, 512])
+def test_merge_kernel_blocks_compile_without_spills(d):
+    """The merge kernel's largest blocks of every rows count at head dim ``d`` (one head over a
+    grid of one or two programs an SM: the most members a step; and the batch-invariant block),
+    two steps of which are live at once, compile without register spills, with the per-head V
+    scale, sinks and the LSE."""
+    import types
+
+    from leanattn import _call
+    from leanattn._launch import _options
+    from leanattn._testing import lean_merge_kernel
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    dev = torch.device("cuda")
+    features = types.SimpleNamespace(v_scale_kind=1)
+    f32 = torch.zeros(64, dtype=torch.float32, device=dev)
+    jobs = torch.zeros(64, dtype=torch.int32, device=dev)
+    out = torch.zeros(64, dtype=torch.bfloat16, device=dev)
+    seen = set()
+    rows = 1
+    while rows <= leanattn.max_query_rows(d):
+        for split, busy in ((0, sms), (0, 2 * sms), (512, sms)):
+            params = dict(MERGE_ROWS=rows, HEAD_DIM=d, HEAD_DIM_PAD=d, SPLIT=split, GROUP=rows, Q_LEN=1,
+                          RETURN_LSE=True, HAS_SINKS=True, USE_PDL=True)
+            mc = _call.merge_constexprs(params, busy, 1, features)
+            key = tuple(sorted(mc.items()))
+            if key in seen:
+                continue
+            seen.add(key)
+            compiled = lean_merge_kernel.warmup(jobs, f32, f32, out, f32, f32, f32, 0, 0, 0, 0, 0, 0, 1, **mc,
+                                                grid=(1, 1), **_options(_call.MERGE_LAUNCH, True))
+            compiled.run  # loads the kernel, which fills in its registers and spills
+            assert compiled.n_spills == 0, (mc, compiled.n_regs, compiled.n_spills)
+        rows *= 2
+    assert seen
+
+
+def test_plan_of_more_heads_than_sms_has_decodes_grid():
+    """plan_decode for a bf16 d=128 call of more kv heads than SMs deals decode's grid (two
+    programs an SM), and decode run with that plan gives decode's own bits; with few heads,
+    one program an SM."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    hq, hkv, d = 32, 8, 128
+    rng = random.Random(6)
+    for batch, per_sm in ((sms // hkv + 3, 2), (2, 1)):
+        lens = [rng.randint(0, 700) for _ in range(batch)]
+        q, k, v, sl = make_inputs(lens, hq, hkv, d, torch.bfloat16)
+        plan = leanattn.plan_decode(sl, k.shape[1], q_heads=hq, kv_heads=hkv, head_dim=d, kv_dtype=k.dtype)
+        assert plan.shape[0] == per_sm * sms
+        want, want_lse = leanattn.decode(q, k, v, sl, return_lse=True)
+        got, lse = leanattn.decode(q, k, v, sl, return_lse=True, plan=plan)
+        assert torch.equal(got, want) and torch.equal(lse, want_lse)
+        assert_close(got, lse, *reference(q, k, v, sl))
+
+
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_inductor_compile(mode):
     """Compiled with the first decode call inside the compiled step: under "reduce-overhead" the

@@ -74,7 +74,8 @@ def test_run_direct_launches_with_the_hits_metadata(monkeypatch, c_launch):
     assert (4, 1, 77825) in args and (4, 1, 71680) not in args
 
 
-def test_run_direct_passes_tensors_as_addresses(monkeypatch):
+@pytest.mark.parametrize("c_launch", [True, False])
+def test_run_direct_passes_tensors_as_addresses(monkeypatch, c_launch):
     """The hit's tensor positions go to Triton's launcher as the tensors' addresses (ints), so it
     neither calls ``data_ptr()`` nor asks the driver about each; the launch hooks' metadata still
     sees the tensors, and the other arguments pass unchanged."""
@@ -89,7 +90,7 @@ def test_run_direct_passes_tensors_as_addresses(monkeypatch):
             return "meta"
 
     monkeypatch.setattr(_launch, "current_stream_handle", lambda device: 7)
-    monkeypatch.setattr(_launch, "_C_LAUNCH", True)
+    monkeypatch.setattr(_launch, "_C_LAUNCH", c_launch)
     monkeypatch.setattr(_launch.knobs.runtime, "launch_enter_hook", lambda *a: None)
     x, y = torch.zeros(3), torch.ones(5)
     compiled = Compiled()

@@ -26,11 +26,18 @@ from .kernels.plan import BLOCK_B
 # fast); the chunks' sums then meet on one ticket per head.
 ARRIVE_CHUNK = 16
 
-# The most fp32 partial values a merge-kernel program holds at once (64 registers a thread of its
-# 4 warps): one load step, or two where the next step's loads are issued early (PREFETCH). At
-# twice this, with each value's address and its partial's m and l, programs of 16 or more rows
-# spill (sm_90, triton 3.6).
+# The most fp32 partial values a merge-kernel program loads in one step (64 registers a thread of
+# its 4 warps), for partials of up to 8 rows; half as many from 16 rows. The next step's loads
+# are in flight during a step's math, so two steps live at once: two steps of 8192 values at 16
+# or more rows, with their addresses and their partials' m and l, spill, as does one step at 32
+# rows (sm_90, triton 3.6: every block shape compiled offline; tests/test_gpu.py compiles the
+# largest of each rows count).
 MERGE_LOAD = 8192
+
+
+def merge_load(merge_rows: int) -> int:
+    """The most partial values a merge-kernel step of ``merge_rows`` rows loads."""
+    return MERGE_LOAD if merge_rows <= 8 else MERGE_LOAD // 2
 MERGE_LAUNCH = KernelConfig(tile=1, num_warps=4, num_stages=1, programs_per_sm=0)
 
 
@@ -235,12 +242,13 @@ def merge_shape(head_dim: int, merge_rows: int, busy: int, heads: int) -> tuple[
     """(columns of a merge-kernel program, members it loads at once) for ``heads`` kv heads cut
     among ``busy`` programs: every member of a head of average length at once (a program's loads
     are all in flight together, so its latency is its number of steps), in as few columns as fit
-    MERGE_LOAD values (fewer programs); a power of two from 4 that divides ``head_dim``."""
+    ``merge_load`` values (fewer programs); a power of two from 4 that divides ``head_dim``."""
+    load = merge_load(merge_rows)
     members = next_pow2(min(busy, -(-busy // heads) + 1))
     cols = 4
-    while head_dim % (2 * cols) == 0 and members * merge_rows * 2 * cols <= MERGE_LOAD and 2 * cols <= 64:
+    while head_dim % (2 * cols) == 0 and members * merge_rows * 2 * cols <= load and 2 * cols <= 64:
         cols *= 2
-    return cols, max(1, min(members, MERGE_LOAD // (merge_rows * cols)))
+    return cols, max(1, min(members, load // (merge_rows * cols)))
 
 
 # Batch-invariant mode's merge programs: columns a program (a power of two that divides every
@@ -257,7 +265,7 @@ def merge_constexprs(params: dict, busy: int, heads: int, features: Features) ->
     rows = params["MERGE_ROWS"]
     if params["SPLIT"]:
         cols = INVARIANT_MERGE_COLS
-        members = max(1, min(INVARIANT_MERGE_MEMBERS, MERGE_LOAD // (rows * cols)))
+        members = max(1, min(INVARIANT_MERGE_MEMBERS, merge_load(rows) // (rows * cols)))
     else:
         cols, members = merge_shape(params["HEAD_DIM"], rows, busy, heads)
     return dict(
@@ -265,7 +273,6 @@ def merge_constexprs(params: dict, busy: int, heads: int, features: Features) ->
         HEAD_DIM_PAD=params["HEAD_DIM_PAD"], COLS=cols, MEMBERS=members,
         V_SCALE_KIND=features.v_scale_kind, RETURN_LSE=params["RETURN_LSE"], HAS_SINKS=params["HAS_SINKS"],
         USE_PDL=params["USE_PDL"], BY_SLOT=params["SPLIT"] > 0,
-        PREFETCH=2 * members * rows * cols <= MERGE_LOAD,
     )
 
 

@@ -67,7 +67,7 @@ def _decode_into_fake(q, k_cache, v_cache, out, lse, cache_seqlens, block_table,
 def _default_grid(device: torch.device, heads: int, programs_per_sm: int, many_programs_per_sm: int) -> int:
     """The heuristic's grid for a call of ``heads`` kv heads: SMs x ``programs_per_sm``, or x
     ``many_programs_per_sm`` (when not 0) for more heads than SMs (the heuristic's ``many_heads``)."""
-    if many_programs_per_sm and heads > grid_size(device, 1):
+    if many_programs_per_sm and _call.many_heads(device, heads):
         programs_per_sm = many_programs_per_sm
     return grid_size(device, programs_per_sm)
 

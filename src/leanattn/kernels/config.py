@@ -2,7 +2,8 @@
 
 Chosen per (head_dim, cache dtype, query rows, cache kind, mode, and whether a call has more kv
 heads than SMs) by the heuristic below, never per context length, so one compile serves every
-length (and at most two serve every batch). The numbers come from sweeps recorded in
+length; a batch can change the config only across the SM count (and the merge kernel's block
+shape, which ``_call.merge_shape`` sizes from the heads and programs). The numbers come from sweeps recorded in
 ``benchmarks/NOTES.md``.
 """
 
