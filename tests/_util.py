@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import pytest
 import torch
 
 import leanattn
@@ -116,17 +115,3 @@ def to_paged(
             kp[page, : hi - lo] = k[b, lo:hi]
             vp[page, : hi - lo] = v[b, lo:hi]
     return kp, vp, table.to(k.device)
-
-
-@pytest.fixture
-def fresh_decode_calls():
-    """decode's built calls and known layouts, cleared before and after a test that patches what
-    they are built from (a monkeypatched constant or rule), so that none built under the patch
-    outlives the test, even one that fails."""
-    from leanattn._testing import DECODE_CALLS, DECODE_KNOWN
-
-    DECODE_CALLS.clear()
-    DECODE_KNOWN.clear()
-    yield
-    DECODE_CALLS.clear()
-    DECODE_KNOWN.clear()

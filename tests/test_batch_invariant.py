@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import leanattn
 
-from _util import DEVICE, assert_close, fresh_decode_calls, merge_config, reference, tile_size, to_paged  # noqa: F401
+from _util import DEVICE, assert_close, merge_config, reference, tile_size, to_paged
 
 HQ, HKV, D = 4, 2, 64
 DTYPE = torch.bfloat16

@@ -12,8 +12,7 @@ import torch
 import leanattn
 from leanattn.schedule import plan
 
-from _util import (ON_GPU, assert_close, fresh_decode_calls, make_inputs, merge_config, poisoned_like,  # noqa: F401
-                   reference, tile_size)
+from _util import ON_GPU, assert_close, make_inputs, merge_config, poisoned_like, reference, tile_size
 
 DTYPES = [torch.float16, torch.bfloat16]
 
@@ -318,6 +317,7 @@ def test_merge_kernel_rule_and_shape():
     assert _call.busy_programs(config256, 1, 132, 16384) == 64
     assert _call.merge_shape(256, 8, 64, 1) == (16, 64)
     assert _call.merge_shape(128, 16, 132, 1) == (4, 64)  # 16 rows: 4096 values, not 8192
+    assert _call.merge_shape(128, 1, 4000, 1) == (16, 512)  # a grid of 4000: MERGE_MEMBERS a step
     features = types.SimpleNamespace(v_scale_kind=0)  # all merge_constexprs reads of a call's features
     for rows in (1, 4, 16, 128):
         shapes = set()
@@ -341,6 +341,7 @@ def test_merge_kernel_jobs_rewritten_every_call():
         assert_close(out, lse, *reference(q, k, v, sl))
 
 
+@pytest.mark.usefixtures("fresh_decode_calls")
 def test_merge_kernel_rescales_across_load_steps():
     """A head with more members than one merge-kernel step loads (MEMBERS, sized for the average
     head: the long head beside two short ones takes two steps or more), whose largest scores are

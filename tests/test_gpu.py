@@ -112,17 +112,18 @@ def test_wrapper_of_more_heads_than_sms_in_cuda_graph():
     assert_close(small, small_lse, *reference(q[:2], k[:2], v[:2], seqlens[:2]))
 
 
-@pytest.mark.parametrize("d", [32, 64, 128, 256, 512])
+@pytest.mark.parametrize("d", leanattn.SUPPORTED_HEAD_DIMS)
 def test_merge_kernel_blocks_compile_without_spills(d):
     """The merge kernel's largest blocks of every rows count at head dim ``d`` (one head over a
-    grid of one or two programs an SM: the most members a step; and the batch-invariant block),
-    two steps of which are live at once, compile without register spills, with the per-head V
-    scale, sinks and the LSE."""
+    grid of one, two or eight programs an SM: the most members a step; and the batch-invariant
+    block), two steps of which are live at once, compile without register spills, with the
+    per-head V scale, sinks and the LSE."""
     import types
 
     from leanattn import _call
     from leanattn._launch import _options
     from leanattn._testing import lean_merge_kernel
+    from leanattn.kernels.config import next_pow2
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     dev = torch.device("cuda")
@@ -133,8 +134,8 @@ def test_merge_kernel_blocks_compile_without_spills(d):
     seen = set()
     rows = 1
     while rows <= leanattn.max_query_rows(d):
-        for split, busy in ((0, sms), (0, 2 * sms), (512, sms)):
-            params = dict(MERGE_ROWS=rows, HEAD_DIM=d, HEAD_DIM_PAD=d, SPLIT=split, GROUP=rows, Q_LEN=1,
+        for split, busy in ((0, sms), (0, 2 * sms), (0, 8 * sms), (512, sms)):
+            params = dict(MERGE_ROWS=rows, HEAD_DIM=d, HEAD_DIM_PAD=next_pow2(d), SPLIT=split, GROUP=rows, Q_LEN=1,
                           RETURN_LSE=True, HAS_SINKS=True, USE_PDL=True)
             mc = _call.merge_constexprs(params, busy, 1, features)
             key = tuple(sorted(mc.items()))

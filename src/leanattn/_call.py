@@ -30,14 +30,20 @@ ARRIVE_CHUNK = 16
 # its 4 warps), for partials of up to 8 rows; half as many from 16 rows. The next step's loads
 # are in flight during a step's math, so two steps live at once: two steps of 8192 values at 16
 # or more rows, with their addresses and their partials' m and l, spill, as does one step at 32
-# rows (sm_90, triton 3.6: every block shape compiled offline; tests/test_gpu.py compiles the
-# largest of each rows count).
+# rows (sm_90, triton 3.6, compiled offline; at these sizes no block of the default grids of 16
+# or more rows, or of up to 8 rows and over 4096 values, spills; tests/test_gpu.py compiles the
+# largest of each rows count). At most
+# MERGE_MEMBERS members a step (a head over a grid of two programs an SM fits one step), so a
+# larger grid's m and l a step stay those of the shapes checked.
 MERGE_LOAD = 8192
+MERGE_MEMBERS = 512
 
 
 def merge_load(merge_rows: int) -> int:
     """The most partial values a merge-kernel step of ``merge_rows`` rows loads."""
     return MERGE_LOAD if merge_rows <= 8 else MERGE_LOAD // 2
+
+
 MERGE_LAUNCH = KernelConfig(tile=1, num_warps=4, num_stages=1, programs_per_sm=0)
 
 
@@ -241,10 +247,11 @@ def covered(capacity: int, features: Features, q_len: int) -> int:
 def merge_shape(head_dim: int, merge_rows: int, busy: int, heads: int) -> tuple[int, int]:
     """(columns of a merge-kernel program, members it loads at once) for ``heads`` kv heads cut
     among ``busy`` programs: every member of a head of average length at once (a program's loads
-    are all in flight together, so its latency is its number of steps), in as few columns as fit
-    ``merge_load`` values (fewer programs); a power of two from 4 that divides ``head_dim``."""
+    are all in flight together, so its latency is its number of steps; at most MERGE_MEMBERS), in
+    as few columns as fit ``merge_load`` values (fewer programs); a power of two from 4 that
+    divides ``head_dim``."""
     load = merge_load(merge_rows)
-    members = next_pow2(min(busy, -(-busy // heads) + 1))
+    members = min(MERGE_MEMBERS, next_pow2(min(busy, -(-busy // heads) + 1)))
     cols = 4
     while head_dim % (2 * cols) == 0 and members * merge_rows * 2 * cols <= load and 2 * cols <= 64:
         cols *= 2
