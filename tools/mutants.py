@@ -24,6 +24,8 @@ CALL = "src/leanattn/_call.py"
 API = "src/leanattn/api.py"
 WORKSPACE = "src/leanattn/_workspace.py"
 MLA = "src/leanattn/kernels/mla_decode.py"
+OPS = "src/leanattn/ops.py"
+LAUNCH = "src/leanattn/_launch.py"
 
 GPU_RACE = "tests/test_gpu.py::test_merge_race_stress"
 GPU_FP8 = "tests/test_gpu.py::test_fp8_extremes"
@@ -490,5 +492,37 @@ MUTANTS: list[Mutant] = [
             "        launcher(gx, gy, 1, stream, compiled.function, compiled.packed_metadata, meta, enter,"),
         ("tests/test_launch.py",), k="run_direct",
         why="direct launches would drop the padded shared memory, and the cap with it",
+    ),
+    Mutant(
+        "direct-launch-tensors-not-addresses",
+        one(LAUNCH, "            args[i] = args[i].data_ptr()", "            args[i] = args[i]"),
+        ("tests/test_launch.py",), k="run_direct",
+        why="Triton's launcher would take data_ptr() and query the driver for every tensor again",
+    ),
+    # --- the merge kernel's block and the many-heads config --------------------------------------
+    Mutant(
+        "merge-load-flat",
+        one(CALL, "    return MERGE_LOAD if merge_rows <= 8 else MERGE_LOAD // 2", "    return MERGE_LOAD"),
+        ("tests/test_decode.py",), k="rule_and_shape",
+        why="merge steps of 16 or more rows would hold 8192 values: two live steps spill",
+    ),
+    Mutant(
+        "merge-members-uncapped",
+        one(CALL, "    members = min(MERGE_MEMBERS, next_pow2(min(busy, -(-busy // heads) + 1)))",
+            "    members = next_pow2(min(busy, -(-busy // heads) + 1))"),
+        ("tests/test_decode.py",), k="rule_and_shape",
+        why="a grid larger than two programs an SM would give merge steps of more members than any checked",
+    ),
+    Mutant(
+        "decode-ignores-many-heads",
+        one(CALL, "    many = many_heads(q.device, batch * kv_heads)", "    many = False"),
+        ("tests/test_decode.py",), k="more_heads_than_sms",
+        why="calls of more kv heads than SMs would keep the six-stage config (12-15% slower eager)",
+    ),
+    Mutant(
+        "plan-op-ignores-many-heads",
+        one(OPS, "    if many_programs_per_sm and _call.many_heads(device, heads):", "    if False:"),
+        ("tests/test_gpu.py",), k="plan_of_more_heads", gpu=True,
+        why="plan_decode would deal one program an SM where decode runs two: the plan's grid and decode's differ",
     ),
 ]
