@@ -111,6 +111,9 @@ def layout_of(*tensors: torch.Tensor | None) -> tuple:
     ])
 
 
+_NO_LAYOUTS = (None, None, None)  # layout_of(None, None, None), without the call (every run asks)
+
+
 def call_key(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None,
     block_table: torch.Tensor | None, sinks: torch.Tensor | None, k_scale: object, v_scale: object,
@@ -124,9 +127,10 @@ def call_key(
     # Triton specialises each pointer on 16-byte alignment: one bool when all are aligned.
     aligned = (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3]) % 16 == 0 or tuple(p % 16 == 0 for p in ptrs)
     # Devices and the scales' types too: DecodeWrapper.run skips its checks for a key it has seen.
+    optional = _NO_LAYOUTS if lse is None and block_table is None and sinks is None else layout_of(lse, block_table, sinks)
     return (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), k_cache.dtype, k_cache.device,
             v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.device, out.shape, out.stride(), out.dtype,
-            out.device, aligned, layout_of(lse, block_table, sinks), softcap,
+            out.device, aligned, optional, softcap,
             (type(k_scale), k_scale) if not isinstance(k_scale, torch.Tensor) else layout_of(k_scale),
             (type(v_scale), v_scale) if not isinstance(v_scale, torch.Tensor) else layout_of(v_scale), lengths)
 
