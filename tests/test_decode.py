@@ -341,23 +341,24 @@ def test_merge_kernel_jobs_rewritten_every_call():
         assert_close(out, lse, *reference(q, k, v, sl))
 
 
+@pytest.mark.parametrize("rows", [4, 16])  # steps of 8192 values, and of 4096 (merge_load)
 @pytest.mark.usefixtures("fresh_decode_calls")
-def test_merge_kernel_rescales_across_load_steps():
+def test_merge_kernel_rescales_across_load_steps(rows):
     """A head with more members than one merge-kernel step loads (MEMBERS, sized for the average
     head: the long head beside two short ones takes two steps or more), whose largest scores are
     all in its last keys, so the later step's max must rescale the earlier steps' sums."""
     from leanattn import _call
     from leanattn._testing import DECODE_CALLS
 
-    config = merge_config(64, torch.float16, 4, True)
+    config = merge_config(64, torch.float16, rows, True)
     programs = 48
     long = programs * config.target_share * config.tile - 100
-    q, k, v, sl = make_inputs([long, 40, 40], 4, 1, 64, torch.float16, seed=9)
+    q, k, v, sl = make_inputs([long, 40, 40], rows, 1, 64, torch.float16, seed=9)
     k[0, -200:, 0] = (q[0, 0].float().mean(0) * 4).to(k.dtype)  # the long head's top scores, at its end
     (segs,) = [s for h, s in plan(sl.tolist(), 1, config.tile, programs, config.target_share).split_heads().items()
                if h == (0, 0)]
-    _, members = _call.merge_shape(64, 4, _call.busy_programs(config, 3, programs, k.shape[1]), 3)
-    assert len(segs) > members
+    cols, members = _call.merge_shape(64, rows, _call.busy_programs(config, 3, programs, k.shape[1]), 3)
+    assert len(segs) > members and members * rows * cols == _call.merge_load(rows)
     DECODE_CALLS.clear()
     out, lse = run(q, k, v, sl, num_programs=programs, config=config)
     assert_close(out, lse, *reference(q, k, v, sl))
