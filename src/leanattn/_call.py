@@ -32,9 +32,9 @@ ARRIVE_CHUNK = 16
 # or more rows, with their addresses and their partials' m and l, spill, as does one step at 32
 # rows (sm_90, triton 3.6, compiled offline; at these sizes no block of the default grids of 16
 # or more rows, or of up to 8 rows and over 4096 values, spills; tests/test_gpu.py compiles the
-# largest of each rows count). At most
-# MERGE_MEMBERS members a step (a head over a grid of two programs an SM fits one step), so a
-# larger grid's m and l a step stay those of the shapes checked.
+# largest of each rows count). At most MERGE_MEMBERS members a step (a head over a grid of two
+# programs an SM fits one step), so a larger grid's m and l a step stay those of the shapes
+# checked.
 MERGE_LOAD = 8192
 MERGE_MEMBERS = 512
 
