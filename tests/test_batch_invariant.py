@@ -224,6 +224,35 @@ def test_wrapper_refuses_a_batch_invariant_that_is_not_a_bool():
 
 
 @pytest.mark.usefixtures("fresh_decode_calls")
+def test_merge_kernel_steps_of_sixteen_rows_keep_the_bits():
+    """16 query rows a kv head (the merge kernel's steps then hold 4096 values: 16 splits of 16
+    columns), a head of 21 splits taking two steps, its largest scores in its last split: the
+    same bits alone on one program and in a batch on several grids, right against the
+    reference."""
+    from leanattn import _call
+    from leanattn._testing import DECODE_CALLS
+
+    hq, hkv = 16, 1
+    split = tile_size(D, DTYPE, hq // hkv)
+    n = 20 * split + 3
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = rnd(gen, 2, 1, hq, D), rnd(gen, 2, n, hkv, D), rnd(gen, 2, n, hkv, D)
+    k[0, -3:] = (q[0, 0].float().mean(0) * 3).to(DTYPE)  # top scores in the last split
+    sl = torch.tensor([n, 5 * split], dtype=torch.int32, device=DEVICE)
+    kw = dict(batch_invariant=True, split_size=split, return_lse=True,
+              config=merge_config(D, DTYPE, hq // hkv, True, batch_invariant=True))
+    alone, alone_lse = leanattn.decode(q[:1], k[:1], v[:1], sl[:1], num_programs=1, **kw)
+    assert_close(alone, alone_lse, *reference(q[:1], k[:1], v[:1], sl[:1]))
+    for grid in (3, 8):
+        out, lse = leanattn.decode(q, k, v, sl, num_programs=grid, **kw)
+        assert torch.equal(out[0], alone[0]) and torch.equal(lse[0], alone_lse[0]), grid
+        assert_close(out, lse, *reference(q, k, v, sl))
+    members = _call.merge_load(16) // (16 * _call.INVARIANT_MERGE_COLS)
+    assert 21 > members == 16
+    assert {(c.merge_params["MEMBERS"], c.merge_params["BY_SLOT"]) for c in DECODE_CALLS.values()} == {(members, True)}
+
+
+@pytest.mark.usefixtures("fresh_decode_calls")
 def test_merge_kernel_steps_keep_the_bits(monkeypatch):
     """Batch-invariant calls asked to merge split heads in the merge kernel do so by slot, in a
     shape that is fixed (here 4 members a load step, so 18 splits take five steps): a head whose largest scores are
