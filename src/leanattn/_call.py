@@ -127,7 +127,8 @@ def call_key(
     # Triton specialises each pointer on 16-byte alignment: one bool when all are aligned.
     aligned = (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3]) % 16 == 0 or tuple(p % 16 == 0 for p in ptrs)
     # Devices and the scales' types too: DecodeWrapper.run skips its checks for a key it has seen.
-    optional = _NO_LAYOUTS if lse is None and block_table is None and sinks is None else layout_of(lse, block_table, sinks)
+    none = lse is None and block_table is None and sinks is None
+    optional = _NO_LAYOUTS if none else layout_of(lse, block_table, sinks)
     return (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), k_cache.dtype, k_cache.device,
             v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.device, out.shape, out.stride(), out.dtype,
             out.device, aligned, optional, softcap,
