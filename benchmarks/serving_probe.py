@@ -29,8 +29,8 @@ def launch_config(shape_text: str, **changes) -> leanattn.KernelConfig:
     shape = parse_shape(shape_text)
     kv_dtype = torch.float8_e4m3fn if shape.fp8 else shape.dtype
     rows = shape.q_len * (shape.q_heads // shape.kv_heads)
-    many = leanattn._call.many_heads(torch.device("cuda"), len(shape.lens) * shape.kv_heads)
-    return replace(leanattn.choose_config(shape.head_dim, kv_dtype, rows, shape.page_size > 0, shape.split > 0, many),
+    big = leanattn._call.large(torch.device("cuda"), len(shape.lens) * shape.kv_heads, max(shape.lens))
+    return replace(leanattn.choose_config(shape.head_dim, kv_dtype, rows, shape.page_size > 0, shape.split > 0, big),
                    **changes)
 
 

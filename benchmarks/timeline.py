@@ -97,7 +97,7 @@ def timeline(shape: Shape, replays: int, changes: dict[str, object], programs: i
     appends = make_appends(shape, ls.xs)
     base = leanattn.choose_config(shape.head_dim, ls.first.k.dtype, shape.q_len * shape.q_heads // shape.kv_heads,
                                   ls.first.block_table is not None, shape.split > 0,
-                                  leanattn._call.many_heads(device, len(shape.lens) * shape.kv_heads))
+                                  leanattn._call.large(device, len(shape.lens) * shape.kv_heads, max(shape.lens)))
     changes = dict(changes)
     constexprs = (("TIMELINE", True),) + tuple(changes.pop("constexprs", ()))
     config = replace(base, constexprs=constexprs, **changes)

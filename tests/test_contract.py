@@ -333,8 +333,8 @@ def test_a_plan_is_refused_by_runs_of_another_tile(monkeypatch):
 
     real = kernel_config.choose_config
 
-    def tiles(head_dim, kv_dtype, rows, paged=False, batch_invariant=False, many_heads=False):
-        c = real(head_dim, kv_dtype, rows, paged, batch_invariant, many_heads)
+    def tiles(head_dim, kv_dtype, rows, paged=False, batch_invariant=False, large=False):
+        c = real(head_dim, kv_dtype, rows, paged, batch_invariant, large)
         return KernelConfig(2 * c.tile if paged else c.tile, c.num_warps, c.num_stages, c.programs_per_sm)
 
     q = torch.randn(2, 1, 8, 64, dtype=torch.float16, device=DEVICE)

@@ -366,29 +366,44 @@ def test_merge_kernel_rescales_across_load_steps(rows):
     assert call.merge_params["MEMBERS"] == members
 
 
+def test_a_call_is_large_past_four_tiles_a_program_over_two_heads_or_more():
+    """kernels.config.large_call: tiles (heads x 64-token tiles of the capacity) past 4 a program
+    of a one-program-an-SM grid, over two heads or more; a single head never (its merge would
+    take twice the members)."""
+    from leanattn.kernels.config import large_call
+
+    sms = 132
+    assert not large_call(1, 10**7, sms)
+    assert not large_call(8, 4096, sms)  # 512 tiles: 1 x 4k 32/8
+    assert not large_call(2, 64 * 264, sms) and large_call(2, 64 * 264 + 1, sms)  # 528 tiles, then 530
+    assert large_call(8, 8192, sms)  # 1024 tiles: 1 x 8k 32/8
+    assert large_call(529, 64, sms) and not large_call(528, 64, sms)  # one tile a head
+    assert not large_call(8, 8192, 300)  # the same call on a GPU of 300 SMs
+
+
 @pytest.mark.usefixtures("fresh_decode_calls")
-def test_calls_of_more_heads_than_sms_take_two_programs_an_sm(monkeypatch):
+def test_large_calls_take_two_programs_an_sm(monkeypatch):
     """On the GPU's heuristic, d=128 with a contiguous cache takes one program of 6 stages an SM,
-    but two of 3 when the call has more kv heads than SMs (each program's share then spans
-    several heads, each restarting the pipeline), with the same tile; nothing else depends on
-    it. decode, plan_decode and DecodeWrapper.plan all ask with the call's own count, and a plan
-    made so is run by decode."""
+    but two of 3 when the call is large (two kv heads or more whose tiles at full capacity pass 4
+    a program of the one-program grid), with the same tile; nothing else depends on it. decode,
+    plan_decode and DecodeWrapper.plan all ask with the call's own size, and a plan made so is
+    run by decode."""
     from leanattn import _call
     from leanattn.kernels import config as kernel_config
 
     with monkeypatch.context() as m:
         m.setattr(kernel_config, "interpreting", lambda: False)  # the GPU's heuristic, on any machine
-        few = kernel_config.choose_config(128, torch.bfloat16, 4)
-        many = kernel_config.choose_config(128, torch.bfloat16, 4, many_heads=True)
-        assert (few.num_stages, few.programs_per_sm, many.num_stages, many.programs_per_sm) == (6, 1, 3, 2)
-        assert many.tile == few.tile
+        small = kernel_config.choose_config(128, torch.bfloat16, 4)
+        large = kernel_config.choose_config(128, torch.bfloat16, 4, large=True)
+        assert (small.num_stages, small.programs_per_sm, large.num_stages, large.programs_per_sm) == (6, 1, 3, 2)
+        assert large.tile == small.tile
         for d in (64, 80, 96, 256, 512):
             for paged in (False, True):
-                assert kernel_config.choose_config(d, torch.bfloat16, 4, paged, many_heads=True) == \
+                assert kernel_config.choose_config(d, torch.bfloat16, 4, paged, large=True) == \
                     kernel_config.choose_config(d, torch.bfloat16, 4, paged)
-        assert kernel_config.choose_config(128, torch.bfloat16, 4, True, many_heads=True) == \
+        assert kernel_config.choose_config(128, torch.bfloat16, 4, True, large=True) == \
             kernel_config.choose_config(128, torch.bfloat16, 4, True)
-    assert not _call.many_heads(torch.device("cpu"), 10**6)
+    assert not _call.large(torch.device("cpu"), 10**6, 10**6)
 
     asked = []
     real = _call.heuristic
@@ -398,10 +413,10 @@ def test_calls_of_more_heads_than_sms_take_two_programs_an_sm(monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(_call, "heuristic", recording)
-    monkeypatch.setattr(_call, "many_heads", lambda device, heads: heads > 3)  # a GPU of 3 SMs
+    monkeypatch.setattr(_call, "large", lambda device, heads, capacity: heads > 3)
     q, k, v, sl = make_inputs([70, 33], 8, 2, 64, torch.float16)  # 4 kv heads
     want = reference(q, k, v, sl)
-    # decode asks for the call's own count first, then sizes the workspace for the other's grid.
+    # decode asks for the call's own size first, then sizes the workspace for the other's grid.
     assert_close(*run(q, k, v, sl), *want)
     assert asked == [True, False]
     plan = leanattn.plan_decode(sl, k.shape[1], q_heads=8, kv_heads=2, head_dim=64, kv_dtype=k.dtype)

@@ -150,15 +150,15 @@ def test_merge_kernel_blocks_compile_without_spills(d):
     assert seen
 
 
-def test_plan_of_more_heads_than_sms_has_decodes_grid():
-    """plan_decode for a bf16 d=128 call of more kv heads than SMs deals decode's grid (two
-    programs an SM), and decode run with that plan gives decode's own bits; with few heads,
-    one program an SM."""
+def test_plan_of_a_large_call_has_decodes_grid():
+    """plan_decode for a large bf16 d=128 call (more kv heads than SMs; few heads over a long
+    cache) deals decode's grid (two programs an SM), and decode run with that plan gives
+    decode's own bits; for a small call, one program an SM."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     hq, hkv, d = 32, 8, 128
     rng = random.Random(6)
-    for batch, per_sm in ((sms // hkv + 3, 2), (2, 1)):
-        lens = [rng.randint(0, 700) for _ in range(batch)]
+    cases = ([rng.randint(0, 700) for _ in range(sms // hkv + 3)], 2), ([64 * sms, 5], 2), ([700, 31], 1)
+    for lens, per_sm in cases:
         q, k, v, sl = make_inputs(lens, hq, hkv, d, torch.bfloat16)
         plan = leanattn.plan_decode(sl, k.shape[1], q_heads=hq, kv_heads=hkv, head_dim=d, kv_dtype=k.dtype)
         assert plan.shape[0] == per_sm * sms
@@ -437,7 +437,7 @@ def test_timeline_stamps_are_ordered_and_change_no_bits(planned, merge_kernel):
     (64, torch.bfloat16, False),  # under 48 KiB: the limit is raised for the padded size
     (128, torch.bfloat16, True),
     (128, torch.float8_e4m3fn, False),
-    (128, torch.bfloat16, False),  # 6 stages: alone on its SM already
+    (128, torch.bfloat16, False),  # 6 stages (a small call): alone on its SM already
 ])
 def test_launch_keeps_programs_per_sm(d, kv_dtype, paged):
     """The driver's occupancy of the launched kernel at the dynamic shared memory it is launched
@@ -448,7 +448,8 @@ def test_launch_keeps_programs_per_sm(d, kv_dtype, paged):
 
     from leanattn._testing import wrapper_calls
 
-    lens = [5000, 3000]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    lens = [64 * (sms // 2), 40 * (sms // 2)]  # 8 heads of sms / 2 tiles: a small call
     q, k, v, sl = make_inputs(lens, 16, 4, d, torch.bfloat16)
     kw, kc, vc = {}, k, v
     if kv_dtype != torch.bfloat16:
@@ -463,6 +464,8 @@ def test_launch_keeps_programs_per_sm(d, kv_dtype, paged):
     w.plan(sl, capacity)
     out = w.run(q, kc, vc, **kw)
     (call,) = wrapper_calls(w)
+    if (d, kv_dtype, paged) == (128, torch.bfloat16, False):
+        assert call.config.num_stages == 6  # the case it stands for
     compiled, _, (warps, _, shared), _ = call.hit
     assert shared >= compiled.metadata.shared
     cuda = ctypes.CDLL("libcuda.so.1")

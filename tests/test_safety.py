@@ -212,12 +212,12 @@ def test_reserve_workspace_covers_paged_and_contiguous_grids(monkeypatch):
 
     real = kernel_config.choose_config
 
-    def two_grids(head_dim, kv_dtype, rows, paged=False, batch_invariant=False, many_heads=False):  # 3 vs 1 an SM
-        c = real(head_dim, kv_dtype, rows, paged, batch_invariant, many_heads)
+    def two_grids(head_dim, kv_dtype, rows, paged=False, batch_invariant=False, large=False):  # 3 vs 1 an SM
+        c = real(head_dim, kv_dtype, rows, paged, batch_invariant, large)
         return KernelConfig(c.tile, c.num_warps, c.num_stages, programs_per_sm=3 if paged else 1)
 
     monkeypatch.setattr(kernel_config, "choose_config", two_grids)
-    monkeypatch.setattr(leanattn._call, "heuristic", lambda d, dt, rows, paged, bi, many=False: two_grids(d, dt, rows, paged, bi))
+    monkeypatch.setattr(leanattn._call, "heuristic", lambda d, dt, rows, paged, bi, large=False: two_grids(d, dt, rows, paged, bi))
     monkeypatch.setattr(leanattn._launch, "grid_size", lambda device, per_sm: 4 * per_sm)  # 4 "SMs", also on the CPU
     dev = torch.device(DEVICE)
     if dev.type == "cuda":

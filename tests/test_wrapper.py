@@ -274,7 +274,7 @@ def test_a_run_on_the_other_kind_of_cache_warns_once_and_stays_exact(monkeypatch
             warnings.simplefilter("error")
             w.run(q, **run)
     real = _call.heuristic
-    monkeypatch.setattr(_call, "heuristic", lambda d, dt, rows, paged, invariant, many=False: KernelConfig(
+    monkeypatch.setattr(_call, "heuristic", lambda d, dt, rows, paged, invariant, large=False: KernelConfig(
         tile=real(d, dt, rows, paged, invariant).tile, num_warps=4, num_stages=1 if paged else 2, programs_per_sm=1))
     for paged, run in runs:
         w = _wrapper(q, k, 4, paged=paged)

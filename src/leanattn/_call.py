@@ -18,7 +18,7 @@ from ._checks import capacity_of
 from ._features import Features, kernel_scale, scale_tensor
 from ._launch import default_num_programs, grid_size, launch, use_pdl
 from ._workspace import Workspace, workspace_for
-from .kernels.config import KernelConfig, choose_config, interpreting, next_pow2
+from .kernels.config import KernelConfig, choose_config, interpreting, large_call, next_pow2
 from .kernels.lean_decode import EVENTS, lean_decode_kernel, lean_merge_kernel
 from .kernels.plan import BLOCK_B
 
@@ -49,17 +49,17 @@ MERGE_LAUNCH = KernelConfig(tile=1, num_warps=4, num_stages=1, programs_per_sm=0
 
 @functools.lru_cache(maxsize=None)
 def heuristic(head_dim: int, kv_dtype: torch.dtype, rows: int, paged: bool, batch_invariant: bool,
-              many_heads: bool = False) -> KernelConfig:
+              large: bool = False) -> KernelConfig:
     """The launch heuristic's config for ``rows`` (q_len x group) query rows of a kv head of a
-    contiguous or ``paged`` cache, in the default or the ``batch_invariant`` mode, for a call of
-    ``many_heads`` (see :func:`many_heads`) or not."""
-    return choose_config(head_dim, kv_dtype, rows, paged, batch_invariant, many_heads)
+    contiguous or ``paged`` cache, in the default or the ``batch_invariant`` mode, for a
+    ``large`` call (see :func:`large`) or not."""
+    return choose_config(head_dim, kv_dtype, rows, paged, batch_invariant, large)
 
 
-def many_heads(device: torch.device, heads: int) -> bool:
-    """Whether a call of ``heads`` kv heads (batch x kv_heads) has more of them than ``device``
-    has SMs (the heuristic's ``many_heads``; never on the CPU)."""
-    return device.type == "cuda" and heads > grid_size(device, 1)
+def large(device: torch.device, heads: int, capacity: int) -> bool:
+    """Whether a call of ``heads`` kv heads (batch x kv_heads) over at most ``capacity`` tokens
+    is large on ``device`` (``kernels.config.large_call``; never on the CPU)."""
+    return device.type == "cuda" and large_call(heads, capacity, grid_size(device, 1))
 
 
 @functools.lru_cache(maxsize=None)
@@ -406,15 +406,15 @@ def decode_into(
     rows = q_len * (q_heads // k_cache.shape[2])
     kv_heads = k_cache.shape[2]
     given = config is not None
-    many = many_heads(q.device, batch * kv_heads)
-    config = config or heuristic(head_dim, k_cache.dtype, rows, block_table is not None, split > 0, many)
-    programs = plan.shape[0] if plan is not None else grid(q.device, config, num_programs)
     capacity = capacity_of(k_cache, block_table)
+    big = large(q.device, batch * kv_heads, capacity)
+    config = config or heuristic(head_dim, k_cache.dtype, rows, block_table is not None, split > 0, big)
+    programs = plan.shape[0] if plan is not None else grid(q.device, config, num_programs)
     need = slots(programs, split, batch, kv_heads, capacity)
     if not given and not split:
-        # The heuristic's grid follows the count of heads (many_heads): the workspace a warm-up
-        # call grows fits the other count's grid too, so a capture of another batch needs nothing.
-        other = heuristic(head_dim, k_cache.dtype, rows, block_table is not None, False, not many)
+        # The heuristic's grid follows the call's size (large): the workspace a warm-up call
+        # grows fits the other size's grid too, so a capture of another batch needs nothing.
+        other = heuristic(head_dim, k_cache.dtype, rows, block_table is not None, False, not big)
         need = max(need, slots(grid(q.device, other, num_programs), 0, batch, kv_heads, capacity))
     bufs = buffers(workspace_for(q.device), q.device, need, head_dim, rows)
     lengths = (layout_of(cache_seqlens, cache_leftpad, plan), batch, capacity, programs, config, causal,

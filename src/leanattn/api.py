@@ -29,14 +29,14 @@ __all__ = ["decode", "plan_decode", "reserve_workspace", "choose_config", "defau
 
 
 def choose_config(head_dim: int, kv_dtype: torch.dtype, rows: int, paged: bool = False,
-                  batch_invariant: bool = False, many_heads: bool = False) -> KernelConfig:
+                  batch_invariant: bool = False, large: bool = False) -> KernelConfig:
     """The launch heuristic's config for a cache of ``kv_dtype`` with ``head_dim``, ``rows``
     (q_len x group) query rows of a kv head, contiguous or ``paged`` (a block table), in the
-    default or the ``batch_invariant`` mode, for a call of more kv heads (batch x kv_heads) than
-    the GPU has SMs or not (``many_heads``): what ``decode`` uses without ``config=``. Not
-    cached, so torch.compile traces it (plan_decode) without a warning; the launch path caches
-    it."""
-    return kernels_config.choose_config(head_dim, kv_dtype, rows, paged, batch_invariant, many_heads)
+    default or the ``batch_invariant`` mode, for a ``large`` call or not: what ``decode`` uses
+    without ``config=``. A call is large with two kv heads (batch x kv_heads) or more whose
+    64-token tiles at full capacity number more than 4 x the GPU's SMs. Not cached, so
+    torch.compile traces it (plan_decode) without a warning; the launch path caches it."""
+    return kernels_config.choose_config(head_dim, kv_dtype, rows, paged, batch_invariant, large)
 
 
 def _check_config(config: object) -> None:
@@ -54,8 +54,8 @@ def reserve_workspace(
 ) -> None:
     """Allocate now the workspace :func:`decode` needs for calls of this shape on ``device``
     (with ``batch_invariant``: for up to ``batch`` sequences of up to ``capacity`` tokens), with
-    contiguous or paged caches, of any batch (their launch configs' grids may differ: the largest
-    is reserved).
+    contiguous or paged caches, of any batch and capacity (their launch configs' grids may differ:
+    the largest is reserved).
 
     The workspace is allocated on the first call that needs it. Call this (or ``decode`` once)
     before capturing a CUDA graph whose calls need it: a capture cannot allocate. torch.compile's
@@ -63,8 +63,8 @@ def reserve_workspace(
     """
     device = torch.device(device)
     rows = q_len * (q_heads // kv_heads)
-    configs = [choose_config(head_dim, kv_dtype, rows, paged, batch_invariant, many)
-               for paged in (False, True) for many in (False, True)]
+    configs = [choose_config(head_dim, kv_dtype, rows, paged, batch_invariant, large)
+               for paged in (False, True) for large in (False, True)]
     programs = max(_call.grid(device, config, num_programs) for config in configs)
     split = max(split_of(batch_invariant, split_size, config.tile) for config in configs)
     if split and (batch < 1 or capacity < 1):
@@ -136,14 +136,14 @@ def plan_decode(
     window_left, _, has_window, _ = window_bounds(causal, window_size, q_len)
     rows = q_len * (q_heads // kv_heads)
     launch = config or choose_config(head_dim, kv_dtype, rows, paged, batch_invariant)
-    # The config for more kv heads than SMs has the same tile; the op picks its grid (no device
-    # query here, where torch.compile traces).
-    many = config or choose_config(head_dim, kv_dtype, rows, paged, batch_invariant, True)
+    # The config of a large call has the same tile; the op picks its grid (no device query here,
+    # where torch.compile traces).
+    big = config or choose_config(head_dim, kv_dtype, rows, paged, batch_invariant, True)
     check_tile_count(batch, kv_heads, capacity, launch.tile)
     split = split_of(batch_invariant, split_size, launch.tile)
     plan = ops.plan_shares(cache_seqlens, cache_leftpad, batch, kv_heads, capacity, q_len, window_left, has_window,
                            *_call.unit_of(launch, split), launch.programs_per_sm, num_programs or 0, device,
-                           many.programs_per_sm)
+                           big.programs_per_sm)
     if not torch.compiler.is_compiling():
         remember(plan, plan_key(batch, capacity, q_len, q_heads, kv_heads, head_dim, kv_dtype, window_left,
                                 cache_seqlens is not None, cache_leftpad is not None, config, split, launch.tile))

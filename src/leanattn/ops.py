@@ -64,11 +64,13 @@ def _decode_into_fake(q, k_cache, v_cache, out, lse, cache_seqlens, block_table,
     return None
 
 
-def _default_grid(device: torch.device, heads: int, programs_per_sm: int, many_programs_per_sm: int) -> int:
-    """The heuristic's grid for a call of ``heads`` kv heads: SMs x ``programs_per_sm``, or x
-    ``many_programs_per_sm`` (when not 0) for more heads than SMs (the heuristic's ``many_heads``)."""
-    if many_programs_per_sm and _call.many_heads(device, heads):
-        programs_per_sm = many_programs_per_sm
+def _default_grid(device: torch.device, heads: int, capacity: int, programs_per_sm: int,
+                  large_programs_per_sm: int) -> int:
+    """The heuristic's grid for a call of ``heads`` kv heads over at most ``capacity`` tokens: SMs
+    x ``programs_per_sm``, or x ``large_programs_per_sm`` (when not 0) for a large call
+    (``_call.large``)."""
+    if large_programs_per_sm and _call.large(device, heads, capacity):
+        programs_per_sm = large_programs_per_sm
     return grid_size(device, programs_per_sm)
 
 
@@ -87,15 +89,16 @@ def plan_shares(
     programs_per_sm: int,
     num_programs: int,
     device: torch.device,
-    many_programs_per_sm: int = 0,
+    large_programs_per_sm: int = 0,
 ) -> torch.Tensor:
     """A new int32 (programs, PLAN_FIELDS) plan: every program's share of a grid of
-    ``num_programs`` (0: the default grid of ``programs_per_sm``, or of ``many_programs_per_sm``
-    when given and the call has more kv heads than SMs, found here, so compiled code never traces
+    ``num_programs`` (0: the default grid of ``programs_per_sm``, or of ``large_programs_per_sm``
+    when given and the call is large, found here, so compiled code never traces
     device queries) for runs dealing units of ``tile`` tokens, ``target_share`` per share: their
     launch config's tile and target, or in batch-invariant mode the split and 1
     (``_call.unit_of``). Arguments as resolved by ``leanattn.plan_decode``."""
-    programs = num_programs or _default_grid(device, batch * kv_heads, programs_per_sm, many_programs_per_sm)
+    programs = num_programs or _default_grid(device, batch * kv_heads, capacity, programs_per_sm,
+                                             large_programs_per_sm)
     plan = torch.zeros(programs, PLAN_FIELDS.value, dtype=torch.int32, device=device)
     launch_plan(plan, programs, cache_seqlens, cache_leftpad, batch, kv_heads, capacity, q_len, window_left,
                 has_window, tile, target_share, use_pdl(device))
@@ -104,8 +107,9 @@ def plan_shares(
 
 @plan_shares.register_fake
 def _plan_shares_fake(cache_seqlens, cache_leftpad, batch, kv_heads, capacity, q_len, window_left, has_window, tile,
-                      target_share, programs_per_sm, num_programs, device, many_programs_per_sm=0) -> torch.Tensor:
-    programs = num_programs or _default_grid(device, batch * kv_heads, programs_per_sm, many_programs_per_sm)
+                      target_share, programs_per_sm, num_programs, device, large_programs_per_sm=0) -> torch.Tensor:
+    programs = num_programs or _default_grid(device, batch * kv_heads, capacity, programs_per_sm,
+                                             large_programs_per_sm)
     return torch.empty(programs, PLAN_FIELDS.value, dtype=torch.int32, device=device)
 
 

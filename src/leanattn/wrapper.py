@@ -45,7 +45,7 @@ class DecodeWrapper:
         max_q_len: the most query tokens per sequence a step will have (the workspace is sized
             for it); q_len x (q_heads / kv_heads) <= ``leanattn.max_query_rows(head_dim)``.
         num_programs: persistent grid size; default SMs x programs per SM of the launch config
-            that ``leanattn.decode`` picks for the planned q_len and batch.
+            that ``leanattn.decode`` picks for the planned q_len, batch and capacity.
         softmax_scale: default ``head_dim ** -0.5``.
         config: a :class:`leanattn.KernelConfig` for every plan and run, instead of the
             heuristic's (``leanattn.choose_config``) for each plan's q_len.
@@ -94,16 +94,16 @@ class DecodeWrapper:
         self.dtype, self.kv_dtype, self.device, self.max_q_len = dtype, kv_dtype, device, max_q_len
         self.softmax_scale = softmax_scale_of(softmax_scale, head_dim)
         group = q_heads // kv_heads
-        # The launch config (and with it the default grid) follows q_len x group and the count of
-        # kv heads, as in decode, so each plan picks its own; the buffers are sized for the
+        # The launch config (and with it the default grid) follows q_len x group and the call's
+        # size (large: heads and capacity), as in decode, so each plan picks its own; the buffers are sized for the
         # largest grid and q_len.
         self._grid, self._given_config, self.paged = num_programs, config, paged
         self._batch_invariant, self._split_size = batch_invariant, split_size
         self._config = self._config_for(1)
         self.num_programs = _call.grid(device, self._config, num_programs)
-        # Plans of any q_len and batch (whose count of kv heads may pick another config) fit.
-        most = max(_call.grid(device, self._config_for(q_len, many_heads=many), num_programs)
-                   for q_len in (1, max_q_len) for many in (False, True))
+        # Plans of any q_len, batch and capacity (whose size may pick another config) fit.
+        most = max(_call.grid(device, self._config_for(q_len, large=big), num_programs)
+                   for q_len in (1, max_q_len) for big in (False, True))
         for q_len in (1, max_q_len):  # the configs' tiles bound the split (plan checks its own)
             split_of(batch_invariant, split_size, self._config_for(q_len).tile)
         self._split = 0
@@ -116,7 +116,7 @@ class DecodeWrapper:
         self._capacity = 0
         self._batch = -1
         self._q_len = 1
-        self._many = False  # the plan's call has more kv heads than SMs
+        self._large = False  # the plan's call is large (_call.large)
         self._causal, self._window_size = True, (-1, -1)
         self._plan_layout: tuple = ()
         # Runs by call key (checked, with their features resolved); the buffers above are the
@@ -124,12 +124,12 @@ class DecodeWrapper:
         self._calls: dict[tuple, _call.Call] = {}
         self._told = False  # warned of a run with the other kind of cache
 
-    def _config_for(self, q_len: int, paged: bool | None = None, many_heads: bool = False) -> KernelConfig:
-        """The runs' launch config for plans of ``q_len`` (and ``many_heads``: more kv heads than
-        SMs): the one given, else the heuristic's for the wrapper's kind of cache (or ``paged``)."""
+    def _config_for(self, q_len: int, paged: bool | None = None, large: bool = False) -> KernelConfig:
+        """The runs' launch config for plans of ``q_len`` (of a ``large`` call or not: see
+        ``_call.large``): the one given, else the heuristic's for the wrapper's kind of cache (or ``paged``)."""
         paged = self.paged if paged is None else paged
         return self._given_config or _call.heuristic(self.head_dim, self.kv_dtype, q_len * (self.q_heads // self.kv_heads),
-                                                     paged, self._batch_invariant, many_heads)
+                                                     paged, self._batch_invariant, large)
 
     @property
     def compiled_kernels(self) -> list:
@@ -185,11 +185,11 @@ class DecodeWrapper:
         if check:
             check_lengths(cache_seqlens, cache_leftpad, capacity)
         # Every check before any state changes: a refused plan leaves the last one in force.
-        many = _call.many_heads(self.device, batch * self.kv_heads)
-        config = self._config_for(q_len, many_heads=many)
+        big = _call.large(self.device, batch * self.kv_heads, capacity)
+        config = self._config_for(q_len, large=big)
         check_tile_count(batch, self.kv_heads, capacity, config.tile)
         split = split_of(self._batch_invariant, self._split_size, config.tile)
-        self._config, self._split, self._many = config, split, many
+        self._config, self._split, self._large = config, split, big
         self.num_programs = _call.grid(self.device, config, self._grid)
         if self._split:  # one workspace slot per split
             self._bufs = _call.buffers(
@@ -254,7 +254,7 @@ class DecodeWrapper:
         if call is None:  # a layout not seen yet: the full checks
             self._check(q, k_cache, v_cache, block_table, out)
             paged = block_table is not None
-            if paged != self.paged and not self._told and self._config_for(self._q_len, paged, self._many) != self._config:
+            if paged != self.paged and not self._told and self._config_for(self._q_len, paged, self._large) != self._config:
                 self._told = True
                 kind = "a paged" if paged else "a contiguous"
                 warnings.warn(f"DecodeWrapper(paged={self.paged}) ran {kind} cache: exact, on the other kind's launch "

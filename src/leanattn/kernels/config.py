@@ -1,8 +1,8 @@
 """Launch configuration: tile size, warps, pipeline depth and programs per SM.
 
-Chosen per (head_dim, cache dtype, query rows, cache kind, mode, and whether a call has more kv
-heads than SMs) by the heuristic below, never per context length, so one compile serves every
-length; a batch can change the config only across the SM count (and the merge kernel's block
+Chosen per (head_dim, cache dtype, query rows, cache kind, mode, and whether a call is large:
+``large_call``) by the heuristic below, never per context length, so one compile serves every
+length; a batch or capacity can change the config only across that one threshold (and the merge kernel's block
 shape, which ``_call.merge_shape`` sizes from the heads and programs). The numbers come from sweeps recorded in
 ``benchmarks/NOTES.md``.
 """
@@ -17,7 +17,7 @@ import torch
 from .interpreter import interpreter_problem
 
 __all__ = ["KernelConfig", "MLAConfig", "ROW_LIMITS", "check_kernel_device", "choose_config", "choose_mla_config",
-           "interpreting", "next_pow2"]
+           "interpreting", "large_call", "next_pow2"]
 
 
 @dataclass(frozen=True)
@@ -77,13 +77,35 @@ def next_pow2(n: int) -> int:
 # than the general limit (``leanattn.max_query_rows``; the arithmetic is in choose_config's notes).
 ROW_LIMITS: dict[int, int] = {512: 16}
 
+# The tile and target share of the one-program config below (choose_config's first case).
+_ONE_PROGRAM_TILE, _ONE_PROGRAM_SHARE = 64, 4
+
+
+def large_call(heads: int, capacity: int, sms: int) -> bool:
+    """Whether a call of ``heads`` kv heads (batch x kv_heads) over at most ``capacity`` tokens
+    is large on a GPU of ``sms`` SMs: two heads or more whose tiles at full capacity pass the
+    target share of every program of a one-program-an-SM grid. A large call takes two programs
+    of 3 stages an SM where a small one takes one of 6 (``choose_config``).
+
+    Why (serving mode, H200, d=128, same runs; benchmarks/NOTES.md): six stages hold a whole
+    share of up to 4 tiles in flight from the start, which wins on small calls (512 tiles: 1 x 4k
+    32/8 13.7 against 14.9 µs, 4 x 8k 8/1 13.2 against 13.8). Past that, two programs an SM
+    stream faster, one's products and softmax overlapping the other's waits: 1 x 8k 32/8 (1024
+    tiles) 17.6 against 18.4, 8 x 8k 32/8 73.0 against 75.9-76.2, 64 x 2k 8/1 25.3 against 26.7,
+    1 x 64k 32/32 248.1 against 259.6, and calls of more heads than SMs most (eager, L2 flushed:
+    64 x 2k 32/8 138.3 against 161.9); 16 x 4k 64/8 alone lost 0.8%. A single head stays with one
+    program: doubling the grid doubles its merge's members (1 x 128k 8/1 29.7 against 28.6; 1 x
+    512k 8/1 75.7 against 74.9)."""
+    tiles = heads * -(-capacity // _ONE_PROGRAM_TILE)
+    return heads >= 2 and tiles > _ONE_PROGRAM_SHARE * sms
+
 
 def choose_config(head_dim: int, kv_dtype: torch.dtype, rows: int, paged: bool = False,
-                  batch_invariant: bool = False, many_heads: bool = False) -> KernelConfig:
+                  batch_invariant: bool = False, large: bool = False) -> KernelConfig:
     """Heuristic launch configuration for one (head_dim, cache dtype, query rows of a kv head:
     q_len x group size, whether the cache is paged, whether the call is batch-invariant, whether
-    it has more kv heads (batch x kv_heads) than the GPU has SMs: ``many_heads``). The tile never
-    depends on ``paged``, ``batch_invariant`` or ``many_heads``, so none changes a result's bits.
+    it is ``large``: see :func:`large_call`). The tile never depends on ``paged``,
+    ``batch_invariant`` or ``large``, so none changes a result's bits.
 
     Budgets of an H200 SM: 228 KiB of shared memory (227 KiB for one program), 64K 32-bit
     registers (255 a thread at most). A stage of the K/V pipeline holds one K and one V tile:
@@ -145,12 +167,12 @@ def choose_config(head_dim: int, kv_dtype: torch.dtype, rows: int, paged: bool =
         return KernelConfig(tile=128, num_warps=4, num_stages=3, programs_per_sm=2, target_share=4)
     # fp16 and bf16 move the same bytes. The sweeps showed no clear effect of the group size up
     # to 8 rows. HEAD_DIM_PAD 128 (d = 80, 96, 128): 64 x 128 tiles, 32 KiB a stage; one program
-    # an SM with 6 stages (192 KiB) keeps 5 tiles in flight, where two with 3 stages kept 2 each:
-    # a 16 MiB call's programs (4 tiles each) have every byte requested from their start, and
-    # on larger calls one program's chain of tiles still outruns the bytes. Measured in serving
-    # mode on an H200 (benchmarks/NOTES.md, the timeline): 1 x 32k 8/1 16.8 -> 15.1 µs, 16 x 4k
-    # 64/8 84.6 -> 76.2, 8 x 8k 32/8 80.6 -> 79.9; 6 stages with two programs an SM (the second
-    # not resident) 87.7 there, 4 stages with one 96.3. Only d=128: d=80 lost 10% (1 x 32k 8/8)
+    # an SM with 6 stages (192 KiB) keeps 5 tiles in flight, where two with 3 stages keep 2 each:
+    # a small call's programs (4 tiles each at 16 MiB) have every byte requested from their
+    # start. Measured in serving mode on an H200 (benchmarks/NOTES.md, the timeline): 1 x 32k
+    # 8/1 16.8 -> 15.1 µs; 6 stages with two programs an SM (the second not resident) lost on
+    # 8 x 8k 32/8 (87.7 against 80.6), 4 stages with one 96.3. Larger calls go back to two
+    # programs of 3 stages (large_call). Only d=128: d=80 lost 10% (1 x 32k 8/8)
     # and d=96 4% (8 x 4k 16/16) in the same run; d=64 (16 KiB stages) was not measured. Paged
     # caches keep two programs of 3 stages: each tile's K/V addresses wait on a page number
     # (read a tile ahead), and one program an SM lost 15-49% on every paged shape measured.
@@ -159,12 +181,10 @@ def choose_config(head_dim: int, kv_dtype: torch.dtype, rows: int, paged: bool =
     # bytes in flight meanwhile. Measured in serving mode (8 x 8k 32/8, splits of 512 / 1024 /
     # 2048 tokens): 99.9 / 91.6 / 83.6 µs with one program of 6 stages, 81.8 / 77.0 / 73.2 with
     # two of 3 (one program of 3 or 4 stages: 115-117 at 512); calls of 16 MiB alike. So do
-    # calls of more kv heads than SMs, for the same reason: each program's share spans several
-    # heads, and a head's tile loop starts its pipeline afresh. Measured on an H200 (eager, L2
-    # flushed; benchmarks/NOTES.md): 64 x 2k 32/8 161.9 -> 138.3 µs, 32 x 4k 32/8 155.1 -> 137.1
-    # (cuDNN 134.6 and 133.8).
-    if head_dim == 128 and not paged and not batch_invariant and not many_heads:
-        return KernelConfig(tile=64, num_warps=4, num_stages=6, programs_per_sm=1, target_share=4)
+    # large calls (large_call): six stages win only where a share is all in flight at once.
+    if head_dim == 128 and not paged and not batch_invariant and not large:
+        return KernelConfig(tile=_ONE_PROGRAM_TILE, num_warps=4, num_stages=6, programs_per_sm=1,
+                            target_share=_ONE_PROGRAM_SHARE)
     return KernelConfig(tile=64, num_warps=4, num_stages=3, programs_per_sm=2, target_share=4)
 
 
