@@ -525,4 +525,11 @@ MUTANTS: list[Mutant] = [
         ("tests/test_gpu.py",), k="plan_of_a_large_call", gpu=True,
         why="plan_decode would deal one program an SM where decode runs two: the plan's grid and decode's differ",
     ),
+    Mutant(
+        "wrapper-plan-key-constant",
+        one(WRAPPER, "        self._plan_key = self._plan_layouts.setdefault(layout, len(self._plan_layouts))",
+            "        self._plan_key = 0"),
+        ("tests/test_wrapper.py",),
+        why="a run after a plan of another batch, grid or window would reuse the call built for the first plan",
+    ),
 ]

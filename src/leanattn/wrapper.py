@@ -118,7 +118,10 @@ class DecodeWrapper:
         self._q_len = 1
         self._large = False  # the plan's call is large (_call.large)
         self._causal, self._window_size = True, (-1, -1)
-        self._plan_layout: tuple = ()
+        # The plan's part of the runs' call key (see _call.call_key), as a small int: one per
+        # distinct plan layout, so a run hashes an int rather than the layout's nested tuple.
+        self._plan_layouts: dict[tuple, int] = {}
+        self._plan_key = -1
         # Runs by call key (checked, with their features resolved); the buffers above are the
         # wrapper's own, so they need no place in the key (the plan's grid and config are in it).
         self._calls: dict[tuple, _call.Call] = {}
@@ -198,9 +201,9 @@ class DecodeWrapper:
         self._seqlens, self._leftpad, self._capacity, self._batch = cache_seqlens, cache_leftpad, capacity, batch
         self._q_len, self._causal, self._window_size = q_len, causal, tuple(window_size)
         self._bounds = bounds
-        # The plan's part of the runs' call key (see _call.call_key).
-        self._plan_layout = (_call.layout_of(cache_seqlens, cache_leftpad, bounds), batch, capacity, q_len,
-                             self.num_programs, self._config, causal, self._window_size, self._split)
+        layout = (_call.layout_of(cache_seqlens, cache_leftpad, bounds), batch, capacity, q_len, self.num_programs,
+                  self._config, causal, self._window_size, self._split)
+        self._plan_key = self._plan_layouts.setdefault(layout, len(self._plan_layouts))
         launch_plan(self._plan, self.num_programs, cache_seqlens, cache_leftpad, batch, self.kv_heads, capacity, q_len,
                     window_left, has_window, *_call.unit_of(self._config, self._split),
                     _call.pdl_of(self._config, self.device))
@@ -249,7 +252,7 @@ class DecodeWrapper:
         elif lse is not None:
             check_lse_out(lse, q, return_lse)
         key = _call.call_key(q, k_cache, v_cache, out, lse, block_table, sinks, k_scale, v_scale, softcap,
-                             self._plan_layout)
+                             self._plan_key)
         call = self._calls.get(key)
         if call is None:  # a layout not seen yet: the full checks
             self._check(q, k_cache, v_cache, block_table, out)
