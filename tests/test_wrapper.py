@@ -237,6 +237,31 @@ def test_lse_written_into_a_given_strided_tensor(api):
             call(q, k, v, sl, lse=bad, **kw)
 
 
+@pytest.mark.parametrize("api", ["decode", "wrapper"])
+def test_out_of_other_strides_after_an_allocated_one(api):
+    """A call that allocates its output, then one writing into a given ``out`` of other strides
+    (a view of a wider tensor), then the first again: every output is right and the given one
+    is written in place, its neighbours untouched (the call key tells the layouts apart)."""
+    t = tile_size(64, torch.float16, 4)
+    q, k, v, sl = make_inputs([37, 2 * t + 5, 0], 8, 2, 64, torch.float16, seed=6)
+    want = reference(q, k, v, sl)
+    if api == "decode":
+        call = lambda **kw: leanattn.decode(q, k, v, sl, return_lse=True, num_programs=5, **kw)
+    else:
+        w = leanattn.DecodeWrapper(8, 2, 64, torch.float16, q.device, num_programs=5)
+        w.plan(sl, k.shape[1])
+        call = lambda **kw: w.run(q, k, v, return_lse=True, **kw)
+    assert_close(*call(), *want)
+    d = q.shape[3]
+    wide = torch.full((*q.shape[:3], d + 16), float("nan"), dtype=q.dtype, device=q.device)
+    view = wide[..., 8 : 8 + d]  # 16-byte aligned like q, strides (640, 640, 80, 1) against (512, 512, 64, 1)
+    out, lse = call(out=view)
+    assert out is view
+    assert_close(out, lse, *want)
+    assert wide[..., :8].isnan().all() and wide[..., 8 + d :].isnan().all()
+    assert_close(*call(), *want)
+
+
 def test_a_seen_layout_still_checks_the_plan():
     """A run whose layout the wrapper has seen skips the full checks; a later plan of another
     q_len must still refuse it (else the plan's shares would not match the run's rows)."""

@@ -526,6 +526,12 @@ MUTANTS: list[Mutant] = [
         why="plan_decode would deal one program an SM where decode runs two: the plan's grid and decode's differ",
     ),
     Mutant(
+        "call-key-ignores-given-out",
+        one(CALL, "        out_layout = (out.shape, out.stride(), out.dtype, out.device)", "        out_layout = None"),
+        ("tests/test_wrapper.py", "tests/test_decode.py"),
+        why="a call writing into a given out of other strides would reuse the strides of an earlier call's output",
+    ),
+    Mutant(
         "wrapper-plan-key-constant",
         one(WRAPPER, "        self._plan_key = self._plan_layouts.setdefault(layout, len(self._plan_layouts))",
             "        self._plan_key = 0"),

@@ -115,23 +115,31 @@ _NO_LAYOUTS = (None, None, None)  # layout_of(None, None, None), without the cal
 
 
 def call_key(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None,
-    block_table: torch.Tensor | None, sinks: torch.Tensor | None, k_scale: object, v_scale: object,
-    softcap: float, lengths: tuple,
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor | None,
+    lse: torch.Tensor | None, block_table: torch.Tensor | None, sinks: torch.Tensor | None, k_scale: object,
+    v_scale: object, softcap: float, lengths: object,
 ) -> tuple:
     """Everything the compiled kernel depends on in a call: the layouts of its tensors, the
     feature arguments, and ``lengths`` (the caller's part: the lengths' or plan's layout, batch,
-    capacity, grid, config, causal, window, split and a varying softmax scale). Calls with one key share
-    one :class:`Call`."""
-    ptrs = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr())
+    capacity, grid, config, causal, window, split and a varying softmax scale, or a key of its
+    own for them). ``out`` None: the call's output is ``torch.empty_like(q)``, whose layout
+    follows q's and whose address the allocator aligns. Calls with one key share one
+    :class:`Call`."""
+    if out is None:
+        ptrs = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr())
+        out_layout = None
+        any_bits = ptrs[0] | ptrs[1] | ptrs[2]
+    else:
+        ptrs = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr())
+        out_layout = (out.shape, out.stride(), out.dtype, out.device)
+        any_bits = ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3]
     # Triton specialises each pointer on 16-byte alignment: one bool when all are aligned.
-    aligned = (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3]) % 16 == 0 or tuple(p % 16 == 0 for p in ptrs)
+    aligned = any_bits % 16 == 0 or tuple(p % 16 == 0 for p in ptrs)
     # Devices and the scales' types too: DecodeWrapper.run skips its checks for a key it has seen.
     none = lse is None and block_table is None and sinks is None
     optional = _NO_LAYOUTS if none else layout_of(lse, block_table, sinks)
     return (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), k_cache.dtype, k_cache.device,
-            v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.device, out.shape, out.stride(), out.dtype,
-            out.device, aligned, optional, softcap,
+            v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.device, out_layout, aligned, optional, softcap,
             (type(k_scale), k_scale) if not isinstance(k_scale, torch.Tensor) else layout_of(k_scale),
             (type(v_scale), v_scale) if not isinstance(v_scale, torch.Tensor) else layout_of(v_scale), lengths)
 

@@ -245,14 +245,15 @@ class DecodeWrapper:
         if self._batch < 0:
             fail(RuntimeError, "DecodeWrapper.run before plan: call plan(cache_seqlens, capacity) once per step")
         refuse_grad(q, k_cache, v_cache)
-        if out is None:
-            out = torch.empty_like(q)
         if lse is None and return_lse:
             lse = torch.empty(q.shape[0], self.q_heads, q.shape[1], dtype=torch.float32, device=q.device)
         elif lse is not None:
             check_lse_out(lse, q, return_lse)
+        # An output allocated here is like q: the key's layout of q covers it.
         key = _call.call_key(q, k_cache, v_cache, out, lse, block_table, sinks, k_scale, v_scale, softcap,
                              self._plan_key)
+        if out is None:
+            out = torch.empty_like(q)
         call = self._calls.get(key)
         if call is None:  # a layout not seen yet: the full checks
             self._check(q, k_cache, v_cache, block_table, out)
