@@ -116,7 +116,6 @@ class DecodeWrapper:
         self._capacity = 0
         self._batch = -1
         self._q_len = 1
-        self._large = False  # the plan's call is large (_call.large)
         self._causal, self._window_size = True, (-1, -1)
         # The plan's part of the runs' call key (see _call.call_key), as a small int: one per
         # distinct plan layout, so a run hashes an int rather than the layout's nested tuple.
@@ -192,7 +191,7 @@ class DecodeWrapper:
         config = self._config_for(q_len, large=big)
         check_tile_count(batch, self.kv_heads, capacity, config.tile)
         split = split_of(self._batch_invariant, self._split_size, config.tile)
-        self._config, self._split, self._large = config, split, big
+        self._config, self._split = config, split
         self.num_programs = _call.grid(self.device, config, self._grid)
         if self._split:  # one workspace slot per split
             self._bufs = _call.buffers(
@@ -258,7 +257,8 @@ class DecodeWrapper:
         if call is None:  # a layout not seen yet: the full checks
             self._check(q, k_cache, v_cache, block_table, out)
             paged = block_table is not None
-            if paged != self.paged and not self._told and self._config_for(self._q_len, paged, self._large) != self._config:
+            big = _call.large(self.device, self._batch * self.kv_heads, self._capacity)
+            if paged != self.paged and not self._told and self._config_for(self._q_len, paged, big) != self._config:
                 self._told = True
                 kind = "a paged" if paged else "a contiguous"
                 warnings.warn(f"DecodeWrapper(paged={self.paged}) ran {kind} cache: exact, on the other kind's launch "
