@@ -477,3 +477,22 @@ def test_launch_keeps_programs_per_sm(d, kv_dtype, paged):
     ref = reference(q, kc, vc, sl, block_table=kw.get("block_table"), k_scale=kw.get("k_scale"),
                     v_scale=kw.get("v_scale"))
     assert_close(out, None, ref[0], None)
+
+
+def test_one_compile_under_several_programs_per_sm():
+    """A config's programs per SM is a launch option, not a compile one, so one compiled kernel is
+    launched with the dynamic shared memory of each cap (d=64, 36 KiB: 76 KiB for two an SM, 57
+    KiB for three). Launching two, three, then two again must run, with equal results: the
+    driver's limit raised for 76 KiB must not have been lowered to 57 in between."""
+    from dataclasses import replace
+
+    lens = [5000, 3000]
+    q, k, v, sl = make_inputs(lens, 16, 4, 64, torch.bfloat16)
+    base = leanattn.choose_config(64, torch.bfloat16, 4)
+    outs = []
+    for per_sm in (2, 3, 2):
+        outs.append(leanattn.decode(q, k, v, sl, config=replace(base, programs_per_sm=per_sm)))
+        torch.cuda.synchronize()
+    ref = reference(q, k, v, sl)
+    for out in outs:
+        assert_close(out, None, ref[0], None)

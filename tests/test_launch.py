@@ -98,3 +98,45 @@ def test_run_direct_passes_tensors_as_addresses(monkeypatch, c_launch):
     (args,) = compiled.run.calls
     assert args[-5:] == (x.data_ptr(), 9, y.data_ptr(), 2.5, 3)
     assert seen[0][0] is x and seen[0][2] is y  # the hook's metadata got the tensors
+
+
+def test_shared_limit_is_only_raised(monkeypatch):
+    """One compiled kernel serves every programs-per-SM cap: a launch packed for two an SM (76 KiB)
+    must still run after one packed for three (57 KiB) asked for less, so the driver's limit is
+    raised to the largest size asked for and never lowered."""
+    import ctypes
+
+    asked = []
+
+    class Driver:
+        def cuFuncSetAttribute(self, function, attribute, size):
+            asked.append((function.value, attribute, size.value))
+            return 0
+
+    class Compiled:
+        function = 0xF00D
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Driver())
+    monkeypatch.setattr(_launch, "_RAISED_SHARED", {})
+    assert _launch._raise_shared_limit(Compiled, 77825)
+    assert _launch._raise_shared_limit(Compiled, 58369)  # within the raised limit: no call
+    assert _launch._raise_shared_limit(Compiled, 77825)
+    assert _launch._raise_shared_limit(Compiled, 90000)
+    assert asked == [(0xF00D, 8, 77825), (0xF00D, 8, 90000)]
+
+
+def test_shared_limit_refused(monkeypatch):
+    """A limit the driver refuses is reported, and not recorded as raised."""
+    import ctypes
+
+    class Driver:
+        def cuFuncSetAttribute(self, function, attribute, size):
+            return 1  # CUDA_ERROR_INVALID_VALUE
+
+    class Compiled:
+        function = 0xBEEF
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Driver())
+    monkeypatch.setattr(_launch, "_RAISED_SHARED", {})
+    assert not _launch._raise_shared_limit(Compiled, 77825)
+    assert _launch._RAISED_SHARED == {}

@@ -532,6 +532,14 @@ MUTANTS: list[Mutant] = [
         why="a call writing into a given out of other strides would reuse the strides of an earlier call's output",
     ),
     Mutant(
+        "shared-limit-lowered",
+        one(LAUNCH, "    if _RAISED_SHARED.get(function, 0) >= size:", "    if False:"),
+        ("tests/test_launch.py", "tests/test_gpu.py::test_one_compile_under_several_programs_per_sm"),
+        k="shared_limit or several_programs_per_sm",
+        why="a compiled kernel's shared-memory limit, raised for two programs an SM, would be lowered for three, "
+            "and the next launch for two would fail",
+    ),
+    Mutant(
         "wrapper-plan-key-constant",
         one(WRAPPER, "        self._plan_key = self._plan_layouts.setdefault(layout, len(self._plan_layouts))",
             "        self._plan_key = 0"),

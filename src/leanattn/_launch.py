@@ -65,17 +65,30 @@ def _shared_limits(device: torch.device) -> tuple[int, int]:
     return getattr(props, "shared_memory_per_multiprocessor", 0) or block + RESERVED_SHARED, block
 
 
+# The dynamic shared memory each function's limit was raised to (by CUfunction handle): a limit
+# is only ever raised, since a hit packed with a larger size may still be launched.
+_RAISED_SHARED: dict[int, int] = {}
+
+
 def _raise_shared_limit(compiled, size: int) -> bool:
     """Let ``compiled``'s function take ``size`` bytes of dynamic shared memory (Triton raises
-    the limit only for kernels that need over 48 KiB); False if the driver refused."""
+    the limit only for kernels that need over 48 KiB); False if the driver refused. Never
+    lowers a limit: one compiled kernel serves every ``per_sm`` (a launch option, not a compile
+    one), and a launch packed with the size of an earlier, larger raise would fail."""
     import ctypes
 
+    function = compiled.function
+    if _RAISED_SHARED.get(function, 0) >= size:
+        return True
     try:
         cuda = ctypes.CDLL("libcuda.so.1")
         # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
-        return cuda.cuFuncSetAttribute(ctypes.c_void_p(compiled.function), 8, ctypes.c_int(size)) == 0
+        if cuda.cuFuncSetAttribute(ctypes.c_void_p(function), 8, ctypes.c_int(size)) != 0:
+            return False
     except (OSError, AttributeError):
         return False
+    _RAISED_SHARED[function] = size
+    return True
 
 
 def use_pdl(device: torch.device, forced: bool = False) -> bool:
