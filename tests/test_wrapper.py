@@ -345,3 +345,36 @@ def test_default_merge_follows_members_per_head():
         (wcall,) = wrapper_calls(w)
         assert wcall.params["MERGE_KERNEL"] is merged
         assert_close(out, None, *reference(q, k, v, sl, window_size=(window, 0)))
+
+
+def test_constructor_attributes_cannot_be_assigned():
+    """The scale (and every constructor argument) is baked into the wrapper's cached calls and
+    buffers: assigning one would be silently ignored by the next run, so it is refused, and the
+    wrapper keeps computing with the value it was made with."""
+    q, k, v, sl = make_inputs([20, 7], 4, 2, 64, torch.float16, cache_len=32)
+    w = _wrapper(q, k, 3, softmax_scale=0.3)
+    w.plan(sl, 32)
+    first = w.run(q, k, v)
+    for name, value in [("softmax_scale", 0.1), ("num_programs", 5), ("q_heads", 8), ("head_dim", 128),
+                        ("paged", True), ("max_q_len", 4), ("dtype", torch.bfloat16), ("device", "cpu")]:
+        with pytest.raises(AttributeError, match=f"DecodeWrapper.{name} cannot be assigned"):
+            setattr(w, name, value)
+    assert (w.softmax_scale, w.num_programs, w.q_heads, w.head_dim, w.paged) == (0.3, 3, 4, 64, False)
+    assert torch.equal(w.run(q, k, v), first)
+    assert_close(first, None, reference(q, k, v, sl, softmax_scale=0.3)[0], None)
+
+
+def test_constructor_attributes_of_other_wrappers_cannot_be_assigned():
+    """MLAWrapper and ContextParallelDecode refuse assignment of what their plans are built from
+    (ContextParallelDecode checked on an instance made without a process group)."""
+    from leanattn.distributed import ContextParallelDecode
+
+    m = leanattn.MLAWrapper(16, 576, 512, torch.bfloat16, DEVICE, softmax_scale=0.2)
+    for name in ("softmax_scale", "num_programs", "head_dim_v", "q_heads"):
+        with pytest.raises(AttributeError, match=f"MLAWrapper.{name} cannot be assigned"):
+            setattr(m, name, 1)
+    assert m.softmax_scale == 0.2 and m.head_dim_v == 512
+    cp = object.__new__(ContextParallelDecode)
+    for name in ("softmax_scale", "num_programs", "q_heads", "kv_heads", "scatter_heads", "world_size", "group"):
+        with pytest.raises(AttributeError, match=f"ContextParallelDecode.{name} cannot be assigned"):
+            setattr(cp, name, 1)

@@ -8,6 +8,7 @@ tensors' values and so sync with the device (the API's ``check=True``).
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -33,6 +34,18 @@ def max_query_rows(head_dim: int) -> int:
 
 def fail(kind: type[Exception], msg: str) -> None:
     raise kind(msg)
+
+
+def fixed_attribute(name: str) -> property:
+    """A wrapper's public attribute that reads ``_<name>`` and refuses assignment: the wrapper's
+    buffers, plans and cached calls were built from it, so a new value would be ignored (or half
+    used) silently."""
+
+    def refuse(self, value: object) -> None:
+        fail(AttributeError, f"{type(self).__name__}.{name} cannot be assigned (the wrapper's plans and calls are "
+                             f"built from it); make a new {type(self).__name__} for another value")
+
+    return property(operator.attrgetter("_" + name), refuse, doc=f"``{name}`` (read-only).")
 
 
 def check_tensor(name: str, t: object) -> torch.Tensor:

@@ -15,8 +15,8 @@ import torch
 from . import _call, _mla_call, ops
 from ._checks import (
     FP8_DTYPES, MLA_MAX_Q_LEN, capacity_of, check_finite_values, check_lengths, check_lse_out, check_num_programs,
-    check_pages, check_plan_lengths, check_planned, check_tile_count, fail, refuse_grad, softmax_scale_of, split_of,
-    wrapper_device, validate_mla,
+    check_pages, check_plan_lengths, check_planned, check_tile_count, fail, fixed_attribute, refuse_grad,
+    softmax_scale_of, split_of, wrapper_device, validate_mla,
 )
 from ._features import _check_scale
 from ._plan import launch_plan
@@ -228,7 +228,15 @@ class MLAWrapper:
     Neither ``plan`` nor ``run`` syncs with the host or allocates (outside batch-invariant
     growth), so a CUDA graph can hold a step's plan and runs. ``run`` gives the bits of
     :func:`mla_decode` with the same grid.
+
+    The constructor's arguments read back as attributes (``q_heads``, ``softmax_scale``, ...) and
+    ``num_programs`` as the last plan's grid; none may be assigned.
     """
+
+    q_heads, head_dim, head_dim_v, max_q_len = (fixed_attribute(n) for n in ("q_heads", "head_dim", "head_dim_v",
+                                                                              "max_q_len"))
+    dtype, kv_dtype, device = (fixed_attribute(n) for n in ("dtype", "kv_dtype", "device"))
+    softmax_scale, num_programs = fixed_attribute("softmax_scale"), fixed_attribute("num_programs")
 
     def __init__(
         self, q_heads: int, head_dim: int, head_dim_v: int, dtype: torch.dtype, device: torch.device | str, *,
@@ -255,9 +263,9 @@ class MLAWrapper:
             fail(ValueError, f"config.block_rows must be an int >= {MLA_MAX_Q_LEN} (the most query tokens), "
                              f"got {config.block_rows!r}")
         self._given_config = config
-        self.q_heads, self.head_dim, self.head_dim_v = q_heads, head_dim, head_dim_v
-        self.dtype, self.kv_dtype, self.device, self.max_q_len = dtype, kv_dtype, device, max_q_len
-        self.softmax_scale = softmax_scale_of(softmax_scale, head_dim)
+        self._q_heads, self._head_dim, self._head_dim_v = q_heads, head_dim, head_dim_v
+        self._dtype, self._kv_dtype, self._device, self._max_q_len = dtype, kv_dtype, device, max_q_len
+        self._softmax_scale = softmax_scale_of(softmax_scale, head_dim)
         self._grid = num_programs
         self._batch_invariant, self._split_size = batch_invariant, split_size
         q_lens = range(1, max_q_len + 1)
@@ -273,7 +281,7 @@ class MLAWrapper:
                                    self._rows)
         self._plan = torch.zeros(most, PLAN_FIELDS.value, dtype=torch.int32, device=device)
         self._config = configs[0]
-        self.num_programs = _call.grid(device, self._config, num_programs)
+        self._num_programs = _call.grid(device, self._config, num_programs)
         self._seqlens: torch.Tensor | None = None
         self._leftpad: torch.Tensor | None = None
         self._capacity, self._batch, self._q_len, self._causal, self._split = 0, -1, 1, True, 0
@@ -316,7 +324,7 @@ class MLAWrapper:
         check_tile_count(batch, blocks, capacity, config.tile)
         split = split_of(self._batch_invariant, self._split_size, config.tile)
         self._config, self._split = config, split
-        self.num_programs = _call.grid(self.device, config, self._grid)
+        self._num_programs = _call.grid(self.device, config, self._grid)
         if self._split:  # one workspace slot per split
             self._bufs = _call.buffers(
                 self._workspace, self.device,

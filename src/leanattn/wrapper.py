@@ -22,8 +22,8 @@ import torch
 from . import _call
 from ._checks import (
     check_finite_values, check_layer_shape, check_lengths, check_lse_out, check_num_programs,
-    check_pages, check_plan_lengths, check_planned, check_tile_count, fail, refuse_grad, softmax_scale_of, split_of,
-    wrapper_device, validate,
+    check_pages, check_plan_lengths, check_planned, check_tile_count, fail, fixed_attribute, refuse_grad,
+    softmax_scale_of, split_of, wrapper_device, validate,
 )
 from ._features import resolve_features, window_bounds
 from ._plan import launch_plan
@@ -61,7 +61,14 @@ class DecodeWrapper:
     grown by a plan that needs more), so calls of different wrappers may run concurrently on
     different streams. One wrapper's calls must be
     ordered on one stream (as the layers of a step are).
+
+    The constructor's arguments read back as attributes (``q_heads``, ``softmax_scale``, ...) and
+    ``num_programs`` as the last plan's grid; none may be assigned.
     """
+
+    q_heads, kv_heads, head_dim, max_q_len = (fixed_attribute(n) for n in ("q_heads", "kv_heads", "head_dim", "max_q_len"))
+    dtype, kv_dtype, device, paged = (fixed_attribute(n) for n in ("dtype", "kv_dtype", "device", "paged"))
+    softmax_scale, num_programs = fixed_attribute("softmax_scale"), fixed_attribute("num_programs")
 
     def __init__(
         self,
@@ -90,17 +97,17 @@ class DecodeWrapper:
             fail(TypeError, f"paged must be a bool, got {type(paged).__name__}")
         if not isinstance(batch_invariant, bool):  # before the (cached) heuristic sees it
             fail(TypeError, f"batch_invariant must be a bool, got {type(batch_invariant).__name__}")
-        self.q_heads, self.kv_heads, self.head_dim = q_heads, kv_heads, head_dim
-        self.dtype, self.kv_dtype, self.device, self.max_q_len = dtype, kv_dtype, device, max_q_len
-        self.softmax_scale = softmax_scale_of(softmax_scale, head_dim)
+        self._q_heads, self._kv_heads, self._head_dim = q_heads, kv_heads, head_dim
+        self._dtype, self._kv_dtype, self._device, self._max_q_len = dtype, kv_dtype, device, max_q_len
+        self._softmax_scale = softmax_scale_of(softmax_scale, head_dim)
         group = q_heads // kv_heads
         # The launch config (and with it the default grid) follows q_len x group and the call's
         # size (large: heads and capacity), as in decode, so each plan picks its own; the buffers are sized for the
         # largest grid and q_len.
-        self._grid, self._given_config, self.paged = num_programs, config, paged
+        self._grid, self._given_config, self._paged = num_programs, config, paged
         self._batch_invariant, self._split_size = batch_invariant, split_size
         self._config = self._config_for(1)
-        self.num_programs = _call.grid(device, self._config, num_programs)
+        self._num_programs = _call.grid(device, self._config, num_programs)
         # Plans of any q_len, batch and capacity (whose size may pick another config) fit.
         most = max(_call.grid(device, self._config_for(q_len, large=big), num_programs)
                    for q_len in (1, max_q_len) for big in (False, True))
@@ -192,7 +199,7 @@ class DecodeWrapper:
         check_tile_count(batch, self.kv_heads, capacity, config.tile)
         split = split_of(self._batch_invariant, self._split_size, config.tile)
         self._config, self._split = config, split
-        self.num_programs = _call.grid(self.device, config, self._grid)
+        self._num_programs = _call.grid(self.device, config, self._grid)
         if self._split:  # one workspace slot per split
             self._bufs = _call.buffers(
                 self._workspace, self.device, _call.slots(self.num_programs, self._split, batch, self.kv_heads, capacity),

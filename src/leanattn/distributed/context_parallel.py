@@ -9,7 +9,7 @@ import struct
 import torch
 import torch.distributed as dist
 
-from .._checks import SUPPORTED_DTYPES, check_plan_lengths
+from .._checks import SUPPORTED_DTYPES, check_plan_lengths, fixed_attribute
 from .._features import window_bounds
 from ..merge import merge_states_into
 from ..wrapper import DecodeWrapper
@@ -67,7 +67,15 @@ class ContextParallelDecode:
             (heads [rank * q_heads / W, (rank + 1) * q_heads / W)) instead of all of them.
         softmax_scale: defaults to ``head_dim ** -0.5``.
         num_programs: the local attention's persistent grid size (see :func:`leanattn.decode`).
+
+    The constructor's arguments, ``rank``, ``world_size`` and ``heads_out`` read back as
+    attributes; none may be assigned (the local wrappers and buffers are built from them).
     """
+
+    group, rank, world_size = (fixed_attribute(n) for n in ("group", "rank", "world_size"))
+    q_heads, kv_heads, head_dim, dtype = (fixed_attribute(n) for n in ("q_heads", "kv_heads", "head_dim", "dtype"))
+    device, scatter_heads, heads_out = (fixed_attribute(n) for n in ("device", "scatter_heads", "heads_out"))
+    softmax_scale, num_programs = fixed_attribute("softmax_scale"), fixed_attribute("num_programs")
 
     def __init__(
         self,
@@ -84,18 +92,19 @@ class ContextParallelDecode:
     ) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ContextParallelDecode needs torch.distributed initialised (init_process_group)")
-        self.group = group
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
-        self.q_heads, self.kv_heads, self.head_dim = int(q_heads), int(kv_heads), int(head_dim)
-        self.dtype = dtype
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        self.scatter_heads = bool(scatter_heads)
-        self.softmax_scale = float(head_dim**-0.5 if softmax_scale is None else softmax_scale)
-        self.num_programs = num_programs
-        self.heads_out = self.q_heads // self.world_size if self.scatter_heads else self.q_heads
+        self._group = group
+        self._rank = dist.get_rank(group)
+        self._world_size = dist.get_world_size(group)
+        self._q_heads, self._kv_heads, self._head_dim = int(q_heads), int(kv_heads), int(head_dim)
+        self._dtype = dtype
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self._device = device
+        self._scatter_heads = bool(scatter_heads)
+        self._softmax_scale = float(head_dim**-0.5 if softmax_scale is None else softmax_scale)
+        self._num_programs = num_programs
+        self._heads_out = self._q_heads // self._world_size if self._scatter_heads else self._q_heads
         # Built by the first plan, where a bad shape becomes an error on every rank, not a hang.
         self._wrapper: DecodeWrapper | None = None  # the current plan's: one of _wrappers
         self._wrappers: dict[bool, DecodeWrapper] = {}  # by cache kind (paged or not)
