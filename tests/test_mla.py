@@ -234,6 +234,31 @@ def test_wrapper_matches_function():
         w.run(q[:, :1], kp, block_table=table)
 
 
+def test_wrapper_plan_that_fails_to_grow_the_workspace_leaves_the_last_plan(monkeypatch):
+    """As DecodeWrapper's: a batch-invariant plan whose workspace growth fails changes nothing
+    (here with a grid made to differ), and runs keep the last plan."""
+    from leanattn import _call
+
+    lens = [120, 33]
+    q, kv, sl = mla_inputs(lens, 4, 80, seed=9)
+    w = leanattn.MLAWrapper(4, 80, 64, torch.bfloat16, DEVICE, num_programs=5, batch_invariant=True)
+    w.plan(sl, kv.shape[1])
+    first = w.run(q, kv)
+    state, bufs = (w.num_programs, w._config, w._split), w._bufs
+
+    def refuse(*args, **kwargs):
+        raise torch.OutOfMemoryError("no memory for the workspace")
+
+    monkeypatch.setattr(_call, "grid", lambda *args: 7)
+    monkeypatch.setattr(_call, "buffers", refuse)
+    with pytest.raises(torch.OutOfMemoryError):
+        w.plan(sl, kv.shape[1])
+    assert (w.num_programs, w._config, w._split) == state and w._bufs is bufs
+    monkeypatch.undo()
+    out, _ = w.run(q, kv, return_lse=True)  # a new call, from the last plan
+    assert torch.equal(out, first)
+
+
 @pytest.mark.parametrize("change,match", [
     (dict(head_dim_v=72), "head_dim_v must be a multiple of 16"),
     (dict(head_dim_v=96), r"head_dim_v must be a multiple of 16 in \[16, head_dim=80\]"),

@@ -425,6 +425,28 @@ def test_eager_calls_plan_once_per_mask(monkeypatch):
     assert (out.double() - _reference_for(full, q, k, v)).abs().max().item() < 2e-2
 
 
+def test_inference_mask_changed_in_place_is_planned_again(monkeypatch):
+    """An inference tensor has no version counter: a mask made elsewhere and changed in place
+    under inference_mode is planned again at every call (never a stale plan); a mask the
+    integration's mask function made (marked) is planned once for all its layers."""
+    plans = []
+    real_plan = leanattn.DecodeWrapper.plan
+    monkeypatch.setattr(leanattn.DecodeWrapper, "plan", lambda self, *a, **kw: (plans.append(a), real_plan(self, *a, **kw))[1])
+    with torch.inference_mode():
+        mask = _mask([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+        for step in range(2):
+            out, q, k, v = _call(mask)
+            assert (out.double() - _reference_for(mask, q, k, v)).abs().max().item() < 2e-2
+            mask[0, 0, 0, 4 + step] = True  # the next step's token, written in place
+        assert len(plans) == 2
+        marked = _mask([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+        setattr(marked, lt._MARK, None)
+        for _ in range(2):  # two layers of one step
+            out, q, k, v = _call(marked)
+            assert (out.double() - _reference_for(marked, q, k, v)).abs().max().item() < 2e-2
+        assert len(plans) == 3
+
+
 def test_wrappers_of_past_steps_are_reused(monkeypatch):
     """A step's plan outlives its mask only until the next plan: one wrapper serves every step."""
     made = []

@@ -378,3 +378,29 @@ def test_constructor_attributes_of_other_wrappers_cannot_be_assigned():
     for name in ("softmax_scale", "num_programs", "q_heads", "kv_heads", "scatter_heads", "world_size", "group"):
         with pytest.raises(AttributeError, match=f"ContextParallelDecode.{name} cannot be assigned"):
             setattr(cp, name, 1)
+
+
+def test_plan_that_fails_to_grow_the_workspace_leaves_the_last_plan(monkeypatch):
+    """A batch-invariant plan may have to grow the workspace, which can fail (out of memory, or
+    inside a CUDA-graph capture). Nothing of the wrapper changes then: not its grid or config
+    (here a grid made to differ, as a larger call's does on a GPU), so runs keep the last plan
+    and match it, rather than caching a call built from half of the new one."""
+    from leanattn import _call
+
+    q, k, v, sl = make_inputs([20, 7], 4, 2, 64, torch.float16, cache_len=32)
+    w = _wrapper(q, k, 3, batch_invariant=True)
+    w.plan(sl, 32)
+    first = w.run(q, k, v)
+    state, bufs = (w.num_programs, w._config, w._split, w._plan_key), w._bufs
+
+    def refuse(*args, **kwargs):
+        raise torch.OutOfMemoryError("no memory for the workspace")
+
+    monkeypatch.setattr(_call, "grid", lambda *args: 7)
+    monkeypatch.setattr(_call, "buffers", refuse)
+    with pytest.raises(torch.OutOfMemoryError):
+        w.plan(sl, 32)
+    assert (w.num_programs, w._config, w._split, w._plan_key) == state and w._bufs is bufs
+    monkeypatch.undo()
+    out, _ = w.run(q, k, v, return_lse=True)  # a layout not run yet: a new call, from the last plan
+    assert torch.equal(out, first)

@@ -323,13 +323,13 @@ class MLAWrapper:
         blocks = _mla_call.blocks_of(q_len, self.q_heads, config.block_rows)[1]
         check_tile_count(batch, blocks, capacity, config.tile)
         split = split_of(self._batch_invariant, self._split_size, config.tile)
-        self._config, self._split = config, split
-        self._num_programs = _call.grid(self.device, config, self._grid)
-        if self._split:  # one workspace slot per split
-            self._bufs = _call.buffers(
-                self._workspace, self.device,
-                _mla_call.mla_slots(self.num_programs, self._split, batch, blocks, capacity),
-                self.head_dim_v, self._rows)
+        programs = _call.grid(self.device, config, self._grid)
+        bufs = self._bufs
+        if split:  # one workspace slot per split (growing it may fail: before any state changes)
+            bufs = _call.buffers(self._workspace, self.device,
+                                 _mla_call.mla_slots(programs, split, batch, blocks, capacity), self.head_dim_v,
+                                 self._rows)
+        self._config, self._split, self._num_programs, self._bufs = config, split, programs, bufs
         self._seqlens, self._leftpad, self._capacity, self._batch, self._q_len, self._causal = (
             cache_seqlens, cache_leftpad, capacity, batch, q_len, causal)
         self._plan_layout = (self.head_dim_v, self.softmax_scale, causal, batch, capacity, self.num_programs,

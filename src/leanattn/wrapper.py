@@ -198,12 +198,12 @@ class DecodeWrapper:
         config = self._config_for(q_len, large=big)
         check_tile_count(batch, self.kv_heads, capacity, config.tile)
         split = split_of(self._batch_invariant, self._split_size, config.tile)
-        self._config, self._split = config, split
-        self._num_programs = _call.grid(self.device, config, self._grid)
-        if self._split:  # one workspace slot per split
-            self._bufs = _call.buffers(
-                self._workspace, self.device, _call.slots(self.num_programs, self._split, batch, self.kv_heads, capacity),
-                self.head_dim, self.max_q_len * (self.q_heads // self.kv_heads))
+        programs = _call.grid(self.device, config, self._grid)
+        bufs = self._bufs
+        if split:  # one workspace slot per split (growing it may fail: before any state changes)
+            bufs = _call.buffers(self._workspace, self.device, _call.slots(programs, split, batch, self.kv_heads, capacity),
+                                 self.head_dim, self.max_q_len * (self.q_heads // self.kv_heads))
+        self._config, self._split, self._num_programs, self._bufs = config, split, programs, bufs
         self._seqlens, self._leftpad, self._capacity, self._batch = cache_seqlens, cache_leftpad, capacity, batch
         self._q_len, self._causal, self._window_size = q_len, causal, tuple(window_size)
         self._bounds = bounds

@@ -176,16 +176,24 @@ def live_range(
 # mask tensor (one for full attention, one per sliding window), so the first layer that sees a
 # mask computes its live range and plans a DecodeWrapper; the others only run it, which costs
 # the host about half of a one-shot ``leanattn.decode``. Entries are keyed by the mask object
-# (checked through a weak reference and its version counter) and the call's shapes. Entries whose
+# (checked through a weak reference and its version counter; see _version for inference
+# tensors) and the call's shapes. Entries whose
 # mask is gone (last step's), then the least recently used, give their wrappers back to a pool,
 # so a model keeps about one wrapper per mask kind.
 _MAX_PLANS = 8
 _MAX_SPARE = 2  # wrappers kept per kind beyond the planned ones
 
 
-def _version(mask: torch.Tensor | None) -> int:
-    """The mask's version counter (-1 for None, and for inference tensors, which have none)."""
-    return -1 if mask is None or torch.is_inference(mask) else mask._version
+def _version(mask: torch.Tensor | None) -> int | None:
+    """The mask's version counter; -1 for None and for an inference tensor this integration's mask
+    function made (made for one forward pass: nothing changes it); None for another inference
+    tensor, which has no counter: its caller may change it in place between steps unseen, so a
+    plan for it is never reused (every layer plans)."""
+    if mask is None:
+        return -1
+    if not torch.is_inference(mask):
+        return mask._version
+    return -1 if hasattr(mask, _MARK) else None
 
 
 class _Plan:
@@ -199,7 +207,8 @@ class _Plan:
     def fits(self, mask: torch.Tensor | None) -> bool:
         if mask is None:
             return self.mask is None
-        return self.mask is not None and self.mask() is mask and self.version == _version(mask)
+        return (self.mask is not None and self.mask() is mask and self.version is not None
+                and self.version == _version(mask))
 
     def stale(self) -> bool:
         """Planned for a mask that no longer exists."""
