@@ -432,3 +432,43 @@ def test_large_calls_take_two_programs_an_sm(monkeypatch):
     asked.clear()
     assert_close(*run(q[:1], k[:1], v[:1], sl[:1]), *reference(q[:1], k[:1], v[:1], sl[:1]))
     assert asked == [False, True]
+
+
+def test_small_eager_calls_merge_in_one_launch(monkeypatch):
+    """A call the rule gives the merge kernel (one head over many programs) launches, when it is
+    small (at most EAGER_ONE_LAUNCH_BYTES) and not captured, only the decode kernel with the
+    ticket tree; its first eager call also runs the graph's form (decode and merge kernels) so
+    that a capture finds them loaded. Under capture, with the merge kernel forced, or over the
+    byte limit, the rule's two launches. (The interpreter takes the rule's form always: the
+    switch is patched on here, and the launches recorded, not run.)"""
+    from leanattn import _call
+    from leanattn._testing import DECODE_CALLS
+
+    launched = []
+    capturing = [False]
+    monkeypatch.setattr(_call, "interpreting", lambda: False)
+    monkeypatch.setattr(_call, "launch", lambda kernel, grid, args, params, *rest: launched.append(
+        "merge" if "MERGE_KERNEL" not in params else ("decode+merge" if params["MERGE_KERNEL"] else "decode")))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    q, k, v, sl = make_inputs([1024], 4, 1, 64, torch.bfloat16, seed=2)
+
+    def calls(config=None, k=k, v=v):
+        DECODE_CALLS.clear()
+        launched.clear()
+        for capture in (False, False, True, False):
+            capturing[0] = capture
+            leanattn.decode(q, k, v, sl, num_programs=32, config=config)
+        (call,) = DECODE_CALLS.values()
+        return list(launched), call
+
+    got, call = calls()
+    assert call.params["MERGE_KERNEL"] and call.eager_params == {**call.params, "MERGE_KERNEL": False}
+    assert got == ["decode+merge", "merge", "decode", "decode", "decode+merge", "merge", "decode"]
+    forced = dataclasses.replace(leanattn.choose_config(64, torch.bfloat16, 4), merge_kernel=True)
+    got, call = calls(forced)
+    assert call.eager_params is None and got == ["decode+merge", "merge"] * 4
+    # Over the limit (the same values, a cache of 33 MiB of K and V): the rule's form eagerly too.
+    tokens = (_call.EAGER_ONE_LAUNCH_BYTES // (2 * 64 * 2)) + 64
+    big_k = k[:, :1].expand(1, tokens, 1, 64)
+    got, call = calls(k=big_k, v=v[:, :1].expand(1, tokens, 1, 64))
+    assert call.params["MERGE_KERNEL"] and call.eager_params is None and got == ["decode+merge", "merge"] * 4

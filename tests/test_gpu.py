@@ -479,6 +479,40 @@ def test_launch_keeps_programs_per_sm(d, kv_dtype, paged):
     assert_close(out, None, ref[0], None)
 
 
+def test_small_eager_call_takes_one_launch_and_its_graph_the_merge_kernel(monkeypatch):
+    """1 x 20000 tokens, 8/1 heads (the merge kernel's rule; 10 MiB of K and V): after the first
+    call, an eager call launches one kernel (the ticket tree), bit for bit repeatable; a graph
+    captured after it replays the merge kernel; both match the reference, and each other to
+    fp32 rounding."""
+    from leanattn import _call
+    from leanattn._testing import DECODE_CALLS
+
+    q, k, v, sl = make_inputs([20000], 8, 1, 128, torch.bfloat16, seed=4)
+    DECODE_CALLS.clear()
+    first, first_lse = leanattn.decode(q, k, v, sl, return_lse=True)
+    (call,) = DECODE_CALLS.values()
+    assert call.params["MERGE_KERNEL"] and call.eager_params is not None and call.graph_loaded
+    assert call.hit is not None and call.merge_hit is not None and call.eager_hit is not None
+    launches = []
+    real = _call.launch
+    monkeypatch.setattr(_call, "launch", lambda *a, **kw: (launches.append(a[3].get("MERGE_KERNEL")), real(*a, **kw))[1])
+    again, again_lse = leanattn.decode(q, k, v, sl, return_lse=True)
+    torch.cuda.synchronize()
+    assert launches == [False]
+    assert torch.equal(first, again) and torch.equal(first_lse, again_lse)
+    assert_close(first, first_lse, *reference(q, k, v, sl))
+    out = torch.empty_like(q)
+    launches.clear()
+    graph, (_, lse) = capture_cuda_graph(lambda: leanattn.decode(q, k, v, sl, out=out, return_lse=True))
+    assert launches[-2:] == [True, None]  # captured: the decode kernel, then the merge kernel
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(out, lse, *reference(q, k, v, sl))
+    assert (out.float() - first.float()).abs().max().item() <= 1e-2
+    assert torch.allclose(lse, first_lse, atol=1e-5)
+
+
 def test_one_compile_under_several_programs_per_sm():
     """A config's programs per SM is a launch option, not a compile one, so one compiled kernel is
     launched with the dynamic shared memory of each cap (d=64, 36 KiB: 76 KiB for two an SM, 57

@@ -46,6 +46,13 @@ def merge_load(merge_rows: int) -> int:
 
 MERGE_LAUNCH = KernelConfig(tile=1, num_warps=4, num_stages=1, programs_per_sm=0)
 
+# An eager call (not under CUDA-graph capture) that the merge-kernel rule gives a second launch
+# merges by the ticket tree instead when it reads at most this many K/V bytes: such a call's GPU
+# time (~10 µs at 32 MiB on an H200) is below its host path, of which the second launch is 4-8 µs
+# (benchmarks/NOTES.md), while larger eager calls are GPU-bound and keep the faster merge kernel.
+# Under capture the host path is paid once, so graphs always take the rule's choice.
+EAGER_ONE_LAUNCH_BYTES = 32 << 20
+
 
 @functools.lru_cache(maxsize=None)
 def heuristic(head_dim: int, kv_dtype: torch.dtype, rows: int, paged: bool, batch_invariant: bool,
@@ -306,7 +313,8 @@ class Call:
     launch (small calls are host-bound)."""
 
     __slots__ = ("features", "kernel", "programs", "device", "config", "pdl", "params", "scales", "fixed", "hit",
-                 "timeline", "merge_params", "merge_grid", "merge_fixed", "merge_hit")
+                 "timeline", "merge_params", "merge_grid", "merge_fixed", "merge_hit", "eager_params", "eager_hit",
+                 "graph_loaded")
 
     def __init__(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
@@ -349,6 +357,16 @@ class Call:
             self.merge_grid = (batch * kv_heads, self.params["HEAD_DIM"] // self.merge_params["COLS"])
         self.merge_fixed = (*out.stride()[:3], *(lse.stride() if lse is not None else (0, 0, 0)), kv_heads)
         self.merge_hit: tuple | None = None
+        # Eager calls of the rule's merge kernel that are small enough to be host-bound merge by
+        # the ticket tree, in one launch (EAGER_ONE_LAUNCH_BYTES); agreeing to fp32 rounding, not
+        # bitwise, with the graph's. Not under the interpreter (no graphs, no host cost to save).
+        self.eager_params: dict | None = None
+        self.eager_hit: tuple | None = None
+        self.graph_loaded = False  # the graph's form has run once (eagerly)
+        read = 2 * batch * kv_heads * keys * q.shape[3] * k_cache.element_size()
+        if (self.merge_params is not None and config.merge_kernel is None and not split and not interpreting()
+                and read <= EAGER_ONE_LAUNCH_BYTES):
+            self.eager_params = {**self.params, "MERGE_KERNEL": False}
         # A probe's per-program stamps (config.constexprs with ("TIMELINE", True)): see
         # kernels/lean_decode.py's EV_* events. The last launch's stamps; zero where none.
         self.timeline: torch.Tensor | None = None
@@ -383,6 +401,12 @@ class Call:
             v_scale, bounds if bounds is not None else tickets, plan if plan is not None else tickets, acc, stats, tickets, chunk_tickets,
             jobs, self.timeline if self.timeline is not None else tickets, *self.fixed,
         )
+        if self.eager_params is not None and self.graph_loaded and not torch.cuda.is_current_stream_capturing():
+            self.eager_hit = launch(self.kernel, self.programs, args, self.eager_params, self.config, self.pdl,
+                                    self.device, self.eager_hit, self.config.programs_per_sm)
+            return
+        # (A call with an eager form runs the graph's form first, once, eagerly: a later capture
+        # finds its two kernels compiled and loaded, which CUDA cannot do during capture.)
         self.hit = launch(self.kernel, self.programs, args, self.params, self.config, self.pdl, self.device, self.hit,
                           self.config.programs_per_sm)
         if self.merge_params is not None:
@@ -390,6 +414,11 @@ class Call:
                           v_scale, *self.merge_fixed)
             self.merge_hit = launch(lean_merge_kernel, self.merge_grid, merge_args, self.merge_params, MERGE_LAUNCH,
                                     self.pdl, self.device, self.merge_hit)
+        if self.eager_params is not None and not torch.cuda.is_current_stream_capturing():
+            # The first eager call: now its own form, whose values it returns as every later one.
+            self.eager_hit = launch(self.kernel, self.programs, args, self.eager_params, self.config, self.pdl,
+                                    self.device, self.eager_hit, self.config.programs_per_sm)
+            self.graph_loaded = True
 
 
 # leanattn.decode's calls by call key (each DecodeWrapper keeps its own).

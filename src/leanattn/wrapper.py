@@ -143,9 +143,11 @@ class DecodeWrapper:
     @property
     def compiled_kernels(self) -> list:
         """The compiled kernels this wrapper launches directly (Triton ``CompiledKernel``s, for
-        reports of registers, spills and shared memory): each call's decode kernel and its merge
-        kernel if it has one; empty under the interpreter."""
-        return [hit[0] for call in self._calls.values() for hit in (call.hit, call.merge_hit) if hit is not None]
+        reports of registers, spills and shared memory): each call's decode kernel, its merge
+        kernel if it has one, and its eager form's decode kernel if it has one
+        (``_call.EAGER_ONE_LAUNCH_BYTES``); empty under the interpreter."""
+        return [hit[0] for call in self._calls.values() for hit in (call.hit, call.merge_hit, call.eager_hit)
+                if hit is not None]
 
     def plan(
         self, cache_seqlens: torch.Tensor | None, capacity: int, *, batch: int | None = None,
