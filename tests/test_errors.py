@@ -69,6 +69,24 @@ def test_bad_num_programs_and_scale():
         call(BASE, softmax_scale=float("nan"))
 
 
+def test_tensor_softmax_scale_is_refused():
+    """A tensor scale would be read once and kept by the cached call: a later in-place change
+    would be silently ignored, so it is refused (by decode, after a float call of the same layout
+    too, by mla_decode and by the wrappers)."""
+    call(BASE, softmax_scale=0.05)
+    scale = torch.tensor(0.05)
+    with pytest.raises(TypeError, match="softmax_scale must be a Python float"):
+        call(BASE, softmax_scale=scale)
+    with pytest.raises(TypeError, match="softmax_scale must be a Python float"):
+        leanattn.DecodeWrapper(4, 2, 64, torch.float16, DEVICE, softmax_scale=scale)
+    with pytest.raises(TypeError, match="softmax_scale must be a Python float"):
+        leanattn.MLAWrapper(4, 80, 64, torch.bfloat16, DEVICE, softmax_scale=scale)
+    q = torch.randn(1, 1, 4, 80, dtype=torch.bfloat16, device=DEVICE)
+    kv = torch.randn(1, 32, 1, 80, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(TypeError, match="softmax_scale must be a Python float"):
+        leanattn.mla_decode(q, kv, None, head_dim_v=64, softmax_scale=scale)
+
+
 def test_mixed_devices():
     if DEVICE.type != "cuda":
         other = torch.device("meta")

@@ -56,6 +56,25 @@ def test_sliding_window(window, q_len):
     assert_close(out, lse, *ref)
 
 
+
+@pytest.mark.parametrize("huge", [2**31 - 1, 2**31, 2**63 - 1, 2**63])
+def test_window_side_of_int_max_is_unbounded(huge):
+    """A window side of INT_MAX or more (a common spelling of "unbounded") bounds nothing: the
+    same bits as -1 there, from the kernel and the reference alike (the position arithmetic
+    would overflow: every key masked, zero rows and -inf LSE)."""
+    lens = [7, 40]
+    _, k, v, sl = make_inputs(lens, 4, 2, 64, torch.float16, cache_len=40)
+    q = queries(len(lens), 2, 4, 64, torch.float16, seed=3)
+    for window, same in [((4, huge), (4, -1)), ((huge, 1), (-1, 1)), ((huge, huge), (-1, -1))]:
+        out, lse, ref = run(q, k, v, sl, causal=False, window_size=window, num_programs=3)
+        want, want_lse, _ = run(q, k, v, sl, causal=False, window_size=same, num_programs=3)
+        assert torch.equal(out, want) and torch.equal(lse, want_lse)
+        assert_close(out, lse, *ref)
+        assert torch.isfinite(lse).all()
+    causal_out, causal_lse, causal_ref = run(q, k, v, sl, window_size=(huge, -1), num_programs=3)
+    assert_close(causal_out, causal_lse, *causal_ref)
+    assert torch.equal(causal_out, run(q, k, v, sl, num_programs=3)[0])
+
 def test_window_skips_tiles_before_it():
     """Pages wholly before every query's window get out-of-range ids: a read of any of them would
     make the row NaN, so a finite, correct output shows they were never read."""

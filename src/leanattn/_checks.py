@@ -482,7 +482,12 @@ def split_of(batch_invariant: bool, split_size: int | None, tile: int) -> int:
 
 
 def softmax_scale_of(softmax_scale: float | None, head_dim: int) -> float:
-    """The scale a call uses: ``head_dim ** -0.5`` by default; a finite float."""
+    """The scale a call uses: ``head_dim ** -0.5`` by default; a finite float. A tensor is
+    refused: its value would be read once (a device sync) and kept by the cached call, so a
+    later in-place change would be ignored."""
+    if isinstance(softmax_scale, torch.Tensor):
+        fail(TypeError, "softmax_scale must be a Python float, not a tensor (a call keeps the value it was made "
+                        "with, so a tensor changed in place would be ignored): pass float(scale)")
     scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
     if not math.isfinite(scale):
         fail(ValueError, f"softmax_scale must be finite, got {softmax_scale}")

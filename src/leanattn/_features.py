@@ -47,8 +47,10 @@ def window_bounds(causal: bool, window_size: tuple[int, int], q_len: int) -> tup
             or not all(isinstance(w, int) and w >= -1 for w in window_size)):
         fail(ValueError, f"window_size must be (left, right), ints >= -1 (-1: unbounded), got {window_size!r}")
     left, right = window_size
-    left = UNBOUNDED if left < 0 else left
-    right = 0 if causal else (UNBOUNDED if right < 0 else right)  # causal: flash-attn's right = 0
+    # A side of UNBOUNDED or more (INT_MAX is a common spelling of "unbounded") bounds nothing:
+    # as -1, so that the kernel's int32 position arithmetic cannot overflow.
+    left = UNBOUNDED if left < 0 or left > UNBOUNDED else left
+    right = 0 if causal else (UNBOUNDED if right < 0 or right > UNBOUNDED else right)  # causal: flash-attn's right = 0
     # A row sees fewer than all live keys when the window cuts it, or when a later query's key
     # lies past its right bound.
     return left, right, left < UNBOUNDED, left < UNBOUNDED or q_len - 1 > right

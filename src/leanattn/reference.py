@@ -78,6 +78,10 @@ def decode(
     ends = [min(max(e, f), capacity) for e, f in zip(ends, firsts)]
     left, right = window_size
     right = 0 if causal else right
+    # A side wider than the cache bounds nothing: as -1, without the position arithmetic
+    # overflowing for huge values (INT_MAX is a common spelling of "unbounded").
+    left = -1 if left > capacity else left
+    right = -1 if right > capacity else right
 
     def per_head(x: float | torch.Tensor | None, b: int) -> torch.Tensor:
         """Sequence b's multiplier of each kv head's scores or output, (kv_heads, 1, 1)."""
