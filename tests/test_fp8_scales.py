@@ -253,3 +253,22 @@ def test_merge_kernel_applies_each_v_scale_kind(v_kind, invariant):
     _, lse = leanattn.decode(q, kc, vc, sl, out=out, return_lse=True, num_programs=7, config=config, **kw, **mode)
     assert DECODE_CALLS and all(call.merge_params is not None for call in DECODE_CALLS.values())
     assert_close(out, lse, *reference(q, kc, vc, sl, **kw))
+
+
+def test_float_scales_are_kept_outside_graph_pools(monkeypatch):
+    """A float scale's (kv_heads,) tensor outlives the step that made it (calls keep it), so it is
+    allocated as the workspace is, outside any CUDA graph's private pool (torch.compile's
+    reduce-overhead warm-up routes the thread's allocations there), once per value."""
+    from leanattn import _features
+
+    made = []
+    real = _features.outside_graph_pools
+    monkeypatch.setattr(_features, "outside_graph_pools", lambda device, allocate: (made.append(device),
+                                                                                  real(device, allocate))[1])
+    monkeypatch.setattr(_features, "_SCALES", {})
+    dev = torch.device(DEVICE)
+    first = _features.scale_tensor(0.375, 3, dev)
+    assert made == [dev] and first.tolist() == [0.375] * 3 and first.dtype == torch.float32
+    assert _features.scale_tensor(0.375, 3, dev) is first and made == [dev]
+    _features.scale_tensor(0.5, 3, dev)
+    assert len(made) == 2

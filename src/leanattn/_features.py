@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import FP8_DTYPES, check_dense_vector, check_tensor, fail
+from ._workspace import outside_graph_pools
 from .kernels import lean_decode
 
 LOG2E = lean_decode.LOG2E
@@ -129,7 +130,10 @@ def scale_tensor(x: float | torch.Tensor, kv_heads: int, device: torch.device) -
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"an fp8 scale of {float(x)} seen first inside a CUDA-graph capture: make the same "
                                "call once eagerly before capturing (or pass the scales as float32 tensors)")
-        _SCALES[key] = torch.full((kv_heads,), float(x), dtype=torch.float32, device=device)
+        # Outside any graph's private pool (torch.compile's reduce-overhead warm-up routes the
+        # thread's allocations there), as the workspace: it outlives the step.
+        _SCALES[key] = outside_graph_pools(
+            device, lambda: (torch.full((kv_heads,), float(x), dtype=torch.float32, device=device),))[0]
     return _SCALES[key]
 
 
