@@ -89,6 +89,19 @@ def test_window_skips_tiles_before_it():
         table[b, : first_seen // page] = -1
     out, lse, ref = run(q, kp, vp, sl, block_table=table, window_size=(left, -1), num_programs=4)
     assert_close(out, lse, reference(q, k, v, sl, window_size=(left, -1))[0], reference(q, k, v, sl, window_size=(left, -1))[1])
+    # check=True takes those slots as unread too (an engine may free a window's past pages), and
+    # still names a bad page the window reaches; so does DecodeWrapper.run.
+    checked = leanattn.decode(q, kp, vp, sl, block_table=table, window_size=(left, -1), num_programs=4, check=True)
+    assert torch.equal(checked, out)
+    w = leanattn.DecodeWrapper(8, 2, 64, torch.bfloat16, q.device, max_q_len=q_len, num_programs=4, paged=True)
+    w.plan(sl, table.shape[1] * page, q_len=q_len, window_size=(left, -1))
+    assert torch.equal(w.run(q, kp, vp, block_table=table, check=True), out)
+    reached = (lens[0] - q_len - left) // page  # the first slot the window reaches
+    table[0, reached] = -1
+    for call in (lambda: leanattn.decode(q, kp, vp, sl, block_table=table, window_size=(left, -1), check=True),
+                 lambda: w.run(q, kp, vp, block_table=table, check=True)):
+        with pytest.raises(ValueError, match=f"block_table\\[0, {reached}\\] = -1 is not a page"):
+            call()
 
 
 @pytest.mark.parametrize("softcap", [0.5, 30.0])

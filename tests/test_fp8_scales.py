@@ -156,6 +156,17 @@ def test_check_reads_only_the_live_rows_of_token_scales():
     vs[0, int(sl[0]) - 1, 0] = float("nan")
     with pytest.raises(ValueError, match=rf"v_scale\[0, {int(sl[0]) - 1}, 0\] = nan is not finite"):
         leanattn.decode(q, k8, v8, sl, v_scale=vs, check=True)
+    # Rows before every query's window are not read either.
+    vs = scale_of("token", v8, 3, seed=20)
+    left, n0 = 4, int(sl[0])
+    reached = n0 - q.shape[1] - left  # the first key the window reaches
+    assert reached > 0
+    vs[0, :reached] = float("nan")
+    out, lse = leanattn.decode(q, k8, v8, sl, v_scale=vs, window_size=(left, -1), return_lse=True, check=True)
+    assert_close(out, lse, *reference(q, k8, v8, sl, v_scale=vs, window_size=(left, -1)))
+    vs[0, reached, 1] = float("nan")
+    with pytest.raises(ValueError, match=rf"v_scale\[0, {reached}, 1\] = nan is not finite"):
+        leanattn.decode(q, k8, v8, sl, v_scale=vs, window_size=(left, -1), check=True)
 
 
 def test_bad_scales_are_refused_by_name():

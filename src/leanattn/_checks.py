@@ -96,13 +96,14 @@ def refuse_grad(*tensors: torch.Tensor, names: tuple[str, ...] = ("q", "k_cache"
 def check_finite_values(
     sinks: torch.Tensor | None, k_scale: object, v_scale: object, *, cache_seqlens: torch.Tensor | None,
     cache_leftpad: torch.Tensor | None, block_table: torch.Tensor | None, batch: int, capacity: int,
-    scale_names: tuple[str, str] = ("k_scale", "v_scale"),
+    scale_names: tuple[str, str] = ("k_scale", "v_scale"), window: tuple[int, int] | None = None,
 ) -> None:
     """Host-side check (a sync) that every sink logit and fp8 dequantisation scale the call reads
     is finite; errors name the scales ``scale_names``. Per-token scales are checked in the live
     rows only (cache positions [cache_leftpad, cache_seqlens) of each sequence, clamped as the
-    kernel clamps them, through ``block_table`` when paged, skipping out-of-range page ids): other
-    rows are never read and may hold anything."""
+    kernel clamps them, through ``block_table`` when paged, skipping out-of-range page ids; with
+    ``window`` = (window_left, q_len), from the first key a query's window reaches): other rows
+    are never read and may hold anything."""
     if isinstance(sinks, torch.Tensor):
         at = first_bad(~torch.isfinite(sinks))
         if at is not None:
@@ -116,7 +117,7 @@ def check_finite_values(
                 what = f"kv head {at[0]}" if t.dim() == 1 else f"sequence {at[0]}, kv head {at[1]}"
                 fail(ValueError, f"{name}[{', '.join(map(str, at))}] = {float(t[at])} is not finite ({what})")
             continue
-        live = live_positions(cache_seqlens, cache_leftpad, batch, capacity, t.device)
+        live = live_positions(cache_seqlens, cache_leftpad, batch, capacity, t.device, window)
         pos = torch.arange(capacity, device=t.device)
         rows = t  # (batch, capacity, kv_heads): each sequence's rows
         if block_table is not None:
@@ -136,14 +137,18 @@ def check_finite_values(
 
 def live_positions(
     cache_seqlens: torch.Tensor | None, cache_leftpad: torch.Tensor | None, batch: int, capacity: int,
-    device: torch.device,
+    device: torch.device, window: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """bool (batch, capacity): the live cache positions [start, end) of each sequence, with
-    start = clamp(cache_leftpad, 0, capacity) and end = clamp(cache_seqlens, start, capacity)."""
+    """bool (batch, capacity): the cache positions [start, end) of each sequence the kernel may
+    read, with start = clamp(cache_leftpad, 0, capacity), end = clamp(cache_seqlens, start,
+    capacity), and with ``window`` = (window_left, q_len) start raised to the first key the
+    first query's window reaches, end - q_len - window_left (keys before it are not read)."""
     start = torch.zeros(batch, dtype=torch.long, device=device) if cache_leftpad is None else \
         cache_leftpad.to(device).long().clamp(0, capacity)
     end = torch.full((batch,), capacity, device=device) if cache_seqlens is None else \
         torch.maximum(cache_seqlens.to(device).long().clamp(max=capacity), start)
+    if window is not None and window[0] < capacity:
+        start = torch.minimum(torch.maximum(start, end - window[1] - window[0]), end)
     pos = torch.arange(capacity, device=device)
     return (pos[None, :] >= start[:, None]) & (pos[None, :] < end[:, None])
 
@@ -172,16 +177,21 @@ def check_lengths(cache_seqlens: torch.Tensor | None, cache_leftpad: torch.Tenso
 
 def check_pages(
     block_table: torch.Tensor, num_pages: int, page_size: int, cache_seqlens: torch.Tensor | None,
-    cache_leftpad: torch.Tensor | None,
+    cache_leftpad: torch.Tensor | None, window: tuple[int, int] | None = None,
 ) -> None:
     """Host-side check (a sync) that every live slot of ``block_table`` names a page in
-    [0, num_pages): the slots holding positions [cache_leftpad, cache_seqlens) of each sequence."""
+    [0, num_pages): the slots holding positions [cache_leftpad, cache_seqlens) of each sequence
+    (with ``window`` = (window_left, q_len), from the first key a query's window reaches:
+    ``live_positions``; slots wholly before it are not read and may hold anything, e.g. -1 for
+    pages an engine freed)."""
     batch, slots = block_table.shape
     capacity = slots * page_size
     ends = torch.full((batch,), capacity, device=block_table.device) if cache_seqlens is None else cache_seqlens
     firsts = torch.zeros_like(ends) if cache_leftpad is None else cache_leftpad
     firsts = firsts.clamp(0, capacity)
     ends = torch.maximum(ends.clamp(max=capacity), firsts)
+    if window is not None and window[0] < capacity:
+        firsts = torch.minimum(torch.maximum(firsts, ends - window[1] - window[0]), ends)
     start = torch.arange(slots, device=block_table.device) * page_size
     live = (start[None, :] < ends[:, None]) & (start[None, :] + page_size > firsts[:, None]) & (ends > firsts)[:, None]
     at = first_bad(live & ((block_table < 0) | (block_table >= num_pages)))

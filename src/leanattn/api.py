@@ -192,13 +192,16 @@ def _arguments_key(
 
 
 def _check_values(q, k_cache, cache_seqlens, cache_leftpad, block_table, sinks, k_scale, v_scale,
-                  capacity: int) -> None:
-    """``check=True``'s host-side checks of the values (a device sync)."""
+                  capacity: int, window_left: int) -> None:
+    """``check=True``'s host-side checks of the values (a device sync); keys before every query's
+    window (``window_left``, as ``Features``') are not read, so their pages and scales are not
+    checked."""
     check_lengths(cache_seqlens, cache_leftpad, capacity)
+    window = (window_left, q.shape[1])
     if block_table is not None:
-        check_pages(block_table, k_cache.shape[0], k_cache.shape[1], cache_seqlens, cache_leftpad)
+        check_pages(block_table, k_cache.shape[0], k_cache.shape[1], cache_seqlens, cache_leftpad, window)
     check_finite_values(sinks, k_scale, v_scale, cache_seqlens=cache_seqlens, cache_leftpad=cache_leftpad,
-                        block_table=block_table, batch=q.shape[0], capacity=capacity)
+                        block_table=block_table, batch=q.shape[0], capacity=capacity, window=window)
 
 
 def decode(
@@ -292,7 +295,8 @@ def decode(
     if known is not None:  # arguments of a layout checked before: only the per-call checks
         refuse_grad(q, k_cache, v_cache)
         if check:
-            _check_values(q, k_cache, cache_seqlens, cache_leftpad, block_table, sinks, k_scale, v_scale, known.capacity)
+            _check_values(q, k_cache, cache_seqlens, cache_leftpad, block_table, sinks, k_scale, v_scale, known.capacity,
+                          known.call.features.window_left)
         if plan is not None:
             check_plan(plan, q, num_programs, known.plan_key)
         result = torch.empty_like(q) if out is None else out
@@ -310,7 +314,8 @@ def decode(
     features, ks, vs = resolve_features(q, k_cache, causal, window_size, softcap, sinks, k_scale, v_scale)
     capacity = capacity_of(k_cache, block_table)
     if check:
-        _check_values(q, k_cache, cache_seqlens, cache_leftpad, block_table, sinks, k_scale, v_scale, capacity)
+        _check_values(q, k_cache, cache_seqlens, cache_leftpad, block_table, sinks, k_scale, v_scale, capacity,
+                      features.window_left)
     check_num_programs(num_programs)
     _check_config(config)
     scale = softmax_scale_of(softmax_scale, q.shape[-1])

@@ -281,10 +281,12 @@ class DecodeWrapper:
                 programs=self.num_programs, config=self._config, split=self._split,
                 has_bounds=self._bounds is not None)
         if check:
+            # (Keys before every query's window are not read; with per-query bounds, all are checked.)
+            window = None if self._bounds is not None else (call.features.window_left, self._q_len)
             if block_table is not None:
-                check_pages(block_table, k_cache.shape[0], k_cache.shape[1], self._seqlens, self._leftpad)
+                check_pages(block_table, k_cache.shape[0], k_cache.shape[1], self._seqlens, self._leftpad, window)
             check_finite_values(sinks, k_scale, v_scale, cache_seqlens=self._seqlens, cache_leftpad=self._leftpad,
-                                block_table=block_table, batch=self._batch, capacity=self._capacity)
+                                block_table=block_table, batch=self._batch, capacity=self._capacity, window=window)
         if self._batch > 0:
             call.launch(self._bufs, q, k_cache, v_cache, out, lse, self._seqlens, self._leftpad, block_table, sinks,
                         k_scale, v_scale, self._plan, self._bounds)
