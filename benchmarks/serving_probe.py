@@ -45,8 +45,11 @@ def graph_step(shape_text: str, config: leanattn.KernelConfig | None = None) -> 
     w = prepared.wrapper
     graph, last = capture_cuda_graph(make_step(prepared, layers))
     us = bench_median(graph.replay) / layers * 1e3
-    decode_kernels = [k for k in w.compiled_kernels if k.name == "lean_decode_kernel"]  # not the merge kernel
-    compiled = decode_kernels[-1] if decode_kernels else None
+    # The decode kernel the graph runs (not the merge kernel, nor an eager form's decode kernel).
+    from leanattn._testing import wrapper_calls
+
+    hits = [call.hit for call in wrapper_calls(w) if call.hit is not None]
+    compiled = hits[-1][0] if hits else None
     return dict(us=us, shape=shape, layers=ls, last=last, wrapper=w, one_call=prepared.one_call, graph=graph,
                 compiled=compiled, regs=getattr(compiled, "n_regs", None), spills=getattr(compiled, "n_spills", None),
                 smem=compiled.metadata.shared if compiled is not None else None)

@@ -437,23 +437,30 @@ def test_large_calls_take_two_programs_an_sm(monkeypatch):
 def test_small_eager_calls_merge_in_one_launch(monkeypatch):
     """A call the rule gives the merge kernel (one head over many programs) launches, when it is
     small (at most EAGER_ONE_LAUNCH_BYTES) and not captured, only the decode kernel with the
-    ticket tree; its first eager call also runs the graph's form (decode and merge kernels) so
-    that a capture finds them loaded. Under capture, with the merge kernel forced, or over the
-    byte limit, the rule's two launches. (The interpreter takes the rule's form always: the
-    switch is patched on here, and the launches recorded, not run.)"""
-    from leanattn import _call
+    ticket tree; its first eager call also compiles and loads the graph's form (decode and merge
+    kernels, not run) so that a capture finds them loaded, or runs it where they cannot be loaded
+    apart. Under capture, with the merge kernel forced, or over the byte limit, the rule's two
+    launches. (The interpreter takes the rule's form always: the switch is patched on here, and
+    the launches recorded, not run.)"""
+    from leanattn import _call, api
     from leanattn._testing import DECODE_CALLS
+
+    def name(params):
+        return "merge" if "MERGE_KERNEL" not in params else ("decode+merge" if params["MERGE_KERNEL"] else "decode")
 
     launched = []
     capturing = [False]
+    loadable = [True]
     monkeypatch.setattr(_call, "interpreting", lambda: False)
-    monkeypatch.setattr(_call, "launch", lambda kernel, grid, args, params, *rest: launched.append(
-        "merge" if "MERGE_KERNEL" not in params else ("decode+merge" if params["MERGE_KERNEL"] else "decode")))
+    monkeypatch.setattr(_call, "launch", lambda kernel, grid, args, params, *rest: launched.append(name(params)))
+    monkeypatch.setattr(_call, "prepare", lambda kernel, grid, args, params, *rest: (
+        launched.append("load " + name(params)), ("hit",) if loadable[0] else None)[1])
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     q, k, v, sl = make_inputs([1024], 4, 1, 64, torch.bfloat16, seed=2)
 
     def calls(config=None, k=k, v=v):
         DECODE_CALLS.clear()
+        api._KNOWN.clear()  # (decode's known layouts keep their calls too)
         launched.clear()
         for capture in (False, False, True, False):
             capturing[0] = capture
@@ -463,7 +470,11 @@ def test_small_eager_calls_merge_in_one_launch(monkeypatch):
 
     got, call = calls()
     assert call.params["MERGE_KERNEL"] and call.eager_params == {**call.params, "MERGE_KERNEL": False}
-    assert got == ["decode+merge", "merge", "decode", "decode", "decode+merge", "merge", "decode"]
+    assert got == ["load decode+merge", "load merge", "decode", "decode", "decode+merge", "merge", "decode"]
+    loadable[0] = False  # (direct launches unavailable): the first eager call runs the graph's form
+    got, call = calls()
+    assert got == ["load decode+merge", "load merge", "decode+merge", "merge", "decode", "decode", "decode+merge",
+                   "merge", "decode"]
     forced = dataclasses.replace(leanattn.choose_config(64, torch.bfloat16, 4), merge_kernel=True)
     got, call = calls(forced)
     assert call.eager_params is None and got == ["decode+merge", "merge"] * 4

@@ -466,13 +466,18 @@ def test_launch_keeps_programs_per_sm(d, kv_dtype, paged):
     (call,) = wrapper_calls(w)
     if (d, kv_dtype, paged) == (128, torch.bfloat16, False):
         assert call.config.num_stages == 6  # the case it stands for
-    compiled, _, (warps, _, shared), _ = call.hit
-    assert shared >= compiled.metadata.shared
     cuda = ctypes.CDLL("libcuda.so.1")
-    blocks = ctypes.c_int(0)
-    assert cuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(
-        ctypes.byref(blocks), ctypes.c_void_p(compiled.function), warps * 32, ctypes.c_size_t(shared)) == 0
-    assert blocks.value == call.config.programs_per_sm
+    # The graph's decode kernel, and the eager form's where the call has one (small calls of the
+    # merge kernel's rule: _call.EAGER_ONE_LAUNCH_BYTES), which eager runs launch.
+    for hit in (call.hit, call.eager_hit):
+        if hit is None:
+            continue
+        compiled, _, (warps, _, shared), _ = hit
+        assert shared >= compiled.metadata.shared
+        blocks = ctypes.c_int(0)
+        assert cuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+            ctypes.byref(blocks), ctypes.c_void_p(compiled.function), warps * 32, ctypes.c_size_t(shared)) == 0
+        assert blocks.value == call.config.programs_per_sm
     torch.cuda.synchronize()
     ref = reference(q, kc, vc, sl, block_table=kw.get("block_table"), k_scale=kw.get("k_scale"),
                     v_scale=kw.get("v_scale"))

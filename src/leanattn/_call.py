@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ._checks import capacity_of
 from ._features import Features, kernel_scale, scale_tensor
-from ._launch import default_num_programs, grid_size, launch, use_pdl
+from ._launch import default_num_programs, grid_size, launch, prepare, use_pdl
 from ._workspace import Workspace, workspace_for
 from .kernels.config import KernelConfig, choose_config, interpreting, large_call, next_pow2
 from .kernels.lean_decode import EVENTS, lean_decode_kernel, lean_merge_kernel
@@ -362,7 +362,7 @@ class Call:
         # bitwise, with the graph's. Not under the interpreter (no graphs, no host cost to save).
         self.eager_params: dict | None = None
         self.eager_hit: tuple | None = None
-        self.graph_loaded = False  # the graph's form has run once (eagerly)
+        self.graph_loaded = False  # the graph's form is compiled and loaded (by the first eager call)
         read = 2 * batch * kv_heads * keys * q.shape[3] * k_cache.element_size()
         if (self.merge_params is not None and config.merge_kernel is None and not split and not interpreting()
                 and read <= EAGER_ONE_LAUNCH_BYTES):
@@ -401,24 +401,32 @@ class Call:
             v_scale, bounds if bounds is not None else tickets, plan if plan is not None else tickets, acc, stats, tickets, chunk_tickets,
             jobs, self.timeline if self.timeline is not None else tickets, *self.fixed,
         )
-        if self.eager_params is not None and self.graph_loaded and not torch.cuda.is_current_stream_capturing():
+        merge_args = () if self.merge_params is None else (
+            jobs, acc, stats, out, lse if lse is not None else acc, sinks if sinks is not None else acc, v_scale,
+            *self.merge_fixed)
+        if self.eager_params is not None and not torch.cuda.is_current_stream_capturing():
+            if not self.graph_loaded:
+                # The graph's two kernels, compiled and loaded now (CUDA cannot load a kernel
+                # during capture), not run; where that is not possible, run once to load them.
+                self.hit = self.hit or prepare(self.kernel, self.programs, args, self.params, self.config, self.pdl,
+                                               self.device, self.config.programs_per_sm)
+                self.merge_hit = self.merge_hit or prepare(lean_merge_kernel, self.merge_grid, merge_args,
+                                                           self.merge_params, MERGE_LAUNCH, self.pdl, self.device)
+                if self.hit is None or self.merge_hit is None:
+                    self._launch_graph_form(args, merge_args)
+                self.graph_loaded = True
             self.eager_hit = launch(self.kernel, self.programs, args, self.eager_params, self.config, self.pdl,
                                     self.device, self.eager_hit, self.config.programs_per_sm)
             return
-        # (A call with an eager form runs the graph's form first, once, eagerly: a later capture
-        # finds its two kernels compiled and loaded, which CUDA cannot do during capture.)
+        self._launch_graph_form(args, merge_args)
+
+    def _launch_graph_form(self, args: tuple, merge_args: tuple) -> None:
+        """The rule's launches: the decode kernel, and the merge kernel when the call has one."""
         self.hit = launch(self.kernel, self.programs, args, self.params, self.config, self.pdl, self.device, self.hit,
                           self.config.programs_per_sm)
         if self.merge_params is not None:
-            merge_args = (jobs, acc, stats, out, lse if lse is not None else acc, sinks if sinks is not None else acc,
-                          v_scale, *self.merge_fixed)
             self.merge_hit = launch(lean_merge_kernel, self.merge_grid, merge_args, self.merge_params, MERGE_LAUNCH,
                                     self.pdl, self.device, self.merge_hit)
-        if self.eager_params is not None and not torch.cuda.is_current_stream_capturing():
-            # The first eager call: now its own form, whose values it returns as every later one.
-            self.eager_hit = launch(self.kernel, self.programs, args, self.eager_params, self.config, self.pdl,
-                                    self.device, self.eager_hit, self.config.programs_per_sm)
-            self.graph_loaded = True
 
 
 # leanattn.decode's calls by call key (each DecodeWrapper keeps its own).

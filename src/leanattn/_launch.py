@@ -212,6 +212,22 @@ def launch(
     return None
 
 
+def prepare(
+    kernel, grid: int | tuple[int, int], args: tuple, params: dict, config: KernelConfig, pdl: bool,
+    device: torch.device, per_sm: int = 0,
+) -> tuple | None:
+    """Compile and load ``kernel`` for these arguments (as :func:`launch` would) without running
+    it: the ``hit`` a later launch takes, or None under the interpreter, when direct launches
+    are off, or when Triton returns no compiled kernel (then nothing is known to be loaded)."""
+    if interpreting() or DIRECT_LAUNCH_ERROR:
+        return None
+    try:
+        return _compile(kernel, _grid3(grid), args, params, config, pdl, per_sm, device)
+    except (TypeError, AttributeError) as e:  # a Triton whose compiled kernels differ: launch to load
+        DIRECT_LAUNCH_ERROR.append(repr(e))
+        return None
+
+
 def _grid3(grid: int | tuple[int, int]) -> tuple:
     return grid if isinstance(grid, tuple) else (grid,)
 

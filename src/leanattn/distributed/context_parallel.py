@@ -9,7 +9,7 @@ import struct
 import torch
 import torch.distributed as dist
 
-from .._checks import SUPPORTED_DTYPES, check_plan_lengths, fixed_attribute
+from .._checks import SUPPORTED_DTYPES, check_plan_lengths, fixed_attribute, softmax_scale_of
 from .._features import window_bounds
 from ..merge import merge_states_into
 from ..wrapper import DecodeWrapper
@@ -102,7 +102,7 @@ class ContextParallelDecode:
             device = torch.device("cuda", torch.cuda.current_device())
         self._device = device
         self._scatter_heads = bool(scatter_heads)
-        self._softmax_scale = float(head_dim**-0.5 if softmax_scale is None else softmax_scale)
+        self._softmax_scale = softmax_scale_of(softmax_scale, int(head_dim))
         self._num_programs = num_programs
         self._heads_out = self._q_heads // self._world_size if self._scatter_heads else self._q_heads
         # Built by the first plan, where a bad shape becomes an error on every rank, not a hang.
