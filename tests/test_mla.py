@@ -234,6 +234,24 @@ def test_wrapper_matches_function():
         w.run(q[:, :1], kp, block_table=table)
 
 
+def test_wrapper_plan_recovers_from_a_run_on_unplanned_lengths():
+    """As DecodeWrapper's: a run after the lengths changed without a plan (garbage, and tickets
+    left raised) is undone by the next plan; later steps match the reference."""
+    q, kv, _ = mla_inputs([128, 128], 4, 80, seed=10)
+    sl = torch.tensor([64, 10], dtype=torch.int32, device=DEVICE)
+    w = leanattn.MLAWrapper(4, 80, 64, torch.bfloat16, DEVICE, num_programs=5)
+    w.plan(sl, 128)
+    out, lse = w.run(q, kv, return_lse=True)
+    check(out, lse, q, kv, sl, 64)
+    sl.copy_(torch.tensor([128, 90], dtype=torch.int32))
+    w.run(q, kv)  # the misuse
+    for step in range(2):
+        sl.copy_(torch.tensor([100 - 7 * step, 40 + step], dtype=torch.int32))
+        w.plan(sl, 128)
+        out, lse = w.run(q, kv, return_lse=True)
+        check(out, lse, q, kv, sl, 64)
+
+
 def test_wrapper_plan_that_fails_to_grow_the_workspace_leaves_the_last_plan(monkeypatch):
     """As DecodeWrapper's: a batch-invariant plan whose workspace growth fails changes nothing
     (here with a grid made to differ), and runs keep the last plan."""

@@ -404,3 +404,21 @@ def test_plan_that_fails_to_grow_the_workspace_leaves_the_last_plan(monkeypatch)
     monkeypatch.undo()
     out, _ = w.run(q, k, v, return_lse=True)  # a layout not run yet: a new call, from the last plan
     assert torch.equal(out, first)
+
+
+def test_plan_recovers_from_a_run_on_unplanned_lengths():
+    """A run after the lengths changed in place without a plan breaks the contract and its output
+    is garbage; it also leaves tickets raised (arrivals the old shares never bring). The next plan
+    starts them at zero, so every later step is exact again."""
+    q, k, v, _ = make_inputs([128, 128], 4, 2, 64, torch.float16, seed=9)
+    sl = torch.tensor([64, 10], dtype=torch.int32, device=DEVICE)
+    w = _wrapper(q, k, 5)
+    w.plan(sl, 128)
+    assert_close(w.run(q, k, v), None, reference(q, k, v, sl)[0], None)
+    sl.copy_(torch.tensor([128, 90], dtype=torch.int32))
+    w.run(q, k, v)  # the misuse
+    for step in range(2):
+        sl.copy_(torch.tensor([100 - 7 * step, 40 + step], dtype=torch.int32))
+        w.plan(sl, 128)
+        out, lse = w.run(q, k, v, return_lse=True)
+        assert_close(out, lse, *reference(q, k, v, sl))

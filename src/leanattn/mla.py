@@ -301,7 +301,9 @@ class MLAWrapper:
         Args:
             cache_seqlens: int32 (batch,), each sequence's live length (clamped to [0,
                 capacity]); ``None``: every sequence is ``capacity`` long (then ``batch`` is
-                required). ``run`` reads the same tensor again: change it only between steps.
+                required). ``run`` reads the same tensor again: change it only between steps, and
+                plan again after changing it (a run after a change without a plan gives
+                garbage; the next plan puts the wrapper right again).
             capacity: cache positions per sequence (cache_len, or max_pages_per_seq x
                 page_size); ``run`` checks it.
             batch: number of sequences, when ``cache_seqlens`` is ``None``.
@@ -334,6 +336,10 @@ class MLAWrapper:
             cache_seqlens, cache_leftpad, capacity, batch, q_len, causal)
         self._plan_layout = (self.head_dim_v, self.softmax_scale, causal, batch, capacity, self.num_programs,
                              self._split, q_len)
+        # Tickets are zero between runs only if each run's lengths are the plan's: a run after
+        # the lengths changed without a plan counts arrivals that never come and leaves tickets
+        # raised, which would corrupt every later run. Each plan starts them at zero.
+        self._workspace.tickets.zero_()
         launch_plan(self._plan, self.num_programs, cache_seqlens, cache_leftpad, batch, blocks, capacity, q_len, 0,
                     False,
                     *_call.unit_of(self._config, self._split), _call.pdl_of(self._config, self.device))

@@ -171,7 +171,8 @@ class DecodeWrapper:
                 CUDA graphs and fast paths); ValueError names the sequence and the value.
 
         ``run`` reads the lengths from the same tensors again: change them only between steps,
-        and plan again after changing them.
+        and plan again after changing them (a run after a change without a plan gives garbage;
+        the next plan puts the wrapper right again).
         """
         self._plan_bounded(cache_seqlens, capacity, batch=batch, cache_leftpad=cache_leftpad, q_len=q_len,
                            causal=causal, window_size=window_size, check=check, bounds=None)
@@ -212,6 +213,10 @@ class DecodeWrapper:
         layout = (_call.layout_of(cache_seqlens, cache_leftpad, bounds), batch, capacity, q_len, self.num_programs,
                   self._config, causal, self._window_size, self._split)
         self._plan_key = self._plan_layouts.setdefault(layout, len(self._plan_layouts))
+        # Tickets are zero between runs only if each run's lengths are the plan's: a run after
+        # the lengths changed without a plan counts arrivals that never come and leaves tickets
+        # raised, which would corrupt every later run. Each plan starts them at zero.
+        self._workspace.tickets.zero_()
         launch_plan(self._plan, self.num_programs, cache_seqlens, cache_leftpad, batch, self.kv_heads, capacity, q_len,
                     window_left, has_window, *_call.unit_of(self._config, self._split),
                     _call.pdl_of(self._config, self.device))
