@@ -167,6 +167,10 @@ def mismatch(rank: int, world: int, kind: str) -> None:
         seqlens = torch.zeros(2, dtype=torch.int32, device=dev)
         cp.plan(None, 16, q_len=2, seqlens=seqlens, page_size=16)
         cp.plan(None, 16, q_len=2, seqlens=seqlens, page_size=16, window_size=(8, -1), check=False)
+    elif kind == "capacity":  # the last rank's cache is too small for the pages dealt to it
+        cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, dev)
+        seqlens = torch.tensor([9 * 16, 3], dtype=torch.int32, device=dev)  # 48 or more tokens a rank
+        cp.plan(None, 16 if last else 256, seqlens=seqlens, page_size=16)
     elif kind == "unchecked_batch":
         cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, dev)
         cp.plan(torch.zeros(2, dtype=torch.int32, device=dev), 16)

@@ -14,7 +14,7 @@ from .._features import window_bounds
 from ..merge import merge_states_into
 from ..wrapper import DecodeWrapper
 from ._exchange import Buffers, all_gather, pack_views, padded_words
-from ._layout import Positions, key_bounds
+from ._layout import Positions, held_before, key_bounds
 
 __all__ = ["ContextParallelDecode", "decode"]
 
@@ -159,6 +159,14 @@ class ContextParallelDecode:
             except (ValueError, TypeError) as e:
                 return str(e), 0
             error = None if batch is None or batch == n else f"batch ({batch}) differs from seqlens' length ({n})"
+            if error is None and n:
+                # The tokens this rank's pages hold must fit its cache: past capacity the local
+                # attention would clamp them away, silently. (A sync; the exchange has one anyway.)
+                held = int(held_before(positions.seqlens.to(torch.int64).clamp_min(0), self.world_size, self.rank,
+                                       positions.page_size).max())
+                if held > capacity:
+                    error = f"with pages of {positions.page_size} dealt over {self.world_size} ranks this rank holds " \
+                            f"up to {held} tokens of a sequence, but its cache has capacity {capacity}"
         if error is not None:
             return error, n
         if block_table is not None and (
@@ -233,7 +241,9 @@ class ContextParallelDecode:
                 on ``device``; ``None`` means ``capacity`` for every sequence (then pass
                 ``batch``), and must be ``None`` with ``seqlens`` (the plan derives them).
             capacity: positions per sequence of this rank's cache: its ``cache_len``, or
-                ``max_pages * page_size`` when paged. Ranks may differ.
+                ``max_pages * page_size`` when paged. Ranks may differ. With ``seqlens``, a
+                checked plan refuses a capacity below the tokens the rank's dealt pages hold
+                (a round-robin share is up to ``ceil(pages / world_size) * page_size``).
             batch: the batch size, when no lengths tensor is given.
             q_len: query tokens per sequence (1: decode; more needs ``seqlens``).
             block_table: int32 (batch, max_pages) of this rank's paged cache, or None.
