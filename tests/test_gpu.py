@@ -469,6 +469,7 @@ def test_launch_keeps_programs_per_sm(d, kv_dtype, paged):
     cuda = ctypes.CDLL("libcuda.so.1")
     # The graph's decode kernel, and the eager form's where the call has one (small calls of the
     # merge kernel's rule: _call.EAGER_ONE_LAUNCH_BYTES), which eager runs launch.
+    assert call.hit is not None
     for hit in (call.hit, call.eager_hit):
         if hit is None:
             continue

@@ -26,6 +26,7 @@ WORKSPACE = "src/leanattn/_workspace.py"
 MLA = "src/leanattn/kernels/mla_decode.py"
 OPS = "src/leanattn/ops.py"
 LAUNCH = "src/leanattn/_launch.py"
+FEATURES = "src/leanattn/_features.py"
 
 GPU_RACE = "tests/test_gpu.py::test_merge_race_stress"
 GPU_FP8 = "tests/test_gpu.py::test_fp8_extremes"
@@ -530,6 +531,25 @@ MUTANTS: list[Mutant] = [
         one(CALL, "        out_layout = (out.shape, out.stride(), out.dtype, out.device)", "        out_layout = None"),
         ("tests/test_wrapper.py", "tests/test_decode.py"),
         why="a call writing into a given out of other strides would reuse the strides of an earlier call's output",
+    ),
+    Mutant(
+        "plan-keeps-raised-tickets",
+        one(WRAPPER, "        self._workspace.tickets.zero_()", None),
+        ("tests/test_wrapper.py",), k="unplanned_lengths",
+        why="a run on lengths changed without a plan would leave tickets raised and break every later step",
+    ),
+    Mutant(
+        "window-int-max-side-bounded",
+        one(FEATURES, "    left = UNBOUNDED if left < 0 or left > UNBOUNDED else left", "    left = UNBOUNDED if left < 0 else left"),
+        ("tests/test_features.py",), k="int_max",
+        why="a left window side of INT_MAX would be an int32 bound whose position sum overflows: every key masked",
+    ),
+    Mutant(
+        "eager-form-under-capture",
+        one(CALL, "        if self.eager_params is not None and not torch.cuda.is_current_stream_capturing():",
+            "        if self.eager_params is not None:"),
+        ("tests/test_decode.py",), k="one_launch",
+        why="a CUDA graph would capture the eager form (the ticket tree) where the rule gives the merge kernel",
     ),
     Mutant(
         "shared-limit-lowered",
