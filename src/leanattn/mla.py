@@ -133,7 +133,9 @@ def mla_decode(
         softmax_scale: defaults to ``head_dim ** -0.5`` (DeepSeek passes its own).
         causal: query i of a sequence of L keys sees keys [0, L - q_len + i] (bottom-right, as
             in ``decode``); False: every key.
-        return_lse: also return the natural-log log-sum-exp, float32 (batch, q_heads, q_len).
+        return_lse: also return the natural-log log-sum-exp, float32 (batch, q_heads, q_len);
+            -inf for a query that sees no key (FlashMLA writes +inf there), as
+            :func:`leanattn.merge_states` expects of an empty part.
         out: optional (batch, q_len, q_heads, head_dim_v) tensor in q's dtype to write into.
         lse: optional float32 (batch, q_heads, q_len) tensor for the LSE (with ``return_lse``).
         kv_scale: an fp8 cache's dequantisation multiplier (real row = stored row x kv_scale),
