@@ -269,7 +269,8 @@ def decode(
             call's shapes: the programs read their shares from it instead of locating them. Its
             rows are the grid. Results are bitwise those without it. The lengths must be the
             plan's: a call on lengths changed since the plan gives garbage and can leave the
-            device workspace's tickets raised, which breaks later calls on the device.
+            device workspace's tickets raised, which breaks later calls on the device until
+            the next ``plan_decode`` (each plan starts them at zero).
         config: a :class:`KernelConfig` to launch with instead of the heuristic's
             (:func:`choose_config`); a plan must be made with the same one. Eager calls only.
         batch_invariant: each (sequence, kv head) is cut into splits of ``split_size`` tokens
