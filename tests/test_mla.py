@@ -487,7 +487,7 @@ def _merge_cut_blocks(lens, hq, d, dv, tile, programs, target_share, seed):
     q, kv, sl = mla_inputs(lens, hq, d, seed=seed)
     batch, capacity = len(lens), kv.shape[1]
     plan = torch.zeros(programs, 8, dtype=torch.int32, device=DEVICE)
-    launch_plan(plan, programs, sl, None, batch, 1, capacity, 1, 0, False, tile, target_share, False)
+    launch_plan(plan, programs, sl, None, batch, 1, capacity, 1, 0, False, tile, target_share, False, tickets=None)
     scale = d**-0.5
     ws_acc = torch.full((3 * programs, hq, dv), float("nan"), dtype=torch.float32, device=DEVICE)
     ws_stats = torch.full((3 * programs, 2, hq), float("nan"), dtype=torch.float32, device=DEVICE)

@@ -214,13 +214,13 @@ def test_target_shares_match_schedule(target_share, tile):
         left, _, has_window, _ = window_bounds(True, (window_left if window_left is not None else -1, -1), q_len)
         plan = torch.zeros(grid, PLAN_FIELDS.value, dtype=torch.int32, device=DEVICE)
         launch_plan(plan, grid, int_tensor(seqlens), int_tensor(leftpad), batch, kv_heads, capacity, q_len, left,
-                    has_window, tile, target_share, False)
+                    has_window, tile, target_share, False, tickets=None)
         lengths = [n for _, n in covered_keys(seqlens, leftpad, batch, capacity, q_len, window_left)]
         check_rows(plan, lengths, kv_heads, tile, grid, target_share, what="launch_plan")
     # The grid is chosen by the target share here, not capped by the grid or the tile count.
     lens = [3 * tile, 9 * tile - 1, 1]
     plan = torch.zeros(16, PLAN_FIELDS.value, dtype=torch.int32, device=DEVICE)
-    launch_plan(plan, 16, int_tensor(lens), None, 3, 2, 9 * tile, 1, 2**30, False, tile, target_share, False)
+    launch_plan(plan, 16, int_tensor(lens), None, 3, 2, 9 * tile, 1, 2**30, False, tile, target_share, False, tickets=None)
     s = check_rows(plan, lens, 2, tile, 16, target_share, what="launch_plan")
     assert s.num_programs == -(-s.total_tiles // target_share) < min(16, s.total_tiles)
 

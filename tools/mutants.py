@@ -534,8 +534,8 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "plan-keeps-raised-tickets",
-        one(WRAPPER, "        self._workspace.tickets.zero_()", None),
-        ("tests/test_wrapper.py",), k="unplanned_lengths",
+        one("src/leanattn/_plan.py", "        tickets.zero_()", None),
+        ("tests/test_wrapper.py", "tests/test_mla.py"), k="unplanned_lengths",
         why="a run on lengths changed without a plan would leave tickets raised and break every later step",
     ),
     Mutant(

@@ -143,14 +143,24 @@ def live_positions(
     read, with start = clamp(cache_leftpad, 0, capacity), end = clamp(cache_seqlens, start,
     capacity), and with ``window`` = (window_left, q_len) start raised to the first key the
     first query's window reaches, end - q_len - window_left (keys before it are not read)."""
+    start, end = read_range(cache_seqlens, cache_leftpad, batch, capacity, device, window)
+    pos = torch.arange(capacity, device=device)
+    return (pos[None, :] >= start[:, None]) & (pos[None, :] < end[:, None])
+
+
+def read_range(
+    cache_seqlens: torch.Tensor | None, cache_leftpad: torch.Tensor | None, batch: int, capacity: int,
+    device: torch.device, window: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 (batch,) start and end of the cache positions each sequence's call may read: see
+    :func:`live_positions`."""
     start = torch.zeros(batch, dtype=torch.long, device=device) if cache_leftpad is None else \
         cache_leftpad.to(device).long().clamp(0, capacity)
     end = torch.full((batch,), capacity, device=device) if cache_seqlens is None else \
         torch.maximum(cache_seqlens.to(device).long().clamp(max=capacity), start)
     if window is not None and window[0] < capacity:
         start = torch.minimum(torch.maximum(start, end - window[1] - window[0]), end)
-    pos = torch.arange(capacity, device=device)
-    return (pos[None, :] >= start[:, None]) & (pos[None, :] < end[:, None])
+    return start, end
 
 
 def first_bad(bad: torch.Tensor) -> tuple[int, ...] | None:
@@ -182,16 +192,10 @@ def check_pages(
     """Host-side check (a sync) that every live slot of ``block_table`` names a page in
     [0, num_pages): the slots holding positions [cache_leftpad, cache_seqlens) of each sequence
     (with ``window`` = (window_left, q_len), from the first key a query's window reaches:
-    ``live_positions``; slots wholly before it are not read and may hold anything, e.g. -1 for
+    ``read_range``; slots wholly before it are not read and may hold anything, e.g. -1 for
     pages an engine freed)."""
     batch, slots = block_table.shape
-    capacity = slots * page_size
-    ends = torch.full((batch,), capacity, device=block_table.device) if cache_seqlens is None else cache_seqlens
-    firsts = torch.zeros_like(ends) if cache_leftpad is None else cache_leftpad
-    firsts = firsts.clamp(0, capacity)
-    ends = torch.maximum(ends.clamp(max=capacity), firsts)
-    if window is not None and window[0] < capacity:
-        firsts = torch.minimum(torch.maximum(firsts, ends - window[1] - window[0]), ends)
+    firsts, ends = read_range(cache_seqlens, cache_leftpad, batch, slots * page_size, block_table.device, window)
     start = torch.arange(slots, device=block_table.device) * page_size
     live = (start[None, :] < ends[:, None]) & (start[None, :] + page_size > firsts[:, None]) & (ends > firsts)[:, None]
     at = first_bad(live & ((block_table < 0) | (block_table >= num_pages)))

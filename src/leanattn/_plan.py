@@ -21,11 +21,18 @@ from .kernels.plan import BLOCK_B, PLAN_FIELDS, lean_plan_kernel
 def launch_plan(
     plan: torch.Tensor, programs: int, cache_seqlens: torch.Tensor | None, cache_leftpad: torch.Tensor | None,
     batch: int, kv_heads: int, capacity: int, q_len: int, window_left: int, has_window: bool, tile: int,
-    target_share: int, pdl: bool,
+    target_share: int, pdl: bool, *, tickets: torch.Tensor | None,
 ) -> None:
     """Write the shares of a grid of ``programs`` into ``plan[:programs]``: int32 rows of
     ``PLAN_FIELDS`` (see ``lean_plan_kernel``); ``tile`` (tokens per unit dealt) and
-    ``target_share`` from ``_call.unit_of`` of the runs' KernelConfig. Inputs already validated."""
+    ``target_share`` from ``_call.unit_of`` of the runs' KernelConfig. Inputs already validated.
+
+    ``tickets``: the workspace tickets the plan's runs draw (None: none yet), set to zero. They
+    are zero between runs only if each run's lengths are the plan's: a run after the lengths
+    changed without a plan counts arrivals that never come and leaves tickets raised, which
+    would corrupt every later run; so each plan starts them at zero."""
+    if tickets is not None:
+        tickets.zero_()
     if batch == 0:
         return
     extra = {"launch_pdl": True} if pdl else {}

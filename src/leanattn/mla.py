@@ -338,13 +338,10 @@ class MLAWrapper:
             cache_seqlens, cache_leftpad, capacity, batch, q_len, causal)
         self._plan_layout = (self.head_dim_v, self.softmax_scale, causal, batch, capacity, self.num_programs,
                              self._split, q_len)
-        # Tickets are zero between runs only if each run's lengths are the plan's: a run after
-        # the lengths changed without a plan counts arrivals that never come and leaves tickets
-        # raised, which would corrupt every later run. Each plan starts them at zero.
-        self._workspace.tickets.zero_()
         launch_plan(self._plan, self.num_programs, cache_seqlens, cache_leftpad, batch, blocks, capacity, q_len, 0,
                     False,
-                    *_call.unit_of(self._config, self._split), _call.pdl_of(self._config, self.device))
+                    *_call.unit_of(self._config, self._split), _call.pdl_of(self._config, self.device),
+                    tickets=self._workspace.tickets)
 
     def run(
         self, q: torch.Tensor, kv_cache: torch.Tensor, *, rope_cache: torch.Tensor | None = None,

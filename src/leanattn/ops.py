@@ -100,14 +100,9 @@ def plan_shares(
     programs = num_programs or _default_grid(device, batch * kv_heads, capacity, programs_per_sm,
                                              large_programs_per_sm)
     plan = torch.zeros(programs, PLAN_FIELDS.value, dtype=torch.int32, device=device)
-    # A decode given a plan on lengths changed since it leaves the device workspace's tickets
-    # raised (arrivals the plan's shares never bring), which breaks every later call: each plan
-    # starts them at zero, as DecodeWrapper.plan does its own.
-    tickets = workspace_for(plan.device).tickets
-    if tickets is not None:
-        tickets.zero_()
+    # (The device workspace's tickets, which decode's runs of this plan draw.)
     launch_plan(plan, programs, cache_seqlens, cache_leftpad, batch, kv_heads, capacity, q_len, window_left,
-                has_window, tile, target_share, use_pdl(device))
+                has_window, tile, target_share, use_pdl(device), tickets=workspace_for(plan.device).tickets)
     return plan
 
 

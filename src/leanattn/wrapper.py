@@ -213,13 +213,9 @@ class DecodeWrapper:
         layout = (_call.layout_of(cache_seqlens, cache_leftpad, bounds), batch, capacity, q_len, self.num_programs,
                   self._config, causal, self._window_size, self._split)
         self._plan_key = self._plan_layouts.setdefault(layout, len(self._plan_layouts))
-        # Tickets are zero between runs only if each run's lengths are the plan's: a run after
-        # the lengths changed without a plan counts arrivals that never come and leaves tickets
-        # raised, which would corrupt every later run. Each plan starts them at zero.
-        self._workspace.tickets.zero_()
         launch_plan(self._plan, self.num_programs, cache_seqlens, cache_leftpad, batch, self.kv_heads, capacity, q_len,
                     window_left, has_window, *_call.unit_of(self._config, self._split),
-                    _call.pdl_of(self._config, self.device))
+                    _call.pdl_of(self._config, self.device), tickets=self._workspace.tickets)
 
     def run(
         self,
