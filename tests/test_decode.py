@@ -456,7 +456,9 @@ def test_small_eager_calls_merge_in_one_launch(monkeypatch):
     monkeypatch.setattr(_call, "prepare", lambda kernel, grid, args, params, *rest: (
         launched.append("load " + name(params)), ("hit",) if loadable[0] else None)[1])
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
-    q, k, v, sl = make_inputs([1024], 4, 1, 64, torch.bfloat16, seed=2)
+    # 8192 tokens: the rule gives the merge kernel at every tile of the heuristic (32 under the
+    # interpreter, 64 or 128 on a GPU) on this grid of 32.
+    q, k, v, sl = make_inputs([8192], 4, 1, 64, torch.bfloat16, seed=2)
 
     def calls(config=None, k=k, v=v):
         DECODE_CALLS.clear()
