@@ -271,6 +271,16 @@ def test_workspace_views_follow_the_buffers_when_they_grow():
     assert again[2].data_ptr() == ws.tickets.data_ptr() and again[2].numel() == 8
     assert again[3].data_ptr() == ws.tickets[8:].data_ptr()
     assert all(a is not b for a, b in zip(again, small))
+    # A planned call's tickets: the upper half, from a 16-byte boundary, apart from any
+    # unplanned call's that the buffer holds; a plan zeroes exactly that half.
+    half = ws.tickets.numel() // 2
+    for slots in (5, 8, 64):
+        heads, chunks = ws.get(torch.device("cpu"), slots, 4, 64, True)[2:4]
+        assert heads.data_ptr() == ws.tickets[half:].data_ptr() and heads.data_ptr() % 16 == 0
+        assert chunks.data_ptr() % 16 == 0 and chunks.data_ptr() + 4 * slots <= ws.tickets[-1:].data_ptr() + 4
+        lower = ws.get(torch.device("cpu"), slots, 4, 64)[3]
+        assert lower.data_ptr() + 4 * slots <= heads.data_ptr()
+    assert ws.planned_tickets().data_ptr() == ws.tickets[half:].data_ptr()
 
 
 def test_merge_kernel_rule_and_shape():

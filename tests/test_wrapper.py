@@ -426,14 +426,18 @@ def test_plan_recovers_from_a_run_on_unplanned_lengths():
 
 def test_plan_decode_recovers_from_a_call_on_unplanned_lengths():
     """decode(plan=) on lengths changed since plan_decode breaks the contract: garbage, and the
-    device workspace's tickets left raised, so later calls on the device (with a plan or not)
-    would come out NaN. The next plan_decode starts them at zero."""
+    tickets of planned calls left raised, so later planned calls would come out NaN. Calls
+    without a plan draw other tickets, so they stay exact at once; the next plan_decode starts
+    the planned ones at zero."""
     q, k, v, _ = make_inputs([128, 128], 4, 2, 64, torch.float16, seed=11)
     sl = torch.tensor([64, 10], dtype=torch.int32, device=DEVICE)
     plan = leanattn.plan_decode(sl, 128, q_heads=4, kv_heads=2, head_dim=64, kv_dtype=k.dtype, num_programs=5)
     assert_close(leanattn.decode(q, k, v, sl, plan=plan, num_programs=5), None, reference(q, k, v, sl)[0], None)
     sl.copy_(torch.tensor([128, 90], dtype=torch.int32))
     leanattn.decode(q, k, v, sl, plan=plan, num_programs=5)  # the misuse
+    assert leanattn._workspace.workspace_for(q.device).tickets.any()  # (left raised: the case tested)
+    out, lse = leanattn.decode(q, k, v, sl, num_programs=5, return_lse=True)  # no plan, before any new one
+    assert_close(out, lse, *reference(q, k, v, sl))
     for step in range(2):
         sl.copy_(torch.tensor([100 - 7 * step, 40 + step], dtype=torch.int32))
         plan = leanattn.plan_decode(sl, 128, q_heads=4, kv_heads=2, head_dim=64, kv_dtype=k.dtype, num_programs=5)

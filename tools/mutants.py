@@ -539,6 +539,12 @@ MUTANTS: list[Mutant] = [
         why="a run on lengths changed without a plan would leave tickets raised and break every later step",
     ),
     Mutant(
+        "planned-tickets-shared",
+        one("src/leanattn/_workspace.py", "        base = self.tickets.numel() // 2 if planned else 0", "        base = 0"),
+        ("tests/test_wrapper.py",), k="plan_decode_recovers",
+        why="a decode on a stale plan would leave raised the tickets that calls without a plan draw",
+    ),
+    Mutant(
         "window-int-max-side-bounded",
         one(FEATURES, "    left = UNBOUNDED if left < 0 or left > UNBOUNDED else left", "    left = UNBOUNDED if left < 0 else left"),
         ("tests/test_features.py",), k="int_max",

@@ -98,12 +98,13 @@ def slots(programs: int, split: int, batch: int, kv_heads: int, capacity: int) -
 
 
 def buffers(
-    workspace: Workspace, device: torch.device, slots: int, head_dim: int, rows: int,
+    workspace: Workspace, device: torch.device, slots: int, head_dim: int, rows: int, planned: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """The workspace's (acc, stats, head tickets, chunk tickets, merge jobs) with ``slots`` slots
-    (see :func:`slots`), grown if it must be."""
+    (see :func:`slots`), grown if it must be; ``planned``: for a call that reads a plan (whose
+    tickets are kept apart: see ``Workspace``)."""
     _, merge_rows, head_dim_pad, _ = padded_sizes(head_dim, rows)
-    return workspace.get(device, slots, merge_rows, head_dim_pad)
+    return workspace.get(device, slots, merge_rows, head_dim_pad, planned)
 
 
 def pdl_of(config: KernelConfig, device: torch.device) -> bool:
@@ -461,7 +462,7 @@ def decode_into(
         # grows fits the other size's grid too, so a capture of another batch needs nothing.
         other = heuristic(head_dim, k_cache.dtype, rows, block_table is not None, False, not big)
         need = max(need, slots(grid(q.device, other, num_programs), 0, batch, kv_heads, capacity))
-    bufs = buffers(workspace_for(q.device), q.device, need, head_dim, rows)
+    bufs = buffers(workspace_for(q.device), q.device, need, head_dim, rows, plan is not None)
     lengths = (layout_of(cache_seqlens, cache_leftpad, plan), batch, capacity, programs, config, causal,
                tuple(window_size), softmax_scale, split)
     key = call_key(q, k_cache, v_cache, out, lse, block_table, sinks, k_scale, v_scale, features.softcap, lengths)

@@ -48,6 +48,11 @@ class Workspace:
     back. The merge kernel's jobs: 2 x ``slots`` int32, 4 a head (a call that uses them has at
     least two slots a head: at most one head a program, or in batch-invariant mode two splits or
     more; it writes every head's row, so they are never zeroed).
+
+    Calls that read a plan draw their tickets from the upper half of the ticket buffer, the
+    others from the lower half. A planned call on lengths changed since its plan breaks the
+    plan's contract and can leave its tickets raised; kept apart, those tickets never reach the
+    unplanned calls, and the next plan starts them at zero (:meth:`planned_tickets`).
     """
 
     def __init__(self) -> None:
@@ -62,12 +67,16 @@ class Workspace:
         # lookup (decode's host path); emptied when the buffers are replaced.
         self.views: dict[tuple[int, int, int], tuple[torch.Tensor, ...]] = {}
 
-    def get(self, device: torch.device, slots: int, rows: int, cols: int) -> tuple[torch.Tensor, ...]:
-        views = self.views.get((slots, rows, cols))
+    def get(self, device: torch.device, slots: int, rows: int, cols: int, planned: bool = False,
+            ) -> tuple[torch.Tensor, ...]:
+        """(acc, stats, head tickets, chunk tickets, jobs) for a call of ``slots`` slots of
+        ``rows`` x ``cols``; ``planned``: the call reads a plan (its tickets are the upper half)."""
+        views = self.views.get((slots, rows, cols, planned))
         if views is not None:
             return views
         chunk = -(-slots // 4) * 4
-        need = (slots * rows * cols, slots * 2 * rows, chunk + slots, 2 * slots)  # acc, stats, tickets, jobs
+        # Tickets: two halves of 2 x chunk (head tickets, then chunk tickets), so a multiple of 16.
+        need = (slots * rows * cols, slots * 2 * rows, 4 * chunk, 2 * slots)  # acc, stats, tickets, jobs
         have = (0, 0, 0, 0) if self.acc is None else tuple(x.numel() for x in (self.acc, self.stats, self.tickets, self.jobs))
         if any(n > h for n, h in zip(need, have)):
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -88,10 +97,17 @@ class Workspace:
             ))
         # Head tickets first, then the chunk tickets (see the kernel's two-level arrival count),
         # from a 16-byte boundary: Triton specialises pointers on it, so any grid size reuses
-        # one compiled kernel.
-        views = self.views[(slots, rows, cols)] = (
-            self.acc, self.stats, self.tickets[:slots], self.tickets[chunk : chunk + slots], self.jobs)
+        # one compiled kernel. (Every size is a multiple of 16, so the half is a multiple of 8.)
+        base = self.tickets.numel() // 2 if planned else 0
+        views = self.views[(slots, rows, cols, planned)] = (
+            self.acc, self.stats, self.tickets[base : base + slots], self.tickets[base + chunk : base + chunk + slots],
+            self.jobs)
         return views
+
+    def planned_tickets(self) -> torch.Tensor | None:
+        """The tickets that calls reading a plan draw (None before any call): a plan sets them to
+        zero (``_plan.launch_plan``)."""
+        return None if self.tickets is None else self.tickets[self.tickets.numel() // 2 :]
 
 
 # One workspace per device for leanattn.decode: calls on different streams of a device must not

@@ -269,8 +269,9 @@ def decode(
             call's shapes: the programs read their shares from it instead of locating them. Its
             rows are the grid. Results are bitwise those without it. The lengths must be the
             plan's: a call on lengths changed since the plan gives garbage and can leave the
-            device workspace's tickets raised, which breaks later calls on the device until
-            the next ``plan_decode`` (each plan starts them at zero).
+            tickets of planned calls raised, which breaks later planned calls on the device
+            until the next ``plan_decode`` (each plan starts them at zero); calls without a
+            plan draw other tickets and stay exact.
         config: a :class:`KernelConfig` to launch with instead of the heuristic's
             (:func:`choose_config`); a plan must be made with the same one. Eager calls only.
         batch_invariant: each (sequence, kv head) is cut into splits of ``split_size`` tokens
@@ -305,7 +306,8 @@ def decode(
         result = torch.empty_like(q) if out is None else out
         if return_lse and lse is None:
             lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
-        bufs = _call.buffers(workspace_for(q.device), q.device, known.slots, q.shape[3], known.rows)
+        bufs = _call.buffers(workspace_for(q.device), q.device, known.slots, q.shape[3], known.rows,
+                             plan is not None)
         fp8_default = 1.0 if known.fp8 else None
         known.call.launch(bufs, q, k_cache, v_cache, result, lse, cache_seqlens, cache_leftpad, block_table, sinks,
                           fp8_default if k_scale is None else k_scale, fp8_default if v_scale is None else v_scale,

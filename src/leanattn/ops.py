@@ -100,9 +100,10 @@ def plan_shares(
     programs = num_programs or _default_grid(device, batch * kv_heads, capacity, programs_per_sm,
                                              large_programs_per_sm)
     plan = torch.zeros(programs, PLAN_FIELDS.value, dtype=torch.int32, device=device)
-    # (The device workspace's tickets, which decode's runs of this plan draw.)
+    # (The device workspace's tickets that decode's runs of this plan draw.)
     launch_plan(plan, programs, cache_seqlens, cache_leftpad, batch, kv_heads, capacity, q_len, window_left,
-                has_window, tile, target_share, use_pdl(device), tickets=workspace_for(plan.device).tickets)
+                has_window, tile, target_share, use_pdl(device),
+                tickets=workspace_for(plan.device).planned_tickets())
     return plan
 
 
