@@ -270,6 +270,22 @@ def test_empty_batch_and_empty_cache():
     check_rows(plan, [0, 0, 0], 2, config.tile, 5, config.target_share, what="capacity 0")
 
 
+@pytest.mark.parametrize("batch", [2, 0])
+def test_plan_zeroes_the_tickets_it_is_given(batch):
+    """launch_plan sets the tickets its runs draw to zero (in the plan kernel, its programs
+    striding over them; with no sequences, on the host), and nothing past them: 2 programs and
+    2 x ZERO_BLOCK + 5 tickets take each program round its loop twice and a masked last block."""
+    from leanattn._testing import ZERO_BLOCK
+
+    block = ZERO_BLOCK.value
+    buffer = torch.full((2 * block + 13,), 7, dtype=torch.int32, device=DEVICE)
+    tickets = buffer[: 2 * block + 5]
+    plan = torch.zeros(2, PLAN_FIELDS.value, dtype=torch.int32, device=DEVICE)
+    launch_plan(plan, 2, int_tensor([40, 3][:batch]), None, batch, 1, 64, 1, 2**30, False, 32, 4, False,
+                tickets=tickets)
+    assert (tickets == 0).all() and (buffer[tickets.numel():] == 7).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # Large grids, and one head shared by more than 256 programs.
 

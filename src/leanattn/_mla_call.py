@@ -128,9 +128,10 @@ class MLACall:
             # between launches (each is put back by the chunk that draws its last number).
             self.merge_tickets = outside_graph_pools(q.device, lambda: (
                 torch.zeros(programs * (dv_pad // MERGE_COLS), dtype=torch.int32, device=q.device),))[0]
-            self.plan_args = (batch, self.blocks, capacity, 0)
+            self.plan_args = (batch, self.blocks, capacity, 0, 0)  # (no tickets: ZERO_TICKETS off)
             self.plan_params = dict(HAS_SEQLENS=has_seqlens, HAS_LEFTPAD=has_leftpad, Q_LEN=q_len, HAS_WINDOW=False,
-                                    TILE=unit, TARGET_SHARE=target_share, BLOCK_B=BLOCK_B, USE_PDL=self.pdl)
+                                    TILE=unit, TARGET_SHARE=target_share, BLOCK_B=BLOCK_B, USE_PDL=self.pdl,
+                                    ZERO_TICKETS=False)
             self.plan_hit = None
             self.merge_params = dict(
                 GROUP=group, Q_LEN=q_len, MERGE_ROWS=merge_rows, DV_PAD=dv_pad, TILE=config.tile, COLS=MERGE_COLS,
@@ -207,7 +208,7 @@ class MLACall:
         small, wide = self.gluon_configs
         if plan is None:
             plan = self.plan
-            self.plan_hit = launch(lean_plan_kernel, self.programs, (seqlens, leftpad, plan, *self.plan_args),
+            self.plan_hit = launch(lean_plan_kernel, self.programs, (seqlens, leftpad, plan, plan, *self.plan_args),
                                    self.plan_params, small, self.pdl, self.device, self.plan_hit)
         rows, tile, (kv_stride, dv), (rope_stride, dr) = self.gluon_view
         table = block_table if block_table is not None else tickets

@@ -27,22 +27,24 @@ def launch_plan(
     ``PLAN_FIELDS`` (see ``lean_plan_kernel``); ``tile`` (tokens per unit dealt) and
     ``target_share`` from ``_call.unit_of`` of the runs' KernelConfig. Inputs already validated.
 
-    ``tickets``: the workspace tickets the plan's runs draw (None: none yet), set to zero. They
-    are zero between runs only if each run's lengths are the plan's: a run after the lengths
-    changed without a plan counts arrivals that never come and leaves tickets raised, which
-    would corrupt every later run; so each plan starts them at zero."""
-    if tickets is not None:
-        tickets.zero_()
+    ``tickets``: the contiguous int32 workspace tickets the plan's runs draw (None: none yet),
+    set to zero by the plan kernel itself (no fill launch). They are zero between runs only if
+    each run's lengths are the plan's: a run after the lengths changed without a plan counts
+    arrivals that never come and leaves tickets raised, which would corrupt every later run; so
+    each plan starts them at zero."""
     if batch == 0:
+        if tickets is not None:
+            tickets.zero_()
         return
     extra = {"launch_pdl": True} if pdl else {}
     lean_plan_kernel[(programs,)](
         cache_seqlens if cache_seqlens is not None else plan,
         cache_leftpad if cache_leftpad is not None else plan,
-        plan, batch, kv_heads, capacity, window_left,
+        plan, tickets if tickets is not None else plan, batch, kv_heads, capacity, window_left,
+        0 if tickets is None else tickets.numel(),
         HAS_SEQLENS=cache_seqlens is not None, HAS_LEFTPAD=cache_leftpad is not None, Q_LEN=q_len,
         HAS_WINDOW=has_window, TILE=tile, TARGET_SHARE=target_share, BLOCK_B=BLOCK_B,
-        USE_PDL=pdl, num_warps=4, **extra,
+        USE_PDL=pdl, ZERO_TICKETS=tickets is not None, num_warps=4, **extra,
     )
 
 

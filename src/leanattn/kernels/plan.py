@@ -164,18 +164,31 @@ def _read_plan_row(Plan, pid):
     return total, programs, start, end, b, h, t
 
 
-@triton.jit(do_not_specialize=["batch", "kv_heads", "capacity", "window_left"])
+# Tickets a plan program zeroes per step (see lean_plan_kernel's ZERO_TICKETS).
+ZERO_BLOCK = tl.constexpr(1024)
+
+
+@triton.jit(do_not_specialize=["batch", "kv_heads", "capacity", "window_left", "num_tickets"])
 def lean_plan_kernel(
-    SeqLens, LeftPad, Plan, batch, kv_heads, capacity, window_left,
+    SeqLens, LeftPad, Plan, Tickets, batch, kv_heads, capacity, window_left, num_tickets,
     HAS_SEQLENS: tl.constexpr, HAS_LEFTPAD: tl.constexpr, Q_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr,
     TILE: tl.constexpr, TARGET_SHARE: tl.constexpr, BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr,
+    ZERO_TICKETS: tl.constexpr,
 ):
     """Write program ``pid``'s share to ``Plan[pid]``: int32 (total, programs, start, end, b, h, t, 0).
 
-    One program per row of the persistent grid the runs use (grid = rows of Plan)."""
+    One program per row of the persistent grid the runs use (grid = rows of Plan). ZERO_TICKETS:
+    also set the int32 ``Tickets[:num_tickets]`` (those the plan's runs draw) to zero, the grid
+    sharing them out: a run on lengths changed since its plan can leave tickets raised, and
+    each plan puts them right. After ``gdc_wait`` the kernels before have finished (no run still
+    draws them), and the runs read them only after their own wait for this kernel."""
     if USE_PDL:
         tl.extra.cuda.gdc_wait()  # the lengths may come from the kernel before
     pid = tl.program_id(0)
+    if ZERO_TICKETS:
+        offs = tl.arange(0, ZERO_BLOCK)
+        for first in range(pid * ZERO_BLOCK, num_tickets, tl.num_programs(0) * ZERO_BLOCK):
+            tl.store(Tickets + first + offs, tl.zeros((ZERO_BLOCK,), dtype=tl.int32), mask=first + offs < num_tickets)
     total, programs, start, end, b, h, t = _share_of(
         SeqLens, LeftPad, batch, kv_heads, capacity, window_left, pid, tl.num_programs(0),
         HAS_SEQLENS, HAS_LEFTPAD, Q_LEN, HAS_WINDOW, TILE, TARGET_SHARE, BLOCK_B,
