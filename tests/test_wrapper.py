@@ -410,16 +410,20 @@ def test_plan_recovers_from_a_run_on_unplanned_lengths():
     """A run after the lengths changed in place without a plan breaks the contract and its output
     is garbage; it also leaves tickets raised (arrivals the old shares never bring). The next plan
     starts them at zero, so every later step is exact again."""
-    q, k, v, _ = make_inputs([128, 128], 4, 2, 64, torch.float16, seed=9)
-    sl = torch.tensor([64, 10], dtype=torch.int32, device=DEVICE)
+    # 512 tokens: the plan cuts heads among the 5 programs at any tile (32 under the
+    # interpreter, 64 on a GPU), so the misuse leaves tickets raised.
+    q, k, v, _ = make_inputs([512, 512], 4, 2, 64, torch.float16, seed=9)
+    sl = torch.tensor([450, 10], dtype=torch.int32, device=DEVICE)
     w = _wrapper(q, k, 5)
-    w.plan(sl, 128)
+    w.plan(sl, 512)
     assert_close(w.run(q, k, v), None, reference(q, k, v, sl)[0], None)
-    sl.copy_(torch.tensor([128, 90], dtype=torch.int32))
+    sl.copy_(torch.tensor([512, 300], dtype=torch.int32))
     w.run(q, k, v)  # the misuse
+    assert w._workspace.tickets.any()  # (left raised: the case tested)
     for step in range(2):
-        sl.copy_(torch.tensor([100 - 7 * step, 40 + step], dtype=torch.int32))
-        w.plan(sl, 128)
+        sl.copy_(torch.tensor([400 - 7 * step, 140 + step], dtype=torch.int32))
+        w.plan(sl, 512)
+        assert not w._workspace.tickets.any()
         out, lse = w.run(q, k, v, return_lse=True)
         assert_close(out, lse, *reference(q, k, v, sl))
 
@@ -429,18 +433,23 @@ def test_plan_decode_recovers_from_a_call_on_unplanned_lengths():
     tickets of planned calls left raised, so later planned calls would come out NaN. Calls
     without a plan draw other tickets, so they stay exact at once; the next plan_decode starts
     the planned ones at zero."""
-    q, k, v, _ = make_inputs([128, 128], 4, 2, 64, torch.float16, seed=11)
-    sl = torch.tensor([64, 10], dtype=torch.int32, device=DEVICE)
-    plan = leanattn.plan_decode(sl, 128, q_heads=4, kv_heads=2, head_dim=64, kv_dtype=k.dtype, num_programs=5)
+    # 512 tokens: the plan cuts heads among the 5 programs at any tile (32 under the
+    # interpreter, 64 on a GPU), so the misuse leaves tickets raised.
+    q, k, v, _ = make_inputs([512, 512], 4, 2, 64, torch.float16, seed=11)
+    sl = torch.tensor([450, 10], dtype=torch.int32, device=DEVICE)
+    plan = leanattn.plan_decode(sl, 512, q_heads=4, kv_heads=2, head_dim=64, kv_dtype=k.dtype, num_programs=5)
     assert_close(leanattn.decode(q, k, v, sl, plan=plan, num_programs=5), None, reference(q, k, v, sl)[0], None)
-    sl.copy_(torch.tensor([128, 90], dtype=torch.int32))
+    sl.copy_(torch.tensor([512, 300], dtype=torch.int32))
     leanattn.decode(q, k, v, sl, plan=plan, num_programs=5)  # the misuse
-    assert leanattn._workspace.workspace_for(q.device).tickets.any()  # (left raised: the case tested)
+    ws = leanattn._workspace.workspace_for(q.device)
+    # Raised (the case tested), and only among the planned calls' tickets.
+    assert ws.planned_tickets().any() and not ws.tickets[: ws.tickets.numel() // 2].any()
     out, lse = leanattn.decode(q, k, v, sl, num_programs=5, return_lse=True)  # no plan, before any new one
     assert_close(out, lse, *reference(q, k, v, sl))
     for step in range(2):
-        sl.copy_(torch.tensor([100 - 7 * step, 40 + step], dtype=torch.int32))
-        plan = leanattn.plan_decode(sl, 128, q_heads=4, kv_heads=2, head_dim=64, kv_dtype=k.dtype, num_programs=5)
+        sl.copy_(torch.tensor([400 - 7 * step, 140 + step], dtype=torch.int32))
+        plan = leanattn.plan_decode(sl, 512, q_heads=4, kv_heads=2, head_dim=64, kv_dtype=k.dtype, num_programs=5)
+        assert not ws.tickets.any()
         out, lse = leanattn.decode(q, k, v, sl, plan=plan, num_programs=5, return_lse=True)
         assert_close(out, lse, *reference(q, k, v, sl))
         out, lse = leanattn.decode(q, k, v, sl, num_programs=5, return_lse=True)
