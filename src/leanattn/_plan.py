@@ -14,8 +14,16 @@ import torch
 
 from ._checks import check_dense_vector, check_tensor, fail
 from ._features import UNBOUNDED
+from ._launch import launch
 from .kernels.config import KernelConfig
 from .kernels.plan import BLOCK_B, PLAN_FIELDS, lean_plan_kernel
+
+# The plan kernel's launch options; its compiled kernels by what they are specialised on (the
+# constexprs, each pointer's 16-byte alignment, device, PDL; its ints are never specialised),
+# launched directly after the first time: Triton's per-call argument binding costs the host
+# more than the kernel takes.
+PLAN_LAUNCH = KernelConfig(tile=1, num_warps=4, num_stages=1, programs_per_sm=0)
+_PLAN_HITS: dict[tuple, tuple | None] = {}
 
 
 def launch_plan(
@@ -36,16 +44,16 @@ def launch_plan(
         if tickets is not None:
             tickets.zero_()
         return
-    extra = {"launch_pdl": True} if pdl else {}
-    lean_plan_kernel[(programs,)](
-        cache_seqlens if cache_seqlens is not None else plan,
-        cache_leftpad if cache_leftpad is not None else plan,
-        plan, tickets if tickets is not None else plan, batch, kv_heads, capacity, window_left,
-        0 if tickets is None else tickets.numel(),
-        HAS_SEQLENS=cache_seqlens is not None, HAS_LEFTPAD=cache_leftpad is not None, Q_LEN=q_len,
-        HAS_WINDOW=has_window, TILE=tile, TARGET_SHARE=target_share, BLOCK_B=BLOCK_B,
-        USE_PDL=pdl, ZERO_TICKETS=tickets is not None, num_warps=4, **extra,
-    )
+    pointers = (cache_seqlens if cache_seqlens is not None else plan,
+                cache_leftpad if cache_leftpad is not None else plan,
+                plan, tickets if tickets is not None else plan)
+    args = (*pointers, batch, kv_heads, capacity, window_left, 0 if tickets is None else tickets.numel())
+    params = dict(HAS_SEQLENS=cache_seqlens is not None, HAS_LEFTPAD=cache_leftpad is not None, Q_LEN=q_len,
+                  HAS_WINDOW=has_window, TILE=tile, TARGET_SHARE=target_share, BLOCK_B=BLOCK_B, USE_PDL=pdl,
+                  ZERO_TICKETS=tickets is not None)
+    key = (*params.values(), *(p.data_ptr() % 16 == 0 for p in pointers), plan.device, pdl)
+    _PLAN_HITS[key] = launch(lean_plan_kernel, programs, args, params, PLAN_LAUNCH, pdl, plan.device,
+                             _PLAN_HITS.get(key))
 
 
 def plan_key(batch: int, capacity: int, q_len: int, q_heads: int, kv_heads: int, head_dim: int,

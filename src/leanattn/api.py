@@ -141,10 +141,11 @@ def plan_decode(
     big = config or choose_config(head_dim, kv_dtype, rows, paged, batch_invariant, True)
     check_tile_count(batch, kv_heads, capacity, launch.tile)
     split = split_of(batch_invariant, split_size, launch.tile)
-    plan = ops.plan_shares(cache_seqlens, cache_leftpad, batch, kv_heads, capacity, q_len, window_left, has_window,
-                           *_call.unit_of(launch, split), launch.programs_per_sm, num_programs or 0, device,
-                           big.programs_per_sm)
-    if not torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    plan = (ops.plan_shares if compiling else ops.new_plan)(
+        cache_seqlens, cache_leftpad, batch, kv_heads, capacity, q_len, window_left, has_window,
+        *_call.unit_of(launch, split), launch.programs_per_sm, num_programs or 0, device, big.programs_per_sm)
+    if not compiling:
         remember(plan, plan_key(batch, capacity, q_len, q_heads, kv_heads, head_dim, kv_dtype, window_left,
                                 cache_seqlens is not None, cache_leftpad is not None, config, split, launch.tile))
     return plan

@@ -16,7 +16,7 @@ from ._plan import launch_plan
 from ._workspace import workspace_for
 from .kernels.plan import PLAN_FIELDS
 
-__all__ = ["decode_into", "mla_decode_into", "plan_shares"]
+__all__ = ["decode_into", "mla_decode_into", "new_plan", "plan_shares"]
 
 
 @torch.library.custom_op("leanattn::decode_into", mutates_args=("out", "lse"))
@@ -74,8 +74,7 @@ def _default_grid(device: torch.device, heads: int, capacity: int, programs_per_
     return grid_size(device, programs_per_sm)
 
 
-@torch.library.custom_op("leanattn::plan_shares", mutates_args=())
-def plan_shares(
+def new_plan(
     cache_seqlens: Optional[torch.Tensor],
     cache_leftpad: Optional[torch.Tensor],
     batch: int,
@@ -99,12 +98,36 @@ def plan_shares(
     (``_call.unit_of``). Arguments as resolved by ``leanattn.plan_decode``."""
     programs = num_programs or _default_grid(device, batch * kv_heads, capacity, programs_per_sm,
                                              large_programs_per_sm)
-    plan = torch.zeros(programs, PLAN_FIELDS.value, dtype=torch.int32, device=device)
+    # Every program writes its whole row; an empty batch launches nothing, so its plan is zeros.
+    plan = (torch.empty if batch else torch.zeros)(programs, PLAN_FIELDS.value, dtype=torch.int32, device=device)
     # (The device workspace's tickets that decode's runs of this plan draw.)
     launch_plan(plan, programs, cache_seqlens, cache_leftpad, batch, kv_heads, capacity, q_len, window_left,
                 has_window, tile, target_share, use_pdl(device),
                 tickets=workspace_for(plan.device).planned_tickets())
     return plan
+
+
+@torch.library.custom_op("leanattn::plan_shares", mutates_args=())
+def plan_shares(
+    cache_seqlens: Optional[torch.Tensor],
+    cache_leftpad: Optional[torch.Tensor],
+    batch: int,
+    kv_heads: int,
+    capacity: int,
+    q_len: int,
+    window_left: int,
+    has_window: bool,
+    tile: int,
+    target_share: int,
+    programs_per_sm: int,
+    num_programs: int,
+    device: torch.device,
+    large_programs_per_sm: int = 0,
+) -> torch.Tensor:
+    """:func:`new_plan` as the op torch.compile traces (eager code calls ``new_plan`` itself: the
+    op's dispatch costs the host more than the plan kernel takes)."""
+    return new_plan(cache_seqlens, cache_leftpad, batch, kv_heads, capacity, q_len, window_left, has_window, tile,
+                    target_share, programs_per_sm, num_programs, device, large_programs_per_sm)
 
 
 @plan_shares.register_fake
