@@ -107,27 +107,9 @@ def new_plan(
     return plan
 
 
-@torch.library.custom_op("leanattn::plan_shares", mutates_args=())
-def plan_shares(
-    cache_seqlens: Optional[torch.Tensor],
-    cache_leftpad: Optional[torch.Tensor],
-    batch: int,
-    kv_heads: int,
-    capacity: int,
-    q_len: int,
-    window_left: int,
-    has_window: bool,
-    tile: int,
-    target_share: int,
-    programs_per_sm: int,
-    num_programs: int,
-    device: torch.device,
-    large_programs_per_sm: int = 0,
-) -> torch.Tensor:
-    """:func:`new_plan` as the op torch.compile traces (eager code calls ``new_plan`` itself: the
-    op's dispatch costs the host more than the plan kernel takes)."""
-    return new_plan(cache_seqlens, cache_leftpad, batch, kv_heads, capacity, q_len, window_left, has_window, tile,
-                    target_share, programs_per_sm, num_programs, device, large_programs_per_sm)
+# The op torch.compile traces; eager code calls ``new_plan`` itself (the op's dispatch costs the
+# host more than the plan kernel takes).
+plan_shares = torch.library.custom_op("leanattn::plan_shares", mutates_args=())(new_plan)
 
 
 @plan_shares.register_fake
