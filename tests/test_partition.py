@@ -286,6 +286,18 @@ def test_plan_zeroes_the_tickets_it_is_given(batch):
     assert (tickets == 0).all() and (buffer[tickets.numel():] == 7).all()
 
 
+def test_plan_launches_apart_for_ints_past_32_bits(monkeypatch):
+    """Triton types an int argument by its value (i32 or i64) even where it does not specialise
+    on it, so a capacity of 2**31 must not reuse the launch compiled for 4096."""
+    from leanattn import _plan
+
+    monkeypatch.setattr(_plan, "_PLAN_HITS", {})
+    plan = torch.zeros(2, PLAN_FIELDS.value, dtype=torch.int32, device=DEVICE)
+    for capacity in (4096, 4097, 2**31):
+        launch_plan(plan, 2, int_tensor([40]), None, 1, 1, capacity, 1, 2**30, False, 32, 4, False, tickets=None)
+    assert len(_plan._PLAN_HITS) == 2
+
+
 # ---------------------------------------------------------------------------------------------
 # Large grids, and one head shared by more than 256 programs.
 

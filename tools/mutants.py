@@ -534,7 +534,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "plan-keeps-raised-tickets",
-        one("src/leanattn/_plan.py", "        USE_PDL=pdl, ZERO_TICKETS=tickets is not None,", "        USE_PDL=pdl, ZERO_TICKETS=False,"),
+        one("src/leanattn/_plan.py", "                  ZERO_TICKETS=tickets is not None)", "                  ZERO_TICKETS=False)"),
         ("tests/test_wrapper.py", "tests/test_mla.py"), k="unplanned_lengths",
         why="a run on lengths changed without a plan would leave tickets raised and break every later step",
     ),

@@ -19,7 +19,7 @@ from .kernels.config import KernelConfig
 from .kernels.plan import BLOCK_B, PLAN_FIELDS, lean_plan_kernel
 
 # The plan kernel's launch options; its compiled kernels by what they are specialised on (the
-# constexprs, each pointer's 16-byte alignment, device, PDL; its ints are never specialised),
+# constexprs, each pointer's 16-byte alignment, each int's 32-bit range, device, PDL),
 # launched directly after the first time: Triton's per-call argument binding costs the host
 # more than the kernel takes.
 PLAN_LAUNCH = KernelConfig(tile=1, num_warps=4, num_stages=1, programs_per_sm=0)
@@ -51,7 +51,9 @@ def launch_plan(
     params = dict(HAS_SEQLENS=cache_seqlens is not None, HAS_LEFTPAD=cache_leftpad is not None, Q_LEN=q_len,
                   HAS_WINDOW=has_window, TILE=tile, TARGET_SHARE=target_share, BLOCK_B=BLOCK_B, USE_PDL=pdl,
                   ZERO_TICKETS=tickets is not None)
-    key = (*params.values(), *(p.data_ptr() % 16 == 0 for p in pointers), plan.device, pdl)
+    # (Triton types an int argument i32 or i64 by its value, specialised or not.)
+    key = (*params.values(), *(p.data_ptr() % 16 == 0 for p in pointers),
+           *(-2**31 <= n < 2**31 for n in args[len(pointers):]), plan.device, pdl)
     _PLAN_HITS[key] = launch(lean_plan_kernel, programs, args, params, PLAN_LAUNCH, pdl, plan.device,
                              _PLAN_HITS.get(key))
 

@@ -63,9 +63,9 @@ class Workspace:
         # Buffers replaced by larger ones stay alive: a CUDA graph captured earlier still
         # reads and writes them on every replay.
         self.retired: list[tuple[torch.Tensor, ...]] = []
-        # The views get() returned, by (slots, rows, cols): a call of a known size takes one dict
-        # lookup (decode's host path); emptied when the buffers are replaced.
-        self.views: dict[tuple[int, int, int], tuple[torch.Tensor, ...]] = {}
+        # The views get() returned, by (slots, rows, cols, planned): a call of a known size takes
+        # one dict lookup (decode's host path); emptied when the buffers are replaced.
+        self.views: dict[tuple[int, int, int, bool], tuple[torch.Tensor, ...]] = {}
 
     def get(self, device: torch.device, slots: int, rows: int, cols: int, planned: bool = False,
             ) -> tuple[torch.Tensor, ...]:
