@@ -39,10 +39,19 @@ def test_known_layout_keeps_the_per_call_checks():
     with pytest.raises(ValueError, match="cache_seqlens"):
         leanattn.decode(q, k, v, torch.tensor([40, 99], dtype=torch.int32, device=DEVICE), check=True)
     plan = leanattn.plan_decode(sl, 48, q_heads=HQ, kv_heads=HKV, head_dim=D, num_programs=3)
-    leanattn.decode(q, k, v, sl, plan=plan)
+    for _ in range(2):  # (the second call's plan check is the remembered one)
+        leanattn.decode(q, k, v, sl, plan=plan)
     other = leanattn.plan_decode(sl, 48, q_heads=HQ, kv_heads=HKV, head_dim=D, num_programs=3, q_len=2)
     with pytest.raises(ValueError, match="plan was made for another call: q_len"):
         leanattn.decode(q, k, v, sl, plan=other)
+    # A plan that passed is checked again when the call or the plan's own shape changes.
+    leanattn.decode(q, k, v, sl, plan=plan)
+    with pytest.raises(ValueError, match="num_programs 4 differs from the plan's grid of 3"):
+        leanattn.decode(q, k, v, sl, plan=plan, num_programs=4)
+    leanattn.decode(q, k, v, sl, plan=plan)
+    plan.resize_(3, 4)
+    with pytest.raises(ValueError, match="plan must be int32"):
+        leanattn.decode(q, k, v, sl, plan=plan)
 
 
 def test_known_paged_layout_with_new_pages():

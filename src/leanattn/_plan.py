@@ -83,9 +83,20 @@ def remember(plan: torch.Tensor, key: tuple) -> None:
     weakref.finalize(plan, _MADE_FOR.pop, id(plan), None)
 
 
+# The last plan check passed, as (a weak reference to the plan, key, num_programs, device): a
+# step's layers pass one plan with one key, so all but the first skip the checks. (decode's key of
+# a known layout, which it passes here, covers the plan's shape and strides.)
+_LAST_CHECKED: tuple = (lambda: None,)
+
+
 def check_plan(plan: object, q: torch.Tensor, num_programs: int | None, key: tuple) -> None:
     """Raise ValueError if ``plan`` can't be this call's: not a plan tensor, or (for a plan made
     eagerly by ``plan_decode``) made for another ``key`` (see :func:`plan_key`)."""
+    global _LAST_CHECKED
+    compiling = torch.compiler.is_compiling()
+    last = _LAST_CHECKED
+    if not compiling and last[0]() is plan and last[1] is key and last[2] == num_programs and last[3] == q.device:
+        return
     check_tensor("plan", plan)
     if plan.dtype != torch.int32 or plan.dim() != 2 or plan.shape[1] != PLAN_FIELDS.value or plan.shape[0] < 1:
         fail(ValueError, f"plan must be int32 (programs, {PLAN_FIELDS.value}) from leanattn.plan_decode, "
@@ -95,8 +106,11 @@ def check_plan(plan: object, q: torch.Tensor, num_programs: int | None, key: tup
         fail(ValueError, f"plan is on {plan.device}, q on {q.device}")
     if num_programs is not None and num_programs != plan.shape[0]:
         fail(ValueError, f"num_programs {num_programs} differs from the plan's grid of {plan.shape[0]}")
-    made = None if torch.compiler.is_compiling() else _MADE_FOR.get(id(plan))
+    if compiling:
+        return
+    made = _MADE_FOR.get(id(plan))
     if made is not None:
         wrong = [f"{name} {a!r} (planned {b!r})" for (name, a), (_, b) in zip(key, made) if a != b]
         if wrong:
             fail(ValueError, "plan was made for another call: " + ", ".join(wrong))
+    _LAST_CHECKED = (weakref.ref(plan), key, num_programs, q.device)
