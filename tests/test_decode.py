@@ -165,8 +165,8 @@ def test_target_share_shrinks_grid_correctly(target_share):
     assert plan(lens, 2, t, 16, target_share).num_programs < 16
 
 
-@pytest.mark.parametrize("merge_kernel", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES)
+# (Each merge with one dtype: the merges are fp32 whatever the cache; the two cost the CPU a minute.)
+@pytest.mark.parametrize("dtype,merge_kernel", [(torch.float16, False), (torch.bfloat16, True)])
 def test_head_shared_by_several_arrival_chunks(dtype, merge_kernel):
     """Heads over ~50 programs each: chunks of 16 merge first, then the chunks' sums per head (or
     the merge kernel)."""
