@@ -135,6 +135,26 @@ def test_plan_decode_equals_the_wrapper_and_decode(cache):
             leanattn.decode(q, kc, vc, sl, plan=other, **features)
 
 
+def test_layer_shapes_of_other_types_are_refused():
+    """Heads, head dim and q_len must be ints, named in the error (a shape that passed before is
+    remembered, and does not let another through)."""
+    sl = torch.tensor([20, 7], dtype=torch.int32, device=DEVICE)
+    leanattn.plan_decode(sl, 32, q_heads=4, kv_heads=2, head_dim=64)
+    leanattn.DecodeWrapper(4, 2, 64, torch.float16, DEVICE)
+    for kw, error, msg in [
+        (dict(q_heads=4.0), TypeError, "q_heads must be an int, got 4.0"),
+        (dict(kv_heads=True), TypeError, "kv_heads must be an int, got True"),
+        (dict(head_dim=64.0), TypeError, "head_dim must be an int, got 64.0"),
+        (dict(head_dim=100), ValueError, "head_dim must be one of"),
+    ]:
+        with pytest.raises(error, match=msg):
+            leanattn.plan_decode(sl, 32, **{"q_heads": 4, "kv_heads": 2, "head_dim": 64, **kw})
+    with pytest.raises(TypeError, match="q_heads must be an int, got 4.0"):
+        leanattn.DecodeWrapper(4.0, 2, 64, torch.float16, DEVICE)
+    with pytest.raises(TypeError, match="max_q_len must be an int, got 2.0"):
+        leanattn.DecodeWrapper(4, 2, 64, torch.float16, DEVICE, max_q_len=2.0)
+
+
 def test_plan_decode_mismatches_are_refused():
     q, k, v, sl = make_inputs([20, 7], 4, 2, 64, torch.float16, cache_len=32)
     plan = leanattn.plan_decode(sl, 32, q_heads=4, kv_heads=2, head_dim=64, kv_dtype=k.dtype, num_programs=3)

@@ -539,6 +539,14 @@ MUTANTS: list[Mutant] = [
         why="a run on lengths changed without a plan would leave tickets raised and break every later step",
     ),
     Mutant(
+        "layer-shape-memo-ignores-types",
+        one("src/leanattn/_checks.py",
+            "    key = tuple((type(x), x) for x in (q_heads, kv_heads, head_dim, dtype, kv_dtype, q_len, device))",
+            "    key = (q_heads, kv_heads, head_dim, dtype, kv_dtype, q_len, device)"),
+        ("tests/test_wrapper.py",), k="other_types",
+        why="a float head count equal to a passed int one would skip the type check",
+    ),
+    Mutant(
         "planned-tickets-shared",
         one("src/leanattn/_workspace.py", "        base = self.tickets.numel() // 2 if planned else 0", "        base = 0"),
         ("tests/test_wrapper.py",), k="plan_decode_recovers",

@@ -421,15 +421,29 @@ def wrapper_device(device: torch.device | str, owner: str) -> torch.device:
     return device
 
 
+# The layer shapes check_layer_shape has passed, with their arguments' types (8.0 is not 8): a
+# step's plan (plan_decode) checks the same shape every step.
+_LAYERS_PASSED: set[tuple] = set()
+
+
 def check_layer_shape(
     q_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, kv_dtype: torch.dtype, q_len: int,
-    device: torch.device,
+    device: torch.device, q_len_name: str = "q_len",
 ) -> None:
     """Every check ``decode`` makes of the layers' heads, head dim and dtypes, made once for a
-    plan with a probe of the layers' shape (batch 1, capacity 1)."""
+    plan with a probe of the layers' shape (batch 1, capacity 1); ``q_len_name``: what the
+    caller calls ``q_len`` in its errors."""
+    key = tuple((type(x), x) for x in (q_heads, kv_heads, head_dim, dtype, kv_dtype, q_len, device))
+    if key in _LAYERS_PASSED:
+        return
+    for name, value in (("q_heads", q_heads), ("kv_heads", kv_heads), ("head_dim", head_dim), (q_len_name, q_len)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            fail(TypeError, f"{name} must be an int, got {value!r}")
     probe_q = torch.empty(1, q_len, q_heads, head_dim, dtype=dtype, device=device)
     probe_kv = torch.empty(1, 1, kv_heads, head_dim, dtype=kv_dtype, device=device)
     validate(probe_q, probe_kv, probe_kv, None, None, None)
+    if not torch.compiler.is_compiling():
+        _LAYERS_PASSED.add(key)
 
 
 def check_plan_lengths(

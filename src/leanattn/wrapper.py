@@ -89,7 +89,7 @@ class DecodeWrapper:
     ) -> None:
         device = wrapper_device(device, "DecodeWrapper")
         kv_dtype = dtype if kv_dtype is None else kv_dtype
-        check_layer_shape(q_heads, kv_heads, head_dim, dtype, kv_dtype, max_q_len, device)
+        check_layer_shape(q_heads, kv_heads, head_dim, dtype, kv_dtype, max_q_len, device, "max_q_len")
         check_num_programs(num_programs)
         if config is not None and not isinstance(config, KernelConfig):
             fail(TypeError, f"config must be a leanattn.KernelConfig, got {type(config).__name__}")
