@@ -273,8 +273,9 @@ def test_empty_batch_and_empty_cache():
 @pytest.mark.parametrize("batch", [2, 0])
 def test_plan_zeroes_the_tickets_it_is_given(batch):
     """launch_plan sets the tickets its runs draw to zero (in the plan kernel, its programs
-    striding over them; with no sequences, on the host), and nothing past them: 2 programs and
-    2 x ZERO_BLOCK + 5 tickets take each program round its loop twice and a masked last block."""
+    striding over them; with no sequences, on the host), and nothing past them: with 2 programs
+    and 2 x ZERO_BLOCK + 5 tickets, program 0 goes round its loop twice, the second time over a
+    masked last block."""
     from leanattn._testing import ZERO_BLOCK
 
     block = ZERO_BLOCK.value
