@@ -71,7 +71,8 @@ def _locate_share(
             mask = b0 + offs < batch
             _, length, _, _ = _live_range(SeqLens, LeftPad, b0 + offs, mask, capacity, window_left,
                                           HAS_SEQLENS, HAS_LEFTPAD, Q_LEN, HAS_WINDOW)
-            n = _num_tiles(length, TILE)
+            # int32 whatever type ``capacity`` came in (the host bounds every tile count below 2**31)
+            n = _num_tiles(length, TILE).to(tl.int32)
             total_per_head += tl.sum(tl.where(mask, n, 0).to(tl.int64), axis=0)
             n_min = tl.minimum(n_min, tl.min(tl.where(mask, n, 2**31 - 1), axis=0))
             n_max = tl.maximum(n_max, tl.max(tl.where(mask, n, 0), axis=0))
