@@ -185,7 +185,13 @@ def choose_config(head_dim: int, kv_dtype: torch.dtype, rows: int, paged: bool =
     if head_dim == 128 and not paged and not batch_invariant and not large:
         return KernelConfig(tile=_ONE_PROGRAM_TILE, num_warps=4, num_stages=6, programs_per_sm=1,
                             target_share=_ONE_PROGRAM_SHARE)
-    return KernelConfig(tile=64, num_warps=4, num_stages=3, programs_per_sm=2, target_share=4)
+    # Paged caches deal shares of 2 tiles, not 4: a small paged call's slowest program ends ~2 µs
+    # after its median one (pages lie anywhere, so equal shares are not equal in time; contiguous:
+    # 0.4 µs, benchmarks/NOTES.md), and twice the programs halve what one straggler holds.
+    # Measured in serving mode on an H200 (same run): 1 x 4k 32/8 page 16 18.0 -> 15.4 µs, 1 x 32k
+    # 8/1 page 16 16.1 -> 15.6; 64 x 2k 8/1 page 16 and 8 x 8k 32/8 page 64 (grid-bound) unchanged.
+    # Shares of one tile lost on 1 x 32k (17.1); a third program an SM lost on both large calls.
+    return KernelConfig(tile=64, num_warps=4, num_stages=3, programs_per_sm=2, target_share=2 if paged else 4)
 
 
 @dataclass(frozen=True)
