@@ -207,7 +207,7 @@ def test_random_combinations_decode_and_wrapper():
         ref_out, ref_lse = reference(q, k, v, sl, **kw)
         assert_close(out, lse, ref_out, ref_lse)
         w = leanattn.DecodeWrapper(kv_heads * group, kv_heads, head_dim, dtype, DEVICE, kv_dtype=k.dtype,
-                                   max_q_len=3, num_programs=programs)
+                                   max_q_len=3, num_programs=programs, paged=bool(extra))
         capacity = cap if not extra else extra["block_table"].shape[1] * kc.shape[1]
         w.plan(sl, capacity, q_len=q_len, window_size=kw.get("window_size", (-1, -1)))
         run_kw = {n: kw[n] for n in ("softcap", "sinks", "k_scale", "v_scale") if n in kw}

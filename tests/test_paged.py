@@ -68,7 +68,8 @@ def _queries(batch: int, q_len: int, q_heads: int, seed: int) -> torch.Tensor:
 def test_odd_pages_with_query_tokens_window_and_leftpad(page_size):
     """Three query tokens of a group of 4, left padding and a sliding window (or none) on pages
     that split the tiles unevenly: the reference's output, bitwise the contiguous cache's with
-    the same values, and bitwise ``DecodeWrapper.run``'s."""
+    the same values on the same launch config (the heuristic deals paged caches smaller shares
+    on the GPU), and bitwise ``DecodeWrapper(paged=True).run``'s."""
     t = tile_size(64, torch.float16, 12)
     lens = [0, 5, t + 7, 3 * t + 11]
     q, k, v, sl = make_inputs(lens, 8, 2, 64, torch.float16, cache_len=3 * t + 11, seed=page_size)
@@ -80,9 +81,10 @@ def test_odd_pages_with_query_tokens_window_and_leftpad(page_size):
         out = poisoned_like(q)
         _, lse = leanattn.decode(q, kp, vp, sl, block_table=table, out=out, return_lse=True, num_programs=5, **kw)
         assert_close(out, lse, *reference(q, k, v, sl, **kw))
-        contiguous, c_lse = leanattn.decode(q, k, v, sl, return_lse=True, num_programs=5, **kw)
+        paged_config = leanattn.choose_config(64, torch.float16, 12, paged=True)
+        contiguous, c_lse = leanattn.decode(q, k, v, sl, return_lse=True, num_programs=5, config=paged_config, **kw)
         assert torch.equal(out, contiguous) and torch.equal(lse, c_lse)
-        w = leanattn.DecodeWrapper(8, 2, 64, torch.float16, DEVICE, max_q_len=3, num_programs=5)
+        w = leanattn.DecodeWrapper(8, 2, 64, torch.float16, DEVICE, max_q_len=3, num_programs=5, paged=True)
         w.plan(sl, table.shape[1] * page_size, cache_leftpad=pad, q_len=3, window_size=window)
         w_out, w_lse = w.run(q, kp, vp, block_table=table, return_lse=True)
         assert torch.equal(w_out, out) and torch.equal(w_lse, lse)

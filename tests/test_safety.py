@@ -41,7 +41,7 @@ def test_out_of_range_page_gives_nan_rows_for_its_sequence_only(bad, api):
         if api == "decode":
             _, lse = leanattn.decode(q, kp, vp, sl, block_table=tab, out=out, return_lse=True, num_programs=7)
         else:
-            w = leanattn.DecodeWrapper(8, 2, 64, torch.bfloat16, DEVICE, num_programs=7)
+            w = leanattn.DecodeWrapper(8, 2, 64, torch.bfloat16, DEVICE, num_programs=7, paged=True)
             w.plan(sl, tab.shape[1] * 16)
             _, lse = w.run(q, kp, vp, block_table=tab, out=out, return_lse=True)
         return out, lse
@@ -110,7 +110,7 @@ def test_check_mode_names_sequence_slot_and_value():
 
 def test_wrapper_check_mode():
     q, k, v, sl, kp, vp, table = _paged_case()
-    w = leanattn.DecodeWrapper(8, 2, 64, torch.bfloat16, DEVICE, num_programs=5)
+    w = leanattn.DecodeWrapper(8, 2, 64, torch.bfloat16, DEVICE, num_programs=5, paged=True)
     cap = table.shape[1] * 16
     with pytest.raises(ValueError, match=r"cache_seqlens\[3\] = -2"):
         w.plan(torch.tensor([1, 1, 1, -2], dtype=torch.int32, device=DEVICE), cap, check=True)
