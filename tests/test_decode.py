@@ -406,7 +406,8 @@ def test_large_calls_take_two_programs_an_sm(monkeypatch):
         small = kernel_config.choose_config(128, torch.bfloat16, 4)
         large = kernel_config.choose_config(128, torch.bfloat16, 4, large=True)
         assert (small.num_stages, small.programs_per_sm, large.num_stages, large.programs_per_sm) == (6, 1, 3, 2)
-        assert large.tile == small.tile
+        # a plan's tiles and shares are the small config's (plan_decode): a large call's must match
+        assert (large.tile, large.target_share) == (small.tile, small.target_share)
         for d in (64, 80, 96, 256, 512):
             for paged in (False, True):
                 assert kernel_config.choose_config(d, torch.bfloat16, 4, paged, large=True) == \

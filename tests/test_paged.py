@@ -151,3 +151,22 @@ def test_page_row_stride_past_int32_is_refused():
         with pytest.raises(ValueError, match=rf"v_cache.stride\(1\) = {stride} puts slot {page_size - 1} "):
             leanattn.decode(q, narrow, wide, block_table=table)
         check_page_strides(narrow, narrow)
+
+
+def test_gpu_heuristic_deals_small_shares_to_paged_calls(monkeypatch):
+    """On the GPU's heuristic, paged caches of 16-bit values at d=64-128 take shares of 2 tiles
+    (contiguous ones 4) with the same tile, whatever the call's size (a plan's shares are the
+    small config's); batch-invariant calls keep one config for both kinds, and fp8 keeps 4."""
+    from leanattn.kernels import config as kernel_config
+
+    monkeypatch.setattr(kernel_config, "interpreting", lambda: False)  # the GPU's heuristic, on any machine
+    for d in (64, 80, 96, 128):
+        for dtype in (torch.float16, torch.bfloat16):
+            for large in (False, True):
+                paged = kernel_config.choose_config(d, dtype, 4, True, large=large)
+                contiguous = kernel_config.choose_config(d, dtype, 4, False, large=large)
+                assert (paged.target_share, contiguous.target_share) == (2, 4) and paged.tile == contiguous.tile
+            invariant = [kernel_config.choose_config(d, dtype, 4, paged, True) for paged in (True, False)]
+            assert invariant[0] == invariant[1]
+        fp8 = kernel_config.choose_config(d, torch.float8_e4m3fn, 4, True)
+        assert fp8.target_share == 4

@@ -268,7 +268,8 @@ def decode(
         num_programs: persistent grid size; defaults to SMs x programs per SM.
         plan: int32 (programs, 8) from :func:`plan_decode` for this step's lengths and this
             call's shapes: the programs read their shares from it instead of locating them. Its
-            rows are the grid. Results are bitwise those without it. The lengths must be the
+            rows are the grid. Results are bitwise those without it when the plan's ``paged``
+            is this call's (else exact, on the other kind's shares). The lengths must be the
             plan's: a call on lengths changed since the plan gives garbage and can leave the
             tickets of planned calls raised, which breaks later planned calls on the device
             until the next ``plan_decode`` (each plan starts them at zero); calls without a

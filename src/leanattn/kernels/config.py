@@ -105,7 +105,9 @@ def choose_config(head_dim: int, kv_dtype: torch.dtype, rows: int, paged: bool =
     """Heuristic launch configuration for one (head_dim, cache dtype, query rows of a kv head:
     q_len x group size, whether the cache is paged, whether the call is batch-invariant, whether
     it is ``large``: see :func:`large_call`). The tile never depends on ``paged``,
-    ``batch_invariant`` or ``large``, so none changes a result's bits.
+    ``batch_invariant`` or ``large`` (a plan's tiles fit either kind of cache); the grid and the
+    shares do, so a paged and a contiguous call agree bit for bit on the same config and grid,
+    not always on their own.
 
     Budgets of an H200 SM: 228 KiB of shared memory (227 KiB for one program), 64K 32-bit
     registers (255 a thread at most). A stage of the K/V pipeline holds one K and one V tile:
@@ -185,13 +187,17 @@ def choose_config(head_dim: int, kv_dtype: torch.dtype, rows: int, paged: bool =
     if head_dim == 128 and not paged and not batch_invariant and not large:
         return KernelConfig(tile=_ONE_PROGRAM_TILE, num_warps=4, num_stages=6, programs_per_sm=1,
                             target_share=_ONE_PROGRAM_SHARE)
-    # Paged caches deal shares of 2 tiles, not 4: a small paged call's slowest program ends ~2 µs
-    # after its median one (pages lie anywhere, so equal shares are not equal in time; contiguous:
-    # 0.4 µs, benchmarks/NOTES.md), and twice the programs halve what one straggler holds.
-    # Measured in serving mode on an H200 (same run): 1 x 4k 32/8 page 16 18.0 -> 15.4 µs, 1 x 32k
-    # 8/1 page 16 16.1 -> 15.6; 64 x 2k 8/1 page 16 and 8 x 8k 32/8 page 64 (grid-bound) unchanged.
-    # Shares of one tile lost on 1 x 32k (17.1); a third program an SM lost on both large calls.
-    return KernelConfig(tile=64, num_warps=4, num_stages=3, programs_per_sm=2, target_share=2 if paged else 4)
+    # Paged calls deal shares of 2 tiles, not 4: a small one's slowest program ends ~2 µs after
+    # the median one (pages lie anywhere, so equal shares are not equal in time; contiguous: 0.4
+    # µs, benchmarks/NOTES.md), and twice the programs halve what one straggler holds. Measured in
+    # serving mode on an H200 (same run): 1 x 4k 32/8 page 16 18.0 -> 15.4 µs, 1 x 32k 8/1 page 16
+    # 16.1 -> 15.6; 64 x 2k 8/1 page 16 and 8 x 8k 32/8 page 64 (grid-bound) unchanged. Shares of
+    # one tile lost on 1 x 32k (17.1); a third program an SM lost on both large calls. The same
+    # for large calls (a plan's shares are the small config's: plan_decode). Batch-invariant
+    # calls deal whole splits (the share does not change their bits): theirs stays 4, the
+    # contiguous caches' config.
+    share = 2 if paged and not batch_invariant else 4
+    return KernelConfig(tile=64, num_warps=4, num_stages=3, programs_per_sm=2, target_share=share)
 
 
 @dataclass(frozen=True)

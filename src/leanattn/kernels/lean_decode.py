@@ -678,7 +678,9 @@ def lean_decode_kernel(
             # the head's splits in the share (the pipeline never drains between them) and leaves
             # each split's partial in its slot; only then do they arrive, those of a chunk on one
             # ticket at once. A head of one split is written from the registers.
-            n_tiles = _num_tiles(length, TILE)
+            # int32 like the tile indices (int64 ``capacity`` makes ``length`` int64; the host
+            # bounds every tile count below 2**31)
+            n_tiles = _num_tiles(length, TILE).to(tl.int32)
             acc, m_i, l_i = _attend_tiles(
                 q, K, V, BlockTable, KScale, VScale, Bounds, b, h, first, length, lo, live, t * (SPLIT // TILE),
                 tl.minimum(t_end * (SPLIT // TILE), n_tiles), head_scale, softcap,
@@ -755,9 +757,9 @@ def lean_decode_kernel(
                         _stamp(Timeline, pid, EV_TICKET, tl.max(l_i, axis=0).to(tl.int32, bitcast=True))
                     if t_end == n_tiles:  # the head's last member names the head for the merge
                         head_first = g - t
-                        first, _ = _head_members(head_first, n_tiles, total, programs)
-                        _write_job(Jobs, b * kv_heads + h, first, pid,
-                                   _first_odd(first, head_first, total, programs).to(tl.int32))
+                        first_member, _ = _head_members(head_first, n_tiles, total, programs)
+                        _write_job(Jobs, b * kv_heads + h, first_member, pid,
+                                   _first_odd(first_member, head_first, total, programs).to(tl.int32))
                 else:
                     _arrive_and_merge(
                         WsAcc, WsStats, Tickets, ChunkTickets, Out, Lse, Sinks, acc, m_i, l_i, v_scale,

@@ -1,0 +1,96 @@
+"""Compiles the front end (Python to Triton IR, for sm_90: no GPU needed) of the decode, merge
+and plan kernels with their int arguments typed as a GPU launch types values past 32 bits (i64),
+and prints every variant that fails; exit status 1 if any did. Run with TRITON_INTERPRET=0
+(``tests/test_wide_ints.py``): the interpreter never types ints, so only this sees a kernel
+whose values change type with them (a loop-carried i32 becoming i64 is a compile error)."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton._C.libtriton import ir
+
+from leanattn.kernels.lean_decode import lean_decode_kernel, lean_merge_kernel
+from leanattn.kernels.plan import lean_plan_kernel
+
+TARGET = GPUTarget("cuda", 90, 32)
+BACKEND = make_backend(TARGET)
+OPTIONS = BACKEND.parse_options({})
+# Pointer arguments by name (the rest of the capitalised ones point to int32).
+POINTERS = {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "Out": "*fp16", "Timeline": "*i64",
+            **{n: "*fp32" for n in ("Lse", "Sinks", "KScale", "VScale", "WsAcc", "WsStats")}}
+FLOATS = {"scale", "softcap"}
+
+
+def front_end(kernel, constexprs: dict, wide: bool) -> str | None:
+    """None if ``kernel`` reaches Triton IR with these constexprs, its ints i64 when ``wide``;
+    else the error's last lines."""
+    signature = {}
+    for p in kernel.params:
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+        elif p.name[0].isupper():
+            signature[p.name] = POINTERS.get(p.name, "*i32")
+        else:
+            signature[p.name] = "fp32" if p.name in FLOATS else ("i64" if wide else "i32")
+    missing = [p.name for p in kernel.params if p.is_constexpr and p.name not in constexprs]
+    if missing:
+        return f"constexprs not given here: {missing}"
+    source = ASTSource(kernel, signature, {(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
+    context = ir.context()
+    ir.load_dialects(context)
+    BACKEND.load_dialects(context)
+    try:
+        source.make_ir(TARGET, OPTIONS, BACKEND.get_codegen_implementation(OPTIONS), BACKEND.get_module_map(),
+                       context)
+    except Exception as e:  # noqa: BLE001  (any compile error is the finding)
+        lines = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        return " | ".join(lines[-3:])
+    return None
+
+
+def variants():
+    """(name, kernel, constexprs): the decode kernel's modes (default / batch-invariant splits,
+    merge by tickets / kernel, contiguous / paged, self-located / planned, every length feature),
+    the merge kernel and the plan kernel."""
+    for split, merge, page, planned in itertools.product((0, 128), (False, True), (0, 16), (False, True)):
+        yield (f"decode split={split} merge_kernel={merge} page={page} planned={planned}", lean_decode_kernel, dict(
+            GROUP=4, Q_LEN=2, ROWS=16, HEAD_DIM=64, HEAD_DIM_PAD=64, TILE=64, PAGE_SIZE=page,
+            TARGET_SHARE=1 if split else 2, SPLIT=split, UNIT=split or 64, MERGE_ROWS=8, MERGE_WIDE=True,
+            ARRIVE_CHUNK=16, HAS_SEQLENS=True, HAS_LEFTPAD=True, HAS_WINDOW=True, HAS_MASK=True, HAS_SOFTCAP=True,
+            HAS_SINKS=True, K_SCALE_KIND=0, V_SCALE_KIND=0, HAS_BOUNDS=False, PLANNED=planned, RETURN_LSE=True,
+            DOT_DTYPE=tl.float16, BLOCK_B=128, USE_PDL=False, TIMELINE=False, MERGE_KERNEL=merge))
+    yield "decode, capacity-long sequences", lean_decode_kernel, dict(
+        GROUP=4, Q_LEN=1, ROWS=16, HEAD_DIM=64, HEAD_DIM_PAD=64, TILE=64, PAGE_SIZE=16, TARGET_SHARE=2, SPLIT=0,
+        UNIT=64, MERGE_ROWS=4, MERGE_WIDE=True, ARRIVE_CHUNK=16, HAS_SEQLENS=False, HAS_LEFTPAD=False,
+        HAS_WINDOW=False, HAS_MASK=False, HAS_SOFTCAP=False, HAS_SINKS=False, K_SCALE_KIND=0, V_SCALE_KIND=0,
+        HAS_BOUNDS=False, PLANNED=False, RETURN_LSE=False, DOT_DTYPE=tl.float16, BLOCK_B=128, USE_PDL=False,
+        TIMELINE=False, MERGE_KERNEL=True)
+    for by_slot in (False, True):
+        yield f"merge by_slot={by_slot}", lean_merge_kernel, dict(
+            GROUP=4, Q_LEN=2, MERGE_ROWS=8, HEAD_DIM=64, HEAD_DIM_PAD=64, COLS=64, MEMBERS=16, V_SCALE_KIND=0,
+            RETURN_LSE=True, HAS_SINKS=True, USE_PDL=False, BY_SLOT=by_slot)
+    for seqlens, leftpad, window in ((True, True, True), (False, False, False)):
+        yield f"plan seqlens={seqlens} leftpad={leftpad} window={window}", lean_plan_kernel, dict(
+            HAS_SEQLENS=seqlens, HAS_LEFTPAD=leftpad, Q_LEN=2, HAS_WINDOW=window, TILE=64, TARGET_SHARE=2,
+            BLOCK_B=128, USE_PDL=False, ZERO_TICKETS=True)
+
+
+def main() -> int:
+    failed = 0
+    for name, kernel, constexprs in variants():
+        for wide in (False, True):
+            error = front_end(kernel, constexprs, wide)
+            if error is not None:
+                failed += 1
+                print(f"{name}, ints {'i64' if wide else 'i32'}: {error}")
+    print(f"{failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
