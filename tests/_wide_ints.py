@@ -15,13 +15,14 @@ from triton.compiler import ASTSource, make_backend
 from triton._C.libtriton import ir
 
 from leanattn.kernels.lean_decode import lean_decode_kernel, lean_merge_kernel
+from leanattn.kernels.mla_decode import mla_decode_kernel, mla_merge_kernel
 from leanattn.kernels.plan import lean_plan_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 BACKEND = make_backend(TARGET)
 OPTIONS = BACKEND.parse_options({})
 # Pointer arguments by name (the rest of the capitalised ones point to int32).
-POINTERS = {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "Out": "*fp16", "Timeline": "*i64",
+POINTERS = {**{n: "*fp16" for n in ("Q", "K", "V", "KV", "KR", "KVDesc", "KRDesc", "Out")}, "Timeline": "*i64",
             **{n: "*fp32" for n in ("Lse", "Sinks", "KScale", "VScale", "WsAcc", "WsStats")}}
 FLOATS = {"scale", "softcap"}
 
@@ -56,7 +57,7 @@ def front_end(kernel, constexprs: dict, wide: bool) -> str | None:
 def variants():
     """(name, kernel, constexprs): the decode kernel's modes (default / batch-invariant splits,
     merge by tickets / kernel, contiguous / paged, self-located / planned, every length feature),
-    the merge kernel and the plan kernel."""
+    the merge kernel, the MLA kernel's pointer loop and its merge kernel, and the plan kernel."""
     for split, merge, page, planned in itertools.product((0, 128), (False, True), (0, 16), (False, True)):
         yield (f"decode split={split} merge_kernel={merge} page={page} planned={planned}", lean_decode_kernel, dict(
             GROUP=4, Q_LEN=2, ROWS=16, HEAD_DIM=64, HEAD_DIM_PAD=64, TILE=64, PAGE_SIZE=page,
@@ -74,6 +75,15 @@ def variants():
         yield f"merge by_slot={by_slot}", lean_merge_kernel, dict(
             GROUP=4, Q_LEN=2, MERGE_ROWS=8, HEAD_DIM=64, HEAD_DIM_PAD=64, COLS=64, MEMBERS=16, V_SCALE_KIND=0,
             RETURN_LSE=True, HAS_SINKS=True, USE_PDL=False, BY_SLOT=by_slot)
+    for split, page, planned in itertools.product((0, 128), (0, 64), (False, True)):
+        yield f"mla split={split} page={page} planned={planned}", mla_decode_kernel, dict(
+            GROUP=16, Q_LEN=2, ROWS=32, DV=512, DV_PAD=512, DR=64, DR_PAD=64, TILE=64, PAGE_SIZE=page,
+            TARGET_SHARE=1 if split else 4, SPLIT=split, UNIT=split or 64, MERGE_ROWS=32, MERGE_WIDE=False,
+            ARRIVE_CHUNK=16, HAS_SEQLENS=True, HAS_LEFTPAD=True, HAS_MASK=True, SCALE_KIND=0, PLANNED=planned,
+            RETURN_LSE=True, DOT_DTYPE=tl.float16, BLOCK_B=128, USE_PDL=False, USE_TMA=False, ROPE_APART=False)
+    yield "mla merge", mla_merge_kernel, dict(
+        GROUP=16, Q_LEN=2, MERGE_ROWS=32, DV_PAD=512, TILE=64, COLS=64, ARRIVE_CHUNK=16, HAS_SEQLENS=True,
+        HAS_LEFTPAD=True, RETURN_LSE=True, USE_PDL=False)
     for seqlens, leftpad, window in ((True, True, True), (False, False, False)):
         yield f"plan seqlens={seqlens} leftpad={leftpad} window={window}", lean_plan_kernel, dict(
             HAS_SEQLENS=seqlens, HAS_LEFTPAD=leftpad, Q_LEN=2, HAS_WINDOW=window, TILE=64, TARGET_SHARE=2,

@@ -338,7 +338,9 @@ def mla_decode_kernel(
                                                     GROUP, ROWS, DV, DV_PAD, DR, DR_PAD, SCALE_KIND, DOT_DTYPE)
         if SPLIT > 0:
             # Each split alone, merged in split order: its bits do not depend on the program.
-            n_tiles = _num_tiles(length, TILE)
+            # int32 like the tile indices (int64 ``capacity`` makes ``length`` int64; the host
+            # bounds every tile count below 2**31)
+            n_tiles = _num_tiles(length, TILE).to(tl.int32)
             for u in range(t, t_end):
                 acc, m_i, l_i = _mla_tiles(
                     q_l, q_r, KV, KR, KVDesc, KRDesc, BlockTable, KScale, b, first, length, live,
