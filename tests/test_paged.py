@@ -170,3 +170,21 @@ def test_gpu_heuristic_deals_small_shares_to_paged_calls(monkeypatch):
             assert invariant[0] == invariant[1]
         fp8 = kernel_config.choose_config(d, torch.float8_e4m3fn, 4, True)
         assert fp8.target_share == 4
+
+
+def test_block_table_of_more_than_2_31_positions():
+    """A block table of 2**23 pages of 256 tokens holds 2**31 positions: a GPU launch then types
+    the capacity as a 64-bit int (tests/test_wide_ints.py compiles every kernel so), and only the
+    live pages are read (the rest of the table is out-of-range garbage). Few heads on a large
+    capacity take the merge kernel on the GPU; decode with and without a plan."""
+    page, lens = 256, [300, 37]
+    q, k, v, sl = make_inputs(lens, 4, 1, 64, torch.float16, cache_len=512, seed=31)
+    kp, vp, table = to_paged(k, v, lens, page, seed=31)
+    wide = torch.full((2, 2**23), 10**6, dtype=torch.int32, device=DEVICE)  # 64 MiB
+    wide[:, : table.shape[1]] = table
+    want = reference(q, k, v, sl)
+    out, lse = leanattn.decode(q, kp, vp, sl, block_table=wide, return_lse=True)
+    assert_close(out, lse, *want)
+    plan = leanattn.plan_decode(sl, 2**31, q_heads=4, kv_heads=1, head_dim=64, kv_dtype=torch.float16, paged=True)
+    planned = leanattn.decode(q, kp, vp, sl, block_table=wide, plan=plan)
+    assert torch.equal(planned, out)
