@@ -16,6 +16,7 @@ from triton.compiler import ASTSource, make_backend
 from triton._C.libtriton import ir
 
 from leanattn.kernels.lean_decode import lean_decode_kernel, lean_merge_kernel
+from leanattn.kernels import mla_gluon
 from leanattn.kernels.mla_decode import mla_decode_kernel, mla_merge_kernel
 from leanattn.kernels.plan import lean_plan_kernel
 
@@ -28,13 +29,16 @@ POINTERS = {**{n: "*fp16" for n in ("Q", "K", "V", "KV", "KR", "KVDesc", "KRDesc
 FLOATS = {"scale", "softcap"}
 
 
-def front_end(kernel, constexprs: dict, wide: bool) -> str | None:
-    """None if ``kernel`` reaches Triton IR with these constexprs, its ints i64 when ``wide``;
+def front_end(kernel, constexprs: dict, wide: bool, types: dict | None = None, gluon: bool = False) -> str | None:
+    """None if ``kernel`` reaches Triton IR with these constexprs, its ints i64 when ``wide``
+    (``types``: arguments of other types, e.g. tensor descriptors; ``gluon``: a Gluon kernel);
     else the error's last lines."""
     signature = {}
     for p in kernel.params:
         if p.is_constexpr:
             signature[p.name] = "constexpr"
+        elif types and p.name in types:
+            signature[p.name] = types[p.name]
         elif p.name[0].isupper():
             signature[p.name] = POINTERS.get(p.name, "*i32")
         else:
@@ -42,12 +46,19 @@ def front_end(kernel, constexprs: dict, wide: bool) -> str | None:
     missing = [p.name for p in kernel.params if p.is_constexpr and p.name not in constexprs]
     if missing:
         return f"constexprs not given here: {missing}"
-    source = ASTSource(kernel, signature, {(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
+    options = OPTIONS
+    if gluon:
+        from triton.experimental.gluon._runtime import GluonASTSource as source_of
+
+        options = BACKEND.parse_options({"num_warps": constexprs["WARPS"]})
+    else:
+        source_of = ASTSource
+    source = source_of(kernel, signature, {(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
     context = ir.context()
     ir.load_dialects(context)
     BACKEND.load_dialects(context)
     try:
-        source.make_ir(TARGET, OPTIONS, BACKEND.get_codegen_implementation(OPTIONS), BACKEND.get_module_map(),
+        source.make_ir(TARGET, options, BACKEND.get_codegen_implementation(options), BACKEND.get_module_map(),
                        context)
     except Exception as e:  # noqa: BLE001  (any compile error is the finding)
         lines = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
@@ -56,9 +67,12 @@ def front_end(kernel, constexprs: dict, wide: bool) -> str | None:
 
 
 def variants():
-    """(name, kernel, constexprs): the decode kernel's modes (default / batch-invariant splits,
-    merge by tickets / kernel, contiguous / paged, self-located / planned, every length feature),
-    the merge kernel, the MLA kernel's pointer loop and its merge kernel, and the plan kernel."""
+    """(name, kernel, constexprs, other argument types, gluon): the decode kernel's modes
+    (default / batch-invariant splits, merge by tickets / kernel, contiguous / paged, self-located
+    / planned, every length feature), the merge kernel, the MLA kernel's pointer and TMA loops
+    (the TMA loop over pages only: a contiguous cache takes it below 2**31 rows, so with a
+    32-bit capacity), its merge kernel, the Hopper Gluon kernel where this Triton has it, and the
+    plan kernel."""
     for split, merge, page, planned in itertools.product((0, 128), (False, True), (0, 16), (False, True)):
         yield (f"decode split={split} merge_kernel={merge} page={page} planned={planned}", lean_decode_kernel, dict(
             GROUP=4, Q_LEN=2, ROWS=16, HEAD_DIM=64, HEAD_DIM_PAD=64, TILE=64, PAGE_SIZE=page,
@@ -85,6 +99,22 @@ def variants():
     yield "mla merge", mla_merge_kernel, dict(
         GROUP=16, Q_LEN=2, MERGE_ROWS=32, DV_PAD=512, TILE=64, COLS=64, ARRIVE_CHUNK=16, HAS_SEQLENS=True,
         HAS_LEFTPAD=True, RETURN_LSE=True, USE_PDL=False)
+    descriptors = {"KVDesc": "tensordesc<fp16[64, 512]>", "KRDesc": "tensordesc<fp16[64, 64]>"}
+    for split in (0, 128):
+        yield f"mla TMA loop split={split} page=64", mla_decode_kernel, dict(
+            GROUP=16, Q_LEN=2, ROWS=32, DV=512, DV_PAD=512, DR=64, DR_PAD=64, TILE=64, PAGE_SIZE=64,
+            TARGET_SHARE=1 if split else 4, SPLIT=split, UNIT=split or 64, MERGE_ROWS=32, MERGE_WIDE=False,
+            ARRIVE_CHUNK=16, HAS_SEQLENS=True, HAS_LEFTPAD=True, HAS_MASK=True, SCALE_KIND=0, PLANNED=True,
+            RETURN_LSE=True, DOT_DTYPE=tl.float16, BLOCK_B=128, USE_PDL=True, USE_TMA=True,
+            ROPE_APART=False), descriptors
+    if mla_gluon.AVAILABLE:
+        gl = mla_gluon.gl
+        layouts = {w: repr(gl.NVMMASharedLayout.get_default_for([64, w], gl.bfloat16)) for w in (512, 64)}
+        yield "mla Gluon kernel page=64", mla_gluon.mla_attend_gluon, dict(
+            GROUP=16, Q_LEN=1, ROWS=64, MERGE_ROWS=64, DV=512, DR=64, TILE=64, PAGE_SIZE=64, HAS_SEQLENS=True,
+            HAS_LEFTPAD=True, HAS_MASK=False, RETURN_LSE=True, ROPE_APART=False, WARPS=8), {
+                "Q": "*bf16", "Out": "*bf16", "kv_desc": f"tensordesc<bf16[64,512],{layouts[512]}>",
+                "kr_desc": f"tensordesc<bf16[64,64],{layouts[64]}>"}, True
     for seqlens, leftpad, window in ((True, True, True), (False, False, False)):
         yield f"plan seqlens={seqlens} leftpad={leftpad} window={window}", lean_plan_kernel, dict(
             HAS_SEQLENS=seqlens, HAS_LEFTPAD=leftpad, Q_LEN=2, HAS_WINDOW=window, TILE=64, TARGET_SHARE=2,
@@ -93,8 +123,8 @@ def variants():
 
 def main() -> int:
     failed = 0
-    for name, kernel, constexprs in variants():
-        error = front_end(kernel, constexprs, wide="--i32" not in sys.argv)
+    for name, kernel, constexprs, *other in variants():
+        error = front_end(kernel, constexprs, "--i32" not in sys.argv, *other)
         if error is not None:
             failed += 1
             print(f"{name}: {error}")

@@ -125,3 +125,25 @@ def test_head_offsets_past_int32_are_refused(paged):
     from leanattn._testing import check_head_strides
 
     check_head_strides(narrow, narrow)
+
+
+def test_tile_counts_past_int32_are_refused_everywhere():
+    """The kernels count a call's tiles in int32: 256 kv heads over a block table of 2**21 pages
+    of 256 tokens (2**37 head-tokens, over 2**31 tiles of any config's tile) is refused by
+    decode, plan_decode and DecodeWrapper.plan, naming the product, and decode leaves out alone."""
+    heads, page, pages = 256, 256, 2**21
+    q = torch.randn(1, 1, heads, 64, dtype=torch.float16, device=DEVICE)
+    kp = torch.randn(1, page, heads, 64, dtype=torch.float16, device=DEVICE)
+    table = torch.zeros(1, pages, dtype=torch.int32, device=DEVICE)
+    sl = torch.tensor([100], dtype=torch.int32, device=DEVICE)
+    out = torch.full_like(q, 7.0)
+    match = r"batch 1 x kv_heads 256 x capacity 536870912 is over 2\^31 tiles"
+    with pytest.raises(ValueError, match=match):
+        leanattn.decode(q, kp, kp, sl, block_table=table, out=out)
+    assert (out == 7.0).all()
+    with pytest.raises(ValueError, match=match):
+        leanattn.plan_decode(sl, page * pages, q_heads=heads, kv_heads=heads, head_dim=64, kv_dtype=torch.float16,
+                             paged=True)
+    w = leanattn.DecodeWrapper(heads, heads, 64, torch.float16, DEVICE, paged=True)
+    with pytest.raises(ValueError, match=match):
+        w.plan(sl, page * pages)

@@ -329,11 +329,12 @@ def decode(
     check_lse_out(lse, q, return_lse)
     batch, q_len, q_heads, head_dim = q.shape
     invariant = batch_invariant or split_size is not None
-    split, tile = 0, 0
-    if invariant or plan is not None:
-        # The launch config's tile (the same in both modes): the unit of a split and of a plan.
-        tile = (config or choose_config(head_dim, k_cache.dtype, q_len * (q_heads // k_cache.shape[2]),
-                                        block_table is not None, bool(invariant))).tile
+    split = 0
+    # The launch config's tile (the same in both modes): the unit of a split and of a plan, and
+    # of the kernels' int32 tile counts.
+    tile = (config or choose_config(head_dim, k_cache.dtype, q_len * (q_heads // k_cache.shape[2]),
+                                    block_table is not None, bool(invariant))).tile
+    check_tile_count(batch, k_cache.shape[2], capacity, tile)
     if invariant:
         split = split_of(batch_invariant, split_size, tile)
     made_for = None

@@ -53,7 +53,7 @@ class DecodeWrapper:
             the same bits whatever rides with it. Its workspace grows with batch x capacity:
             make the largest plan before capturing a CUDA graph.
         paged: the runs take paged caches (``block_table``). Paged and contiguous caches may
-            have different launch configs (at d=64-128 they do), so plans differ; a run of the
+            have different launch configs (16-bit caches at d=64-128 do), so plans differ; a run of the
             other kind gives exact results on the planned config, with a warning (once) where
             its own config differs.
 

@@ -194,7 +194,8 @@ def _mla_attend_tma(
     # Whole tiles, then the one a sequence's last keys leave part-filled: a bulk copy reads the
     # rows past the length too (dead slots, the next sequence's rows), which may hold NaN, and
     # 0 x NaN is NaN in the PV product, so that tile's dead rows are zeroed first.
-    full_end = tl.maximum(tl.minimum(tile_end, length // TILE), tile_start)
+    # (int32 like the tile indices: an int64 ``capacity`` makes ``length`` int64)
+    full_end = tl.maximum(tl.minimum(tile_end, (length // TILE).to(tl.int32)), tile_start)
     for tile in range(tile_start, full_end):
         acc, m_i, l_i, page = _mla_tma_tile(
             acc, m_i, l_i, page, q_lt, q_rt, KVDesc, KRDesc, table, b, first, length, query, tile, tile_end, scale,

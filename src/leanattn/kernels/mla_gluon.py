@@ -33,7 +33,9 @@ try:
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    AVAILABLE = True
+    # Gluon is experimental and its names move (Triton 3.9 renamed thread_barrier to barrier):
+    # the kernel is written and GPU-tested against Triton 3.6's; elsewhere the Triton kernel serves.
+    AVAILABLE = hasattr(gl, "thread_barrier")
 except ImportError:  # a Triton without Gluon: the Triton kernel serves every call
     AVAILABLE = False
 
@@ -163,7 +165,8 @@ if AVAILABLE:
                     length = capacity - first
                 n_units = gl.maximum((length + TILE - 1) // TILE, 1)
                 t_end = gl.minimum(n_units.to(gl.int64), t + (end - g)).to(gl.int32)
-                t_live = gl.minimum(t_end, (length + TILE - 1) // TILE)  # tiles holding a live key
+                # tiles holding a live key (int32 like t: an int64 ``capacity`` makes ``length`` int64)
+                t_live = gl.minimum(t_end, ((length + TILE - 1) // TILE).to(gl.int32))
                 table_row = b.to(gl.int64) * stride_btb
 
                 # This block's query rows into shared memory (every product of the last segment
