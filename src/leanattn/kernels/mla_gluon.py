@@ -15,8 +15,8 @@ program lets start (programmatic dependent launch) once its first segment's tile
 Gluon interpreter exists: the CPU and every call this kernel does not take run the Triton
 kernel, and GPU tests compare the two.
 
-Its kernel is defined only where Triton has Gluon's Hopper API (``AVAILABLE``); the module
-imports everywhere.
+Its kernel is defined only where Triton has Gluon's Hopper API under the names of Triton 3.6,
+which it is written and GPU-tested against (``AVAILABLE``); the module imports everywhere.
 """
 
 from __future__ import annotations
