@@ -827,3 +827,21 @@ def test_mla_benchmark_parses_and_checks_its_rows():
         assert bench.check(shape, eager(), xs[0], lens, table) < TOL[torch.bfloat16], method.__name__
     with pytest.raises(bench.Unsupported):
         bench.triton_split_method(bench.parse_shape("2x40@4:q=2"), xs[:2], lens, table)
+
+
+def test_block_table_of_more_than_2_31_positions():
+    """A block table of 2**23 pages of 256 tokens holds 2**31 positions: a GPU launch types the
+    capacity as a 64-bit int (tests/test_wide_ints.py compiles the kernels so), and only the live
+    pages are read. Pages of 256 take the tensor-descriptor loop (on Hopper, in eager calls over
+    caches this large, the Gluon kernel); the wrapper runs it and, on Hopper, the Gluon kernel
+    too, against the reference."""
+    lens = [300, 45]
+    q, kv, sl = mla_inputs(lens, 16, 576, cache_len=512, seed=31)
+    kp, table = paged(kv, lens, 256, seed=31)
+    wide = torch.full((2, 2**23), 10**6, dtype=torch.int32, device=DEVICE)  # 64 MiB
+    wide[:, : table.shape[1]] = table
+    out, lse = leanattn.mla_decode(q, kp, sl, block_table=wide, return_lse=True)
+    check(out, lse, q, kp, sl, 512, block_table=table)
+    for gluon in (False, True) if GLUON else (False,):
+        out, lse = _wrapper_run(q, kp, sl, 2**31, gluon, block_table=wide)
+        check(out, lse, q, kp, sl, 512, softmax_scale=192**-0.5, block_table=table)
