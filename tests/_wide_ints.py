@@ -73,40 +73,41 @@ def variants():
     (the TMA loop over pages only: a contiguous cache takes it below 2**31 rows, so with a
     32-bit capacity), its merge kernel, the Hopper Gluon kernel where this Triton has it, and the
     plan kernel."""
-    for split, merge, page, planned in itertools.product((0, 128), (False, True), (0, 16), (False, True)):
-        yield (f"decode split={split} merge_kernel={merge} page={page} planned={planned}", lean_decode_kernel, dict(
+    def decode(split: int, merge: bool, page: int, planned: bool) -> dict:
+        """The decode kernel with every length feature on."""
+        return dict(
             GROUP=4, Q_LEN=2, ROWS=16, HEAD_DIM=64, HEAD_DIM_PAD=64, TILE=64, PAGE_SIZE=page,
             TARGET_SHARE=1 if split else 2, SPLIT=split, UNIT=split or 64, MERGE_ROWS=8, MERGE_WIDE=True,
             ARRIVE_CHUNK=16, HAS_SEQLENS=True, HAS_LEFTPAD=True, HAS_WINDOW=True, HAS_MASK=True, HAS_SOFTCAP=True,
             HAS_SINKS=True, K_SCALE_KIND=0, V_SCALE_KIND=0, HAS_BOUNDS=False, PLANNED=planned, RETURN_LSE=True,
-            DOT_DTYPE=tl.float16, BLOCK_B=128, USE_PDL=False, TIMELINE=False, MERGE_KERNEL=merge))
-    yield "decode, capacity-long sequences", lean_decode_kernel, dict(
-        GROUP=4, Q_LEN=1, ROWS=16, HEAD_DIM=64, HEAD_DIM_PAD=64, TILE=64, PAGE_SIZE=16, TARGET_SHARE=2, SPLIT=0,
-        UNIT=64, MERGE_ROWS=4, MERGE_WIDE=True, ARRIVE_CHUNK=16, HAS_SEQLENS=False, HAS_LEFTPAD=False,
-        HAS_WINDOW=False, HAS_MASK=False, HAS_SOFTCAP=False, HAS_SINKS=False, K_SCALE_KIND=0, V_SCALE_KIND=0,
-        HAS_BOUNDS=False, PLANNED=False, RETURN_LSE=False, DOT_DTYPE=tl.float16, BLOCK_B=128, USE_PDL=False,
-        TIMELINE=False, MERGE_KERNEL=True)
+            DOT_DTYPE=tl.float16, BLOCK_B=128, USE_PDL=False, TIMELINE=False, MERGE_KERNEL=merge)
+
+    def mla(split: int, page: int, planned: bool, tma: bool) -> dict:
+        """The MLA kernel, its pointer loop or (``tma``) its tensor-descriptor loop under PDL."""
+        return dict(
+            GROUP=16, Q_LEN=2, ROWS=32, DV=512, DV_PAD=512, DR=64, DR_PAD=64, TILE=64, PAGE_SIZE=page,
+            TARGET_SHARE=1 if split else 4, SPLIT=split, UNIT=split or 64, MERGE_ROWS=32, MERGE_WIDE=False,
+            ARRIVE_CHUNK=16, HAS_SEQLENS=True, HAS_LEFTPAD=True, HAS_MASK=True, SCALE_KIND=0, PLANNED=planned,
+            RETURN_LSE=True, DOT_DTYPE=tl.float16, BLOCK_B=128, USE_PDL=tma, USE_TMA=tma, ROPE_APART=False)
+
+    for split, merge, page, planned in itertools.product((0, 128), (False, True), (0, 16), (False, True)):
+        yield (f"decode split={split} merge_kernel={merge} page={page} planned={planned}", lean_decode_kernel,
+               decode(split, merge, page, planned))
+    yield "decode, capacity-long sequences", lean_decode_kernel, {
+        **decode(0, True, 16, False), "Q_LEN": 1, "MERGE_ROWS": 4, "HAS_SEQLENS": False, "HAS_LEFTPAD": False,
+        "HAS_WINDOW": False, "HAS_MASK": False, "HAS_SOFTCAP": False, "HAS_SINKS": False, "RETURN_LSE": False}
     for by_slot in (False, True):
         yield f"merge by_slot={by_slot}", lean_merge_kernel, dict(
             GROUP=4, Q_LEN=2, MERGE_ROWS=8, HEAD_DIM=64, HEAD_DIM_PAD=64, COLS=64, MEMBERS=16, V_SCALE_KIND=0,
             RETURN_LSE=True, HAS_SINKS=True, USE_PDL=False, BY_SLOT=by_slot)
     for split, page, planned in itertools.product((0, 128), (0, 64), (False, True)):
-        yield f"mla split={split} page={page} planned={planned}", mla_decode_kernel, dict(
-            GROUP=16, Q_LEN=2, ROWS=32, DV=512, DV_PAD=512, DR=64, DR_PAD=64, TILE=64, PAGE_SIZE=page,
-            TARGET_SHARE=1 if split else 4, SPLIT=split, UNIT=split or 64, MERGE_ROWS=32, MERGE_WIDE=False,
-            ARRIVE_CHUNK=16, HAS_SEQLENS=True, HAS_LEFTPAD=True, HAS_MASK=True, SCALE_KIND=0, PLANNED=planned,
-            RETURN_LSE=True, DOT_DTYPE=tl.float16, BLOCK_B=128, USE_PDL=False, USE_TMA=False, ROPE_APART=False)
+        yield f"mla split={split} page={page} planned={planned}", mla_decode_kernel, mla(split, page, planned, False)
     yield "mla merge", mla_merge_kernel, dict(
         GROUP=16, Q_LEN=2, MERGE_ROWS=32, DV_PAD=512, TILE=64, COLS=64, ARRIVE_CHUNK=16, HAS_SEQLENS=True,
         HAS_LEFTPAD=True, RETURN_LSE=True, USE_PDL=False)
     descriptors = {"KVDesc": "tensordesc<fp16[64, 512]>", "KRDesc": "tensordesc<fp16[64, 64]>"}
     for split in (0, 128):
-        yield f"mla TMA loop split={split} page=64", mla_decode_kernel, dict(
-            GROUP=16, Q_LEN=2, ROWS=32, DV=512, DV_PAD=512, DR=64, DR_PAD=64, TILE=64, PAGE_SIZE=64,
-            TARGET_SHARE=1 if split else 4, SPLIT=split, UNIT=split or 64, MERGE_ROWS=32, MERGE_WIDE=False,
-            ARRIVE_CHUNK=16, HAS_SEQLENS=True, HAS_LEFTPAD=True, HAS_MASK=True, SCALE_KIND=0, PLANNED=True,
-            RETURN_LSE=True, DOT_DTYPE=tl.float16, BLOCK_B=128, USE_PDL=True, USE_TMA=True,
-            ROPE_APART=False), descriptors
+        yield f"mla TMA loop split={split} page=64", mla_decode_kernel, mla(split, 64, True, True), descriptors
     if mla_gluon.AVAILABLE:
         gl = mla_gluon.gl
         layouts = {w: repr(gl.NVMMASharedLayout.get_default_for([64, w], gl.bfloat16)) for w in (512, 64)}

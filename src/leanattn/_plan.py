@@ -53,7 +53,7 @@ def launch_plan(
                   ZERO_TICKETS=tickets is not None)
     # (Triton types an int argument i32 or i64 by its value, specialised or not.)
     key = (*params.values(), *(p.data_ptr() % 16 == 0 for p in pointers),
-           *(-2**31 <= n < 2**31 for n in args[len(pointers):]), plan.device, pdl)
+           *(-2**31 <= n < 2**31 for n in args[len(pointers):]), plan.device)  # (PDL is USE_PDL)
     _PLAN_HITS[key] = launch(lean_plan_kernel, programs, args, params, PLAN_LAUNCH, pdl, plan.device,
                              _PLAN_HITS.get(key))
 
