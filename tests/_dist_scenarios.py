@@ -7,11 +7,13 @@ full cache. A failed check raises, and the test reports every rank's error.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
 import leanattn
-from leanattn.distributed import ContextParallelDecode, round_robin_lengths, round_robin_slot
+from leanattn.distributed import ContextParallelDecode, _symmetric, round_robin_lengths, round_robin_slot
 
 from _util import assert_close, reference, rel_err, to_paged
 
@@ -126,6 +128,70 @@ def scatter(rank: int, world: int) -> None:
     # The same heads as the replicated merge, bit for bit.
     full_out, full_lse = leanattn.distributed.decode(q, lk, lv, local, return_lse=True)
     assert torch.equal(out, full_out[:, :, mine]) and torch.equal(lse, full_lse[:, mine])
+
+
+_MAPPED: list = []  # shared-file mappings of the CPU rendezvous: they must outlive the buffers
+
+
+def file_rendezvous(group, dev, recv_words: int, flag_words: int):
+    """exchange="symmetric" on the CPU: every rank's buffers in a file in /dev/shm that every
+    process maps (shared), so the interpreter's kernel writes into the other ranks' memory as it
+    would over NVLink. A collective, as torch's rendezvous."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    tag = torch.tensor([os.getpid() if rank == 0 else 0, len(_MAPPED)], dtype=torch.int64)
+    dist.broadcast(tag, 0, group=group)  # one name for every rank's files of this rendezvous
+    nbytes = recv_words * 4 + flag_words * 8
+    path = lambda r: f"/dev/shm/leanattn-test-{int(tag[0])}-{int(tag[1])}-{r}"  # noqa: E731
+    mine = torch.from_file(path(rank), shared=True, size=nbytes, dtype=torch.uint8)
+    mine.zero_()
+    dist.barrier(group)
+    maps = [mine if r == rank else torch.from_file(path(r), shared=True, size=nbytes, dtype=torch.uint8)
+            for r in range(world)]
+    dist.barrier(group)
+    os.unlink(path(rank))  # the mappings stay
+    _MAPPED.append(maps)
+    recv = mine[: recv_words * 4].view(torch.float32)
+    flags = mine[recv_words * 4:].view(torch.int64)
+    return recv, flags, [m.data_ptr() for m in maps], [m.data_ptr() + recv_words * 4 for m in maps]
+
+
+def symmetric(rank: int, world: int) -> None:
+    """exchange="symmetric" (the one-launch push and merge, here through shared files) gives the
+    all_gather exchange's bits, replicated and scattered, over calls that reuse both slots of
+    its buffers, a re-plan, and several query tokens over global positions."""
+    _symmetric.RENDEZVOUS = file_rendezvous
+    try:
+        layers = [build(rank, world, LENS, 12, 4, 64, torch.bfloat16, seed) for seed in (11, 12)]
+        local = layers[0][-1]
+        for scatter in (False, True):
+            cps = [ContextParallelDecode(None, 12, 4, 64, torch.bfloat16, device(), scatter_heads=scatter,
+                                         exchange=ex) for ex in ("all_gather", "symmetric")]
+            for cp in cps:
+                cp.plan(local, layers[0][4].shape[1])
+            assert cps[1].exchange == "symmetric" and cps[1].planned[-1].symmetric is not None
+            for call, i in enumerate((0, 1, 0, 1, 1)):  # five calls: each slot reused
+                q, k, v, full, lk, lv, _ = layers[i]
+                want, want_lse = cps[0].run(q, lk, lv, return_lse=True)
+                out, lse = cps[1].run(q, lk, lv, return_lse=True)
+                assert torch.equal(out, want) and torch.equal(lse, want_lse), f"call {call} (scatter {scatter})"
+            if not scatter:
+                assert_close(out, lse, *reference(q, k, v, full))
+                assert same_on_every_rank(out) and same_on_every_rank(lse), "ranks differ"
+        # Several query tokens (a new (batch, q_len): new buffers), leftpad and a window.
+        q, k, v, full, lk, lv, _ = build(rank, world, POS_LENS, 8, 2, 64, torch.float16, seed=13, q_len=3,
+                                         pads=POS_PADS)
+        pads = torch.tensor(POS_PADS, dtype=torch.int32, device=device())
+        kw = dict(q_len=3, seqlens=full, page_size=PAGE, cache_leftpad=pads, window_size=(40, -1))
+        outs = []
+        for ex in ("all_gather", "symmetric"):
+            cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, device(), exchange=ex)
+            cp.plan(None, lk.shape[1], **kw)
+            outs.append(cp.run(q, lk, lv, return_lse=True))
+            outs.append(cp.run(q, lk, lv, return_lse=True))
+        assert all(torch.equal(a, b) for o in outs[1:] for a, b in zip(o, outs[0])), "symmetric differs, q_len 3"
+        assert_close(*outs[0], *reference(q, k, v, full, cache_leftpad=pads, window_size=(40, -1)))
+    finally:
+        _symmetric.RENDEZVOUS = _symmetric.torch_rendezvous
 
 
 def oneshot(rank: int, world: int) -> float:
@@ -253,11 +319,14 @@ def switch_q_len(rank: int, world: int) -> None:
 GPU_LENS = [131072, 1, 0, 77777]
 
 
-def gpu_matches_single(rank: int, world: int, scatter_heads: bool, lens: list[int] = GPU_LENS) -> None:
+def gpu_matches_single(rank: int, world: int, scatter_heads: bool, exchange: str = "all_gather",
+                       lens: list[int] = GPU_LENS) -> None:
     """Long ragged sequences: the context-parallel result against one GPU running leanattn on the
-    full cache and against the float64 reference; the same bits on both ranks."""
+    full cache and against the float64 reference; the same bits on both ranks, and with either
+    exchange."""
     q, k, v, full, lk, lv, local = build(rank, world, lens, 32, 8, 128, torch.bfloat16, seed=5, page=64)
-    cp = ContextParallelDecode(None, 32, 8, 128, torch.bfloat16, device(), scatter_heads=scatter_heads)
+    cp = ContextParallelDecode(None, 32, 8, 128, torch.bfloat16, device(), scatter_heads=scatter_heads,
+                               exchange=exchange)
     cp.plan(local, lk.shape[1])
     out, lse = cp.run(q, lk, lv, return_lse=True)
     single, single_lse = leanattn.decode(q, k, v, full, return_lse=True)
@@ -272,9 +341,14 @@ def gpu_matches_single(rank: int, world: int, scatter_heads: bool, lens: list[in
         assert same_on_every_rank(out) and same_on_every_rank(lse), "ranks differ"
     again, again_lse = cp.run(q, lk, lv, return_lse=True)
     assert torch.equal(again, out) and torch.equal(again_lse, lse), "not deterministic"
+    if exchange != "all_gather":
+        other = ContextParallelDecode(None, 32, 8, 128, torch.bfloat16, device(), scatter_heads=scatter_heads)
+        other.plan(local, lk.shape[1])
+        gathered, gathered_lse = other.run(q, lk, lv, return_lse=True)
+        assert torch.equal(gathered, out) and torch.equal(gathered_lse, lse), "the exchanges differ"
 
 
-def gpu_graph(rank: int, world: int, paged: bool) -> None:
+def gpu_graph(rank: int, world: int, paged: bool, exchange: str = "all_gather") -> None:
     """A captured run replayed with new lengths equals an eager run with them, bit for bit."""
     cap = 8192
     lens = [cap, cap // 2, 3, cap - 7]
@@ -287,17 +361,19 @@ def gpu_graph(rank: int, world: int, paged: bool) -> None:
         lk, lv, table = to_paged(lk, lv, local.tolist(), 64, seed=rank)
     local.copy_(round_robin_lengths(torch.tensor(lens, dtype=torch.int32, device=device()), world, rank, 64))
     capacity = lk.shape[1] if table is None else table.shape[1] * 64
-    cp = ContextParallelDecode(None, 32, 8, 128, torch.bfloat16, device())
+    cp = ContextParallelDecode(None, 32, 8, 128, torch.bfloat16, device(), exchange=exchange)
     cp.plan(local, capacity, block_table=table)
     out = torch.empty_like(q)
     cp.run(q, lk, lv, out=out)  # compiles and warms NCCL before the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    # A step: the device-side plan for the new lengths, then the layer (here one).
+    # A step: the device-side plan for the new lengths, then the layers (three: the symmetric
+    # exchange's calls alternate its two slots, so a replay starts on either).
     # thread_local: the NCCL watchdog thread's calls can't invalidate this thread's capture.
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         cp.plan(local, capacity, block_table=table, check=False)
-        _, lse = cp.run(q, lk, lv, out=out, return_lse=True)
+        for _ in range(3):
+            _, lse = cp.run(q, lk, lv, out=out, return_lse=True)
     for step, new in enumerate(([0, 0, 0, 0], lens, [1, cap, 0, 4000], [cap // 3, 17, cap, 64])):
         new_full = torch.tensor(new, dtype=torch.int32, device=device())
         local.copy_(round_robin_lengths(new_full, world, rank, 64))

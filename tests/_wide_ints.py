@@ -19,6 +19,7 @@ from leanattn.kernels.lean_decode import lean_decode_kernel, lean_merge_kernel
 from leanattn.kernels import mla_gluon
 from leanattn.kernels.mla_decode import mla_decode_kernel, mla_merge_kernel
 from leanattn.kernels.plan import lean_plan_kernel
+from leanattn.merge import push_merge_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 BACKEND = make_backend(TARGET)
@@ -71,8 +72,8 @@ def variants():
     (default / batch-invariant splits, merge by tickets / kernel, contiguous / paged, self-located
     / planned, every length feature), the merge kernel, the MLA kernel's pointer and TMA loops
     (the TMA loop over pages only: a contiguous cache takes it below 2**31 rows, so with a
-    32-bit capacity), its merge kernel, the Hopper Gluon kernel where this Triton has it, and the
-    plan kernel."""
+    32-bit capacity), its merge kernel, the Hopper Gluon kernel where this Triton has it, the
+    plan kernel, and context parallel's push-merge kernel."""
     def decode(split: int, merge: bool, page: int, planned: bool) -> dict:
         """The decode kernel with every length feature on."""
         return dict(
@@ -120,6 +121,11 @@ def variants():
         yield f"plan seqlens={seqlens} leftpad={leftpad} window={window}", lean_plan_kernel, dict(
             HAS_SEQLENS=seqlens, HAS_LEFTPAD=leftpad, Q_LEN=2, HAS_WINDOW=window, TILE=64, TARGET_SHARE=2,
             BLOCK_B=128, USE_PDL=False, ZERO_TICKETS=True)
+    exchange = {"Src": "*bf16", "RecvO": "*bf16", "Out": "*bf16", "SrcLse": "*fp32", "RecvLse": "*fp32",
+                "OutLse": "*fp32", "PeerRecv": "*i64", "Flags": "*i64", "PeerFlags": "*i64"}
+    for push, merge, scatter in ((True, True, False), (True, True, True), (True, False, False), (False, True, True)):
+        yield f"push_merge push={push} merge={merge} scatter={scatter}", push_merge_kernel, dict(
+            WORLD=4, SCATTER=scatter, PUSH=push, MERGE=merge, HEAD_DIM=80, HEAD_DIM_PAD=128, BLOCK_R=8), exchange
 
 
 def main() -> int:

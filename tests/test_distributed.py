@@ -36,6 +36,12 @@ def test_scatter_heads(cluster):
     cluster.check("scatter")
 
 
+def test_symmetric_exchange_gives_the_all_gather_bits(cluster):
+    """exchange="symmetric": each rank's kernel writes into the others' buffers (files every
+    process maps, standing in for GPU symmetric memory) and waits for theirs."""
+    cluster.check("symmetric")
+
+
 @pytest.mark.parametrize("q_len,window,leftpad,causal,paged", [
     (3, (-1, -1), False, True, False),
     (3, (7, -1), True, True, True),  # a window across the ranks' pages, left padding, a paged cache

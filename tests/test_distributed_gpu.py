@@ -21,9 +21,10 @@ def cluster():
     c.close(force=c.broken)
 
 
+@pytest.mark.parametrize("exchange", ["all_gather", "symmetric"])
 @pytest.mark.parametrize("scatter_heads", [False, True])
-def test_matches_single_gpu(cluster, scatter_heads):
-    cluster.check("gpu_matches_single", scatter_heads, timeout=600)
+def test_matches_single_gpu(cluster, scatter_heads, exchange):
+    cluster.check("gpu_matches_single", scatter_heads, exchange, timeout=600)
 
 
 @pytest.mark.parametrize("q_len,window,leftpad,causal,paged", [
@@ -50,9 +51,10 @@ def test_cuda_graph_replay_global_positions(cluster, q_len, window):
     cluster.check("gpu_graph_positions", q_len, window, timeout=600)
 
 
+@pytest.mark.parametrize("exchange", ["all_gather", "symmetric"])
 @pytest.mark.parametrize("paged", [False, True])
-def test_cuda_graph_replay(cluster, paged):
-    cluster.check("gpu_graph", paged, timeout=600)
+def test_cuda_graph_replay(cluster, paged, exchange):
+    cluster.check("gpu_graph", paged, exchange, timeout=600)
 
 
 def test_inconsistent_plans_raise_everywhere(cluster):

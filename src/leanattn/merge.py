@@ -64,16 +64,17 @@ def _finish(acc, m, l):
 
 
 @triton.jit
-def _load_part(o_ptr, l_ptr, o_offs, l_rows, mask, row_ok):
+def _load_part(o_ptr, l_ptr, o_offs, l_rows, mask, row_ok, CACHE: tl.constexpr):
     """One part's rows: its output as fp32, its LSE, and whether the part is broken there.
 
     Where the LSE is -inf the part is empty and its output is replaced by zeros: it is never used
     and may hold anything, NaN included. A part is broken in a row whose LSE is NaN or +inf (no
     finite set of scores gives either) or whose output holds a NaN; it then takes no part in the
     math (zeros, LSE -inf), and the caller makes the merged row NaN. The output is loaded without
-    waiting for the LSE, so both loads are in flight at once."""
-    lse = tl.load(l_ptr + l_rows, mask=row_ok, other=float("-inf"))
-    o = tl.load(o_ptr + o_offs, mask=mask, other=0.0).to(tl.float32)
+    waiting for the LSE, so both loads are in flight at once. ``CACHE``: the loads' cache
+    modifier (".cg" for parts another GPU wrote: no stale L1 line is read)."""
+    lse = tl.load(l_ptr + l_rows, mask=row_ok, other=float("-inf"), cache_modifier=CACHE)
+    o = tl.load(o_ptr + o_offs, mask=mask, other=0.0, cache_modifier=CACHE).to(tl.float32)
     o = tl.where((lse > float("-inf"))[:, None], o, 0.0)  # NaN > -inf is False: NaN LSEs too
     broken = (lse != lse) | (lse == float("inf")) | (tl.sum((o != o).to(tl.int32), axis=1) > 0)
     return tl.where(broken[:, None], 0.0, o), tl.where(broken, float("-inf"), lse), broken
@@ -119,14 +120,14 @@ def merge_states_kernel(
         # A few parts (the usual case): straight-line code, so no part's loads wait for the
         # previous part's math.
         for _ in tl.static_range(UNROLL):
-            o, lse, bad = _load_part(o_part, l_part, o_offs, l_rows, mask, row_ok)
+            o, lse, bad = _load_part(o_part, l_part, o_offs, l_rows, mask, row_ok, "")
             acc, m, l = _combine_part(acc, m, l, o, lse)
             broken = broken | bad
             o_part += stride_op
             l_part += stride_lp
     else:
         for _ in range(0, parts):
-            o, lse, bad = _load_part(o_part, l_part, o_offs, l_rows, mask, row_ok)
+            o, lse, bad = _load_part(o_part, l_part, o_offs, l_rows, mask, row_ok, "")
             acc, m, l = _combine_part(acc, m, l, o, lse)
             broken = broken | bad
             o_part += stride_op
@@ -138,6 +139,110 @@ def merge_states_kernel(
     x_rows = b * stride_xb + t * stride_xt + h * stride_xh
     tl.store(Out + x_rows[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty), mask=mask)
     tl.store(OutLse + b * stride_yb + h * stride_yh + t * stride_yt, lse, mask=row_ok)
+
+
+@triton.jit
+def push_merge_kernel(
+    Src, SrcLse, RecvO, RecvLse, PeerRecv, Flags, PeerFlags, Out, OutLse,
+    num_rows, q_len, heads_out, rank,
+    stride_sb, stride_st, stride_sh, stride_zb, stride_zh, stride_zt,
+    slot_o, part_o, stride_ob, stride_ot, stride_oh,
+    lse_base, slot_l, part_l, stride_lb, stride_lh, stride_lt,
+    stride_xb, stride_xt, stride_xh, stride_yb, stride_yh, stride_yt,
+    WORLD: tl.constexpr, SCATTER: tl.constexpr, PUSH: tl.constexpr, MERGE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Context parallel's exchange and merge in one launch: push this rank's partial into every
+    rank's receive buffer, wait for every rank's, merge them (``merge_states_kernel``'s math, in
+    rank order).
+
+    Src (batch, q_len, heads, HEAD_DIM) and SrcLse (batch, heads, q_len) float32: this rank's
+    partial, by strides. Every rank holds a receive buffer of the same layout, two slots of WORLD
+    records; record (slot, p) holds rank p's rows: outputs at element ``slot * slot_o + p * part_o``
+    of the buffer read as Src's dtype (then strides ob, ot, oh), LSEs at fp32 word ``lse_base +
+    slot * slot_l + p * part_l`` (then strides lb, lh, lt). RecvO/RecvLse are this rank's buffer
+    (its two typings), PeerRecv int64 (WORLD,) every rank's buffer address as this process maps it.
+    Rows are (batch, query, head) with ``heads_out`` heads; ``SCATTER``: rank p gets heads [p *
+    heads_out, (p + 1) * heads_out) of the partial, else all of them.
+
+    Flags int64 (WORLD, programs) of this rank, PeerFlags (WORLD,) every rank's flag addresses:
+    flag (p, j) of a rank holds the last call whose rows program j of rank p pushed there. A call's
+    number ``seq`` is the program's own flag plus one, so it needs no host counter and a CUDA
+    graph replays it; its slot is ``seq % 2``. A rank starts call c + 2, which reuses call c's
+    slot, only after its call c + 1 saw every rank's c + 1 rows, which each rank pushed after its
+    call c ended: no rank still reads that slot. Program j pushes and merges the row blocks j, j +
+    programs, ... and waits only for the programs j of the other ranks, which push before they
+    wait: with every program resident (programs <= SMs) no call deadlocks.
+
+    PUSH and MERGE select the halves (both on a GPU). The interpreter runs one program after
+    another, so its callers push on every rank before any rank merges.
+    """
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    seq = tl.load(Flags + rank * programs + pid)
+    if PUSH:
+        seq += 1
+    slot = seq % 2
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = offs_d < HEAD_DIM
+    blocks = tl.cdiv(num_rows, BLOCK_R)
+    if PUSH:
+        for blk in range(pid, blocks, programs):
+            rows = blk * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+            row_ok = rows < num_rows
+            mask = row_ok[:, None] & d_ok[None, :]
+            hh = rows % heads_out
+            t = (rows // heads_out) % q_len
+            b = rows // (heads_out * q_len)
+            o_rows = b * stride_ob + t * stride_ot + hh * stride_oh
+            l_rows = b * stride_lb + hh * stride_lh + t * stride_lt
+            for p in tl.static_range(WORLD):
+                h = hh + p * heads_out if SCATTER else hh
+                o = tl.load(Src + (b * stride_sb + t * stride_st + h * stride_sh)[:, None] + offs_d[None, :], mask=mask)
+                lse = tl.load(SrcLse + b * stride_zb + h * stride_zh + t * stride_zt, mask=row_ok)
+                base = tl.load(PeerRecv + p)
+                dst_o = base.to(tl.pointer_type(Src.dtype.element_ty)) + slot * slot_o + rank * part_o
+                dst_l = base.to(tl.pointer_type(tl.float32)) + lse_base + slot * slot_l + rank * part_l
+                tl.store(dst_o + o_rows[:, None] + offs_d[None, :], o, mask=mask)
+                tl.store(dst_l + l_rows, lse, mask=row_ok)
+        # Every thread's stores before the flags: the release below orders what the barrier
+        # ordered before it, for every rank that acquires the flag.
+        tl.debug_barrier()
+        for p in tl.static_range(WORLD):
+            flags = tl.load(PeerFlags + p).to(tl.pointer_type(tl.int64))
+            tl.atomic_xchg(flags + rank * programs + pid, seq, sem="release", scope="sys")
+    if MERGE:
+        for p in tl.static_range(WORLD):
+            while tl.atomic_add(Flags + p * programs + pid, 0, sem="acquire", scope="sys") < seq:
+                pass
+        tl.debug_barrier()
+        for blk in range(pid, blocks, programs):
+            rows = blk * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+            row_ok = rows < num_rows
+            mask = row_ok[:, None] & d_ok[None, :]
+            hh = rows % heads_out
+            t = (rows // heads_out) % q_len
+            b = rows // (heads_out * q_len)
+            o_offs = (b * stride_ob + t * stride_ot + hh * stride_oh)[:, None] + offs_d[None, :]
+            l_rows = b * stride_lb + hh * stride_lh + t * stride_lt
+            acc = tl.zeros((BLOCK_R, HEAD_DIM_PAD), dtype=tl.float32)
+            m = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+            l = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            broken = rows < 0
+            o_part = RecvO + slot * slot_o
+            l_part = RecvLse + lse_base + slot * slot_l
+            for _ in tl.static_range(WORLD):  # ranks in order: the same bits on every rank
+                o, lse, bad = _load_part(o_part, l_part, o_offs, l_rows, mask, row_ok, ".cg")
+                acc, m, l = _combine_part(acc, m, l, o, lse)
+                broken = broken | bad
+                o_part += part_o
+                l_part += part_l
+            out, lse = _finish(acc, m, l)
+            out = tl.where(broken[:, None], float("nan"), out)
+            lse = tl.where(broken, float("nan"), lse)
+            tl.store(Out + (b * stride_xb + t * stride_xt + hh * stride_xh)[:, None] + offs_d[None, :],
+                     out.to(Out.dtype.element_ty), mask=mask)
+            tl.store(OutLse + b * stride_yb + hh * stride_yh + t * stride_yt, lse, mask=row_ok)
 
 
 def _fail(kind: type[Exception], msg: str) -> None:

@@ -54,6 +54,17 @@ rank merges the same gathered bytes in rank order with the same kernel: the resu
 identical on every rank and from run to run. With ``scatter_heads=True`` each rank instead
 sends each peer the peer's share of the heads (``all_to_all``, the reduce-scatter shape) and
 gets back only its own q_heads / W heads, merged the same way: 1/W of the merge traffic and work.
+
+``exchange="symmetric"`` replaces the collective and the merge launch by one kernel
+(``merge.push_merge_kernel``, buffers in ``_symmetric.py``): each rank's receive buffer lives in
+torch symmetric memory, mapped into every rank; a rank writes its partial rows (or, scattered,
+each peer's heads) straight into every rank's buffer, raises one flag a program on each rank,
+waits until every rank's flag for its program reaches this call, and merges the W records in
+rank order with the all-gather path's math, so the bits are the same. The flags hold call
+numbers (each program's own flag, plus one, is the next call's number), so nothing is reset
+between calls and a CUDA graph replays the exchange as captured; calls alternate between two
+slots, because a fast rank may push the next layer's rows while a slow one still merges this
+layer's, but cannot get two calls ahead (its next merge waits for the slow rank's next push).
 """
 
 from ._exchange import pack_views

@@ -32,6 +32,8 @@ class Buffers:
     local_end: torch.Tensor  # int32 (B,)
     local_start: torch.Tensor  # int32 (B,)
     bounds: torch.Tensor  # int32 (B, T, 2)
+    # exchange="symmetric": the push-merge's buffers in symmetric memory (else None).
+    symmetric: object = None
 
 
 def padded_words(elements: int, dtype: torch.dtype) -> int:

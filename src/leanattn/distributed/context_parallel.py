@@ -13,17 +13,19 @@ from .._checks import SUPPORTED_DTYPES, check_plan_lengths, fixed_attribute, sof
 from .._features import window_bounds
 from ..merge import merge_states_into
 from ..wrapper import DecodeWrapper
+from . import _symmetric
 from ._exchange import Buffers, all_gather, pack_views, padded_words
 from ._layout import Positions, held_before, key_bounds
 
 __all__ = ["ContextParallelDecode", "decode"]
 
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2}
+EXCHANGES = ("all_gather", "symmetric")
 _MAGIC = 0x1EA7C0DE
 # Fields of the metadata every rank's plan contributes; all must agree.
 _FIELDS = ("magic", "world_size", "batch", "q_len", "q_heads", "kv_heads", "head_dim", "dtype",
            "scatter_heads", "softmax_scale_bits", "page_size", "cache_leftpad", "causal", "window_left",
-           "window_right", "local_error")
+           "window_right", "exchange", "local_error")
 
 
 class ContextParallelDecode:
@@ -67,6 +69,11 @@ class ContextParallelDecode:
             (heads [rank * q_heads / W, (rank + 1) * q_heads / W)) instead of all of them.
         softmax_scale: defaults to ``head_dim ** -0.5``.
         num_programs: the local attention's persistent grid size (see :func:`leanattn.decode`).
+        exchange: how the partials meet. ``"all_gather"`` (default): a torch.distributed
+            collective (``all_to_all`` with ``scatter_heads``), then the merge kernel; any
+            backend. ``"symmetric"``: one kernel pushes the rank's partial into every rank's
+            buffer in torch symmetric memory (CUDA), waits for the others' and merges (no
+            collective in ``run``; ``merge.push_merge_kernel``). The same bits either way.
 
     The constructor's arguments, ``rank``, ``world_size`` and ``heads_out`` read back as
     attributes; none may be assigned (the local wrappers and buffers are built from them).
@@ -76,6 +83,7 @@ class ContextParallelDecode:
     q_heads, kv_heads, head_dim, dtype = (fixed_attribute(n) for n in ("q_heads", "kv_heads", "head_dim", "dtype"))
     device, scatter_heads, heads_out = (fixed_attribute(n) for n in ("device", "scatter_heads", "heads_out"))
     softmax_scale, num_programs = fixed_attribute("softmax_scale"), fixed_attribute("num_programs")
+    exchange = fixed_attribute("exchange")
 
     def __init__(
         self,
@@ -89,9 +97,13 @@ class ContextParallelDecode:
         scatter_heads: bool = False,
         softmax_scale: float | None = None,
         num_programs: int | None = None,
+        exchange: str = "all_gather",
     ) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ContextParallelDecode needs torch.distributed initialised (init_process_group)")
+        if exchange not in EXCHANGES:
+            raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+        self._exchange = exchange
         self._group = group
         self._rank = dist.get_rank(group)
         self._world_size = dist.get_world_size(group)
@@ -300,7 +312,8 @@ class ContextParallelDecode:
         scale_bits = struct.unpack("<q", struct.pack("<d", self.softmax_scale))[0]
         fields = positions.fields() if error is None else (0, 0, 0, 0, 0)  # may not be ints when bad
         mine = [_MAGIC, self.world_size, batch, q_len, self.q_heads, self.kv_heads, self.head_dim,
-                _DTYPE_CODES.get(self.dtype, 0), int(self.scatter_heads), scale_bits, *fields, int(error is not None)]
+                _DTYPE_CODES.get(self.dtype, 0), int(self.scatter_heads), scale_bits, *fields,
+                EXCHANGES.index(self.exchange), int(error is not None)]
         meta = torch.tensor(mine, dtype=torch.int64, device=self.device)
         gathered = torch.empty(self.world_size, len(mine), dtype=torch.int64, device=self.device)
         all_gather(gathered, meta, self.group)
@@ -328,7 +341,7 @@ class ContextParallelDecode:
             o_send, lse_send = pack_views(send, 1, words, shape_o, shape_l, dt)
             o_parts, lse_parts = pack_views(recv, w, words, shape_o, shape_l, dt)
             return Buffers(send, recv, o_send[0], lse_send[0], o_parts, lse_parts, None,
-                            torch.empty(shape_l, **kw), *positions)
+                            torch.empty(shape_l, **kw), *positions, self._symmetric(batch, q_len))
         # Scattered: the send buffer is W records, record p holding the heads rank p merges.
         hc = h // w
         shape_o, shape_l = (batch, q_len, hc, d), (batch, hc, q_len)
@@ -339,7 +352,14 @@ class ContextParallelDecode:
         o_parts, lse_parts = pack_views(recv, w, words, shape_o, shape_l, dt)
         staging = torch.empty(batch, q_len, h, d, dtype=dt, device=self.device)
         return Buffers(send, recv, o_send, lse_send, o_parts, lse_parts, staging, torch.empty(shape_l, **kw),
-                        *positions)
+                        *positions, self._symmetric(batch, q_len))
+
+    def _symmetric(self, batch: int, q_len: int) -> _symmetric.SymmetricBuffers | None:
+        """The push-merge's buffers (a collective, as the checked plan that asks for them)."""
+        if self.exchange != "symmetric":
+            return None
+        return _symmetric.allocate(self.group, self.device, self.world_size, batch, q_len, self.heads_out,
+                                   self.head_dim, self.dtype)
 
     # -- run ------------------------------------------------------------------------------------
 
@@ -414,6 +434,10 @@ class ContextParallelDecode:
         """The second half of :meth:`run`, unchecked: exchange the local partial that
         :meth:`attend` packed and merge the W partials into ``out``, ``lse_out``."""
         buf, w = self._planned[-1], self.world_size
+        if buf.symmetric is not None:
+            src = buf.o_send if buf.staging is None else buf.staging
+            _symmetric.push_merge(buf.symmetric, self.rank, src, lse, out, lse_out, scatter=buf.staging is not None)
+            return
         if buf.staging is None:
             all_gather(buf.recv, buf.send, self.group)  # the run wrote O and the LSE into send
         else:
@@ -442,6 +466,7 @@ def decode(
     return_lse: bool = False,
     scatter_heads: bool = False,
     num_programs: int | None = None,
+    exchange: str = "all_gather",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One-shot context-parallel decode: plan and run in one call (a collective; every rank of
     ``group`` calls it). Shapes and arguments as in :class:`ContextParallelDecode` and its
@@ -449,7 +474,8 @@ def decode(
     instead of ``local_seqlens``); for many layers or CUDA graphs build one and call ``plan``
     once per step and ``run`` per layer instead."""
     cp = ContextParallelDecode(group, q.shape[2], k_cache.shape[2], q.shape[3], q.dtype, q.device,
-                               scatter_heads=scatter_heads, softmax_scale=softmax_scale, num_programs=num_programs)
+                               scatter_heads=scatter_heads, softmax_scale=softmax_scale, num_programs=num_programs,
+                               exchange=exchange)
     capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
     cp.plan(local_seqlens, capacity, batch=q.shape[0], q_len=q.shape[1], block_table=block_table, seqlens=seqlens,
             page_size=page_size, cache_leftpad=cache_leftpad, causal=causal, window_size=window_size)
