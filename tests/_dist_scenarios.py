@@ -142,17 +142,20 @@ def file_rendezvous(group, dev, recv_words: int, flag_words: int):
     dist.broadcast(tag, 0, group=group)  # one name for every rank's files of this rendezvous
     nbytes = recv_words * 4 + flag_words * 8
     path = lambda r: f"/dev/shm/leanattn-test-{int(tag[0])}-{int(tag[1])}-{r}"  # noqa: E731
-    mine = torch.from_file(path(rank), shared=True, size=nbytes, dtype=torch.uint8)
-    mine.zero_()
-    dist.barrier(group)
-    maps = [mine if r == rank else torch.from_file(path(r), shared=True, size=nbytes, dtype=torch.uint8)
-            for r in range(world)]
-    dist.barrier(group)
-    os.unlink(path(rank))  # the mappings stay
+    try:
+        mine = torch.from_file(path(rank), shared=True, size=nbytes, dtype=torch.uint8)
+        mine.zero_()
+        dist.barrier(group)
+        maps = [mine if r == rank else torch.from_file(path(r), shared=True, size=nbytes, dtype=torch.uint8)
+                for r in range(world)]
+        dist.barrier(group)
+    finally:
+        if os.path.exists(path(rank)):
+            os.unlink(path(rank))  # the mappings stay
     _MAPPED.append(maps)
     recv = mine[: recv_words * 4].view(torch.float32)
     flags = mine[recv_words * 4:].view(torch.int64)
-    return recv, flags, [m.data_ptr() for m in maps], [m.data_ptr() + recv_words * 4 for m in maps]
+    return recv, flags, [m.data_ptr() for m in maps], [m.data_ptr() + recv_words * 4 for m in maps], maps
 
 
 def symmetric(rank: int, world: int) -> None:
@@ -422,3 +425,43 @@ def gpu_graph_positions(rank: int, world: int, q_len: int, window: tuple[int, in
         assert torch.equal(out, eager) and torch.equal(lse, eager_lse), f"replay {step} differs from eager"
         assert_close(out, lse, *reference(q, k, v, full, **kw))
         assert same_on_every_rank(out), "ranks differ"
+
+
+def gpu_symmetric_staggered(rank: int, world: int, scatter_heads: bool) -> None:
+    """exchange="symmetric" with the ranks out of step: before each layer one rank (in turn)
+    sleeps ~1 ms on the GPU, so the others push, wait and reuse slots while it lags; eager calls
+    and a CUDA graph of four layers replayed twice, each layer's output the all_gather
+    exchange's bits."""
+    lens = [8192, 1, 0, 5000]
+    layers = [build(rank, world, lens, 32, 8, 128, torch.bfloat16, seed=20 + i, page=64) for i in range(4)]
+    local, capacity = layers[0][-1], layers[0][4].shape[1]
+    cps = [ContextParallelDecode(None, 32, 8, 128, torch.bfloat16, device(), scatter_heads=scatter_heads,
+                                 exchange=ex) for ex in ("all_gather", "symmetric")]
+    for cp in cps:
+        cp.plan(local, capacity)
+    want = [cps[0].run(q, lk, lv, return_lse=True) for q, k, v, full, lk, lv, _ in layers]
+    outs = [torch.empty_like(w[0]) for w in want]
+    lses = [torch.empty_like(w[1]) for w in want]
+
+    def step() -> None:
+        for i, (q, k, v, full, lk, lv, _) in enumerate(layers):
+            if i % world == rank:
+                torch.cuda._sleep(2_000_000)
+            cps[1].run(q, lk, lv, out=outs[i])
+            lses[i].copy_(cps[1].planned[-1].lse_scratch)
+
+    for turn in range(2):
+        step()
+        torch.cuda.synchronize()
+        for i, (w, w_lse) in enumerate(want):
+            assert torch.equal(outs[i], w) and torch.equal(lses[i], w_lse), f"eager turn {turn}, layer {i}"
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        step()
+    for replay in range(2):
+        for o in outs:
+            o.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for i, (w, w_lse) in enumerate(want):
+            assert torch.equal(outs[i], w) and torch.equal(lses[i], w_lse), f"replay {replay}, layer {i}"

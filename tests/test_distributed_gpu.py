@@ -57,6 +57,11 @@ def test_cuda_graph_replay(cluster, paged, exchange):
     cluster.check("gpu_graph", paged, exchange, timeout=600)
 
 
+@pytest.mark.parametrize("scatter_heads", [False, True])
+def test_symmetric_exchange_with_ranks_out_of_step(cluster, scatter_heads):
+    cluster.check("gpu_symmetric_staggered", scatter_heads, timeout=600)
+
+
 def test_inconsistent_plans_raise_everywhere(cluster):
     outcomes = cluster.run("mismatch", "batch", timeout=120)
     assert all(not o.ok and "disagree on batch" in o.message for o in outcomes), [o.message for o in outcomes]

@@ -27,7 +27,7 @@ def fake_world(world: int, batch: int, q_len: int, heads_out: int, head_dim: int
                          torch.zeros(flag_words, dtype=torch.int64, device=dev)) for _ in range(world))
         rank = len(sent)
         sent.append(rank)
-        return (*made[rank], [r.data_ptr() for r, _ in made], [f.data_ptr() for _, f in made])
+        return (*made[rank], [r.data_ptr() for r, _ in made], [f.data_ptr() for _, f in made], made)
 
     sent: list[int] = []
     monkeypatch.setattr(_symmetric, "RENDEZVOUS", rendezvous)
@@ -79,7 +79,8 @@ def test_symmetric_needs_cuda_with_torch_symmetric_memory():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("scenario,args", [("gpu_matches_single", (False, "symmetric")),
                                            ("gpu_matches_single", (True, "symmetric")),
-                                           ("gpu_graph", (True, "symmetric"))])
+                                           ("gpu_graph", (True, "symmetric")),
+                                           ("gpu_symmetric_staggered", (True,))])
 def test_one_rank_group_through_torch_symmetric_memory(scenario, args):
     """A one-GPU group (NCCL): torch's rendezvous, the compiled kernel, its flags over eager calls
     and graph replays; the two-GPU runs are test_distributed_gpu.py's."""

@@ -11,6 +11,7 @@ it (the tests map shared files on the CPU).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,32 +23,64 @@ from ..kernels.config import interpreting, next_pow2
 from ..merge import push_merge_kernel
 from ._exchange import pack_views, padded_words
 
-__all__ = ["RENDEZVOUS", "SymmetricBuffers", "allocate", "push_merge", "torch_rendezvous"]
+__all__ = ["MAX_PROGRAMS", "RENDEZVOUS", "SymmetricBuffers", "allocate", "push_merge", "torch_rendezvous"]
+
+# The push-merge kernel's most programs. A constant, not the GPU's SM count: every rank must
+# launch the same grid (a rank's flags are indexed by the peers' program ids), whatever GPUs the
+# ranks have. Its programs are small (one to eight warps, no shared memory), so 128 stay resident
+# at once on any GPU of 64 SMs or more, which the kernel's waits need.
+MAX_PROGRAMS = 128
 
 
 def torch_rendezvous(group: dist.ProcessGroup | None, device: torch.device, recv_words: int,
-                     flag_words: int) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+                     flag_words: int) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int], object]:
     """This rank's receive buffer (fp32, ``recv_words``) and flags (int64, ``flag_words``, zeroed)
-    in torch symmetric memory, and every rank's addresses of both. A collective: every rank of
-    ``group`` calls it with the same sizes."""
+    in torch symmetric memory, every rank's addresses of both, and the handles that keep the
+    mappings. A collective: every rank of ``group`` calls it with the same sizes. Only the
+    unicast mappings are used (set TORCH_SYMM_MEM_DISABLE_MULTICAST=1 to keep torch from making
+    multicast objects as well)."""
     if device.type != "cuda":
         raise ValueError(f"exchange='symmetric' needs CUDA tensors (torch symmetric memory), got device {device}")
     import torch.distributed._symmetric_memory as symm_mem
 
+    if not hasattr(symm_mem, "empty"):
+        raise RuntimeError(f"exchange='symmetric' needs torch symmetric memory (symm_mem.empty), which torch "
+                           f"{torch.__version__} lacks")
     name = (group or dist.group.WORLD).group_name
-    recv = symm_mem.empty(recv_words, dtype=torch.float32, device=device)
-    flags = symm_mem.empty(flag_words, dtype=torch.int64, device=device)
+    if hasattr(symm_mem, "enable_symm_mem_for_group"):  # older releases need it; later ones warn
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            symm_mem.enable_symm_mem_for_group(name)
+    # Allocate, then agree that every rank did before the rendezvous: a rank that failed here
+    # (out of memory, say) would leave the others waiting in it.
+    error: Exception | None = None
+    try:
+        recv = symm_mem.empty(recv_words, dtype=torch.float32, device=device)
+        flags = symm_mem.empty(flag_words, dtype=torch.int64, device=device)
+    except Exception as e:  # noqa: BLE001  (raised below, on every rank)
+        error = e
+    ok = torch.tensor([error is None], dtype=torch.int32, device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
+    if error is not None:
+        raise RuntimeError(f"exchange='symmetric': this rank could not allocate its buffers: {error}") from error
+    if not bool(ok.item()):
+        raise RuntimeError("exchange='symmetric': another rank could not allocate its buffers (see its error)")
     recv_handle = symm_mem.rendezvous(recv, name)
     flag_handle = symm_mem.rendezvous(flags, name)
+    rank = dist.get_rank(group)
+    if recv_handle.buffer_ptrs[rank] != recv.data_ptr() or flag_handle.buffer_ptrs[rank] != flags.data_ptr():
+        raise RuntimeError("exchange='symmetric': torch's symmetric buffer addresses are not the tensors' own, "
+                           "which the kernel's address tables assume")
     flags.zero_()
     torch.cuda.synchronize(device)
     dist.barrier(group)  # no rank pushes before every rank's flags are zero
-    return recv, flags, list(recv_handle.buffer_ptrs), list(flag_handle.buffer_ptrs)
+    return recv, flags, list(recv_handle.buffer_ptrs), list(flag_handle.buffer_ptrs), (recv_handle, flag_handle)
 
 
 # How buffers are mapped across ranks: (group, device, recv_words, flag_words) -> (recv, flags,
-# recv addresses, flag addresses), every rank's flags zero before any rank returns.
-RENDEZVOUS: Callable[..., tuple[torch.Tensor, torch.Tensor, list[int], list[int]]] = torch_rendezvous
+# recv addresses, flag addresses, what keeps the mappings), every rank's flags zero before any
+# rank returns.
+RENDEZVOUS: Callable[..., tuple[torch.Tensor, torch.Tensor, list[int], list[int], object]] = torch_rendezvous
 
 
 @dataclass
@@ -61,15 +94,15 @@ class SymmetricBuffers:
     o_parts: torch.Tensor  # (2, world, batch, q_len, heads_out, head_dim) view of recv, q's dtype
     lse_parts: torch.Tensor  # (2, world, batch, heads_out, q_len) fp32 view of recv
     programs: int
-    keep: object = None  # whatever must outlive the mapping (the rendezvous' handles, say)
+    keep: object = None  # what keeps the mappings (the rendezvous' handles)
 
 
-def programs_for(rows: int, head_dim: int, sms: int) -> tuple[int, int]:
+def programs_for(rows: int, head_dim: int, most: int) -> tuple[int, int]:
     """(rows a block, programs) for a merge of ``rows`` rows: about 1024 values a block (as
-    ``merge_states_into``), at most one program an SM (the push_merge kernel needs every program
+    ``merge_states_into``), at most ``most`` programs (the push_merge kernel needs every program
     resident)."""
     block_r = max(1, min(next_pow2(rows), 1024 // next_pow2(head_dim)))
-    return block_r, max(1, min(triton.cdiv(rows, block_r), sms))
+    return block_r, max(1, min(triton.cdiv(rows, block_r), most))
 
 
 def allocate(group: dist.ProcessGroup | None, device: torch.device, world: int, batch: int, q_len: int,
@@ -77,14 +110,14 @@ def allocate(group: dist.ProcessGroup | None, device: torch.device, world: int, 
     """The exchange buffers of one (batch, q_len): a collective (every rank, the same sizes)."""
     shape_o, shape_l = (batch, q_len, heads_out, head_dim), (batch, heads_out, q_len)
     words = padded_words(math.prod(shape_o), dtype) + padded_words(math.prod(shape_l), torch.float32)
-    sms = 4 if interpreting() or device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
-    _, programs = programs_for(batch * q_len * heads_out, head_dim, sms)
-    recv, flags, recv_ptrs, flag_ptrs = RENDEZVOUS(group, device, 2 * world * words, world * programs)
+    # The interpreter runs programs one by one: a few of them still test a program's several blocks.
+    _, programs = programs_for(batch * q_len * heads_out, head_dim, 4 if interpreting() else MAX_PROGRAMS)
+    recv, flags, recv_ptrs, flag_ptrs, keep = RENDEZVOUS(group, device, 2 * world * words, world * programs)
     o_parts, lse_parts = pack_views(recv, 2 * world, words, shape_o, shape_l, dtype)
     as_ints = dict(dtype=torch.int64, device=device)
     return SymmetricBuffers(recv, flags.view(world, programs), torch.tensor(recv_ptrs, **as_ints),
                             torch.tensor(flag_ptrs, **as_ints), o_parts.unflatten(0, (2, world)),
-                            lse_parts.unflatten(0, (2, world)), programs)
+                            lse_parts.unflatten(0, (2, world)), programs, keep)
 
 
 def push_merge(sym: SymmetricBuffers, rank: int, src: torch.Tensor, src_lse: torch.Tensor, out: torch.Tensor,

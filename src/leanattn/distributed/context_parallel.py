@@ -73,7 +73,13 @@ class ContextParallelDecode:
             collective (``all_to_all`` with ``scatter_heads``), then the merge kernel; any
             backend. ``"symmetric"``: one kernel pushes the rank's partial into every rank's
             buffer in torch symmetric memory (CUDA), waits for the others' and merges (no
-            collective in ``run``; ``merge.push_merge_kernel``). The same bits either way.
+            collective in ``run``; ``merge.push_merge_kernel``). The same bits either way. Its
+            buffers are allocated by the checked plan of each (batch, q_len) (a rendezvous), so
+            keep one ContextParallelDecode for many steps (the one-shot :func:`decode` makes
+            them every call). Every rank must make the same sequence of ``run`` calls: a rank
+            that skips one leaves the others waiting inside the kernel, which has no timeout
+            (NCCL's watchdog does not see it). Only unicast mappings are used; set
+            TORCH_SYMM_MEM_DISABLE_MULTICAST=1 to keep torch from making multicast objects.
 
     The constructor's arguments, ``rank``, ``world_size`` and ``heads_out`` read back as
     attributes; none may be assigned (the local wrappers and buffers are built from them).
@@ -286,10 +292,11 @@ class ContextParallelDecode:
         else:
             error, batch = self._local_error(local_seqlens, capacity, batch, q_len, block_table, positions)
             self._exchange_metadata(error, batch, q_len, positions)
-            self._checked = (batch, q_len, positions.fields())
         key = (batch, q_len)
-        if key not in self._buffers:
+        if key not in self._buffers:  # a checked plan's (check=False keeps the checked key)
             self._buffers[key] = self._allocate(batch, q_len)
+        if check:  # only once the buffers exist: a failed allocation leaves the last check
+            self._checked = (batch, q_len, positions.fields())
         buf = self._buffers[key]
         if not positions.active:
             self._wrapper.plan(local_seqlens, capacity, batch=batch)
