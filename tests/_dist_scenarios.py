@@ -391,7 +391,8 @@ def gpu_graph(rank: int, world: int, paged: bool, exchange: str = "all_gather") 
         assert same_on_every_rank(out), "ranks differ"
 
 
-def gpu_graph_positions(rank: int, world: int, q_len: int, window: tuple[int, int]) -> None:
+def gpu_graph_positions(rank: int, world: int, q_len: int, window: tuple[int, int],
+                        exchange: str = "all_gather") -> None:
     """plan(seqlens=, page_size=, cache_leftpad=) captured with a run: replays with new global
     lengths and pads written in place equal eager runs with them, bit for bit."""
     cap = 8192
@@ -402,7 +403,7 @@ def gpu_graph_positions(rank: int, world: int, q_len: int, window: tuple[int, in
     pads = torch.zeros(len(lens), dtype=torch.int32, device=device())
     capacity = lk.shape[1]
     kw = dict(cache_leftpad=pads, window_size=window)
-    cp = ContextParallelDecode(None, 32, 8, 128, torch.bfloat16, device())
+    cp = ContextParallelDecode(None, 32, 8, 128, torch.bfloat16, device(), exchange=exchange)
     cp.plan(None, capacity, q_len=q_len, seqlens=full, page_size=64, **kw)
     out = torch.empty_like(q)
     cp.run(q, lk, lv, out=out)  # compiles and warms NCCL before the capture

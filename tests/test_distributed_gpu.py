@@ -46,9 +46,10 @@ def test_global_positions_long(cluster, q_len, window, paged):
                   timeout=600)
 
 
-@pytest.mark.parametrize("q_len,window", [(4, (-1, -1)), (8, (1000, -1))])
-def test_cuda_graph_replay_global_positions(cluster, q_len, window):
-    cluster.check("gpu_graph_positions", q_len, window, timeout=600)
+@pytest.mark.parametrize("q_len,window,exchange", [(4, (-1, -1), "all_gather"), (8, (1000, -1), "all_gather"),
+                                                   (4, (1000, -1), "symmetric")])
+def test_cuda_graph_replay_global_positions(cluster, q_len, window, exchange):
+    cluster.check("gpu_graph_positions", q_len, window, exchange, timeout=600)
 
 
 @pytest.mark.parametrize("exchange", ["all_gather", "symmetric"])
