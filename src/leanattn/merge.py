@@ -81,6 +81,49 @@ def _load_part(o_ptr, l_ptr, o_offs, l_rows, mask, row_ok, CACHE: tl.constexpr):
 
 
 @triton.jit
+def _rows_of(first, num_rows, q_len, q_heads, BLOCK_R: tl.constexpr):
+    """BLOCK_R rows from row ``first``, a row being one (batch, query, head) in that order
+    (64-bit): whether each exists, and its (b, t, h)."""
+    rows = first + tl.arange(0, BLOCK_R).to(tl.int64)
+    row_ok = rows < num_rows
+    h = rows % q_heads
+    t = (rows // q_heads) % q_len
+    b = rows // (q_heads * q_len)
+    return row_ok, b, t, h
+
+
+@triton.jit
+def _merge_rows(o_part, l_part, o_offs, l_rows, mask, row_ok, step_o, step_l, parts,
+                BLOCK_R: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, UNROLL: tl.constexpr, CACHE: tl.constexpr):
+    """Rows (BLOCK_R, HEAD_DIM_PAD) of ``parts`` parts merged in order, so the result is the
+    same on every run and every rank: the output (fp32) and natural-log LSE, both NaN in rows
+    where a part is broken. Part i's rows are at ``o_part + i * step_o + o_offs`` and
+    ``l_part + i * step_l + l_rows`` (64-bit pointer arithmetic, whatever the part count).
+    UNROLL > 0 (then equal to ``parts``) unrolls the loop: straight-line code, so no part's
+    loads wait for the previous part's math."""
+    acc = tl.zeros((BLOCK_R, HEAD_DIM_PAD), dtype=tl.float32)
+    m = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    broken = l < 0.0  # rows where some part is broken (none yet)
+    if UNROLL > 0:
+        for _ in tl.static_range(UNROLL):
+            o, lse, bad = _load_part(o_part, l_part, o_offs, l_rows, mask, row_ok, CACHE)
+            acc, m, l = _combine_part(acc, m, l, o, lse)
+            broken = broken | bad
+            o_part += step_o
+            l_part += step_l
+    else:
+        for _ in range(0, parts):
+            o, lse, bad = _load_part(o_part, l_part, o_offs, l_rows, mask, row_ok, CACHE)
+            acc, m, l = _combine_part(acc, m, l, o, lse)
+            broken = broken | bad
+            o_part += step_o
+            l_part += step_l
+    out, lse = _finish(acc, m, l)
+    return tl.where(broken[:, None], float("nan"), out), tl.where(broken, float("nan"), lse)
+
+
+@triton.jit
 def merge_states_kernel(
     O, Lse, Out, OutLse,
     parts, num_rows, q_len, q_heads,
@@ -97,45 +140,15 @@ def merge_states_kernel(
     program takes BLOCK_R rows, a row being one (batch, query, head) in that order. UNROLL > 0
     unrolls the loop over the parts (then it equals ``parts``).
     """
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < num_rows
-    h = rows % q_heads
-    t = (rows // q_heads) % q_len
-    b = rows // (q_heads * q_len)
+    row_ok, b, t, h = _rows_of(tl.program_id(0).to(tl.int64) * BLOCK_R, num_rows, q_len, q_heads, BLOCK_R)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     o_rows = b * stride_ob + t * stride_ot + h * stride_oh
     l_rows = b * stride_lb + h * stride_lh + t * stride_lt
 
     o_offs = o_rows[:, None] + offs_d[None, :]
-    acc = tl.zeros((BLOCK_R, HEAD_DIM_PAD), dtype=tl.float32)
-    m = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
-    l = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    broken = rows < 0  # rows where some part is broken: NaN output and LSE
-    # Parts in order, so the result is the same on every run and every rank. Part pointers
-    # advance by their stride (64-bit pointer arithmetic, whatever the part count).
-    o_part = O
-    l_part = Lse
-    if UNROLL > 0:
-        # A few parts (the usual case): straight-line code, so no part's loads wait for the
-        # previous part's math.
-        for _ in tl.static_range(UNROLL):
-            o, lse, bad = _load_part(o_part, l_part, o_offs, l_rows, mask, row_ok, "")
-            acc, m, l = _combine_part(acc, m, l, o, lse)
-            broken = broken | bad
-            o_part += stride_op
-            l_part += stride_lp
-    else:
-        for _ in range(0, parts):
-            o, lse, bad = _load_part(o_part, l_part, o_offs, l_rows, mask, row_ok, "")
-            acc, m, l = _combine_part(acc, m, l, o, lse)
-            broken = broken | bad
-            o_part += stride_op
-            l_part += stride_lp
-
-    out, lse = _finish(acc, m, l)
-    out = tl.where(broken[:, None], float("nan"), out)
-    lse = tl.where(broken, float("nan"), lse)
+    out, lse = _merge_rows(O, Lse, o_offs, l_rows, mask, row_ok, stride_op, stride_lp, parts, BLOCK_R, HEAD_DIM_PAD,
+                           UNROLL, "")
     x_rows = b * stride_xb + t * stride_xt + h * stride_xh
     tl.store(Out + x_rows[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty), mask=mask)
     tl.store(OutLse + b * stride_yb + h * stride_yh + t * stride_yt, lse, mask=row_ok)
@@ -188,12 +201,8 @@ def push_merge_kernel(
     blocks = tl.cdiv(num_rows, BLOCK_R)
     if PUSH:
         for blk in range(pid, blocks, programs):
-            rows = blk * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-            row_ok = rows < num_rows
+            row_ok, b, t, hh = _rows_of(blk * BLOCK_R, num_rows, q_len, heads_out, BLOCK_R)
             mask = row_ok[:, None] & d_ok[None, :]
-            hh = rows % heads_out
-            t = (rows // heads_out) % q_len
-            b = rows // (heads_out * q_len)
             o_rows = b * stride_ob + t * stride_ot + hh * stride_oh
             l_rows = b * stride_lb + hh * stride_lh + t * stride_lt
             for p in tl.static_range(WORLD):
@@ -217,29 +226,14 @@ def push_merge_kernel(
                 pass
         tl.debug_barrier()
         for blk in range(pid, blocks, programs):
-            rows = blk * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-            row_ok = rows < num_rows
+            row_ok, b, t, hh = _rows_of(blk * BLOCK_R, num_rows, q_len, heads_out, BLOCK_R)
             mask = row_ok[:, None] & d_ok[None, :]
-            hh = rows % heads_out
-            t = (rows // heads_out) % q_len
-            b = rows // (heads_out * q_len)
             o_offs = (b * stride_ob + t * stride_ot + hh * stride_oh)[:, None] + offs_d[None, :]
             l_rows = b * stride_lb + hh * stride_lh + t * stride_lt
-            acc = tl.zeros((BLOCK_R, HEAD_DIM_PAD), dtype=tl.float32)
-            m = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
-            l = tl.zeros((BLOCK_R,), dtype=tl.float32)
-            broken = rows < 0
-            o_part = RecvO + slot * slot_o
-            l_part = RecvLse + lse_base + slot * slot_l
-            for _ in tl.static_range(WORLD):  # ranks in order: the same bits on every rank
-                o, lse, bad = _load_part(o_part, l_part, o_offs, l_rows, mask, row_ok, ".cg")
-                acc, m, l = _combine_part(acc, m, l, o, lse)
-                broken = broken | bad
-                o_part += part_o
-                l_part += part_l
-            out, lse = _finish(acc, m, l)
-            out = tl.where(broken[:, None], float("nan"), out)
-            lse = tl.where(broken, float("nan"), lse)
+            # Ranks in order, as merge_states_kernel: the same bits on every rank and as the
+            # all-gather's merge.
+            out, lse = _merge_rows(RecvO + slot * slot_o, RecvLse + lse_base + slot * slot_l, o_offs, l_rows, mask,
+                                   row_ok, part_o, part_l, WORLD, BLOCK_R, HEAD_DIM_PAD, WORLD, ".cg")
             tl.store(Out + (b * stride_xb + t * stride_xt + hh * stride_xh)[:, None] + offs_d[None, :],
                      out.to(Out.dtype.element_ty), mask=mask)
             tl.store(OutLse + b * stride_yb + hh * stride_yh + t * stride_yt, lse, mask=row_ok)
