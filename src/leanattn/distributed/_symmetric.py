@@ -27,7 +27,7 @@ __all__ = ["MAX_PROGRAMS", "RENDEZVOUS", "SymmetricBuffers", "allocate", "push_m
 
 # The push-merge kernel's most programs. A constant, not the GPU's SM count: every rank must
 # launch the same grid (a rank's flags are indexed by the peers' program ids), whatever GPUs the
-# ranks have. Its programs are small (one to eight warps, no shared memory), so 128 stay resident
+# ranks have. Its programs are small (one or four warps, no shared memory), so 128 stay resident
 # at once on any GPU of 64 SMs or more, which the kernel's waits need.
 MAX_PROGRAMS = 128
 
