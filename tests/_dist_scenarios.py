@@ -173,7 +173,7 @@ def symmetric(rank: int, world: int) -> None:
             for cp in cps:
                 cp.plan(local, layers[0][4].shape[1])
             assert cps[1].exchange == "symmetric" and cps[1].planned[-1].symmetric is not None
-            for call, i in enumerate((0, 1, 0)):  # slots 0, 1, 0
+            for call, i in enumerate((0, 1, 0)):  # calls 1, 2, 3: slots 1, 0, 1
                 q, k, v, full, lk, lv, _ = layers[i]
                 want, want_lse = cps[0].run(q, lk, lv, return_lse=True)
                 out, lse = cps[1].run(q, lk, lv, return_lse=True)
@@ -240,6 +240,23 @@ def mismatch(rank: int, world: int, kind: str) -> None:
         cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, dev)
         seqlens = torch.tensor([9 * 16, 3], dtype=torch.int32, device=dev)  # 48 or more tokens a rank
         cp.plan(None, 16 if last else 256, seqlens=seqlens, page_size=16)
+    elif kind == "exchange":
+        cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, dev, exchange="symmetric" if last else "all_gather")
+        cp.plan(torch.zeros(2, dtype=torch.int32, device=dev), 16)
+    elif kind == "symmetric_alloc":  # the last rank runs out of memory for its exchange buffers
+        _symmetric.RENDEZVOUS = file_rendezvous
+        try:
+            cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, dev, exchange="symmetric")
+            if last:
+                def fail(*args):
+                    raise MemoryError("out of memory (a test's)")
+                cp._local_buffers = fail
+            try:
+                cp.plan(torch.zeros(2, dtype=torch.int32, device=dev), 16)
+            finally:
+                assert cp._checked is None and not cp._buffers, "a failed allocation left a checked plan"
+        finally:
+            _symmetric.RENDEZVOUS = _symmetric.torch_rendezvous
     elif kind == "unchecked_batch":
         cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, dev)
         cp.plan(torch.zeros(2, dtype=torch.int32, device=dev), 16)
@@ -370,12 +387,13 @@ def gpu_graph(rank: int, world: int, paged: bool, exchange: str = "all_gather") 
     cp.run(q, lk, lv, out=out)  # compiles and warms NCCL before the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    # A step: the device-side plan for the new lengths, then the layers (three: the symmetric
-    # exchange's calls alternate its two slots, so a replay starts on either).
+    # A step: the device-side plan for the new lengths, then the layers (two: with the eager run
+    # that checks each replay, a step is three calls, so the symmetric exchange's replays start
+    # on either of its two slots).
     # thread_local: the NCCL watchdog thread's calls can't invalidate this thread's capture.
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         cp.plan(local, capacity, block_table=table, check=False)
-        for _ in range(3):
+        for _ in range(2):
             _, lse = cp.run(q, lk, lv, out=out, return_lse=True)
     for step, new in enumerate(([0, 0, 0, 0], lens, [1, cap, 0, 4000], [cap // 3, 17, cap, 64])):
         new_full = torch.tensor(new, dtype=torch.int32, device=device())
@@ -460,8 +478,9 @@ def gpu_symmetric_staggered(rank: int, world: int, scatter_heads: bool) -> None:
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         step()
     for replay in range(2):
-        for o in outs:
+        for o, l in zip(outs, lses):
             o.fill_(float("nan"))
+            l.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
         for i, (w, w_lse) in enumerate(want):

@@ -73,6 +73,8 @@ def test_oneshot(cluster):
     ("page_size", "ValueError", "disagree on page_size"),
     ("unchecked_window", "ValueError", "must keep the checked (page_size, cache_leftpad given, causal, window_size)"),
     ("capacity", "ValueError", "rejected their own arguments"),
+    ("exchange", "ValueError", "disagree on exchange"),
+    ("symmetric_alloc", "RuntimeError", "allocating the exchange's local buffers failed on"),  # this rank, another
 ])
 def test_inconsistent_plans_raise_everywhere(cluster, kind, error, words):
     outcomes = cluster.run("mismatch", kind, timeout=90)

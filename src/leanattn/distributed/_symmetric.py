@@ -23,13 +23,24 @@ from ..kernels.config import interpreting, next_pow2
 from ..merge import push_merge_kernel
 from ._exchange import pack_views, padded_words
 
-__all__ = ["MAX_PROGRAMS", "RENDEZVOUS", "SymmetricBuffers", "allocate", "push_merge", "torch_rendezvous"]
+__all__ = ["MAX_PROGRAMS", "RENDEZVOUS", "SymmetricBuffers", "agree", "allocate", "push_merge", "torch_rendezvous"]
 
 # The push-merge kernel's most programs. A constant, not the GPU's SM count: every rank must
 # launch the same grid (a rank's flags are indexed by the peers' program ids), whatever GPUs the
 # ranks have. Its programs are small (one or four warps, no shared memory), so 128 stay resident
 # at once on any GPU of 64 SMs or more, which the kernel's waits need.
 MAX_PROGRAMS = 128
+
+
+def agree(error: Exception | None, group: dist.ProcessGroup | None, device: torch.device, what: str) -> None:
+    """Raise on every rank of ``group`` if ``error`` is set on any (a collective): a rank that
+    failed alone before a collective step would leave the others waiting in it."""
+    ok = torch.tensor([error is None], dtype=torch.int32, device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
+    if error is not None:
+        raise RuntimeError(f"exchange='symmetric': {what} failed on this rank: {error}") from error
+    if not bool(ok.item()):
+        raise RuntimeError(f"exchange='symmetric': {what} failed on another rank (see its error)")
 
 
 def torch_rendezvous(group: dist.ProcessGroup | None, device: torch.device, recv_words: int,
@@ -51,26 +62,21 @@ def torch_rendezvous(group: dist.ProcessGroup | None, device: torch.device, recv
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             symm_mem.enable_symm_mem_for_group(name)
-    # Allocate, then agree that every rank did before the rendezvous: a rank that failed here
-    # (out of memory, say) would leave the others waiting in it.
+    # Allocate, then agree that every rank did before the rendezvous (out of memory, say).
     error: Exception | None = None
     try:
         recv = symm_mem.empty(recv_words, dtype=torch.float32, device=device)
         flags = symm_mem.empty(flag_words, dtype=torch.int64, device=device)
-    except Exception as e:  # noqa: BLE001  (raised below, on every rank)
+    except Exception as e:  # noqa: BLE001  (raised by agree, on every rank)
         error = e
-    ok = torch.tensor([error is None], dtype=torch.int32, device=device)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
-    if error is not None:
-        raise RuntimeError(f"exchange='symmetric': this rank could not allocate its buffers: {error}") from error
-    if not bool(ok.item()):
-        raise RuntimeError("exchange='symmetric': another rank could not allocate its buffers (see its error)")
+    agree(error, group, device, "allocating the symmetric buffers")
     recv_handle = symm_mem.rendezvous(recv, name)
     flag_handle = symm_mem.rendezvous(flags, name)
     rank = dist.get_rank(group)
     if recv_handle.buffer_ptrs[rank] != recv.data_ptr() or flag_handle.buffer_ptrs[rank] != flags.data_ptr():
-        raise RuntimeError("exchange='symmetric': torch's symmetric buffer addresses are not the tensors' own, "
-                           "which the kernel's address tables assume")
+        error = RuntimeError("torch's symmetric buffer addresses are not the tensors' own, which the kernel's "
+                             "address tables assume")
+    agree(error, group, device, "mapping the symmetric buffers")
     flags.zero_()
     torch.cuda.synchronize(device)
     dist.barrier(group)  # no rank pushes before every rank's flags are zero

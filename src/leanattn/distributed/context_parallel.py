@@ -336,6 +336,22 @@ class ContextParallelDecode:
             raise ValueError(f"ContextParallelDecode.plan: the ranks disagree on {table}")
 
     def _allocate(self, batch: int, q_len: int) -> Buffers:
+        """One (batch, q_len)'s buffers; with ``exchange="symmetric"`` a collective, which every
+        rank leaves with the buffers or with an error (never one rank alone)."""
+        error: Exception | None = None
+        try:
+            buf = self._local_buffers(batch, q_len)
+        except Exception as e:  # noqa: BLE001  (raised below; with agree, on every rank)
+            error = e
+        if self.exchange == "symmetric":
+            _symmetric.agree(error, self.group, self.device, "allocating the exchange's local buffers")
+            buf.symmetric = _symmetric.allocate(self.group, self.device, self.world_size, batch, q_len,
+                                                self.heads_out, self.head_dim, self.dtype)
+        elif error is not None:
+            raise error
+        return buf
+
+    def _local_buffers(self, batch: int, q_len: int) -> Buffers:
         w, h, d, dt = self.world_size, self.q_heads, self.head_dim, self.dtype
         kw = dict(dtype=torch.float32, device=self.device)
         ints = dict(dtype=torch.int32, device=self.device)
@@ -348,7 +364,7 @@ class ContextParallelDecode:
             o_send, lse_send = pack_views(send, 1, words, shape_o, shape_l, dt)
             o_parts, lse_parts = pack_views(recv, w, words, shape_o, shape_l, dt)
             return Buffers(send, recv, o_send[0], lse_send[0], o_parts, lse_parts, None,
-                            torch.empty(shape_l, **kw), *positions, self._symmetric(batch, q_len))
+                            torch.empty(shape_l, **kw), *positions)
         # Scattered: the send buffer is W records, record p holding the heads rank p merges.
         hc = h // w
         shape_o, shape_l = (batch, q_len, hc, d), (batch, hc, q_len)
@@ -359,14 +375,7 @@ class ContextParallelDecode:
         o_parts, lse_parts = pack_views(recv, w, words, shape_o, shape_l, dt)
         staging = torch.empty(batch, q_len, h, d, dtype=dt, device=self.device)
         return Buffers(send, recv, o_send, lse_send, o_parts, lse_parts, staging, torch.empty(shape_l, **kw),
-                        *positions, self._symmetric(batch, q_len))
-
-    def _symmetric(self, batch: int, q_len: int) -> _symmetric.SymmetricBuffers | None:
-        """The push-merge's buffers (a collective, as the checked plan that asks for them)."""
-        if self.exchange != "symmetric":
-            return None
-        return _symmetric.allocate(self.group, self.device, self.world_size, batch, q_len, self.heads_out,
-                                   self.head_dim, self.dtype)
+                        *positions)
 
     # -- run ------------------------------------------------------------------------------------
 
@@ -486,4 +495,9 @@ def decode(
     capacity = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
     cp.plan(local_seqlens, capacity, batch=q.shape[0], q_len=q.shape[1], block_table=block_table, seqlens=seqlens,
             page_size=page_size, cache_leftpad=cache_leftpad, causal=causal, window_size=window_size)
-    return cp.run(q, k_cache, v_cache, return_lse=return_lse)
+    result = cp.run(q, k_cache, v_cache, return_lse=return_lse)
+    if exchange == "symmetric" and q.device.type == "cuda":
+        # The exchange's buffers go with cp; whether freeing symmetric memory waits for the
+        # kernel that reads them is torch's business, so wait here (a one-shot call syncs anyway).
+        torch.cuda.current_stream(q.device).synchronize()
+    return result
