@@ -497,7 +497,7 @@ def decode(
             page_size=page_size, cache_leftpad=cache_leftpad, causal=causal, window_size=window_size)
     result = cp.run(q, k_cache, v_cache, return_lse=return_lse)
     if exchange == "symmetric" and q.device.type == "cuda":
-        # The exchange's buffers go with cp; whether freeing symmetric memory waits for the
-        # kernel that reads them is torch's business, so wait here (a one-shot call syncs anyway).
+        # The exchange's buffers go with cp, and torch does not promise that freeing symmetric
+        # memory waits for the kernel that uses it: wait here (a one-shot call syncs anyway).
         torch.cuda.current_stream(q.device).synchronize()
     return result
