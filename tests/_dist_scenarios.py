@@ -7,6 +7,7 @@ full cache. A failed check raises, and the test reports every rank's error.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -158,12 +159,21 @@ def file_rendezvous(group, dev, recv_words: int, flag_words: int):
     return recv, flags, [m.data_ptr() for m in maps], [m.data_ptr() + recv_words * 4 for m in maps], maps
 
 
+@contextlib.contextmanager
+def shared_files():
+    """exchange="symmetric"'s buffers mapped through :func:`file_rendezvous` inside."""
+    _symmetric.RENDEZVOUS = file_rendezvous
+    try:
+        yield
+    finally:
+        _symmetric.RENDEZVOUS = _symmetric.torch_rendezvous
+
+
 def symmetric(rank: int, world: int) -> None:
     """exchange="symmetric" (the one-launch push and merge, here through shared files) gives the
     all_gather exchange's bits, replicated and scattered, over calls that reuse both slots of
     its buffers, and with several query tokens over global positions (new buffers)."""
-    _symmetric.RENDEZVOUS = file_rendezvous
-    try:
+    with shared_files():
         lens = [0, 1, 17, 40]
         layers = [build(rank, world, lens, 6, 2, 32, torch.bfloat16, seed) for seed in (11, 12)]
         local = layers[0][-1]
@@ -193,8 +203,6 @@ def symmetric(rank: int, world: int) -> None:
             outs.append(cp.run(q, lk, lv, return_lse=True))
         assert all(torch.equal(a, b) for a, b in zip(outs[1], outs[0])), "symmetric differs, q_len 3"
         assert_close(*outs[0], *reference(q, k, v, full, cache_leftpad=pads, window_size=(20, -1)))
-    finally:
-        _symmetric.RENDEZVOUS = _symmetric.torch_rendezvous
 
 
 def oneshot(rank: int, world: int) -> float:
@@ -244,8 +252,7 @@ def mismatch(rank: int, world: int, kind: str) -> None:
         cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, dev, exchange="symmetric" if last else "all_gather")
         cp.plan(torch.zeros(2, dtype=torch.int32, device=dev), 16)
     elif kind == "symmetric_alloc":  # the last rank runs out of memory for its exchange buffers
-        _symmetric.RENDEZVOUS = file_rendezvous
-        try:
+        with shared_files():
             cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, dev, exchange="symmetric")
             if last:
                 def fail(*args):
@@ -255,8 +262,6 @@ def mismatch(rank: int, world: int, kind: str) -> None:
                 cp.plan(torch.zeros(2, dtype=torch.int32, device=dev), 16)
             finally:
                 assert cp._checked is None and not cp._buffers, "a failed allocation left a checked plan"
-        finally:
-            _symmetric.RENDEZVOUS = _symmetric.torch_rendezvous
     elif kind == "unchecked_batch":
         cp = ContextParallelDecode(None, 8, 2, 64, torch.float16, dev)
         cp.plan(torch.zeros(2, dtype=torch.int32, device=dev), 16)

@@ -185,7 +185,7 @@ def push_merge_kernel(
     slot, only after its call c + 1 saw every rank's c + 1 rows, which each rank pushed after its
     call c ended: no rank still reads that slot. Program j pushes and merges the row blocks j, j +
     programs, ... and waits only for the programs j of the other ranks, which push before they
-    wait: with every program resident at once (at most ``_symmetric.MAX_PROGRAMS`` small
+    wait: with every program resident at once (at most ``_symmetric.MAX_EXCHANGE_PROGRAMS`` small
     programs) no call deadlocks.
 
     PUSH and MERGE select the halves (both on a GPU). The interpreter runs one program after

@@ -23,13 +23,13 @@ from ..kernels.config import interpreting, next_pow2
 from ..merge import push_merge_kernel
 from ._exchange import pack_views, padded_words
 
-__all__ = ["MAX_PROGRAMS", "RENDEZVOUS", "SymmetricBuffers", "agree", "allocate", "push_merge", "torch_rendezvous"]
+__all__ = ["MAX_EXCHANGE_PROGRAMS", "RENDEZVOUS", "SymmetricBuffers", "agree", "allocate", "push_merge", "torch_rendezvous"]
 
 # The push-merge kernel's most programs. A constant, not the GPU's SM count: every rank must
 # launch the same grid (a rank's flags are indexed by the peers' program ids), whatever GPUs the
 # ranks have. Its programs are small (one or four warps, no shared memory), so 128 stay resident
 # at once on any GPU of 64 SMs or more, which the kernel's waits need.
-MAX_PROGRAMS = 128
+MAX_EXCHANGE_PROGRAMS = 128
 
 
 def agree(error: Exception | None, group: dist.ProcessGroup | None, device: torch.device, what: str) -> None:
@@ -100,6 +100,8 @@ class SymmetricBuffers:
     o_parts: torch.Tensor  # (2, world, batch, q_len, heads_out, head_dim) view of recv, q's dtype
     lse_parts: torch.Tensor  # (2, world, batch, heads_out, q_len) fp32 view of recv
     programs: int
+    block_r: int  # rows a block of the push-merge kernel
+    lse_base: int  # fp32 word of recv where record (0, 0)'s LSEs start
     keep: object = None  # what keeps the mappings (the rendezvous' handles)
 
 
@@ -117,13 +119,17 @@ def allocate(group: dist.ProcessGroup | None, device: torch.device, world: int, 
     shape_o, shape_l = (batch, q_len, heads_out, head_dim), (batch, heads_out, q_len)
     words = padded_words(math.prod(shape_o), dtype) + padded_words(math.prod(shape_l), torch.float32)
     # The interpreter runs programs one by one: a few of them still test a program's several blocks.
-    _, programs = programs_for(batch * q_len * heads_out, head_dim, 4 if interpreting() else MAX_PROGRAMS)
+    block_r, programs = programs_for(batch * q_len * heads_out, head_dim,
+                                     4 if interpreting() else MAX_EXCHANGE_PROGRAMS)
     recv, flags, recv_ptrs, flag_ptrs, keep = RENDEZVOUS(group, device, 2 * world * words, world * programs)
     o_parts, lse_parts = pack_views(recv, 2 * world, words, shape_o, shape_l, dtype)
+    if o_parts.data_ptr() != recv.data_ptr():  # the kernel takes the outputs' view as the buffer's start
+        raise AssertionError("the outputs' view must start the receive buffer")
     as_ints = dict(dtype=torch.int64, device=device)
     return SymmetricBuffers(recv, flags.view(world, programs), torch.tensor(recv_ptrs, **as_ints),
                             torch.tensor(flag_ptrs, **as_ints), o_parts.unflatten(0, (2, world)),
-                            lse_parts.unflatten(0, (2, world)), programs, keep)
+                            lse_parts.unflatten(0, (2, world)), programs, block_r,
+                            lse_parts.storage_offset() - recv.storage_offset(), keep)
 
 
 def push_merge(sym: SymmetricBuffers, rank: int, src: torch.Tensor, src_lse: torch.Tensor, out: torch.Tensor,
@@ -133,23 +139,15 @@ def push_merge(sym: SymmetricBuffers, rank: int, src: torch.Tensor, src_lse: tor
     heads_out, head_dim) and ``out_lse`` (batch, heads_out, q_len) float32. Unchecked: the
     context-parallel plan checked the shapes. ``push``/``merge``: one half only (the interpreter,
     which runs programs one by one, pushes on every rank before any rank merges)."""
-    world = sym.peer_recv.shape[0]
-    _, _, batch, q_len, heads_out, head_dim = sym.o_parts.shape
-    rows = batch * q_len * heads_out
-    block_r, programs = programs_for(rows, head_dim, sym.programs)
-    if programs != sym.programs:
-        raise AssertionError(f"exchange buffers for {sym.programs} programs, the merge wants {programs}")
-    o, lse = sym.o_parts, sym.lse_parts  # the kernel takes o as the buffer's start, in q's dtype
-    if o.data_ptr() != sym.recv.data_ptr():
-        raise AssertionError("the outputs' view must start the receive buffer")
-    lse_base = lse.storage_offset() - sym.recv.storage_offset()
-    head_dim_pad = next_pow2(head_dim)
-    push_merge_kernel[(programs,)](
+    o, lse = sym.o_parts, sym.lse_parts  # o: the buffer's start, in q's dtype
+    _, world, batch, q_len, heads_out, head_dim = o.shape
+    block_r, head_dim_pad = sym.block_r, next_pow2(head_dim)
+    push_merge_kernel[(sym.programs,)](
         src, src_lse, o, sym.recv, sym.peer_recv, sym.flags, sym.peer_flags, out, out_lse,
-        rows, q_len, heads_out, rank,
+        batch * q_len * heads_out, q_len, heads_out, rank,
         *src.stride()[:3], *src_lse.stride(),
         o.stride(0), o.stride(1), *o.stride()[2:5],
-        lse_base, lse.stride(0), lse.stride(1), *lse.stride()[2:5],
+        sym.lse_base, lse.stride(0), lse.stride(1), *lse.stride()[2:5],
         *out.stride()[:3], *out_lse.stride(),
         WORLD=world, SCATTER=scatter, PUSH=push, MERGE=merge,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_R=block_r,
