@@ -51,7 +51,7 @@ def front_end(kernel, constexprs: dict, wide: bool, types: dict | None = None, g
     if gluon:
         from triton.experimental.gluon._runtime import GluonASTSource as source_of
 
-        options = BACKEND.parse_options({"num_warps": constexprs["WARPS"]})
+        options = BACKEND.parse_options({"num_warps": constexprs.get("WARPS", 4)})
     else:
         source_of = ASTSource
     source = source_of(kernel, signature, {(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
@@ -112,11 +112,13 @@ def variants():
     if mla_gluon.AVAILABLE:
         gl = mla_gluon.gl
         layouts = {w: repr(gl.NVMMASharedLayout.get_default_for([64, w], gl.bfloat16)) for w in (512, 64)}
-        yield "mla Gluon kernel page=64", mla_gluon.mla_attend_gluon, dict(
-            GROUP=16, Q_LEN=1, ROWS=64, MERGE_ROWS=64, DV=512, DR=64, TILE=64, PAGE_SIZE=64, HAS_SEQLENS=True,
-            HAS_LEFTPAD=True, HAS_MASK=False, RETURN_LSE=True, ROPE_APART=False, WARPS=8), {
-                "Q": "*bf16", "Out": "*bf16", "kv_desc": f"tensordesc<bf16[64,512],{layouts[512]}>",
-                "kr_desc": f"tensordesc<bf16[64,64],{layouts[64]}>"}, True
+        gluon_types = {"Q": "*bf16", "Out": "*bf16", "kv_desc": f"tensordesc<bf16[64,512],{layouts[512]}>",
+                       "kr_desc": f"tensordesc<bf16[64,64],{layouts[64]}>"}
+        gluon_params = dict(GROUP=16, Q_LEN=1, ROWS=64, MERGE_ROWS=64, DV=512, DR=64, TILE=64, PAGE_SIZE=64,
+                            HAS_SEQLENS=True, HAS_LEFTPAD=True, HAS_MASK=False, RETURN_LSE=True, ROPE_APART=False)
+        yield "mla Gluon kernel page=64", mla_gluon.mla_attend_gluon, dict(gluon_params, WARPS=8), gluon_types, True
+        yield "mla warp-specialised Gluon kernel page=64", mla_gluon.mla_attend_gluon_ws, dict(
+            gluon_params, VALUE_REGS=192), gluon_types, True
     for seqlens, leftpad, window in ((True, True, True), (False, False, False)):
         yield f"plan seqlens={seqlens} leftpad={leftpad} window={window}", lean_plan_kernel, dict(
             HAS_SEQLENS=seqlens, HAS_LEFTPAD=leftpad, Q_LEN=2, HAS_WINDOW=window, TILE=64, TARGET_SHARE=2,

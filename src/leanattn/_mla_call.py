@@ -61,7 +61,7 @@ class MLACall:
     parameters, grid and every argument fixed by the key; :meth:`launch` fills in the tensors."""
 
     __slots__ = ("programs", "device", "config", "pdl", "params", "scale", "fixed", "hit", "blocks", "fp8", "tma",
-                 "gluon", "gluon_eager", "gluon_loaded", "gluon_view", "gluon_params", "gluon_fixed", "gluon_hit",
+                 "gluon", "gluon_ws", "gluon_eager", "gluon_loaded", "gluon_view", "gluon_params", "gluon_fixed", "gluon_hit",
                  "gluon_configs", "plan", "plan_args", "plan_params", "plan_hit", "merge_params", "merge_grid", "merge_fixed",
                  "merge_tickets", "merge_hit")
 
@@ -91,6 +91,7 @@ class MLACall:
         self.gluon = view is not None and config.gluon is not False and gluon_serves(
             q.device, config.tile, head_dim_v, head_dim - head_dim_v, rows)
         self.gluon_loaded = False
+        self.gluon_ws = False
         self.gluon_view = view
         self.gluon_eager = config.gluon is True or rows >= 32 or \
             batch * capacity * head_dim * kv_cache.element_size() >= GLUON_EAGER_BYTES
@@ -140,12 +141,15 @@ class MLACall:
             )
             self.merge_grid = (programs, dv_pad // MERGE_COLS)
             self.merge_fixed = (*out.stride()[:3], *(lse.stride() if lse is not None else (0, 0, 0)), capacity)
-            warps = 4 if rows == 16 else 8
+            # 64-row blocks take the warp-specialised kernel (4 + 4 warps) where P fits over a
+            # tile's rope columns, other blocks the uniform one (4 warps at 16 rows, else 8).
+            self.gluon_ws = ws_serves(rows, config.tile, head_dim - head_dim_v)
+            warps = 4 if rows == 16 or self.gluon_ws else 8
             self.gluon_params = dict(
                 GROUP=group, Q_LEN=q_len, ROWS=rows, MERGE_ROWS=merge_rows, DV=head_dim_v, DR=head_dim - head_dim_v,
                 TILE=config.tile, PAGE_SIZE=page_size, HAS_SEQLENS=has_seqlens, HAS_LEFTPAD=has_leftpad,
                 HAS_MASK=causal and q_len > 1, RETURN_LSE=lse is not None, ROPE_APART=rope_cache is not None,
-                WARPS=warps,
+                **(dict(VALUE_REGS=WS_VALUE_REGS) if self.gluon_ws else dict(WARPS=warps)),
             )
             self.gluon_fixed = (
                 *q.stride()[:3], *out.stride()[:3], *(lse.stride() if lse is not None else (0, 0, 0)), stride_btb,
@@ -218,8 +222,9 @@ class MLACall:
                                                                                              tile, dr),
             out, lse_t, seqlens, leftpad, table, plan, acc, stats, *self.gluon_fixed,
         )
-        self.gluon_hit = launch(mla_gluon.mla_attend_gluon, self.programs, args, self.gluon_params, wide, False,
-                                self.device, self.gluon_hit)
+        kernel = mla_gluon.mla_attend_gluon_ws if self.gluon_ws else mla_gluon.mla_attend_gluon
+        self.gluon_hit = launch(kernel, self.programs, args, self.gluon_params, wide, False, self.device,
+                                self.gluon_hit)
         args = (out, lse_t, seqlens, leftpad, plan, acc, stats, self.merge_tickets, *self.merge_fixed)
         self.merge_hit = launch(mla_merge_kernel, self.merge_grid, args, self.merge_params, small, self.pdl,
                                 self.device, self.merge_hit)
@@ -238,7 +243,17 @@ def gluon_serves(device: torch.device, tile: int, head_dim_v: int, rope_dim: int
             and head_dim_v >= 128 and shared <= 232448)
 
 
+def ws_serves(rows: int, tile: int, rope_dim: int) -> bool:
+    """Whether a call ``gluon_serves`` takes runs as ``mla_attend_gluon_ws``: blocks of 64 rows,
+    and P (rows x tile) fits over a tile's rope columns (tile x rope_dim), LEANATTN_GLUON_WS not
+    0 (read at import)."""
+    return _GLUON_WS and rows == 64 and tile == 64 and rope_dim == 64
+
+
 _GLUON = os.environ.get("LEANATTN_GLUON", "1") != "0"
+_GLUON_WS = os.environ.get("LEANATTN_GLUON_WS", "1") != "0"
+# Registers a thread of mla_attend_gluon_ws's value warpgroup asks for (the other gets the rest).
+WS_VALUE_REGS = 192
 # Eager calls (outside CUDA-graph capture) take mla_gluon's kernel for blocks of 32 or 64 rows
 # (2.2-3.2x faster than the Triton kernel at 32-128 heads on an H200; about even on eager 36 MiB
 # calls, which are host-bound) or, at 16 rows, caches of at least this many bytes (it saves

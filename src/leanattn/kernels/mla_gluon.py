@@ -273,6 +273,300 @@ if AVAILABLE:
         for i in gl.static_range(2):
             mbarrier.invalidate(bars.index(i))
 
+    @gluon.jit
+    def _segment(SeqLens, LeftPad, b, t, g, end, capacity, TILE: gl.constexpr, HAS_SEQLENS: gl.constexpr,
+                 HAS_LEFTPAD: gl.constexpr):
+        """The segment of a share that starts at unit ``g`` (tile ``t`` of request ``b``'s block):
+        (first key, live length, the block's tiles, the segment's end tile, its last live tile + 1)."""
+        if HAS_LEFTPAD:
+            first = gl.minimum(gl.maximum(gl.load(LeftPad + b), 0), capacity)
+        else:
+            first = 0
+        if HAS_SEQLENS:
+            length = gl.minimum(gl.maximum(gl.load(SeqLens + b), first), capacity) - first
+        else:
+            length = capacity - first
+        n_units = gl.maximum((length + TILE - 1) // TILE, 1)
+        t_end = gl.minimum(n_units.to(gl.int64), t + (end - g)).to(gl.int32)
+        t_live = gl.minimum(t_end, ((length + TILE - 1) // TILE).to(gl.int32))
+        return first, length, n_units, t_end, t_live
+
+    @gluon.jit
+    def _ws_write(acc, m_i, l_i, Out, Lse, WsAcc, WsStats, b, h, slot, whole,
+                  stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                  COL0: gl.constexpr, GROUP: gl.constexpr, Q_LEN: gl.constexpr, ROWS: gl.constexpr,
+                  MERGE_ROWS: gl.constexpr, DV: gl.constexpr, RETURN_LSE: gl.constexpr, STATS: gl.constexpr,
+                  o_layout: gl.constexpr):
+        """A segment's (ROWS, DV / 2) half of the output at columns COL0: normalised into Out (and
+        the LSE, STATS) for a whole block, else the unnormalised partial and (STATS) its m and l in
+        workspace ``slot`` for the merge kernel."""
+        HALF: gl.constexpr = DV // 2
+        rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
+        cols = COL0 + gl.arange(0, HALF, layout=gl.SliceLayout(0, o_layout))
+        if whole:
+            empty = l_i == 0.0
+            o = gl.where(gl.expand_dims(empty, 1), 0.0, acc / gl.expand_dims(gl.where(empty, 1.0, l_i), 1))
+            real = rows < Q_LEN * GROUP
+            qh = h * GROUP + rows % GROUP
+            o_ptrs = (Out + b.to(gl.int64) * stride_ob + gl.expand_dims((rows // GROUP) * stride_ot + qh * stride_oh, 1)
+                      + gl.expand_dims(cols, 0))
+            gl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=gl.expand_dims(real, 1))
+            if STATS and RETURN_LSE:
+                has_mass = l_i > 0.0
+                lse = gl.where(has_mass, (m_i + gl.log2(gl.where(has_mass, l_i, 1.0))) * LN2, float("-inf"))
+                lse = gl.where(l_i != l_i, float("nan"), lse)
+                gl.store(Lse + b.to(gl.int64) * stride_lb + qh * stride_lh + (rows // GROUP) * stride_lt, lse,
+                         mask=real)
+        else:
+            keep = rows < MERGE_ROWS
+            gl.store(WsAcc + slot.to(gl.int64) * (MERGE_ROWS * DV) + gl.expand_dims(rows, 1) * DV
+                     + gl.expand_dims(cols, 0), acc, mask=gl.expand_dims(keep, 1))
+            if STATS:
+                stats = WsStats + slot * (2 * MERGE_ROWS) + rows
+                gl.store(stats, m_i, mask=keep)
+                gl.store(stats + MERGE_ROWS, l_i, mask=keep)
+
+    @gluon.jit
+    def _ws_scores(Q, Out, Lse, SeqLens, LeftPad, BlockTable, WsAcc, WsStats,
+                   stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                   stride_btb, blocks, capacity, num_pages, scale, pid, start, end, b, h, t,
+                   kv_desc, kr_desc, q_smem, qr_smem, kv_smem, kr_smem, alpha_smem, stats_smem, bars,
+                   GROUP: gl.constexpr, Q_LEN: gl.constexpr, ROWS: gl.constexpr, MERGE_ROWS: gl.constexpr,
+                   DV: gl.constexpr, DR: gl.constexpr, TILE: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                   HAS_SEQLENS: gl.constexpr, HAS_LEFTPAD: gl.constexpr, HAS_MASK: gl.constexpr,
+                   RETURN_LSE: gl.constexpr, ROPE_APART: gl.constexpr):
+        """Warpgroup 0 of ``mla_attend_gluon_ws``: per tile the scores S = q k^T (ROWS, TILE), the
+        online softmax, P into the tile's rope columns (S is done with them) and its rescale into
+        ``alpha_smem`` for warpgroup 1, then the left half of the output, O[:, :DV/2] += P V."""
+        HALF: gl.constexpr = DV // 2
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, TILE, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HALF, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        dtype: gl.constexpr = kv_desc.dtype
+        q_r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld_layout))
+        q_offs = gl.expand_dims((q_r // GROUP) * stride_qt + (q_r % GROUP) * stride_qh, 1)
+        q_real = gl.expand_dims(q_r < Q_LEN * GROUP, 1)
+        cols64 = gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(0, ld_layout)), 0)
+        s_rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+        s_keys = gl.arange(0, TILE, layout=gl.SliceLayout(0, s_layout))
+        used = 0  # tiles consumed: tile j of the program is in buffer j % 2, phase (j // 2) & 1
+        seg = 0
+        g = start
+        while g < end:
+            first, length, n_units, t_end, t_live = _segment(SeqLens, LeftPad, b, t, g, end, capacity, TILE,
+                                                             HAS_SEQLENS, HAS_LEFTPAD)
+            table_row = b.to(gl.int64) * stride_btb
+            # This block's query rows (this warpgroup's own products of the last segment are done).
+            q_base = Q + b.to(gl.int64) * stride_qb + h * GROUP * stride_qh + q_offs
+            for c in gl.static_range(DV // 64):
+                q_smem.slice(c * 64, 64, dim=1).store(
+                    gl.load(q_base + c * 64 + cols64, mask=q_real, other=0.0).to(dtype))
+            for c in gl.static_range(DR // 64):
+                qr_smem.slice(c * 64, 64, dim=1).store(
+                    gl.load(q_base + DV + c * 64 + cols64, mask=q_real, other=0.0).to(dtype))
+            fence_async_shared()
+            gl.thread_barrier()
+
+            query = length - Q_LEN + s_rows // GROUP  # each row's position, in keys
+            acc = gl.zeros([ROWS, HALF], gl.float32, o_layout)
+            m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+            l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
+            for tile in range(t, t_live):
+                buf = used % 2
+                phase = (used // 2) & 1
+                mbarrier.wait(bars.index(buf), phase)
+                kv = kv_smem.index(buf)
+                kr = kr_smem.index(buf)
+                live_rows = length - tile * TILE
+                if live_rows < TILE:
+                    # A bulk copy reads past a sequence's end: zero those value rows (NaN there
+                    # would reach the output through 0 x NaN; their scores are masked below).
+                    _zero_dead_rows(kv, live_rows, DV, 64, TILE, ld_layout)
+                    fence_async_shared()
+                    gl.thread_barrier()
+                s = warpgroup_mma(q_smem, kv.permute([1, 0]), gl.zeros([ROWS, TILE], gl.float32, s_layout),
+                                  is_async=True)
+                s = warpgroup_mma(qr_smem, kr.permute([1, 0]), s, is_async=True)
+                s = warpgroup_mma_wait(0, deps=[s])
+                tok = tile * TILE + s_keys
+                keep = gl.expand_dims(tok < length, 0)
+                if HAS_MASK:
+                    keep = keep & (gl.expand_dims(tok, 0) <= gl.expand_dims(query, 1))
+                s = gl.where(keep, s * scale, float("-inf"))
+                if PAGE_SIZE > 0:
+                    _, bad = _tile_row(BlockTable, table_row, b, first, tile, True, capacity, num_pages, TILE,
+                                       PAGE_SIZE)
+                    s = gl.where(keep & bad, float("nan"), s)
+                m_new = gl.maximum(m_i, gl.max(s, axis=1))
+                m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: no inf - inf
+                alpha = gl.exp2(m_i - m_shift)
+                p = gl.exp2(s - gl.expand_dims(m_shift, 1))
+                l_i = l_i * alpha + gl.sum(p, axis=1)
+                m_i = m_new
+                p16 = p.to(dtype)
+                kr.store(p16)  # P (ROWS, TILE) over the tile's rope columns, for warpgroup 1
+                alpha_smem.index(buf).store(alpha)
+                fence_async_shared()
+                gl.thread_barrier()
+                mbarrier.arrive(bars.index(2 + buf))  # P and alpha of this tile are in place
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+                acc = warpgroup_mma(gl.convert_layout(p16, p_layout), kv.slice(0, HALF, dim=1), acc, is_async=True)
+                acc = warpgroup_mma_wait(0, deps=[acc])
+                mbarrier.arrive(bars.index(4 + buf))  # this half of the tile's values is done
+                used += 1
+
+            # The segment's m and l for warpgroup 1 (once it has read the last segment's).
+            mbarrier.wait(bars.index(7), (seg & 1) ^ 1)
+            stats_smem.index(0).store(m_i)
+            stats_smem.index(1).store(l_i)
+            gl.thread_barrier()
+            mbarrier.arrive(bars.index(6))
+            _launch_dependents()
+            whole = (t == 0) & (t_end == n_units)
+            slot = 2 * pid + (g != start).to(gl.int32)
+            _ws_write(acc, gl.convert_layout(m_i, gl.SliceLayout(1, o_layout)),
+                      gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), Out, Lse, WsAcc, WsStats, b, h, slot,
+                      whole, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt, 0, GROUP, Q_LEN, ROWS,
+                      MERGE_ROWS, DV, RETURN_LSE, True, o_layout)
+            seg += 1
+            g += (t_end - t).to(gl.int64)
+            t = 0
+            h += 1
+            if h == blocks:
+                h = 0
+                b += 1
+
+    @gluon.jit
+    def _ws_values(Q, Out, Lse, SeqLens, LeftPad, BlockTable, WsAcc, WsStats,
+                   stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                   stride_btb, blocks, capacity, num_pages, scale, pid, start, end, b, h, t,
+                   kv_desc, kr_desc, q_smem, qr_smem, kv_smem, kr_smem, alpha_smem, stats_smem, bars,
+                   GROUP: gl.constexpr, Q_LEN: gl.constexpr, ROWS: gl.constexpr, MERGE_ROWS: gl.constexpr,
+                   DV: gl.constexpr, DR: gl.constexpr, TILE: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                   HAS_SEQLENS: gl.constexpr, HAS_LEFTPAD: gl.constexpr, HAS_MASK: gl.constexpr,
+                   RETURN_LSE: gl.constexpr, ROPE_APART: gl.constexpr):
+        """Warpgroup 1 of ``mla_attend_gluon_ws``: the copies of every tile, and per tile the right
+        half of the output, O[:, DV/2:] = alpha O[:, DV/2:] + P V, with P and alpha from warpgroup 0.
+        A buffer takes tile t + 2 once both halves of tile t are done."""
+        HALF: gl.constexpr = DV // 2
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HALF, 16])
+        NBYTES: gl.constexpr = TILE * (DV + DR) * 2
+        used = 0
+        seg = 0
+        g = start
+        while g < end:
+            first, length, n_units, t_end, t_live = _segment(SeqLens, LeftPad, b, t, g, end, capacity, TILE,
+                                                             HAS_SEQLENS, HAS_LEFTPAD)
+            table_row = b.to(gl.int64) * stride_btb
+            for i in gl.static_range(2):  # both buffers are free: every tile before is done
+                live = t + i < t_live
+                row, _ = _tile_row(BlockTable, table_row, b, first, t + i, live, capacity, num_pages, TILE, PAGE_SIZE)
+                buf = (used + i) % 2
+                _issue(kv_desc, kr_desc, bars.index(buf), kv_smem.index(buf), kr_smem.index(buf), row, live, DV,
+                       ROPE_APART, NBYTES)
+            acc = gl.zeros([ROWS, HALF], gl.float32, o_layout)
+            for tile in range(t, t_live):
+                buf = used % 2
+                phase = (used // 2) & 1
+                mbarrier.wait(bars.index(2 + buf), phase)
+                kv = kv_smem.index(buf)
+                alpha = alpha_smem.index(buf).load(gl.SliceLayout(1, o_layout))
+                acc = acc * gl.expand_dims(alpha, 1)
+                acc = warpgroup_mma(kr_smem.index(buf), kv.slice(HALF, HALF, dim=1), acc, is_async=True)
+                acc = warpgroup_mma_wait(0, deps=[acc])
+                mbarrier.wait(bars.index(4 + buf), phase)
+                live = tile + 2 < t_live
+                row, _ = _tile_row(BlockTable, table_row, b, first, tile + 2, live, capacity, num_pages, TILE,
+                                   PAGE_SIZE)
+                fence_async_shared()
+                _issue(kv_desc, kr_desc, bars.index(buf), kv, kr_smem.index(buf), row, live, DV, ROPE_APART, NBYTES)
+                used += 1
+
+            mbarrier.wait(bars.index(6), seg & 1)
+            m_i = stats_smem.index(0).load(gl.SliceLayout(1, o_layout))
+            l_i = stats_smem.index(1).load(gl.SliceLayout(1, o_layout))
+            gl.thread_barrier()
+            mbarrier.arrive(bars.index(7))  # warpgroup 0 may write the next segment's
+            whole = (t == 0) & (t_end == n_units)
+            slot = 2 * pid + (g != start).to(gl.int32)
+            _ws_write(acc, m_i, l_i, Out, Lse, WsAcc, WsStats, b, h, slot, whole, stride_ob, stride_ot, stride_oh,
+                      stride_lb, stride_lh, stride_lt, HALF, GROUP, Q_LEN, ROWS, MERGE_ROWS, DV, RETURN_LSE, False,
+                      o_layout)
+            seg += 1
+            g += (t_end - t).to(gl.int64)
+            t = 0
+            h += 1
+            if h == blocks:
+                h = 0
+                b += 1
+
+    @gluon.jit(do_not_specialize=["blocks", "capacity", "num_pages"])
+    def mla_attend_gluon_ws(
+        Q, kv_desc, kr_desc, Out, Lse, SeqLens, LeftPad, BlockTable, Plan, WsAcc, WsStats,
+        stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+        stride_btb, blocks, capacity, num_pages, scale,
+        GROUP: gl.constexpr, Q_LEN: gl.constexpr, ROWS: gl.constexpr, MERGE_ROWS: gl.constexpr,
+        DV: gl.constexpr, DR: gl.constexpr, TILE: gl.constexpr, PAGE_SIZE: gl.constexpr,
+        HAS_SEQLENS: gl.constexpr, HAS_LEFTPAD: gl.constexpr, HAS_MASK: gl.constexpr, RETURN_LSE: gl.constexpr,
+        ROPE_APART: gl.constexpr, VALUE_REGS: gl.constexpr,
+    ):
+        """``mla_attend_gluon`` for blocks of 64 rows, warp-specialised (4 warps a program, plus 4
+        with VALUE_REGS registers a thread). Same arguments, same results up to rounding.
+
+        Warpgroup 0 (``_ws_scores``) computes each tile's scores once, unsplit (M = the block's 64
+        rows, N = the tile's 64 keys), its softmax, and the left half of the output with P from
+        registers; warpgroup 1 (``_ws_values``) issues the copies and computes the right half with
+        P from shared memory, so one tile's softmax overlaps the other half's product. Shared
+        memory: q, two tiles (P of a tile goes over its rope columns once its scores are done)."""
+        pid = gl.program_id(0)
+        vec_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        q_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, DV], gl.bfloat16)
+        qr_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, DR], gl.bfloat16)
+        vec_shared: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])  # of each [ROWS] buffer
+        dtype: gl.constexpr = kv_desc.dtype
+        q_smem = gl.allocate_shared_memory(dtype, [ROWS, DV], q_shared)
+        qr_smem = gl.allocate_shared_memory(dtype, [ROWS, DR], qr_shared)
+        kv_smem = gl.allocate_shared_memory(dtype, [2, TILE, DV], kv_desc.layout)
+        kr_smem = gl.allocate_shared_memory(dtype, [2, TILE, DR], kr_desc.layout)
+        alpha_smem = gl.allocate_shared_memory(gl.float32, [2, ROWS], vec_shared)
+        stats_smem = gl.allocate_shared_memory(gl.float32, [2, ROWS], vec_shared)
+        # 0-1 tile landed, 2-3 its P and alpha written, 4-5 its left half done (by buffer);
+        # 6 a segment's m and l written, 7 read.
+        bars = gl.allocate_shared_memory(gl.int64, [8, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(8):
+            mbarrier.init(bars.index(i), count=1)
+        fence_async_shared()
+
+        fields = gl.arange(0, 8, layout=vec_layout)
+        plan_row = gl.load(Plan + pid * 8 + fields)
+        programs = _plan_field(plan_row, fields, 1)
+        start = _plan_field(plan_row, fields, 2).to(gl.int64)
+        end = _plan_field(plan_row, fields, 3).to(gl.int64)
+        end = gl.where(pid < programs, end, start)  # a program past the plan's has no share
+        b = _plan_field(plan_row, fields, 4)
+        h = _plan_field(plan_row, fields, 5)
+        t = _plan_field(plan_row, fields, 6)
+        # Each partition's arguments as one tuple literal: a tuple bound to a name first loses
+        # its constexprs (Triton 3.6).
+        gl.warp_specialize([
+            (_ws_scores, (Q, Out, Lse, SeqLens, LeftPad, BlockTable, WsAcc, WsStats, stride_qb, stride_qt, stride_qh,
+                          stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt, stride_btb, blocks,
+                          capacity, num_pages, scale, pid, start, end, b, h, t, kv_desc, kr_desc, q_smem, qr_smem,
+                          kv_smem, kr_smem, alpha_smem, stats_smem, bars, GROUP, Q_LEN, ROWS, MERGE_ROWS, DV, DR,
+                          TILE, PAGE_SIZE, HAS_SEQLENS, HAS_LEFTPAD, HAS_MASK, RETURN_LSE, ROPE_APART)),
+            (_ws_values, (Q, Out, Lse, SeqLens, LeftPad, BlockTable, WsAcc, WsStats, stride_qb, stride_qt, stride_qh,
+                          stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt, stride_btb, blocks,
+                          capacity, num_pages, scale, pid, start, end, b, h, t, kv_desc, kr_desc, q_smem, qr_smem,
+                          kv_smem, kr_smem, alpha_smem, stats_smem, bars, GROUP, Q_LEN, ROWS, MERGE_ROWS, DV, DR,
+                          TILE, PAGE_SIZE, HAS_SEQLENS, HAS_LEFTPAD, HAS_MASK, RETURN_LSE, ROPE_APART)),
+        ], [4], [VALUE_REGS])
+        for i in gl.static_range(8):
+            mbarrier.invalidate(bars.index(i))
+
     def descriptor(cache: torch.Tensor, rows: int, stride: int, tile: int, width: int) -> TensorDescriptor:
         """A Gluon tensor descriptor of a 16-bit ``cache``'s rows as a (rows, cache.shape[-1])
         tensor with boxes (tile, width)."""
