@@ -645,6 +645,34 @@ def test_gpu_gluon_kernel_against_the_triton_kernel(hq, q_len, page_size, apart,
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not GLUON, reason="needs a Hopper GPU and Triton's Gluon")
+@pytest.mark.parametrize("hq,q_len,page_size,programs", [(128, 1, 64, None), (64, 1, 0, 7), (32, 2, 128, 132)])
+def test_gpu_gluon_ws_against_the_uniform_kernel(monkeypatch, hq, q_len, page_size, programs):
+    """The warp-specialised kernel (64-row blocks) against the uniform Gluon kernel and the
+    float64 reference: ragged lengths ending inside tiles, an empty sequence, NaN past every
+    length, shares cut inside blocks (the merge) or not; twice with the same bits."""
+    from leanattn import _mla_call as mla_call
+
+    assert q_len * blocks_of(q_len, hq, 64)[0] == 64 and mla_call.ws_serves(64, 64, 64)
+    lens, cap = [5000, 33, 0, 1, 4095, 64, 2900], 5120
+    q, kv, sl = mla_inputs(lens, hq, 576, q_len=q_len, cache_len=cap, seed=hq + q_len)
+    for b, n in enumerate(lens):
+        kv[b, n:] = math.nan
+    kw = {}
+    if page_size:
+        kv, kw["block_table"] = paged(kv, [cap] * len(lens), page_size)
+    clean = torch.nan_to_num(kv, nan=0.0)
+    out, lse = _wrapper_run(q, kv, sl, cap, True, programs, **kw)
+    again, again_lse = _wrapper_run(q, kv, sl, cap, True, programs, **kw)
+    assert torch.equal(out, again) and torch.equal(lse, again_lse)
+    check(out, lse, q, clean, sl, 512, softmax_scale=192**-0.5, **kw)
+    monkeypatch.setattr(mla_call, "_GLUON_WS", False)
+    uni, uni_lse = _wrapper_run(q, kv, sl, cap, True, programs, **kw)
+    assert rel_err(out, uni) < TOL[out.dtype]
+    assert (lse - uni_lse).nan_to_num(posinf=0.0, neginf=0.0).abs().max().item() < LSE_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GLUON, reason="needs a Hopper GPU and Triton's Gluon")
 def test_gpu_gluon_in_cuda_graph_capture():
     """A 16-head mla_decode (the Triton kernel when eager) captured in a CUDA graph after one
     eager call runs the Gluon path (plan, attention, merge; the eager call loaded their
