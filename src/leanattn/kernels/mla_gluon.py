@@ -71,6 +71,27 @@ if AVAILABLE:
                                   is_pure=False, pack=1)
 
     @gluon.jit
+    def _softmax_tile(s, tok, query, length, bad, m_i, l_i, scale, HAS_MASK: gl.constexpr, PAGED: gl.constexpr,
+                      KEYS: gl.constexpr):
+        """One tile's step of the online softmax on its raw scores ``s``, whose axis KEYS holds the
+        keys ``tok`` (the other the rows, at positions ``query``): masked past ``length`` (and
+        after each row's position, HAS_MASK), NaN where a live key's page is ``bad`` (PAGED).
+        Returns (p, alpha, m, l): the probabilities against the new running max m, the old sums'
+        rescale alpha, and the new running sum l."""
+        ROWS_AXIS: gl.constexpr = 1 - KEYS
+        keep = gl.expand_dims(tok < length, ROWS_AXIS)
+        if HAS_MASK:
+            keep = keep & (gl.expand_dims(tok, ROWS_AXIS) <= gl.expand_dims(query, KEYS))
+        s = gl.where(keep, s * scale, float("-inf"))
+        if PAGED:
+            s = gl.where(keep & bad, float("nan"), s)
+        m_new = gl.maximum(m_i, gl.max(s, axis=KEYS))
+        m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: no inf - inf
+        alpha = gl.exp2(m_i - m_shift)
+        p = gl.exp2(s - gl.expand_dims(m_shift, KEYS))
+        return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=KEYS)
+
+    @gluon.jit
     def _issue(kv_desc, kr_desc, bar, kv_buf, kr_buf, row, pred,
                DV: gl.constexpr, ROPE_APART: gl.constexpr, NBYTES: gl.constexpr):
         mbarrier.expect(bar, NBYTES, pred=pred)
@@ -204,21 +225,12 @@ if AVAILABLE:
                     s = warpgroup_mma(kv, q_t, gl.zeros([TILE, ROWS], gl.float32, s_layout), is_async=True)
                     s = warpgroup_mma(kr, qr_t, s, is_async=True)
                     s = warpgroup_mma_wait(0, deps=[s])
-                    tok = tile * TILE + s_keys
-                    keep = gl.expand_dims(tok < length, 1)
-                    if HAS_MASK:
-                        keep = keep & (gl.expand_dims(tok, 1) <= gl.expand_dims(query, 0))
-                    s = gl.where(keep, s * scale, float("-inf"))
+                    bad = False
                     if PAGE_SIZE > 0:
                         _, bad = _tile_row(BlockTable, table_row, b, first, tile, True, capacity, num_pages, TILE,
                                            PAGE_SIZE)
-                        s = gl.where(keep & bad, float("nan"), s)
-                    m_new = gl.maximum(m_i, gl.max(s, axis=0))
-                    m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: no inf - inf
-                    alpha = gl.exp2(m_i - m_shift)
-                    p = gl.exp2(s - gl.expand_dims(m_shift, 0))
-                    l_i = l_i * alpha + gl.sum(p, axis=0)
-                    m_i = m_new
+                    p, alpha, m_i, l_i = _softmax_tile(s, tile * TILE + s_keys, query, length, bad, m_i, l_i, scale,
+                                                       HAS_MASK, PAGE_SIZE > 0, 0)
                     p_smem.store(p.to(dtype))
                     fence_async_shared()
                     gl.thread_barrier()
@@ -391,21 +403,12 @@ if AVAILABLE:
                                   is_async=True)
                 s = warpgroup_mma(qr_smem, kr.permute([1, 0]), s, is_async=True)
                 s = warpgroup_mma_wait(0, deps=[s])
-                tok = tile * TILE + s_keys
-                keep = gl.expand_dims(tok < length, 0)
-                if HAS_MASK:
-                    keep = keep & (gl.expand_dims(tok, 0) <= gl.expand_dims(query, 1))
-                s = gl.where(keep, s * scale, float("-inf"))
+                bad = False
                 if PAGE_SIZE > 0:
                     _, bad = _tile_row(BlockTable, table_row, b, first, tile, True, capacity, num_pages, TILE,
                                        PAGE_SIZE)
-                    s = gl.where(keep & bad, float("nan"), s)
-                m_new = gl.maximum(m_i, gl.max(s, axis=1))
-                m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: no inf - inf
-                alpha = gl.exp2(m_i - m_shift)
-                p = gl.exp2(s - gl.expand_dims(m_shift, 1))
-                l_i = l_i * alpha + gl.sum(p, axis=1)
-                m_i = m_new
+                p, alpha, m_i, l_i = _softmax_tile(s, tile * TILE + s_keys, query, length, bad, m_i, l_i, scale,
+                                                   HAS_MASK, PAGE_SIZE > 0, 1)
                 p16 = p.to(dtype)
                 kr.store(p16)  # P (ROWS, TILE) over the tile's rope columns, for warpgroup 1
                 alpha_smem.index(buf).store(alpha)
