@@ -109,6 +109,25 @@ if AVAILABLE:
             x = part.load(layout)
             part.store(gl.where(keep, x, gl.zeros_like(x)))
 
+    @gluon.jit
+    def _segment(SeqLens, LeftPad, b, t, g, end, capacity, TILE: gl.constexpr, HAS_SEQLENS: gl.constexpr,
+                 HAS_LEFTPAD: gl.constexpr):
+        """The segment of a share that starts at unit ``g`` (tile ``t`` of request ``b``'s block):
+        (first key, live length, the block's tiles, the segment's end tile, its last live tile + 1)."""
+        if HAS_LEFTPAD:
+            first = gl.minimum(gl.maximum(gl.load(LeftPad + b), 0), capacity)
+        else:
+            first = 0
+        if HAS_SEQLENS:
+            length = gl.minimum(gl.maximum(gl.load(SeqLens + b), first), capacity) - first
+        else:
+            length = capacity - first
+        n_units = gl.maximum((length + TILE - 1) // TILE, 1)
+        t_end = gl.minimum(n_units.to(gl.int64), t + (end - g)).to(gl.int32)
+        # tiles holding a live key (int32 like t: an int64 ``capacity`` makes ``length`` int64)
+        t_live = gl.minimum(t_end, ((length + TILE - 1) // TILE).to(gl.int32))
+        return first, length, n_units, t_end, t_live
+
     @gluon.jit(do_not_specialize=["blocks", "capacity", "num_pages"])
     def mla_attend_gluon(
         Q, kv_desc, kr_desc, Out, Lse, SeqLens, LeftPad, BlockTable, Plan, WsAcc, WsStats,
@@ -176,18 +195,8 @@ if AVAILABLE:
             used = 0  # tiles consumed so far: tile j of the program is in buffer j % 2, phase (j // 2) & 1
             g = start
             while g < end:
-                if HAS_LEFTPAD:
-                    first = gl.minimum(gl.maximum(gl.load(LeftPad + b), 0), capacity)
-                else:
-                    first = 0
-                if HAS_SEQLENS:
-                    length = gl.minimum(gl.maximum(gl.load(SeqLens + b), first), capacity) - first
-                else:
-                    length = capacity - first
-                n_units = gl.maximum((length + TILE - 1) // TILE, 1)
-                t_end = gl.minimum(n_units.to(gl.int64), t + (end - g)).to(gl.int32)
-                # tiles holding a live key (int32 like t: an int64 ``capacity`` makes ``length`` int64)
-                t_live = gl.minimum(t_end, ((length + TILE - 1) // TILE).to(gl.int32))
+                first, length, n_units, t_end, t_live = _segment(SeqLens, LeftPad, b, t, g, end, capacity, TILE,
+                                                                 HAS_SEQLENS, HAS_LEFTPAD)
                 table_row = b.to(gl.int64) * stride_btb
 
                 # This block's query rows into shared memory (every product of the last segment
@@ -284,24 +293,6 @@ if AVAILABLE:
                     b += 1
         for i in gl.static_range(2):
             mbarrier.invalidate(bars.index(i))
-
-    @gluon.jit
-    def _segment(SeqLens, LeftPad, b, t, g, end, capacity, TILE: gl.constexpr, HAS_SEQLENS: gl.constexpr,
-                 HAS_LEFTPAD: gl.constexpr):
-        """The segment of a share that starts at unit ``g`` (tile ``t`` of request ``b``'s block):
-        (first key, live length, the block's tiles, the segment's end tile, its last live tile + 1)."""
-        if HAS_LEFTPAD:
-            first = gl.minimum(gl.maximum(gl.load(LeftPad + b), 0), capacity)
-        else:
-            first = 0
-        if HAS_SEQLENS:
-            length = gl.minimum(gl.maximum(gl.load(SeqLens + b), first), capacity) - first
-        else:
-            length = capacity - first
-        n_units = gl.maximum((length + TILE - 1) // TILE, 1)
-        t_end = gl.minimum(n_units.to(gl.int64), t + (end - g)).to(gl.int32)
-        t_live = gl.minimum(t_end, ((length + TILE - 1) // TILE).to(gl.int32))
-        return first, length, n_units, t_end, t_live
 
     @gluon.jit
     def _ws_write(acc, m_i, l_i, Out, Lse, WsAcc, WsStats, b, h, slot, whole,
