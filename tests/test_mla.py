@@ -591,14 +591,18 @@ def test_gluon_serves_only_shapes_it_fits(monkeypatch):
 GLUON = ON_GPU and gluon_serves(torch.device(DEVICE), 64, 512, 64, 64)
 
 
-def _wrapper_run(q, kv, sl, cap, gluon, programs=None, **kw):
-    """One plan and run of an MLAWrapper whose config takes mla_gluon's kernel or not."""
+def _wrapper_run(q, kv, sl, cap, gluon, programs=None, calls=None, **kw):
+    """One plan and run of an MLAWrapper whose config takes mla_gluon's kernel or not (``calls``:
+    a list that receives the wrapper's kernel calls)."""
     hq = q.shape[2]
     config = dataclasses.replace(mla_heuristic(576, 512, kv.dtype, q.shape[1] * hq), gluon=gluon)
     w = leanattn.MLAWrapper(hq, 576, 512, q.dtype, DEVICE, max_q_len=q.shape[1], softmax_scale=192**-0.5,
                             config=config, num_programs=programs)
     w.plan(sl, cap, q_len=q.shape[1], cache_leftpad=kw.pop("cache_leftpad", None))
-    return w.run(q, kv, return_lse=True, **kw)
+    result = w.run(q, kv, return_lse=True, **kw)
+    if calls is not None:
+        calls += w._calls.values()
+    return result
 
 
 @pytest.mark.gpu
@@ -645,23 +649,28 @@ def test_gpu_gluon_kernel_against_the_triton_kernel(hq, q_len, page_size, apart,
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not GLUON, reason="needs a Hopper GPU and Triton's Gluon")
-@pytest.mark.parametrize("hq,q_len,page_size,programs", [(128, 1, 64, None), (64, 1, 0, 7), (32, 2, 128, 132)])
-def test_gpu_gluon_ws_against_the_uniform_kernel(monkeypatch, hq, q_len, page_size, programs):
-    """The warp-specialised kernel (64-row blocks) against the uniform Gluon kernel and the
-    float64 reference: ragged lengths ending inside tiles, an empty sequence, NaN past every
-    length, shares cut inside blocks (the merge) or not; twice with the same bits."""
+@pytest.mark.parametrize("hq,q_len,page_size,programs,dtype", [
+    (128, 1, 64, None, torch.bfloat16), (64, 1, 0, 7, torch.bfloat16), (32, 2, 128, 132, torch.bfloat16),
+    (16, 3, 0, 3, torch.float16),
+])
+def test_gpu_gluon_ws_against_the_uniform_kernel(monkeypatch, hq, q_len, page_size, programs, dtype):
+    """The warp-specialised kernel (blocks of 64 rows, or 48 padded to 64) against the uniform
+    Gluon kernel and the float64 reference: bf16 and fp16, ragged lengths ending inside tiles, an
+    empty sequence, NaN past every length, shares cut inside blocks (the merge) or not, several
+    query tokens under the causal mask; twice with the same bits."""
     from leanattn import _mla_call as mla_call
 
-    assert q_len * blocks_of(q_len, hq, 64)[0] == 64 and mla_call.ws_serves(64, 64, 64)
     lens, cap = [5000, 33, 0, 1, 4095, 64, 2900], 5120
-    q, kv, sl = mla_inputs(lens, hq, 576, q_len=q_len, cache_len=cap, seed=hq + q_len)
+    q, kv, sl = mla_inputs(lens, hq, 576, q_len=q_len, cache_len=cap, dtype=dtype, seed=hq + q_len)
     for b, n in enumerate(lens):
         kv[b, n:] = math.nan
     kw = {}
     if page_size:
         kv, kw["block_table"] = paged(kv, [cap] * len(lens), page_size)
     clean = torch.nan_to_num(kv, nan=0.0)
-    out, lse = _wrapper_run(q, kv, sl, cap, True, programs, **kw)
+    calls = []
+    out, lse = _wrapper_run(q, kv, sl, cap, True, programs, calls, **kw)
+    assert [call.gluon_ws for call in calls] == [True]
     again, again_lse = _wrapper_run(q, kv, sl, cap, True, programs, **kw)
     assert torch.equal(out, again) and torch.equal(lse, again_lse)
     check(out, lse, q, clean, sl, 512, softmax_scale=192**-0.5, **kw)
