@@ -13,6 +13,7 @@ import dataclasses
 
 import leanattn
 from leanattn._testing import MLA_CALLS, MLA_KNOWN, blocks_of, gluon_serves, launch_plan, mla_heuristic, mla_tma_view
+from leanattn.kernels.config import choose_mla_config, interpreting
 from leanattn.kernels.mla_decode import mla_merge_kernel
 
 from _util import DEVICE, ON_GPU, TOL, LSE_TOL, rel_err, to_paged
@@ -147,15 +148,23 @@ def test_bad_page_gives_nan_rows(page_size):
         leanattn.mla_decode(q, kp, sl, block_table=table, head_dim_v=64, check=True)
 
 
-def test_tma_view_takes_row_tiles_of_16_bit_caches_only():
-    """The TMA loop's 2-D views: contiguous 16-bit caches and pages of a multiple of the tile;
-    not fp8, smaller pages, unevenly spaced rows or widths that are not powers of two; a rope
-    cache apart with its own row stride."""
+def test_tma_view_takes_row_tiles_of_16_bit_and_fp8_caches():
+    """The 2-D views of the TMA loops: contiguous 16-bit or fp8 caches and pages of a multiple of
+    the tile; not smaller pages, rows whose stride is not a multiple of 16 bytes or unevenly
+    spaced, or widths that are not powers of two; a rope cache apart with its own row stride.
+    The Triton kernel's TMA loop reads 16-bit caches only (fp8 views are mla_gluon's)."""
     kv = torch.zeros(3, 96, 1, 80, dtype=torch.bfloat16, device=DEVICE)
     assert mla_tma_view(kv, None, 0, 64, 16, 32) == (3 * 96, 32, (80, 64), (80, 16))
     assert mla_tma_view(kv, None, 96, 64, 16, 32) == (3 * 96, 32, (80, 64), (80, 16))
     assert mla_tma_view(kv, None, 96, 64, 16, 64) is None  # a 64-key tile would cross pages of 96
-    assert mla_tma_view(kv.to(FP8), None, 0, 64, 16, 32) is None
+    assert mla_tma_view(kv.to(FP8), None, 0, 64, 16, 32) == (3 * 96, 32, (80, 64), (80, 16))
+    odd = torch.zeros(3, 96, 1, 88, dtype=torch.bfloat16, device=DEVICE)
+    assert mla_tma_view(odd[..., :80], None, 0, 64, 16, 32) is not None  # rows 176 bytes apart
+    assert mla_tma_view(odd.to(FP8)[..., :80], None, 0, 64, 16, 32) is None  # rows 88 bytes apart
+    q, _, sl = mla_inputs([70, 3], 4, 80, cache_len=96, seed=2)
+    MLA_CALLS.clear()
+    leanattn.mla_decode(q, kv[:2].to(FP8), sl, head_dim_v=64, kv_scale=0.5)
+    assert [call.tma for call in MLA_CALLS.values()] == [None]
     assert mla_tma_view(kv, None, 0, 56, 24, 32) is None  # rope 24
     wide = torch.zeros(3, 100, 1, 80, dtype=torch.bfloat16, device=DEVICE)
     assert mla_tma_view(wide[:, :96], None, 0, 64, 16, 32) is None  # rows of the batch 100 apart, not 96
@@ -584,6 +593,13 @@ def test_gluon_serves_only_shapes_it_fits(monkeypatch):
     assert not gluon_serves(cuda, 64, 64, 64, 16)  # latent 64: under two warpgroups' M
     assert not gluon_serves(cuda, 32, 512, 64, 16)  # 32-key tiles
     assert not gluon_serves(cuda, 64, 512, 32, 16)  # rope 32
+    # fp8: q, two fp8 tiles as they land, one in fp16 and p; 226 KiB at 64 rows
+    assert gluon_serves(cuda, 64, 512, 64, 64, 1) == on and gluon_serves(cuda, 64, 512, 64, 16, 1) == on
+    assert not gluon_serves(cuda, 64, 512, 128, 64, 1)  # 250 KiB
+    # Where the kernel runs, fp8 16-row blocks take its 64-key tiles; elsewhere 32 (the Triton
+    # kernel's best; under the interpreter, small tiles always).
+    assert choose_mla_config(576, 512, FP8, 16, gluon=True).tile == (32 if interpreting() else 64)
+    assert choose_mla_config(576, 512, FP8, 16).tile == 32
     monkeypatch.setattr(mla_call, "_capability", lambda device: 10)
     assert not gluon_serves(cuda, 64, 512, 64, 64)  # no warpgroup products on Blackwell
 
@@ -595,9 +611,9 @@ def _wrapper_run(q, kv, sl, cap, gluon, programs=None, calls=None, **kw):
     """One plan and run of an MLAWrapper whose config takes mla_gluon's kernel or not (``calls``:
     a list that receives the wrapper's kernel calls)."""
     hq = q.shape[2]
-    config = dataclasses.replace(mla_heuristic(576, 512, kv.dtype, q.shape[1] * hq), gluon=gluon)
-    w = leanattn.MLAWrapper(hq, 576, 512, q.dtype, DEVICE, max_q_len=q.shape[1], softmax_scale=192**-0.5,
-                            config=config, num_programs=programs)
+    config = dataclasses.replace(mla_heuristic(576, 512, kv.dtype, q.shape[1] * hq, torch.device(DEVICE)), gluon=gluon)
+    w = leanattn.MLAWrapper(hq, 576, 512, q.dtype, DEVICE, kv_dtype=kv.dtype, max_q_len=q.shape[1],
+                            softmax_scale=192**-0.5, config=config, num_programs=programs)
     w.plan(sl, cap, q_len=q.shape[1], cache_leftpad=kw.pop("cache_leftpad", None))
     result = w.run(q, kv, return_lse=True, **kw)
     if calls is not None:
@@ -678,6 +694,53 @@ def test_gpu_gluon_ws_against_the_uniform_kernel(monkeypatch, hq, q_len, page_si
     uni, uni_lse = _wrapper_run(q, kv, sl, cap, True, programs, **kw)
     assert rel_err(out, uni) < TOL[out.dtype]
     assert (lse - uni_lse).nan_to_num(posinf=0.0, neginf=0.0).abs().max().item() < LSE_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GLUON, reason="needs a Hopper GPU and Triton's Gluon")
+@pytest.mark.parametrize("hq,q_len,page_size,apart,pad,programs,kind,fp8", [
+    (16, 1, 64, False, False, None, "float", torch.float8_e4m3fn),
+    (128, 1, 64, False, False, None, "head", torch.float8_e4m3fn),
+    (32, 2, 0, True, True, 7, "seq", torch.float8_e4m3fn),
+    (16, 4, 128, False, False, 132, "seq", torch.float8_e5m2),
+    (64, 1, 0, False, False, 5, "float", torch.float8_e5m2),
+    (16, 1, 0, False, False, None, "token", torch.float8_e4m3fn),
+])
+def test_gpu_gluon_fp8_against_the_triton_kernel(hq, q_len, page_size, apart, pad, programs, kind, fp8):
+    """fp8 caches on mla_gluon's kernel (tiles converted to fp16 in shared memory) against the
+    Triton kernel and the float64 reference: e4m3 and e5m2, one scale (a float or a (1,) tensor)
+    or one a request, 16 to 64 rows a block, contiguous or paged, a rope cache apart, a left pad,
+    several query tokens, lengths ending inside a tile, an empty one, NaN past every length.
+    Per-token scales stay on the Triton kernel."""
+    lens, cap = [3000, 1, 700, 0, 64, 2049], 3072
+    q, kv, sl = mla_inputs(lens, hq, 576, q_len=q_len, cache_len=cap, seed=hq + q_len)
+    q = q * 1e5  # past fp16's range: the fp16 products take q by a power of two
+    gen = torch.Generator().manual_seed(hq)
+    scale = {"float": 1e-6, "head": torch.tensor([2e-6], device=DEVICE),
+             "seq": (torch.rand(len(lens), 1, generator=gen) * 2e-6 + 5e-7).to(DEVICE),
+             "token": (torch.rand(len(lens), cap, 1, generator=gen) * 2e-6 + 5e-7).to(DEVICE)}[kind]
+    clean = (kv * 20).to(fp8)
+    kv8 = clean.clone()
+    for b, n in enumerate(lens):
+        kv8.view(torch.uint8)[b, n:] = 0x7F  # NaN in e4m3 and e5m2
+    kw = {"kv_scale": scale}
+    if pad:
+        kw["cache_leftpad"] = torch.tensor([0, 0, 129, 0, 3, 64], dtype=torch.int32, device=DEVICE)
+    if page_size:
+        clean, _ = paged(clean, [cap] * len(lens), page_size)
+        kv8, kw["block_table"] = paged(kv8, [cap] * len(lens), page_size)
+    if apart:
+        kv8, kw["rope_cache"] = kv8[..., :512].contiguous(), kv8[..., 512:].contiguous()
+    ref_kw = {k: v for k, v in kw.items() if k != "rope_cache"}
+    calls = []
+    out, lse = _wrapper_run(q, kv8, sl, cap, True, programs, calls, **kw)
+    assert [call.gluon for call in calls] == [kind != "token"]
+    check(out, lse, q, clean, sl, 512, softmax_scale=192**-0.5, **ref_kw)
+    again, again_lse = _wrapper_run(q, kv8, sl, cap, True, programs, **kw)
+    assert torch.equal(out, again) and torch.equal(lse, again_lse)
+    tri, tri_lse = _wrapper_run(q, kv8, sl, cap, False, programs, **kw)
+    assert rel_err(out, tri) < TOL[out.dtype]
+    assert (lse - tri_lse).nan_to_num(posinf=0.0, neginf=0.0).abs().max().item() < LSE_TOL
 
 
 @pytest.mark.gpu

@@ -17,7 +17,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import _call
 from ._checks import capacity_of
-from ._features import scale_kind, scale_tensor
+from ._features import SCALE_HEAD, SCALE_SEQ, scale_kind, scale_tensor
 from ._launch import _capability, launch
 from ._workspace import Workspace, outside_graph_pools
 from .kernels import mla_gluon
@@ -28,9 +28,11 @@ from .kernels.plan import BLOCK_B, PLAN_FIELDS, lean_plan_kernel
 
 
 @functools.lru_cache(maxsize=None)
-def heuristic(head_dim: int, head_dim_v: int, kv_dtype: torch.dtype, rows: int) -> MLAConfig:
-    """The launch heuristic's config for ``rows`` (q_len x q_heads) query rows of a request."""
-    return choose_mla_config(head_dim, head_dim_v, kv_dtype, rows)
+def heuristic(head_dim: int, head_dim_v: int, kv_dtype: torch.dtype, rows: int,
+              device: torch.device | None = None) -> MLAConfig:
+    """The launch heuristic's config for ``rows`` (q_len x q_heads) query rows of a request on
+    ``device`` (None: one that does not run mla_gluon's kernels)."""
+    return choose_mla_config(head_dim, head_dim_v, kv_dtype, rows, device is not None and gluon_device(device))
 
 
 def packing(q_len: int, q_heads: int, block_rows: int) -> tuple[int, int]:
@@ -85,27 +87,29 @@ class MLACall:
         # sequence's bits must not depend on its cache's layout.
         view = None if split or (has_leftpad and page_size) else \
             tma_view(kv_cache, rope_cache, page_size, head_dim_v, head_dim - head_dim_v, config.tile)
-        # Hopper: a call the TMA loop could take can run as mla_gluon's hand-pipelined kernel,
-        # then mla_merge_kernel as the merge of the blocks the shares cut, on one plan (two
-        # launches, three unplanned: see launch for when).
-        self.gluon = view is not None and config.gluon is not False and gluon_serves(
-            q.device, config.tile, head_dim_v, head_dim - head_dim_v, rows)
+        self.fp8 = kv_cache.dtype.itemsize == 1
+        kind = scale_kind(kv_scale) if self.fp8 else 0
+        # Hopper: a call whose caches have a 2-D view (16-bit, or fp8 with one scale or one a
+        # request) can run as mla_gluon's hand-pipelined kernel, then mla_merge_kernel as the
+        # merge of the blocks the shares cut, on one plan (two launches, three unplanned: see
+        # launch for when).
+        self.gluon = view is not None and config.gluon is not False and kind in (0, SCALE_HEAD, SCALE_SEQ) and \
+            gluon_serves(q.device, config.tile, head_dim_v, head_dim - head_dim_v, rows, kv_cache.element_size())
         self.gluon_loaded = False
         self.gluon_ws = False
         self.gluon_view = view
         self.gluon_eager = config.gluon is True or rows >= 32 or \
             batch * capacity * head_dim * kv_cache.element_size() >= GLUON_EAGER_BYTES
-        self.tma = view if config.tma else None
+        self.tma = view if config.tma and not self.fp8 else None  # the Triton TMA loop: 16-bit caches
         self.programs, self.device, self.config = programs, q.device, config
         self.pdl = _call.pdl_of(config, q.device)
-        self.fp8 = kv_cache.dtype.itemsize == 1
         unit, target_share = _call.unit_of(config, split)
         self.params = dict(
             GROUP=group, Q_LEN=q_len, ROWS=rows, DV=head_dim_v, DV_PAD=dv_pad, DR=head_dim - head_dim_v,
             DR_PAD=max(16, next_pow2(head_dim - head_dim_v)), TILE=config.tile, PAGE_SIZE=page_size,
             TARGET_SHARE=target_share, SPLIT=split, UNIT=unit, MERGE_ROWS=merge_rows, MERGE_WIDE=merge_wide,
             ARRIVE_CHUNK=_call.ARRIVE_CHUNK, HAS_SEQLENS=has_seqlens, HAS_LEFTPAD=has_leftpad,
-            HAS_MASK=causal and q_len > 1, SCALE_KIND=scale_kind(kv_scale) if self.fp8 else 0, PLANNED=planned,
+            HAS_MASK=causal and q_len > 1, SCALE_KIND=kind, PLANNED=planned,
             RETURN_LSE=lse is not None, DOT_DTYPE=_call.dot_dtype_of(config, q.dtype, kv_cache.dtype),
             BLOCK_B=BLOCK_B, USE_PDL=self.pdl, USE_TMA=self.tma is not None, ROPE_APART=rope_cache is not None,
             **dict(config.constexprs),
@@ -141,15 +145,15 @@ class MLACall:
             )
             self.merge_grid = (programs, dv_pad // MERGE_COLS)
             self.merge_fixed = (*out.stride()[:3], *(lse.stride() if lse is not None else (0, 0, 0)), capacity)
-            # 64-row blocks take the warp-specialised kernel (4 + 4 warps) where P fits over a
-            # tile's rope columns, other blocks the uniform one (4 warps at 16 rows, else 8).
-            self.gluon_ws = ws_serves(rows, config.tile, head_dim - head_dim_v)
+            # 16-bit 64-row blocks take the warp-specialised kernel (4 + 4 warps) where P fits
+            # over a tile's rope columns, other blocks the uniform one (4 warps at 16 rows, else 8).
+            self.gluon_ws = not self.fp8 and ws_serves(rows, config.tile, head_dim - head_dim_v)
             warps = 4 if rows == 16 or self.gluon_ws else 8
             self.gluon_params = dict(
                 GROUP=group, Q_LEN=q_len, ROWS=rows, MERGE_ROWS=merge_rows, DV=head_dim_v, DR=head_dim - head_dim_v,
                 TILE=config.tile, PAGE_SIZE=page_size, HAS_SEQLENS=has_seqlens, HAS_LEFTPAD=has_leftpad,
                 HAS_MASK=causal and q_len > 1, RETURN_LSE=lse is not None, ROPE_APART=rope_cache is not None,
-                **(dict(VALUE_REGS=WS_VALUE_REGS) if self.gluon_ws else dict(WARPS=warps)),
+                **(dict(VALUE_REGS=WS_VALUE_REGS) if self.gluon_ws else dict(SCALE_KIND=kind, WARPS=warps)),
             )
             self.gluon_fixed = (
                 *q.stride()[:3], *out.stride()[:3], *(lse.stride() if lse is not None else (0, 0, 0)), stride_btb,
@@ -175,13 +179,15 @@ class MLACall:
         # and in eager calls where its kernel saves more (see GLUON_EAGER_BYTES). Bits therefore
         # depend on the mode for the calls the eager rule sends to the Triton kernel.
         if self.gluon and (self.gluon_eager or torch.cuda.is_current_stream_capturing()):
-            self._launch_gluon(bufs, q, kv_cache, rope, out, lse, cache_seqlens, cache_leftpad, block_table, plan)
+            self._launch_gluon(bufs, q, kv_cache, rope, out, lse, cache_seqlens, cache_leftpad, block_table, scale,
+                               plan)
             return
         if self.gluon and not self.gluon_loaded:
             # A kernel's binary is loaded at its first launch, which CUDA refuses inside graph
             # capture: the Gluon path runs once here, eagerly, so that a later capture finds
             # its kernels loaded. The Triton kernel's launch below writes the call's results.
-            self._launch_gluon(bufs, q, kv_cache, rope, out, lse, cache_seqlens, cache_leftpad, block_table, plan)
+            self._launch_gluon(bufs, q, kv_cache, rope, out, lse, cache_seqlens, cache_leftpad, block_table, scale,
+                               plan)
         if self.tma is not None:
             # A descriptor holds the cache's address: made for each call (each layer's cache).
             rows, tile, (kv_stride, dv), (rope_stride, dr) = self.tma
@@ -202,9 +208,11 @@ class MLACall:
     def _launch_gluon(
         self, bufs: tuple[torch.Tensor, ...], q: torch.Tensor, kv_cache: torch.Tensor, rope: torch.Tensor,
         out: torch.Tensor, lse: torch.Tensor | None, cache_seqlens: torch.Tensor | None,
-        cache_leftpad: torch.Tensor | None, block_table: torch.Tensor | None, plan: torch.Tensor | None,
+        cache_leftpad: torch.Tensor | None, block_table: torch.Tensor | None, scale: torch.Tensor,
+        plan: torch.Tensor | None,
     ) -> None:
-        """The plan (unplanned calls), mla_gluon's attention, then the merge of cut blocks."""
+        """The plan (unplanned calls), mla_gluon's attention, then the merge of cut blocks.
+        ``scale``: an fp8 cache's float32 scale tensor (else any tensor: unread)."""
         self.gluon_loaded = True
         acc, stats, tickets = bufs[:3]
         seqlens = cache_seqlens if cache_seqlens is not None else tickets
@@ -220,7 +228,8 @@ class MLACall:
         args = (
             q, mla_gluon.descriptor(kv_cache, rows, kv_stride, tile, dv), mla_gluon.descriptor(rope, rows, rope_stride,
                                                                                              tile, dr),
-            out, lse_t, seqlens, leftpad, table, plan, acc, stats, *self.gluon_fixed,
+            out, lse_t, seqlens, leftpad, table, plan, acc, stats, *(() if self.gluon_ws else (scale,)),
+            *self.gluon_fixed,
         )
         kernel = mla_gluon.mla_attend_gluon_ws if self.gluon_ws else mla_gluon.mla_attend_gluon
         self.gluon_hit = launch(kernel, self.programs, args, self.gluon_params, wide, False, self.device,
@@ -230,16 +239,24 @@ class MLACall:
                                 self.device, self.merge_hit)
 
 
-def gluon_serves(device: torch.device, tile: int, head_dim_v: int, rope_dim: int, rows: int) -> bool:
-    """Whether ``mla_gluon``'s kernel takes a call that the TMA loop could: a Hopper GPU (its
-    warpgroup products), a Triton with Gluon, 64-key tiles (the products' M), latent and rope
-    widths that are multiples of 64 (its shared-memory passes), a latent of at least 128 (the
-    output product's M over two warpgroups), q, two tiles and p within a block's shared memory,
-    LEANATTN_GLUON not 0 (read at import)."""
-    width = head_dim_v + rope_dim
-    shared = 2 * (rows * width + 2 * tile * width + tile * rows) + 2048  # bf16; barriers, reductions
+def gluon_device(device: torch.device) -> bool:
+    """Whether ``mla_gluon``'s kernels run on ``device``: a Hopper GPU (their warpgroup
+    products), a Triton with Gluon, LEANATTN_GLUON not 0 (read at import)."""
     return (_GLUON and mla_gluon.AVAILABLE and device.type == "cuda" and not interpreting()
-            and _capability(device) == 9 and tile == 64 and head_dim_v % 64 == 0 and rope_dim % 64 == 0
+            and _capability(device) == 9)
+
+
+def gluon_serves(device: torch.device, tile: int, head_dim_v: int, rope_dim: int, rows: int, itemsize: int = 2) -> bool:
+    """Whether ``mla_gluon``'s kernel takes a call of a cache of ``itemsize`` bytes a value (2,
+    or 1 for fp8) whose 2-D view it can read (``tma_view``): a device of ``gluon_device``,
+    64-key tiles (the products' M), latent and rope widths that are multiples of 64 (its
+    shared-memory passes), a latent of at least 128 (the output product's M over two
+    warpgroups), and in a block's shared memory q, two tiles as they land (fp8: and one in fp16)
+    and p."""
+    width = head_dim_v + rope_dim
+    tiles = 2 * tile * width * itemsize + (2 * tile * width if itemsize == 1 else 0)
+    shared = 2 * (rows * width + tile * rows) + tiles + 2048  # barriers, reductions
+    return (gluon_device(device) and tile == 64 and head_dim_v % 64 == 0 and rope_dim % 64 == 0
             and head_dim_v >= 128 and shared <= 232448)
 
 
@@ -271,12 +288,13 @@ def tma_view(
 ) -> tuple | None:
     """The 2-D views (rows, width) of the caches that the kernel's TMA loop reads a tile of, as
     (rows, tile, (kv row stride, head_dim_v), (rope row stride, rope_dim)); None when it cannot:
-    a cache is not 16-bit, the latent or rope width is not a power of two of at least 16, a
+    a cache is neither 16-bit nor fp8 (the Triton kernel's TMA loop reads 16-bit ones only), the latent or rope width is not a power of two of at least 16, a
     cache's rows are not evenly spaced with 16-byte aligned starts, or a tile would cross a page
     (``page_size`` not a multiple of ``tile``). ``rope_cache`` None: the rope columns follow the
     latent ones in ``kv_cache``."""
     n, per = kv_cache.shape[:2]
-    if kv_cache.element_size() != 2 or page_size % tile or not 0 < n * per < 2**31:
+    size = kv_cache.element_size()
+    if size not in (1, 2) or page_size % tile or not 0 < n * per < 2**31:
         return None
     if any(w < 16 or w & (w - 1) for w in (head_dim_v, rope_dim)):
         return None
@@ -284,7 +302,7 @@ def tma_view(
     for cache in (kv_cache, rope_cache if rope_cache is not None else kv_cache):
         stride = cache.stride(1)
         spaced = n == 1 or cache.stride(0) == per * stride  # row r at r x stride, across batch or pages
-        if cache.stride(-1) != 1 or (stride * 2) % 16 or cache.data_ptr() % 16 or not spaced:
+        if cache.stride(-1) != 1 or (stride * size) % 16 or cache.data_ptr() % 16 or not spaced:
             return None
         strides.append(stride)
     return n * per, tile, (strides[0], head_dim_v), (strides[1], rope_dim)
@@ -321,7 +339,7 @@ def mla_decode_into(
     batch, q_len, q_heads, head_dim = q.shape
     if batch == 0:
         return None
-    config = heuristic(head_dim, head_dim_v, kv_cache.dtype, q_len * q_heads)
+    config = heuristic(head_dim, head_dim_v, kv_cache.dtype, q_len * q_heads, q.device)
     programs = _call.grid(q.device, config, num_programs)
     capacity = capacity_of(kv_cache, block_table)
     blocks = blocks_of(q_len, q_heads, config.block_rows)[1]

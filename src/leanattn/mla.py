@@ -180,10 +180,10 @@ def mla_decode(
         _check_values(kv_cache, cache_seqlens, cache_leftpad, block_table, kv_scale, batch, capacity)
     scale = softmax_scale_of(softmax_scale, head_dim)
     if compiling:  # the uncached forms: torch.compile traces them
-        config = choose_mla_config(head_dim, head_dim_v, kv_cache.dtype, q_len * q_heads)
+        config = choose_mla_config(head_dim, head_dim_v, kv_cache.dtype, q_len * q_heads, _mla_call.gluon_device(q.device))
         blocks = _mla_call.packing(q_len, q_heads, config.block_rows)[1]
     else:
-        config = _mla_call.heuristic(head_dim, head_dim_v, kv_cache.dtype, q_len * q_heads)
+        config = _mla_call.heuristic(head_dim, head_dim_v, kv_cache.dtype, q_len * q_heads, q.device)
         blocks = _mla_call.blocks_of(q_len, q_heads, config.block_rows)[1]
     split = split_of(batch_invariant, split_size, config.tile)
     check_tile_count(batch, blocks, capacity, config.tile)
@@ -292,7 +292,8 @@ class MLAWrapper:
 
     def _config_for(self, q_len: int) -> MLAConfig:
         """The runs' launch config for plans of ``q_len``: the one given, else the heuristic's."""
-        return self._given_config or _mla_call.heuristic(self.head_dim, self.head_dim_v, self.kv_dtype, q_len * self.q_heads)
+        return self._given_config or _mla_call.heuristic(self.head_dim, self.head_dim_v, self.kv_dtype,
+                                                         q_len * self.q_heads, self._device)
 
     def plan(
         self, cache_seqlens: torch.Tensor | None, capacity: int, *, batch: int | None = None, q_len: int = 1,

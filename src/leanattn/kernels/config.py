@@ -217,9 +217,11 @@ class MLAConfig(KernelConfig):
     gluon: bool | None = None
 
 
-def choose_mla_config(head_dim: int, head_dim_v: int, kv_dtype: torch.dtype, rows: int) -> MLAConfig:
+def choose_mla_config(head_dim: int, head_dim_v: int, kv_dtype: torch.dtype, rows: int,
+                      gluon: bool = False) -> MLAConfig:
     """Heuristic MLA launch configuration for a cache of ``head_dim`` values a token (latent
-    ``head_dim_v`` then rope) and ``rows`` = q_len x q_heads query rows of a request.
+    ``head_dim_v`` then rope) and ``rows`` = q_len x q_heads query rows of a request; ``gluon``:
+    the device runs ``kernels/mla_gluon.py``'s kernels (Hopper), whose tiles are 64 keys.
 
     Blocks of 16 rows up to 16, 32 up to 32, else 64: the products do no more rows' work per key
     than the call has, and 128 heads are 2 blocks streaming the same cache.
@@ -234,7 +236,8 @@ def choose_mla_config(head_dim: int, head_dim_v: int, kv_dtype: torch.dtype, row
       µs against 1013 for the pointer loop's 64-row blocks, which spill. Where the cache does not
       allow it, the pointer loop with 8 warps and 2 stages.
     fp8 caches keep 32-token tiles at 16 rows (8 warps, 3 stages), 64 above (the pointer loop:
-    their tiles are converted to fp16 in registers). Under the interpreter, small tiles and the
+    their tiles are converted to fp16 in registers); where ``gluon``, 64 at 16 rows too, the
+    tile of mla_gluon's kernel, which takes most of those calls. Under the interpreter, small tiles and the
     TMA loop where it applies, so both loops are tested there."""
     block_rows = 16 if rows <= 16 else 32 if rows <= 32 else 64
     if interpreting():
@@ -247,7 +250,7 @@ def choose_mla_config(head_dim: int, head_dim_v: int, kv_dtype: torch.dtype, row
         return MLAConfig(tile=64, num_warps=8, num_stages=2, programs_per_sm=1, target_share=4, block_rows=64,
                          tma=True)
     if wide:
-        if block_rows == 16:
+        if block_rows == 16 and not gluon:
             return MLAConfig(tile=32, num_warps=8, num_stages=3, programs_per_sm=1, target_share=4, block_rows=16)
         return MLAConfig(tile=64, num_warps=8, num_stages=2, programs_per_sm=1, target_share=4, block_rows=block_rows)
     # Narrower latents (down to the 16-wide ones tests use): 64-token tiles, 4 warps for 16 rows.

@@ -110,6 +110,32 @@ if AVAILABLE:
             part.store(gl.where(keep, x, gl.zeros_like(x)))
 
     @gluon.jit
+    def _convert_rows(src, dst, live_rows, COLS: gl.constexpr, CHUNK: gl.constexpr, TILE: gl.constexpr,
+                      WARPS: gl.constexpr):
+        """An fp8 tile ``src`` (TILE, COLS) as landed, into ``dst`` in fp16 (exact: e4m3's values
+        are fp16 values), its rows from ``live_rows`` on zeroed (a bulk copy reads past a
+        sequence's end, and NaN there would reach the output through 0 x NaN). CHUNK columns a
+        pass: one 128-byte swizzle row of the source."""
+        THREADS_N: gl.constexpr = CHUNK // 16
+        layout: gl.constexpr = gl.BlockedLayout([1, 16], [32 // THREADS_N, THREADS_N], [WARPS, 1], [1, 0])
+        keep = gl.expand_dims(gl.arange(0, TILE, layout=gl.SliceLayout(1, layout)) < live_rows, 1)
+        for c in gl.static_range(COLS // CHUNK):
+            x = src.slice(c * CHUNK, CHUNK, dim=1).load(layout).to(gl.float16)
+            dst.slice(c * CHUNK, CHUNK, dim=1).store(gl.where(keep, x, gl.zeros_like(x)))
+
+    @gluon.jit
+    def _fp16_powers(amax):
+        """(2^s, 2^-s) for the power of two that brings ``amax`` (finite, >= 0) into [2^13, 2^14),
+        s within [-126, 126]: q times 2^s is exact in fp16 (11 significant bits
+        hold bf16's 8) for every element within 2^27 of the largest, as the Triton kernel's
+        ``_pow2_factors``; 2^-s undoes it on the fp32 scores."""
+        e = ((amax.to(gl.int32, bitcast=True) >> 23) & 0xFF) - 127  # amax's exponent (-127: 0 or subnormal)
+        shift = gl.minimum(gl.maximum(13 - e, -126), 126)
+        up = ((shift + 127) << 23).to(gl.float32, bitcast=True)
+        down = ((127 - shift) << 23).to(gl.float32, bitcast=True)
+        return up, down
+
+    @gluon.jit
     def _segment(SeqLens, LeftPad, b, t, g, end, capacity, TILE: gl.constexpr, HAS_SEQLENS: gl.constexpr,
                  HAS_LEFTPAD: gl.constexpr):
         """The segment of a share that starts at unit ``g`` (tile ``t`` of request ``b``'s block):
@@ -130,23 +156,29 @@ if AVAILABLE:
 
     @gluon.jit(do_not_specialize=["blocks", "capacity", "num_pages"])
     def mla_attend_gluon(
-        Q, kv_desc, kr_desc, Out, Lse, SeqLens, LeftPad, BlockTable, Plan, WsAcc, WsStats,
+        Q, kv_desc, kr_desc, Out, Lse, SeqLens, LeftPad, BlockTable, Plan, WsAcc, WsStats, KScale,
         stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
         stride_btb, blocks, capacity, num_pages, scale,
         GROUP: gl.constexpr, Q_LEN: gl.constexpr, ROWS: gl.constexpr, MERGE_ROWS: gl.constexpr,
         DV: gl.constexpr, DR: gl.constexpr, TILE: gl.constexpr, PAGE_SIZE: gl.constexpr,
         HAS_SEQLENS: gl.constexpr, HAS_LEFTPAD: gl.constexpr, HAS_MASK: gl.constexpr, RETURN_LSE: gl.constexpr,
-        ROPE_APART: gl.constexpr, WARPS: gl.constexpr,
+        ROPE_APART: gl.constexpr, SCALE_KIND: gl.constexpr, WARPS: gl.constexpr,
     ):
-        """Program ``pid``'s planned share of (request, block, 64-key tile) units, 16-bit caches.
+        """Program ``pid``'s planned share of (request, block, 64-key tile) units.
 
         Q (batch, Q_LEN, q_heads, DV + DR) by strides; kv_desc / kr_desc: tensor descriptors of the
         cache's rows as a 2-D tensor with boxes (TILE, DV) and (TILE, DR) (``_mla_call.tma_view``);
         Out (batch, Q_LEN, q_heads, DV); Lse (batch, q_heads, Q_LEN); Plan as ``lean_plan_kernel``
         writes it for ``blocks`` blocks a request. ``scale``: softmax scale x log2(e). A block's
         rows are packed as in ``mla_decode_kernel``; with WARPS = 8 the two warpgroups split the
-        rows of the scores and the value columns of the output."""
+        rows of the scores and the value columns of the output.
+
+        SCALE_KIND 0: a 16-bit cache, KScale unused. fp8 e4m3 caches: 1, KScale (1,) float32 is
+        the dequantisation scale; 2, (batch,) one a request. Each landed fp8 tile is converted to
+        an fp16 tile in shared memory, and the products run in fp16 (q by a power of two, as in
+        the Triton kernel); the scale goes on the fp32 scores and output."""
         pid = gl.program_id(0)
+        FP8: gl.constexpr = SCALE_KIND != 0
         WN: gl.constexpr = WARPS // 4
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, WN], instr_shape=[16, ROWS // WN, 16])
@@ -157,13 +189,26 @@ if AVAILABLE:
         q_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, DV], gl.bfloat16)
         qr_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, DR], gl.bfloat16)
         p_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([TILE, ROWS], gl.bfloat16)
-        NBYTES: gl.constexpr = TILE * (DV + DR) * 2
-        dtype: gl.constexpr = kv_desc.dtype
+        NBYTES: gl.constexpr = TILE * (DV + DR) * (1 if FP8 else 2)
+        RCHUNK: gl.constexpr = 128 if DR % 128 == 0 else 64  # fp8 rope columns converted a pass
 
+        if FP8:
+            # Two landing buffers of fp8 tiles, one fp16 tile the products read.
+            dtype: gl.constexpr = gl.float16
+            kv8_smem = gl.allocate_shared_memory(kv_desc.dtype, [2, TILE, DV], kv_desc.layout)
+            kr8_smem = gl.allocate_shared_memory(kr_desc.dtype, [2, TILE, DR], kr_desc.layout)
+            kv_smem = gl.allocate_shared_memory(dtype, [1, TILE, DV],
+                                                gl.NVMMASharedLayout.get_default_for([TILE, DV], dtype))
+            kr_smem = gl.allocate_shared_memory(dtype, [1, TILE, DR],
+                                                gl.NVMMASharedLayout.get_default_for([TILE, DR], dtype))
+        else:
+            dtype: gl.constexpr = kv_desc.dtype
+            kv_smem = gl.allocate_shared_memory(dtype, [2, TILE, DV], kv_desc.layout)
+            kr_smem = gl.allocate_shared_memory(dtype, [2, TILE, DR], kr_desc.layout)
+            kv8_smem = kv_smem  # tiles land where the products read them
+            kr8_smem = kr_smem
         q_smem = gl.allocate_shared_memory(dtype, [ROWS, DV], q_shared)
         qr_smem = gl.allocate_shared_memory(dtype, [ROWS, DR], qr_shared)
-        kv_smem = gl.allocate_shared_memory(dtype, [2, TILE, DV], kv_desc.layout)
-        kr_smem = gl.allocate_shared_memory(dtype, [2, TILE, DR], kr_desc.layout)
         p_smem = gl.allocate_shared_memory(dtype, [TILE, ROWS], p_shared)
         bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2):
@@ -203,8 +248,26 @@ if AVAILABLE:
                 # has been waited for, by every warp).
                 gl.thread_barrier()
                 q_base = Q + b.to(gl.int64) * stride_qb + h * GROUP * stride_qh + gl.expand_dims(q_offs, 1)
-                q_smem.store(gl.load(q_base + cols_v, mask=q_real, other=0.0).to(dtype))
-                qr_smem.store(gl.load(q_base + DV + cols_r, mask=q_real, other=0.0).to(dtype))
+                if FP8:
+                    # q in fp16 by one power of two for both parts (their products are summed);
+                    # only finite values set it: an inf or NaN row stays non-finite on its own.
+                    q_l = gl.load(q_base + cols_v, mask=q_real, other=0.0).to(gl.float32)
+                    q_p = gl.load(q_base + DV + cols_r, mask=q_real, other=0.0).to(gl.float32)
+                    amax = gl.maximum(gl.max(gl.max(gl.where(gl.abs(q_l) < float("inf"), gl.abs(q_l), 0.0), 1), 0),
+                                      gl.max(gl.max(gl.where(gl.abs(q_p) < float("inf"), gl.abs(q_p), 0.0), 1), 0))
+                    up, down = _fp16_powers(amax)
+                    q_smem.store((q_l * up).to(dtype))
+                    qr_smem.store((q_p * up).to(dtype))
+                    if SCALE_KIND == 1:
+                        kv_scale = gl.load(KScale)
+                    else:
+                        kv_scale = gl.load(KScale + b)
+                    seg_scale = scale * kv_scale * down
+                else:
+                    q_smem.store(gl.load(q_base + cols_v, mask=q_real, other=0.0).to(dtype))
+                    qr_smem.store(gl.load(q_base + DV + cols_r, mask=q_real, other=0.0).to(dtype))
+                    kv_scale = 1.0
+                    seg_scale = scale
                 fence_async_shared()
                 gl.thread_barrier()
                 for i in gl.static_range(2):
@@ -212,7 +275,7 @@ if AVAILABLE:
                     row, _ = _tile_row(BlockTable, table_row, b, first, t + i, live, capacity, num_pages, TILE,
                                        PAGE_SIZE)
                     buf = (used + i) % 2
-                    _issue(kv_desc, kr_desc, bars.index(buf), kv_smem.index(buf), kr_smem.index(buf), row, live, DV,
+                    _issue(kv_desc, kr_desc, bars.index(buf), kv8_smem.index(buf), kr8_smem.index(buf), row, live, DV,
                            ROPE_APART, NBYTES)
 
                 query = length - Q_LEN + s_rows // GROUP  # each row's position, in keys
@@ -223,23 +286,38 @@ if AVAILABLE:
                     buf = used % 2
                     mbarrier.wait(bars.index(buf), (used // 2) & 1)
                     used += 1
-                    kv = kv_smem.index(buf)
-                    kr = kr_smem.index(buf)
                     live_rows = length - tile * TILE
-                    if live_rows < TILE:
-                        _zero_dead_rows(kv, live_rows, DV, 64, TILE, ld_layout)
-                        _zero_dead_rows(kr, live_rows, DR, DR, TILE, ld_layout)
+                    if FP8:
+                        kv = kv_smem.index(0)
+                        kr = kr_smem.index(0)
+                        _convert_rows(kv8_smem.index(buf), kv, live_rows, DV, 128, TILE, WARPS)
+                        _convert_rows(kr8_smem.index(buf), kr, live_rows, DR, RCHUNK, TILE, WARPS)
                         fence_async_shared()
                         gl.thread_barrier()
+                        # The landing buffer is free already: tile + 2's copy now, so two are in
+                        # flight during this tile's products.
+                        ahead = tile + 2 < t_live
+                        ahead_row, _ahead_bad = _tile_row(BlockTable, table_row, b, first, tile + 2, ahead, capacity,
+                                                          num_pages, TILE, PAGE_SIZE)
+                        _issue(kv_desc, kr_desc, bars.index(buf), kv8_smem.index(buf), kr8_smem.index(buf), ahead_row,
+                               ahead, DV, ROPE_APART, NBYTES)
+                    else:
+                        kv = kv_smem.index(buf)
+                        kr = kr_smem.index(buf)
+                        if live_rows < TILE:
+                            _zero_dead_rows(kv, live_rows, DV, 64, TILE, ld_layout)
+                            _zero_dead_rows(kr, live_rows, DR, DR, TILE, ld_layout)
+                            fence_async_shared()
+                            gl.thread_barrier()
                     s = warpgroup_mma(kv, q_t, gl.zeros([TILE, ROWS], gl.float32, s_layout), is_async=True)
                     s = warpgroup_mma(kr, qr_t, s, is_async=True)
                     s = warpgroup_mma_wait(0, deps=[s])
                     bad = False
                     if PAGE_SIZE > 0:
-                        _, bad = _tile_row(BlockTable, table_row, b, first, tile, True, capacity, num_pages, TILE,
+                        _row, bad = _tile_row(BlockTable, table_row, b, first, tile, True, capacity, num_pages, TILE,
                                            PAGE_SIZE)
-                    p, alpha, m_i, l_i = _softmax_tile(s, tile * TILE + s_keys, query, length, bad, m_i, l_i, scale,
-                                                       HAS_MASK, PAGE_SIZE > 0, 0)
+                    p, alpha, m_i, l_i = _softmax_tile(s, tile * TILE + s_keys, query, length, bad, m_i, l_i,
+                                                       seg_scale, HAS_MASK, PAGE_SIZE > 0, 0)
                     p_smem.store(p.to(dtype))
                     fence_async_shared()
                     gl.thread_barrier()
@@ -247,15 +325,18 @@ if AVAILABLE:
                     acc = warpgroup_mma(kv.permute([1, 0]), p_smem, acc, is_async=True)
                     acc = warpgroup_mma_wait(0, deps=[acc])
                     gl.thread_barrier()  # both warpgroups are done with this buffer and with p
-                    live = tile + 2 < t_live
-                    row, _ = _tile_row(BlockTable, table_row, b, first, tile + 2, live, capacity, num_pages, TILE,
-                                       PAGE_SIZE)
-                    _issue(kv_desc, kr_desc, bars.index(buf), kv, kr, row, live, DV, ROPE_APART, NBYTES)
+                    if not FP8:
+                        live = tile + 2 < t_live
+                        row, _ = _tile_row(BlockTable, table_row, b, first, tile + 2, live, capacity, num_pages, TILE,
+                                           PAGE_SIZE)
+                        _issue(kv_desc, kr_desc, bars.index(buf), kv, kr, row, live, DV, ROPE_APART, NBYTES)
 
                 # Tiles done: the merge may launch (the first call counts, repeats are no-ops),
                 # overlapping the writes and the other programs' last tiles. Its programs take no
                 # SM this grid still needs: they launch once every program has come this far.
                 _launch_dependents()
+                if FP8:
+                    acc = acc * kv_scale  # V's dequantisation (a partial too: the merge is linear in it)
                 m_o = gl.convert_layout(m_i, gl.SliceLayout(0, o_layout))
                 l_o = gl.convert_layout(l_i, gl.SliceLayout(0, o_layout))
                 if (t == 0) & (t_end == n_units):
@@ -562,12 +643,15 @@ if AVAILABLE:
             mbarrier.invalidate(bars.index(i))
 
     def descriptor(cache: torch.Tensor, rows: int, stride: int, tile: int, width: int) -> TensorDescriptor:
-        """A Gluon tensor descriptor of a 16-bit ``cache``'s rows as a (rows, cache.shape[-1])
-        tensor with boxes (tile, width)."""
+        """A Gluon tensor descriptor of a 16-bit or fp8 e4m3 ``cache``'s rows as a (rows,
+        cache.shape[-1]) tensor with boxes (tile, width)."""
         return TensorDescriptor(cache, [rows, cache.shape[-1]], [stride, 1], [tile, width],
-                                _box_layout(tile, width, cache.dtype == torch.bfloat16))
+                                _box_layout(tile, width, cache.dtype))
+
+    _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float8_e4m3fn: gl.float8e4nv,
+                  torch.float8_e5m2: gl.float8e5}
 
     @functools.lru_cache(maxsize=None)
-    def _box_layout(tile: int, width: int, bf16: bool):
+    def _box_layout(tile: int, width: int, dtype: torch.dtype):
         # Made once per box: computing it is most of a descriptor's host time.
-        return gl.NVMMASharedLayout.get_default_for([tile, width], gl.bfloat16 if bf16 else gl.float16)
+        return gl.NVMMASharedLayout.get_default_for([tile, width], _GL_DTYPES[dtype])
