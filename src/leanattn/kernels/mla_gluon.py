@@ -118,10 +118,14 @@ if AVAILABLE:
         pass: one 128-byte swizzle row of the source."""
         THREADS_N: gl.constexpr = CHUNK // 16
         layout: gl.constexpr = gl.BlockedLayout([1, 16], [32 // THREADS_N, THREADS_N], [WARPS, 1], [1, 0])
-        keep = gl.expand_dims(gl.arange(0, TILE, layout=gl.SliceLayout(1, layout)) < live_rows, 1)
-        for c in gl.static_range(COLS // CHUNK):
-            x = src.slice(c * CHUNK, CHUNK, dim=1).load(layout).to(gl.float16)
-            dst.slice(c * CHUNK, CHUNK, dim=1).store(gl.where(keep, x, gl.zeros_like(x)))
+        if live_rows < TILE:
+            keep = gl.expand_dims(gl.arange(0, TILE, layout=gl.SliceLayout(1, layout)) < live_rows, 1)
+            for c in gl.static_range(COLS // CHUNK):
+                x = src.slice(c * CHUNK, CHUNK, dim=1).load(layout).to(gl.float16)
+                dst.slice(c * CHUNK, CHUNK, dim=1).store(gl.where(keep, x, gl.zeros_like(x)))
+        else:  # a whole tile: no select per value
+            for c in gl.static_range(COLS // CHUNK):
+                dst.slice(c * CHUNK, CHUNK, dim=1).store(src.slice(c * CHUNK, CHUNK, dim=1).load(layout).to(gl.float16))
 
     @gluon.jit
     def _fp16_powers(amax):
