@@ -596,6 +596,9 @@ def test_gluon_serves_only_shapes_it_fits(monkeypatch):
     # fp8: q, two fp8 tiles as they land, one in fp16 and p; 226 KiB at 64 rows
     assert gluon_serves(cuda, 64, 512, 64, 64, 1) == on and gluon_serves(cuda, 64, 512, 64, 16, 1) == on
     assert not gluon_serves(cuda, 64, 512, 128, 64, 1)  # 250 KiB
+    # the warp-specialised fp8 kernel: 16-row blocks of DeepSeek's widths
+    assert mla_call.fp8_ws_serves(16, 64, 512, 64) == mla_call._GLUON_WS
+    assert not mla_call.fp8_ws_serves(32, 64, 512, 64) and not mla_call.fp8_ws_serves(16, 64, 256, 64)
     # Where the kernel runs, fp8 16-row blocks take its 64-key tiles; elsewhere 32 (the Triton
     # kernel's best; under the interpreter, small tiles always).
     assert choose_mla_config(576, 512, FP8, 16, gluon=True).tile == (32 if interpreting() else 64)
@@ -704,13 +707,16 @@ def test_gpu_gluon_ws_against_the_uniform_kernel(monkeypatch, hq, q_len, page_si
     (32, 2, 0, True, True, 7, "seq", torch.float8_e4m3fn),
     (16, 4, 128, False, False, 132, "seq", torch.float8_e5m2),
     (64, 1, 0, False, False, 5, "float", torch.float8_e5m2),
+    (16, 1, 0, True, True, 7, "seq", torch.float8_e5m2),
+    (8, 2, 128, False, False, 132, "head", torch.float8_e4m3fn),
     (16, 1, 0, False, False, None, "token", torch.float8_e4m3fn),
 ])
 def test_gpu_gluon_fp8_against_the_triton_kernel(hq, q_len, page_size, apart, pad, programs, kind, fp8):
-    """fp8 caches on mla_gluon's kernel (tiles converted to fp16 in shared memory) against the
-    Triton kernel and the float64 reference: e4m3 and e5m2, one scale (a float or a (1,) tensor)
-    or one a request, 16 to 64 rows a block, contiguous or paged, a rope cache apart, a left pad,
-    several query tokens, lengths ending inside a tile, an empty one, NaN past every length.
+    """fp8 caches on mla_gluon's kernels (tiles converted to fp16: in shared memory by every
+    warp, or by two converting warpgroups at 16 rows) against the Triton kernel and the float64
+    reference: e4m3 and e5m2, one scale (a float or a (1,) tensor) or one a request, 16 to 64
+    rows a block, contiguous or paged, a rope cache apart, a left pad, several query tokens,
+    lengths ending inside a tile, an empty one, NaN past every length, shares cut inside blocks.
     Per-token scales stay on the Triton kernel."""
     lens, cap = [3000, 1, 700, 0, 64, 2049], 3072
     q, kv, sl = mla_inputs(lens, hq, 576, q_len=q_len, cache_len=cap, seed=hq + q_len)
@@ -734,7 +740,7 @@ def test_gpu_gluon_fp8_against_the_triton_kernel(hq, q_len, page_size, apart, pa
     ref_kw = {k: v for k, v in kw.items() if k != "rope_cache"}
     calls = []
     out, lse = _wrapper_run(q, kv8, sl, cap, True, programs, calls, **kw)
-    assert [call.gluon for call in calls] == [kind != "token"]
+    assert [(call.gluon, call.gluon_fp8) for call in calls] == [(kind != "token", kind != "token" and hq * q_len == 16)]
     check(out, lse, q, clean, sl, 512, softmax_scale=192**-0.5, **ref_kw)
     again, again_lse = _wrapper_run(q, kv8, sl, cap, True, programs, **kw)
     assert torch.equal(out, again) and torch.equal(lse, again_lse)

@@ -63,7 +63,7 @@ class MLACall:
     parameters, grid and every argument fixed by the key; :meth:`launch` fills in the tensors."""
 
     __slots__ = ("programs", "device", "config", "pdl", "params", "scale", "fixed", "hit", "blocks", "fp8", "tma",
-                 "gluon", "gluon_ws", "gluon_eager", "gluon_loaded", "gluon_view", "gluon_params", "gluon_fixed", "gluon_hit",
+                 "gluon", "gluon_ws", "gluon_fp8", "gluon_eager", "gluon_loaded", "gluon_view", "gluon_params", "gluon_fixed", "gluon_hit",
                  "gluon_configs", "plan", "plan_args", "plan_params", "plan_hit", "merge_params", "merge_grid", "merge_fixed",
                  "merge_tickets", "merge_hit")
 
@@ -96,7 +96,7 @@ class MLACall:
         self.gluon = view is not None and config.gluon is not False and kind in (0, SCALE_HEAD, SCALE_SEQ) and \
             gluon_serves(q.device, config.tile, head_dim_v, head_dim - head_dim_v, rows, kv_cache.element_size())
         self.gluon_loaded = False
-        self.gluon_ws = False
+        self.gluon_ws = self.gluon_fp8 = False
         self.gluon_view = view
         self.gluon_eager = config.gluon is True or rows >= 32 or \
             batch * capacity * head_dim * kv_cache.element_size() >= GLUON_EAGER_BYTES
@@ -145,21 +145,27 @@ class MLACall:
             )
             self.merge_grid = (programs, dv_pad // MERGE_COLS)
             self.merge_fixed = (*out.stride()[:3], *(lse.stride() if lse is not None else (0, 0, 0)), capacity)
-            # 16-bit 64-row blocks take the warp-specialised kernel (4 + 4 warps) where P fits
-            # over a tile's rope columns, other blocks the uniform one: 4 warps for 16-bit 16-row
-            # blocks, else 8 (fp8 tiles are converted by every warp: 16 rows, 4 x 32k at 16 heads
-            # on an H200, 86.0 µs at 4 warps, 69.9 at 8).
+            # Warp-specialised kernels: 16-bit 64-row blocks where P fits over a tile's rope
+            # columns (4 + 4 warps), fp8 16-row blocks of DeepSeek's widths (4 + 2 x 4 warps).
+            # Other blocks take the uniform one: 4 warps for 16-bit 16-row blocks, else 8 (fp8
+            # tiles are converted by every warp: 16 rows, 4 x 32k at 16 heads on an H200, 86.0 µs
+            # at 4 warps, 69.9 at 8).
             self.gluon_ws = not self.fp8 and ws_serves(rows, config.tile, head_dim - head_dim_v)
-            warps = 4 if (rows == 16 and not self.fp8) or self.gluon_ws else 8
+            self.gluon_fp8 = self.fp8 and fp8_ws_serves(rows, config.tile, head_dim_v, head_dim - head_dim_v)
+            warps = 4 if (rows == 16 and not self.fp8) or self.gluon_ws or self.gluon_fp8 else 8
             self.gluon_params = dict(
                 GROUP=group, Q_LEN=q_len, ROWS=rows, MERGE_ROWS=merge_rows, DV=head_dim_v, DR=head_dim - head_dim_v,
                 TILE=config.tile, PAGE_SIZE=page_size, HAS_SEQLENS=has_seqlens, HAS_LEFTPAD=has_leftpad,
                 HAS_MASK=causal and q_len > 1, RETURN_LSE=lse is not None, ROPE_APART=rope_cache is not None,
-                **(dict(VALUE_REGS=WS_VALUE_REGS) if self.gluon_ws else dict(SCALE_KIND=kind, WARPS=warps)),
+                **(dict(VALUE_REGS=WS_VALUE_REGS) if self.gluon_ws else
+                   dict(SCALE_KIND=kind, CONVERT_REGS=FP8_CONVERT_REGS) if self.gluon_fp8 else
+                   dict(SCALE_KIND=kind, WARPS=warps)),
             )
+            # The fp8 kernel reads the caches' rows by pointer, the others by tensor descriptor.
+            row_strides = (view[2][0], view[3][0]) if self.gluon_fp8 else ()
             self.gluon_fixed = (
                 *q.stride()[:3], *out.stride()[:3], *(lse.stride() if lse is not None else (0, 0, 0)), stride_btb,
-                self.blocks, capacity, num_pages, softmax_scale * LOG2E,
+                *row_strides, self.blocks, capacity, num_pages, softmax_scale * LOG2E,
             )
             self.merge_hit, self.gluon_hit = None, None
             self.gluon_configs = (dataclasses.replace(config, num_warps=4, num_stages=1),
@@ -227,13 +233,14 @@ class MLACall:
         rows, tile, (kv_stride, dv), (rope_stride, dr) = self.gluon_view
         table = block_table if block_table is not None else tickets
         lse_t = lse if lse is not None else acc
-        args = (
-            q, mla_gluon.descriptor(kv_cache, rows, kv_stride, tile, dv), mla_gluon.descriptor(rope, rows, rope_stride,
-                                                                                             tile, dr),
-            out, lse_t, seqlens, leftpad, table, plan, acc, stats, *(() if self.gluon_ws else (scale,)),
-            *self.gluon_fixed,
-        )
-        kernel = mla_gluon.mla_attend_gluon_ws if self.gluon_ws else mla_gluon.mla_attend_gluon
+        if self.gluon_fp8:
+            kernel, caches = mla_gluon.mla_attend_gluon_fp8, (kv_cache, rope)
+        else:
+            kernel = mla_gluon.mla_attend_gluon_ws if self.gluon_ws else mla_gluon.mla_attend_gluon
+            caches = (mla_gluon.descriptor(kv_cache, rows, kv_stride, tile, dv),
+                      mla_gluon.descriptor(rope, rows, rope_stride, tile, dr))
+        args = (q, *caches, out, lse_t, seqlens, leftpad, table, plan, acc, stats,
+                *(() if self.gluon_ws else (scale,)), *self.gluon_fixed)
         self.gluon_hit = launch(kernel, self.programs, args, self.gluon_params, wide, False, self.device,
                                 self.gluon_hit)
         args = (out, lse_t, seqlens, leftpad, plan, acc, stats, self.merge_tickets, *self.merge_fixed)
@@ -269,10 +276,20 @@ def ws_serves(rows: int, tile: int, rope_dim: int) -> bool:
     return _GLUON_WS and rows == 64 and tile == 64 and rope_dim == 64
 
 
+def fp8_ws_serves(rows: int, tile: int, head_dim_v: int, rope_dim: int) -> bool:
+    """Whether an fp8 call ``gluon_serves`` takes runs as ``mla_attend_gluon_fp8``: blocks of 16
+    rows (at 32 its product warpgroup spills), 64-key tiles, DeepSeek's latent 512 and rope 64
+    (its loads), LEANATTN_GLUON_WS not 0 (read at import)."""
+    return _GLUON_WS and rows == 16 and tile == 64 and head_dim_v == 512 and rope_dim == 64
+
+
 _GLUON = os.environ.get("LEANATTN_GLUON", "1") != "0"
 _GLUON_WS = os.environ.get("LEANATTN_GLUON_WS", "1") != "0"
 # Registers a thread of mla_attend_gluon_ws's value warpgroup asks for (the other gets the rest).
 WS_VALUE_REGS = 192
+# Registers a thread of mla_attend_gluon_fp8's converting warpgroups ask for (the product one
+# gets the rest): sm_90, triton 3.6, 24 bytes of spills in all at 120, 216 at 152.
+FP8_CONVERT_REGS = 120
 # Eager calls (outside CUDA-graph capture) take mla_gluon's kernel for blocks of 32 or 64 rows
 # (2.2-3.2x faster than the Triton kernel at 32-128 heads on an H200; about even on eager 36 MiB
 # calls, which are host-bound) or, at 16 rows, caches of at least this many bytes (it saves

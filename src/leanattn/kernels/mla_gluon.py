@@ -158,6 +158,38 @@ if AVAILABLE:
         t_live = gl.minimum(t_end, ((length + TILE - 1) // TILE).to(gl.int32))
         return first, length, n_units, t_end, t_live
 
+    @gluon.jit
+    def _write_swapped(acc, m_i, l_i, Out, Lse, WsAcc, WsStats, b, h, slot, whole,
+                       stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                       GROUP: gl.constexpr, Q_LEN: gl.constexpr, ROWS: gl.constexpr, MERGE_ROWS: gl.constexpr,
+                       DV: gl.constexpr, RETURN_LSE: gl.constexpr, o_layout: gl.constexpr):
+        """A segment's output from the swapped products' acc (DV, ROWS) and its rows' m and l:
+        normalised into Out and the LSE for a whole block (an empty row 0, a NaN row NaN), else
+        the unnormalised partial and its m and l in workspace ``slot`` for the merge kernel."""
+        o_rows = gl.arange(0, ROWS, layout=gl.SliceLayout(0, o_layout))
+        o_cols = gl.arange(0, DV, layout=gl.SliceLayout(1, o_layout))
+        if whole:
+            empty = l_i == 0.0
+            o = gl.where(gl.expand_dims(empty, 0), 0.0, acc / gl.expand_dims(gl.where(empty, 1.0, l_i), 0))
+            real = o_rows < Q_LEN * GROUP
+            qh = h * GROUP + o_rows % GROUP
+            o_ptrs = (Out + b.to(gl.int64) * stride_ob + gl.expand_dims((o_rows // GROUP) * stride_ot + qh * stride_oh, 0)
+                      + gl.expand_dims(o_cols, 1))
+            gl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=gl.expand_dims(real, 0))
+            if RETURN_LSE:
+                has_mass = l_i > 0.0
+                lse = gl.where(has_mass, (m_i + gl.log2(gl.where(has_mass, l_i, 1.0))) * LN2, float("-inf"))
+                lse = gl.where(l_i != l_i, float("nan"), lse)
+                gl.store(Lse + b.to(gl.int64) * stride_lb + qh * stride_lh + (o_rows // GROUP) * stride_lt, lse,
+                         mask=real)
+        else:
+            keep = o_rows < MERGE_ROWS
+            gl.store(WsAcc + slot.to(gl.int64) * (MERGE_ROWS * DV) + gl.expand_dims(o_rows, 0) * DV
+                     + gl.expand_dims(o_cols, 1), acc, mask=gl.expand_dims(keep, 0))
+            stats = WsStats + slot * (2 * MERGE_ROWS) + o_rows
+            gl.store(stats, m_i, mask=keep)
+            gl.store(stats + MERGE_ROWS, l_i, mask=keep)
+
     @gluon.jit(do_not_specialize=["blocks", "capacity", "num_pages"])
     def mla_attend_gluon(
         Q, kv_desc, kr_desc, Out, Lse, SeqLens, LeftPad, BlockTable, Plan, WsAcc, WsStats, KScale,
@@ -237,8 +269,6 @@ if AVAILABLE:
             cols_r = gl.expand_dims(gl.arange(0, DR, layout=gl.SliceLayout(0, ld_layout)), 0)
             s_rows = gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout))
             s_keys = gl.arange(0, TILE, layout=gl.SliceLayout(1, s_layout))
-            o_rows = gl.arange(0, ROWS, layout=gl.SliceLayout(0, o_layout))
-            o_cols = gl.arange(0, DV, layout=gl.SliceLayout(1, o_layout))
             q_t = q_smem.permute([1, 0])
             qr_t = qr_smem.permute([1, 0])
             used = 0  # tiles consumed so far: tile j of the program is in buffer j % 2, phase (j // 2) & 1
@@ -341,34 +371,11 @@ if AVAILABLE:
                 _launch_dependents()
                 if FP8:
                     acc = acc * kv_scale  # V's dequantisation (a partial too: the merge is linear in it)
-                m_o = gl.convert_layout(m_i, gl.SliceLayout(0, o_layout))
-                l_o = gl.convert_layout(l_i, gl.SliceLayout(0, o_layout))
-                if (t == 0) & (t_end == n_units):
-                    # The whole block: normalised output (an empty row 0, a NaN row NaN) and LSE.
-                    empty = l_o == 0.0
-                    o = gl.where(gl.expand_dims(empty, 0), 0.0, acc / gl.expand_dims(gl.where(empty, 1.0, l_o), 0))
-                    real = o_rows < Q_LEN * GROUP
-                    qh = h * GROUP + o_rows % GROUP
-                    o_ptrs = (Out + b.to(gl.int64) * stride_ob
-                              + gl.expand_dims((o_rows // GROUP) * stride_ot + qh * stride_oh, 0)
-                              + gl.expand_dims(o_cols, 1))
-                    gl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=gl.expand_dims(real, 0))
-                    if RETURN_LSE:
-                        has_mass = l_o > 0.0
-                        lse = gl.where(has_mass, (m_o + gl.log2(gl.where(has_mass, l_o, 1.0))) * LN2,
-                                       float("-inf"))
-                        lse = gl.where(l_o != l_o, float("nan"), lse)
-                        gl.store(Lse + b.to(gl.int64) * stride_lb + qh * stride_lh + (o_rows // GROUP) * stride_lt,
-                                 lse, mask=real)
-                else:
-                    # A cut block: its partial (unnormalised acc, m, l) for the merge kernel.
-                    slot = 2 * pid + (g != start).to(gl.int32)
-                    keep_rows = o_rows < MERGE_ROWS
-                    gl.store(WsAcc + slot.to(gl.int64) * (MERGE_ROWS * DV) + gl.expand_dims(o_rows, 0) * DV
-                             + gl.expand_dims(o_cols, 1), acc, mask=gl.expand_dims(keep_rows, 0))
-                    stats = WsStats + slot * (2 * MERGE_ROWS) + o_rows
-                    gl.store(stats, m_o, mask=keep_rows)
-                    gl.store(stats + MERGE_ROWS, l_o, mask=keep_rows)
+                _write_swapped(acc, gl.convert_layout(m_i, gl.SliceLayout(0, o_layout)),
+                               gl.convert_layout(l_i, gl.SliceLayout(0, o_layout)), Out, Lse, WsAcc, WsStats, b, h,
+                               2 * pid + (g != start).to(gl.int32), (t == 0) & (t_end == n_units), stride_ob,
+                               stride_ot, stride_oh, stride_lb, stride_lh, stride_lt, GROUP, Q_LEN, ROWS, MERGE_ROWS,
+                               DV, RETURN_LSE, o_layout)
 
                 g += (t_end - t).to(gl.int64)
                 t = 0
@@ -644,6 +651,237 @@ if AVAILABLE:
                           TILE, PAGE_SIZE, HAS_SEQLENS, HAS_LEFTPAD, HAS_MASK, RETURN_LSE, ROPE_APART)),
         ], [4], [VALUE_REGS])
         for i in gl.static_range(8):
+            mbarrier.invalidate(bars.index(i))
+
+    @gluon.jit
+    def _fp8_tile(KV, KR, BlockTable, table_row, b, first, tile, length, capacity, num_pages, stride_kv, stride_kr,
+                  DV: gl.constexpr, TILE: gl.constexpr, PAGE_SIZE: gl.constexpr, ROPE_APART: gl.constexpr,
+                  layout: gl.constexpr, r_layout: gl.constexpr):
+        """Tile ``tile``'s fp8 keys as loaded, 0 past ``length``: the latent's four 128-column
+        chunks (TILE, 128) in ``layout`` and the rope part (TILE, 64) in ``r_layout``."""
+        row, _bad = _tile_row(BlockTable, table_row, b, first, tile, True, capacity, num_pages, TILE, PAGE_SIZE)
+        keys = gl.arange(0, TILE, layout=gl.SliceLayout(1, layout))
+        live = gl.expand_dims(tile * TILE + keys < length, 1)
+        base = KV + gl.expand_dims((row.to(gl.int64) + keys) * stride_kv, 1) + \
+            gl.expand_dims(gl.arange(0, 128, layout=gl.SliceLayout(0, layout)), 0)
+        x0 = gl.load(base, mask=live, other=0.0)
+        x1 = gl.load(base + 128, mask=live, other=0.0)
+        x2 = gl.load(base + 256, mask=live, other=0.0)
+        x3 = gl.load(base + 384, mask=live, other=0.0)
+        r_keys = gl.arange(0, TILE, layout=gl.SliceLayout(1, r_layout))
+        r_base = KR + gl.expand_dims((row.to(gl.int64) + r_keys) * stride_kr, 1) + \
+            gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(0, r_layout)), 0)
+        xr = gl.load(r_base + (0 if ROPE_APART else DV), mask=gl.expand_dims(tile * TILE + r_keys < length, 1),
+                     other=0.0)
+        return x0, x1, x2, x3, xr
+
+    @gluon.jit
+    def _fp8_convert(Q, KV, KR, Out, Lse, SeqLens, LeftPad, BlockTable, WsAcc, WsStats, KScale,
+                     stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                     stride_btb, stride_kv, stride_kr, blocks, capacity, num_pages, scale, pid, start, end, b, h, t,
+                     q_smem, qr_smem, kv_smem, kr_smem, p_smem, bars,
+                     GROUP: gl.constexpr, Q_LEN: gl.constexpr, ROWS: gl.constexpr, MERGE_ROWS: gl.constexpr,
+                     DV: gl.constexpr, DR: gl.constexpr, TILE: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                     HAS_SEQLENS: gl.constexpr, HAS_LEFTPAD: gl.constexpr, HAS_MASK: gl.constexpr,
+                     RETURN_LSE: gl.constexpr, ROPE_APART: gl.constexpr, SCALE_KIND: gl.constexpr,
+                     WHICH: gl.constexpr):
+        """A converting warpgroup of ``mla_attend_gluon_fp8``: every other tile of the program's
+        share (those of fp16 buffer WHICH), loaded from global memory as fp8 (the next one's loads
+        in flight while its buffer is still being read) and stored into the buffer in fp16."""
+        layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
+        r_layout: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [4, 1], [1, 0])
+        kv = kv_smem.index(WHICH)
+        kr = kr_smem.index(WHICH)
+        used = 0  # tiles of the share so far: tile j is in buffer j % 2
+        g = start
+        while g < end:
+            first, length, n_units, t_end, t_live = _segment(SeqLens, LeftPad, b, t, g, end, capacity, TILE,
+                                                             HAS_SEQLENS, HAS_LEFTPAD)
+            table_row = b.to(gl.int64) * stride_btb
+            for tile in range(t, t_live):
+                if used % 2 == WHICH:
+                    x0, x1, x2, x3, xr = _fp8_tile(KV, KR, BlockTable, table_row, b, first, tile, length, capacity,
+                                                   num_pages, stride_kv, stride_kr, DV, TILE, PAGE_SIZE, ROPE_APART,
+                                                   layout, r_layout)
+                    # The buffer's last tile is done (its first use passes at once).
+                    mbarrier.wait(bars.index(2 + WHICH), ((used // 2) & 1) ^ 1)
+                    kv.slice(0, 128, dim=1).store(x0.to(gl.float16))
+                    kv.slice(128, 128, dim=1).store(x1.to(gl.float16))
+                    kv.slice(256, 128, dim=1).store(x2.to(gl.float16))
+                    kv.slice(384, 128, dim=1).store(x3.to(gl.float16))
+                    kr.store(xr.to(gl.float16))
+                    fence_async_shared()
+                    gl.thread_barrier()
+                    mbarrier.arrive(bars.index(WHICH))  # the tile is in place
+                used += 1
+            g += (t_end - t).to(gl.int64)
+            t = 0
+            h += 1
+            if h == blocks:
+                h = 0
+                b += 1
+
+    @gluon.jit
+    def _fp8_scores(Q, KV, KR, Out, Lse, SeqLens, LeftPad, BlockTable, WsAcc, WsStats, KScale,
+                    stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                    stride_btb, stride_kv, stride_kr, blocks, capacity, num_pages, scale, pid, start, end, b, h, t,
+                    q_smem, qr_smem, kv_smem, kr_smem, p_smem, bars,
+                    GROUP: gl.constexpr, Q_LEN: gl.constexpr, ROWS: gl.constexpr, MERGE_ROWS: gl.constexpr,
+                    DV: gl.constexpr, DR: gl.constexpr, TILE: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                    HAS_SEQLENS: gl.constexpr, HAS_LEFTPAD: gl.constexpr, HAS_MASK: gl.constexpr,
+                    RETURN_LSE: gl.constexpr, ROPE_APART: gl.constexpr, SCALE_KIND: gl.constexpr):
+        """The product warpgroup of ``mla_attend_gluon_fp8``: per tile, once its fp16 buffer is
+        filled, the swapped products of ``mla_attend_gluon`` (scores (TILE, ROWS) = k q^T, output
+        (DV, ROWS) += v^T p^T) and the online softmax between them; then each segment's output."""
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, ROWS, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, ROWS, 16])
+        ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        q_r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld_layout))
+        q_offs = gl.expand_dims((q_r // GROUP) * stride_qt + (q_r % GROUP) * stride_qh, 1)
+        q_real = gl.expand_dims(q_r < Q_LEN * GROUP, 1)
+        cols_v = gl.expand_dims(gl.arange(0, DV, layout=gl.SliceLayout(0, ld_layout)), 0)
+        cols_r = gl.expand_dims(gl.arange(0, DR, layout=gl.SliceLayout(0, ld_layout)), 0)
+        s_rows = gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout))
+        s_keys = gl.arange(0, TILE, layout=gl.SliceLayout(1, s_layout))
+        q_t = q_smem.permute([1, 0])
+        qr_t = qr_smem.permute([1, 0])
+        used = 0
+        g = start
+        while g < end:
+            first, length, n_units, t_end, t_live = _segment(SeqLens, LeftPad, b, t, g, end, capacity, TILE,
+                                                             HAS_SEQLENS, HAS_LEFTPAD)
+            table_row = b.to(gl.int64) * stride_btb
+            # q in fp16 by one power of two for both parts (their products are summed); only
+            # finite values set it: an inf or NaN row stays non-finite on its own. This
+            # warpgroup's products of the last segment are done.
+            q_base = Q + b.to(gl.int64) * stride_qb + h * GROUP * stride_qh + q_offs
+            q_l = gl.load(q_base + cols_v, mask=q_real, other=0.0).to(gl.float32)
+            q_p = gl.load(q_base + DV + cols_r, mask=q_real, other=0.0).to(gl.float32)
+            amax = gl.maximum(gl.max(gl.max(gl.where(gl.abs(q_l) < float("inf"), gl.abs(q_l), 0.0), 1), 0),
+                              gl.max(gl.max(gl.where(gl.abs(q_p) < float("inf"), gl.abs(q_p), 0.0), 1), 0))
+            up, down = _fp16_powers(amax)
+            q_smem.store((q_l * up).to(gl.float16))
+            qr_smem.store((q_p * up).to(gl.float16))
+            if SCALE_KIND == 1:
+                kv_scale = gl.load(KScale)
+            else:
+                kv_scale = gl.load(KScale + b)
+            seg_scale = scale * kv_scale * down
+            fence_async_shared()
+            gl.thread_barrier()
+
+            query = length - Q_LEN + s_rows // GROUP  # each row's position, in keys
+            acc = gl.zeros([DV, ROWS], gl.float32, o_layout)
+            m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(0, s_layout))
+            l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(0, s_layout))
+            for tile in range(t, t_live):
+                buf = used % 2
+                bad = False
+                if PAGE_SIZE > 0:
+                    _row, bad = _tile_row(BlockTable, table_row, b, first, tile, True, capacity, num_pages, TILE,
+                                          PAGE_SIZE)
+                mbarrier.wait(bars.index(buf), (used // 2) & 1)
+                kv = kv_smem.index(buf)
+                s = warpgroup_mma(kv, q_t, gl.zeros([TILE, ROWS], gl.float32, s_layout), is_async=True)
+                s = warpgroup_mma(kr_smem.index(buf), qr_t, s, is_async=True)
+                s = warpgroup_mma_wait(0, deps=[s])
+                p, alpha, m_i, l_i = _softmax_tile(s, tile * TILE + s_keys, query, length, bad, m_i, l_i, seg_scale,
+                                                   HAS_MASK, PAGE_SIZE > 0, 0)
+                p_smem.store(p.to(gl.float16))
+                fence_async_shared()
+                gl.thread_barrier()
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(0, o_layout)), 0)
+                acc = warpgroup_mma(kv.permute([1, 0]), p_smem, acc, is_async=True)
+                acc = warpgroup_mma_wait(0, deps=[acc])
+                mbarrier.arrive(bars.index(2 + buf))  # the buffer may take the next tile
+                used += 1
+
+            _launch_dependents()
+            acc = acc * kv_scale  # V's dequantisation (a partial too: the merge is linear in it)
+            _write_swapped(acc, gl.convert_layout(m_i, gl.SliceLayout(0, o_layout)),
+                           gl.convert_layout(l_i, gl.SliceLayout(0, o_layout)), Out, Lse, WsAcc, WsStats, b, h,
+                           2 * pid + (g != start).to(gl.int32), (t == 0) & (t_end == n_units), stride_ob, stride_ot,
+                           stride_oh, stride_lb, stride_lh, stride_lt, GROUP, Q_LEN, ROWS, MERGE_ROWS, DV, RETURN_LSE,
+                           o_layout)
+            g += (t_end - t).to(gl.int64)
+            t = 0
+            h += 1
+            if h == blocks:
+                h = 0
+                b += 1
+
+    @gluon.jit(do_not_specialize=["blocks", "capacity", "num_pages"])
+    def mla_attend_gluon_fp8(
+        Q, KV, KR, Out, Lse, SeqLens, LeftPad, BlockTable, Plan, WsAcc, WsStats, KScale,
+        stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+        stride_btb, stride_kv, stride_kr, blocks, capacity, num_pages, scale,
+        GROUP: gl.constexpr, Q_LEN: gl.constexpr, ROWS: gl.constexpr, MERGE_ROWS: gl.constexpr,
+        DV: gl.constexpr, DR: gl.constexpr, TILE: gl.constexpr, PAGE_SIZE: gl.constexpr,
+        HAS_SEQLENS: gl.constexpr, HAS_LEFTPAD: gl.constexpr, HAS_MASK: gl.constexpr, RETURN_LSE: gl.constexpr,
+        ROPE_APART: gl.constexpr, SCALE_KIND: gl.constexpr, CONVERT_REGS: gl.constexpr,
+    ):
+        """``mla_attend_gluon`` for fp8 caches (e4m3 or e5m2; SCALE_KIND and KScale as there) of
+        DeepSeek's widths (DV 512, DR 64) at up to 32 rows, warp-specialised: 4 warps a program for
+        the products, plus two warpgroups of 4 with CONVERT_REGS registers a thread that convert.
+
+        KV / KR: the cache's rows, ``stride_kv`` / ``stride_kr`` apart (the 2-D view of
+        ``_mla_call.tma_view``; KR's rope columns start at DV unless ROPE_APART). Converting tiles
+        to fp16 costs about as much SM time as their products (one conversion instruction per two
+        values), so here it runs beside them: converting warpgroup k loads the fp8 tiles of fp16
+        buffer k (every other tile) into registers while that buffer is still being read, and
+        stores them in fp16 once it is free; the product warpgroup reads the buffers in turn.
+        Shared memory: q, two fp16 tiles, p."""
+        pid = gl.program_id(0)
+        vec_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        q_smem = gl.allocate_shared_memory(gl.float16, [ROWS, DV], gl.NVMMASharedLayout.get_default_for(
+            [ROWS, DV], gl.float16))
+        qr_smem = gl.allocate_shared_memory(gl.float16, [ROWS, DR], gl.NVMMASharedLayout.get_default_for(
+            [ROWS, DR], gl.float16))
+        kv_smem = gl.allocate_shared_memory(gl.float16, [2, TILE, DV], gl.NVMMASharedLayout.get_default_for(
+            [TILE, DV], gl.float16))
+        kr_smem = gl.allocate_shared_memory(gl.float16, [2, TILE, DR], gl.NVMMASharedLayout.get_default_for(
+            [TILE, DR], gl.float16))
+        p_smem = gl.allocate_shared_memory(gl.float16, [TILE, ROWS], gl.NVMMASharedLayout.get_default_for(
+            [TILE, ROWS], gl.float16))
+        # 0-1 buffer filled, 2-3 buffer free (by buffer)
+        bars = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(4):
+            mbarrier.init(bars.index(i), count=1)
+        fence_async_shared()
+
+        fields = gl.arange(0, 8, layout=vec_layout)
+        plan_row = gl.load(Plan + pid * 8 + fields)
+        programs = _plan_field(plan_row, fields, 1)
+        start = _plan_field(plan_row, fields, 2).to(gl.int64)
+        end = _plan_field(plan_row, fields, 3).to(gl.int64)
+        end = gl.where(pid < programs, end, start)  # a program past the plan's has no share
+        b = _plan_field(plan_row, fields, 4)
+        h = _plan_field(plan_row, fields, 5)
+        t = _plan_field(plan_row, fields, 6)
+        # Each partition's arguments as one tuple literal (see mla_attend_gluon_ws).
+        gl.warp_specialize([
+            (_fp8_scores, (Q, KV, KR, Out, Lse, SeqLens, LeftPad, BlockTable, WsAcc, WsStats, KScale, stride_qb,
+                           stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                           stride_btb, stride_kv, stride_kr, blocks, capacity, num_pages, scale, pid, start, end, b,
+                           h, t, q_smem, qr_smem, kv_smem, kr_smem, p_smem, bars, GROUP, Q_LEN, ROWS, MERGE_ROWS, DV,
+                           DR, TILE, PAGE_SIZE, HAS_SEQLENS, HAS_LEFTPAD, HAS_MASK, RETURN_LSE, ROPE_APART,
+                           SCALE_KIND)),
+            (_fp8_convert, (Q, KV, KR, Out, Lse, SeqLens, LeftPad, BlockTable, WsAcc, WsStats, KScale, stride_qb,
+                            stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                            stride_btb, stride_kv, stride_kr, blocks, capacity, num_pages, scale, pid, start, end, b,
+                            h, t, q_smem, qr_smem, kv_smem, kr_smem, p_smem, bars, GROUP, Q_LEN, ROWS, MERGE_ROWS, DV,
+                            DR, TILE, PAGE_SIZE, HAS_SEQLENS, HAS_LEFTPAD, HAS_MASK, RETURN_LSE, ROPE_APART,
+                            SCALE_KIND, 0)),
+            (_fp8_convert, (Q, KV, KR, Out, Lse, SeqLens, LeftPad, BlockTable, WsAcc, WsStats, KScale, stride_qb,
+                            stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                            stride_btb, stride_kv, stride_kr, blocks, capacity, num_pages, scale, pid, start, end, b,
+                            h, t, q_smem, qr_smem, kv_smem, kr_smem, p_smem, bars, GROUP, Q_LEN, ROWS, MERGE_ROWS, DV,
+                            DR, TILE, PAGE_SIZE, HAS_SEQLENS, HAS_LEFTPAD, HAS_MASK, RETURN_LSE, ROPE_APART,
+                            SCALE_KIND, 1)),
+        ], [4, 4], [CONVERT_REGS, CONVERT_REGS])
+        for i in gl.static_range(4):
             mbarrier.invalidate(bars.index(i))
 
     def descriptor(cache: torch.Tensor, rows: int, stride: int, tile: int, width: int) -> TensorDescriptor:
