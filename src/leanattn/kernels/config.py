@@ -237,7 +237,9 @@ def choose_mla_config(head_dim: int, head_dim_v: int, kv_dtype: torch.dtype, row
       allow it, the pointer loop with 8 warps and 2 stages.
     fp8 caches keep 32-token tiles at 16 rows (8 warps, 3 stages), 64 above (the pointer loop:
     their tiles are converted to fp16 in registers); where ``gluon``, 64 at 16 rows too, the
-    tile of mla_gluon's kernel, which takes most of those calls. Under the interpreter, small tiles and the
+    tile of mla_gluon's kernels, which take those calls in CUDA graphs (the Triton kernel, in
+    the eager calls it keeps, measured faster with them too: 4 x 32k at 16 heads on an H200,
+    eager with L2 flushed, 99.4 µs against 119.6). Under the interpreter, small tiles and the
     TMA loop where it applies, so both loops are tested there."""
     block_rows = 16 if rows <= 16 else 32 if rows <= 32 else 64
     if interpreting():
