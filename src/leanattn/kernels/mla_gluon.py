@@ -47,6 +47,19 @@ if AVAILABLE:
         return gl.sum(gl.where(fields == i, row, 0), axis=0)
 
     @gluon.jit
+    def _share(Plan, pid, vec_layout: gl.constexpr):
+        """Program ``pid``'s share in ``lean_plan_kernel``'s plan: units [start, end) from tile t
+        of request b's block h (an empty one for a program past the plan's)."""
+        fields = gl.arange(0, 8, layout=vec_layout)
+        plan_row = gl.load(Plan + pid * 8 + fields)
+        programs = _plan_field(plan_row, fields, 1)
+        start = _plan_field(plan_row, fields, 2).to(gl.int64)
+        end = _plan_field(plan_row, fields, 3).to(gl.int64)
+        end = gl.where(pid < programs, end, start)
+        return start, end, _plan_field(plan_row, fields, 4), _plan_field(plan_row, fields, 5), \
+            _plan_field(plan_row, fields, 6)
+
+    @gluon.jit
     def _tile_row(BlockTable, table_row, b, first, tile, live, capacity, num_pages,
                   TILE: gl.constexpr, PAGE_SIZE: gl.constexpr):
         """Row of tile ``tile``'s first key in the cache's 2-D view, and whether its page is out of
@@ -157,6 +170,17 @@ if AVAILABLE:
         # tiles holding a live key (int32 like t: an int64 ``capacity`` makes ``length`` int64)
         t_live = gl.minimum(t_end, ((length + TILE - 1) // TILE).to(gl.int32))
         return first, length, n_units, t_end, t_live
+
+    @gluon.jit
+    def _next_segment(g, t, t_end, h, b, blocks):
+        """Past a segment of tiles [t, t_end) at unit g: the next block's first unit, tile,
+        block and request."""
+        g += (t_end - t).to(gl.int64)
+        h += 1
+        if h == blocks:
+            h = 0
+            b += 1
+        return g, t * 0, h, b  # t * 0: tile 0 as t's type (a literal would not be a tensor)
 
     @gluon.jit
     def _write_swapped(acc, m_i, l_i, Out, Lse, WsAcc, WsStats, b, h, slot, whole,
@@ -377,12 +401,7 @@ if AVAILABLE:
                                stride_ot, stride_oh, stride_lb, stride_lh, stride_lt, GROUP, Q_LEN, ROWS, MERGE_ROWS,
                                DV, RETURN_LSE, o_layout)
 
-                g += (t_end - t).to(gl.int64)
-                t = 0
-                h += 1
-                if h == blocks:
-                    h = 0
-                    b += 1
+                g, t, h, b = _next_segment(g, t, t_end, h, b, blocks)
         for i in gl.static_range(2):
             mbarrier.invalidate(bars.index(i))
 
@@ -518,12 +537,7 @@ if AVAILABLE:
                       whole, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt, 0, GROUP, Q_LEN, ROWS,
                       MERGE_ROWS, DV, RETURN_LSE, True, o_layout)
             seg += 1
-            g += (t_end - t).to(gl.int64)
-            t = 0
-            h += 1
-            if h == blocks:
-                h = 0
-                b += 1
+            g, t, h, b = _next_segment(g, t, t_end, h, b, blocks)
 
     @gluon.jit
     def _ws_values(Q, Out, Lse, SeqLens, LeftPad, BlockTable, WsAcc, WsStats,
@@ -583,12 +597,7 @@ if AVAILABLE:
                       stride_lb, stride_lh, stride_lt, HALF, GROUP, Q_LEN, ROWS, MERGE_ROWS, DV, RETURN_LSE, False,
                       o_layout)
             seg += 1
-            g += (t_end - t).to(gl.int64)
-            t = 0
-            h += 1
-            if h == blocks:
-                h = 0
-                b += 1
+            g, t, h, b = _next_segment(g, t, t_end, h, b, blocks)
 
     @gluon.jit(do_not_specialize=["blocks", "capacity", "num_pages"])
     def mla_attend_gluon_ws(
@@ -627,15 +636,7 @@ if AVAILABLE:
             mbarrier.init(bars.index(i), count=1)
         fence_async_shared()
 
-        fields = gl.arange(0, 8, layout=vec_layout)
-        plan_row = gl.load(Plan + pid * 8 + fields)
-        programs = _plan_field(plan_row, fields, 1)
-        start = _plan_field(plan_row, fields, 2).to(gl.int64)
-        end = _plan_field(plan_row, fields, 3).to(gl.int64)
-        end = gl.where(pid < programs, end, start)  # a program past the plan's has no share
-        b = _plan_field(plan_row, fields, 4)
-        h = _plan_field(plan_row, fields, 5)
-        t = _plan_field(plan_row, fields, 6)
+        start, end, b, h, t = _share(Plan, pid, vec_layout)
         # Each partition's arguments as one tuple literal: a tuple bound to a name first loses
         # its constexprs (Triton 3.6).
         gl.warp_specialize([
@@ -676,15 +677,10 @@ if AVAILABLE:
         return x0, x1, x2, x3, xr
 
     @gluon.jit
-    def _fp8_convert(Q, KV, KR, Out, Lse, SeqLens, LeftPad, BlockTable, WsAcc, WsStats, KScale,
-                     stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
-                     stride_btb, stride_kv, stride_kr, blocks, capacity, num_pages, scale, pid, start, end, b, h, t,
-                     q_smem, qr_smem, kv_smem, kr_smem, p_smem, bars,
-                     GROUP: gl.constexpr, Q_LEN: gl.constexpr, ROWS: gl.constexpr, MERGE_ROWS: gl.constexpr,
-                     DV: gl.constexpr, DR: gl.constexpr, TILE: gl.constexpr, PAGE_SIZE: gl.constexpr,
-                     HAS_SEQLENS: gl.constexpr, HAS_LEFTPAD: gl.constexpr, HAS_MASK: gl.constexpr,
-                     RETURN_LSE: gl.constexpr, ROPE_APART: gl.constexpr, SCALE_KIND: gl.constexpr,
-                     WHICH: gl.constexpr):
+    def _fp8_convert(KV, KR, SeqLens, LeftPad, BlockTable, stride_btb, stride_kv, stride_kr, blocks, capacity,
+                     num_pages, start, end, b, h, t, kv_smem, kr_smem, bars, DV: gl.constexpr, TILE: gl.constexpr,
+                     PAGE_SIZE: gl.constexpr, HAS_SEQLENS: gl.constexpr, HAS_LEFTPAD: gl.constexpr,
+                     ROPE_APART: gl.constexpr, WHICH: gl.constexpr):
         """A converting warpgroup of ``mla_attend_gluon_fp8``: every other tile of the program's
         share (those of fp16 buffer WHICH), loaded from global memory as fp8 (the next one's loads
         in flight while its buffer is still being read) and stored into the buffer in fp16."""
@@ -714,22 +710,17 @@ if AVAILABLE:
                     gl.thread_barrier()
                     mbarrier.arrive(bars.index(WHICH))  # the tile is in place
                 used += 1
-            g += (t_end - t).to(gl.int64)
-            t = 0
-            h += 1
-            if h == blocks:
-                h = 0
-                b += 1
+            g, t, h, b = _next_segment(g, t, t_end, h, b, blocks)
 
     @gluon.jit
-    def _fp8_scores(Q, KV, KR, Out, Lse, SeqLens, LeftPad, BlockTable, WsAcc, WsStats, KScale,
+    def _fp8_scores(Q, Out, Lse, SeqLens, LeftPad, BlockTable, WsAcc, WsStats, KScale,
                     stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
-                    stride_btb, stride_kv, stride_kr, blocks, capacity, num_pages, scale, pid, start, end, b, h, t,
+                    stride_btb, blocks, capacity, num_pages, scale, pid, start, end, b, h, t,
                     q_smem, qr_smem, kv_smem, kr_smem, p_smem, bars,
                     GROUP: gl.constexpr, Q_LEN: gl.constexpr, ROWS: gl.constexpr, MERGE_ROWS: gl.constexpr,
                     DV: gl.constexpr, DR: gl.constexpr, TILE: gl.constexpr, PAGE_SIZE: gl.constexpr,
                     HAS_SEQLENS: gl.constexpr, HAS_LEFTPAD: gl.constexpr, HAS_MASK: gl.constexpr,
-                    RETURN_LSE: gl.constexpr, ROPE_APART: gl.constexpr, SCALE_KIND: gl.constexpr):
+                    RETURN_LSE: gl.constexpr, SCALE_KIND: gl.constexpr):
         """The product warpgroup of ``mla_attend_gluon_fp8``: per tile, once its fp16 buffer is
         filled, the swapped products of ``mla_attend_gluon`` (scores (TILE, ROWS) = k q^T, output
         (DV, ROWS) += v^T p^T) and the online softmax between them; then each segment's output."""
@@ -805,12 +796,7 @@ if AVAILABLE:
                            2 * pid + (g != start).to(gl.int32), (t == 0) & (t_end == n_units), stride_ob, stride_ot,
                            stride_oh, stride_lb, stride_lh, stride_lt, GROUP, Q_LEN, ROWS, MERGE_ROWS, DV, RETURN_LSE,
                            o_layout)
-            g += (t_end - t).to(gl.int64)
-            t = 0
-            h += 1
-            if h == blocks:
-                h = 0
-                b += 1
+            g, t, h, b = _next_segment(g, t, t_end, h, b, blocks)
 
     @gluon.jit(do_not_specialize=["blocks", "capacity", "num_pages"])
     def mla_attend_gluon_fp8(
@@ -851,35 +837,20 @@ if AVAILABLE:
             mbarrier.init(bars.index(i), count=1)
         fence_async_shared()
 
-        fields = gl.arange(0, 8, layout=vec_layout)
-        plan_row = gl.load(Plan + pid * 8 + fields)
-        programs = _plan_field(plan_row, fields, 1)
-        start = _plan_field(plan_row, fields, 2).to(gl.int64)
-        end = _plan_field(plan_row, fields, 3).to(gl.int64)
-        end = gl.where(pid < programs, end, start)  # a program past the plan's has no share
-        b = _plan_field(plan_row, fields, 4)
-        h = _plan_field(plan_row, fields, 5)
-        t = _plan_field(plan_row, fields, 6)
+        start, end, b, h, t = _share(Plan, pid, vec_layout)
         # Each partition's arguments as one tuple literal (see mla_attend_gluon_ws).
         gl.warp_specialize([
-            (_fp8_scores, (Q, KV, KR, Out, Lse, SeqLens, LeftPad, BlockTable, WsAcc, WsStats, KScale, stride_qb,
-                           stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
-                           stride_btb, stride_kv, stride_kr, blocks, capacity, num_pages, scale, pid, start, end, b,
-                           h, t, q_smem, qr_smem, kv_smem, kr_smem, p_smem, bars, GROUP, Q_LEN, ROWS, MERGE_ROWS, DV,
-                           DR, TILE, PAGE_SIZE, HAS_SEQLENS, HAS_LEFTPAD, HAS_MASK, RETURN_LSE, ROPE_APART,
-                           SCALE_KIND)),
-            (_fp8_convert, (Q, KV, KR, Out, Lse, SeqLens, LeftPad, BlockTable, WsAcc, WsStats, KScale, stride_qb,
-                            stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
-                            stride_btb, stride_kv, stride_kr, blocks, capacity, num_pages, scale, pid, start, end, b,
-                            h, t, q_smem, qr_smem, kv_smem, kr_smem, p_smem, bars, GROUP, Q_LEN, ROWS, MERGE_ROWS, DV,
-                            DR, TILE, PAGE_SIZE, HAS_SEQLENS, HAS_LEFTPAD, HAS_MASK, RETURN_LSE, ROPE_APART,
-                            SCALE_KIND, 0)),
-            (_fp8_convert, (Q, KV, KR, Out, Lse, SeqLens, LeftPad, BlockTable, WsAcc, WsStats, KScale, stride_qb,
-                            stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
-                            stride_btb, stride_kv, stride_kr, blocks, capacity, num_pages, scale, pid, start, end, b,
-                            h, t, q_smem, qr_smem, kv_smem, kr_smem, p_smem, bars, GROUP, Q_LEN, ROWS, MERGE_ROWS, DV,
-                            DR, TILE, PAGE_SIZE, HAS_SEQLENS, HAS_LEFTPAD, HAS_MASK, RETURN_LSE, ROPE_APART,
-                            SCALE_KIND, 1)),
+            (_fp8_scores, (Q, Out, Lse, SeqLens, LeftPad, BlockTable, WsAcc, WsStats, KScale, stride_qb, stride_qt,
+                           stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt, stride_btb,
+                           blocks, capacity, num_pages, scale, pid, start, end, b, h, t, q_smem, qr_smem, kv_smem,
+                           kr_smem, p_smem, bars, GROUP, Q_LEN, ROWS, MERGE_ROWS, DV, DR, TILE, PAGE_SIZE, HAS_SEQLENS,
+                           HAS_LEFTPAD, HAS_MASK, RETURN_LSE, SCALE_KIND)),
+            (_fp8_convert, (KV, KR, SeqLens, LeftPad, BlockTable, stride_btb, stride_kv, stride_kr, blocks, capacity,
+                            num_pages, start, end, b, h, t, kv_smem, kr_smem, bars, DV, TILE, PAGE_SIZE, HAS_SEQLENS,
+                            HAS_LEFTPAD, ROPE_APART, 0)),
+            (_fp8_convert, (KV, KR, SeqLens, LeftPad, BlockTable, stride_btb, stride_kv, stride_kr, blocks, capacity,
+                            num_pages, start, end, b, h, t, kv_smem, kr_smem, bars, DV, TILE, PAGE_SIZE, HAS_SEQLENS,
+                            HAS_LEFTPAD, ROPE_APART, 1)),
         ], [4, 4], [CONVERT_REGS, CONVERT_REGS])
         for i in gl.static_range(4):
             mbarrier.invalidate(bars.index(i))
