@@ -114,7 +114,8 @@ def leanattn_method(shape: Shape, xs, lens, table, gluon: bool = True):
     if not gluon:
         from leanattn._testing import mla_heuristic
 
-        config = dataclasses.replace(mla_heuristic(D, DV, xs[0].kv.dtype, shape.q_len * shape.q_heads), gluon=False)
+        config = dataclasses.replace(mla_heuristic(D, DV, xs[0].kv.dtype, shape.q_len * shape.q_heads, lens.device),
+                                     gluon=False)
     w = leanattn.MLAWrapper(shape.q_heads, D, DV, torch.bfloat16, lens.device, max_q_len=shape.q_len,
                             kv_dtype=xs[0].kv.dtype, softmax_scale=SCALE, config=config)
 
@@ -264,7 +265,7 @@ def probe(device: torch.device) -> None:
         for fp8 in (False, True):
             shape = Shape(1, 8192, hq, q_len, fp8=fp8)
             xs, lens, table, _ = make_step(shape, device)
-            base = heuristic(D, DV, xs[0].kv.dtype, hq * q_len)
+            base = heuristic(D, DV, xs[0].kv.dtype, hq * q_len, device)
             variants = [base] + [dataclasses.replace(base, tile=t, num_warps=w, num_stages=s)
                                  for t in (32, 64) for w in (4, 8) for s in (1, 2, 3)
                                  if (t, w, s) != (base.tile, base.num_warps, base.num_stages)]

@@ -701,23 +701,31 @@ def test_gpu_gluon_ws_against_the_uniform_kernel(monkeypatch, hq, q_len, page_si
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not GLUON, reason="needs a Hopper GPU and Triton's Gluon")
-@pytest.mark.parametrize("hq,q_len,page_size,apart,pad,programs,kind,fp8", [
-    (16, 1, 64, False, False, None, "float", torch.float8_e4m3fn),
-    (128, 1, 64, False, False, None, "head", torch.float8_e4m3fn),
-    (32, 2, 0, True, True, 7, "seq", torch.float8_e4m3fn),
-    (16, 4, 128, False, False, 132, "seq", torch.float8_e5m2),
-    (64, 1, 0, False, False, 5, "float", torch.float8_e5m2),
-    (16, 1, 0, True, True, 7, "seq", torch.float8_e5m2),
-    (8, 2, 128, False, False, 132, "head", torch.float8_e4m3fn),
-    (16, 1, 0, False, False, None, "token", torch.float8_e4m3fn),
+@pytest.mark.parametrize("hq,q_len,page_size,apart,pad,programs,kind,fp8,ws", [
+    (16, 1, 64, False, False, None, "float", torch.float8_e4m3fn, True),
+    (16, 1, 64, False, False, None, "float", torch.float8_e4m3fn, False),
+    (128, 1, 64, False, False, None, "head", torch.float8_e4m3fn, True),
+    (32, 2, 0, True, True, 7, "seq", torch.float8_e4m3fn, True),
+    (32, 1, 64, False, False, 132, "float", torch.float8_e4m3fn, True),
+    (16, 4, 128, False, False, 132, "seq", torch.float8_e5m2, True),
+    (64, 1, 0, False, False, 5, "float", torch.float8_e5m2, True),
+    (16, 1, 0, True, True, 7, "seq", torch.float8_e5m2, True),
+    (8, 2, 128, False, False, 132, "head", torch.float8_e4m3fn, False),
+    (8, 2, 128, False, False, 132, "head", torch.float8_e4m3fn, True),
+    (16, 1, 0, False, False, None, "token", torch.float8_e4m3fn, True),
 ])
-def test_gpu_gluon_fp8_against_the_triton_kernel(hq, q_len, page_size, apart, pad, programs, kind, fp8):
+def test_gpu_gluon_fp8_against_the_triton_kernel(monkeypatch, hq, q_len, page_size, apart, pad, programs, kind, fp8,
+                                                 ws):
     """fp8 caches on mla_gluon's kernels (tiles converted to fp16: in shared memory by every
     warp, or by two converting warpgroups at 16 rows) against the Triton kernel and the float64
     reference: e4m3 and e5m2, one scale (a float or a (1,) tensor) or one a request, 16 to 64
     rows a block, contiguous or paged, a rope cache apart, a left pad, several query tokens,
     lengths ending inside a tile, an empty one, NaN past every length, shares cut inside blocks.
-    Per-token scales stay on the Triton kernel."""
+    Per-token scales stay on the Triton kernel. ``ws`` False: 16-row blocks on the uniform
+    kernel (LEANATTN_GLUON_WS=0)."""
+    from leanattn import _mla_call as mla_call
+
+    monkeypatch.setattr(mla_call, "_GLUON_WS", ws)
     lens, cap = [3000, 1, 700, 0, 64, 2049], 3072
     q, kv, sl = mla_inputs(lens, hq, 576, q_len=q_len, cache_len=cap, seed=hq + q_len)
     q = q * 1e5  # past fp16's range: the fp16 products take q by a power of two
@@ -740,7 +748,8 @@ def test_gpu_gluon_fp8_against_the_triton_kernel(hq, q_len, page_size, apart, pa
     ref_kw = {k: v for k, v in kw.items() if k != "rope_cache"}
     calls = []
     out, lse = _wrapper_run(q, kv8, sl, cap, True, programs, calls, **kw)
-    assert [(call.gluon, call.gluon_fp8) for call in calls] == [(kind != "token", kind != "token" and hq * q_len == 16)]
+    on_ws = ws and kind != "token" and hq * q_len == 16
+    assert [(call.gluon, call.gluon_fp8) for call in calls] == [(kind != "token", on_ws)]
     check(out, lse, q, clean, sl, 512, softmax_scale=192**-0.5, **ref_kw)
     again, again_lse = _wrapper_run(q, kv8, sl, cap, True, programs, **kw)
     assert torch.equal(out, again) and torch.equal(lse, again_lse)
@@ -751,15 +760,20 @@ def test_gpu_gluon_fp8_against_the_triton_kernel(hq, q_len, page_size, apart, pa
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not GLUON, reason="needs a Hopper GPU and Triton's Gluon")
-def test_gpu_gluon_in_cuda_graph_capture():
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_gluon_in_cuda_graph_capture(fp8):
     """A 16-head mla_decode (the Triton kernel when eager) captured in a CUDA graph after one
     eager call runs the Gluon path (plan, attention, merge; the eager call loaded their
-    binaries, which capture cannot) and replays with new lengths exactly."""
+    binaries, which capture cannot) and replays with new lengths exactly; bf16, or fp8 (the
+    warp-specialised fp8 kernel)."""
     cap = 4096
     q, kv, sl = mla_inputs([cap] * 2, 16, 576, seed=17)
     kp, table = paged(kv, [cap] * 2, 64)
+    extra = {}
+    if fp8:
+        kp, extra = (kp * 8).to(FP8), {"kv_scale": 0.125}
     lengths = sl.clone()
-    kw = dict(block_table=table, softmax_scale=192**-0.5, return_lse=True)
+    kw = dict(block_table=table, softmax_scale=192**-0.5, return_lse=True, **extra)
     MLA_CALLS.clear()
     MLA_KNOWN.clear()
     leanattn.mla_decode(q, kp, lengths, **kw)
@@ -772,25 +786,30 @@ def test_gpu_gluon_in_cuda_graph_capture():
         lengths.copy_(torch.tensor(new, dtype=torch.int32))
         graph.replay()
         torch.cuda.synchronize()
-        check(out, lse, q, kp, lengths, 512, softmax_scale=192**-0.5, block_table=table)
-    gluon, _ = _wrapper_run(q, kp, lengths, cap, True, block_table=table)
+        check(out, lse, q, kp, lengths, 512, softmax_scale=192**-0.5, block_table=table, **extra)
+    gluon, _ = _wrapper_run(q, kp, lengths, cap, True, block_table=table, **extra)
     assert torch.equal(out, gluon)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not GLUON, reason="needs a Hopper GPU and Triton's Gluon")
-def test_gpu_gluon_bad_pages_nan_the_rows_that_see_them():
+@pytest.mark.parametrize("hq,fp8", [(128, False), (128, True), (16, True)])
+def test_gpu_gluon_bad_pages_nan_the_rows_that_see_them(hq, fp8):
     """A live key on an out-of-range page: the Gluon kernel NaNs the rows the Triton kernel
-    does (all of a one-token sequence's), reads nothing there, and leaves the others exact."""
+    does (all of a one-token sequence's), reads nothing there, and leaves the others exact;
+    bf16, fp8 on the uniform kernel (128 heads) and on the warp-specialised one (16)."""
     lens, cap = [300, 200], 320
-    q, kv, sl = mla_inputs(lens, 128, 576, cache_len=cap, seed=4)
+    q, kv, sl = mla_inputs(lens, hq, 576, cache_len=cap, seed=4)
     kp, table = paged(kv, [cap] * 2, 64)
+    extra = {}
+    if fp8:
+        kp, extra = kp.to(FP8), {"kv_scale": 1.0}
     table[1, 2] = 10**6
-    out, lse = _wrapper_run(q, kp, sl, cap, True, block_table=table)
-    tri, tri_lse = _wrapper_run(q, kp, sl, cap, False, block_table=table)
+    out, lse = _wrapper_run(q, kp, sl, cap, True, block_table=table, **extra)
+    tri, tri_lse = _wrapper_run(q, kp, sl, cap, False, block_table=table, **extra)
     assert torch.isnan(out[1]).all() and torch.isnan(lse[1]).all()
     assert torch.equal(torch.isnan(out), torch.isnan(tri)) and torch.equal(torch.isnan(lse), torch.isnan(tri_lse))
-    check(out[:1], lse[:1], q[:1], kp, sl[:1], 512, softmax_scale=192**-0.5, block_table=table[:1])
+    check(out[:1], lse[:1], q[:1], kp, sl[:1], 512, softmax_scale=192**-0.5, block_table=table[:1], **extra)
 
 
 @pytest.mark.gpu

@@ -248,6 +248,7 @@ class MLACall:
                                 self.device, self.merge_hit)
 
 
+@torch.compiler.assume_constant_result  # torch.compile traces the MLA config's choice: a constant there
 def gluon_device(device: torch.device) -> bool:
     """Whether ``mla_gluon``'s kernels run on ``device``: a Hopper GPU (their warpgroup
     products), a Triton with Gluon, LEANATTN_GLUON not 0 (read at import)."""

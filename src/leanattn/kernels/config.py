@@ -206,11 +206,12 @@ class MLAConfig(KernelConfig):
     block (``block_rows``: 16, 32 or 64; a block packs the q_len tokens of as many query heads as
     fit, and a request's blocks are dealt as the partition's heads); ``tma``: take the TMA tile
     loop where the call's cache allows it (16-bit, tiles within pages; ``kernels/mla_decode.py``),
-    else the pointer loop, with the same warps and stages; ``gluon``: on Hopper, run a call the
-    TMA loop could take (any ``block_rows``, whatever ``tma`` says) as ``kernels/mla_gluon.py``'s
-    hand-pipelined kernel and a merge of the cut blocks (warps and stages its own): True always,
-    False never, None (default) in CUDA-graph capture, and in eager calls where its kernel saves
-    more than its longer host path costs (``_mla_call.GLUON_EAGER_BYTES``)."""
+    else the pointer loop, with the same warps and stages; ``gluon``: on Hopper, run a call whose
+    cache has the TMA loop's 2-D view (16-bit, or fp8 with one scale or one a request; any
+    ``block_rows``, whatever ``tma`` says) as ``kernels/mla_gluon.py``'s hand-pipelined kernel
+    and a merge of the cut blocks (warps and stages its own): True always, False never, None
+    (default) in CUDA-graph capture, and in eager calls where its kernel saves more than its
+    longer host path costs (``_mla_call.GLUON_EAGER_BYTES``)."""
 
     block_rows: int = 16
     tma: bool = False

@@ -125,8 +125,8 @@ if AVAILABLE:
     @gluon.jit
     def _convert_rows(src, dst, live_rows, COLS: gl.constexpr, CHUNK: gl.constexpr, TILE: gl.constexpr,
                       WARPS: gl.constexpr):
-        """An fp8 tile ``src`` (TILE, COLS) as landed, into ``dst`` in fp16 (exact: e4m3's values
-        are fp16 values), its rows from ``live_rows`` on zeroed (a bulk copy reads past a
+        """An fp8 tile ``src`` (TILE, COLS) as landed, into ``dst`` in fp16 (exact: e4m3's and
+        e5m2's values are fp16 values), its rows from ``live_rows`` on zeroed (a bulk copy reads past a
         sequence's end, and NaN there would reach the output through 0 x NaN). CHUNK columns a
         pass: one 128-byte swizzle row of the source."""
         THREADS_N: gl.constexpr = CHUNK // 16
@@ -233,7 +233,7 @@ if AVAILABLE:
         rows are packed as in ``mla_decode_kernel``; with WARPS = 8 the two warpgroups split the
         rows of the scores and the value columns of the output.
 
-        SCALE_KIND 0: a 16-bit cache, KScale unused. fp8 e4m3 caches: 1, KScale (1,) float32 is
+        SCALE_KIND 0: a 16-bit cache, KScale unused. fp8 caches (e4m3, e5m2): 1, KScale (1,) float32 is
         the dequantisation scale; 2, (batch,) one a request. Each landed fp8 tile is converted to
         an fp16 tile in shared memory, and the products run in fp16 (q by a power of two, as in
         the Triton kernel); the scale goes on the fp32 scores and output."""
@@ -809,7 +809,7 @@ if AVAILABLE:
         ROPE_APART: gl.constexpr, SCALE_KIND: gl.constexpr, CONVERT_REGS: gl.constexpr,
     ):
         """``mla_attend_gluon`` for fp8 caches (e4m3 or e5m2; SCALE_KIND and KScale as there) of
-        DeepSeek's widths (DV 512, DR 64) at up to 32 rows, warp-specialised: 4 warps a program for
+        DeepSeek's widths (DV 512, DR 64) in blocks of 16 rows, warp-specialised: 4 warps a program for
         the products, plus two warpgroups of 4 with CONVERT_REGS registers a thread that convert.
 
         KV / KR: the cache's rows, ``stride_kv`` / ``stride_kr`` apart (the 2-D view of
