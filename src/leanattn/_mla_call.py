@@ -64,7 +64,7 @@ class MLACall:
 
     __slots__ = ("programs", "device", "config", "pdl", "params", "scale", "fixed", "hit", "blocks", "fp8", "tma",
                  "gluon", "gluon_ws", "gluon_fp8", "gluon_eager", "gluon_loaded", "gluon_view", "gluon_params", "gluon_fixed", "gluon_hit",
-                 "gluon_configs", "plan", "plan_args", "plan_params", "plan_hit", "merge_params", "merge_grid", "merge_fixed",
+                 "gluon_configs", "timeline", "plan", "plan_args", "plan_params", "plan_hit", "merge_params", "merge_grid", "merge_fixed",
                  "merge_tickets", "merge_hit")
 
     def __init__(
@@ -97,6 +97,7 @@ class MLACall:
             gluon_serves(q.device, config.tile, head_dim_v, head_dim - head_dim_v, rows, kv_cache.element_size())
         self.gluon_loaded = False
         self.gluon_ws = self.gluon_fp8 = False
+        self.timeline: torch.Tensor | None = None
         self.gluon_view = view
         self.gluon_eager = config.gluon is True or rows >= 32 or \
             batch * capacity * head_dim * kv_cache.element_size() >= GLUON_EAGER_BYTES
@@ -161,6 +162,12 @@ class MLACall:
                    dict(SCALE_KIND=kind, CONVERT_REGS=FP8_CONVERT_REGS) if self.gluon_fp8 else
                    dict(SCALE_KIND=kind, WARPS=warps)),
             )
+            # config.timeline: the uniform and fp8 kernels count SM clocks by phase into a row of 16
+            # a program (mla_gluon.TIMELINE_PHASES).
+            stamped = config.timeline and not self.gluon_ws
+            if stamped:
+                self.timeline = torch.zeros(programs, 16, dtype=torch.int64, device=q.device)
+                self.gluon_params["TIMELINE"] = True
             # The fp8 kernel reads the caches' rows by pointer, the others by tensor descriptor.
             row_strides = (view[2][0], view[3][0]) if self.gluon_fp8 else ()
             self.gluon_fixed = (
@@ -239,8 +246,9 @@ class MLACall:
             kernel = mla_gluon.mla_attend_gluon_ws if self.gluon_ws else mla_gluon.mla_attend_gluon
             caches = (mla_gluon.descriptor(kv_cache, rows, kv_stride, tile, dv),
                       mla_gluon.descriptor(rope, rows, rope_stride, tile, dr))
+        timeline = self.timeline if self.timeline is not None else self.merge_tickets  # unread when not stamped
         args = (q, *caches, out, lse_t, seqlens, leftpad, table, plan, acc, stats,
-                *(() if self.gluon_ws else (scale,)), *self.gluon_fixed)
+                *(() if self.gluon_ws else (scale, timeline)), *self.gluon_fixed)
         self.gluon_hit = launch(kernel, self.programs, args, self.gluon_params, wide, False, self.device,
                                 self.gluon_hit)
         args = (out, lse_t, seqlens, leftpad, plan, acc, stats, self.merge_tickets, *self.merge_fixed)

@@ -211,11 +211,13 @@ class MLAConfig(KernelConfig):
     ``block_rows``, whatever ``tma`` says) as ``kernels/mla_gluon.py``'s hand-pipelined kernel
     and a merge of the cut blocks (warps and stages its own): True always, False never, None
     (default) in CUDA-graph capture, and in eager calls where its kernel saves more than its
-    longer host path costs (``_mla_call.GLUON_EAGER_BYTES``)."""
+    longer host path costs (``_mla_call.GLUON_EAGER_BYTES``). ``timeline`` (tools, GPU only):
+    mla_gluon's uniform and fp8 kernels count SM clocks by phase (``benchmarks/mla_timeline.py``)."""
 
     block_rows: int = 16
     tma: bool = False
     gluon: bool | None = None
+    timeline: bool = False
 
 
 def choose_mla_config(head_dim: int, head_dim_v: int, kv_dtype: torch.dtype, rows: int,

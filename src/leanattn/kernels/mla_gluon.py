@@ -39,6 +39,15 @@ try:
 except ImportError:  # a Triton without Gluon: the Triton kernel serves every call
     AVAILABLE = False
 
+# TIMELINE's counts, a row of 16 int64 a program: SM clocks (%clock64) by phase, the number of
+# tiles in slot 8. The uniform kernel's phases 0-8; the fp8 kernel's product warpgroup 0, 1 and
+# 3-8, its converting warpgroups 9-14.
+TIMELINE_PHASES = (
+    "total", "wait for the tile", "convert or zero dead rows", "scores", "softmax and p", "output product",
+    "segment start", "segment write", "tiles", "convert 0: loads", "convert 0: wait free", "convert 0: store",
+    "convert 1: loads", "convert 1: wait free", "convert 1: store", "unused",
+)
+
 if AVAILABLE:
     LN2 = gl.constexpr(0.6931471805599453)
 
@@ -82,6 +91,25 @@ if AVAILABLE:
         that Triton 3.6's ``gdc_launch_dependents`` emits: Gluon has no op of its own for it."""
         gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
                                   is_pure=False, pack=1)
+
+    @gluon.jit
+    def _clock():
+        """The SM's clock (%clock64), for TIMELINE's counts."""
+        return gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _lap(counts, last, k: gl.constexpr):
+        """TIMELINE: ``counts`` (a [16] int64 vector of SM clocks by phase) with the clocks since
+        ``last`` added to phase k, and now."""
+        now = _clock()
+        slots = gl.arange(0, 16, layout=counts.type.layout)
+        return counts + gl.where(slots == k, now - last, 0), now
+
+    @gluon.jit
+    def _store_counts(Timeline, pid, counts, first: gl.constexpr, last: gl.constexpr):
+        """TIMELINE: phases [first, last] of ``counts`` into Timeline's row ``pid`` (16 int64)."""
+        slots = gl.arange(0, 16, layout=counts.type.layout)
+        gl.store(Timeline + pid * 16 + slots, counts, mask=(slots >= first) & (slots <= last))
 
     @gluon.jit
     def _softmax_tile(s, tok, query, length, bad, m_i, l_i, scale, HAS_MASK: gl.constexpr, PAGED: gl.constexpr,
@@ -216,13 +244,13 @@ if AVAILABLE:
 
     @gluon.jit(do_not_specialize=["blocks", "capacity", "num_pages"])
     def mla_attend_gluon(
-        Q, kv_desc, kr_desc, Out, Lse, SeqLens, LeftPad, BlockTable, Plan, WsAcc, WsStats, KScale,
+        Q, kv_desc, kr_desc, Out, Lse, SeqLens, LeftPad, BlockTable, Plan, WsAcc, WsStats, KScale, Timeline,
         stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
         stride_btb, blocks, capacity, num_pages, scale,
         GROUP: gl.constexpr, Q_LEN: gl.constexpr, ROWS: gl.constexpr, MERGE_ROWS: gl.constexpr,
         DV: gl.constexpr, DR: gl.constexpr, TILE: gl.constexpr, PAGE_SIZE: gl.constexpr,
         HAS_SEQLENS: gl.constexpr, HAS_LEFTPAD: gl.constexpr, HAS_MASK: gl.constexpr, RETURN_LSE: gl.constexpr,
-        ROPE_APART: gl.constexpr, SCALE_KIND: gl.constexpr, WARPS: gl.constexpr,
+        ROPE_APART: gl.constexpr, SCALE_KIND: gl.constexpr, WARPS: gl.constexpr, TIMELINE: gl.constexpr = False,
     ):
         """Program ``pid``'s planned share of (request, block, 64-key tile) units.
 
@@ -236,7 +264,9 @@ if AVAILABLE:
         SCALE_KIND 0: a 16-bit cache, KScale unused. fp8 caches (e4m3, e5m2): 1, KScale (1,) float32 is
         the dequantisation scale; 2, (batch,) one a request. Each landed fp8 tile is converted to
         an fp16 tile in shared memory, and the products run in fp16 (q by a power of two, as in
-        the Triton kernel); the scale goes on the fp32 scores and output."""
+        the Triton kernel); the scale goes on the fp32 scores and output.
+
+        TIMELINE (tools): SM clocks by phase into Timeline's row pid (16 int64, ``TIMELINE_PHASES``)."""
         pid = gl.program_id(0)
         FP8: gl.constexpr = SCALE_KIND != 0
         WN: gl.constexpr = WARPS // 4
@@ -285,6 +315,10 @@ if AVAILABLE:
         h = _plan_field(plan_row, fields, 5)
         t = _plan_field(plan_row, fields, 6)
         if pid < programs:
+            if TIMELINE:
+                clk = gl.zeros([16], gl.int64, vec_layout)
+                t_start = _clock()
+                last = t_start
             # Query rows of a block, as loaded (ld_layout) and as the scores' columns (s_layout).
             q_r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld_layout))
             q_offs = (q_r // GROUP) * stride_qt + (q_r % GROUP) * stride_qh
@@ -340,9 +374,13 @@ if AVAILABLE:
                 acc = gl.zeros([DV, ROWS], gl.float32, o_layout)
                 m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(0, s_layout))
                 l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(0, s_layout))
+                if TIMELINE:
+                    clk, last = _lap(clk, last, 6)
                 for tile in range(t, t_live):
                     buf = used % 2
                     mbarrier.wait(bars.index(buf), (used // 2) & 1)
+                    if TIMELINE:
+                        clk, last = _lap(clk, last, 1)
                     used += 1
                     live_rows = length - tile * TILE
                     if FP8:
@@ -367,9 +405,13 @@ if AVAILABLE:
                             _zero_dead_rows(kr, live_rows, DR, DR, TILE, ld_layout)
                             fence_async_shared()
                             gl.thread_barrier()
+                    if TIMELINE:
+                        clk, last = _lap(clk, last, 2)
                     s = warpgroup_mma(kv, q_t, gl.zeros([TILE, ROWS], gl.float32, s_layout), is_async=True)
                     s = warpgroup_mma(kr, qr_t, s, is_async=True)
                     s = warpgroup_mma_wait(0, deps=[s])
+                    if TIMELINE:
+                        clk, last = _lap(clk, last, 3)
                     bad = False
                     if PAGE_SIZE > 0:
                         _row, bad = _tile_row(BlockTable, table_row, b, first, tile, True, capacity, num_pages, TILE,
@@ -379,6 +421,8 @@ if AVAILABLE:
                     p_smem.store(p.to(dtype))
                     fence_async_shared()
                     gl.thread_barrier()
+                    if TIMELINE:
+                        clk, last = _lap(clk, last, 4)
                     acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(0, o_layout)), 0)
                     acc = warpgroup_mma(kv.permute([1, 0]), p_smem, acc, is_async=True)
                     acc = warpgroup_mma_wait(0, deps=[acc])
@@ -388,6 +432,9 @@ if AVAILABLE:
                         row, _ = _tile_row(BlockTable, table_row, b, first, tile + 2, live, capacity, num_pages, TILE,
                                            PAGE_SIZE)
                         _issue(kv_desc, kr_desc, bars.index(buf), kv, kr, row, live, DV, ROPE_APART, NBYTES)
+                    if TIMELINE:
+                        clk, last = _lap(clk, last, 5)
+                        clk += gl.where(gl.arange(0, 16, layout=vec_layout) == 8, 1, 0)  # tiles
 
                 # Tiles done: the merge may launch (the first call counts, repeats are no-ops),
                 # overlapping the writes and the other programs' last tiles. Its programs take no
@@ -400,8 +447,13 @@ if AVAILABLE:
                                2 * pid + (g != start).to(gl.int32), (t == 0) & (t_end == n_units), stride_ob,
                                stride_ot, stride_oh, stride_lb, stride_lh, stride_lt, GROUP, Q_LEN, ROWS, MERGE_ROWS,
                                DV, RETURN_LSE, o_layout)
+                if TIMELINE:
+                    clk, last = _lap(clk, last, 7)
 
                 g, t, h, b = _next_segment(g, t, t_end, h, b, blocks)
+            if TIMELINE:
+                clk, last = _lap(clk, t_start, 0)
+                _store_counts(Timeline, pid, clk, 0, 8)
         for i in gl.static_range(2):
             mbarrier.invalidate(bars.index(i))
 
@@ -677,10 +729,10 @@ if AVAILABLE:
         return x0, x1, x2, x3, xr
 
     @gluon.jit
-    def _fp8_convert(KV, KR, SeqLens, LeftPad, BlockTable, stride_btb, stride_kv, stride_kr, blocks, capacity,
-                     num_pages, start, end, b, h, t, kv_smem, kr_smem, bars, DV: gl.constexpr, TILE: gl.constexpr,
-                     PAGE_SIZE: gl.constexpr, HAS_SEQLENS: gl.constexpr, HAS_LEFTPAD: gl.constexpr,
-                     ROPE_APART: gl.constexpr, WHICH: gl.constexpr):
+    def _fp8_convert(KV, KR, SeqLens, LeftPad, BlockTable, Timeline, stride_btb, stride_kv, stride_kr, blocks,
+                     capacity, num_pages, pid, start, end, b, h, t, kv_smem, kr_smem, bars, DV: gl.constexpr,
+                     TILE: gl.constexpr, PAGE_SIZE: gl.constexpr, HAS_SEQLENS: gl.constexpr,
+                     HAS_LEFTPAD: gl.constexpr, ROPE_APART: gl.constexpr, TIMELINE: gl.constexpr, WHICH: gl.constexpr):
         """A converting warpgroup of ``mla_attend_gluon_fp8``: every other tile of the program's
         share (those of fp16 buffer WHICH), loaded from global memory as fp8 (the next one's loads
         in flight while its buffer is still being read) and stored into the buffer in fp16."""
@@ -688,6 +740,9 @@ if AVAILABLE:
         r_layout: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [4, 1], [1, 0])
         kv = kv_smem.index(WHICH)
         kr = kr_smem.index(WHICH)
+        if TIMELINE:
+            clk = gl.zeros([16], gl.int64, gl.BlockedLayout([1], [32], [4], [0]))
+            last = _clock()
         used = 0  # tiles of the share so far: tile j is in buffer j % 2
         g = start
         while g < end:
@@ -699,8 +754,12 @@ if AVAILABLE:
                     x0, x1, x2, x3, xr = _fp8_tile(KV, KR, BlockTable, table_row, b, first, tile, length, capacity,
                                                    num_pages, stride_kv, stride_kr, DV, TILE, PAGE_SIZE, ROPE_APART,
                                                    layout, r_layout)
+                    if TIMELINE:
+                        clk, last = _lap(clk, last, 9 + 3 * WHICH)
                     # The buffer's last tile is done (its first use passes at once).
                     mbarrier.wait(bars.index(2 + WHICH), ((used // 2) & 1) ^ 1)
+                    if TIMELINE:
+                        clk, last = _lap(clk, last, 10 + 3 * WHICH)
                     kv.slice(0, 128, dim=1).store(x0.to(gl.float16))
                     kv.slice(128, 128, dim=1).store(x1.to(gl.float16))
                     kv.slice(256, 128, dim=1).store(x2.to(gl.float16))
@@ -709,18 +768,22 @@ if AVAILABLE:
                     fence_async_shared()
                     gl.thread_barrier()
                     mbarrier.arrive(bars.index(WHICH))  # the tile is in place
+                    if TIMELINE:
+                        clk, last = _lap(clk, last, 11 + 3 * WHICH)
                 used += 1
             g, t, h, b = _next_segment(g, t, t_end, h, b, blocks)
+        if TIMELINE:
+            _store_counts(Timeline, pid, clk, 9 + 3 * WHICH, 11 + 3 * WHICH)
 
     @gluon.jit
-    def _fp8_scores(Q, Out, Lse, SeqLens, LeftPad, BlockTable, WsAcc, WsStats, KScale,
+    def _fp8_scores(Q, Out, Lse, SeqLens, LeftPad, BlockTable, WsAcc, WsStats, KScale, Timeline,
                     stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
                     stride_btb, blocks, capacity, num_pages, scale, pid, start, end, b, h, t,
                     q_smem, qr_smem, kv_smem, kr_smem, p_smem, bars,
                     GROUP: gl.constexpr, Q_LEN: gl.constexpr, ROWS: gl.constexpr, MERGE_ROWS: gl.constexpr,
                     DV: gl.constexpr, DR: gl.constexpr, TILE: gl.constexpr, PAGE_SIZE: gl.constexpr,
                     HAS_SEQLENS: gl.constexpr, HAS_LEFTPAD: gl.constexpr, HAS_MASK: gl.constexpr,
-                    RETURN_LSE: gl.constexpr, SCALE_KIND: gl.constexpr):
+                    RETURN_LSE: gl.constexpr, SCALE_KIND: gl.constexpr, TIMELINE: gl.constexpr):
         """The product warpgroup of ``mla_attend_gluon_fp8``: per tile, once its fp16 buffer is
         filled, the swapped products of ``mla_attend_gluon`` (scores (TILE, ROWS) = k q^T, output
         (DV, ROWS) += v^T p^T) and the online softmax between them; then each segment's output."""
@@ -738,6 +801,10 @@ if AVAILABLE:
         s_keys = gl.arange(0, TILE, layout=gl.SliceLayout(1, s_layout))
         q_t = q_smem.permute([1, 0])
         qr_t = qr_smem.permute([1, 0])
+        if TIMELINE:
+            clk = gl.zeros([16], gl.int64, gl.BlockedLayout([1], [32], [4], [0]))
+            t_start = _clock()
+            last = t_start
         used = 0
         g = start
         while g < end:
@@ -767,6 +834,8 @@ if AVAILABLE:
             acc = gl.zeros([DV, ROWS], gl.float32, o_layout)
             m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(0, s_layout))
             l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(0, s_layout))
+            if TIMELINE:
+                clk, last = _lap(clk, last, 6)
             for tile in range(t, t_live):
                 buf = used % 2
                 bad = False
@@ -774,19 +843,28 @@ if AVAILABLE:
                     _row, bad = _tile_row(BlockTable, table_row, b, first, tile, True, capacity, num_pages, TILE,
                                           PAGE_SIZE)
                 mbarrier.wait(bars.index(buf), (used // 2) & 1)
+                if TIMELINE:
+                    clk, last = _lap(clk, last, 1)
                 kv = kv_smem.index(buf)
                 s = warpgroup_mma(kv, q_t, gl.zeros([TILE, ROWS], gl.float32, s_layout), is_async=True)
                 s = warpgroup_mma(kr_smem.index(buf), qr_t, s, is_async=True)
                 s = warpgroup_mma_wait(0, deps=[s])
+                if TIMELINE:
+                    clk, last = _lap(clk, last, 3)
                 p, alpha, m_i, l_i = _softmax_tile(s, tile * TILE + s_keys, query, length, bad, m_i, l_i, seg_scale,
                                                    HAS_MASK, PAGE_SIZE > 0, 0)
                 p_smem.store(p.to(gl.float16))
                 fence_async_shared()
                 gl.thread_barrier()
+                if TIMELINE:
+                    clk, last = _lap(clk, last, 4)
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(0, o_layout)), 0)
                 acc = warpgroup_mma(kv.permute([1, 0]), p_smem, acc, is_async=True)
                 acc = warpgroup_mma_wait(0, deps=[acc])
                 mbarrier.arrive(bars.index(2 + buf))  # the buffer may take the next tile
+                if TIMELINE:
+                    clk, last = _lap(clk, last, 5)
+                    clk += gl.where(gl.arange(0, 16, layout=clk.type.layout) == 8, 1, 0)  # tiles
                 used += 1
 
             _launch_dependents()
@@ -796,17 +874,23 @@ if AVAILABLE:
                            2 * pid + (g != start).to(gl.int32), (t == 0) & (t_end == n_units), stride_ob, stride_ot,
                            stride_oh, stride_lb, stride_lh, stride_lt, GROUP, Q_LEN, ROWS, MERGE_ROWS, DV, RETURN_LSE,
                            o_layout)
+            if TIMELINE:
+                clk, last = _lap(clk, last, 7)
             g, t, h, b = _next_segment(g, t, t_end, h, b, blocks)
+        if TIMELINE:
+            clk, last = _lap(clk, t_start, 0)
+            _store_counts(Timeline, pid, clk, 0, 8)
 
     @gluon.jit(do_not_specialize=["blocks", "capacity", "num_pages"])
     def mla_attend_gluon_fp8(
-        Q, KV, KR, Out, Lse, SeqLens, LeftPad, BlockTable, Plan, WsAcc, WsStats, KScale,
+        Q, KV, KR, Out, Lse, SeqLens, LeftPad, BlockTable, Plan, WsAcc, WsStats, KScale, Timeline,
         stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
         stride_btb, stride_kv, stride_kr, blocks, capacity, num_pages, scale,
         GROUP: gl.constexpr, Q_LEN: gl.constexpr, ROWS: gl.constexpr, MERGE_ROWS: gl.constexpr,
         DV: gl.constexpr, DR: gl.constexpr, TILE: gl.constexpr, PAGE_SIZE: gl.constexpr,
         HAS_SEQLENS: gl.constexpr, HAS_LEFTPAD: gl.constexpr, HAS_MASK: gl.constexpr, RETURN_LSE: gl.constexpr,
         ROPE_APART: gl.constexpr, SCALE_KIND: gl.constexpr, CONVERT_REGS: gl.constexpr,
+        TIMELINE: gl.constexpr = False,
     ):
         """``mla_attend_gluon`` for fp8 caches (e4m3 or e5m2; SCALE_KIND and KScale as there) of
         DeepSeek's widths (DV 512, DR 64) in blocks of 16 rows, warp-specialised: 4 warps a program for
@@ -818,7 +902,8 @@ if AVAILABLE:
         values), so here it runs beside them: converting warpgroup k loads the fp8 tiles of fp16
         buffer k (every other tile) into registers while that buffer is still being read, and
         stores them in fp16 once it is free; the product warpgroup reads the buffers in turn.
-        Shared memory: q, two fp16 tiles, p."""
+        Shared memory: q, two fp16 tiles, p. TIMELINE as in ``mla_attend_gluon``, the converting
+        warpgroups' phases too."""
         pid = gl.program_id(0)
         vec_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
         q_smem = gl.allocate_shared_memory(gl.float16, [ROWS, DV], gl.NVMMASharedLayout.get_default_for(
@@ -840,17 +925,17 @@ if AVAILABLE:
         start, end, b, h, t = _share(Plan, pid, vec_layout)
         # Each partition's arguments as one tuple literal (see mla_attend_gluon_ws).
         gl.warp_specialize([
-            (_fp8_scores, (Q, Out, Lse, SeqLens, LeftPad, BlockTable, WsAcc, WsStats, KScale, stride_qb, stride_qt,
-                           stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt, stride_btb,
-                           blocks, capacity, num_pages, scale, pid, start, end, b, h, t, q_smem, qr_smem, kv_smem,
-                           kr_smem, p_smem, bars, GROUP, Q_LEN, ROWS, MERGE_ROWS, DV, DR, TILE, PAGE_SIZE, HAS_SEQLENS,
-                           HAS_LEFTPAD, HAS_MASK, RETURN_LSE, SCALE_KIND)),
-            (_fp8_convert, (KV, KR, SeqLens, LeftPad, BlockTable, stride_btb, stride_kv, stride_kr, blocks, capacity,
-                            num_pages, start, end, b, h, t, kv_smem, kr_smem, bars, DV, TILE, PAGE_SIZE, HAS_SEQLENS,
-                            HAS_LEFTPAD, ROPE_APART, 0)),
-            (_fp8_convert, (KV, KR, SeqLens, LeftPad, BlockTable, stride_btb, stride_kv, stride_kr, blocks, capacity,
-                            num_pages, start, end, b, h, t, kv_smem, kr_smem, bars, DV, TILE, PAGE_SIZE, HAS_SEQLENS,
-                            HAS_LEFTPAD, ROPE_APART, 1)),
+            (_fp8_scores, (Q, Out, Lse, SeqLens, LeftPad, BlockTable, WsAcc, WsStats, KScale, Timeline, stride_qb,
+                           stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh, stride_lt,
+                           stride_btb, blocks, capacity, num_pages, scale, pid, start, end, b, h, t, q_smem, qr_smem,
+                           kv_smem, kr_smem, p_smem, bars, GROUP, Q_LEN, ROWS, MERGE_ROWS, DV, DR, TILE, PAGE_SIZE,
+                           HAS_SEQLENS, HAS_LEFTPAD, HAS_MASK, RETURN_LSE, SCALE_KIND, TIMELINE)),
+            (_fp8_convert, (KV, KR, SeqLens, LeftPad, BlockTable, Timeline, stride_btb, stride_kv, stride_kr, blocks,
+                            capacity, num_pages, pid, start, end, b, h, t, kv_smem, kr_smem, bars, DV, TILE, PAGE_SIZE,
+                            HAS_SEQLENS, HAS_LEFTPAD, ROPE_APART, TIMELINE, 0)),
+            (_fp8_convert, (KV, KR, SeqLens, LeftPad, BlockTable, Timeline, stride_btb, stride_kv, stride_kr, blocks,
+                            capacity, num_pages, pid, start, end, b, h, t, kv_smem, kr_smem, bars, DV, TILE, PAGE_SIZE,
+                            HAS_SEQLENS, HAS_LEFTPAD, ROPE_APART, TIMELINE, 1)),
         ], [4, 4], [CONVERT_REGS, CONVERT_REGS])
         for i in gl.static_range(4):
             mbarrier.invalidate(bars.index(i))
