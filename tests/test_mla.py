@@ -814,6 +814,34 @@ def test_gpu_gluon_bad_pages_nan_the_rows_that_see_them(hq, fp8):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not GLUON, reason="needs a Hopper GPU and Triton's Gluon")
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_gluon_timeline_counts(fp8):
+    """MLAConfig(timeline=True): the uniform (bf16) or fp8 kernel counts every tile once, its
+    phases within each program's total, and computes the same bits as without the counts."""
+    lens, cap = [3000, 64, 700, 1], 3072
+    q, kv, sl = mla_inputs(lens, 16, 576, cache_len=cap, seed=21)
+    kw = {"kv_scale": 0.5} if fp8 else {}
+    kv = kv.to(FP8) if fp8 else kv
+    outs, calls = [], []
+    for timeline in (False, True):
+        config = dataclasses.replace(mla_heuristic(576, 512, kv.dtype, 16, torch.device(DEVICE)), gluon=True,
+                                     timeline=timeline)
+        w = leanattn.MLAWrapper(16, 576, 512, q.dtype, DEVICE, kv_dtype=kv.dtype, config=config, num_programs=5)
+        w.plan(sl, cap)
+        outs.append(w.run(q, kv, **kw))
+        calls += w._calls.values()
+    assert torch.equal(outs[0], outs[1])
+    assert calls[0].timeline is None and calls[1].gluon_fp8 == fp8
+    counts = calls[1].timeline.cpu()
+    assert counts[:, 8].sum().item() == sum(-(-n // 64) for n in lens)  # every tile once
+    busy = counts[counts[:, 8] > 0]
+    assert (busy[:, 0] > 0).all() and (busy[:, 1:8].sum(1) <= busy[:, 0]).all()
+    if fp8:  # both converting warpgroups stored tiles
+        assert (busy[:, 11] + busy[:, 14] > 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GLUON, reason="needs a Hopper GPU and Triton's Gluon")
 def test_gpu_gluon_merge_race_stress():
     """One block cut among the whole grid (about 128 members: eight chunks, both levels of the
     merge), each call on a new q: a merge that read a chunk's sum before its program stored it
