@@ -166,7 +166,8 @@ class MLACall:
             # a program (mla_gluon.TIMELINE_PHASES).
             stamped = config.timeline and not self.gluon_ws
             if stamped:
-                self.timeline = torch.zeros(programs, 16, dtype=torch.int64, device=q.device)
+                self.timeline = outside_graph_pools(q.device, lambda: (
+                    torch.zeros(programs, 16, dtype=torch.int64, device=q.device),))[0]
                 self.gluon_params["TIMELINE"] = True
             # The fp8 kernel reads the caches' rows by pointer, the others by tensor descriptor.
             row_strides = (view[2][0], view[3][0]) if self.gluon_fp8 else ()
