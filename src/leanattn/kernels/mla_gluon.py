@@ -181,6 +181,27 @@ if AVAILABLE:
         return up, down
 
     @gluon.jit
+    def _fp8_query(q_base, cols_v, cols_r, q_real, q_smem, qr_smem, KScale, b, scale, DV: gl.constexpr,
+                   SCALE_KIND: gl.constexpr):
+        """A block's query rows (``q_base`` + columns, rows where ``q_real``) into q_smem / qr_smem
+        in fp16 for an fp8 cache, by one power of two for both parts (their products are
+        summed); only finite values set it: an inf or NaN row stays non-finite on its own.
+        Returns request b's dequantisation scale (SCALE_KIND 1: KScale[0], 2: KScale[b]) and the
+        scores' scale: ``scale`` x that x the power's inverse."""
+        q_l = gl.load(q_base + cols_v, mask=q_real, other=0.0).to(gl.float32)
+        q_p = gl.load(q_base + DV + cols_r, mask=q_real, other=0.0).to(gl.float32)
+        amax = gl.maximum(gl.max(gl.max(gl.where(gl.abs(q_l) < float("inf"), gl.abs(q_l), 0.0), 1), 0),
+                          gl.max(gl.max(gl.where(gl.abs(q_p) < float("inf"), gl.abs(q_p), 0.0), 1), 0))
+        up, down = _fp16_powers(amax)
+        q_smem.store((q_l * up).to(gl.float16))
+        qr_smem.store((q_p * up).to(gl.float16))
+        if SCALE_KIND == 1:
+            kv_scale = gl.load(KScale)
+        else:
+            kv_scale = gl.load(KScale + b)
+        return kv_scale, scale * kv_scale * down
+
+    @gluon.jit
     def _segment(SeqLens, LeftPad, b, t, g, end, capacity, TILE: gl.constexpr, HAS_SEQLENS: gl.constexpr,
                  HAS_LEFTPAD: gl.constexpr):
         """The segment of a share that starts at unit ``g`` (tile ``t`` of request ``b``'s block):
@@ -341,20 +362,8 @@ if AVAILABLE:
                 gl.thread_barrier()
                 q_base = Q + b.to(gl.int64) * stride_qb + h * GROUP * stride_qh + gl.expand_dims(q_offs, 1)
                 if FP8:
-                    # q in fp16 by one power of two for both parts (their products are summed);
-                    # only finite values set it: an inf or NaN row stays non-finite on its own.
-                    q_l = gl.load(q_base + cols_v, mask=q_real, other=0.0).to(gl.float32)
-                    q_p = gl.load(q_base + DV + cols_r, mask=q_real, other=0.0).to(gl.float32)
-                    amax = gl.maximum(gl.max(gl.max(gl.where(gl.abs(q_l) < float("inf"), gl.abs(q_l), 0.0), 1), 0),
-                                      gl.max(gl.max(gl.where(gl.abs(q_p) < float("inf"), gl.abs(q_p), 0.0), 1), 0))
-                    up, down = _fp16_powers(amax)
-                    q_smem.store((q_l * up).to(dtype))
-                    qr_smem.store((q_p * up).to(dtype))
-                    if SCALE_KIND == 1:
-                        kv_scale = gl.load(KScale)
-                    else:
-                        kv_scale = gl.load(KScale + b)
-                    seg_scale = scale * kv_scale * down
+                    kv_scale, seg_scale = _fp8_query(q_base, cols_v, cols_r, q_real, q_smem, qr_smem, KScale, b, scale,
+                                                     DV, SCALE_KIND)
                 else:
                     q_smem.store(gl.load(q_base + cols_v, mask=q_real, other=0.0).to(dtype))
                     qr_smem.store(gl.load(q_base + DV + cols_r, mask=q_real, other=0.0).to(dtype))
@@ -811,22 +820,10 @@ if AVAILABLE:
             first, length, n_units, t_end, t_live = _segment(SeqLens, LeftPad, b, t, g, end, capacity, TILE,
                                                              HAS_SEQLENS, HAS_LEFTPAD)
             table_row = b.to(gl.int64) * stride_btb
-            # q in fp16 by one power of two for both parts (their products are summed); only
-            # finite values set it: an inf or NaN row stays non-finite on its own. This
-            # warpgroup's products of the last segment are done.
+            # This warpgroup's products of the last segment are done.
             q_base = Q + b.to(gl.int64) * stride_qb + h * GROUP * stride_qh + q_offs
-            q_l = gl.load(q_base + cols_v, mask=q_real, other=0.0).to(gl.float32)
-            q_p = gl.load(q_base + DV + cols_r, mask=q_real, other=0.0).to(gl.float32)
-            amax = gl.maximum(gl.max(gl.max(gl.where(gl.abs(q_l) < float("inf"), gl.abs(q_l), 0.0), 1), 0),
-                              gl.max(gl.max(gl.where(gl.abs(q_p) < float("inf"), gl.abs(q_p), 0.0), 1), 0))
-            up, down = _fp16_powers(amax)
-            q_smem.store((q_l * up).to(gl.float16))
-            qr_smem.store((q_p * up).to(gl.float16))
-            if SCALE_KIND == 1:
-                kv_scale = gl.load(KScale)
-            else:
-                kv_scale = gl.load(KScale + b)
-            seg_scale = scale * kv_scale * down
+            kv_scale, seg_scale = _fp8_query(q_base, cols_v, cols_r, q_real, q_smem, qr_smem, KScale, b, scale, DV,
+                                             SCALE_KIND)
             fence_async_shared()
             gl.thread_barrier()
 
