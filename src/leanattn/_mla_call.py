@@ -317,9 +317,10 @@ def tma_view(
 ) -> tuple | None:
     """The 2-D views (rows, width) of the caches that the kernel's TMA loop reads a tile of, as
     (rows, tile, (kv row stride, head_dim_v), (rope row stride, rope_dim)); None when it cannot:
-    a cache is neither 16-bit nor fp8 (the Triton kernel's TMA loop reads 16-bit ones only), the latent or rope width is not a power of two of at least 16, a
-    cache's rows are not evenly spaced with 16-byte aligned starts, or a tile would cross a page
-    (``page_size`` not a multiple of ``tile``). ``rope_cache`` None: the rope columns follow the
+    a cache is neither 16-bit nor fp8 (the Triton kernel's TMA loop reads 16-bit ones only), the
+    latent or rope width is not a power of two of at least 16, a cache's rows are not evenly
+    spaced with 16-byte aligned starts, or a tile would cross a page (``page_size`` not a
+    multiple of ``tile``). ``rope_cache`` None: the rope columns follow the
     latent ones in ``kv_cache``."""
     n, per = kv_cache.shape[:2]
     size = kv_cache.element_size()
